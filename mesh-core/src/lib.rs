@@ -1,0 +1,20 @@
+//! The sans-I/O heart of a Starling node: the decisions, as plain functions of state, input and
+//! `now`. Nothing here reads a socket or a clock, so a test can replay a day of traffic in a
+//! millisecond. The node (`mesh-node`) is a thin shell that feeds this crate events and carries
+//! out what it decides.
+//!
+//! - [`name`]: names parsed once at the edge (`NodeName`, `ServiceName`, `MethodName`).
+//! - [`identity`]: SPIFFE IDs, the only caller identity the mesh trusts.
+//! - [`table`]: which endpoints serve which service, and which one takes the next call.
+//! - [`backoff`]: re-dial delays with jitter.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod backoff;
+pub mod identity;
+pub mod name;
+pub mod table;
+
+pub use backoff::Backoff;
+pub use identity::{IdentityError, SpiffeId};
+pub use name::{MethodName, NodeName, ServiceName};
+pub use table::ServiceTable;

@@ -1,0 +1,270 @@
+//! The mesh CA: one per trust domain. It makes the CA (ECDSA P-256) and issues node certificates
+//! whose URI SAN is the node's SPIFFE ID.
+//!
+//! The CA certificate carries `spiffe://<trust-domain>` as its own URI SAN, so every node learns
+//! the trust domain from the CA file it is given. Private keys are written mode 0600 and never
+//! overwritten; nothing here logs them.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use mesh_core::{NodeName, SpiffeId};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use time::{Duration, OffsetDateTime};
+
+/// Why a CA operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Certificate generation or parsing failed.
+    #[error("certificate: {0}")]
+    Cert(#[from] rcgen::Error),
+    /// A bad name or trust domain.
+    #[error("{0}")]
+    Name(String),
+    /// The CA certificate names no trust domain.
+    #[error("{0}: the CA certificate has no spiffe://<trust-domain> URI SAN")]
+    NoTrustDomain(PathBuf),
+}
+
+/// A loaded or new CA.
+pub struct Ca {
+    cert_pem: String,
+    key: KeyPair,
+    trust_domain: String,
+}
+
+/// A freshly issued node certificate and its key, both PEM.
+pub struct Issued {
+    /// The identity the certificate proves.
+    pub id: SpiffeId,
+    /// The certificate.
+    pub cert_pem: String,
+    /// The private key: write it 0600, never log it.
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ca {
+    /// Makes a new CA for `trust_domain`, valid for ten years.
+    pub fn generate(trust_domain: &str) -> Result<Ca, CaError> {
+        mesh_core::identity::check_trust_domain(trust_domain)
+            .map_err(|e| CaError::Name(e.to_string()))?;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.distinguished_name.push(
+            DnType::CommonName,
+            format!("Starling mesh CA {trust_domain}"),
+        );
+        params.subject_alt_names = vec![SanType::URI(
+            format!("spiffe://{trust_domain}")
+                .try_into()
+                .map_err(|_| CaError::Name(format!("bad trust domain {trust_domain:?}")))?,
+        )];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::hours(1);
+        params.not_after = now + Duration::days(3650);
+        let cert = params.self_signed(&key)?;
+        Ok(Ca {
+            cert_pem: cert.pem(),
+            key,
+            trust_domain: trust_domain.to_owned(),
+        })
+    }
+
+    /// Loads `dir/ca.crt` and `dir/ca.key`.
+    pub fn load(dir: &Path) -> Result<Ca, CaError> {
+        let cert_path = dir.join("ca.crt");
+        let key_path = dir.join("ca.key");
+        let cert_pem = read(&cert_path)?;
+        let key = KeyPair::from_pem(&read(&key_path)?)?;
+        let der = rustls_pem_to_der(&cert_pem)
+            .ok_or_else(|| CaError::NoTrustDomain(cert_path.clone()))?;
+        let trust_domain = mesh_node::identity::trust_domain_of_ca(&der.into())
+            .map_err(|e| CaError::Name(e.to_string()))?
+            .ok_or(CaError::NoTrustDomain(cert_path))?;
+        Ok(Ca {
+            cert_pem,
+            key,
+            trust_domain,
+        })
+    }
+
+    /// Writes `dir/ca.crt` (0644) and `dir/ca.key` (0600); refuses to overwrite either.
+    pub fn save(&self, dir: &Path) -> Result<(), CaError> {
+        std::fs::create_dir_all(dir).map_err(|source| CaError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        write_new(
+            &dir.join("ca.key"),
+            self.key.serialize_pem().as_bytes(),
+            0o600,
+        )?;
+        write_new(&dir.join("ca.crt"), self.cert_pem.as_bytes(), 0o644)
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Issues a certificate for node `name` of this CA's trust domain, valid for `days`.
+    pub fn issue_node(&self, name: &str, days: u32) -> Result<Issued, CaError> {
+        let name = NodeName::try_from(name)
+            .map_err(|e| CaError::Name(format!("node name {name:?}: {e}")))?;
+        let id =
+            SpiffeId::node(&self.trust_domain, name).map_err(|e| CaError::Name(e.to_string()))?;
+        self.issue(id, days)
+    }
+
+    /// Issues a certificate for any identity, even one outside this CA's trust domain (tests use
+    /// that to prove such certificates are refused).
+    pub fn issue(&self, id: SpiffeId, days: u32) -> Result<Issued, CaError> {
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, id.node_name().as_str());
+        params.subject_alt_names = vec![SanType::URI(
+            id.to_string()
+                .try_into()
+                .map_err(|_| CaError::Name(format!("bad identity {id}")))?,
+        )];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::hours(1);
+        params.not_after = now + Duration::days(i64::from(days.max(1)));
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok(Issued {
+            id,
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+impl Issued {
+    /// Writes `dir/node.crt`, `dir/node.key` (0600) and `dir/ca.crt`; refuses to overwrite.
+    pub fn save(&self, dir: &Path, ca_pem: &str) -> Result<(), CaError> {
+        std::fs::create_dir_all(dir).map_err(|source| CaError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        write_new(&dir.join("node.key"), self.key_pem.as_bytes(), 0o600)?;
+        write_new(&dir.join("node.crt"), self.cert_pem.as_bytes(), 0o644)?;
+        write_new(&dir.join("ca.crt"), ca_pem.as_bytes(), 0o644)
+    }
+}
+
+fn read(path: &Path) -> Result<String, CaError> {
+    std::fs::read_to_string(path).map_err(|source| CaError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Creates `path` with `mode` and `contents`; an existing file is an error, never overwritten.
+pub fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
+    let io = |source| CaError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut options = OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(mode);
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    let mut f = options.open(path).map_err(io)?;
+    f.write_all(contents).map_err(io)?;
+    f.sync_all().map_err(io)
+}
+
+fn rustls_pem_to_der(pem: &str) -> Option<Vec<u8>> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .ok()
+        .map(|c| c.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issues_a_node_certificate_that_names_its_identity() {
+        let ca = Ca::generate("starling.local").expect("ca");
+        let issued = ca.issue_node("node-a", 30).expect("issue");
+        assert_eq!(issued.id.to_string(), "spiffe://starling.local/node/node-a");
+        let der = rustls_pem_to_der(&issued.cert_pem).expect("pem");
+        let id = mesh_node::identity::spiffe_id_of(&der.into()).expect("spiffe id");
+        assert_eq!(id, issued.id);
+        assert!(!format!("{issued:?}").contains("PRIVATE"));
+    }
+
+    #[test]
+    fn refuses_bad_names() {
+        let ca = Ca::generate("starling.local").expect("ca");
+        let e = ca.issue_node("a/b", 1).expect_err("slash");
+        assert!(e.to_string().contains("'/'"), "{e}");
+        let e = ca.issue_node(&"x".repeat(64), 1).expect_err("long");
+        assert!(e.to_string().contains("at most 63"), "{e}");
+        assert!(Ca::generate("Bad Domain").is_err());
+    }
+
+    #[test]
+    fn saves_keys_private_and_never_overwrites() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = Ca::generate("td.example").expect("ca");
+        ca.save(dir.path()).expect("save");
+        let mode = std::fs::metadata(dir.path().join("ca.key"))
+            .expect("key")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(ca.save(dir.path()).is_err(), "overwrote an existing CA");
+        let loaded = Ca::load(dir.path()).expect("load");
+        assert_eq!(loaded.trust_domain(), "td.example");
+    }
+}

@@ -1,0 +1,112 @@
+//! The `mesh-gateway` command line. Exit codes: 0 success, 1 failure, 2 bad input.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::ca::Ca;
+
+/// The Starling gateway: mesh CA, control plane, demo.
+#[derive(Parser, Debug)]
+#[command(name = "mesh-gateway", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Manage the mesh CA.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Start a throw-away CA, gateway and three nodes on loopback, make calls, print what happened.
+    Demo {
+        /// Keep the mesh up after the calls, until Ctrl-C.
+        #[arg(long)]
+        keep_running: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCommand {
+    /// Make a new CA: writes OUT/ca.crt and OUT/ca.key (mode 0600).
+    Init {
+        /// The mesh's trust domain.
+        #[arg(long, default_value = "starling.local")]
+        trust_domain: String,
+        /// The folder to write into.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Issue a node certificate: writes OUT/node.crt, OUT/node.key (0600) and OUT/ca.crt.
+    Issue {
+        /// The CA folder (with ca.crt and ca.key).
+        #[arg(long)]
+        ca: PathBuf,
+        /// The node's name: 1-63 letters, digits, '-', '_' or '.'.
+        #[arg(long)]
+        name: String,
+        /// The folder to write into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+}
+
+/// Parses the arguments and runs the command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Ca { command } => ca(command),
+        Command::Demo { keep_running } => {
+            mesh_node::cli::init_logging("error");
+            match mesh_node::cli::runtime().block_on(crate::demo::run(keep_running)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: demo failed: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn ca(command: CaCommand) -> ExitCode {
+    let result = match command {
+        CaCommand::Init { trust_domain, out } => Ca::generate(&trust_domain).and_then(|ca| {
+            ca.save(&out)?;
+            println!(
+                "CA for spiffe://{trust_domain} written to {}/ca.crt and ca.key (0600)",
+                out.display()
+            );
+            Ok(())
+        }),
+        CaCommand::Issue {
+            ca,
+            name,
+            out,
+            days,
+        } => Ca::load(&ca).and_then(|ca| {
+            let issued = ca.issue_node(&name, days)?;
+            issued.save(&out, ca.cert_pem())?;
+            println!(
+                "{} issued for {days} days: {}/node.crt, node.key (0600), ca.crt",
+                issued.id,
+                out.display()
+            );
+            Ok(())
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,647 @@
+//! The node's on-device config file (TOML), parsed once into typed values.
+//!
+//! Every key is documented in `configs/node.example.toml`. Unknown keys, wrong types and bad values
+//! are errors that name the file, the line and the key. Relative paths are relative to the config
+//! file's folder, so a device bundle can be moved as a whole.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use mesh_core::{NodeName, ServiceName};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::identity::Identity;
+use crate::upstream::UpstreamSpec;
+
+/// A config error: which file, which line, which key, what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read at all.
+    #[error("{file}: cannot read: {reason}")]
+    Read {
+        /// The config file.
+        file: String,
+        /// The I/O error.
+        reason: String,
+    },
+    /// A key holds something unacceptable.
+    #[error("{file}:{line}: {key}: {message}")]
+    Invalid {
+        /// The config file.
+        file: String,
+        /// 1-based line of the offending key.
+        line: usize,
+        /// The key, dotted (`identity.key`, `services[1].upstream`).
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// A node's configuration, validated.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The node's name; must match the name in its certificate.
+    pub name: NodeName,
+    /// The QUIC listen address.
+    pub listen: SocketAddr,
+    /// The local HTTP ingress address (loopback only), or `None` when disabled.
+    pub ingress: Option<SocketAddr>,
+    /// Where the certificate, key and CA live.
+    pub identity: IdentityPaths,
+    /// Labels announced to peers (`zone`, `version`, ...).
+    pub labels: BTreeMap<String, String>,
+    /// The services this node hosts.
+    pub services: Vec<ServiceConfig>,
+    /// Peers to dial at start and keep connected.
+    pub peers: Vec<SocketAddr>,
+    /// Bounds and timers.
+    pub limits: Limits,
+    /// The log filter (`info`, `debug`, `mesh_node=debug,quinn=warn`).
+    pub log: String,
+    /// The file this came from, for error messages.
+    pub file: String,
+}
+
+/// The paths of a node's credentials, with the lines that named them.
+#[derive(Debug, Clone)]
+pub struct IdentityPaths {
+    /// PEM certificate chain of the node.
+    pub cert: Located<PathBuf>,
+    /// PEM private key of the node; must be mode 0600.
+    pub key: Located<PathBuf>,
+    /// PEM certificate of the mesh CA.
+    pub ca: Located<PathBuf>,
+}
+
+/// A value and the config line it came from.
+#[derive(Debug, Clone)]
+pub struct Located<T> {
+    /// The value.
+    pub value: T,
+    /// Its 1-based line, 0 when it did not come from a file.
+    pub line: usize,
+}
+
+/// One hosted service.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// Its name.
+    pub name: ServiceName,
+    /// Where its calls go.
+    pub upstream: UpstreamSpec,
+}
+
+/// Bounds and timers; the defaults suit a small device.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request or response body.
+    pub max_body_bytes: usize,
+    /// Calls in flight on one connection from one peer.
+    pub max_concurrent_calls: u32,
+    /// Deadline of a call that names none.
+    pub call_timeout: Duration,
+    /// Time to establish a connection.
+    pub connect_timeout: Duration,
+    /// QUIC keep-alive interval.
+    pub keep_alive: Duration,
+    /// A connection with nothing heard for this long is dead.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: mesh_proto::limits::DEFAULT_MAX_BODY_BYTES,
+            max_concurrent_calls: 256,
+            call_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(3),
+            keep_alive: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+// The file as written: every field optional or spanned, unknown keys refused.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    name: Spanned<String>,
+    #[serde(default)]
+    listen: Option<Spanned<String>>,
+    #[serde(default)]
+    ingress: Option<Spanned<String>>,
+    identity: RawIdentity,
+    #[serde(default)]
+    labels: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    services: Vec<RawService>,
+    #[serde(default)]
+    peers: Vec<RawPeer>,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    log: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    cert: Spanned<String>,
+    key: Spanned<String>,
+    ca: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Spanned<String>,
+    upstream: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    addr: Spanned<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_body_bytes: Option<Spanned<u64>>,
+    max_concurrent_calls: Option<Spanned<u32>>,
+    call_timeout_ms: Option<Spanned<u64>>,
+    connect_timeout_ms: Option<Spanned<u64>>,
+    keep_alive_ms: Option<Spanned<u64>>,
+    idle_timeout_ms: Option<Spanned<u64>>,
+}
+
+impl NodeConfig {
+    /// Reads and validates a config file. Credentials are not opened here; see
+    /// [`NodeConfig::load_identity`].
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let src = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            file: file.clone(),
+            reason: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&src, &file, base)
+    }
+
+    /// Parses config text; `file` names it in errors, `base` anchors relative paths.
+    pub fn parse(src: &str, file: &str, base: &Path) -> Result<Self, ConfigError> {
+        let at = SourceMap { src, file };
+        let raw: RawConfig = toml::from_str(src).map_err(|e| at.toml_error(&e))?;
+
+        let name = NodeName::try_from(raw.name.get_ref().as_str())
+            .map_err(|e| at.invalid(&raw.name, "name", e))?;
+        let listen = match &raw.listen {
+            Some(s) => parse_addr(s, &at, "listen")?,
+            None => SocketAddr::from(([0, 0, 0, 0], 7400)),
+        };
+        let ingress = match &raw.ingress {
+            Some(s) if s.get_ref() == "off" => None,
+            Some(s) => {
+                let addr = parse_addr(s, &at, "ingress")?;
+                if !addr.ip().is_loopback() {
+                    return Err(at.invalid(
+                        s,
+                        "ingress",
+                        "the ingress is plain HTTP and must listen on a loopback address (127.0.0.1 or ::1)",
+                    ));
+                }
+                Some(addr)
+            }
+            None => Some(SocketAddr::from(([127, 0, 0, 1], 7480))),
+        };
+        let path = |s: &Spanned<String>| Located {
+            value: base.join(s.get_ref()),
+            line: at.line(s.span().start),
+        };
+        let identity = IdentityPaths {
+            cert: path(&raw.identity.cert),
+            key: path(&raw.identity.key),
+            ca: path(&raw.identity.ca),
+        };
+        let mut labels = BTreeMap::new();
+        for (k, v) in &raw.labels {
+            let key = format!("labels.{k}");
+            mesh_proto::validate_name(k).map_err(|e| at.invalid(v, &key, e))?;
+            if v.get_ref().len() > mesh_proto::limits::MAX_NAME_LEN {
+                return Err(at.invalid(v, &key, "label value is longer than 63 bytes"));
+            }
+            labels.insert(k.clone(), v.get_ref().clone());
+        }
+        if labels.len() > mesh_proto::limits::MAX_LABELS {
+            return Err(ConfigError::Invalid {
+                file: file.to_owned(),
+                line: 0,
+                key: "labels".into(),
+                message: format!("at most {} labels", mesh_proto::limits::MAX_LABELS),
+            });
+        }
+        let mut services: Vec<ServiceConfig> = Vec::new();
+        for (i, s) in raw.services.iter().enumerate() {
+            let key = format!("services[{i}].name");
+            let name = ServiceName::try_from(s.name.get_ref().as_str())
+                .map_err(|e| at.invalid(&s.name, &key, e))?;
+            if services.iter().any(|other| other.name == name) {
+                return Err(at.invalid(&s.name, &key, format!("service {name} is listed twice")));
+            }
+            let upstream = s
+                .upstream
+                .get_ref()
+                .parse::<UpstreamSpec>()
+                .map_err(|e| at.invalid(&s.upstream, &format!("services[{i}].upstream"), e))?;
+            services.push(ServiceConfig { name, upstream });
+        }
+        if services.len() > mesh_proto::limits::MAX_SERVICES {
+            return Err(ConfigError::Invalid {
+                file: file.to_owned(),
+                line: 0,
+                key: "services".into(),
+                message: format!(
+                    "at most {} services per node",
+                    mesh_proto::limits::MAX_SERVICES
+                ),
+            });
+        }
+        let peers = raw
+            .peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| parse_addr(&p.addr, &at, &format!("peers[{i}].addr")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let limits = raw.limits.validate(&at)?;
+        Ok(NodeConfig {
+            name,
+            listen,
+            ingress,
+            identity,
+            labels,
+            services,
+            peers,
+            limits,
+            log: raw.log.unwrap_or_else(|| "info".into()),
+            file: file.to_owned(),
+        })
+    }
+
+    /// Opens the certificate, key and CA this config names and checks them: readable, the key
+    /// private to its owner (mode 0600), the certificate chained to the CA and naming this node.
+    pub fn load_identity(&self) -> Result<Identity, ConfigError> {
+        let err = |loc: &Located<PathBuf>, key: &str, message: String| ConfigError::Invalid {
+            file: self.file.clone(),
+            line: loc.line,
+            key: key.into(),
+            message,
+        };
+        let ids = &self.identity;
+        for (loc, key) in [
+            (&ids.cert, "identity.cert"),
+            (&ids.key, "identity.key"),
+            (&ids.ca, "identity.ca"),
+        ] {
+            let meta = std::fs::metadata(&loc.value).map_err(|e| {
+                err(
+                    loc,
+                    key,
+                    format!("cannot read {}: {e}", loc.value.display()),
+                )
+            })?;
+            if !meta.is_file() {
+                return Err(err(
+                    loc,
+                    key,
+                    format!("{} is not a file", loc.value.display()),
+                ));
+            }
+        }
+        check_key_mode(&ids.key.value).map_err(|m| err(&ids.key, "identity.key", m))?;
+        let identity =
+            Identity::load(&ids.cert.value, &ids.key.value, &ids.ca.value).map_err(|e| {
+                let (loc, key) = match &e {
+                    crate::identity::TlsError::Read { path, .. }
+                        if Path::new(path) == ids.key.value =>
+                    {
+                        (&ids.key, "identity.key")
+                    }
+                    crate::identity::TlsError::Read { path, .. }
+                        if Path::new(path) == ids.ca.value =>
+                    {
+                        (&ids.ca, "identity.ca")
+                    }
+                    _ => (&ids.cert, "identity.cert"),
+                };
+                err(loc, key, e.to_string())
+            })?;
+        if identity.id.node_name() != &self.name || identity.id.leaf().is_some() {
+            return Err(err(
+                &ids.cert,
+                "identity.cert",
+                format!(
+                    "certificate is for {}, but this node is named {:?}",
+                    identity.id,
+                    self.name.as_str()
+                ),
+            ));
+        }
+        Ok(identity)
+    }
+}
+
+#[cfg(unix)]
+fn check_key_mode(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{} has mode {:04o}: a private key must be readable by its owner only (chmod 600)",
+            path.display(),
+            mode & 0o777
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_key_mode(_path: &Path) -> Result<(), String> {
+    Ok(())
+}
+
+impl RawLimits {
+    fn validate(&self, at: &SourceMap<'_>) -> Result<Limits, ConfigError> {
+        let d = Limits::default();
+        let ms = |v: &Option<Spanned<u64>>,
+                  key: &str,
+                  default: Duration|
+         -> Result<Duration, ConfigError> {
+            match v {
+                None => Ok(default),
+                Some(s) if *s.get_ref() == 0 => Err(at.invalid(s, key, "must be greater than 0")),
+                Some(s) => Ok(Duration::from_millis(*s.get_ref())),
+            }
+        };
+        let limits = Limits {
+            max_body_bytes: match &self.max_body_bytes {
+                None => d.max_body_bytes,
+                Some(s) if *s.get_ref() == 0 || *s.get_ref() > 256 * 1024 * 1024 => {
+                    return Err(at.invalid(
+                        s,
+                        "limits.max_body_bytes",
+                        "must be between 1 and 268435456",
+                    ));
+                }
+                Some(s) => *s.get_ref() as usize,
+            },
+            max_concurrent_calls: match &self.max_concurrent_calls {
+                None => d.max_concurrent_calls,
+                Some(s) if *s.get_ref() == 0 => {
+                    return Err(at.invalid(
+                        s,
+                        "limits.max_concurrent_calls",
+                        "must be greater than 0",
+                    ));
+                }
+                Some(s) => *s.get_ref(),
+            },
+            call_timeout: ms(
+                &self.call_timeout_ms,
+                "limits.call_timeout_ms",
+                d.call_timeout,
+            )?,
+            connect_timeout: ms(
+                &self.connect_timeout_ms,
+                "limits.connect_timeout_ms",
+                d.connect_timeout,
+            )?,
+            keep_alive: ms(&self.keep_alive_ms, "limits.keep_alive_ms", d.keep_alive)?,
+            idle_timeout: ms(
+                &self.idle_timeout_ms,
+                "limits.idle_timeout_ms",
+                d.idle_timeout,
+            )?,
+        };
+        if limits.idle_timeout <= limits.keep_alive {
+            let span = self
+                .idle_timeout_ms
+                .as_ref()
+                .or(self.keep_alive_ms.as_ref());
+            return Err(ConfigError::Invalid {
+                file: at.file.to_owned(),
+                line: span.map(|s| at.line(s.span().start)).unwrap_or(0),
+                key: "limits.idle_timeout_ms".into(),
+                message: "must be longer than limits.keep_alive_ms".into(),
+            });
+        }
+        Ok(limits)
+    }
+}
+
+fn parse_addr(
+    s: &Spanned<String>,
+    at: &SourceMap<'_>,
+    key: &str,
+) -> Result<SocketAddr, ConfigError> {
+    s.get_ref().parse().map_err(|_| {
+        at.invalid(
+            s,
+            key,
+            format!("{:?} is not an address like 127.0.0.1:7400", s.get_ref()),
+        )
+    })
+}
+
+/// Turns byte offsets into lines and keys, for error messages.
+pub(crate) struct SourceMap<'a> {
+    pub(crate) src: &'a str,
+    pub(crate) file: &'a str,
+}
+
+impl SourceMap<'_> {
+    pub(crate) fn line(&self, offset: usize) -> usize {
+        self.src[..offset.min(self.src.len())].matches('\n').count() + 1
+    }
+
+    pub(crate) fn invalid<T>(
+        &self,
+        at: &Spanned<T>,
+        key: &str,
+        message: impl ToString,
+    ) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_owned(),
+            line: self.line(at.span().start),
+            key: key.to_owned(),
+            message: message.to_string(),
+        }
+    }
+
+    /// A toml parse or type error, with the key found from the span and the table around it.
+    pub(crate) fn toml_error(&self, e: &toml::de::Error) -> ConfigError {
+        let message = e.message().trim().to_owned();
+        let Some(span) = e.span() else {
+            return ConfigError::Invalid {
+                file: self.file.to_owned(),
+                line: 0,
+                key: missing_field(&message).unwrap_or("(document)").to_owned(),
+                message,
+            };
+        };
+        let line = self.line(span.start);
+        let line_start = self.src[..span.start.min(self.src.len())]
+            .rfind('\n')
+            .map_or(0, |i| i + 1);
+        let line_text = self.src[line_start..].lines().next().unwrap_or("").trim();
+        let table = self.src[..line_start]
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| l.starts_with('['))
+            .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_owned());
+        let own_key = if line_text.starts_with('[') {
+            None
+        } else {
+            line_text
+                .split_once('=')
+                .map(|(k, _)| k.trim().trim_matches('"').to_owned())
+        };
+        let header = if line_text.starts_with('[') {
+            Some(
+                line_text
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .trim()
+                    .to_owned(),
+            )
+        } else {
+            table
+        };
+        let leaf = own_key.or_else(|| missing_field(&message).map(str::to_owned));
+        let key = match (header, leaf) {
+            (Some(t), Some(k)) => format!("{t}.{k}"),
+            (Some(t), None) => t,
+            (None, Some(k)) => k,
+            (None, None) => "(document)".to_owned(),
+        };
+        ConfigError::Invalid {
+            file: self.file.to_owned(),
+            line,
+            key,
+            message,
+        }
+    }
+}
+
+fn missing_field(message: &str) -> Option<&str> {
+    message.strip_prefix("missing field `")?.split('`').next()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "node-a"
+listen = "0.0.0.0:7400"
+ingress = "127.0.0.1:7480"
+[identity]
+cert = "certs/node.crt"
+key = "certs/node.key"
+ca = "certs/ca.crt"
+[labels]
+zone = "hall-1"
+[[services]]
+name = "echo"
+upstream = "builtin:echo"
+[[peers]]
+addr = "127.0.0.1:7401"
+"#;
+
+    fn parse(src: &str) -> Result<NodeConfig, ConfigError> {
+        NodeConfig::parse(src, "node.toml", Path::new("/etc/starling"))
+    }
+
+    fn invalid(src: &str) -> (usize, String, String) {
+        match parse(src) {
+            Err(ConfigError::Invalid {
+                line, key, message, ..
+            }) => (line, key, message),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_the_contract() {
+        let c = parse(GOOD).expect("valid");
+        assert_eq!(c.name.as_str(), "node-a");
+        assert_eq!(c.listen, "0.0.0.0:7400".parse().expect("addr"));
+        assert_eq!(
+            c.identity.key.value,
+            Path::new("/etc/starling/certs/node.key")
+        );
+        assert_eq!(c.identity.key.line, 7);
+        assert_eq!(c.labels["zone"], "hall-1");
+        assert_eq!(c.services[0].upstream, UpstreamSpec::Echo);
+        assert_eq!(c.peers, vec!["127.0.0.1:7401".parse().expect("addr")]);
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let src = GOOD.replace(
+            "ca = \"certs/ca.crt\"",
+            "ca = \"certs/ca.crt\"\npassword = \"x\"",
+        );
+        let (line, key, message) = invalid(&src);
+        assert_eq!(line, 9);
+        assert_eq!(key, "identity.password");
+        assert!(message.contains("unknown field"), "{message}");
+    }
+
+    #[test]
+    fn wrong_type_names_line_and_key() {
+        let src = format!("{GOOD}[limits]\ncall_timeout_ms = \"soon\"\n");
+        let (line, key, message) = invalid(&src);
+        assert_eq!(line, 17);
+        assert_eq!(key, "limits.call_timeout_ms");
+        assert!(message.contains("invalid type"), "{message}");
+    }
+
+    #[test]
+    fn bad_values_name_line_and_key() {
+        let (line, key, _) = invalid(&GOOD.replace("\"node-a\"", "\"node/a\""));
+        assert_eq!((line, key.as_str()), (2, "name"));
+        let (line, key, m) = invalid(&GOOD.replace("builtin:echo", "ftp://x"));
+        assert_eq!((line, key.as_str()), (13, "services[0].upstream"));
+        assert!(m.contains("ftp://x"), "{m}");
+        let (line, key, m) = invalid(&GOOD.replace("127.0.0.1:7480", "0.0.0.0:7480"));
+        assert_eq!((line, key.as_str()), (4, "ingress"));
+        assert!(m.contains("loopback"), "{m}");
+        let (_, key, _) = invalid(&GOOD.replace("127.0.0.1:7401", "nowhere"));
+        assert_eq!(key, "peers[0].addr");
+    }
+
+    #[test]
+    fn missing_key_is_named() {
+        let (_, key, message) = invalid(&GOOD.replace("ca = \"certs/ca.crt\"\n", ""));
+        assert_eq!(key, "identity.ca");
+        assert!(message.contains("missing field"), "{message}");
+    }
+
+    #[test]
+    fn missing_file_is_a_read_error() {
+        let e = NodeConfig::load(Path::new("/nonexistent/node.toml")).expect_err("missing");
+        assert!(
+            e.to_string()
+                .starts_with("/nonexistent/node.toml: cannot read"),
+            "{e}"
+        );
+    }
+}

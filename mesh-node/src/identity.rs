@@ -1,0 +1,383 @@
+//! Identity and TLS: a node's certificate and key, the mesh CA, and the verifiers that admit only
+//! peers whose certificate chains to that CA and names a SPIFFE ID in its trust domain.
+//!
+//! Both sides of every connection verify the other (mutual TLS 1.3). Host names play no part: the
+//! identity the rest of the code sees is the SPIFFE ID read from the verified certificate, never a
+//! name the peer claims.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use mesh_core::{IdentityError, SpiffeId};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore,
+    SignatureScheme,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+
+/// Why an identity could not be loaded or a certificate was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file could not be read.
+    #[error("{path}: {reason}")]
+    Read {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A certificate names no usable SPIFFE ID.
+    #[error("certificate has no spiffe:// URI SAN")]
+    NoSpiffeId,
+    /// The SPIFFE ID in a certificate is malformed.
+    #[error("certificate identity: {0}")]
+    BadSpiffeId(#[from] IdentityError),
+    /// A certificate is for another trust domain.
+    #[error("certificate is for trust domain {found:?}, this mesh is {expected:?}")]
+    WrongTrustDomain {
+        /// The mesh's trust domain.
+        expected: String,
+        /// The certificate's.
+        found: String,
+    },
+    /// The certificate could not be parsed.
+    #[error("certificate is not valid X.509: {0}")]
+    BadCertificate(String),
+    /// rustls refused the configuration.
+    #[error("tls: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// A node's credentials: its certificate chain, its private key, the mesh CA, and what they say.
+pub struct Identity {
+    /// The node's own SPIFFE ID, read from its certificate.
+    pub id: SpiffeId,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    roots: Arc<RootCertStore>,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The private key is never printed.
+        f.debug_struct("Identity")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Identity {
+    /// Loads the node certificate, key and mesh CA from PEM files. The node's certificate must
+    /// chain to the CA and carry a SPIFFE ID in the CA's trust domain.
+    pub fn load(cert: &Path, key: &Path, ca: &Path) -> Result<Self, TlsError> {
+        let chain = read_certs(cert)?;
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Read {
+            path: key.display().to_string(),
+            reason: pem_reason(e, "private key"),
+        })?;
+        let ca_certs = read_certs(ca)?;
+        Self::from_parts(chain, key, ca_certs)
+    }
+
+    /// Builds an identity from DER certificates and key already in memory.
+    pub fn from_parts(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        ca_certs: Vec<CertificateDer<'static>>,
+    ) -> Result<Self, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for ca in &ca_certs {
+            roots.add(ca.clone())?;
+        }
+        let trust_domain = ca_certs
+            .first()
+            .map(|ca| trust_domain_of_ca(ca))
+            .transpose()?
+            .flatten();
+        let leaf = chain.first().ok_or(TlsError::NoSpiffeId)?;
+        let id = spiffe_id_of(leaf)?;
+        if let Some(td) = &trust_domain
+            && td != id.trust_domain()
+        {
+            return Err(TlsError::WrongTrustDomain {
+                expected: td.clone(),
+                found: id.trust_domain().to_owned(),
+            });
+        }
+        let provider = provider();
+        let parsed = ParsedCertificate::try_from(leaf)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &roots,
+            &chain[1..],
+            UnixTime::now(),
+            provider.signature_verification_algorithms.all,
+        )
+        .map_err(|e| {
+            TlsError::BadCertificate(format!(
+                "node certificate does not chain to the mesh CA: {e}"
+            ))
+        })?;
+        Ok(Identity {
+            id,
+            chain,
+            key,
+            roots: Arc::new(roots),
+        })
+    }
+
+    /// The trust domain of this mesh.
+    pub fn trust_domain(&self) -> &str {
+        self.id.trust_domain()
+    }
+
+    /// The rustls server configuration: TLS 1.3 only, ALPN `starling/1`, client certificates
+    /// required and checked against the mesh CA and trust domain.
+    pub fn server_config(&self) -> Result<rustls::ServerConfig, TlsError> {
+        let provider = provider();
+        let inner =
+            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider.clone())
+                .build()
+                .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+        let verifier = Arc::new(MeshClientVerifier {
+            inner,
+            trust_domain: self.trust_domain().to_owned(),
+        });
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        config.alpn_protocols = vec![mesh_proto::ALPN.to_vec()];
+        Ok(config)
+    }
+
+    /// The rustls client configuration: TLS 1.3 only, ALPN `starling/1`, our certificate offered,
+    /// the server's checked against the mesh CA and trust domain.
+    pub fn client_config(&self) -> Result<rustls::ClientConfig, TlsError> {
+        let provider = provider();
+        let verifier = Arc::new(MeshServerVerifier {
+            roots: self.roots.clone(),
+            provider: provider.clone(),
+            trust_domain: self.trust_domain().to_owned(),
+        });
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+        config.alpn_protocols = vec![mesh_proto::ALPN.to_vec()];
+        Ok(config)
+    }
+}
+
+/// The one crypto provider of the mesh: ring.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let err = |reason: String| TlsError::Read {
+        path: path.display().to_string(),
+        reason,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| err(pem_reason(e, "certificate")))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err(pem_reason(e, "certificate")))?;
+    if certs.is_empty() {
+        return Err(err("no PEM certificate in file".into()));
+    }
+    Ok(certs)
+}
+
+fn pem_reason(e: rustls_pki_types::pem::Error, what: &str) -> String {
+    match e {
+        rustls_pki_types::pem::Error::Io(io) => io.to_string(),
+        rustls_pki_types::pem::Error::NoItemsFound => format!("no PEM {what} in file"),
+        other => format!("not a PEM {what}: {other:?}"),
+    }
+}
+
+/// The SPIFFE ID in a certificate's URI SAN.
+pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, TlsError> {
+    let uri = uri_sans(cert)?
+        .into_iter()
+        .find(|u| u.starts_with("spiffe://"))
+        .ok_or(TlsError::NoSpiffeId)?;
+    Ok(SpiffeId::parse(&uri)?)
+}
+
+/// The trust domain a CA certificate names in its `spiffe://<td>` URI SAN, if it names one.
+pub fn trust_domain_of_ca(cert: &CertificateDer<'_>) -> Result<Option<String>, TlsError> {
+    Ok(uri_sans(cert)?.into_iter().find_map(|u| {
+        u.strip_prefix("spiffe://")
+            .map(|td| td.trim_end_matches('/').to_owned())
+            .filter(|td| !td.contains('/'))
+    }))
+}
+
+fn uri_sans(cert: &CertificateDer<'_>) -> Result<Vec<String>, TlsError> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let (_, parsed) = X509Certificate::from_der(cert.as_ref())
+        .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+    let san = parsed
+        .subject_alternative_name()
+        .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+    Ok(san
+        .map(|ext| {
+            ext.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::URI(u) => Some((*u).to_owned()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Checks that a verified end-entity certificate names a node of `trust_domain`.
+fn check_identity(
+    cert: &CertificateDer<'_>,
+    trust_domain: &str,
+) -> Result<SpiffeId, rustls::Error> {
+    let refuse = |e: TlsError| {
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+    };
+    let id = spiffe_id_of(cert).map_err(refuse)?;
+    if id.trust_domain() != trust_domain {
+        return Err(refuse(TlsError::WrongTrustDomain {
+            expected: trust_domain.to_owned(),
+            found: id.trust_domain().to_owned(),
+        }));
+    }
+    Ok(id)
+}
+
+/// The client side's check of a server: chain to the mesh CA, then the trust domain. The TLS server
+/// name is not checked: peers are found by address, and who they are is their SPIFFE ID.
+#[derive(Debug)]
+struct MeshServerVerifier {
+    roots: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
+    trust_domain: String,
+}
+
+impl ServerCertVerifier for MeshServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        check_identity(end_entity, &self.trust_domain)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The server side's check of a client: webpki's chain check, then the trust domain.
+#[derive(Debug)]
+struct MeshClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    trust_domain: String,
+}
+
+impl ClientCertVerifier for MeshClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        check_identity(end_entity, &self.trust_domain)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The SPIFFE ID of the peer of an established connection, from the certificate its handshake
+/// verified.
+pub fn peer_id(conn: &quinn::Connection) -> Result<SpiffeId, TlsError> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .ok_or(TlsError::NoSpiffeId)?;
+    spiffe_id_of(certs.first().ok_or(TlsError::NoSpiffeId)?)
+}

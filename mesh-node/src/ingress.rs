@@ -1,0 +1,213 @@
+//! The local ingress: plain HTTP/1.1 on loopback, so an app in any language can call the mesh.
+//!
+//! - `POST /v1/call/<service>/<method>`: the request body is the call's body; the answer's body
+//!   is the reply's. Statuses map to HTTP (see [`http_status`]); every answer carries
+//!   `x-starling-status`, and a failure's body is its reason. Optional request headers:
+//!   `x-starling-timeout-ms` (the call's deadline) and any other `x-...` header, passed on as
+//!   call metadata.
+//! - `GET /v1/health`: `ok` while the node runs.
+//! - `GET /v1/peers`: the connected peers, as JSON.
+//!
+//! The ingress is plain text by design and therefore listens on loopback only (the config refuses
+//! anything else).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response};
+use hyper_util::rt::TokioIo;
+use mesh_proto::Status;
+use tracing::debug;
+
+use crate::call::{Reply, http_status};
+use crate::node::{CallOptions, Node, StartError};
+
+/// Binds the ingress on `addr` and serves it in the background; returns the bound address.
+pub async fn serve(node: Node, addr: SocketAddr) -> Result<SocketAddr, StartError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let mut stop = node.shutdown_signal();
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = stop.changed() => return,
+            };
+            let Ok((stream, _)) = accepted else { continue };
+            let _ = stream.set_nodelay(true);
+            let node = node.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| handle(node.clone(), req));
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
+                    debug!("ingress connection ended: {e}");
+                }
+            });
+        }
+    });
+    Ok(bound)
+}
+
+async fn handle(node: Node, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let reply = match (req.method(), parts.as_slice()) {
+        (&Method::POST, ["v1", "call", service, method]) => {
+            let (service, method) = ((*service).to_owned(), (*method).to_owned());
+            call(node, req, &service, &method).await
+        }
+        (&Method::GET, ["v1", "health"]) => return Ok(plain(200, "ok")),
+        (&Method::GET, ["v1", "peers"]) => return Ok(json(200, peers_json(&node))),
+        (_, ["v1", "call", _, _]) => return Ok(plain(405, "use POST for calls")),
+        _ => {
+            return Ok(plain(
+                404,
+                "no such path; calls go to POST /v1/call/<service>/<method>",
+            ));
+        }
+    };
+    Ok(reply_response(reply))
+}
+
+async fn call(node: Node, req: Request<Incoming>, service: &str, method: &str) -> Reply {
+    let mut options = CallOptions::default();
+    for (name, value) in req.headers() {
+        let name = name.as_str();
+        let Ok(value) = value.to_str() else { continue };
+        if name == "x-starling-timeout-ms" {
+            match value.parse::<u64>() {
+                Ok(ms) if ms > 0 => options.timeout = Some(Duration::from_millis(ms)),
+                _ => {
+                    return Reply::error(
+                        Status::InvalidArgument,
+                        format!(
+                            "x-starling-timeout-ms: {value:?} is not a positive number of milliseconds"
+                        ),
+                    );
+                }
+            }
+        } else if name.starts_with("x-") && !name.starts_with("x-starling-") {
+            options.metadata.push((name.to_owned(), value.to_owned()));
+        }
+    }
+    let max = node.max_body_bytes();
+    let body = match Limited::new(req.into_body(), max).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            let status = if e.is::<http_body_util::LengthLimitError>() {
+                Status::ResourceExhausted
+            } else {
+                Status::InvalidArgument
+            };
+            return Reply::error(status, format!("request body: {e} (bound {max} bytes)"));
+        }
+    };
+    node.call_with(service, method, body, &options).await
+}
+
+fn reply_response(reply: Reply) -> Response<Full<Bytes>> {
+    let mut builder = Response::builder()
+        .status(http_status(reply.status))
+        .header("x-starling-status", reply.status.as_str());
+    if let Status::Upstream(code) = reply.status {
+        builder = builder.header("x-starling-upstream-status", code);
+    }
+    if reply.status != Status::Ok && !reply.body.is_empty() {
+        // Keep the reason too when the body is the upstream's.
+        builder = builder.header("x-starling-message", sanitize_header(&reply.message));
+    }
+    let body = if reply.status == Status::Ok || !reply.body.is_empty() {
+        reply.body
+    } else {
+        Bytes::from(reply.message)
+    };
+    builder
+        .body(Full::new(body))
+        .unwrap_or_else(|_| plain(500, "could not build the answer"))
+}
+
+fn sanitize_header(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .take(512)
+        .collect()
+}
+
+fn plain(code: u16, text: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+    *r.status_mut() =
+        hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    r
+}
+
+fn json(code: u16, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() =
+        hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn peers_json(node: &Node) -> String {
+    let peers: Vec<String> = node
+        .peers()
+        .iter()
+        .map(|p| {
+            let labels: Vec<String> = p
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{}:{}", json_str(k), json_str(v)))
+                .collect();
+            let services: Vec<String> = p.services.iter().map(|s| json_str(s.as_str())).collect();
+            format!(
+                "{{\"id\":{},\"name\":{},\"role\":{},\"addr\":{},\"labels\":{{{}}},\"services\":[{}]}}",
+                json_str(&p.id.to_string()),
+                json_str(p.id.node_name().as_str()),
+                json_str(p.role.as_str()),
+                json_str(&p.addr.to_string()),
+                labels.join(","),
+                services.join(",")
+            )
+        })
+        .collect();
+    format!(
+        "{{\"node\":{},\"peers\":[{}]}}",
+        json_str(&node.id().to_string()),
+        peers.join(",")
+    )
+}
+
+/// A JSON string literal.
+pub(crate) fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}

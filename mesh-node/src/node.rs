@@ -1,0 +1,771 @@
+//! The node: a QUIC endpoint that is client and server at once, its peers, and the call path.
+//!
+//! Connections: one per peer, reused by every call, re-dialled with back-off when it drops, kept
+//! alive by QUIC keep-alives. Each side opens a unidirectional stream and sends a [`Hello`] (its
+//! name, role, labels and services); the name must match the SPIFFE ID its certificate proved.
+//! Each call is one bidirectional stream (see `mesh-proto`).
+//!
+//! Bad bytes on a call stream end that stream with `InvalidArgument`; they never end the
+//! connection, other calls, or the process.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, Hasher};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use mesh_core::{Backoff, MethodName, NodeName, ServiceName, ServiceTable, SpiffeId};
+use mesh_proto::limits::{MAX_HEAD_BYTES, MAX_HELLO_BYTES};
+use mesh_proto::{Hello, RequestHead, ResponseHead, Role, Status, decode_head};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::call::{CallContext, CallError, Reply};
+use crate::config::{Limits, NodeConfig};
+use crate::identity::{Identity, TlsError, peer_id};
+use crate::upstream::Upstream;
+use crate::wire::{FrameReader, ReadError, write_message, write_reply};
+
+/// The QUIC application error code a node closes a connection with on shutdown.
+const CLOSE_SHUTDOWN: u32 = 0;
+/// The code for a peer whose hello contradicts its certificate or is malformed.
+const CLOSE_BAD_HELLO: u32 = 1;
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// TLS configuration failed.
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+    /// The QUIC or ingress socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The node's config cannot be expressed as a hello.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Options of one call.
+#[derive(Debug, Clone, Default)]
+pub struct CallOptions {
+    /// How long the caller waits; the node's `call_timeout` when `None`.
+    pub timeout: Option<Duration>,
+    /// Request metadata (`x-canary = 1`).
+    pub metadata: Vec<(String, String)>,
+}
+
+/// What a node knows of a connected peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// Verified identity.
+    pub id: SpiffeId,
+    /// Role from its hello.
+    pub role: Role,
+    /// Labels from its hello.
+    pub labels: BTreeMap<String, String>,
+    /// Services from its hello.
+    pub services: Vec<ServiceName>,
+    /// Where it is.
+    pub addr: SocketAddr,
+}
+
+/// A running node. Cheap to clone; all clones are the same node.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    id: SpiffeId,
+    name: NodeName,
+    limits: Limits,
+    endpoint: quinn::Endpoint,
+    local: HashMap<ServiceName, Upstream>,
+    hello: Vec<u8>,
+    peers: Mutex<Peers>,
+    changed: watch::Sender<u64>,
+    shutdown: watch::Sender<bool>,
+    ingress: Mutex<Option<SocketAddr>>,
+}
+
+#[derive(Default)]
+struct Peers {
+    by_id: HashMap<SpiffeId, PeerEntry>,
+    table: ServiceTable<SpiffeId>,
+    /// The last failure of each static peer that is not connected.
+    dial_errors: BTreeMap<SocketAddr, String>,
+}
+
+struct PeerEntry {
+    info: PeerInfo,
+    /// Live connections to this peer, oldest first; calls use the first.
+    conns: Vec<quinn::Connection>,
+}
+
+impl Node {
+    /// Binds the QUIC endpoint (and the ingress, if configured), starts dialling the configured
+    /// peers, and serves until [`Node::shutdown`].
+    pub async fn start(config: NodeConfig, identity: Identity) -> Result<Node, StartError> {
+        let endpoint = bind_endpoint(&identity, &config.limits, config.listen)?;
+        let local = config
+            .services
+            .iter()
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    Upstream::new(s.upstream.clone(), config.name.as_str()),
+                )
+            })
+            .collect::<HashMap<_, _>>();
+        let hello = encode_hello(&config, Role::Node)?;
+        let inner = Arc::new(Inner {
+            id: identity.id.clone(),
+            name: config.name.clone(),
+            limits: config.limits.clone(),
+            endpoint,
+            local,
+            hello,
+            peers: Mutex::new(Peers::default()),
+            changed: watch::Sender::new(0),
+            shutdown: watch::Sender::new(false),
+            ingress: Mutex::new(None),
+        });
+        let node = Node { inner };
+        info!(
+            "quic listening on {} as {}",
+            node.local_addr(),
+            node.inner.id
+        );
+        tokio::spawn(node.clone().accept_loop());
+        for addr in &config.peers {
+            tokio::spawn(node.clone().dial_loop(*addr));
+        }
+        if let Some(addr) = config.ingress {
+            let bound = crate::ingress::serve(node.clone(), addr).await?;
+            *lock(&node.inner.ingress) = Some(bound);
+            info!("ingress listening on http://{bound}");
+        }
+        Ok(node)
+    }
+
+    /// This node's identity.
+    pub fn id(&self) -> &SpiffeId {
+        &self.inner.id
+    }
+
+    /// The bound QUIC address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner
+            .endpoint
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// The bound ingress address, if the ingress runs.
+    pub fn ingress_addr(&self) -> Option<SocketAddr> {
+        *lock(&self.inner.ingress)
+    }
+
+    /// The largest body a call may carry.
+    pub fn max_body_bytes(&self) -> usize {
+        self.inner.limits.max_body_bytes
+    }
+
+    /// Changes to `true` when the node shuts down.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.inner.shutdown.subscribe()
+    }
+
+    /// The last failure of each configured peer that is not connected now.
+    pub fn dial_errors(&self) -> Vec<String> {
+        lock(&self.inner.peers)
+            .dial_errors
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The peers connected now.
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        let peers = lock(&self.inner.peers);
+        let mut out: Vec<PeerInfo> = peers.by_id.values().map(|p| p.info.clone()).collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    /// Waits until some peer hosting `service` is connected, or `timeout` passes; true if it is.
+    pub async fn wait_for_service(&self, service: &str, timeout: Duration) -> bool {
+        self.wait_until(timeout, |node| {
+            !lock(&node.inner.peers).table.endpoints(service).is_empty()
+        })
+        .await
+    }
+
+    /// Waits until `ready(self)` holds, re-checking whenever the peer table changes, or until
+    /// `timeout` passes; returns whether it holds.
+    pub async fn wait_until(&self, timeout: Duration, ready: impl Fn(&Node) -> bool) -> bool {
+        let mut rx = self.inner.changed.subscribe();
+        let wait = async {
+            loop {
+                if ready(self) {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(timeout, wait).await;
+        ready(self)
+    }
+
+    /// Calls `service.method` with `body`, with the default timeout and no metadata.
+    pub async fn call(&self, service: &str, method: &str, body: Bytes) -> Result<Bytes, CallError> {
+        self.call_with(service, method, body, &CallOptions::default())
+            .await
+            .into_result()
+    }
+
+    /// Calls `service.method` with `body` and `options`, returning the whole reply.
+    pub async fn call_with(
+        &self,
+        service: &str,
+        method: &str,
+        body: Bytes,
+        options: &CallOptions,
+    ) -> Reply {
+        let timeout = options.timeout.unwrap_or(self.inner.limits.call_timeout);
+        let deadline = Instant::now() + timeout;
+        if let Err(e) = mesh_proto::validate_name(service).and(mesh_proto::validate_name(method)) {
+            return Reply::error(
+                Status::InvalidArgument,
+                format!("bad service or method name: {e}"),
+            );
+        }
+        if body.len() > self.inner.limits.max_body_bytes {
+            return Reply::error(
+                Status::InvalidArgument,
+                format!(
+                    "request body of {} bytes exceeds the bound of {} bytes",
+                    body.len(),
+                    self.inner.limits.max_body_bytes
+                ),
+            );
+        }
+        if self.inner.local.contains_key(service) {
+            let (Ok(service), Ok(method)) =
+                (ServiceName::try_from(service), MethodName::try_from(method))
+            else {
+                return Reply::error(Status::InvalidArgument, "bad service or method name");
+            };
+            let ctx = CallContext {
+                caller: self.inner.id.clone(),
+                service,
+                method,
+                metadata: options.metadata.clone(),
+                deadline,
+                trace: None,
+            };
+            return self.inner.dispatch(ctx, body).await;
+        }
+        let conn = match self.route(service) {
+            Ok(conn) => conn,
+            Err(reply) => return reply,
+        };
+        match tokio::time::timeout(
+            timeout,
+            self.remote_call(conn, service, method, body, timeout, options),
+        )
+        .await
+        {
+            Ok(reply) => reply,
+            Err(_) => Reply::error(
+                Status::DeadlineExceeded,
+                format!("no answer from {service} within {} ms", timeout.as_millis()),
+            ),
+        }
+    }
+
+    /// The connection that takes the next call to `service`.
+    fn route(&self, service: &str) -> Result<quinn::Connection, Reply> {
+        let mut peers = lock(&self.inner.peers);
+        if let Some(id) = peers.table.pick(service)
+            && let Some(conn) = peers.by_id.get(&id).and_then(|p| p.conns.first())
+        {
+            return Ok(conn.clone());
+        }
+        if peers.dial_errors.is_empty() {
+            Err(Reply::error(
+                Status::NotFound,
+                format!("no connected peer hosts service {service}"),
+            ))
+        } else {
+            let why: Vec<String> = peers.dial_errors.values().cloned().collect();
+            Err(Reply::error(
+                Status::Unavailable,
+                format!(
+                    "no reachable peer hosts service {service}; {}",
+                    why.join("; ")
+                ),
+            ))
+        }
+    }
+
+    async fn remote_call(
+        &self,
+        conn: quinn::Connection,
+        service: &str,
+        method: &str,
+        body: Bytes,
+        timeout: Duration,
+        options: &CallOptions,
+    ) -> Reply {
+        let lost = |e: &dyn std::fmt::Display| {
+            Reply::error(Status::Unavailable, format!("connection to peer lost: {e}"))
+        };
+        let (mut send, recv) = match conn.open_bi().await {
+            Ok(s) => s,
+            Err(e) => return lost(&e),
+        };
+        let mut head = RequestHead::new(
+            service,
+            method,
+            u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+        );
+        for (k, v) in &options.metadata {
+            if head.metadata.push((k, v)).is_err() {
+                return Reply::error(
+                    Status::InvalidArgument,
+                    format!(
+                        "more than {} metadata entries",
+                        mesh_proto::limits::MAX_METADATA
+                    ),
+                );
+            }
+        }
+        if let Err(e) = write_message(&mut send, &head, body).await {
+            return lost(&e);
+        }
+        let mut reader = FrameReader::new(recv);
+        let head_bytes = match reader.frame(MAX_HEAD_BYTES).await {
+            Ok(b) => b,
+            Err(ReadError::Stream(e)) => return lost(&e),
+            Err(e) => return Reply::error(Status::Internal, format!("bad answer from peer: {e}")),
+        };
+        let head: ResponseHead = match decode_head(&head_bytes) {
+            Ok(h) => h,
+            Err(e) => {
+                return Reply::error(Status::Internal, format!("bad answer head from peer: {e}"));
+            }
+        };
+        let body = match reader.frame(self.inner.limits.max_body_bytes).await {
+            Ok(b) => b,
+            Err(ReadError::Stream(e)) => return lost(&e),
+            Err(e) => {
+                return Reply::error(Status::Internal, format!("bad answer body from peer: {e}"));
+            }
+        };
+        Reply {
+            status: head.status,
+            message: head.message.to_owned(),
+            body,
+        }
+    }
+
+    /// Closes every connection (peers see the node leave at once) and stops serving.
+    pub async fn shutdown(&self) {
+        let _ = self.inner.shutdown.send(true);
+        self.inner
+            .endpoint
+            .close(CLOSE_SHUTDOWN.into(), b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
+    }
+
+    async fn accept_loop(self) {
+        let mut stop = self.inner.shutdown.subscribe();
+        loop {
+            let incoming = tokio::select! {
+                i = self.inner.endpoint.accept() => i,
+                _ = stop.changed() => return,
+            };
+            let Some(incoming) = incoming else { return };
+            let node = self.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                match incoming.await {
+                    Ok(conn) => node.run_connection(conn).await,
+                    Err(e) => warn!(
+                        "refused connection from {remote}: {}",
+                        describe_connect_error(&e)
+                    ),
+                }
+            });
+        }
+    }
+
+    async fn dial_loop(self, addr: SocketAddr) {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut stop = self.inner.shutdown.subscribe();
+        loop {
+            match self.connect(addr).await {
+                Ok(conn) => {
+                    lock(&self.inner.peers).dial_errors.remove(&addr);
+                    backoff.reset();
+                    self.run_connection(conn).await;
+                }
+                Err(why) => {
+                    warn!("cannot connect to peer {addr}: {why}");
+                    lock(&self.inner.peers)
+                        .dial_errors
+                        .insert(addr, format!("{addr}: {why}"));
+                    self.inner.changed.send_modify(|v| *v += 1);
+                }
+            }
+            let delay = backoff.next_delay(random());
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// Dials `addr` and completes the mutual TLS handshake.
+    pub async fn connect(&self, addr: SocketAddr) -> Result<quinn::Connection, String> {
+        let connecting = self
+            .inner
+            .endpoint
+            .connect(addr, "starling.mesh")
+            .map_err(|e| e.to_string())?;
+        match tokio::time::timeout(self.inner.limits.connect_timeout, connecting).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(describe_connect_error(&e)),
+            Err(_) => Err(format!(
+                "no handshake within {} ms",
+                self.inner.limits.connect_timeout.as_millis()
+            )),
+        }
+    }
+
+    /// Serves a connection until it closes: hellos both ways, then calls.
+    async fn run_connection(&self, conn: quinn::Connection) {
+        let remote = conn.remote_address();
+        let id = match peer_id(&conn) {
+            Ok(id) => id,
+            Err(e) => {
+                warn!("closing connection from {remote}: {e}");
+                conn.close(CLOSE_BAD_HELLO.into(), b"no identity");
+                return;
+            }
+        };
+        tokio::spawn(self.clone().serve_calls(conn.clone(), id.clone()));
+        let hello = match self.exchange_hellos(&conn, &id).await {
+            Ok(info) => info,
+            Err(why) => {
+                warn!("closing connection to {id} at {remote}: {why}");
+                conn.close(CLOSE_BAD_HELLO.into(), why.as_bytes());
+                return;
+            }
+        };
+        self.register(hello, &conn);
+        let reason = conn.closed().await;
+        self.unregister(&id, &conn, &reason);
+    }
+
+    async fn exchange_hellos(
+        &self,
+        conn: &quinn::Connection,
+        id: &SpiffeId,
+    ) -> Result<PeerInfo, String> {
+        let send_ours = async {
+            let mut uni = conn.open_uni().await.map_err(|e| e.to_string())?;
+            uni.write_all(&self.inner.hello)
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = uni.finish();
+            Ok::<_, String>(())
+        };
+        let read_theirs = async {
+            let recv = conn.accept_uni().await.map_err(|e| e.to_string())?;
+            let frame = FrameReader::new(recv)
+                .frame(MAX_HELLO_BYTES)
+                .await
+                .map_err(|e| format!("bad hello: {e}"))?;
+            let hello: Hello = decode_head(&frame).map_err(|e| format!("bad hello: {e}"))?;
+            if hello.name != id.node_name().as_str() {
+                return Err(format!(
+                    "hello names {:?} but the certificate proves {id}",
+                    hello.name
+                ));
+            }
+            if hello.protocol_version != mesh_proto::PROTOCOL_VERSION {
+                debug!("peer {id} speaks protocol {}", hello.protocol_version);
+            }
+            let services = hello
+                .services
+                .iter()
+                .map(|s| {
+                    ServiceName::try_from(*s)
+                        .map_err(|e| format!("bad service name {s:?} in hello: {e}"))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(PeerInfo {
+                id: id.clone(),
+                role: hello.role,
+                labels: hello
+                    .labels
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+                services,
+                addr: conn.remote_address(),
+            })
+        };
+        let both = async { tokio::try_join!(send_ours, read_theirs).map(|(_, info)| info) };
+        tokio::time::timeout(self.inner.limits.connect_timeout, both)
+            .await
+            .map_err(|_| "no hello in time".to_owned())?
+    }
+
+    fn register(&self, info: PeerInfo, conn: &quinn::Connection) {
+        let names: Vec<&str> = info.services.iter().map(ServiceName::as_str).collect();
+        info!(
+            "peer up: {} ({}) at {} hosting [{}]",
+            info.id.node_name(),
+            info.id,
+            info.addr,
+            names.join(", ")
+        );
+        let mut peers = lock(&self.inner.peers);
+        peers
+            .table
+            .set_endpoint(&info.id, info.services.iter().cloned());
+        let entry = peers
+            .by_id
+            .entry(info.id.clone())
+            .or_insert_with(|| PeerEntry {
+                info: info.clone(),
+                conns: Vec::new(),
+            });
+        entry.info = info;
+        entry.conns.push(conn.clone());
+        drop(peers);
+        self.inner.changed.send_modify(|v| *v += 1);
+    }
+
+    fn unregister(&self, id: &SpiffeId, conn: &quinn::Connection, reason: &quinn::ConnectionError) {
+        let mut peers = lock(&self.inner.peers);
+        let Some(entry) = peers.by_id.get_mut(id) else {
+            return;
+        };
+        entry.conns.retain(|c| c.stable_id() != conn.stable_id());
+        if entry.conns.is_empty() {
+            peers.by_id.remove(id);
+            peers.table.remove_endpoint(id);
+            info!("peer down: {} ({id}): {reason}", id.node_name());
+        }
+        drop(peers);
+        self.inner.changed.send_modify(|v| *v += 1);
+    }
+
+    async fn serve_calls(self, conn: quinn::Connection, caller: SpiffeId) {
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            let inner = self.inner.clone();
+            let caller = caller.clone();
+            tokio::spawn(async move { inner.serve_stream(caller, send, recv).await });
+        }
+    }
+}
+
+impl Inner {
+    /// Reads one call from a stream, serves it, writes the reply.
+    async fn serve_stream(
+        &self,
+        caller: SpiffeId,
+        mut send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) {
+        let mut reader = FrameReader::new(recv);
+        let read = tokio::time::timeout(
+            self.limits.call_timeout,
+            self.read_request(caller, &mut reader),
+        )
+        .await;
+        let reply = match read {
+            Ok(Ok((ctx, body))) => self.dispatch(ctx, body).await,
+            Ok(Err(reply)) => reply,
+            Err(_) => Reply::error(Status::InvalidArgument, "request not received in time"),
+        };
+        if reply.status == Status::InvalidArgument {
+            warn!(
+                "refused a call from {}: {}",
+                reader_peer(&send),
+                reply.message
+            );
+            // Nothing more of this request is wanted.
+            let _ = reader.into_inner().stop(0u32.into());
+        }
+        if let Err(e) = write_reply(&mut send, reply).await {
+            debug!("could not write a reply: {e}");
+        }
+    }
+
+    async fn read_request(
+        &self,
+        caller: SpiffeId,
+        reader: &mut FrameReader,
+    ) -> Result<(CallContext, Bytes), Reply> {
+        let bad = |what: &str, e: &dyn std::fmt::Display| {
+            Reply::error(Status::InvalidArgument, format!("{what}: {e}"))
+        };
+        let head_bytes = reader
+            .frame(MAX_HEAD_BYTES)
+            .await
+            .map_err(|e| bad("request head", &e))?;
+        let head: RequestHead = decode_head(&head_bytes).map_err(|e| bad("request head", &e))?;
+        let service = ServiceName::try_from(head.service).map_err(|e| bad("service name", &e))?;
+        let method = MethodName::try_from(head.method).map_err(|e| bad("method name", &e))?;
+        let timeout = if head.deadline_ms == 0 {
+            self.limits.call_timeout
+        } else {
+            Duration::from_millis(head.deadline_ms.into())
+                .min(self.limits.call_timeout.max(Duration::from_secs(3600)))
+        };
+        let ctx = CallContext {
+            caller,
+            service,
+            method,
+            metadata: head
+                .metadata
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            deadline: Instant::now() + timeout,
+            trace: head.trace,
+        };
+        let body = reader
+            .frame(self.limits.max_body_bytes)
+            .await
+            .map_err(|e| bad("request body", &e))?;
+        Ok((ctx, body))
+    }
+
+    /// Serves a call for a service this node hosts.
+    async fn dispatch(&self, ctx: CallContext, body: Bytes) -> Reply {
+        let Some(upstream) = self.local.get(&ctx.service) else {
+            return Reply::error(
+                Status::NotFound,
+                format!(
+                    "service {} is not hosted on node {}",
+                    ctx.service, self.name
+                ),
+            );
+        };
+        let left = ctx.deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, upstream.serve(&ctx, body, self.limits.max_body_bytes))
+            .await
+        {
+            Ok(reply) => reply,
+            Err(_) => Reply::error(
+                Status::DeadlineExceeded,
+                format!(
+                    "upstream of {} on node {} did not answer within the deadline",
+                    ctx.service, self.name
+                ),
+            ),
+        }
+    }
+}
+
+fn reader_peer(send: &quinn::SendStream) -> String {
+    format!("stream {}", send.id())
+}
+
+fn bind_endpoint(
+    identity: &Identity,
+    limits: &Limits,
+    listen: SocketAddr,
+) -> Result<quinn::Endpoint, StartError> {
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .keep_alive_interval(Some(limits.keep_alive))
+        .max_idle_timeout(limits.idle_timeout.try_into().ok())
+        .max_concurrent_bidi_streams(limits.max_concurrent_calls.into())
+        .max_concurrent_uni_streams(8u32.into());
+    let transport = Arc::new(transport);
+
+    let server_tls = QuicServerConfig::try_from(identity.server_config()?)
+        .map_err(|e| StartError::Config(format!("quic server config: {e}")))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_tls));
+    server.transport_config(transport.clone());
+
+    let client_tls = QuicClientConfig::try_from(identity.client_config()?)
+        .map_err(|e| StartError::Config(format!("quic client config: {e}")))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(client_tls));
+    client.transport_config(transport);
+
+    let mut endpoint =
+        quinn::Endpoint::server(server, listen).map_err(|source| StartError::Bind {
+            addr: listen,
+            source,
+        })?;
+    endpoint.set_default_client_config(client);
+    Ok(endpoint)
+}
+
+fn encode_hello(config: &NodeConfig, role: Role) -> Result<Vec<u8>, StartError> {
+    let mut hello = Hello {
+        protocol_version: mesh_proto::PROTOCOL_VERSION,
+        name: config.name.as_str(),
+        role,
+        labels: Default::default(),
+        services: Default::default(),
+    };
+    for (k, v) in &config.labels {
+        hello
+            .labels
+            .push((k, v))
+            .map_err(|_| StartError::Config("too many labels".into()))?;
+    }
+    for s in &config.services {
+        hello
+            .services
+            .push(s.name.as_str())
+            .map_err(|_| StartError::Config("too many services".into()))?;
+    }
+    let mut out = Vec::new();
+    mesh_proto::encode_frame_vec(&hello, &mut out);
+    Ok(out)
+}
+
+/// Words for a failed handshake; a certificate problem says the peer was not trusted.
+fn describe_connect_error(e: &quinn::ConnectionError) -> String {
+    let text = e.to_string();
+    if text.contains("certificate")
+        || text.contains("UnknownIssuer")
+        || text.contains("trust domain")
+    {
+        format!("peer not trusted: handshake refused ({text})")
+    } else if text.contains("alert") || text.contains("crypto") {
+        format!("peer not trusted: the peer refused our certificate ({text})")
+    } else {
+        text
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these locks is a bug; keep serving with the data as it is.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn random() -> u64 {
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}

@@ -1,0 +1,75 @@
+//! Starling's wire types and framing.
+//!
+//! Every other crate speaks through this one: the node, the gateway and the `no_std` firmware shim.
+//! It is pure data and codec (no I/O, no clock), `no_std` by default; the `alloc` feature adds
+//! owned encoders, `std` adds `std::error::Error`, `defmt` adds `defmt::Format`.
+//!
+//! # Frames
+//!
+//! Every part of a stream is a *frame*: a LEB128 varint length, then that many bytes. Heads
+//! ([`RequestHead`], [`ResponseHead`], [`Hello`]) are postcard inside the frame; a body is raw bytes
+//! inside its frame. A call is one bidirectional QUIC stream:
+//!
+//! ```text
+//! caller -> callee:  frame(RequestHead)  frame(body)  FIN
+//! callee -> caller:  frame(ResponseHead) frame(body)  FIN
+//! ```
+//!
+//! The types borrow from the buffer they were decoded from, so a microcontroller decodes a head
+//! without an allocator. Every length read from the network is checked against a bound in
+//! [`limits`] before anything is allocated or copied.
+//!
+//! ```
+//! use mesh_proto::{RequestHead, decode_head, encode_frame, frame_len};
+//! let head = RequestHead::new("echo", "say", 1_000);
+//! let mut buf = [0u8; 64];
+//! let frame = encode_frame(&head, &mut buf).unwrap();
+//! let (len, prefix) = frame_len(frame, 64).unwrap().unwrap();
+//! let back: RequestHead = decode_head(&frame[prefix..prefix + len]).unwrap();
+//! assert_eq!(back, head);
+//! ```
+//!
+//! Enums on the wire only grow at the end, and the [`Hello`] carries [`PROTOCOL_VERSION`].
+#![no_std]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+#[cfg(feature = "alloc")]
+extern crate alloc;
+#[cfg(any(feature = "std", test))]
+extern crate std;
+
+mod frame;
+mod name;
+mod types;
+
+pub use frame::{FrameError, decode_head, encode_frame, frame_len, varint};
+#[cfg(feature = "alloc")]
+pub use frame::{encode_body_prefix, encode_frame_vec};
+pub use name::{NameError, validate_name};
+pub use types::{
+    Hello, Labels, Metadata, RequestHead, ResponseHead, Role, Services, Status, TraceContext,
+};
+
+/// The protocol version a node speaks; carried in every [`Hello`].
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The ALPN every Starling QUIC connection negotiates.
+pub const ALPN: &[u8] = b"starling/1";
+
+/// Hard bounds on everything read from the network.
+pub mod limits {
+    /// Largest encoded [`RequestHead`](crate::RequestHead) or [`ResponseHead`](crate::ResponseHead).
+    pub const MAX_HEAD_BYTES: usize = 8 * 1024;
+    /// Largest encoded [`Hello`](crate::Hello).
+    pub const MAX_HELLO_BYTES: usize = 16 * 1024;
+    /// Most metadata entries in one head.
+    pub const MAX_METADATA: usize = 16;
+    /// Most labels a node announces.
+    pub const MAX_LABELS: usize = 16;
+    /// Most services one node hosts.
+    pub const MAX_SERVICES: usize = 64;
+    /// Longest node, service or method name, in bytes.
+    pub const MAX_NAME_LEN: usize = 63;
+    /// The default bound on a call body; nodes may configure a smaller or larger one.
+    pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+}

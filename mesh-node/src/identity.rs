@@ -248,6 +248,7 @@ fn check_identity(
     trust_domain: &str,
 ) -> Result<SpiffeId, rustls::Error> {
     let refuse = |e: TlsError| {
+        tracing::warn!("refusing a peer certificate: {e}");
         rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
     };
     let id = spiffe_id_of(cert).map_err(refuse)?;

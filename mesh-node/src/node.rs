@@ -687,7 +687,8 @@ fn reader_peer(send: &quinn::SendStream) -> String {
     format!("stream {}", send.id())
 }
 
-fn bind_endpoint(
+/// A QUIC endpoint that serves and dials with `identity`, under `limits`.
+pub fn bind_endpoint(
     identity: &Identity,
     limits: &Limits,
     listen: SocketAddr,
@@ -719,7 +720,8 @@ fn bind_endpoint(
     Ok(endpoint)
 }
 
-fn encode_hello(config: &NodeConfig, role: Role) -> Result<Vec<u8>, StartError> {
+/// The hello frame a node with `config` sends on each new connection.
+pub fn encode_hello(config: &NodeConfig, role: Role) -> Result<Vec<u8>, StartError> {
     let mut hello = Hello {
         protocol_version: mesh_proto::PROTOCOL_VERSION,
         name: config.name.as_str(),

@@ -1,0 +1,167 @@
+//! Footprint: stripped device binary sizes (from `cross/build.sh`), and the idle RSS of real
+//! `mesh-node` processes (native release build) with 0 and 10 peers.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::Context;
+use mesh_gateway::ca::Ca;
+
+const TARGETS: [&str; 2] = [
+    "aarch64-unknown-linux-musl",
+    "armv7-unknown-linux-gnueabihf",
+];
+const BINARIES: [&str; 2] = ["mesh-node", "mesh-gateway"];
+
+pub struct Footprint {
+    /// (target, binary, bytes) of each device build found.
+    pub sizes: Vec<(String, String, u64)>,
+    pub rss_0_peers_kib: Option<u64>,
+    pub rss_10_peers_kib: Option<u64>,
+}
+
+impl Footprint {
+    pub fn size(&self, target: &str, binary: &str) -> Option<u64> {
+        self.sizes
+            .iter()
+            .find(|(t, b, _)| t == target && b == binary)
+            .map(|(_, _, s)| *s)
+    }
+
+    pub fn print(&self) {
+        println!("\nfootprint:");
+        if self.sizes.is_empty() {
+            println!("  no device builds found; run cross/build.sh first");
+        }
+        for (t, b, s) in &self.sizes {
+            println!("  {b:<13} {t:<32} {:>6.2} MB stripped", *s as f64 / 1e6);
+        }
+        for (peers, rss) in [(0, self.rss_0_peers_kib), (10, self.rss_10_peers_kib)] {
+            match rss {
+                Some(kib) => println!(
+                    "  idle RSS, native mesh-node, {peers:>2} peers: {:.1} MiB",
+                    kib as f64 / 1024.0
+                ),
+                None => {
+                    println!("  idle RSS with {peers} peers: no release build of mesh-node found")
+                }
+            }
+        }
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "sizes": self.sizes.iter().map(|(t, b, s)| serde_json::json!({"target": t, "binary": b, "bytes": s})).collect::<Vec<_>>(),
+            "rss_0_peers_kib": self.rss_0_peers_kib,
+            "rss_10_peers_kib": self.rss_10_peers_kib,
+        })
+    }
+}
+
+pub fn measure() -> anyhow::Result<Footprint> {
+    let target = target_dir();
+    let mut sizes = Vec::new();
+    for t in TARGETS {
+        for b in BINARIES {
+            if let Ok(meta) = std::fs::metadata(target.join(t).join("device").join(b)) {
+                sizes.push((t.to_owned(), b.to_owned(), meta.len()));
+            }
+        }
+    }
+    let node = target.join("release").join("mesh-node");
+    let (rss0, rss10) = if node.exists() {
+        (Some(idle_rss(&node, 0)?), Some(idle_rss(&node, 10)?))
+    } else {
+        (None, None)
+    };
+    Ok(Footprint {
+        sizes,
+        rss_0_peers_kib: rss0,
+        rss_10_peers_kib: rss10,
+    })
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `peers` nodes, then one that dials them all; returns its RSS once it is connected and
+/// has idled for two seconds.
+fn idle_rss(bin: &Path, peers: usize) -> anyhow::Result<u64> {
+    let dir = tempfile::tempdir()?;
+    let ca = Ca::generate("bench.local")?;
+    let mut procs = Vec::new();
+    let mut addrs = Vec::new();
+    for i in 0..=peers {
+        let name = format!("n{i}");
+        let nd = dir.path().join(&name);
+        ca.issue_node(&name, 1)?
+            .save(&nd.join("certs"), ca.cert_pem())?;
+        let mut toml = format!(
+            "name = \"{name}\"\nlisten = \"127.0.0.1:0\"\ningress = \"127.0.0.1:0\"\nlog = \"info\"\n\
+             [identity]\ncert = \"certs/node.crt\"\nkey = \"certs/node.key\"\nca = \"certs/ca.crt\"\n\
+             [[services]]\nname = \"echo\"\nupstream = \"builtin:echo\"\n"
+        );
+        let last = i == peers;
+        if last {
+            for a in &addrs {
+                toml.push_str(&format!("[[peers]]\naddr = \"{a}\"\n"));
+            }
+        }
+        std::fs::write(nd.join("node.toml"), toml)?;
+        let mut child = Command::new(bin)
+            .args(["run", "--config"])
+            .arg(nd.join("node.toml"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stderr = child.stderr.take().context("stderr")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut addr = None;
+        let mut ups = 0;
+        while addr.is_none() || (last && ups < peers) {
+            let line = rx
+                .recv_timeout(Duration::from_secs(20))
+                .context("node did not start or connect")?;
+            if let Some(rest) = line.split("quic listening on ").nth(1) {
+                addr = rest.split_whitespace().next().map(str::to_owned);
+            }
+            if line.contains("peer up") {
+                ups += 1;
+            }
+        }
+        addrs.push(addr.context("addr")?);
+        procs.push((Proc(child), rx));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = procs.last().context("node")?.0.0.id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .context("VmRSS")?
+        .parse()?;
+    Ok(kib)
+}

@@ -1,0 +1,100 @@
+//! `mesh-bench`: what a Starling call costs, next to its baselines, measured in one run.
+//!
+//! The machine's speed drifts, so only ratios from one run compare. Every path runs in the same
+//! process, in interleaved rounds: the "server" side of each path on one thread with its own
+//! single-threaded runtime (as on a device), the "client" side on another. Latency is per call;
+//! CPU per call is the whole process's user+system time (both sides) divided by the calls.
+//!
+//! Paths: raw UDP echo (the floor), raw quinn with mutual TLS and one bidirectional stream per call
+//! (the transport's own cost), a Starling call through the Rust API, a Starling call through the
+//! local HTTP ingress to an HTTP upstream, and (feature `zenoh`) zenoh get/queryable.
+//!
+//! `scripts/bench.sh` runs it; results go to `bench-results/` as JSON and to stdout as a table.
+
+mod footprint;
+mod paths;
+mod stats;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+
+use crate::paths::{Fixture, Kind};
+use crate::stats::{Row, cpu_time};
+
+/// Measures Starling against its baselines.
+#[derive(Parser, Debug)]
+#[command(name = "mesh-bench")]
+struct Args {
+    /// Interleaved rounds per path.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Calls per path per round, sequential.
+    #[arg(long, default_value_t = 2000)]
+    calls: usize,
+    /// Calls per path per round with 64 in flight.
+    #[arg(long, default_value_t = 20000)]
+    concurrent_calls: usize,
+    /// New mTLS handshakes to time.
+    #[arg(long, default_value_t = 50)]
+    handshakes: usize,
+    /// Where JSON results go.
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
+    /// Skip the footprint section (sizes, idle RSS of real node processes).
+    #[arg(long)]
+    no_footprint: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let client_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let fixture = client_rt.block_on(Fixture::start())?;
+
+    let kinds = Kind::all();
+    let mut rows: Vec<Row> = Vec::new();
+    for payload in [64usize, 16 * 1024] {
+        for inflight in [1usize, 64] {
+            let calls = if inflight == 1 {
+                args.calls
+            } else {
+                args.concurrent_calls
+            };
+            let calls = if payload > 1024 { calls / 2 } else { calls };
+            let mut acc: Vec<Row> = kinds
+                .iter()
+                .map(|k| Row::new(k.name(), payload, inflight))
+                .collect();
+            // Warm every path once, then interleave rounds so drift hits them alike.
+            for kind in &kinds {
+                client_rt.block_on(fixture.run(*kind, payload, inflight, calls / 10 + 64))?;
+            }
+            for _ in 0..args.rounds {
+                for (i, kind) in kinds.iter().enumerate() {
+                    let cpu0 = cpu_time();
+                    let run = client_rt.block_on(fixture.run(*kind, payload, inflight, calls))?;
+                    acc[i].add(run, cpu_time() - cpu0);
+                }
+            }
+            rows.extend(acc);
+        }
+    }
+    let handshake = client_rt.block_on(fixture.handshakes(args.handshakes))?;
+    let footprint = if args.no_footprint {
+        None
+    } else {
+        Some(footprint::measure().context("footprint")?)
+    };
+    let report = stats::Report {
+        rows,
+        handshake,
+        footprint,
+    };
+    report.print();
+    report.save(&args.out)?;
+    client_rt.block_on(fixture.shutdown());
+    Ok(())
+}

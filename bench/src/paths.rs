@@ -1,0 +1,433 @@
+//! The paths measured, each with its server on the server thread and its client here.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use mesh_gateway::ca::Ca;
+use mesh_node::config::Limits;
+use mesh_node::identity::Identity;
+use mesh_node::node::bind_endpoint;
+use mesh_node::{Node, NodeConfig};
+use tokio::net::UdpSocket;
+
+/// One path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Udp,
+    Quinn,
+    Starling,
+    Ingress,
+    #[cfg(feature = "zenoh")]
+    Zenoh,
+}
+
+impl Kind {
+    pub fn all() -> Vec<Kind> {
+        vec![
+            Kind::Udp,
+            Kind::Quinn,
+            Kind::Starling,
+            Kind::Ingress,
+            #[cfg(feature = "zenoh")]
+            Kind::Zenoh,
+        ]
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Kind::Udp => "raw UDP echo",
+            Kind::Quinn => "raw quinn mTLS",
+            Kind::Starling => "Starling Rust API",
+            Kind::Ingress => "Starling HTTP ingress",
+            #[cfg(feature = "zenoh")]
+            Kind::Zenoh => "zenoh get/queryable",
+        }
+    }
+}
+
+/// The latencies of one run and its wall time.
+pub struct Run {
+    pub latencies: Vec<Duration>,
+    pub wall: Duration,
+}
+
+/// Everything the paths need, up and connected.
+pub struct Fixture {
+    _dir: tempfile::TempDir,
+    server: tokio::runtime::Handle,
+    udp: SocketAddr,
+    quinn_client: quinn::Endpoint,
+    quinn_conn: quinn::Connection,
+    quinn_addr: SocketAddr,
+    node_a: Node,
+    node_b: Node,
+    ingress: SocketAddr,
+    #[cfg(feature = "zenoh")]
+    zenoh: crate::paths::zenoh_path::Zenoh,
+}
+
+impl Fixture {
+    pub async fn start() -> anyhow::Result<Fixture> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("server".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("server runtime");
+                tx.send(rt.handle().clone()).expect("handle");
+                rt.block_on(std::future::pending::<()>());
+            })?;
+        let server = rx.recv()?;
+
+        let dir = tempfile::tempdir()?;
+        let ca = Ca::generate("bench.local")?;
+        let identity = |name: &str| -> anyhow::Result<(NodeConfig, Identity)> {
+            let nd = dir.path().join(name);
+            ca.issue_node(name, 1)?
+                .save(&nd.join("certs"), ca.cert_pem())?;
+            let path = nd.join("node.toml");
+            std::fs::write(
+                &path,
+                format!(
+                    "name = \"{name}\"\nlisten = \"127.0.0.1:0\"\ningress = \"127.0.0.1:0\"\nlog = \"warn\"\n\
+                     [identity]\ncert = \"certs/node.crt\"\nkey = \"certs/node.key\"\nca = \"certs/ca.crt\"\n"
+                ),
+            )?;
+            let config = NodeConfig::load(&path)?;
+            let id = config.load_identity()?;
+            Ok((config, id))
+        };
+
+        // Raw UDP echo server.
+        let udp_sock = server
+            .spawn(async { UdpSocket::bind("127.0.0.1:0").await })
+            .await??;
+        let udp = udp_sock.local_addr()?;
+        server.spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = udp_sock.recv_from(&mut buf).await {
+                let _ = udp_sock.send_to(&buf[..n], from).await;
+            }
+        });
+
+        // Raw quinn echo server, with the same kind of certificates the mesh uses.
+        let (_, qs_id) = identity("quinn-server")?;
+        let (_, qc_id) = identity("quinn-client")?;
+        let limits = Limits::default();
+        let qs = {
+            let limits = limits.clone();
+            server
+                .spawn(async move {
+                    bind_endpoint(&qs_id, &limits, "127.0.0.1:0".parse().expect("addr"))
+                })
+                .await??
+        };
+        let quinn_addr = qs.local_addr()?;
+        server.spawn(async move {
+            while let Some(incoming) = qs.accept().await {
+                tokio::spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                        tokio::spawn(async move {
+                            let Ok(body) = recv.read_to_end(1 << 20).await else {
+                                return;
+                            };
+                            let _ = send.write_all(&body).await;
+                            let _ = send.finish();
+                        });
+                    }
+                });
+            }
+        });
+        let quinn_client = bind_endpoint(&qc_id, &limits, "127.0.0.1:0".parse()?)?;
+        let quinn_conn = quinn_client.connect(quinn_addr, "starling.mesh")?.await?;
+
+        // HTTP upstream for the ingress path.
+        let http_up = server
+            .spawn(async { tokio::net::TcpListener::bind("127.0.0.1:0").await })
+            .await??;
+        let http_addr = http_up.local_addr()?;
+        server.spawn(async move {
+            while let Ok((stream, _)) = http_up.accept().await {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        |req: hyper::Request<hyper::body::Incoming>| async move {
+                            let body = req.into_body().collect().await?.to_bytes();
+                            Ok::<_, hyper::Error>(hyper::Response::new(Full::new(body)))
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+
+        // Starling: B hosts echo (builtin) and hecho (HTTP upstream), A calls.
+        let (mut b_conf, b_id) = identity("node-b")?;
+        b_conf.services = vec![
+            mesh_node::config::ServiceConfig {
+                name: "echo".parse().map_err(anyhow::Error::msg)?,
+                upstream: mesh_node::upstream::UpstreamSpec::Echo,
+            },
+            mesh_node::config::ServiceConfig {
+                name: "hecho".parse().map_err(anyhow::Error::msg)?,
+                upstream: format!("http://{http_addr}")
+                    .parse()
+                    .map_err(anyhow::Error::msg)?,
+            },
+        ];
+        b_conf.ingress = None;
+        let node_b = server.spawn(Node::start(b_conf, b_id)).await??;
+        let (mut a_conf, a_id) = identity("node-a")?;
+        a_conf.peers = vec![node_b.local_addr()];
+        let node_a = Node::start(a_conf, a_id).await?;
+        anyhow::ensure!(
+            node_a
+                .wait_for_service("echo", Duration::from_secs(5))
+                .await,
+            "node-a did not see node-b"
+        );
+        let ingress = node_a.ingress_addr().context("ingress")?;
+
+        #[cfg(feature = "zenoh")]
+        let zenoh = zenoh_path::Zenoh::start(&server).await?;
+
+        Ok(Fixture {
+            _dir: dir,
+            server,
+            udp,
+            quinn_client,
+            quinn_conn,
+            quinn_addr,
+            node_a,
+            node_b,
+            ingress,
+            #[cfg(feature = "zenoh")]
+            zenoh,
+        })
+    }
+
+    /// `calls` calls of `payload` bytes over `kind`, `inflight` at a time.
+    pub async fn run(
+        &self,
+        kind: Kind,
+        payload: usize,
+        inflight: usize,
+        calls: usize,
+    ) -> anyhow::Result<Run> {
+        let body = Bytes::from(vec![0xa5u8; payload]);
+        let per_task = calls.div_ceil(inflight);
+        let start = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..inflight {
+            let client = self.client(kind).await?;
+            let body = body.clone();
+            tasks.spawn(async move {
+                let mut lat = Vec::with_capacity(per_task);
+                let mut client = client;
+                for _ in 0..per_task {
+                    let t = Instant::now();
+                    let answer = client.call(body.clone()).await?;
+                    lat.push(t.elapsed());
+                    anyhow::ensure!(
+                        answer == body.len(),
+                        "short answer: {answer} of {} bytes",
+                        body.len()
+                    );
+                }
+                Ok::<_, anyhow::Error>(lat)
+            });
+        }
+        let mut latencies = Vec::with_capacity(calls);
+        while let Some(r) = tasks.join_next().await {
+            latencies.extend(r??);
+        }
+        Ok(Run {
+            latencies,
+            wall: start.elapsed(),
+        })
+    }
+
+    async fn client(&self, kind: Kind) -> anyhow::Result<Client> {
+        Ok(match kind {
+            Kind::Udp => {
+                let sock = UdpSocket::bind("127.0.0.1:0").await?;
+                sock.connect(self.udp).await?;
+                Client::Udp(sock, vec![0u8; 65536])
+            }
+            Kind::Quinn => Client::Quinn(self.quinn_conn.clone()),
+            Kind::Starling => Client::Starling(self.node_a.clone()),
+            Kind::Ingress => {
+                let stream = tokio::net::TcpStream::connect(self.ingress).await?;
+                stream.set_nodelay(true)?;
+                let (sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                tokio::spawn(conn);
+                Client::Ingress(sender)
+            }
+            #[cfg(feature = "zenoh")]
+            Kind::Zenoh => Client::Zenoh(self.zenoh.session.clone()),
+        })
+    }
+
+    /// Time and CPU of `n` new mutual-TLS QUIC handshakes, one after another.
+    pub async fn handshakes(&self, n: usize) -> anyhow::Result<crate::stats::Handshake> {
+        let mut times = Vec::with_capacity(n);
+        let cpu0 = crate::stats::cpu_time();
+        for _ in 0..n {
+            let t = Instant::now();
+            let conn = self
+                .quinn_client
+                .connect(self.quinn_addr, "starling.mesh")?
+                .await?;
+            times.push(t.elapsed());
+            conn.close(0u32.into(), b"");
+        }
+        let cpu = crate::stats::cpu_time() - cpu0;
+        times.sort();
+        Ok(crate::stats::Handshake {
+            count: n,
+            p50: times[n / 2],
+            cpu_per: cpu / n as u32,
+        })
+    }
+
+    pub async fn shutdown(self) {
+        self.node_a.shutdown().await;
+        let b = self.node_b.clone();
+        let _ = self.server.spawn(async move { b.shutdown().await }).await;
+        self.quinn_client.close(0u32.into(), b"");
+    }
+}
+
+enum Client {
+    Udp(UdpSocket, Vec<u8>),
+    Quinn(quinn::Connection),
+    Starling(Node),
+    Ingress(SendRequest<Full<Bytes>>),
+    #[cfg(feature = "zenoh")]
+    Zenoh(zenoh::Session),
+}
+
+impl Client {
+    /// One call; returns the answer's length.
+    async fn call(&mut self, body: Bytes) -> anyhow::Result<usize> {
+        match self {
+            Client::Udp(sock, buf) => {
+                sock.send(&body).await?;
+                Ok(sock.recv(buf).await?)
+            }
+            Client::Quinn(conn) => {
+                let (mut send, mut recv) = conn.open_bi().await?;
+                send.write_all(&body).await?;
+                send.finish()?;
+                Ok(recv.read_to_end(1 << 20).await?.len())
+            }
+            Client::Starling(node) => Ok(node.call("echo", "say", body).await?.len()),
+            Client::Ingress(sender) => {
+                let req = hyper::Request::post("/v1/call/hecho/say")
+                    .header(hyper::header::HOST, "127.0.0.1")
+                    .body(Full::new(body))?;
+                let resp = sender.send_request(req).await?;
+                anyhow::ensure!(resp.status() == 200, "ingress answered {}", resp.status());
+                Ok(resp.into_body().collect().await?.to_bytes().len())
+            }
+            #[cfg(feature = "zenoh")]
+            Client::Zenoh(session) => zenoh_path::get(session, body).await,
+        }
+    }
+}
+
+#[cfg(feature = "zenoh")]
+pub mod zenoh_path {
+    //! zenoh get/queryable over TCP on loopback, peer to peer, no router.
+    use bytes::Bytes;
+
+    pub struct Zenoh {
+        pub session: zenoh::Session,
+        _server: zenoh::Session,
+    }
+
+    impl Zenoh {
+        pub async fn start(server: &tokio::runtime::Handle) -> anyhow::Result<Zenoh> {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            let endpoint = format!("tcp/127.0.0.1:{port}");
+            let listen = endpoint.clone();
+            let server_session = server
+                .spawn(async move {
+                    let mut config = zenoh::Config::default();
+                    config
+                        .insert_json5("mode", "\"peer\"")
+                        .map_err(anyhow::Error::msg)?;
+                    config
+                        .insert_json5("listen/endpoints", &format!("[\"{listen}\"]"))
+                        .map_err(anyhow::Error::msg)?;
+                    config
+                        .insert_json5("scouting/multicast/enabled", "false")
+                        .map_err(anyhow::Error::msg)?;
+                    let session = zenoh::open(config).await.map_err(anyhow::Error::msg)?;
+                    let queryable = session
+                        .declare_queryable("bench/echo")
+                        .await
+                        .map_err(anyhow::Error::msg)?;
+                    tokio::spawn(async move {
+                        while let Ok(query) = queryable.recv_async().await {
+                            let payload = query
+                                .payload()
+                                .map(|p| p.to_bytes().to_vec())
+                                .unwrap_or_default();
+                            let _ = query.reply("bench/echo", payload).await;
+                        }
+                    });
+                    Ok::<_, anyhow::Error>(session)
+                })
+                .await??;
+            let mut config = zenoh::Config::default();
+            config
+                .insert_json5("mode", "\"peer\"")
+                .map_err(anyhow::Error::msg)?;
+            config
+                .insert_json5("connect/endpoints", &format!("[\"{endpoint}\"]"))
+                .map_err(anyhow::Error::msg)?;
+            config
+                .insert_json5("scouting/multicast/enabled", "false")
+                .map_err(anyhow::Error::msg)?;
+            let session = zenoh::open(config).await.map_err(anyhow::Error::msg)?;
+            // Wait until the queryable answers.
+            for _ in 0..100 {
+                if get(&session, Bytes::from_static(b"x")).await.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Ok(Zenoh {
+                session,
+                _server: server_session,
+            })
+        }
+    }
+
+    pub async fn get(session: &zenoh::Session, body: Bytes) -> anyhow::Result<usize> {
+        let replies = session
+            .get("bench/echo")
+            .payload(body.to_vec())
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let reply = replies.recv_async().await.map_err(anyhow::Error::msg)?;
+        let sample = reply
+            .result()
+            .map_err(|e| anyhow::anyhow!("zenoh error reply: {e:?}"))?;
+        Ok(sample.payload().len())
+    }
+}

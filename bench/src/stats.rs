@@ -1,0 +1,277 @@
+//! Percentiles, CPU time, the table and the JSON.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::footprint::Footprint;
+use crate::paths::Run;
+
+/// The process's user + system CPU time so far (all threads).
+pub fn cpu_time() -> Duration {
+    // SAFETY: getrusage only writes into the struct we hand it.
+    #[allow(unsafe_code)]
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, (t.tv_usec as u32) * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// One path at one payload and concurrency, over all rounds.
+pub struct Row {
+    pub path: &'static str,
+    pub payload: usize,
+    pub inflight: usize,
+    latencies: Vec<Duration>,
+    wall: Duration,
+    cpu: Duration,
+}
+
+impl Row {
+    pub fn new(path: &'static str, payload: usize, inflight: usize) -> Row {
+        Row {
+            path,
+            payload,
+            inflight,
+            latencies: Vec::new(),
+            wall: Duration::ZERO,
+            cpu: Duration::ZERO,
+        }
+    }
+
+    pub fn add(&mut self, run: Run, cpu: Duration) {
+        self.latencies.extend(run.latencies);
+        self.wall += run.wall;
+        self.cpu += cpu;
+    }
+
+    fn pct(&self, p: f64) -> Duration {
+        let mut l = self.latencies.clone();
+        l.sort();
+        l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    pub fn p50(&self) -> Duration {
+        self.pct(0.50)
+    }
+    pub fn p99(&self) -> Duration {
+        self.pct(0.99)
+    }
+    pub fn calls_per_sec(&self) -> f64 {
+        self.latencies.len() as f64 / self.wall.as_secs_f64().max(1e-9)
+    }
+    pub fn cpu_per_call(&self) -> Duration {
+        self.cpu / (self.latencies.len().max(1) as u32)
+    }
+}
+
+/// New-handshake cost.
+pub struct Handshake {
+    pub count: usize,
+    pub p50: Duration,
+    pub cpu_per: Duration,
+}
+
+pub struct Report {
+    pub rows: Vec<Row>,
+    pub handshake: Handshake,
+    pub footprint: Option<Footprint>,
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+impl Report {
+    fn find(&self, path: &str, payload: usize, inflight: usize) -> Option<&Row> {
+        self.rows
+            .iter()
+            .find(|r| r.path == path && r.payload == payload && r.inflight == inflight)
+    }
+
+    pub fn print(&self) {
+        println!(
+            "{:<24} {:>7} {:>8} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9}",
+            "path",
+            "payload",
+            "inflight",
+            "p50 us",
+            "p99 us",
+            "calls/s",
+            "cpu us",
+            "p50/quinn",
+            "cpu/quinn"
+        );
+        for r in &self.rows {
+            let q = self.find("raw quinn mTLS", r.payload, r.inflight);
+            let ratio =
+                |a: f64, b: Option<f64>| b.map(|b| format!("{:.2}x", a / b)).unwrap_or_default();
+            println!(
+                "{:<24} {:>7} {:>8} {:>9.1} {:>9.1} {:>10.0} {:>9.1} {:>9} {:>9}",
+                r.path,
+                r.payload,
+                r.inflight,
+                us(r.p50()),
+                us(r.p99()),
+                r.calls_per_sec(),
+                us(r.cpu_per_call()),
+                ratio(us(r.p50()), q.map(|q| us(q.p50()))),
+                ratio(us(r.cpu_per_call()), q.map(|q| us(q.cpu_per_call()))),
+            );
+        }
+        println!(
+            "\nnew mTLS QUIC handshake: p50 {:.0} us, CPU {:.0} us (both sides), {} handshakes",
+            us(self.handshake.p50),
+            us(self.handshake.cpu_per),
+            self.handshake.count
+        );
+        if let Some(f) = &self.footprint {
+            f.print();
+        }
+        println!("\ngoals (ratios from this run):");
+        for (goal, ok, detail) in self.goals() {
+            println!("  [{}] {goal}: {detail}", if ok { "met" } else { "MISSED" });
+        }
+    }
+
+    /// The goals of the benchmark issue, judged on this run.
+    pub fn goals(&self) -> Vec<(&'static str, bool, String)> {
+        let mut out = Vec::new();
+        let (Some(q), Some(s), Some(i)) = (
+            self.find("raw quinn mTLS", 64, 1),
+            self.find("Starling Rust API", 64, 1),
+            self.find("Starling HTTP ingress", 64, 1),
+        ) else {
+            return out;
+        };
+        let p = us(s.p50()) / us(q.p50());
+        out.push((
+            "Rust API p50 <= 1.3x raw quinn (64 B, sequential)",
+            p <= 1.3,
+            format!("{p:.2}x"),
+        ));
+        let c = us(s.cpu_per_call()) / us(q.cpu_per_call());
+        out.push((
+            "Rust API CPU/call <= 1.5x raw quinn",
+            c <= 1.5,
+            format!("{c:.2}x"),
+        ));
+        let g = us(i.p50()) / us(s.p50());
+        out.push(("ingress p50 <= 2x Rust API", g <= 2.0, format!("{g:.2}x")));
+        if let (Some(z), Some(z64), Some(s64)) = (
+            self.find("zenoh get/queryable", 64, 1),
+            self.find("zenoh get/queryable", 64, 64),
+            self.find("Starling Rust API", 64, 64),
+        ) {
+            let r = us(z.p50()) / us(s.p50());
+            out.push((
+                "p50 at least 2x lower than zenoh",
+                r >= 2.0,
+                format!("{r:.2}x lower"),
+            ));
+            let t = s64.calls_per_sec() / z64.calls_per_sec();
+            out.push((
+                "calls/s at 64 in flight at least 3x zenoh",
+                t >= 3.0,
+                format!("{t:.2}x"),
+            ));
+        }
+        if let Some(f) = &self.footprint {
+            if let Some(size) = f.size("aarch64-unknown-linux-musl", "mesh-node") {
+                out.push((
+                    "mesh-node aarch64 stripped <= 4 MB",
+                    size <= 4_000_000,
+                    format!("{:.2} MB", size as f64 / 1e6),
+                ));
+            }
+            if let Some(rss) = f.rss_10_peers_kib {
+                out.push((
+                    "idle RSS with 10 peers <= 8 MB (native)",
+                    rss <= 8 * 1024,
+                    format!("{:.1} MiB", rss as f64 / 1024.0),
+                ));
+            }
+        }
+        out
+    }
+
+    pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let rows: Vec<serde_json::Value> = self
+            .rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "path": r.path, "payload": r.payload, "inflight": r.inflight,
+                    "p50_us": us(r.p50()), "p99_us": us(r.p99()),
+                    "calls_per_sec": r.calls_per_sec(), "cpu_us_per_call": us(r.cpu_per_call()),
+                    "calls": r.latencies.len(),
+                })
+            })
+            .collect();
+        let goals: Vec<serde_json::Value> = self
+            .goals()
+            .into_iter()
+            .map(|(g, ok, d)| serde_json::json!({"goal": g, "met": ok, "value": d}))
+            .collect();
+        let json = serde_json::json!({
+            "unix_time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
+            "machine": machine(),
+            "rows": rows,
+            "handshake": {"p50_us": us(self.handshake.p50), "cpu_us": us(self.handshake.cpu_per), "count": self.handshake.count},
+            "footprint": self.footprint.as_ref().map(Footprint::json),
+            "goals": goals,
+        });
+        let latest = dir.join("latest.json");
+        if let Ok(prev) = std::fs::read_to_string(&latest) {
+            compare(&prev, &json);
+            std::fs::write(dir.join("previous.json"), prev)?;
+        }
+        std::fs::write(&latest, serde_json::to_string_pretty(&json)?)?;
+        println!("\nresults written to {}", latest.display());
+        Ok(())
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    format!(
+        "{cpu}, {} cores",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    )
+}
+
+/// Prints how this run's ratios to raw quinn moved against the last run's.
+fn compare(prev: &str, now: &serde_json::Value) {
+    let Ok(prev) = serde_json::from_str::<serde_json::Value>(prev) else {
+        return;
+    };
+    let ratio = |v: &serde_json::Value, path: &str| -> Option<f64> {
+        let rows = v["rows"].as_array()?;
+        let p = |name: &str| {
+            rows.iter()
+                .find(|r| r["path"] == name && r["payload"] == 64 && r["inflight"] == 1)
+                .and_then(|r| r["p50_us"].as_f64())
+        };
+        Some(p(path)? / p("raw quinn mTLS")?)
+    };
+    println!("\nagainst the previous run (p50 / raw quinn, 64 B sequential):");
+    for path in ["Starling Rust API", "Starling HTTP ingress"] {
+        if let (Some(a), Some(b)) = (ratio(&prev, path), ratio(now, path)) {
+            println!("  {path:<24} {a:.2}x -> {b:.2}x");
+        }
+    }
+}

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The benchmark: Starling's call path next to raw UDP and raw quinn (and zenoh with ZENOH=1),
+# in one run; footprint from the device builds if cross/build.sh made them.
+#   scripts/bench.sh                 # table on stdout, JSON in bench-results/latest.json
+#   ZENOH=1 scripts/bench.sh         # also zenoh get/queryable (builds zenoh: minutes)
+#   scripts/bench.sh --rounds 3 --calls 1000
+set -euo pipefail
+cd "$(dirname "$0")/.."
+features=()
+[ -n "${ZENOH:-}" ] && features=(--features zenoh)
+cargo build --release -q -p mesh-node --bins
+cargo build --release -q -p mesh-bench "${features[@]}"
+exec target/release/mesh-bench "$@"

@@ -1,0 +1,316 @@
+//! The command lines: exit codes and messages a user sees.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use starling_tests::{NodeProc, Pki, bin};
+
+fn run(name: &str, args: &[&str]) -> Output {
+    Command::new(bin(name)).args(args).output().expect("spawn")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn check(config: &Path) -> Output {
+    run(
+        "mesh-node",
+        &["check-config", config.to_str().expect("utf-8 path")],
+    )
+}
+
+#[test]
+fn check_config_accepts_a_good_file() {
+    let pki = Pki::new();
+    let conf = pki.config("node-a", "");
+    let out = check(&conf);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn config_errors_name_file_line_and_key_and_exit_2() {
+    let pki = Pki::new();
+    let conf = pki.config("node-a", "");
+    let file = conf.display().to_string();
+    let src = std::fs::read_to_string(&conf).expect("read");
+
+    // Unknown key.
+    std::fs::write(
+        &conf,
+        src.replace("[identity]\n", "[identity]\npassword = \"x\"\n"),
+    )
+    .expect("write");
+    let out = check(&conf);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "{file}:6: identity.password: unknown field `password`"
+        )),
+        "{err}"
+    );
+
+    // Wrong type.
+    std::fs::write(
+        &conf,
+        format!("{src}[limits]\ncall_timeout_ms = \"soon\"\n"),
+    )
+    .expect("write");
+    let out = check(&conf);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("{file}:10: limits.call_timeout_ms: invalid type")),
+        "{err}"
+    );
+
+    // `run` refuses the same file the same way, before touching the network.
+    let out = run("mesh-node", &["run", "--config", &file]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("limits.call_timeout_ms"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Missing file.
+    let out = check(Path::new("/nonexistent/node.toml"));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("/nonexistent/node.toml: cannot read"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn key_file_problems_are_named() {
+    let pki = Pki::new();
+    let conf = pki.config("node-a", "");
+    let key = conf.parent().expect("dir").join("certs/node.key");
+    let file = conf.display().to_string();
+
+    // Readable by others: refused, like ssh does.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = check(&conf);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("{file}:7: identity.key:")) && err.contains("mode 0644"),
+        "{err}"
+    );
+
+    // Not a key at all.
+    std::fs::remove_file(&key).expect("rm");
+    std::fs::write(&key, "this is not a key\n").expect("write");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let out = check(&conf);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("identity.key") && err.contains("no PEM private key"),
+        "{err}"
+    );
+
+    // A folder where the key should be: unreadable as a file.
+    std::fs::remove_file(&key).expect("rm");
+    std::fs::create_dir(&key).expect("mkdir");
+    let out = check(&conf);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("identity.key") && err.contains("is not a file"),
+        "{err}"
+    );
+
+    // Gone.
+    std::fs::remove_dir(&key).expect("rmdir");
+    let out = check(&conf);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("identity.key: cannot read") && err.contains("No such file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn certificate_of_another_node_is_refused() {
+    let pki = Pki::new();
+    let conf = pki.config("node-a", "");
+    let src = std::fs::read_to_string(&conf).expect("read");
+    std::fs::write(&conf, src.replace("name = \"node-a\"", "name = \"node-z\"")).expect("write");
+    let out = check(&conf);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("identity.cert")
+            && err.contains("certificate is for spiffe://starling.local/node/node-a"),
+        "{err}"
+    );
+}
+
+#[test]
+fn ca_init_and_issue_write_private_keys_and_check_names() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("ca");
+    let out = run(
+        "mesh-gateway",
+        &[
+            "ca",
+            "init",
+            "--trust-domain",
+            "fleet.example",
+            "--out",
+            ca.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+    assert_eq!(mode(&ca.join("ca.key")), 0o600);
+
+    let node = dir.path().join("n1");
+    let out = run(
+        "mesh-gateway",
+        &[
+            "ca",
+            "issue",
+            "--ca",
+            ca.to_str().expect("utf-8"),
+            "--name",
+            "pump-3",
+            "--out",
+            node.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("spiffe://fleet.example/node/pump-3"));
+    assert_eq!(mode(&node.join("node.key")), 0o600);
+    assert!(node.join("node.crt").exists() && node.join("ca.crt").exists());
+    let identity = mesh_node::Identity::load(
+        &node.join("node.crt"),
+        &node.join("node.key"),
+        &node.join("ca.crt"),
+    )
+    .expect("identity");
+    assert_eq!(
+        identity.id.to_string(),
+        "spiffe://fleet.example/node/pump-3"
+    );
+
+    let out = run(
+        "mesh-gateway",
+        &[
+            "ca",
+            "issue",
+            "--ca",
+            ca.to_str().expect("utf-8"),
+            "--name",
+            "a/b",
+            "--out",
+            dir.path().join("x").to_str().expect("utf-8"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("name \"a/b\": name holds '/'"),
+        "{}",
+        stderr(&out)
+    );
+
+    // The CA is never overwritten.
+    let out = run(
+        "mesh-gateway",
+        &["ca", "init", "--out", ca.to_str().expect("utf-8")],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("exists"), "{}", stderr(&out));
+}
+
+#[test]
+fn mesh_node_call_prints_the_body_or_the_status() {
+    let pki = Pki::new();
+    let b = NodeProc::start(
+        "node-b",
+        &pki.config(
+            "node-b",
+            "[[services]]\nname = \"echo\"\nupstream = \"builtin:echo\"\n",
+        ),
+    );
+    let a = NodeProc::start(
+        "node-a",
+        &pki.config("node-a", &format!("[[peers]]\naddr = \"{}\"\n", b.quic)),
+    );
+    a.wait_for("peer up: node-b", Duration::from_secs(10));
+    let ingress = a.ingress().to_string();
+
+    let out = run(
+        "mesh-node",
+        &[
+            "call",
+            "echo",
+            "say",
+            "--data",
+            "hello mesh",
+            "--ingress",
+            &ingress,
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(out.stdout, b"hello mesh");
+
+    let body = pki.dir.path().join("body.bin");
+    std::fs::write(&body, [0u8, 1, 2, 255]).expect("write");
+    let out = run(
+        "mesh-node",
+        &[
+            "call",
+            "echo",
+            "say",
+            "--data-file",
+            body.to_str().expect("utf-8"),
+            "--ingress",
+            &ingress,
+        ],
+    );
+    assert_eq!(out.stdout, [0u8, 1, 2, 255]);
+
+    let out = run("mesh-node", &["call", "nosuch", "x", "--ingress", &ingress]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("not_found (HTTP 404)"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn the_demo_runs_and_shows_what_happened() {
+    let out = run("mesh-gateway", &["demo"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", stderr(&out));
+    assert!(
+        stdout.contains("-> 200 ok  \"hello, starling\""),
+        "{stdout}"
+    );
+    assert!(stdout.contains("404 not_found"), "{stdout}");
+    assert!(
+        stdout.contains("503 unavailable") && stdout.contains("not trusted"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("Done: every node shut down"), "{stdout}");
+}
+
+#[test]
+fn version_and_help() {
+    for bin_name in ["mesh-node", "mesh-gateway"] {
+        let out = run(bin_name, &["--version"]);
+        assert!(out.status.success());
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with(bin_name));
+        let out = run(bin_name, &["--help"]);
+        assert!(out.status.success());
+    }
+}

@@ -114,7 +114,7 @@ fn idle_rss(bin: &Path, peers: usize) -> anyhow::Result<u64> {
         let mut toml = format!(
             "name = \"{name}\"\nlisten = \"127.0.0.1:0\"\ningress = \"127.0.0.1:0\"\nlog = \"info\"\n\
              [identity]\ncert = \"certs/node.crt\"\nkey = \"certs/node.key\"\nca = \"certs/ca.crt\"\n\
-             [[services]]\nname = \"echo\"\nupstream = \"builtin:echo\"\n"
+             [discovery]\nmdns = false\n[[services]]\nname = \"echo\"\nupstream = \"builtin:echo\"\n"
         );
         let last = i == peers;
         if last {

@@ -64,6 +64,7 @@ fn main() -> anyhow::Result<()> {
                 args.concurrent_calls
             };
             let calls = if payload > 1024 { calls / 2 } else { calls };
+            eprintln!("measuring {payload} B payloads, {inflight} in flight");
             let mut acc: Vec<Row> = kinds
                 .iter()
                 .map(|k| Row::new(k.name(), payload, inflight))
@@ -82,10 +83,12 @@ fn main() -> anyhow::Result<()> {
             rows.extend(acc);
         }
     }
+    eprintln!("measuring handshakes");
     let handshake = client_rt.block_on(fixture.handshakes(args.handshakes))?;
     let footprint = if args.no_footprint {
         None
     } else {
+        eprintln!("measuring footprint");
         Some(footprint::measure().context("footprint")?)
     };
     let report = stats::Report {

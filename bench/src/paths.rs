@@ -97,7 +97,7 @@ impl Fixture {
                 &path,
                 format!(
                     "name = \"{name}\"\nlisten = \"127.0.0.1:0\"\ningress = \"127.0.0.1:0\"\nlog = \"warn\"\n\
-                     [identity]\ncert = \"certs/node.crt\"\nkey = \"certs/node.key\"\nca = \"certs/ca.crt\"\n"
+                     [identity]\ncert = \"certs/node.crt\"\nkey = \"certs/node.key\"\nca = \"certs/ca.crt\"\n[discovery]\nmdns = false\n"
                 ),
             )?;
             let config = NodeConfig::load(&path)?;
@@ -323,8 +323,16 @@ impl Client {
     async fn call(&mut self, body: Bytes) -> anyhow::Result<usize> {
         match self {
             Client::Udp(sock, buf) => {
-                sock.send(&body).await?;
-                Ok(sock.recv(buf).await?)
+                // Loopback can drop datagrams when 64 are in flight: resend after a bound.
+                for _ in 0..100 {
+                    sock.send(&body).await?;
+                    if let Ok(n) =
+                        tokio::time::timeout(Duration::from_millis(200), sock.recv(buf)).await
+                    {
+                        return Ok(n?);
+                    }
+                }
+                anyhow::bail!("raw UDP: no echo after 100 tries")
             }
             Client::Quinn(conn) => {
                 let (mut send, mut recv) = conn.open_bi().await?;

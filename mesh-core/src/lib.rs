@@ -7,9 +7,11 @@
 //! - [`identity`]: SPIFFE IDs, the only caller identity the mesh trusts.
 //! - [`table`]: which endpoints serve which service, and which one takes the next call.
 //! - [`backoff`]: re-dial delays with jitter.
+//! - [`discovery`]: the peers discovery reports, and when to dial them.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod backoff;
+pub mod discovery;
 pub mod identity;
 pub mod name;
 pub mod table;

@@ -194,7 +194,7 @@ async fn start_node(
     let mut toml = format!(
         "name = \"{name}\"\nlisten = \"127.0.0.1:0\"\ningress = \"127.0.0.1:0\"\nlog = \"warn\"\n\
          [identity]\ncert = \"certs/node.crt\"\nkey = \"certs/node.key\"\nca = \"certs/ca.crt\"\n\
-         [labels]\nzone = \"{zone}\"\n"
+         [discovery]\nmdns = false\n[labels]\nzone = \"{zone}\"\n"
     );
     for (service, upstream) in services {
         let _ = write!(

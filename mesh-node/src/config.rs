@@ -58,6 +58,8 @@ pub struct NodeConfig {
     pub services: Vec<ServiceConfig>,
     /// Peers to dial at start and keep connected.
     pub peers: Vec<SocketAddr>,
+    /// Find peers by mDNS (and announce this node) besides the static peers.
+    pub mdns: bool,
     /// Bounds and timers.
     pub limits: Limits,
     /// The log filter (`info`, `debug`, `mesh_node=debug,quinn=warn`).
@@ -146,6 +148,14 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     log: Option<String>,
+    #[serde(default)]
+    discovery: RawDiscovery,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDiscovery {
+    mdns: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -286,6 +296,7 @@ impl NodeConfig {
             labels,
             services,
             peers,
+            mdns: raw.discovery.mdns.unwrap_or(true),
             limits,
             log: raw.log.unwrap_or_else(|| "info".into()),
             file: file.to_owned(),

@@ -20,6 +20,7 @@
 pub mod call;
 pub mod cli;
 pub mod config;
+pub mod discovery;
 pub mod identity;
 pub mod ingress;
 pub mod node;

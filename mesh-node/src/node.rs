@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use mesh_core::discovery::{Action, Directory, Update};
 use mesh_core::{Backoff, MethodName, NodeName, ServiceName, ServiceTable, SpiffeId};
 use mesh_proto::limits::{MAX_HEAD_BYTES, MAX_HELLO_BYTES};
 use mesh_proto::{Hello, RequestHead, ResponseHead, Role, Status, decode_head};
@@ -24,6 +25,7 @@ use tracing::{debug, info, warn};
 
 use crate::call::{CallContext, CallError, Reply};
 use crate::config::{Limits, NodeConfig};
+use crate::discovery::{Announcement, Discovery, MdnsDiscovery};
 use crate::identity::{Identity, TlsError, peer_id};
 use crate::upstream::Upstream;
 use crate::wire::{FrameReader, ReadError, write_message, write_reply};
@@ -32,6 +34,8 @@ use crate::wire::{FrameReader, ReadError, write_message, write_reply};
 const CLOSE_SHUTDOWN: u32 = 0;
 /// The code for a peer whose hello contradicts its certificate or is malformed.
 const CLOSE_BAD_HELLO: u32 = 1;
+/// The code for a connection to a peer that discovery says has left.
+const CLOSE_GONE: u32 = 2;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +97,8 @@ struct Inner {
     changed: watch::Sender<u64>,
     shutdown: watch::Sender<bool>,
     ingress: Mutex<Option<SocketAddr>>,
+    discovery: Option<Arc<dyn Discovery>>,
+    directory: Mutex<Directory>,
 }
 
 #[derive(Default)]
@@ -101,6 +107,8 @@ struct Peers {
     table: ServiceTable<SpiffeId>,
     /// The last failure of each static peer that is not connected.
     dial_errors: BTreeMap<SocketAddr, String>,
+    /// Discovered peers with a dial loop running.
+    dialing: std::collections::HashSet<NodeName>,
 }
 
 struct PeerEntry {
@@ -113,6 +121,20 @@ impl Node {
     /// Binds the QUIC endpoint (and the ingress, if configured), starts dialling the configured
     /// peers, and serves until [`Node::shutdown`].
     pub async fn start(config: NodeConfig, identity: Identity) -> Result<Node, StartError> {
+        let discovery: Option<Arc<dyn Discovery>> = if config.mdns {
+            Some(Arc::new(MdnsDiscovery::new()))
+        } else {
+            None
+        };
+        Self::start_with(config, identity, discovery).await
+    }
+
+    /// Like [`Node::start`], with the discovery source given (e.g. an in-memory one in tests).
+    pub async fn start_with(
+        config: NodeConfig,
+        identity: Identity,
+        discovery: Option<Arc<dyn Discovery>>,
+    ) -> Result<Node, StartError> {
         let endpoint = bind_endpoint(&identity, &config.limits, config.listen)?;
         let local = config
             .services
@@ -136,6 +158,8 @@ impl Node {
             changed: watch::Sender::new(0),
             shutdown: watch::Sender::new(false),
             ingress: Mutex::new(None),
+            discovery,
+            directory: Mutex::new(Directory::new(config.name.clone())),
         });
         let node = Node { inner };
         info!(
@@ -146,6 +170,16 @@ impl Node {
         tokio::spawn(node.clone().accept_loop());
         for addr in &config.peers {
             tokio::spawn(node.clone().dial_loop(*addr));
+        }
+        if let Some(discovery) = &node.inner.discovery {
+            let updates = discovery.start(Announcement {
+                id: node.inner.id.clone(),
+                port: node.local_addr().port(),
+                role: Role::Node,
+                labels: config.labels.clone(),
+                services: config.services.iter().map(|s| s.name.clone()).collect(),
+            });
+            tokio::spawn(node.clone().discovery_loop(updates));
         }
         if let Some(addr) = config.ingress {
             let bound = crate::ingress::serve(node.clone(), addr).await?;
@@ -382,10 +416,113 @@ impl Node {
     /// Closes every connection (peers see the node leave at once) and stops serving.
     pub async fn shutdown(&self) {
         let _ = self.inner.shutdown.send(true);
+        if let Some(discovery) = self.inner.discovery.clone() {
+            let _ = tokio::task::spawn_blocking(move || discovery.stop()).await;
+        }
         self.inner
             .endpoint
             .close(CLOSE_SHUTDOWN.into(), b"shutdown");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
+    }
+
+    async fn discovery_loop(self, mut updates: tokio::sync::mpsc::UnboundedReceiver<Update>) {
+        let mut stop = self.inner.shutdown.subscribe();
+        loop {
+            let update = tokio::select! {
+                u = updates.recv() => u,
+                _ = stop.changed() => return,
+            };
+            let Some(update) = update else { return };
+            let actions = lock(&self.inner.directory).handle_update(update);
+            for action in actions {
+                match action {
+                    Action::Dial(name) => {
+                        if lock(&self.inner.peers).dialing.insert(name.clone()) {
+                            tokio::spawn(self.clone().dial_discovered(name));
+                        }
+                    }
+                    Action::Forget(name) => self.forget(&name),
+                }
+            }
+        }
+    }
+
+    /// Keeps a discovered peer connected for as long as discovery knows it.
+    async fn dial_discovered(self, name: NodeName) {
+        let mut stop = self.inner.shutdown.subscribe();
+        let mut changed = self.inner.changed.subscribe();
+        let first = lock(&self.inner.directory).first_dial_at(&name, Instant::now());
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        tokio::select! {
+            _ = tokio::time::sleep_until(first.into()) => {}
+            _ = stop.changed() => return,
+        }
+        loop {
+            let Some(record) = lock(&self.inner.directory).get(&name).cloned() else {
+                break;
+            };
+            if self.connected_to(&name) {
+                // The peer dialled us, or a connection is up: wait until that changes.
+                tokio::select! {
+                    r = changed.changed() => if r.is_err() { break },
+                    _ = stop.changed() => break,
+                }
+                continue;
+            }
+            let mut last = String::from("no address");
+            for addr in &record.addrs {
+                match self.connect(*addr).await {
+                    Ok(conn) => {
+                        match peer_id(&conn) {
+                            Ok(id) if id.node_name() == &name => {
+                                backoff.reset();
+                                self.run_connection(conn).await;
+                                last.clear();
+                            }
+                            Ok(id) => {
+                                warn!(
+                                    "mDNS names {name} at {addr}, but the certificate there proves {id}: ignoring that record"
+                                );
+                                conn.close(CLOSE_BAD_HELLO.into(), b"not the announced node");
+                                lock(&self.inner.peers).dialing.remove(&name);
+                                return;
+                            }
+                            Err(e) => last = e.to_string(),
+                        }
+                        break;
+                    }
+                    Err(why) => last = format!("{addr}: {why}"),
+                }
+            }
+            if !last.is_empty() {
+                debug!("cannot reach discovered peer {name}: {last}");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next_delay(random())) => {}
+                _ = stop.changed() => break,
+            }
+        }
+        lock(&self.inner.peers).dialing.remove(&name);
+    }
+
+    fn connected_to(&self, name: &NodeName) -> bool {
+        lock(&self.inner.peers)
+            .by_id
+            .keys()
+            .any(|id| id.node_name() == name && id.leaf().is_none())
+    }
+
+    /// Closes every connection to `name`: discovery says it left.
+    fn forget(&self, name: &NodeName) {
+        let conns: Vec<quinn::Connection> = lock(&self.inner.peers)
+            .by_id
+            .iter()
+            .filter(|(id, _)| id.node_name() == name)
+            .flat_map(|(_, p)| p.conns.clone())
+            .collect();
+        for conn in conns {
+            conn.close(CLOSE_GONE.into(), b"left the mesh");
+        }
     }
 
     async fn accept_loop(self) {

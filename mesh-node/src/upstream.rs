@@ -84,7 +84,7 @@ pub struct Upstream {
 }
 
 /// Idle HTTP connections kept per upstream.
-const MAX_IDLE: usize = 16;
+const MAX_IDLE: usize = 64;
 
 impl Upstream {
     /// An upstream for `spec` on node `node`; HTTP connections are opened on first use.

@@ -72,7 +72,8 @@ impl Pki {
         let path = dir.join("node.toml");
         let toml = format!(
             "name = \"{name}\"\nlisten = \"127.0.0.1:0\"\ningress = \"127.0.0.1:0\"\nlog = \"info\"\n\
-             [identity]\ncert = \"certs/node.crt\"\nkey = \"certs/node.key\"\nca = \"certs/ca.crt\"\n{extra}"
+             [identity]\ncert = \"certs/node.crt\"\nkey = \"certs/node.key\"\nca = \"certs/ca.crt\"\n\
+             [discovery]\nmdns = false\n{extra}"
         );
         std::fs::write(&path, toml).expect("write config");
         path

@@ -63,7 +63,7 @@ fn config_errors_name_file_line_and_key_and_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     let err = stderr(&out);
     assert!(
-        err.contains(&format!("{file}:10: limits.call_timeout_ms: invalid type")),
+        err.contains(&format!("{file}:12: limits.call_timeout_ms: invalid type")),
         "{err}"
     );
 

@@ -47,6 +47,10 @@ enum Command {
         /// The call's deadline in milliseconds.
         #[arg(long)]
         timeout_ms: Option<u64>,
+        /// Make the call this many times, one after another, and print latency figures
+        /// (p50, p99, failures) on stderr; the body printed is the last answer.
+        #[arg(long, default_value_t = 1)]
+        repeat: u32,
     },
     /// Check a config file and the credentials it names; exit 0 if good, 2 with the errors.
     CheckConfig {
@@ -67,6 +71,7 @@ pub fn main() -> ExitCode {
             data_file,
             ingress,
             timeout_ms,
+            repeat,
         } => {
             let body = match (data, data_file) {
                 (Some(d), _) => Bytes::from(d),
@@ -79,7 +84,14 @@ pub fn main() -> ExitCode {
                 },
                 (None, None) => Bytes::new(),
             };
-            runtime().block_on(call(ingress, &service, &method, body, timeout_ms))
+            runtime().block_on(call(
+                ingress,
+                &service,
+                &method,
+                body,
+                timeout_ms,
+                repeat.max(1),
+            ))
         }
         Command::CheckConfig { config } => {
             match NodeConfig::load(&config).and_then(|c| c.load_identity().map(|_| c)) {
@@ -199,8 +211,38 @@ async fn call(
     method: &str,
     body: Bytes,
     timeout_ms: Option<u64>,
+    repeat: u32,
 ) -> ExitCode {
-    match post(ingress, service, method, body, timeout_ms).await {
+    let mut latencies = Vec::with_capacity(repeat as usize);
+    let mut failures = 0u32;
+    let mut last = None;
+    for _ in 0..repeat {
+        let t = std::time::Instant::now();
+        let result = post(ingress, service, method, body.clone(), timeout_ms).await;
+        latencies.push(t.elapsed());
+        if !matches!(result, Ok((200, _, _))) {
+            failures += 1;
+        }
+        last = Some(result);
+    }
+    if repeat > 1 {
+        latencies.sort();
+        let pct =
+            |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+        eprintln!(
+            "{repeat} calls: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, failures {failures}",
+            pct(0.5).as_secs_f64() * 1e3,
+            pct(0.99).as_secs_f64() * 1e3,
+            pct(1.0).as_secs_f64() * 1e3,
+        );
+    }
+    let Some(last) = last else {
+        return ExitCode::FAILURE;
+    };
+    if failures > 0 && repeat > 1 {
+        return ExitCode::FAILURE;
+    }
+    match last {
         Ok((200, _, body)) => {
             use std::io::Write;
             let _ = std::io::stdout().write_all(&body);

@@ -22,19 +22,25 @@ pub struct Host {
 
 /// Hosts on one bridge.
 pub struct Lab {
+    // Labs run one at a time: their timing bounds assume the machine is not shared with another.
+    _serial: std::sync::MutexGuard<'static, ()>,
     tag: String,
     bridge_ns: String,
     pub hosts: Vec<Host>,
 }
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn ip(args: &[&str]) {
     run("ip", args);
 }
 
 fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
     assert!(
         out.status.success(),
         "{cmd} {}: {}",
@@ -56,18 +62,24 @@ pub fn require_root() {
         euid, "0",
         "lab tests make network namespaces and need root (CI runs them as root)"
     );
-    assert!(Path::new("/usr/sbin/ip").exists() || Path::new("/sbin/ip").exists() || Path::new("/usr/bin/ip").exists(),
-        "lab tests need iproute2 (scripts/setup.sh installs it)");
+    assert!(
+        Path::new("/usr/sbin/ip").exists()
+            || Path::new("/sbin/ip").exists()
+            || Path::new("/usr/bin/ip").exists(),
+        "lab tests need iproute2 (scripts/setup.sh installs it)"
+    );
 }
 
 impl Lab {
     /// Makes `n` hosts, `198.18.<k>.2 ..`, each with `eth0` on the bridge and `lo` up.
     pub fn new(n: usize) -> Lab {
         require_root();
+        let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         let k = NEXT.fetch_add(1, Ordering::SeqCst);
         let tag = format!("{:x}{k}", std::process::id() & 0xfff);
         let bridge_ns = format!("stl-{tag}-br");
         let mut lab = Lab {
+            _serial: serial,
             tag: tag.clone(),
             bridge_ns: bridge_ns.clone(),
             hosts: Vec::new(),
@@ -88,12 +100,22 @@ impl Lab {
                 ip: host_ip,
                 veth: veth.clone(),
             });
-            ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns]);
+            ip(&[
+                "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ]);
             ip(&["link", "set", &veth, "netns", &bridge_ns]);
             ip(&["-n", &bridge_ns, "link", "set", &veth, "master", "br0"]);
             ip(&["-n", &bridge_ns, "link", "set", &veth, "up"]);
             ip(&["-n", &ns, "link", "set", "lo", "up"]);
-            ip(&["-n", &ns, "addr", "add", &format!("{host_ip}/24"), "dev", "eth0"]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{host_ip}/24"),
+                "dev",
+                "eth0",
+            ]);
             ip(&["-n", &ns, "link", "set", "eth0", "up"]);
             // mDNS goes to 224.0.0.251 over eth0.
             ip(&["-n", &ns, "route", "add", "224.0.0.0/4", "dev", "eth0"]);
@@ -109,7 +131,14 @@ impl Lab {
     /// Cuts (`false`) or restores (`true`) host `i`'s link.
     pub fn set_link(&self, i: usize, up: bool) {
         let h = &self.hosts[i];
-        ip(&["-n", &self.bridge_ns, "link", "set", &h.veth, if up { "up" } else { "down" }]);
+        ip(&[
+            "-n",
+            &self.bridge_ns,
+            "link",
+            "set",
+            &h.veth,
+            if up { "up" } else { "down" },
+        ]);
     }
 
     /// Drops one in `one_in` UDP packets in and out of host `i` (nftables, random).
@@ -123,13 +152,28 @@ impl Lab {
         );
         let file = std::env::temp_dir().join(format!("stl-{}-{i}.nft", self.tag));
         std::fs::write(&file, rules).expect("nft rules");
-        run("ip", &["netns", "exec", ns, "nft", "-f", file.to_str().expect("utf-8")]);
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                ns,
+                "nft",
+                "-f",
+                file.to_str().expect("utf-8"),
+            ],
+        );
         let _ = std::fs::remove_file(file);
     }
 
     /// Runs `cmd args` inside host `i`: the prefix to put before a command.
     pub fn exec_prefix(&self, i: usize) -> Vec<String> {
-        vec!["ip".into(), "netns".into(), "exec".into(), self.hosts[i].ns.clone()]
+        vec![
+            "ip".into(),
+            "netns".into(),
+            "exec".into(),
+            self.hosts[i].ns.clone(),
+        ]
     }
 }
 
@@ -138,6 +182,8 @@ impl Drop for Lab {
         for h in &self.hosts {
             let _ = Command::new("ip").args(["netns", "del", &h.ns]).status();
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.bridge_ns]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.bridge_ns])
+            .status();
     }
 }

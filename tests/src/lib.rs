@@ -18,6 +18,8 @@ use mesh_gateway::ca::Ca;
 
 pub use mesh_node::cli::post;
 
+pub mod lab;
+
 /// The trust domain the tests use.
 pub const TD: &str = "starling.local";
 
@@ -98,7 +100,14 @@ pub struct NodeProc {
 impl NodeProc {
     /// Starts `mesh-node run --config <config>` and waits until it listens.
     pub fn start(name: &str, config: &Path) -> NodeProc {
-        let mut child = Command::new(bin("mesh-node"))
+        Self::start_cmd(name, &[bin("mesh-node").display().to_string()], config)
+    }
+
+    /// Starts `<prefix...> run --config <config>` (the prefix ends with the binary: e.g. `ip netns
+    /// exec h0 qemu-aarch64-static path/mesh-node`) and waits until it listens.
+    pub fn start_cmd(name: &str, prefix: &[String], config: &Path) -> NodeProc {
+        let mut child = Command::new(&prefix[0])
+            .args(&prefix[1..])
             .args(["run", "--config"])
             .arg(config)
             .env("RUST_LOG", "info")
@@ -190,6 +199,12 @@ impl NodeProc {
             .iter()
             .filter(|l| l.contains(needle))
             .count()
+    }
+
+    /// Sends SIGKILL: the node dies without a word.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Sends SIGTERM and waits (bounded) for the exit.

@@ -1,0 +1,236 @@
+//! The multi-host lab: real `mesh-node` processes in network namespaces on a bridge, finding each
+//! other by mDNS, dying, losing their links and packets. Needs root (CI runs as root).
+//!
+//! Each test makes its own lab (namespaces named with a per-run tag) and deletes it on drop, also
+//! when it fails. Calls are made with `mesh-node call` inside the caller's namespace, since an
+//! ingress listens on its host's loopback.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use starling_tests::lab::Lab;
+use starling_tests::{NodeProc, Pki, bin};
+
+const UP: Duration = Duration::from_secs(10);
+
+/// A lab node's config: mDNS on, QUIC on the lab address, ingress on the host's loopback.
+fn lab_config(pki: &Pki, name: &str, extra: &str) -> PathBuf {
+    let path = pki.config(name, extra);
+    let src = std::fs::read_to_string(&path).expect("config");
+    let src = src
+        .replace("listen = \"127.0.0.1:0\"", "listen = \"0.0.0.0:7400\"")
+        .replace("ingress = \"127.0.0.1:0\"", "ingress = \"127.0.0.1:7480\"")
+        .replace("mdns = false", "mdns = true");
+    std::fs::write(&path, src).expect("config");
+    path
+}
+
+fn start(lab: &Lab, i: usize, name: &str, config: &Path) -> NodeProc {
+    let mut cmd = lab.exec_prefix(i);
+    cmd.push(bin("mesh-node").display().to_string());
+    NodeProc::start_cmd(name, &cmd, config)
+}
+
+/// `mesh-node call` inside host `i`, against that host's ingress.
+fn call(lab: &Lab, i: usize, service: &str, extra: &[&str]) -> Output {
+    let mut cmd = lab.exec_prefix(i);
+    cmd.push(bin("mesh-node").display().to_string());
+    Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .args([
+            "call",
+            service,
+            "check",
+            "--ingress",
+            "127.0.0.1:7480",
+            "--timeout-ms",
+            "3000",
+        ])
+        .args(extra)
+        .output()
+        .expect("mesh-node call")
+}
+
+fn answered_by(out: &Output) -> String {
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "call failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    body.split("\"node\":\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap_or("?")
+        .to_owned()
+}
+
+fn health(name: &str) -> String {
+    format!("[[services]]\nname = \"{name}\"\nupstream = \"builtin:health\"\n")
+}
+
+#[test]
+fn five_hosts_find_each_other_by_mdns_and_call_everyone() {
+    let lab = Lab::new(5);
+    let pki = Pki::new();
+    let mut nodes = Vec::new();
+    for i in 0..5 {
+        let name = format!("h{i}");
+        let conf = lab_config(&pki, &name, &health(&format!("svc-{name}")));
+        nodes.push(start(&lab, i, &name, &conf));
+    }
+    let last_start = Instant::now();
+    for n in &nodes {
+        n.wait_for_count("peer up", 4, Duration::from_secs(3));
+    }
+    let took = last_start.elapsed();
+    eprintln!("five lab nodes all connected {took:?} after the last start");
+    for i in 0..5 {
+        for j in 0..5 {
+            if i != j {
+                let out = call(&lab, i, &format!("svc-h{j}"), &[]);
+                assert_eq!(answered_by(&out), format!("h{j}"));
+            }
+        }
+    }
+    assert!(took <= Duration::from_secs(3), "took {took:?}");
+}
+
+#[test]
+fn dead_nodes_leave_the_tables_and_calls_go_to_the_living() {
+    let lab = Lab::new(3);
+    let pki = Pki::new();
+    let fast = "[limits]\nkeep_alive_ms = 500\nidle_timeout_ms = 1500\n";
+    let conf = |name: &str, svc: &str| lab_config(&pki, name, &format!("{svc}{fast}"));
+    let h0 = start(&lab, 0, "h0", &conf("h0", ""));
+    let h1 = start(&lab, 1, "h1", &conf("h1", &health("shared")));
+    let h2 = start(&lab, 2, "h2", &conf("h2", &health("shared")));
+    h0.wait_for("peer up: h1", UP);
+    h0.wait_for("peer up: h2", UP);
+
+    // SIGKILL: no goodbye, no close; the keep-alive notices within three intervals.
+    let t = Instant::now();
+    h1.kill();
+    h0.wait_for("peer down: h1", UP);
+    let took = t.elapsed();
+    eprintln!("SIGKILLed node left h0's table after {took:?} (keep-alive 500 ms)");
+    assert!(took <= Duration::from_millis(1500 + 250), "took {took:?}");
+    let out = call(&lab, 0, "shared", &["--repeat", "20"]);
+    assert_eq!(
+        answered_by(&out),
+        "h2",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // It comes back and is used again, without restarting anyone.
+    let h1 = start(&lab, 1, "h1", &pki.dir.path().join("h1/node.toml"));
+    h0.wait_for_count("peer up: h1", 2, UP);
+
+    // SIGTERM: a goodbye and a close; gone at once.
+    let t = Instant::now();
+    assert!(h2.stop().success());
+    h0.wait_for("peer down: h2", UP);
+    let took = t.elapsed();
+    eprintln!("SIGTERMed node left h0's table after {took:?}");
+    assert!(took <= Duration::from_secs(1), "took {took:?}");
+    let out = call(&lab, 0, "shared", &["--repeat", "20"]);
+    assert_eq!(
+        answered_by(&out),
+        "h1",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(h1);
+}
+
+#[test]
+fn a_cut_link_removes_the_host_and_its_return_brings_it_back() {
+    let lab = Lab::new(2);
+    let pki = Pki::new();
+    let fast = "[limits]\nkeep_alive_ms = 500\nidle_timeout_ms = 1500\n";
+    let h0 = start(&lab, 0, "h0", &lab_config(&pki, "h0", fast));
+    let _h1 = start(
+        &lab,
+        1,
+        "h1",
+        &lab_config(&pki, "h1", &format!("{}{fast}", health("far"))),
+    );
+    h0.wait_for("peer up: h1", UP);
+    lab.set_link(1, false);
+    h0.wait_for("peer down: h1", UP);
+    let out = call(&lab, 0, "far", &[]);
+    assert!(!out.status.success(), "called a host whose link is cut");
+    lab.set_link(1, true);
+    h0.wait_for_count("peer up: h1", 2, Duration::from_secs(15));
+    assert_eq!(answered_by(&call(&lab, 0, "far", &[])), "h1");
+}
+
+#[test]
+fn calls_complete_through_ten_percent_packet_loss() {
+    let lab = Lab::new(2);
+    let pki = Pki::new();
+    let h0 = start(&lab, 0, "h0", &lab_config(&pki, "h0", ""));
+    let _h1 = start(&lab, 1, "h1", &lab_config(&pki, "h1", &health("lossy")));
+    h0.wait_for("peer up: h1", UP);
+    lab.drop_udp(1, 10);
+    let out = call(&lab, 0, "lossy", &["--repeat", "200"]);
+    let stats = String::from_utf8_lossy(&out.stderr);
+    eprintln!("through 10% loss: {stats}");
+    assert!(out.status.success(), "{stats}");
+    assert!(
+        stats.contains("200 calls") && stats.contains("failures 0"),
+        "{stats}"
+    );
+}
+
+/// An ARM build, under qemu-user in a lab host, joins native nodes: it finds them by browsing
+/// mDNS (qemu 7.2 cannot announce) and by a static peer, and calls go both ways.
+fn arm_node_joins(target: &str, qemu: &str) {
+    let device_bin = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target")
+        .join(target)
+        .join("device/mesh-node");
+    assert!(
+        device_bin.exists(),
+        "{} is missing: run cross/build.sh first (scripts/test.sh does)",
+        device_bin.display()
+    );
+    let lab = Lab::new(2);
+    let pki = Pki::new();
+    let native = start(
+        &lab,
+        0,
+        "native",
+        &lab_config(&pki, "native", &health("on-x86")),
+    );
+    let arm_conf = lab_config(
+        &pki,
+        "arm",
+        &format!(
+            "{}[[peers]]\naddr = \"{}:7400\"\n",
+            health("on-arm"),
+            lab.hosts[0].ip
+        ),
+    );
+    let mut cmd = lab.exec_prefix(1);
+    cmd.push(qemu.to_owned());
+    cmd.push(device_bin.display().to_string());
+    let arm = NodeProc::start_cmd("arm", &cmd, &arm_conf);
+    arm.wait_for("peer up: native", Duration::from_secs(30));
+    native.wait_for("peer up: arm", Duration::from_secs(30));
+    // arm -> native (through the ARM node's ingress) and native -> arm.
+    assert_eq!(answered_by(&call(&lab, 1, "on-x86", &[])), "native");
+    assert_eq!(answered_by(&call(&lab, 0, "on-arm", &[])), "arm");
+}
+
+#[test]
+fn aarch64_build_under_qemu_joins_the_mesh() {
+    arm_node_joins("aarch64-unknown-linux-musl", "qemu-aarch64-static");
+}
+
+#[test]
+fn armv7_build_under_qemu_joins_the_mesh() {
+    arm_node_joins("armv7-unknown-linux-gnueabihf", "qemu-arm-static");
+}

@@ -15,6 +15,7 @@ if [ "$what" = all ]; then
   want_pkg qemu-user-static
   want_pkg iproute2
   want_pkg nftables
+  want_pkg systemd   # systemd-analyze verifies the device bundle's unit
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

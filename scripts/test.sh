@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite, exactly what CI runs: set-up, formatting, clippy, the tests (end-to-end
-# ones use the real binaries, built first), the no_std builds of mesh-proto, and the cross builds.
-#   scripts/test.sh            # everything
-#   SKIP_CROSS=1 scripts/test.sh   # without the (slow) device builds
+# The whole test suite, exactly what CI runs: set-up, formatting, clippy, the binaries and the
+# static device builds (the end-to-end, lab, qemu and bundle tests run them), the tests, and the
+# no_std builds of mesh-proto. Lab tests make network namespaces: run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step() { printf '\n==> %s\n' "$*"; }
@@ -19,16 +18,14 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "build the binaries the end-to-end tests run"
 cargo build --workspace --bins
 
+step "device builds (static, stripped; the qemu and bundle tests use them)"
+cross/build.sh
+
 step "tests"
 cargo test --workspace
 
 step "mesh-proto without std, for microcontrollers"
 cargo build -p mesh-proto --target thumbv7em-none-eabihf
 cargo build -p mesh-proto --target riscv32imc-unknown-none-elf
-
-if [ -z "${SKIP_CROSS:-}" ]; then
-  step "device builds (static, stripped)"
-  cross/build.sh
-fi
 echo
 echo "all checks passed"

@@ -199,7 +199,7 @@ impl Fixture {
         let ingress = node_a.ingress_addr().context("ingress")?;
 
         #[cfg(feature = "zenoh")]
-        let zenoh = zenoh_path::Zenoh::start(&server).await?;
+        let zenoh = zenoh_path::Zenoh::start().await?;
 
         Ok(Fixture {
             _dir: dir,
@@ -226,26 +226,35 @@ impl Fixture {
     ) -> anyhow::Result<Run> {
         let body = Bytes::from(vec![0xa5u8; payload]);
         let per_task = calls.div_ceil(inflight);
+        // zenoh needs a multi-thread runtime: its clients run on one of their own (one worker).
+        let runtime = match kind {
+            #[cfg(feature = "zenoh")]
+            Kind::Zenoh => self.zenoh.client_rt.clone(),
+            _ => tokio::runtime::Handle::current(),
+        };
         let start = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..inflight {
             let client = self.client(kind).await?;
             let body = body.clone();
-            tasks.spawn(async move {
-                let mut lat = Vec::with_capacity(per_task);
-                let mut client = client;
-                for _ in 0..per_task {
-                    let t = Instant::now();
-                    let answer = client.call(body.clone()).await?;
-                    lat.push(t.elapsed());
-                    anyhow::ensure!(
-                        answer == body.len(),
-                        "short answer: {answer} of {} bytes",
-                        body.len()
-                    );
-                }
-                Ok::<_, anyhow::Error>(lat)
-            });
+            tasks.spawn_on(
+                async move {
+                    let mut lat = Vec::with_capacity(per_task);
+                    let mut client = client;
+                    for _ in 0..per_task {
+                        let t = Instant::now();
+                        let answer = client.call(body.clone()).await?;
+                        lat.push(t.elapsed());
+                        anyhow::ensure!(
+                            answer == body.len(),
+                            "short answer: {answer} of {} bytes",
+                            body.len()
+                        );
+                    }
+                    Ok::<_, anyhow::Error>(lat)
+                },
+                &runtime,
+            );
         }
         let mut latencies = Vec::with_capacity(calls);
         while let Some(r) = tasks.join_next().await {
@@ -302,6 +311,13 @@ impl Fixture {
     }
 
     pub async fn shutdown(self) {
+        #[cfg(feature = "zenoh")]
+        {
+            // zenoh sessions close on a runtime of zenoh's liking.
+            let handle = self.zenoh.client_rt.clone();
+            let zenoh = self.zenoh;
+            let _ = handle.spawn(async move { drop(zenoh) }).await;
+        }
         self.node_a.shutdown().await;
         let b = self.node_b.clone();
         let _ = self.server.spawn(async move { b.shutdown().await }).await;
@@ -362,29 +378,47 @@ pub mod zenoh_path {
 
     pub struct Zenoh {
         pub session: zenoh::Session,
+        pub client_rt: tokio::runtime::Handle,
         _server: zenoh::Session,
     }
 
+    /// A multi-thread runtime with one worker, kept for the life of the process (zenoh refuses
+    /// current-thread runtimes, and a runtime cannot be dropped inside another).
+    fn one_worker(name: &str) -> anyhow::Result<tokio::runtime::Handle> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(name)
+            .enable_all()
+            .build()?;
+        Ok(Box::leak(Box::new(rt)).handle().clone())
+    }
+
+    fn config(key: &str, endpoint: &str) -> anyhow::Result<zenoh::Config> {
+        let mut config = zenoh::Config::default();
+        config
+            .insert_json5("mode", "\"peer\"")
+            .map_err(anyhow::Error::msg)?;
+        config
+            .insert_json5(key, &format!("[\"{endpoint}\"]"))
+            .map_err(anyhow::Error::msg)?;
+        config
+            .insert_json5("scouting/multicast/enabled", "false")
+            .map_err(anyhow::Error::msg)?;
+        Ok(config)
+    }
+
     impl Zenoh {
-        pub async fn start(server: &tokio::runtime::Handle) -> anyhow::Result<Zenoh> {
+        pub async fn start() -> anyhow::Result<Zenoh> {
+            let server_rt = one_worker("zenoh-server")?;
+            let client_rt = one_worker("zenoh-client")?;
             let port = std::net::TcpListener::bind("127.0.0.1:0")?
                 .local_addr()?
                 .port();
             let endpoint = format!("tcp/127.0.0.1:{port}");
-            let listen = endpoint.clone();
-            let server_session = server
+            let listen = config("listen/endpoints", &endpoint)?;
+            let server_session = server_rt
                 .spawn(async move {
-                    let mut config = zenoh::Config::default();
-                    config
-                        .insert_json5("mode", "\"peer\"")
-                        .map_err(anyhow::Error::msg)?;
-                    config
-                        .insert_json5("listen/endpoints", &format!("[\"{listen}\"]"))
-                        .map_err(anyhow::Error::msg)?;
-                    config
-                        .insert_json5("scouting/multicast/enabled", "false")
-                        .map_err(anyhow::Error::msg)?;
-                    let session = zenoh::open(config).await.map_err(anyhow::Error::msg)?;
+                    let session = zenoh::open(listen).await.map_err(anyhow::Error::msg)?;
                     let queryable = session
                         .declare_queryable("bench/echo")
                         .await
@@ -401,26 +435,23 @@ pub mod zenoh_path {
                     Ok::<_, anyhow::Error>(session)
                 })
                 .await??;
-            let mut config = zenoh::Config::default();
-            config
-                .insert_json5("mode", "\"peer\"")
-                .map_err(anyhow::Error::msg)?;
-            config
-                .insert_json5("connect/endpoints", &format!("[\"{endpoint}\"]"))
-                .map_err(anyhow::Error::msg)?;
-            config
-                .insert_json5("scouting/multicast/enabled", "false")
-                .map_err(anyhow::Error::msg)?;
-            let session = zenoh::open(config).await.map_err(anyhow::Error::msg)?;
-            // Wait until the queryable answers.
-            for _ in 0..100 {
-                if get(&session, Bytes::from_static(b"x")).await.is_ok() {
-                    break;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
+            let connect = config("connect/endpoints", &endpoint)?;
+            let session = client_rt
+                .spawn(async move {
+                    let session = zenoh::open(connect).await.map_err(anyhow::Error::msg)?;
+                    // Wait until the queryable answers (bounded).
+                    for _ in 0..100 {
+                        if get(&session, Bytes::from_static(b"x")).await.is_ok() {
+                            return Ok::<_, anyhow::Error>(session);
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    }
+                    anyhow::bail!("zenoh queryable never answered")
+                })
+                .await??;
             Ok(Zenoh {
                 session,
+                client_rt,
                 _server: server_session,
             })
         }

@@ -10,17 +10,28 @@ use starling_tests::Pki;
 const TARGET: &str = "aarch64-unknown-linux-musl";
 
 fn mode(p: &Path) -> u32 {
-    std::fs::symlink_metadata(p).expect("installed").permissions().mode() & 0o7777
+    std::fs::symlink_metadata(p)
+        .expect("installed")
+        .permissions()
+        .mode()
+        & 0o7777
 }
 
 #[test]
 fn bundle_installs_into_a_scratch_root() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let device_bin = repo.join("target").join(TARGET).join("device/mesh-node");
-    assert!(device_bin.exists(), "{} is missing: run cross/build.sh first (scripts/test.sh does)", device_bin.display());
+    assert!(
+        device_bin.exists(),
+        "{} is missing: run cross/build.sh first (scripts/test.sh does)",
+        device_bin.display()
+    );
 
     let pki = Pki::new();
-    let conf = pki.config("dev-1", "[[services]]\nname = \"health\"\nupstream = \"builtin:health\"\n");
+    let conf = pki.config(
+        "dev-1",
+        "[[services]]\nname = \"health\"\nupstream = \"builtin:health\"\n",
+    );
     let node_dir = conf.parent().expect("dir");
     let out = pki.dir.path().join("dist");
     let made = Command::new(repo.join("cross/bundle.sh"))
@@ -32,13 +43,23 @@ fn bundle_installs_into_a_scratch_root() {
         .arg(&out)
         .output()
         .expect("bundle.sh");
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
     let tarball = out.join(format!("starling-dev-1-{TARGET}.tar.gz"));
     assert_eq!(mode(&tarball), 0o600, "the bundle holds a private key");
 
     let unpack = pki.dir.path().join("unpack");
     std::fs::create_dir(&unpack).expect("mkdir");
-    let tar = Command::new("tar").arg("-xzf").arg(&tarball).arg("-C").arg(&unpack).status().expect("tar");
+    let tar = Command::new("tar")
+        .arg("-xzf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(&unpack)
+        .status()
+        .expect("tar");
     assert!(tar.success());
     let root = pki.dir.path().join("sdcard");
     std::fs::create_dir(&root).expect("mkdir");
@@ -47,17 +68,26 @@ fn bundle_installs_into_a_scratch_root() {
         .arg(&root)
         .output()
         .expect("install.sh");
-    assert!(installed.status.success(), "{}", String::from_utf8_lossy(&installed.stderr));
+    assert!(
+        installed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&installed.stderr)
+    );
 
     let bin = root.join("usr/local/bin/mesh-node");
     assert_eq!(mode(&bin), 0o755);
     let elf = std::fs::read(&bin).expect("binary");
     assert_eq!(&elf[..4], b"\x7fELF");
-    assert_eq!(u16::from_le_bytes([elf[18], elf[19]]), 0xb7, "not an aarch64 binary");
+    assert_eq!(
+        u16::from_le_bytes([elf[18], elf[19]]),
+        0xb7,
+        "not an aarch64 binary"
+    );
     assert_eq!(mode(&root.join("etc/starling/certs/node.key")), 0o600);
     assert_eq!(mode(&root.join("etc/starling/node.toml")), 0o640);
     assert_eq!(mode(&root.join("etc/starling")), 0o750);
-    let unit = std::fs::read_to_string(root.join("etc/systemd/system/starling-node.service")).expect("unit");
+    let unit = std::fs::read_to_string(root.join("etc/systemd/system/starling-node.service"))
+        .expect("unit");
     for line in [
         "ExecStart=/usr/local/bin/mesh-node run --config /etc/starling/node.toml",
         "Restart=on-failure",
@@ -66,10 +96,15 @@ fn bundle_installs_into_a_scratch_root() {
     ] {
         assert!(unit.contains(line), "unit lacks {line:?}");
     }
-    assert!(root.join("etc/systemd/system/multi-user.target.wants/starling-node.service").is_symlink());
-    let sysusers = std::fs::read_to_string(root.join("usr/lib/sysusers.d/starling.conf")).expect("sysusers");
+    assert!(
+        root.join("etc/systemd/system/multi-user.target.wants/starling-node.service")
+            .is_symlink()
+    );
+    let sysusers =
+        std::fs::read_to_string(root.join("usr/lib/sysusers.d/starling.conf")).expect("sysusers");
     assert!(sysusers.starts_with("u starling "));
-    let tmpfiles = std::fs::read_to_string(root.join("usr/lib/tmpfiles.d/starling.conf")).expect("tmpfiles");
+    let tmpfiles =
+        std::fs::read_to_string(root.join("usr/lib/tmpfiles.d/starling.conf")).expect("tmpfiles");
     assert!(tmpfiles.contains("z /etc/starling/certs/node.key 0600 starling starling"));
 
     // The installed config and credentials are what a node accepts.
@@ -78,14 +113,26 @@ fn bundle_installs_into_a_scratch_root() {
         .arg(root.join("etc/starling/node.toml"))
         .output()
         .expect("check-config");
-    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
 
     // systemd-analyze checks the unit (scripts/setup.sh installs systemd). ExecStart must exist,
     // so it points at the scratch root's binary for the check.
     {
         let copy = pki.dir.path().join("starling-node.service");
-        std::fs::write(&copy, unit.replace("/usr/local/bin/mesh-node", bin.to_str().expect("utf-8"))).expect("unit");
-        let verify = Command::new("systemd-analyze").arg("verify").arg(&copy).output().expect("systemd-analyze");
+        std::fs::write(
+            &copy,
+            unit.replace("/usr/local/bin/mesh-node", bin.to_str().expect("utf-8")),
+        )
+        .expect("unit");
+        let verify = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&copy)
+            .output()
+            .expect("systemd-analyze");
         assert!(
             verify.status.success() && verify.stderr.is_empty(),
             "systemd-analyze verify: {}",

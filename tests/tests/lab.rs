@@ -185,9 +185,9 @@ fn calls_complete_through_ten_percent_packet_loss() {
     );
 }
 
-/// An ARM build, under qemu-user in a lab host, joins native nodes: it finds them by browsing
-/// mDNS (qemu 7.2 cannot announce) and by a static peer, and calls go both ways.
-fn arm_node_joins(target: &str, qemu: &str) {
+/// An ARM build, under qemu-user in a lab host, joins a native node, by mDNS alone or by a
+/// static peer, and calls go both ways.
+fn arm_node_joins(target: &str, qemu: &str, static_peer: bool) {
     let device_bin = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../target")
         .join(target)
@@ -205,15 +205,12 @@ fn arm_node_joins(target: &str, qemu: &str) {
         "native",
         &lab_config(&pki, "native", &health("on-x86")),
     );
-    let arm_conf = lab_config(
-        &pki,
-        "arm",
-        &format!(
-            "{}[[peers]]\naddr = \"{}:7400\"\n",
-            health("on-arm"),
-            lab.hosts[0].ip
-        ),
-    );
+    let peer = if static_peer {
+        format!("[[peers]]\naddr = \"{}:7400\"\n", lab.hosts[0].ip)
+    } else {
+        String::new()
+    };
+    let arm_conf = lab_config(&pki, "arm", &format!("{}{peer}", health("on-arm")));
     let mut cmd = lab.exec_prefix(1);
     cmd.push(qemu.to_owned());
     cmd.push(device_bin.display().to_string());
@@ -226,11 +223,24 @@ fn arm_node_joins(target: &str, qemu: &str) {
 }
 
 #[test]
-fn aarch64_build_under_qemu_joins_the_mesh() {
-    arm_node_joins("aarch64-unknown-linux-musl", "qemu-aarch64-static");
+fn aarch64_build_under_qemu_joins_the_mesh_by_mdns() {
+    arm_node_joins("aarch64-unknown-linux-musl", "qemu-aarch64-static", false);
 }
 
 #[test]
-fn armv7_build_under_qemu_joins_the_mesh() {
-    arm_node_joins("armv7-unknown-linux-gnueabihf", "qemu-arm-static");
+fn armv7_build_under_qemu_joins_the_mesh_by_static_peer() {
+    arm_node_joins("armv7-unknown-linux-gnueabihf", "qemu-arm-static", true);
+}
+
+#[test]
+fn a_node_started_without_network_joins_when_the_link_comes_up() {
+    let lab = Lab::new(2);
+    let pki = Pki::new();
+    let h0 = start(&lab, 0, "h0", &lab_config(&pki, "h0", ""));
+    lab.set_link(1, false);
+    let h1 = start(&lab, 1, "h1", &lab_config(&pki, "h1", &health("late")));
+    lab.set_link(1, true);
+    h0.wait_for("peer up: h1", Duration::from_secs(20));
+    h1.wait_for("peer up: h0", Duration::from_secs(20));
+    assert_eq!(answered_by(&call(&lab, 0, "late", &[])), "h1");
 }

@@ -416,12 +416,13 @@ impl Node {
     /// Closes every connection (peers see the node leave at once) and stops serving.
     pub async fn shutdown(&self) {
         let _ = self.inner.shutdown.send(true);
-        if let Some(discovery) = self.inner.discovery.clone() {
-            let _ = tokio::task::spawn_blocking(move || discovery.stop()).await;
-        }
+        // Connected peers learn at once from the close; the mDNS goodbye tells everyone else.
         self.inner
             .endpoint
             .close(CLOSE_SHUTDOWN.into(), b"shutdown");
+        if let Some(discovery) = self.inner.discovery.clone() {
+            let _ = tokio::task::spawn_blocking(move || discovery.stop()).await;
+        }
         let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
     }
 

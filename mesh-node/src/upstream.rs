@@ -171,11 +171,16 @@ impl Upstream {
     }
 
     async fn sender(&self, authority: &str) -> Result<SendRequest<Full<Bytes>>, Reply> {
+        // A pooled connection may still be finishing its last exchange: wait for it rather than
+        // dropping it; one that closed meanwhile fails `ready` and is dropped.
         loop {
             let pooled = self.idle.lock().map(|mut idle| idle.pop()).unwrap_or(None);
             match pooled {
-                Some(s) if s.is_ready() => return Ok(s),
-                Some(_) => continue,
+                Some(mut s) => {
+                    if s.ready().await.is_ok() {
+                        return Ok(s);
+                    }
+                }
                 None => break,
             }
         }

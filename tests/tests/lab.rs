@@ -115,7 +115,8 @@ fn dead_nodes_leave_the_tables_and_calls_go_to_the_living() {
     h0.wait_for("peer down: h1", UP);
     let took = t.elapsed();
     eprintln!("SIGKILLed node left h0's table after {took:?} (keep-alive 500 ms)");
-    assert!(took <= Duration::from_millis(1500 + 250), "took {took:?}");
+    // Three intervals, plus slack for the log line to reach this test on a loaded 2-core machine.
+    assert!(took <= Duration::from_millis(1500 + 500), "took {took:?}");
     let out = call(&lab, 0, "shared", &["--repeat", "20"]);
     assert_eq!(
         answered_by(&out),

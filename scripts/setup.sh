@@ -15,7 +15,8 @@ if [ "$what" = all ]; then
   want_pkg qemu-user-static
   want_pkg iproute2
   want_pkg nftables
-  want_pkg systemd   # systemd-analyze verifies the device bundle's unit
+  want_pkg systemd      # systemd-analyze verifies the device bundle's unit
+  want_pkg prometheus   # promtool checks /metrics; a real server scrapes the gateway
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

@@ -1,5 +1,5 @@
 //! Footprint: stripped device binary sizes (from `cross/build.sh`), and the idle RSS of real
-//! `mesh-node` processes (native release build) with 0 and 10 peers.
+//! `mesh-node` processes (native, size-tuned build) with 0 and 10 peers.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -21,6 +21,10 @@ pub struct Footprint {
     pub sizes: Vec<(String, String, u64)>,
     pub rss_0_peers_kib: Option<u64>,
     pub rss_10_peers_kib: Option<u64>,
+    /// The anonymous (heap and stacks) part of the 10-peer RSS; the rest is the binary's code.
+    pub anon_10_peers_kib: Option<u64>,
+    /// Which binary the RSS figures are of.
+    pub binary: String,
 }
 
 impl Footprint {
@@ -46,9 +50,16 @@ impl Footprint {
                     kib as f64 / 1024.0
                 ),
                 None => {
-                    println!("  idle RSS with {peers} peers: no release build of mesh-node found")
+                    println!("  idle RSS with {peers} peers: no native build of mesh-node found")
                 }
             }
+        }
+        if let Some(anon) = self.anon_10_peers_kib {
+            println!(
+                "    of which heap and stacks (RssAnon) with 10 peers: {:.1} MiB; binary {}",
+                anon as f64 / 1024.0,
+                self.binary
+            );
         }
     }
 
@@ -57,6 +68,8 @@ impl Footprint {
             "sizes": self.sizes.iter().map(|(t, b, s)| serde_json::json!({"target": t, "binary": b, "bytes": s})).collect::<Vec<_>>(),
             "rss_0_peers_kib": self.rss_0_peers_kib,
             "rss_10_peers_kib": self.rss_10_peers_kib,
+            "anon_10_peers_kib": self.anon_10_peers_kib,
+            "binary": self.binary,
         })
     }
 }
@@ -71,7 +84,7 @@ pub fn measure() -> anyhow::Result<Footprint> {
             }
         }
     }
-    let node = target.join("release").join("mesh-node");
+    let node = native_node();
     let (rss0, rss10) = if node.exists() {
         (Some(idle_rss(&node, 0)?), Some(idle_rss(&node, 10)?))
     } else {
@@ -79,9 +92,23 @@ pub fn measure() -> anyhow::Result<Footprint> {
     };
     Ok(Footprint {
         sizes,
-        rss_0_peers_kib: rss0,
-        rss_10_peers_kib: rss10,
+        rss_0_peers_kib: rss0.map(|(rss, _)| rss),
+        rss_10_peers_kib: rss10.map(|(rss, _)| rss),
+        anon_10_peers_kib: rss10.map(|(_, anon)| anon),
+        binary: node.display().to_string(),
     })
+}
+
+/// The native `mesh-node` to measure: the size-tuned `device` profile build (stripped, as on a
+/// device, so its code pages are what a device maps) when there is one, else the release build.
+pub fn native_node() -> PathBuf {
+    let target = target_dir();
+    let device = target.join("device").join("mesh-node");
+    if device.exists() {
+        device
+    } else {
+        target.join("release").join("mesh-node")
+    }
 }
 
 fn target_dir() -> PathBuf {
@@ -99,9 +126,9 @@ impl Drop for Proc {
     }
 }
 
-/// Starts `peers` nodes, then one that dials them all; returns its RSS once it is connected and
-/// has idled for two seconds.
-fn idle_rss(bin: &Path, peers: usize) -> anyhow::Result<u64> {
+/// Starts `peers` nodes, then one that dials them all; returns its `(RSS, anonymous RSS)` in KiB
+/// once it is connected and has idled for two seconds.
+fn idle_rss(bin: &Path, peers: usize) -> anyhow::Result<(u64, u64)> {
     let dir = tempfile::tempdir()?;
     let ca = Ca::generate("bench.local")?;
     let mut procs = Vec::new();
@@ -156,12 +183,18 @@ fn idle_rss(bin: &Path, peers: usize) -> anyhow::Result<u64> {
     }
     std::thread::sleep(Duration::from_secs(2));
     let pid = procs.last().context("node")?.0.0.id();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .context("VmRSS")?
-        .parse()?;
-    Ok(kib)
+    rss_of(pid).context("reading RSS")
+}
+
+/// `(VmRSS, RssAnon)` of a process, in KiB.
+pub fn rss_of(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    };
+    Some((field("VmRSS:")?, field("RssAnon:")?))
 }

@@ -11,6 +11,7 @@
 //!
 //! `scripts/bench.sh` runs it; results go to `bench-results/` as JSON and to stdout as a table.
 
+mod discovery;
 mod footprint;
 mod paths;
 mod stats;
@@ -45,6 +46,9 @@ struct Args {
     /// Skip the footprint section (sizes, idle RSS of real node processes).
     #[arg(long)]
     no_footprint: bool,
+    /// Lab nodes for the discovery figure (network namespaces: needs root); 0 skips it.
+    #[arg(long, default_value_t = 10)]
+    lab_nodes: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -91,10 +95,17 @@ fn main() -> anyhow::Result<()> {
         eprintln!("measuring footprint");
         Some(footprint::measure().context("footprint")?)
     };
+    let discovery = if args.lab_nodes >= 2 {
+        eprintln!("measuring discovery with {} lab nodes", args.lab_nodes);
+        Some(discovery::measure(args.lab_nodes).context("discovery")?)
+    } else {
+        None
+    };
     let report = stats::Report {
         rows,
         handshake,
         footprint,
+        discovery,
     };
     report.print();
     report.save(&args.out)?;

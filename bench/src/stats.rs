@@ -80,6 +80,7 @@ pub struct Report {
     pub rows: Vec<Row>,
     pub handshake: Handshake,
     pub footprint: Option<Footprint>,
+    pub discovery: Option<crate::discovery::DiscoveryFigures>,
 }
 
 fn us(d: Duration) -> f64 {
@@ -131,6 +132,9 @@ impl Report {
         );
         if let Some(f) = &self.footprint {
             f.print();
+        }
+        if let Some(d) = &self.discovery {
+            d.print();
         }
         println!("\ngoals (ratios from this run):");
         for (goal, ok, detail) in self.goals() {
@@ -224,6 +228,7 @@ impl Report {
             "rows": rows,
             "handshake": {"p50_us": us(self.handshake.p50), "cpu_us": us(self.handshake.cpu_per), "count": self.handshake.count},
             "footprint": self.footprint.as_ref().map(Footprint::json),
+            "discovery": self.discovery.as_ref().map(crate::discovery::DiscoveryFigures::json),
             "goals": goals,
         });
         let latest = dir.join("latest.json");

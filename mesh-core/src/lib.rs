@@ -7,6 +7,7 @@
 //! - [`identity`]: SPIFFE IDs, the only caller identity the mesh trusts.
 //! - [`table`]: which endpoints serve which service, and which one takes the next call.
 //! - [`backoff`]: re-dial delays with jitter.
+//! - [`telemetry`]: call counters and histograms, cut into batches kept until acknowledged.
 //! - [`discovery`]: the peers discovery reports, and when to dial them.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
@@ -15,8 +16,10 @@ pub mod discovery;
 pub mod identity;
 pub mod name;
 pub mod table;
+pub mod telemetry;
 
 pub use backoff::Backoff;
 pub use identity::{IdentityError, SpiffeId};
 pub use name::{MethodName, NodeName, ServiceName};
 pub use table::ServiceTable;
+pub use telemetry::Telemetry;

@@ -1,9 +1,12 @@
 //! The `mesh-gateway` command line. Exit codes: 0 success, 1 failure, 2 bad input.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+use mesh_node::NodeConfig;
+use mesh_node::config::Kind;
 
 use crate::ca::Ca;
 
@@ -21,6 +24,17 @@ enum Command {
     Ca {
         #[command(subcommand)]
         command: CaCommand,
+    },
+    /// Run the gateway until SIGINT or SIGTERM.
+    Run {
+        /// The gateway's config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check a gateway config file, the credentials and the policy it names; exit 0 or 2.
+    CheckConfig {
+        /// The config file.
+        config: PathBuf,
     },
     /// Start a throw-away CA, gateway and three nodes on loopback, make calls, print what happened.
     Demo {
@@ -63,6 +77,17 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Ca { command } => ca(command),
+        Command::Run { config } => run(&config),
+        Command::CheckConfig { config } => match check(&config) {
+            Ok(summary) => {
+                println!("{}: ok ({summary})", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Demo { keep_running } => {
             mesh_node::cli::init_logging("error");
             match mesh_node::cli::runtime().block_on(crate::demo::run(keep_running)) {
@@ -74,6 +99,57 @@ pub fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn load(path: &Path) -> Result<(NodeConfig, mesh_node::Identity), String> {
+    let config = NodeConfig::load_as(path, Kind::Gateway).map_err(|e| e.to_string())?;
+    let identity = config.load_identity().map_err(|e| e.to_string())?;
+    Ok((config, identity))
+}
+
+fn check(path: &Path) -> Result<String, String> {
+    let (config, _) = load(path)?;
+    let settings = config.gateway_role.as_ref().ok_or("not a gateway config")?;
+    if let Some(policy) = &settings.policy {
+        let text = std::fs::read_to_string(&policy.value).map_err(|e| {
+            format!(
+                "{}:{}: policy: cannot read {}: {e}",
+                config.file,
+                policy.line,
+                policy.value.display()
+            )
+        })?;
+        mesh_node::policy::Policy::parse(&text, &policy.value.display().to_string())
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(format!(
+        "gateway {}, admin on {}",
+        config.name, settings.admin
+    ))
+}
+
+fn run(path: &Path) -> ExitCode {
+    let (config, identity) = match load(path) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    mesh_node::cli::init_logging(&config.log);
+    mesh_node::cli::runtime().block_on(async move {
+        let gateway = match crate::Gateway::start(config, identity).await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!("cannot start: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        mesh_node::cli::wait_for_signal().await;
+        tracing::info!("shutting down");
+        gateway.shutdown().await;
+        ExitCode::SUCCESS
+    })
 }
 
 fn ca(command: CaCommand) -> ExitCode {

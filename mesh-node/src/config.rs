@@ -64,8 +64,56 @@ pub struct NodeConfig {
     pub limits: Limits,
     /// The log filter (`info`, `debug`, `mesh_node=debug,quinn=warn`).
     pub log: String,
+    /// The gateway to keep a control stream to (also dialled as a peer); else one found by mDNS.
+    pub gateway: Option<SocketAddr>,
+    /// Where the node keeps state (the last good policy bundle).
+    pub state_dir: PathBuf,
+    /// Telemetry timers and bounds.
+    pub telemetry: TelemetrySettings,
+    /// The gateway's own settings, when this file configures a gateway.
+    pub gateway_role: Option<GatewaySettings>,
     /// The file this came from, for error messages.
     pub file: String,
+}
+
+/// Telemetry timers and bounds.
+#[derive(Debug, Clone)]
+pub struct TelemetrySettings {
+    /// How often a batch is cut and sent.
+    pub interval: Duration,
+    /// Batches kept while the gateway is away; past this the oldest are dropped and counted.
+    pub backlog: usize,
+    /// Share of calls traced, 0.0 to 1.0.
+    pub trace_sample: f64,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        TelemetrySettings {
+            interval: Duration::from_secs(5),
+            backlog: 720,
+            trace_sample: 0.01,
+        }
+    }
+}
+
+/// What only a gateway has.
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    /// The HTTP API and `/metrics`; loopback unless configured otherwise.
+    pub admin: SocketAddr,
+    /// The bearer token that guards every change (created, mode 0600, if missing).
+    pub admin_token_file: PathBuf,
+    /// The policy bundle file, reloaded when it changes.
+    pub policy: Option<Located<PathBuf>>,
+    /// A node whose control stream closed is shown down after this long.
+    pub down_after: Duration,
+    /// ... and removed after this long.
+    pub remove_after: Duration,
+    /// Traces kept for `GET /v1/traces`.
+    pub max_traces: usize,
+    /// Where audit events are appended as JSON lines.
+    pub audit_log: PathBuf,
 }
 
 /// The paths of a node's credentials, with the lines that named them.
@@ -150,6 +198,47 @@ struct RawConfig {
     log: Option<String>,
     #[serde(default)]
     discovery: RawDiscovery,
+    gateway: Option<Spanned<String>>,
+    state_dir: Option<String>,
+    #[serde(default)]
+    telemetry: RawTelemetry,
+    // Gateway keys.
+    admin: Option<Spanned<String>>,
+    admin_token_file: Option<Spanned<String>>,
+    policy: Option<Spanned<String>>,
+    registry: Option<Spanned<RawRegistry>>,
+    traces: Option<Spanned<RawTraces>>,
+    audit_log: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTelemetry {
+    interval_ms: Option<Spanned<u64>>,
+    backlog_batches: Option<Spanned<u64>>,
+    trace_sample: Option<Spanned<f64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRegistry {
+    down_after_ms: Option<u64>,
+    remove_after_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTraces {
+    max_traces: Option<u64>,
+}
+
+/// Which program reads a config file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `mesh-node`: gateway keys are refused.
+    Node,
+    /// `mesh-gateway`: node keys plus the gateway's own.
+    Gateway,
 }
 
 #[derive(Deserialize, Default)]
@@ -194,17 +283,27 @@ impl NodeConfig {
     /// Reads and validates a config file. Credentials are not opened here; see
     /// [`NodeConfig::load_identity`].
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_as(path, Kind::Node)
+    }
+
+    /// Reads and validates a config file for `kind`.
+    pub fn load_as(path: &Path, kind: Kind) -> Result<Self, ConfigError> {
         let file = path.display().to_string();
         let src = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
             file: file.clone(),
             reason: e.to_string(),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::parse(&src, &file, base)
+        Self::parse_as(&src, &file, base, kind)
     }
 
-    /// Parses config text; `file` names it in errors, `base` anchors relative paths.
+    /// Parses a node's config text; `file` names it in errors, `base` anchors relative paths.
     pub fn parse(src: &str, file: &str, base: &Path) -> Result<Self, ConfigError> {
+        Self::parse_as(src, file, base, Kind::Node)
+    }
+
+    /// Parses config text for `kind`.
+    pub fn parse_as(src: &str, file: &str, base: &Path, kind: Kind) -> Result<Self, ConfigError> {
         let at = SourceMap { src, file };
         let raw: RawConfig = toml::from_str(src).map_err(|e| at.toml_error(&e))?;
 
@@ -298,7 +397,20 @@ impl NodeConfig {
             peers,
             mdns: raw.discovery.mdns.unwrap_or(true),
             limits,
-            log: raw.log.unwrap_or_else(|| "info".into()),
+            log: raw.log.clone().unwrap_or_else(|| "info".into()),
+            gateway: raw
+                .gateway
+                .as_ref()
+                .map(|g| parse_addr(g, &at, "gateway"))
+                .transpose()?,
+            state_dir: match &raw.state_dir {
+                Some(d) => base.join(d),
+                None => std::env::var_os("STATE_DIRECTORY")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from("/var/lib/starling")),
+            },
+            telemetry: raw.telemetry.validate(&at)?,
+            gateway_role: gateway_settings(&raw, &at, base, kind)?,
             file: file.to_owned(),
         })
     }
@@ -364,6 +476,116 @@ impl NodeConfig {
         }
         Ok(identity)
     }
+}
+
+impl RawTelemetry {
+    fn validate(&self, at: &SourceMap<'_>) -> Result<TelemetrySettings, ConfigError> {
+        let d = TelemetrySettings::default();
+        Ok(TelemetrySettings {
+            interval: match &self.interval_ms {
+                Some(s) if *s.get_ref() == 0 => {
+                    return Err(at.invalid(s, "telemetry.interval_ms", "must be greater than 0"));
+                }
+                Some(s) => Duration::from_millis(*s.get_ref()),
+                None => d.interval,
+            },
+            backlog: match &self.backlog_batches {
+                Some(s) if *s.get_ref() == 0 || *s.get_ref() > 100_000 => {
+                    return Err(at.invalid(
+                        s,
+                        "telemetry.backlog_batches",
+                        "must be between 1 and 100000",
+                    ));
+                }
+                Some(s) => *s.get_ref() as usize,
+                None => d.backlog,
+            },
+            trace_sample: match &self.trace_sample {
+                Some(s) if !(0.0..=1.0).contains(s.get_ref()) => {
+                    return Err(at.invalid(
+                        s,
+                        "telemetry.trace_sample",
+                        "must be between 0.0 and 1.0",
+                    ));
+                }
+                Some(s) => *s.get_ref(),
+                None => d.trace_sample,
+            },
+        })
+    }
+}
+
+/// The gateway keys: refused in a node's file, defaulted in a gateway's.
+fn gateway_settings(
+    raw: &RawConfig,
+    at: &SourceMap<'_>,
+    base: &Path,
+    kind: Kind,
+) -> Result<Option<GatewaySettings>, ConfigError> {
+    if kind == Kind::Node {
+        let spans = [
+            ("admin", raw.admin.as_ref().map(|s| s.span())),
+            (
+                "admin_token_file",
+                raw.admin_token_file.as_ref().map(|s| s.span()),
+            ),
+            ("policy", raw.policy.as_ref().map(|s| s.span())),
+            ("registry", raw.registry.as_ref().map(|s| s.span())),
+            ("traces", raw.traces.as_ref().map(|s| s.span())),
+            ("audit_log", raw.audit_log.as_ref().map(|s| s.span())),
+        ];
+        if let Some((key, Some(span))) = spans.into_iter().find(|(_, s)| s.is_some()) {
+            return Err(ConfigError::Invalid {
+                file: at.file.to_owned(),
+                line: at.line(span.start),
+                key: key.to_owned(),
+                message: "a gateway key: run this file with mesh-gateway, or remove it".to_owned(),
+            });
+        }
+        return Ok(None);
+    }
+    let admin = match &raw.admin {
+        Some(s) => parse_addr(s, at, "admin")?,
+        None => SocketAddr::from(([127, 0, 0, 1], 9480)),
+    };
+    let registry = raw.registry.as_ref().map(|r| r.get_ref());
+    let down_after = Duration::from_millis(registry.and_then(|r| r.down_after_ms).unwrap_or(5_000));
+    let remove_after =
+        Duration::from_millis(registry.and_then(|r| r.remove_after_ms).unwrap_or(300_000));
+    if remove_after < down_after {
+        let line = raw.registry.as_ref().map_or(0, |r| at.line(r.span().start));
+        return Err(ConfigError::Invalid {
+            file: at.file.to_owned(),
+            line,
+            key: "registry.remove_after_ms".into(),
+            message: "must not be shorter than registry.down_after_ms".into(),
+        });
+    }
+    Ok(Some(GatewaySettings {
+        admin,
+        admin_token_file: base.join(
+            raw.admin_token_file
+                .as_ref()
+                .map_or("admin.token", |s| s.get_ref().as_str()),
+        ),
+        policy: raw.policy.as_ref().map(|s| Located {
+            value: base.join(s.get_ref()),
+            line: at.line(s.span().start),
+        }),
+        down_after,
+        remove_after,
+        max_traces: raw
+            .traces
+            .as_ref()
+            .and_then(|t| t.get_ref().max_traces)
+            .unwrap_or(1000)
+            .clamp(1, 1_000_000) as usize,
+        audit_log: base.join(
+            raw.audit_log
+                .as_ref()
+                .map_or("audit.jsonl", |s| s.get_ref().as_str()),
+        ),
+    }))
 }
 
 #[cfg(unix)]

@@ -3,8 +3,9 @@
 //! - `POST /v1/call/<service>/<method>`: the request body is the call's body; the answer's body
 //!   is the reply's. Statuses map to HTTP (see [`http_status`]); every answer carries
 //!   `x-starling-status`, and a failure's body is its reason. Optional request headers:
-//!   `x-starling-timeout-ms` (the call's deadline) and any other `x-...` header, passed on as
-//!   call metadata.
+//!   `x-starling-timeout-ms` (the call's deadline), `traceparent` (W3C trace context: the call
+//!   joins that trace, sampled as its flags say) and any other `x-...` header, passed on as call
+//!   metadata.
 //! - `GET /v1/health`: `ok` while the node runs.
 //! - `GET /v1/peers`: the connected peers, as JSON.
 //!
@@ -96,6 +97,8 @@ async fn call(node: Node, req: Request<Incoming>, service: &str, method: &str) -
                     );
                 }
             }
+        } else if name == "traceparent" {
+            options.trace = parse_traceparent(value);
         } else if name.starts_with("x-") && !name.starts_with("x-starling-") {
             options.metadata.push((name.to_owned(), value.to_owned()));
         }
@@ -196,6 +199,32 @@ fn peers_json(node: &Node) -> String {
     )
 }
 
+/// A W3C `traceparent` (`00-<trace id>-<parent span id>-<flags>`), if well formed.
+fn parse_traceparent(value: &str) -> Option<mesh_proto::TraceContext> {
+    let mut parts = value.trim().split('-');
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if version != "00" || trace.len() != 32 || span.len() != 16 || flags.len() != 2 {
+        return None;
+    }
+    let mut trace_id = [0u8; 16];
+    let mut span_id = [0u8; 8];
+    for (i, b) in trace_id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(trace.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    for (i, b) in span_id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(span.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    if trace_id == [0; 16] || span_id == [0; 8] {
+        return None;
+    }
+    Some(mesh_proto::TraceContext {
+        trace_id,
+        span_id,
+        flags: u8::from_str_radix(flags, 16).ok()?,
+    })
+}
+
 /// A JSON string literal.
 pub(crate) fn json_str(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
@@ -210,4 +239,25 @@ pub(crate) fn json_str(s: &str) -> String {
     }
     out.push('"');
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_w3c_traceparent() {
+        let t = parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+            .expect("valid");
+        assert_eq!(t.trace_id[0], 0x4b);
+        assert_eq!(t.span_id[7], 0xb7);
+        assert_eq!(t.flags, 1);
+        assert!(
+            parse_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01").is_none()
+        );
+        assert!(
+            parse_traceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").is_none()
+        );
+        assert!(parse_traceparent("garbage").is_none());
+    }
 }

@@ -20,10 +20,12 @@
 pub mod call;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod discovery;
 pub mod identity;
 pub mod ingress;
 pub mod node;
+pub mod policy;
 pub mod upstream;
 pub mod wire;
 

@@ -15,10 +15,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use mesh_core::Telemetry;
 use mesh_core::discovery::{Action, Directory, Update};
 use mesh_core::{Backoff, MethodName, NodeName, ServiceName, ServiceTable, SpiffeId};
+use mesh_proto::control::{CONTROL_SERVICE, Span};
 use mesh_proto::limits::{MAX_HEAD_BYTES, MAX_HELLO_BYTES};
-use mesh_proto::{Hello, RequestHead, ResponseHead, Role, Status, decode_head};
+use mesh_proto::{Hello, RequestHead, ResponseHead, Role, Status, TraceContext, decode_head};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -27,6 +29,7 @@ use crate::call::{CallContext, CallError, Reply};
 use crate::config::{Limits, NodeConfig};
 use crate::discovery::{Announcement, Discovery, MdnsDiscovery};
 use crate::identity::{Identity, TlsError, peer_id};
+use crate::policy::{Policy, PolicyStore};
 use crate::upstream::Upstream;
 use crate::wire::{FrameReader, ReadError, write_message, write_reply};
 
@@ -63,6 +66,8 @@ pub struct CallOptions {
     pub timeout: Option<Duration>,
     /// Request metadata (`x-canary = 1`).
     pub metadata: Vec<(String, String)>,
+    /// The trace this call continues (from a `traceparent` header); a new one when `None`.
+    pub trace: Option<TraceContext>,
 }
 
 /// What a node knows of a connected peer.
@@ -83,58 +88,98 @@ pub struct PeerInfo {
 /// A running node. Cheap to clone; all clones are the same node.
 #[derive(Clone)]
 pub struct Node {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-struct Inner {
-    id: SpiffeId,
-    name: NodeName,
+/// Serves control streams (`_control` calls); the gateway plugs one in.
+pub trait ControlHandler: Send + Sync + 'static {
+    /// Runs one control stream from `caller` until it ends. The request head was read already.
+    fn serve(
+        &self,
+        caller: SpiffeId,
+        remote: SocketAddr,
+        send: quinn::SendStream,
+        reader: FrameReader,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+}
+
+/// How a node is started beyond its config.
+#[derive(Default, Clone)]
+pub struct NodeOptions {
+    /// The discovery source; `None` uses mDNS if the config enables it.
+    pub discovery: Option<Arc<dyn Discovery>>,
+    /// Announce as a gateway rather than a node.
+    pub gateway: bool,
+    /// Serves control streams (gateways only).
+    pub control: Option<Arc<dyn ControlHandler>>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) id: SpiffeId,
+    pub(crate) name: NodeName,
     limits: Limits,
     endpoint: quinn::Endpoint,
-    local: HashMap<ServiceName, Upstream>,
+    pub(crate) local: HashMap<ServiceName, Upstream>,
+    pub(crate) labels: BTreeMap<String, String>,
     hello: Vec<u8>,
-    peers: Mutex<Peers>,
-    changed: watch::Sender<u64>,
-    shutdown: watch::Sender<bool>,
+    pub(crate) peers: Mutex<Peers>,
+    pub(crate) changed: watch::Sender<u64>,
+    pub(crate) shutdown: watch::Sender<bool>,
     ingress: Mutex<Option<SocketAddr>>,
     discovery: Option<Arc<dyn Discovery>>,
     directory: Mutex<Directory>,
+    control: Option<Arc<dyn ControlHandler>>,
+    pub(crate) telemetry: Mutex<Telemetry>,
+    pub(crate) telemetry_interval: Duration,
+    trace_sample: f64,
+    /// A new telemetry batch was cut.
+    pub(crate) batches: tokio::sync::Notify,
+    pub(crate) policy: Mutex<Option<(u64, Arc<Policy>)>>,
+    pub(crate) store: PolicyStore,
 }
 
 #[derive(Default)]
-struct Peers {
-    by_id: HashMap<SpiffeId, PeerEntry>,
+pub(crate) struct Peers {
+    pub(crate) by_id: HashMap<SpiffeId, PeerEntry>,
     table: ServiceTable<SpiffeId>,
     /// The last failure of each static peer that is not connected.
     dial_errors: BTreeMap<SocketAddr, String>,
     /// Discovered peers with a dial loop running.
-    dialing: std::collections::HashSet<NodeName>,
+    pub(crate) dialing: std::collections::HashSet<NodeName>,
+    /// Every service some peer ever hosted: one with no endpoint now is Unavailable, not NotFound.
+    known: std::collections::HashSet<ServiceName>,
 }
 
-struct PeerEntry {
-    info: PeerInfo,
+pub(crate) struct PeerEntry {
+    pub(crate) info: PeerInfo,
     /// Live connections to this peer, oldest first; calls use the first.
-    conns: Vec<quinn::Connection>,
+    pub(crate) conns: Vec<quinn::Connection>,
 }
 
 impl Node {
     /// Binds the QUIC endpoint (and the ingress, if configured), starts dialling the configured
     /// peers, and serves until [`Node::shutdown`].
     pub async fn start(config: NodeConfig, identity: Identity) -> Result<Node, StartError> {
-        let discovery: Option<Arc<dyn Discovery>> = if config.mdns {
-            Some(Arc::new(MdnsDiscovery::new()))
-        } else {
-            None
-        };
-        Self::start_with(config, identity, discovery).await
+        Self::start_with(config, identity, NodeOptions::default()).await
     }
 
-    /// Like [`Node::start`], with the discovery source given (e.g. an in-memory one in tests).
+    /// Like [`Node::start`], with options: a discovery source (e.g. an in-memory one in tests),
+    /// the gateway role and its control handler.
     pub async fn start_with(
         config: NodeConfig,
         identity: Identity,
-        discovery: Option<Arc<dyn Discovery>>,
+        options: NodeOptions,
     ) -> Result<Node, StartError> {
+        let discovery: Option<Arc<dyn Discovery>> = match options.discovery {
+            Some(d) => Some(d),
+            None if config.mdns => Some(Arc::new(MdnsDiscovery::new())),
+            None => None,
+        };
+        let role = if options.gateway {
+            Role::Gateway
+        } else {
+            Role::Node
+        };
         let endpoint = bind_endpoint(&identity, &config.limits, config.listen)?;
         let local = config
             .services
@@ -146,7 +191,7 @@ impl Node {
                 )
             })
             .collect::<HashMap<_, _>>();
-        let hello = encode_hello(&config, Role::Node)?;
+        let hello = encode_hello(&config, role)?;
         let inner = Arc::new(Inner {
             id: identity.id.clone(),
             name: config.name.clone(),
@@ -160,22 +205,41 @@ impl Node {
             ingress: Mutex::new(None),
             discovery,
             directory: Mutex::new(Directory::new(config.name.clone())),
+            labels: config.labels.clone(),
+            control: options.control,
+            telemetry: Mutex::new(Telemetry::new(config.telemetry.backlog)),
+            telemetry_interval: config.telemetry.interval,
+            trace_sample: config.telemetry.trace_sample,
+            batches: tokio::sync::Notify::new(),
+            policy: Mutex::new(None),
+            store: PolicyStore::new(&config.state_dir),
         });
         let node = Node { inner };
+        node.apply_saved_policy();
         info!(
             "quic listening on {} as {}",
             node.local_addr(),
             node.inner.id
         );
         tokio::spawn(node.clone().accept_loop());
-        for addr in &config.peers {
-            tokio::spawn(node.clone().dial_loop(*addr));
+        let mut static_peers = config.peers.clone();
+        if let Some(gw) = config.gateway
+            && !static_peers.contains(&gw)
+        {
+            static_peers.push(gw);
+        }
+        for addr in static_peers {
+            tokio::spawn(node.clone().dial_loop(addr));
+        }
+        tokio::spawn(node.clone().telemetry_ticker());
+        if !options.gateway {
+            tokio::spawn(node.clone().control_loop());
         }
         if let Some(discovery) = &node.inner.discovery {
             let updates = discovery.start(Announcement {
                 id: node.inner.id.clone(),
                 port: node.local_addr().port(),
-                role: Role::Node,
+                role,
                 labels: config.labels.clone(),
                 services: config.services.iter().map(|s| s.name.clone()).collect(),
             });
@@ -275,16 +339,75 @@ impl Node {
         body: Bytes,
         options: &CallOptions,
     ) -> Reply {
-        let timeout = options.timeout.unwrap_or(self.inner.limits.call_timeout);
+        let started = Instant::now();
+        let started_wall = unix_us();
+        let trace = match options.trace {
+            Some(parent) => TraceContext {
+                trace_id: parent.trace_id,
+                span_id: random().to_le_bytes(),
+                flags: parent.flags,
+            },
+            None => TraceContext {
+                trace_id: random_trace_id(),
+                span_id: random().to_le_bytes(),
+                flags: u8::from((random() % 1_000_000) as f64 / 1e6 < self.inner.trace_sample),
+            },
+        };
+        let (reply, callee) = self.call_inner(service, method, body, options, trace).await;
+        let latency = started.elapsed();
+        let mut telemetry = lock(&self.inner.telemetry);
+        telemetry.record_call(
+            service,
+            method,
+            self.inner.name.as_str(),
+            &callee,
+            reply.status,
+            latency,
+        );
+        if trace.flags & 1 == 1 {
+            telemetry.record_span(Span {
+                trace_id: trace.trace_id,
+                span_id: trace.span_id,
+                parent_span_id: options.trace.map(|p| p.span_id),
+                client: true,
+                node: self.inner.name.as_str().to_owned(),
+                service: service.to_owned(),
+                method: method.to_owned(),
+                start_unix_us: started_wall,
+                duration_us: latency.as_micros() as u64,
+                status: reply.status,
+            });
+        }
+        reply
+    }
+
+    /// The call itself; returns the reply and the name of the node that served it ("" if none).
+    async fn call_inner(
+        &self,
+        service: &str,
+        method: &str,
+        body: Bytes,
+        options: &CallOptions,
+        trace: TraceContext,
+    ) -> (Reply, String) {
+        let policy_timeout = lock(&self.inner.policy)
+            .as_ref()
+            .and_then(|(_, p)| p.timeout_for(service));
+        let timeout = options
+            .timeout
+            .or(policy_timeout)
+            .unwrap_or(self.inner.limits.call_timeout);
         let deadline = Instant::now() + timeout;
+        let me = self.inner.name.as_str().to_owned();
         if let Err(e) = mesh_proto::validate_name(service).and(mesh_proto::validate_name(method)) {
-            return Reply::error(
+            let reply = Reply::error(
                 Status::InvalidArgument,
                 format!("bad service or method name: {e}"),
             );
+            return (reply, String::new());
         }
         if body.len() > self.inner.limits.max_body_bytes {
-            return Reply::error(
+            let reply = Reply::error(
                 Status::InvalidArgument,
                 format!(
                     "request body of {} bytes exceeds the bound of {} bytes",
@@ -292,12 +415,16 @@ impl Node {
                     self.inner.limits.max_body_bytes
                 ),
             );
+            return (reply, String::new());
         }
         if self.inner.local.contains_key(service) {
             let (Ok(service), Ok(method)) =
                 (ServiceName::try_from(service), MethodName::try_from(method))
             else {
-                return Reply::error(Status::InvalidArgument, "bad service or method name");
+                return (
+                    Reply::error(Status::InvalidArgument, "bad service or method name"),
+                    String::new(),
+                );
             };
             let ctx = CallContext {
                 caller: self.inner.id.clone(),
@@ -305,37 +432,55 @@ impl Node {
                 method,
                 metadata: options.metadata.clone(),
                 deadline,
-                trace: None,
+                trace: Some(trace),
             };
-            return self.inner.dispatch(ctx, body).await;
+            return (self.inner.dispatch(ctx, body).await, me);
         }
-        let conn = match self.route(service) {
-            Ok(conn) => conn,
-            Err(reply) => return reply,
+        let (conn, callee) = match self.route(service) {
+            Ok(found) => found,
+            Err(reply) => return (reply, String::new()),
         };
-        match tokio::time::timeout(
-            timeout,
-            self.remote_call(conn, service, method, body, timeout, options),
-        )
-        .await
-        {
+        let mut head = RequestHead::new(
+            service,
+            method,
+            u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+        );
+        head.trace = Some(trace);
+        for (k, v) in &options.metadata {
+            if head.metadata.push((k, v)).is_err() {
+                let why = format!(
+                    "more than {} metadata entries",
+                    mesh_proto::limits::MAX_METADATA
+                );
+                return (Reply::error(Status::InvalidArgument, why), String::new());
+            }
+        }
+        let reply = match tokio::time::timeout(timeout, self.remote_call(conn, head, body)).await {
             Ok(reply) => reply,
             Err(_) => Reply::error(
                 Status::DeadlineExceeded,
                 format!("no answer from {service} within {} ms", timeout.as_millis()),
             ),
-        }
+        };
+        (reply, callee)
     }
 
-    /// The connection that takes the next call to `service`.
-    fn route(&self, service: &str) -> Result<quinn::Connection, Reply> {
+    /// The connection that takes the next call to `service`, and its node's name.
+    fn route(&self, service: &str) -> Result<(quinn::Connection, String), Reply> {
         let mut peers = lock(&self.inner.peers);
         if let Some(id) = peers.table.pick(service)
             && let Some(conn) = peers.by_id.get(&id).and_then(|p| p.conns.first())
         {
-            return Ok(conn.clone());
+            return Ok((conn.clone(), id.node_name().as_str().to_owned()));
         }
-        if peers.dial_errors.is_empty() {
+        if peers.known.contains(service) {
+            Err(Reply::error(
+                Status::Unavailable,
+                format!(
+                    "no live endpoint for service {service}: every node that hosted it has left"
+                ),
+            ))
+        } else if peers.dial_errors.is_empty() {
             Err(Reply::error(
                 Status::NotFound,
                 format!("no connected peer hosts service {service}"),
@@ -355,11 +500,8 @@ impl Node {
     async fn remote_call(
         &self,
         conn: quinn::Connection,
-        service: &str,
-        method: &str,
+        head: RequestHead<'_>,
         body: Bytes,
-        timeout: Duration,
-        options: &CallOptions,
     ) -> Reply {
         let lost = |e: &dyn std::fmt::Display| {
             Reply::error(Status::Unavailable, format!("connection to peer lost: {e}"))
@@ -368,22 +510,6 @@ impl Node {
             Ok(s) => s,
             Err(e) => return lost(&e),
         };
-        let mut head = RequestHead::new(
-            service,
-            method,
-            u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
-        );
-        for (k, v) in &options.metadata {
-            if head.metadata.push((k, v)).is_err() {
-                return Reply::error(
-                    Status::InvalidArgument,
-                    format!(
-                        "more than {} metadata entries",
-                        mesh_proto::limits::MAX_METADATA
-                    ),
-                );
-            }
-        }
         if let Err(e) = write_message(&mut send, &head, body).await {
             return lost(&e);
         }
@@ -434,16 +560,21 @@ impl Node {
                 _ = stop.changed() => return,
             };
             let Some(update) = update else { return };
-            let actions = lock(&self.inner.directory).handle_update(update);
-            for action in actions {
-                match action {
-                    Action::Dial(name) => {
-                        if lock(&self.inner.peers).dialing.insert(name.clone()) {
-                            tokio::spawn(self.clone().dial_discovered(name));
-                        }
+            self.handle_discovery(update);
+        }
+    }
+
+    /// Acts on one discovery update (from mDNS, or the gateway's registry).
+    pub(crate) fn handle_discovery(&self, update: Update) {
+        let actions = lock(&self.inner.directory).handle_update(update);
+        for action in actions {
+            match action {
+                Action::Dial(name) => {
+                    if lock(&self.inner.peers).dialing.insert(name.clone()) {
+                        tokio::spawn(self.clone().dial_discovered(name));
                     }
-                    Action::Forget(name) => self.forget(&name),
                 }
+                Action::Forget(name) => self.forget(&name),
             }
         }
     }
@@ -684,6 +815,7 @@ impl Node {
         peers
             .table
             .set_endpoint(&info.id, info.services.iter().cloned());
+        peers.known.extend(info.services.iter().cloned());
         let entry = peers
             .by_id
             .entry(info.id.clone())
@@ -713,10 +845,11 @@ impl Node {
     }
 
     async fn serve_calls(self, conn: quinn::Connection, caller: SpiffeId) {
+        let remote = conn.remote_address();
         while let Ok((send, recv)) = conn.accept_bi().await {
             let inner = self.inner.clone();
             let caller = caller.clone();
-            tokio::spawn(async move { inner.serve_stream(caller, send, recv).await });
+            tokio::spawn(async move { inner.serve_stream(caller, remote, send, recv).await });
         }
     }
 }
@@ -726,17 +859,25 @@ impl Inner {
     async fn serve_stream(
         &self,
         caller: SpiffeId,
+        remote: SocketAddr,
         mut send: quinn::SendStream,
         recv: quinn::RecvStream,
     ) {
         let mut reader = FrameReader::new(recv);
         let read = tokio::time::timeout(
             self.limits.call_timeout,
-            self.read_request(caller, &mut reader),
+            self.read_request(caller.clone(), &mut reader),
         )
         .await;
         let reply = match read {
-            Ok(Ok((ctx, body))) => self.dispatch(ctx, body).await,
+            Ok(Ok(Incoming::Call(ctx, body))) => self.dispatch_traced(*ctx, body).await,
+            Ok(Ok(Incoming::Control)) => match &self.control {
+                Some(handler) => return handler.serve(caller, remote, send, reader).await,
+                None => Reply::error(
+                    Status::NotFound,
+                    format!("node {} is not a gateway: no control plane here", self.name),
+                ),
+            },
             Ok(Err(reply)) => reply,
             Err(_) => Reply::error(Status::InvalidArgument, "request not received in time"),
         };
@@ -758,7 +899,7 @@ impl Inner {
         &self,
         caller: SpiffeId,
         reader: &mut FrameReader,
-    ) -> Result<(CallContext, Bytes), Reply> {
+    ) -> Result<Incoming, Reply> {
         let bad = |what: &str, e: &dyn std::fmt::Display| {
             Reply::error(Status::InvalidArgument, format!("{what}: {e}"))
         };
@@ -767,6 +908,9 @@ impl Inner {
             .await
             .map_err(|e| bad("request head", &e))?;
         let head: RequestHead = decode_head(&head_bytes).map_err(|e| bad("request head", &e))?;
+        if head.service == CONTROL_SERVICE {
+            return Ok(Incoming::Control);
+        }
         let service = ServiceName::try_from(head.service).map_err(|e| bad("service name", &e))?;
         let method = MethodName::try_from(head.method).map_err(|e| bad("method name", &e))?;
         let timeout = if head.deadline_ms == 0 {
@@ -791,7 +935,34 @@ impl Inner {
             .frame(self.limits.max_body_bytes)
             .await
             .map_err(|e| bad("request body", &e))?;
-        Ok((ctx, body))
+        Ok(Incoming::Call(Box::new(ctx), body))
+    }
+
+    /// Serves a call and records the callee's span when the caller sampled it.
+    async fn dispatch_traced(&self, ctx: CallContext, body: Bytes) -> Reply {
+        let sampled = ctx.trace.filter(|t| t.flags & 1 == 1);
+        let (service, method) = (
+            ctx.service.as_str().to_owned(),
+            ctx.method.as_str().to_owned(),
+        );
+        let started = Instant::now();
+        let started_wall = unix_us();
+        let reply = self.dispatch(ctx, body).await;
+        if let Some(trace) = sampled {
+            lock(&self.telemetry).record_span(Span {
+                trace_id: trace.trace_id,
+                span_id: random().to_le_bytes(),
+                parent_span_id: Some(trace.span_id),
+                client: false,
+                node: self.name.as_str().to_owned(),
+                service,
+                method,
+                start_unix_us: started_wall,
+                duration_us: started.elapsed().as_micros() as u64,
+                status: reply.status,
+            });
+        }
+        reply
     }
 
     /// Serves a call for a service this node hosts.
@@ -899,12 +1070,31 @@ fn describe_connect_error(e: &quinn::ConnectionError) -> String {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// What a stream carries: a call, or a control stream for the gateway.
+enum Incoming {
+    Call(Box<CallContext>, Bytes),
+    Control,
+}
+
+fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+fn random_trace_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&random().to_le_bytes());
+    id[8..].copy_from_slice(&random().to_le_bytes());
+    id
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding one of these locks is a bug; keep serving with the data as it is.
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn random() -> u64 {
+pub(crate) fn random() -> u64 {
     std::collections::hash_map::RandomState::new()
         .build_hasher()
         .finish()

@@ -38,6 +38,8 @@ extern crate alloc;
 #[cfg(any(feature = "std", test))]
 extern crate std;
 
+#[cfg(feature = "alloc")]
+pub mod control;
 mod frame;
 mod name;
 mod types;

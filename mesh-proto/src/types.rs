@@ -14,7 +14,7 @@ pub type Services<'a> = heapless::Vec<&'a str, MAX_SERVICES>;
 
 /// The outcome of a call. A closed set: every side maps it the same way, and it only grows at the
 /// end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum Status {
     /// The call succeeded; the body is the answer.

@@ -26,8 +26,11 @@ pub const TD: &str = "starling.local";
 /// The path of a workspace binary built beside the test executable.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    // target/<profile>/deps/<test> (a test) or target/<profile>/<bin> -> target/<profile>/<name>
+    let mut dir = exe.parent().expect("target dir");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().expect("target dir");
+    }
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -80,6 +83,44 @@ impl Pki {
         std::fs::write(&path, toml).expect("write config");
         path
     }
+}
+
+impl Pki {
+    /// Writes a gateway config (admin API on a free loopback port, state and token in its folder,
+    /// QUIC on `listen`) and returns its path. `extra` is appended verbatim.
+    pub fn gateway_config(&self, name: &str, listen: &str, extra: &str) -> PathBuf {
+        let path = self.config(name, extra);
+        let src = std::fs::read_to_string(&path).expect("config");
+        let src = src.replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"{listen}\""),
+        );
+        let src = src.replacen(
+            "log = \"info\"\n",
+            "log = \"info\"\nadmin = \"127.0.0.1:0\"\nadmin_token_file = \"admin.token\"\nstate_dir = \"state\"\n",
+            1,
+        );
+        std::fs::write(&path, src).expect("config");
+        path
+    }
+
+    /// The admin token a gateway in `<dir>/<name>` made.
+    pub fn admin_token(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(name).join("admin.token"))
+            .expect("admin token")
+            .trim()
+            .to_owned()
+    }
+}
+
+/// A free UDP port on loopback (bound, then released), for a gateway that must come back on the
+/// same address.
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 impl Default for Pki {
@@ -144,6 +185,20 @@ impl NodeProc {
             node.ingress = Some(addr_after(&line, "ingress listening on http://"));
         }
         node
+    }
+
+    /// Starts `mesh-gateway run --config <config>` and waits until its admin API listens;
+    /// returns the process and the admin address.
+    pub fn start_gateway(name: &str, config: &Path) -> (NodeProc, SocketAddr) {
+        let node = Self::start_cmd(name, &[bin("mesh-gateway").display().to_string()], config);
+        let line = node.wait_for("admin API and /metrics on http://", Duration::from_secs(10));
+        let admin = addr_after(&line, "admin API and /metrics on http://");
+        (node, admin)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The ingress address; panics if the node runs none.
@@ -320,6 +375,75 @@ impl HttpUpstream {
     /// What it saw so far.
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().expect("seen").clone()
+    }
+}
+
+/// A small HTTP/1.1 client for the gateway's API: `(status, body)`; panics if unreachable.
+pub async fn http(
+    method: &str,
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
+    try_http(method, addr, path, token, body)
+        .await
+        .unwrap_or_else(|e| panic!("{method} http://{addr}{path}: {e}"))
+}
+
+/// Like [`http`], with the failure returned (for a server that may not listen yet).
+pub async fn try_http(
+    method: &str,
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> Result<(u16, String), String> {
+    use http_body_util::{BodyExt, Full};
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, addr.to_string());
+    if let Some(t) = token {
+        req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let req = req
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let code = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((code, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, for at most `timeout`: for state that only
+/// shows through another process's API (a gateway's counters), where no event can be awaited.
+pub async fn eventually<T>(
+    timeout: Duration,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -1,0 +1,206 @@
+//! The gateway's HTTP API and `/metrics`, on loopback unless configured otherwise.
+//!
+//! | method and path | what |
+//! |---|---|
+//! | `GET /metrics` | Prometheus text |
+//! | `GET /v1/nodes` | the registry |
+//! | `GET /v1/services` | each service and the nodes hosting it |
+//! | `GET /v1/policy` | the current bundle and its version |
+//! | `PUT /v1/policy` | a new bundle (bearer token): 200 with its version, 400 with the error, 401 |
+//! | `GET /v1/policy/status` | which node holds which version, and refusals |
+//! | `GET /v1/traces?limit=N` | recent traces, newest first |
+//!
+//! Reads are open (to whoever can reach the address); every change needs
+//! `Authorization: Bearer <token>`.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response};
+use hyper_util::rt::TokioIo;
+use mesh_node::StartError;
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::gateway::{State, lock};
+
+/// Largest policy bundle accepted over the API.
+const MAX_POLICY_BYTES: usize = 512 * 1024;
+
+/// Binds the admin API and serves it until `stop` changes.
+pub(crate) async fn serve(
+    state: Arc<State>,
+    addr: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+) -> Result<SocketAddr, StartError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })?;
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = stop.changed() => return,
+            };
+            let Ok((stream, _)) = accepted else { continue };
+            let state = state.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| handle(state.clone(), req));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(bound)
+}
+
+async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    Ok(match (req.method().clone(), path.as_str()) {
+        (Method::GET, "/metrics") => {
+            let latest = state.policy.borrow().0;
+            let text = lock(&state.metrics).render(&lock(&state.registry), latest);
+            respond(200, "text/plain; version=0.0.4", text)
+        }
+        (Method::GET, "/v1/nodes") => json_response(200, nodes(&state)),
+        (Method::GET, "/v1/services") => json_response(200, services(&state)),
+        (Method::GET, "/v1/policy") => {
+            let (version, toml) = state.policy.borrow().clone();
+            json_response(200, json!({ "version": version, "toml": toml.as_str() }))
+        }
+        (Method::PUT, "/v1/policy") => put_policy(&state, req).await,
+        (Method::GET, "/v1/policy/status") => json_response(200, policy_status(&state)),
+        (Method::GET, "/v1/traces") => {
+            let limit = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("limit="))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(100);
+            json_response(200, lock(&state.traces).json(limit))
+        }
+        (
+            _,
+            "/metrics" | "/v1/nodes" | "/v1/services" | "/v1/policy" | "/v1/policy/status"
+            | "/v1/traces",
+        ) => json_response(405, json!({ "error": "method not allowed" })),
+        _ => json_response(404, json!({ "error": "no such path" })),
+    })
+}
+
+async fn put_policy(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let authorized = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| constant_time_eq(t.trim().as_bytes(), state.token.as_bytes()));
+    if !authorized {
+        return json_response(
+            401,
+            json!({ "error": "PUT /v1/policy needs Authorization: Bearer <admin token>" }),
+        );
+    }
+    let body = match Limited::new(req.into_body(), MAX_POLICY_BYTES)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return json_response(413, json!({ "error": format!("policy body: {e}") })),
+    };
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return json_response(
+            400,
+            json!({ "error": "the policy bundle is not UTF-8 text" }),
+        );
+    };
+    match state.set_policy(text, "PUT /v1/policy") {
+        Ok(version) => json_response(200, json!({ "version": version })),
+        Err(e) => json_response(400, json!({ "error": e.to_string() })),
+    }
+}
+
+fn nodes(state: &State) -> serde_json::Value {
+    let registry = lock(&state.registry);
+    let nodes: Vec<serde_json::Value> = registry
+        .nodes()
+        .map(|n| {
+            json!({
+                "name": n.name,
+                "id": n.id,
+                "version": n.version,
+                "role": n.role,
+                "up": n.up,
+                "labels": n.labels.iter().cloned().collect::<BTreeMap<_, _>>(),
+                "services": n.services,
+                "addrs": n.addrs,
+                "policy_version": n.policy_version,
+                "last_seen_unix_ms": n.last_seen_wall.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+            })
+        })
+        .collect();
+    json!({ "nodes": nodes })
+}
+
+fn services(state: &State) -> serde_json::Value {
+    let registry = lock(&state.registry);
+    let mut map: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
+    for n in registry.nodes() {
+        for s in &n.services {
+            map.entry(s.clone())
+                .or_default()
+                .push(json!({ "node": n.name, "up": n.up }));
+        }
+    }
+    json!({ "services": map })
+}
+
+fn policy_status(state: &State) -> serde_json::Value {
+    let latest = state.policy.borrow().0;
+    let registry = lock(&state.registry);
+    let nodes: Vec<serde_json::Value> = registry
+        .nodes()
+        .map(|n| {
+            json!({
+                "name": n.name,
+                "version": n.policy_version,
+                "current": n.policy_version == latest,
+                "up": n.up,
+                "error": n.policy_error,
+            })
+        })
+        .collect();
+    json!({ "latest": latest, "nodes": nodes })
+}
+
+fn respond(code: u16, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() =
+        hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+fn json_response(code: u16, value: serde_json::Value) -> Response<Full<Bytes>> {
+    respond(code, "application/json", value.to_string())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,322 @@
+//! Telemetry aggregated from every node, rendered as Prometheus text on `/metrics`.
+//!
+//! Counts are the callers' (every call is counted once, by the node that made it). Batches carry
+//! sequence numbers: one already stored is acknowledged again and ignored, so a node that resends
+//! its backlog after a reconnect is never counted twice.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use mesh_proto::control::{LATENCY_BUCKETS_US, Resources, TelemetryBatch};
+
+use crate::registry::Registry;
+
+type Key = (String, String, String, String, String);
+
+#[derive(Debug, Clone, Default)]
+struct Acc {
+    count: u64,
+    sum_us: u64,
+    buckets: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct PerNode {
+    last_seq: u64,
+    gap: u64,
+    resources: Resources,
+}
+
+/// Aggregated telemetry.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    calls: BTreeMap<Key, Acc>,
+    nodes: BTreeMap<String, PerNode>,
+}
+
+impl Metrics {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `batch` from `node`; false if it was already stored (a resend).
+    pub fn handle_batch(&mut self, node: &str, batch: &TelemetryBatch) -> bool {
+        let per = self.nodes.entry(node.to_owned()).or_default();
+        if batch.seq <= per.last_seq {
+            return false;
+        }
+        per.last_seq = batch.seq;
+        per.gap = per.gap.max(batch.dropped);
+        per.resources = batch.resources;
+        for c in &batch.calls {
+            let key = (
+                c.service.clone(),
+                c.method.clone(),
+                c.caller.clone(),
+                c.callee.clone(),
+                c.status.as_str().to_owned(),
+            );
+            let acc = self.calls.entry(key).or_insert_with(|| Acc {
+                buckets: vec![0; LATENCY_BUCKETS_US.len() + 1],
+                ..Acc::default()
+            });
+            acc.count += c.count;
+            acc.sum_us = acc.sum_us.saturating_add(c.sum_us);
+            for (a, b) in acc.buckets.iter_mut().zip(&c.buckets) {
+                *a += b;
+            }
+        }
+        true
+    }
+
+    /// Total calls stored, for tests and the demo.
+    pub fn total_calls(&self) -> u64 {
+        self.calls.values().map(|a| a.count).sum()
+    }
+
+    /// Telemetry batches `node` dropped.
+    pub fn gap(&self, node: &str) -> u64 {
+        self.nodes.get(node).map_or(0, |n| n.gap)
+    }
+
+    /// Prometheus text exposition (version 0.0.4).
+    pub fn render(&self, registry: &Registry, latest_policy: u64) -> String {
+        let mut out = String::with_capacity(4096);
+        let _ = writeln!(
+            out,
+            "# HELP starling_requests_total Calls made through the mesh, counted by the calling node.\n\
+             # TYPE starling_requests_total counter"
+        );
+        for ((service, method, caller, callee, status), acc) in &self.calls {
+            let labels = call_labels(service, method, caller, callee, status);
+            let _ = writeln!(out, "starling_requests_total{{{labels}}} {}", acc.count);
+        }
+        let _ = writeln!(
+            out,
+            "# HELP starling_request_duration_seconds Call latency as the caller saw it.\n\
+             # TYPE starling_request_duration_seconds histogram"
+        );
+        for ((service, method, caller, callee, status), acc) in &self.calls {
+            let labels = call_labels(service, method, caller, callee, status);
+            let mut cumulative = 0;
+            for (i, bound) in LATENCY_BUCKETS_US.iter().enumerate() {
+                cumulative += acc.buckets.get(i).copied().unwrap_or(0);
+                let le = *bound as f64 / 1e6;
+                let _ = writeln!(
+                    out,
+                    "starling_request_duration_seconds_bucket{{{labels},le=\"{le}\"}} {cumulative}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "starling_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}\n\
+                 starling_request_duration_seconds_sum{{{labels}}} {}\n\
+                 starling_request_duration_seconds_count{{{labels}}} {}",
+                acc.count,
+                acc.sum_us as f64 / 1e6,
+                acc.count
+            );
+        }
+        let gauge = |out: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        gauge(
+            &mut out,
+            "starling_node_up",
+            "gauge",
+            "1 while the node's control stream is up.",
+        );
+        for n in registry.nodes() {
+            let _ = writeln!(
+                out,
+                "starling_node_up{{node=\"{}\"}} {}",
+                esc(&n.name),
+                u8::from(n.up)
+            );
+        }
+        gauge(
+            &mut out,
+            "starling_node_info",
+            "gauge",
+            "Constant 1, labelled with what a node is.",
+        );
+        for n in registry.nodes() {
+            let _ = writeln!(
+                out,
+                "starling_node_info{{node=\"{}\",id=\"{}\",version=\"{}\",role=\"{}\"}} 1",
+                esc(&n.name),
+                esc(&n.id),
+                esc(&n.version),
+                esc(&n.role)
+            );
+        }
+        gauge(
+            &mut out,
+            "starling_policy_version",
+            "gauge",
+            "Policy bundle version a node applied.",
+        );
+        for n in registry.nodes() {
+            let _ = writeln!(
+                out,
+                "starling_policy_version{{node=\"{}\"}} {}",
+                esc(&n.name),
+                n.policy_version
+            );
+        }
+        gauge(
+            &mut out,
+            "starling_policy_latest_version",
+            "gauge",
+            "Newest policy bundle version the gateway holds.",
+        );
+        let _ = writeln!(out, "starling_policy_latest_version {latest_policy}");
+        gauge(
+            &mut out,
+            "starling_node_resident_memory_bytes",
+            "gauge",
+            "Resident memory of a node.",
+        );
+        for (node, p) in &self.nodes {
+            let _ = writeln!(
+                out,
+                "starling_node_resident_memory_bytes{{node=\"{}\"}} {}",
+                esc(node),
+                p.resources.rss_bytes
+            );
+        }
+        gauge(
+            &mut out,
+            "starling_node_cpu_seconds_total",
+            "counter",
+            "CPU time a node used.",
+        );
+        for (node, p) in &self.nodes {
+            let _ = writeln!(
+                out,
+                "starling_node_cpu_seconds_total{{node=\"{}\"}} {}",
+                esc(node),
+                p.resources.cpu_ms as f64 / 1e3
+            );
+        }
+        gauge(
+            &mut out,
+            "starling_node_connections",
+            "gauge",
+            "Open QUIC connections of a node.",
+        );
+        for (node, p) in &self.nodes {
+            let _ = writeln!(
+                out,
+                "starling_node_connections{{node=\"{}\"}} {}",
+                esc(node),
+                p.resources.connections
+            );
+        }
+        gauge(
+            &mut out,
+            "starling_telemetry_gap_total",
+            "counter",
+            "Telemetry batches a node dropped while the gateway was away (its backlog was full).",
+        );
+        for (node, p) in &self.nodes {
+            let _ = writeln!(
+                out,
+                "starling_telemetry_gap_total{{node=\"{}\"}} {}",
+                esc(node),
+                p.gap
+            );
+        }
+        out
+    }
+}
+
+fn call_labels(service: &str, method: &str, caller: &str, callee: &str, status: &str) -> String {
+    format!(
+        "service=\"{}\",method=\"{}\",caller=\"{}\",callee=\"{}\",status=\"{}\"",
+        esc(service),
+        esc(method),
+        esc(caller),
+        esc(callee),
+        esc(status)
+    )
+}
+
+/// Escapes a Prometheus label value.
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_proto::Status;
+    use mesh_proto::control::CallStats;
+
+    fn batch(seq: u64, count: u64) -> TelemetryBatch {
+        let mut buckets = vec![0; LATENCY_BUCKETS_US.len() + 1];
+        buckets[3] = count;
+        TelemetryBatch {
+            seq,
+            dropped: 0,
+            calls: vec![CallStats {
+                service: "echo".into(),
+                method: "say".into(),
+                caller: "a".into(),
+                callee: "b".into(),
+                status: Status::Ok,
+                count,
+                sum_us: count * 800,
+                buckets,
+            }],
+            resources: Resources::default(),
+            spans: vec![],
+            audit: vec![],
+        }
+    }
+
+    #[test]
+    fn resends_are_not_counted_twice() {
+        let mut m = Metrics::new();
+        assert!(m.handle_batch("a", &batch(1, 5)));
+        assert!(m.handle_batch("a", &batch(2, 3)));
+        assert!(!m.handle_batch("a", &batch(2, 3)));
+        assert!(!m.handle_batch("a", &batch(1, 5)));
+        assert_eq!(m.total_calls(), 8);
+    }
+
+    #[test]
+    fn renders_counters_and_cumulative_buckets() {
+        let mut m = Metrics::new();
+        m.handle_batch("a", &batch(1, 4));
+        let reg = Registry::new(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(2),
+        );
+        let text = m.render(&reg, 7);
+        let labels = "service=\"echo\",method=\"say\",caller=\"a\",callee=\"b\",status=\"ok\"";
+        assert!(
+            text.contains(&format!("starling_requests_total{{{labels}}} 4\n")),
+            "{text}"
+        );
+        assert!(text.contains(&format!(
+            "starling_request_duration_seconds_bucket{{{labels},le=\"0.0005\"}} 0\n"
+        )));
+        assert!(text.contains(&format!(
+            "starling_request_duration_seconds_bucket{{{labels},le=\"0.001\"}} 4\n"
+        )));
+        assert!(text.contains(&format!(
+            "starling_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} 4\n"
+        )));
+        assert!(text.contains("starling_policy_latest_version 7\n"));
+        assert!(text.contains("starling_telemetry_gap_total{node=\"a\"} 0\n"));
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(esc("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}

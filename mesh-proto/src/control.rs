@@ -1,0 +1,286 @@
+//! The control stream between a node and its gateway (feature `alloc`).
+//!
+//! A node opens it as a call to the reserved service [`CONTROL_SERVICE`] (real service names cannot
+//! start with `_`) and, after the [`RequestHead`](crate::RequestHead), both sides exchange frames
+//! until the stream ends: [`Up`] from the node, [`Down`] from the gateway. Each frame is bounded by
+//! [`MAX_CONTROL_FRAME`]. Like every wire enum, these only grow at the end.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Status;
+
+/// The reserved service name of the control stream.
+pub const CONTROL_SERVICE: &str = "_control";
+
+/// Largest control frame (a policy bundle, a telemetry batch).
+pub const MAX_CONTROL_FRAME: usize = 1024 * 1024;
+
+/// Upper bounds (microseconds) of the latency histogram buckets; a last, implicit bucket holds
+/// everything slower. Prometheus `le` labels are these in seconds.
+pub const LATENCY_BUCKETS_US: [u64; 14] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 5_000_000,
+];
+
+/// Node to gateway.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Up {
+    /// The first frame: who the node is and what it holds.
+    Hello(NodeHello),
+    /// Still here.
+    Heartbeat,
+    /// Policy bundle `version` is applied and saved.
+    PolicyAck {
+        /// The bundle's version.
+        version: u64,
+    },
+    /// Policy bundle `version` could not be applied.
+    PolicyNack {
+        /// The bundle's version.
+        version: u64,
+        /// Why, in words.
+        reason: String,
+    },
+    /// Counters, resource use, spans and audit events since the previous batch.
+    Telemetry(TelemetryBatch),
+}
+
+/// Gateway to node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Down {
+    /// Apply this policy bundle.
+    Policy {
+        /// Its version; versions only grow.
+        version: u64,
+        /// The bundle, as TOML.
+        toml: String,
+    },
+    /// Every node the gateway knows, so a node can reach services beyond its own link.
+    Registry(Vec<RegistryEntry>),
+    /// Telemetry batches up to and including `seq` are stored; the node may forget them.
+    TelemetryAck {
+        /// The highest stored sequence number.
+        seq: u64,
+    },
+}
+
+/// What a node says when its control stream opens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeHello {
+    /// [`PROTOCOL_VERSION`](crate::PROTOCOL_VERSION) of the node.
+    pub protocol_version: u16,
+    /// The node's software version (`0.1.0`).
+    pub software_version: String,
+    /// Its labels.
+    pub labels: Vec<(String, String)>,
+    /// Its hosted services.
+    pub services: Vec<String>,
+    /// Addresses it can be reached at (`198.18.0.2:7400`).
+    pub addrs: Vec<String>,
+    /// The policy version it holds (0: none).
+    pub policy_version: u64,
+    /// The telemetry sequence number it will send next, so the gateway can see a gap at once.
+    pub next_seq: u64,
+}
+
+/// One node in the gateway's registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryEntry {
+    /// Its name.
+    pub name: String,
+    /// Where it can be reached.
+    pub addrs: Vec<String>,
+    /// What it hosts.
+    pub services: Vec<String>,
+    /// Its labels.
+    pub labels: Vec<(String, String)>,
+    /// Whether its control stream is up.
+    pub up: bool,
+}
+
+/// A node's telemetry since its previous batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TelemetryBatch {
+    /// Sequence number, one more than the previous batch's.
+    pub seq: u64,
+    /// Batches this node dropped (its backlog was full) since it started: a gap, not hidden.
+    pub dropped: u64,
+    /// Call counters, as deltas.
+    pub calls: Vec<CallStats>,
+    /// Resource use at the time of the batch.
+    pub resources: Resources,
+    /// Sampled spans.
+    pub spans: Vec<Span>,
+    /// Audit events.
+    pub audit: Vec<AuditEvent>,
+}
+
+/// Calls of one (service, method, caller, callee, status), as deltas.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallStats {
+    /// The service called.
+    pub service: String,
+    /// Its method.
+    pub method: String,
+    /// The calling node.
+    pub caller: String,
+    /// The node that served it; empty when none did (no endpoint).
+    pub callee: String,
+    /// The outcome.
+    pub status: Status,
+    /// How many calls.
+    pub count: u64,
+    /// Their summed latency, microseconds.
+    pub sum_us: u64,
+    /// Calls per latency bucket ([`LATENCY_BUCKETS_US`], then one for slower), not cumulative.
+    pub buckets: Vec<u64>,
+}
+
+/// A node's resource use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Resources {
+    /// Resident memory, bytes.
+    pub rss_bytes: u64,
+    /// CPU time used since start, milliseconds.
+    pub cpu_ms: u64,
+    /// Open QUIC connections.
+    pub connections: u32,
+}
+
+/// One side of a sampled call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Span {
+    /// The trace.
+    pub trace_id: [u8; 16],
+    /// This span.
+    pub span_id: [u8; 8],
+    /// The caller's span, for a server span.
+    pub parent_span_id: Option<[u8; 8]>,
+    /// True for the caller's side, false for the callee's.
+    pub client: bool,
+    /// The node that recorded it.
+    pub node: String,
+    /// The service.
+    pub service: String,
+    /// The method.
+    pub method: String,
+    /// Start, microseconds since the Unix epoch.
+    pub start_unix_us: u64,
+    /// Duration, microseconds.
+    pub duration_us: u64,
+    /// The outcome.
+    pub status: Status,
+}
+
+/// Something an operator may need to account for later.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    /// When, milliseconds since the Unix epoch.
+    pub unix_ms: u64,
+    /// What: `denied`, `policy_applied`, `policy_refused`, `identity_refused`, ...
+    pub kind: String,
+    /// Details as key/value pairs (caller, service, method, rule, version, reason...).
+    pub fields: Vec<(String, String)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec;
+
+    fn bytes<T: Serialize>(v: &T) -> Vec<u8> {
+        postcard::to_allocvec(v).expect("encode")
+    }
+
+    #[test]
+    fn golden_up_frames() {
+        assert_eq!(bytes(&Up::Heartbeat), [1]);
+        assert_eq!(bytes(&Up::PolicyAck { version: 300 }), [2, 0xac, 0x02]);
+        assert_eq!(
+            bytes(&Up::PolicyNack {
+                version: 2,
+                reason: "no".into()
+            }),
+            [3, 2, 2, b'n', b'o']
+        );
+        let hello = Up::Hello(NodeHello {
+            protocol_version: 1,
+            software_version: "0.1".into(),
+            labels: vec![("z".into(), "a".into())],
+            services: vec!["s".into()],
+            addrs: vec![],
+            policy_version: 7,
+            next_seq: 1,
+        });
+        assert_eq!(
+            bytes(&hello),
+            [
+                0, 1, 3, b'0', b'.', b'1', 1, 1, b'z', 1, b'a', 1, 1, b's', 0, 7, 1
+            ]
+        );
+    }
+
+    #[test]
+    fn golden_down_frames() {
+        assert_eq!(
+            bytes(&Down::Policy {
+                version: 1,
+                toml: "a=1".into()
+            }),
+            [0, 1, 3, b'a', b'=', b'1']
+        );
+        assert_eq!(bytes(&Down::TelemetryAck { seq: 5 }), [2, 5]);
+        let reg = Down::Registry(vec![RegistryEntry {
+            name: "n".into(),
+            addrs: vec!["x".into()],
+            services: vec![],
+            labels: vec![],
+            up: true,
+        }]);
+        assert_eq!(bytes(&reg), [1, 1, 1, b'n', 1, 1, b'x', 0, 0, 1]);
+    }
+
+    #[test]
+    fn golden_telemetry_batch() {
+        let batch = Up::Telemetry(TelemetryBatch {
+            seq: 1,
+            dropped: 0,
+            calls: vec![CallStats {
+                service: "e".into(),
+                method: "m".into(),
+                caller: "a".into(),
+                callee: "b".into(),
+                status: Status::NotFound,
+                count: 2,
+                sum_us: 3,
+                buckets: vec![2],
+            }],
+            resources: Resources {
+                rss_bytes: 1,
+                cpu_ms: 2,
+                connections: 3,
+            },
+            spans: vec![],
+            audit: vec![AuditEvent {
+                unix_ms: 9,
+                kind: "k".into(),
+                fields: vec![],
+            }],
+        });
+        assert_eq!(
+            bytes(&batch),
+            [
+                4, 1, 0, // Telemetry, seq, dropped
+                1, 1, b'e', 1, b'm', 1, b'a', 1, b'b', 1, 2, 3, 1, 2, // one CallStats
+                1, 2, 3, // resources
+                0, // spans
+                1, 9, 1, b'k', 0, // one audit event
+            ]
+        );
+        let back: Up = postcard::from_bytes(&bytes(&batch)).expect("decode");
+        assert_eq!(back, batch);
+    }
+}

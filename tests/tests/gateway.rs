@@ -1,0 +1,567 @@
+//! The gateway as control plane: registry, versioned policy, telemetry, Prometheus metrics, the
+//! API. Real `mesh-gateway` and `mesh-node` processes on loopback.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use starling_tests::{
+    HttpUpstream, NodeProc, Pki, closed_tcp_port, eventually, free_udp_port, http, post, try_http,
+};
+
+const UP: Duration = Duration::from_secs(10);
+const FAST: &str = "[telemetry]\ninterval_ms = 100\n";
+
+/// Sums `starling_requests_total` by (service, method, status).
+fn request_counts(metrics: &str) -> BTreeMap<(String, String, String), u64> {
+    let mut out = BTreeMap::new();
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("starling_requests_total{"))
+    {
+        let (labels, value) = line.rsplit_once(' ').expect("value");
+        let label = |k: &str| {
+            labels
+                .split(&format!("{k}=\""))
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .expect("label")
+                .to_owned()
+        };
+        *out.entry((label("service"), label("method"), label("status")))
+            .or_default() += value.parse::<u64>().expect("count");
+    }
+    out
+}
+
+fn key(s: &str, m: &str, st: &str) -> (String, String, String) {
+    (s.into(), m.into(), st.into())
+}
+
+async fn metrics(admin: SocketAddr) -> String {
+    let (code, text) = http("GET", admin, "/metrics", None, "").await;
+    assert_eq!(code, 200);
+    text
+}
+
+fn node_conf(pki: &Pki, name: &str, gw: SocketAddr, extra: &str) -> std::path::PathBuf {
+    let path = pki.config(name, &format!("{extra}{FAST}"));
+    prepend(
+        &path,
+        &format!("gateway = \"{gw}\"\nstate_dir = \"state\"\n"),
+    );
+    path
+}
+
+/// Puts top-level keys before the first table.
+fn prepend(path: &Path, keys: &str) {
+    let src = std::fs::read_to_string(path).expect("config");
+    std::fs::write(
+        path,
+        src.replacen("[identity]", &format!("{keys}[identity]"), 1),
+    )
+    .expect("config");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_hold_exact_counts_and_prometheus_agrees() {
+    let pki = Pki::new();
+    let (gw, admin) = NodeProc::start_gateway("gw", &pki.gateway_config("gw", "127.0.0.1:0", ""));
+    let broken = format!(
+        "[[services]]\nname = \"broken\"\nupstream = \"http://127.0.0.1:{}\"\n",
+        closed_tcp_port()
+    );
+    let echo = "[[services]]\nname = \"echo\"\nupstream = \"builtin:echo\"\n";
+    let a = NodeProc::start(
+        "node-a",
+        &node_conf(&pki, "node-a", gw.quic, &format!("{echo}{broken}")),
+    );
+    let b = NodeProc::start("node-b", &node_conf(&pki, "node-b", gw.quic, echo));
+    let peers = format!(
+        "[[peers]]\naddr = \"{}\"\n[[peers]]\naddr = \"{}\"\n",
+        a.quic, b.quic
+    );
+    let c = NodeProc::start("node-c", &node_conf(&pki, "node-c", gw.quic, &peers));
+    c.wait_for("peer up: node-a", UP);
+    c.wait_for("peer up: node-b", UP);
+    for n in [&a, &b, &c] {
+        n.wait_for("control stream to the gateway", UP);
+    }
+
+    for _ in 0..30 {
+        let (code, _, _) = post(c.ingress(), "echo", "say", Bytes::from_static(b"x"), None)
+            .await
+            .expect("call");
+        assert_eq!(code, 200);
+    }
+    for _ in 0..7 {
+        let (code, _, _) = post(c.ingress(), "nosuch", "x", Bytes::new(), None)
+            .await
+            .expect("call");
+        assert_eq!(code, 404);
+    }
+    for _ in 0..5 {
+        let (code, _, _) = post(c.ingress(), "broken", "get", Bytes::new(), None)
+            .await
+            .expect("call");
+        assert_eq!(code, 503);
+    }
+    let expected: BTreeMap<_, _> = [
+        (key("echo", "say", "ok"), 30),
+        (key("nosuch", "x", "not_found"), 7),
+        (key("broken", "get", "unavailable"), 5),
+    ]
+    .into_iter()
+    .collect();
+    let counts = eventually(UP, async || {
+        let counts = request_counts(&metrics(admin).await);
+        (counts == expected).then_some(counts)
+    })
+    .await;
+    assert_eq!(
+        counts,
+        Some(expected.clone()),
+        "gateway counts never matched"
+    );
+
+    let text = metrics(admin).await;
+    for name in [
+        "starling_request_duration_seconds_bucket",
+        "starling_node_up{node=\"node-c\"} 1",
+        "starling_node_info{node=\"node-a\"",
+        "starling_policy_version{node=\"node-b\"}",
+        "starling_node_resident_memory_bytes{node=\"node-c\"}",
+        "starling_telemetry_gap_total{node=\"node-c\"} 0",
+    ] {
+        assert!(text.contains(name), "/metrics lacks {name}:\n{text}");
+    }
+
+    // promtool, from Debian's prometheus package, checks the exposition format.
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (scripts/setup.sh installs prometheus)");
+    use std::io::Write;
+    promtool
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write");
+    let out = promtool.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A real Prometheus scrapes the gateway; PromQL returns the same count.
+    let prom = Prometheus::start(&pki, admin);
+    let query = "sum(starling_requests_total{service=\"echo\",status=\"ok\"})";
+    let value = eventually(Duration::from_secs(30), async || {
+        let path = format!("/api/v1/query?query={}", urlencode(query));
+        let (code, body) = try_http("GET", prom.addr, &path, None, "").await.ok()?;
+        if code != 200 {
+            return None;
+        }
+        let json: serde_json::Value = serde_json::from_str(&body).ok()?;
+        json["data"]["result"][0]["value"][1]
+            .as_str()
+            .map(str::to_owned)
+    })
+    .await;
+    assert_eq!(value.as_deref(), Some("30"), "PromQL {query}");
+}
+
+struct Prometheus {
+    addr: SocketAddr,
+    child: std::process::Child,
+}
+
+impl Prometheus {
+    fn start(pki: &Pki, target: SocketAddr) -> Prometheus {
+        let dir = pki.dir.path().join("prometheus");
+        std::fs::create_dir_all(&dir).expect("dir");
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: starling\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .expect("config");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("prometheus (scripts/setup.sh installs it)");
+        Prometheus { addr, child }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'.' | b'-' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+async fn policy_status(admin: SocketAddr) -> serde_json::Value {
+    let (code, body) = http("GET", admin, "/v1/policy/status", None, "").await;
+    assert_eq!(code, 200);
+    serde_json::from_str(&body).expect("json")
+}
+
+/// Waits until every node in `names` holds `version` (or reports `error_part` for it).
+async fn all_at(admin: SocketAddr, names: &[&str], version: u64) -> bool {
+    eventually(UP, async || {
+        let status = policy_status(admin).await;
+        let nodes = status["nodes"].as_array()?;
+        let ok = names.iter().all(|n| {
+            nodes
+                .iter()
+                .any(|x| x["name"] == *n && x["version"] == version && x["error"].is_null())
+        });
+        ok.then_some(())
+    })
+    .await
+    .is_some()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_changes_reach_every_node_and_bad_bundles_are_refused() {
+    let pki = Pki::new();
+    let policy_file = pki.dir.path().join("policy.toml");
+    std::fs::write(&policy_file, "[defaults]\ncall_timeout_ms = 4000\n").expect("policy");
+    let gw_conf = pki.gateway_config("gw", "127.0.0.1:0", "");
+    prepend(
+        &gw_conf,
+        &format!("policy = \"{}\"\n", policy_file.display()),
+    );
+    let (gw, admin) = NodeProc::start_gateway("gw", &gw_conf);
+    let token = pki.admin_token("gw");
+    let names = ["node-a", "node-b", "node-c"];
+    let _nodes: Vec<NodeProc> = names
+        .iter()
+        .map(|n| NodeProc::start(n, &node_conf(&pki, n, gw.quic, "")))
+        .collect();
+    assert!(
+        all_at(admin, &names, 1).await,
+        "version 1 never reached every node"
+    );
+
+    // A change over the API, with the token.
+    let (code, body) = http(
+        "PUT",
+        admin,
+        "/v1/policy",
+        Some(&token),
+        "[defaults]\ncall_timeout_ms = 2000\n",
+    )
+    .await;
+    assert_eq!((code, body.as_str()), (200, "{\"version\":2}"));
+    assert!(
+        all_at(admin, &names, 2).await,
+        "version 2 never reached every node"
+    );
+    let (_, body) = http("GET", admin, "/v1/policy", None, "").await;
+    assert!(body.contains("call_timeout_ms = 2000"), "{body}");
+
+    // Without the token, or with a wrong one: 401, and nothing changes.
+    let (code, _) = http("PUT", admin, "/v1/policy", None, "[defaults]\n").await;
+    assert_eq!(code, 401);
+    let (code, _) = http(
+        "PUT",
+        admin,
+        "/v1/policy",
+        Some("not-the-token"),
+        "[defaults]\n",
+    )
+    .await;
+    assert_eq!(code, 401);
+
+    // An invalid bundle is refused at the gateway, precisely.
+    let (code, body) = http(
+        "PUT",
+        admin,
+        "/v1/policy",
+        Some(&token),
+        "[defaults]\ncolour = \"red\"\n",
+    )
+    .await;
+    assert_eq!(code, 400);
+    assert!(
+        body.contains("PUT /v1/policy:2: defaults.colour: unknown field `colour`"),
+        "{body}"
+    );
+    assert_eq!(policy_status(admin).await["latest"], 2);
+
+    // A valid bundle the nodes cannot apply: each nacks, with its reason shown.
+    let (code, body) = http(
+        "PUT",
+        admin,
+        "/v1/policy",
+        Some(&token),
+        "min_node_version = \"99.0.0\"\n",
+    )
+    .await;
+    assert_eq!((code, body.as_str()), (200, "{\"version\":3}"));
+    let refused = eventually(UP, async || {
+        let status = policy_status(admin).await;
+        let nodes = status["nodes"].as_array()?.clone();
+        nodes
+            .iter()
+            .all(|n| {
+                n["version"] == 2
+                    && n["error"].as_str().is_some_and(|e| {
+                        e.contains("version 3: bundle needs mesh-node >= 99.0.0, this node runs")
+                    })
+            })
+            .then_some(nodes)
+    })
+    .await;
+    assert!(
+        refused.is_some(),
+        "nodes did not nack version 3: {}",
+        policy_status(admin).await
+    );
+
+    // The file changed on disk: the gateway reloads it as the next version.
+    std::fs::write(&policy_file, "[defaults]\ncall_timeout_ms = 3000\n").expect("policy");
+    assert!(
+        all_at(admin, &names, 4).await,
+        "the reloaded file never reached every node"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_made_while_the_gateway_is_away_arrive_when_it_returns() {
+    let pki = Pki::new();
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let gw_conf = pki.gateway_config("gw", &listen, "");
+    let (gw, _) = NodeProc::start_gateway("gw", &gw_conf);
+    let echo = "[[services]]\nname = \"echo\"\nupstream = \"builtin:echo\"\n";
+    let a = NodeProc::start("node-a", &node_conf(&pki, "node-a", gw.quic, echo));
+    let c = NodeProc::start(
+        "node-c",
+        &node_conf(
+            &pki,
+            "node-c",
+            gw.quic,
+            &format!("[[peers]]\naddr = \"{}\"\n", a.quic),
+        ),
+    );
+    c.wait_for("peer up: node-a", UP);
+    c.wait_for("control stream to the gateway", UP);
+    assert!(gw.stop().success());
+
+    for _ in 0..500 {
+        let (code, _, _) = post(c.ingress(), "echo", "say", Bytes::from_static(b"x"), None)
+            .await
+            .expect("call");
+        assert_eq!(code, 200);
+    }
+    let (_gw, admin) = NodeProc::start_gateway("gw", &gw_conf);
+    let counted = eventually(Duration::from_secs(20), async || {
+        let n = request_counts(&metrics(admin).await)
+            .get(&key("echo", "say", "ok"))
+            .copied()
+            .unwrap_or(0);
+        (n == 500).then_some(n)
+    })
+    .await;
+    assert_eq!(counted, Some(500));
+    assert!(
+        metrics(admin)
+            .await
+            .contains("starling_telemetry_gap_total{node=\"node-c\"} 0")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_backlog_reports_its_gap() {
+    let pki = Pki::new();
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let gw_conf = pki.gateway_config("gw", &listen, "");
+    let (gw, _) = NodeProc::start_gateway("gw", &gw_conf);
+    let echo = "[[services]]\nname = \"echo\"\nupstream = \"builtin:echo\"\n";
+    // Two batches of backlog, one every 100 ms: the gateway's absence overflows it.
+    let conf = node_conf(&pki, "node-c", gw.quic, echo);
+    let src = std::fs::read_to_string(&conf).expect("conf");
+    std::fs::write(
+        &conf,
+        src.replace(
+            "interval_ms = 100",
+            "interval_ms = 100\nbacklog_batches = 2",
+        ),
+    )
+    .expect("conf");
+    let c = NodeProc::start("node-c", &conf);
+    c.wait_for("control stream to the gateway", UP);
+    assert!(gw.stop().success());
+    for _ in 0..50 {
+        let (code, _, _) = post(c.ingress(), "echo", "say", Bytes::from_static(b"x"), None)
+            .await
+            .expect("call");
+        assert_eq!(code, 200);
+    }
+    // Let the node cut batches into its full backlog: the gap is what this test is about.
+    c.wait_for_count("telemetry backlog full", 3, UP);
+    let (_gw, admin) = NodeProc::start_gateway("gw", &gw_conf);
+    let gap = eventually(Duration::from_secs(20), async || {
+        let text = metrics(admin).await;
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("starling_telemetry_gap_total{node=\"node-c\"}"))?;
+        let gap: u64 = line.rsplit_once(' ')?.1.parse().ok()?;
+        (gap >= 3).then_some(gap)
+    })
+    .await;
+    assert!(gap.is_some(), "no gap reported:\n{}", metrics(admin).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_while_the_gateway_is_away_boots_under_its_last_policy() {
+    let slow = HttpUpstream::start(Duration::from_secs(3)).await;
+    let pki = Pki::new();
+    let policy_file = pki.dir.path().join("policy.toml");
+    // Calls that set no deadline get 300 ms: visible as DeadlineExceeded from a slow upstream.
+    std::fs::write(&policy_file, "[defaults]\ncall_timeout_ms = 300\n").expect("policy");
+    let gw_conf = pki.gateway_config("gw", "127.0.0.1:0", "");
+    prepend(
+        &gw_conf,
+        &format!("policy = \"{}\"\n", policy_file.display()),
+    );
+    let (gw, admin) = NodeProc::start_gateway("gw", &gw_conf);
+    let svc = format!(
+        "[[services]]\nname = \"slow\"\nupstream = \"http://{}\"\n",
+        slow.addr
+    );
+    let conf = node_conf(&pki, "node-a", gw.quic, &svc);
+    let a = NodeProc::start("node-a", &conf);
+    assert!(all_at(admin, &["node-a"], 1).await);
+    assert!(gw.stop().success());
+    assert!(a.stop().success());
+
+    let a = NodeProc::start("node-a", &conf);
+    a.wait_for("booted under policy version 1 from", UP);
+    let t = Instant::now();
+    let (code, status, _) = post(a.ingress(), "slow", "x", Bytes::new(), None)
+        .await
+        .expect("call");
+    assert_eq!((code, status.as_deref()), (504, Some("deadline_exceeded")));
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "the saved policy's timeout was not applied"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_node_is_shown_down_then_removed() {
+    let pki = Pki::new();
+    let gw_conf = pki.gateway_config(
+        "gw",
+        "127.0.0.1:0",
+        "[registry]\ndown_after_ms = 300\nremove_after_ms = 1500\n",
+    );
+    let (gw, admin) = NodeProc::start_gateway("gw", &gw_conf);
+    let a = NodeProc::start(
+        "node-a",
+        &node_conf(
+            &pki,
+            "node-a",
+            gw.quic,
+            "[limits]\nkeep_alive_ms = 200\nidle_timeout_ms = 600\n",
+        ),
+    );
+    a.wait_for("control stream to the gateway", UP);
+    let node = |up: Option<bool>| async move {
+        let (_, body) = http("GET", admin, "/v1/nodes", None, "").await;
+        let json: serde_json::Value = serde_json::from_str(&body).expect("json");
+        let found = json["nodes"]
+            .as_array()?
+            .iter()
+            .find(|n| n["name"] == "node-a")
+            .cloned();
+        match (up, found) {
+            (None, None) => Some(serde_json::Value::Null),
+            (Some(u), Some(n)) if n["up"] == u => Some(n),
+            _ => None,
+        }
+    };
+    let shown = eventually(UP, async || node(Some(true)).await)
+        .await
+        .expect("node-a listed up");
+    assert_eq!(shown["services"], serde_json::json!([]));
+    assert!(
+        shown["id"]
+            .as_str()
+            .is_some_and(|id| id.ends_with("/node/node-a"))
+    );
+    a.kill();
+    assert!(
+        eventually(UP, async || node(Some(false)).await)
+            .await
+            .is_some(),
+        "never shown down"
+    );
+    assert!(
+        eventually(UP, async || node(None).await).await.is_some(),
+        "never removed"
+    );
+    assert!(
+        metrics(admin).await.contains("starling_node_up")
+            && !metrics(admin).await.contains("node=\"node-a\"} 1")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_is_on_loopback_and_guards_changes() {
+    let pki = Pki::new();
+    let gw_conf = pki.gateway_config("gw", "127.0.0.1:0", "");
+    // The default admin address, untouched: loopback.
+    let src = std::fs::read_to_string(&gw_conf)
+        .expect("conf")
+        .replace("admin = \"127.0.0.1:0\"\n", "");
+    std::fs::write(&gw_conf, &src).expect("conf");
+    let (_gw, admin) = NodeProc::start_gateway("gw", &gw_conf);
+    assert_eq!(admin, "127.0.0.1:9480".parse::<SocketAddr>().expect("addr"));
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(pki.dir.path().join("gw/admin.token"))
+            .expect("token")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let (code, _) = http("PUT", admin, "/v1/policy", None, "").await;
+    assert_eq!(code, 401);
+    let (code, _) = http("GET", admin, "/v1/nodes", None, "").await;
+    assert_eq!(code, 200);
+}

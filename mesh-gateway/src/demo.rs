@@ -40,10 +40,19 @@ pub async fn run(keep_running: bool) -> anyhow::Result<()> {
     );
     println!("  CA         spiffe://{TRUST_DOMAIN}   (ca/ca.crt, key mode 0600)");
 
-    // The gateway first, then each node dials the ones before it: one connection per pair.
+    let gateway = start_gateway(root, &ca).await?;
+    let gw = gateway.node().clone();
+    println!(
+        "  gateway    {}  quic {}  admin http://{}  policy version {}",
+        gw.id(),
+        gw.local_addr(),
+        gateway.admin_addr(),
+        gateway.policy_version()
+    );
+
+    // Each node dials the gateway and the nodes before it: one connection per pair.
     let mut nodes: Vec<Node> = Vec::new();
-    let plan: [Plan; 4] = [
-        ("gateway", &[("health", "builtin:health")], "hall-0"),
+    let plan: [Plan; 3] = [
         (
             "node-a",
             &[("echo", "builtin:echo"), ("health", "builtin:health")],
@@ -58,7 +67,16 @@ pub async fn run(keep_running: bool) -> anyhow::Result<()> {
     ];
     for (name, services, zone) in plan {
         let peers: Vec<SocketAddr> = nodes.iter().map(Node::local_addr).collect();
-        let node = start_node(root, &ca, name, services, zone, &peers).await?;
+        let node = start_node(
+            root,
+            &ca,
+            name,
+            services,
+            zone,
+            &peers,
+            Some(gw.local_addr()),
+        )
+        .await?;
         println!(
             "  {name:<10} {}  quic {}  ingress http://{}  hosts [{}]",
             node.id(),
@@ -99,7 +117,7 @@ pub async fn run(keep_running: bool) -> anyhow::Result<()> {
         answered.push(node_of(&body));
     }
     println!(
-        "  POST /v1/call/health/check  x4  -> answered by {}  (three hosts share the calls)",
+        "  POST /v1/call/health/check  x4  -> answered by {}  (the hosts share the calls)",
         answered.join(", ")
     );
     let (code, status, body, _) = timed_post(ingress, "inventory", "list", "").await?;
@@ -134,7 +152,8 @@ pub async fn run(keep_running: bool) -> anyhow::Result<()> {
         "rogue",
         &[],
         "hall-1",
-        &[nodes[1].local_addr()],
+        &[nodes[0].local_addr()],
+        None,
     )
     .await?;
     let refused = rogue
@@ -151,24 +170,41 @@ pub async fn run(keep_running: bool) -> anyhow::Result<()> {
         String::from_utf8_lossy(&body)
     );
 
-    println!("\nPeers as node-c sees them (GET http://{ingress}/v1/peers):");
-    for p in caller.peers() {
-        let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let services: Vec<&str> = p.services.iter().map(|s| s.as_str()).collect();
+    // The nodes send telemetry every 200 ms here; wait (bounded) until the gateway has it all.
+    let made = 1 + 4 + 1 + 1000 + 1;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gateway.total_calls() < made && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let admin = gateway.admin_addr();
+    println!("\nThe gateway's registry (GET http://{admin}/v1/nodes):");
+    let nodes_json: serde_json::Value =
+        serde_json::from_str(&admin_get(admin, "/v1/nodes").await?)?;
+    for n in nodes_json["nodes"].as_array().into_iter().flatten() {
         println!(
-            "  {:<8} {:<8} {}  [{}]  {}",
-            p.id.node_name().as_str(),
-            p.role.as_str(),
-            p.addr,
-            services.join(", "),
-            labels.join(" ")
+            "  {:<8} up={:<5} policy v{}  services {}  labels {}",
+            n["name"].as_str().unwrap_or("?"),
+            n["up"],
+            n["policy_version"],
+            n["services"],
+            n["labels"]
         );
+    }
+    println!("\nIts metrics (GET http://{admin}/metrics), the request counters:");
+    for line in admin_get(admin, "/metrics")
+        .await?
+        .lines()
+        .filter(|l| l.starts_with("starling_requests_total{") || l.starts_with("starling_node_up{"))
+    {
+        println!("  {line}");
     }
 
     if keep_running {
         println!("\nThe mesh stays up. Try:");
         println!("  curl -s --data hi http://{ingress}/v1/call/echo/say");
         println!("  mesh-node call health check --ingress {ingress}");
+        println!("  curl -s http://{admin}/metrics");
+        println!("  curl -s http://{admin}/v1/policy/status");
         println!("Ctrl-C ends it and deletes {}.", root.display());
         mesh_node::cli::wait_for_signal().await;
     }
@@ -176,8 +212,47 @@ pub async fn run(keep_running: bool) -> anyhow::Result<()> {
     for node in nodes.iter().rev() {
         node.shutdown().await;
     }
+    gateway.shutdown().await;
     println!("\nDone: every node shut down, the temporary CA and keys are deleted.");
     Ok(())
+}
+
+async fn start_gateway(root: &Path, ca: &Ca) -> anyhow::Result<crate::Gateway> {
+    let dir = root.join("gateway");
+    ca.issue_node("gateway", 1)?
+        .save(&dir.join("certs"), ca.cert_pem())?;
+    std::fs::write(
+        dir.join("policy.toml"),
+        "[defaults]\ncall_timeout_ms = 5000\n",
+    )?;
+    let toml = "name = \"gateway\"\nlisten = \"127.0.0.1:0\"\ningress = \"127.0.0.1:0\"\nlog = \"warn\"\n\
+                admin = \"127.0.0.1:0\"\npolicy = \"policy.toml\"\nstate_dir = \"state\"\n\
+                [identity]\ncert = \"certs/node.crt\"\nkey = \"certs/node.key\"\nca = \"certs/ca.crt\"\n\
+                [discovery]\nmdns = false\n[labels]\nzone = \"hall-0\"\n";
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, toml)?;
+    let config = NodeConfig::load_as(&path, mesh_node::config::Kind::Gateway)?;
+    let identity = config.load_identity()?;
+    Ok(crate::Gateway::start(config, identity).await?)
+}
+
+async fn admin_get(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
+    use http_body_util::{BodyExt, Empty};
+    let stream = tokio::net::TcpStream::connect(admin).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, admin.to_string())
+        .body(Empty::<Bytes>::new())?;
+    let body = sender
+        .send_request(req)
+        .await?
+        .into_body()
+        .collect()
+        .await?
+        .to_bytes();
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 async fn start_node(
@@ -187,14 +262,19 @@ async fn start_node(
     services: &[(&str, &str)],
     zone: &str,
     peers: &[SocketAddr],
+    gateway: Option<SocketAddr>,
 ) -> anyhow::Result<Node> {
     let dir = root.join(name);
+    let gateway_key = gateway
+        .map(|g| format!("gateway = \"{g}\"\n"))
+        .unwrap_or_default();
     ca.issue_node(name, 1)?
         .save(&dir.join("certs"), ca.cert_pem())?;
     let mut toml = format!(
         "name = \"{name}\"\nlisten = \"127.0.0.1:0\"\ningress = \"127.0.0.1:0\"\nlog = \"warn\"\n\
+         state_dir = \"state\"\n{gateway_key}\
          [identity]\ncert = \"certs/node.crt\"\nkey = \"certs/node.key\"\nca = \"certs/ca.crt\"\n\
-         [discovery]\nmdns = false\n[labels]\nzone = \"{zone}\"\n"
+         [discovery]\nmdns = false\n[telemetry]\ninterval_ms = 200\n[labels]\nzone = \"{zone}\"\n"
     );
     for (service, upstream) in services {
         let _ = write!(

@@ -301,6 +301,11 @@ fn the_demo_runs_and_shows_what_happened() {
         stdout.contains("503 unavailable") && stdout.contains("not trusted"),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("starling_requests_total{service=\"inventory\",method=\"list\",caller=\"node-c\",callee=\"\",status=\"not_found\"} 1"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("node-c   up=true policy v1"), "{stdout}");
     assert!(stdout.contains("Done: every node shut down"), "{stdout}");
 }
 

@@ -565,3 +565,107 @@ async fn the_admin_api_is_on_loopback_and_guards_changes() {
     let (code, _) = http("GET", admin, "/v1/nodes", None, "").await;
     assert_eq!(code, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampled_calls_leave_traces_and_nodes_leave_audit_events() {
+    let pki = Pki::new();
+    let policy_file = pki.dir.path().join("policy.toml");
+    std::fs::write(&policy_file, "[defaults]\ncall_timeout_ms = 4000\n").expect("policy");
+    let gw_conf = pki.gateway_config("gw", "127.0.0.1:0", "");
+    prepend(
+        &gw_conf,
+        &format!("policy = \"{}\"\n", policy_file.display()),
+    );
+    let (gw, admin) = NodeProc::start_gateway("gw", &gw_conf);
+    let echo = "[[services]]\nname = \"echo\"\nupstream = \"builtin:echo\"\n";
+    let a = NodeProc::start("node-a", &node_conf(&pki, "node-a", gw.quic, echo));
+    // node-c samples nothing by itself: only the caller's traceparent makes this call traced.
+    let conf = node_conf(
+        &pki,
+        "node-c",
+        gw.quic,
+        &format!("[[peers]]\naddr = \"{}\"\n", a.quic),
+    );
+    let src = std::fs::read_to_string(&conf).expect("conf");
+    std::fs::write(
+        &conf,
+        src.replace("interval_ms = 100", "interval_ms = 100\ntrace_sample = 0.0"),
+    )
+    .expect("conf");
+    let c = NodeProc::start("node-c", &conf);
+    c.wait_for("peer up: node-a", UP);
+    assert!(all_at(admin, &["node-a", "node-c"], 1).await);
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent = "00f067aa0ba902b7";
+    let request = format!(
+        "POST /v1/call/echo/say HTTP/1.1\r\nHost: x\r\ntraceparent: 00-{trace_id}-{parent}-01\r\n\
+         Content-Length: 2\r\nConnection: close\r\n\r\nhi"
+    );
+    let mut stream = tokio::net::TcpStream::connect(c.ingress())
+        .await
+        .expect("ingress");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.expect("read");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // An unsampled call leaves no trace.
+    let (code, _, _) = post(c.ingress(), "echo", "say", Bytes::from_static(b"x"), None)
+        .await
+        .expect("call");
+    assert_eq!(code, 200);
+
+    let trace = eventually(UP, async || {
+        let (_, body) = http("GET", admin, "/v1/traces", None, "").await;
+        let json: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let t = json["traces"]
+            .as_array()?
+            .iter()
+            .find(|t| t["trace_id"] == trace_id)?
+            .clone();
+        (t["spans"].as_array()?.len() == 2).then_some((t, json["traces"].as_array()?.len()))
+    })
+    .await;
+    let (trace, count) = trace.expect("the traced call's two spans reached the gateway");
+    assert_eq!(count, 1, "an unsampled call was traced");
+    let spans = trace["spans"].as_array().expect("spans");
+    let client = spans
+        .iter()
+        .find(|s| s["kind"] == "client")
+        .expect("client span");
+    let server = spans
+        .iter()
+        .find(|s| s["kind"] == "server")
+        .expect("server span");
+    assert_eq!(
+        (client["node"].as_str(), server["node"].as_str()),
+        (Some("node-c"), Some("node-a"))
+    );
+    assert_eq!(
+        client["parent_span_id"], parent,
+        "the caller's span continues the traceparent"
+    );
+    assert_eq!(server["parent_span_id"], client["span_id"]);
+    assert_eq!(server["service"], "echo");
+
+    // Each node's policy_applied event, as a JSON line in the gateway's audit log.
+    let audit = pki.dir.path().join("gw/audit.jsonl");
+    let lines = eventually(UP, async || {
+        let text = std::fs::read_to_string(&audit).ok()?;
+        let applied: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["kind"] == "policy_applied" && e["version"] == "1")
+            .collect();
+        (applied.len() >= 2).then_some(applied)
+    })
+    .await
+    .expect("policy_applied audit events from both nodes");
+    let nodes: std::collections::BTreeSet<&str> =
+        lines.iter().filter_map(|e| e["node"].as_str()).collect();
+    assert!(
+        nodes.contains("node-a") && nodes.contains("node-c"),
+        "{lines:?}"
+    );
+}

@@ -10,6 +10,6 @@ cd "$(dirname "$0")/.."
 features=()
 [ -n "${ZENOH:-}" ] && features=(--features zenoh)
 # The footprint and discovery figures run the size-tuned native build, stripped as on a device.
-cargo build --profile device -q -p mesh-node --bins
+cargo build --profile device -q -p mesh-node -p mesh-gateway --bins
 cargo build --release -q -p mesh-bench "${features[@]}"
 exec target/release/mesh-bench "$@"

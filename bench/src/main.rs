@@ -13,6 +13,7 @@
 
 mod discovery;
 mod footprint;
+mod gateway_scale;
 mod paths;
 mod stats;
 
@@ -49,6 +50,9 @@ struct Args {
     /// Lab nodes for the discovery figure (network namespaces: needs root); 0 skips it.
     #[arg(long, default_value_t = 10)]
     lab_nodes: usize,
+    /// Simulated node counts for the gateway-scale figures (comma-separated; empty skips them).
+    #[arg(long, default_value = "100,1000", value_delimiter = ',')]
+    gateway_nodes: Vec<usize>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -101,11 +105,18 @@ fn main() -> anyhow::Result<()> {
     } else {
         None
     };
+    let mut scale = Vec::new();
+    let gateway_bin = footprint::native_node().with_file_name("mesh-gateway");
+    for n in args.gateway_nodes.iter().copied().filter(|n| *n > 0) {
+        eprintln!("measuring a gateway with {n} simulated nodes");
+        scale.push(gateway_scale::measure(&gateway_bin, n).context("gateway scale")?);
+    }
     let report = stats::Report {
         rows,
         handshake,
         footprint,
         discovery,
+        scale,
     };
     report.print();
     report.save(&args.out)?;

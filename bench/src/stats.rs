@@ -81,6 +81,7 @@ pub struct Report {
     pub handshake: Handshake,
     pub footprint: Option<Footprint>,
     pub discovery: Option<crate::discovery::DiscoveryFigures>,
+    pub scale: Vec<crate::gateway_scale::ScaleFigures>,
 }
 
 fn us(d: Duration) -> f64 {
@@ -136,6 +137,9 @@ impl Report {
         if let Some(d) = &self.discovery {
             d.print();
         }
+        for s in &self.scale {
+            s.print();
+        }
         println!("\ngoals (ratios from this run):");
         for (goal, ok, detail) in self.goals() {
             println!("  [{}] {goal}: {detail}", if ok { "met" } else { "MISSED" });
@@ -184,6 +188,18 @@ impl Report {
                 format!("{t:.2}x"),
             ));
         }
+        if let Some(s) = self.scale.iter().find(|s| s.nodes >= 1000) {
+            let p99 = s.policy_p99.as_secs_f64();
+            out.push((
+                "policy change acked by 1,000 nodes: p99 under 1 s",
+                p99 < 1.0,
+                format!(
+                    "p99 {:.0} ms to reach a node, all acked in {:.0} ms",
+                    p99 * 1e3,
+                    s.policy_all.as_secs_f64() * 1e3
+                ),
+            ));
+        }
         if let Some(f) = &self.footprint {
             if let Some(size) = f.size("aarch64-unknown-linux-musl", "mesh-node") {
                 out.push((
@@ -229,6 +245,7 @@ impl Report {
             "handshake": {"p50_us": us(self.handshake.p50), "cpu_us": us(self.handshake.cpu_per), "count": self.handshake.count},
             "footprint": self.footprint.as_ref().map(Footprint::json),
             "discovery": self.discovery.as_ref().map(crate::discovery::DiscoveryFigures::json),
+            "gateway_scale": self.scale.iter().map(crate::gateway_scale::ScaleFigures::json).collect::<Vec<_>>(),
             "goals": goals,
         });
         let latest = dir.join("latest.json");

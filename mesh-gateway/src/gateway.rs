@@ -25,6 +25,9 @@ use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::traces::Traces;
 
+/// How often, at most, each node is sent the registry when it changed.
+const REGISTRY_PUSH_EVERY: Duration = Duration::from_secs(2);
+
 /// Why a gateway could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -64,6 +67,7 @@ pub(crate) struct State {
     pub(crate) policy: watch::Sender<(u64, Arc<String>)>,
     store: PolicyStore,
     registry_changed: watch::Sender<u64>,
+    registry_cache: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
     audit: Mutex<Option<std::fs::File>>,
     pub(crate) token: String,
 }
@@ -98,6 +102,7 @@ impl Gateway {
             policy: watch::Sender::new((version, Arc::new(toml))),
             store,
             registry_changed: watch::Sender::new(0),
+            registry_cache: Mutex::new(None),
             audit: Mutex::new(audit),
             token,
         });
@@ -275,7 +280,7 @@ impl State {
         policy_rx.mark_changed();
         let mut registry_rx = self.registry_changed.subscribe();
         let mut registry_dirty = true;
-        let mut registry_tick = tokio::time::interval(Duration::from_secs(1));
+        let mut registry_tick = tokio::time::interval(REGISTRY_PUSH_EVERY);
         let mut sent_version = hello.policy_version;
         let result: Result<(), String> = async {
             loop {
@@ -298,10 +303,11 @@ impl State {
                         registry_dirty = true;
                     }
                     _ = registry_tick.tick(), if registry_dirty => {
-                        // At most one registry push a second per node, however busy the fleet.
+                        // At most one registry push per node per period, however busy the fleet,
+                        // encoded once for all nodes.
                         registry_dirty = false;
-                        let entries = lock(&self.registry).entries();
-                        write_down(&mut send, &Down::Registry(entries)).await?;
+                        let frame = self.registry_frame();
+                        send.write_all(&frame).await.map_err(|e| e.to_string())?;
                     }
                 }
             }
@@ -312,6 +318,22 @@ impl State {
         }
         lock(&self.registry).handle_closed(&name, Instant::now());
         self.registry_changed.send_modify(|v| *v += 1);
+    }
+
+    /// The registry as one encoded `Down::Registry` frame, re-encoded only after a change.
+    fn registry_frame(&self) -> Arc<Vec<u8>> {
+        let epoch = *self.registry_changed.borrow();
+        let mut cached = lock(&self.registry_cache);
+        if let Some((e, frame)) = cached.as_ref()
+            && *e == epoch
+        {
+            return frame.clone();
+        }
+        let mut out = Vec::new();
+        mesh_proto::encode_frame_vec(&Down::Registry(lock(&self.registry).entries()), &mut out);
+        let frame = Arc::new(out);
+        *cached = Some((epoch, frame.clone()));
+        frame
     }
 
     fn handle_up(&self, name: &str, up: Up) -> Option<Down> {

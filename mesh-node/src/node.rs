@@ -670,10 +670,19 @@ impl Node {
                 let remote = incoming.remote_address();
                 match incoming.await {
                     Ok(conn) => node.run_connection(conn).await,
-                    Err(e) => warn!(
-                        "refused connection from {remote}: {}",
-                        describe_connect_error(&e)
-                    ),
+                    Err(e) => {
+                        let why = describe_connect_error(&e);
+                        warn!("refused connection from {remote}: {why}");
+                        if why.starts_with("peer not trusted") {
+                            node.audit(
+                                "identity_refused",
+                                vec![
+                                    ("remote".into(), remote.to_string()),
+                                    ("reason".into(), why),
+                                ],
+                            );
+                        }
+                    }
                 }
             });
         }

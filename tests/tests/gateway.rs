@@ -669,3 +669,39 @@ async fn sampled_calls_leave_traces_and_nodes_leave_audit_events() {
         "{lines:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_identity_is_an_audit_event() {
+    let pki = Pki::new();
+    let (gw, _) = NodeProc::start_gateway("gw", &pki.gateway_config("gw", "127.0.0.1:0", ""));
+    let a = NodeProc::start("node-a", &node_conf(&pki, "node-a", gw.quic, ""));
+    a.wait_for("control stream to the gateway", UP);
+    let other = Pki::new();
+    let _rogue = NodeProc::start(
+        "rogue",
+        &other.config("rogue", &format!("[[peers]]\naddr = \"{}\"\n", a.quic)),
+    );
+    a.wait_for("refused connection from", UP);
+    let audit = pki.dir.path().join("gw/audit.jsonl");
+    let event = eventually(UP, async || {
+        let text = std::fs::read_to_string(&audit).ok()?;
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|e| e["kind"] == "identity_refused")
+    })
+    .await
+    .expect("an identity_refused audit event");
+    assert_eq!(event["node"], "node-a");
+    assert!(
+        event["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("not trusted")),
+        "{event}"
+    );
+    assert!(
+        event["remote"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("127.0.0.1:")),
+        "{event}"
+    );
+}

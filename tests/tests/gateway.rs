@@ -705,3 +705,64 @@ async fn a_refused_identity_is_an_audit_event() {
         "{event}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_lets_a_node_reach_services_beyond_its_link() {
+    // node-a and node-c know only the gateway (no mDNS, no static peers between them): the
+    // registry the gateway pushes is how node-c finds node-a.
+    let pki = Pki::new();
+    let (gw, admin) = NodeProc::start_gateway("gw", &pki.gateway_config("gw", "127.0.0.1:0", ""));
+    let echo = "[[services]]\nname = \"echo\"\nupstream = \"builtin:echo\"\n";
+    let a = NodeProc::start("node-a", &node_conf(&pki, "node-a", gw.quic, echo));
+    a.wait_for("control stream to the gateway", UP);
+    let c = NodeProc::start("node-c", &node_conf(&pki, "node-c", gw.quic, ""));
+    c.wait_for("peer up: node-a", UP);
+    let (code, _, body) = post(c.ingress(), "echo", "say", Bytes::from_static(b"far"), None)
+        .await
+        .expect("call");
+    assert_eq!((code, &body[..]), (200, &b"far"[..]));
+    let (_, services) = http("GET", admin, "/v1/services", None, "").await;
+    assert!(
+        services.contains("\"echo\":[{\"node\":\"node-a\",\"up\":true}]"),
+        "{services}"
+    );
+}
+
+#[test]
+fn gateway_check_config_checks_the_policy_too() {
+    let pki = Pki::new();
+    let conf = pki.gateway_config("gw", "127.0.0.1:0", "");
+    let policy = pki.dir.path().join("policy.toml");
+    std::fs::write(&policy, "[defaults]\ncall_timeout_ms = 0\n").expect("policy");
+    prepend(&conf, &format!("policy = \"{}\"\n", policy.display()));
+    let out = Command::new(starling_tests::bin("mesh-gateway"))
+        .arg("check-config")
+        .arg(&conf)
+        .output()
+        .expect("mesh-gateway");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("policy.toml:2: defaults.call_timeout_ms: must be greater than 0"),
+        "{err}"
+    );
+    std::fs::write(&policy, "[defaults]\ncall_timeout_ms = 100\n").expect("policy");
+    let out = Command::new(starling_tests::bin("mesh-gateway"))
+        .arg("check-config")
+        .arg(&conf)
+        .output()
+        .expect("mesh-gateway");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // mesh-node refuses the gateway's keys.
+    let out = Command::new(starling_tests::bin("mesh-node"))
+        .arg("check-config")
+        .arg(&conf)
+        .output()
+        .expect("mesh-node");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("admin: a gateway key"));
+}

@@ -245,3 +245,51 @@ fn a_node_started_without_network_joins_when_the_link_comes_up() {
     h1.wait_for("peer up: h0", Duration::from_secs(20));
     assert_eq!(answered_by(&call(&lab, 0, "late", &[])), "h1");
 }
+
+/// Whether a TCP connection from host `from` to `addr` succeeds (bash's /dev/tcp, 2 s bound).
+fn tcp_reachable(lab: &Lab, from: usize, addr: &str) -> bool {
+    let (ip, port) = addr.rsplit_once(':').expect("addr");
+    let mut cmd = lab.exec_prefix(from);
+    cmd.extend(["timeout", "2", "bash", "-c"].map(String::from));
+    cmd.push(format!("exec 3<>/dev/tcp/{ip}/{port}"));
+    Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .status()
+        .expect("bash")
+        .success()
+}
+
+#[test]
+fn the_gateway_admin_api_is_reachable_from_elsewhere_only_when_configured() {
+    let lab = Lab::new(2);
+    let pki = Pki::new();
+    let gw_ip = lab.hosts[0].ip;
+    let conf = pki.gateway_config("gw", "0.0.0.0:7400", "");
+    let src = std::fs::read_to_string(&conf)
+        .expect("conf")
+        .replace("admin = \"127.0.0.1:0\"\n", "");
+    std::fs::write(&conf, &src).expect("conf");
+    let mut cmd = lab.exec_prefix(0);
+    cmd.push(bin("mesh-gateway").display().to_string());
+    let gw = NodeProc::start_cmd("gw", &cmd, &conf);
+    gw.wait_for("admin API and /metrics on http://127.0.0.1:9480", UP);
+    assert!(
+        tcp_reachable(&lab, 0, "127.0.0.1:9480"),
+        "not reachable on its own loopback"
+    );
+    assert!(
+        !tcp_reachable(&lab, 1, &format!("{gw_ip}:9480")),
+        "reachable from another host by default"
+    );
+    drop(gw);
+
+    // Configured to listen on every address: now it is.
+    std::fs::write(
+        &conf,
+        src.replacen("[identity]", "admin = \"0.0.0.0:9480\"\n[identity]", 1),
+    )
+    .expect("conf");
+    let gw = NodeProc::start_cmd("gw", &cmd, &conf);
+    gw.wait_for("admin API and /metrics on http://0.0.0.0:9480", UP);
+    assert!(tcp_reachable(&lab, 1, &format!("{gw_ip}:9480")));
+}

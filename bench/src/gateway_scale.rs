@@ -305,6 +305,7 @@ async fn sim_node(
                     resources: Resources { rss_bytes: 4 << 20, cpu_ms: seq * 3, connections: 3 },
                     spans: vec![],
                     audit: vec![],
+                    rules: vec![],
                 });
                 let mut out = Vec::new();
                 mesh_proto::encode_frame_vec(&batch, &mut out);

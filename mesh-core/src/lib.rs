@@ -6,15 +6,23 @@
 //! - [`name`]: names parsed once at the edge (`NodeName`, `ServiceName`, `MethodName`).
 //! - [`identity`]: SPIFFE IDs, the only caller identity the mesh trusts.
 //! - [`table`]: which endpoints serve which service, and which one takes the next call.
+//! - [`authz`]: who may call what.
+//! - [`route`]: routes, weighted splits, mirrors.
+//! - [`balance`]: power of two choices over peak-EWMA, locality, circuit breaking.
+//! - [`limits`]: token buckets for rate limits and the retry budget.
 //! - [`backoff`]: re-dial delays with jitter.
 //! - [`telemetry`]: call counters and histograms, cut into batches kept until acknowledged.
 //! - [`discovery`]: the peers discovery reports, and when to dial them.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod authz;
 pub mod backoff;
+pub mod balance;
 pub mod discovery;
 pub mod identity;
+pub mod limits;
 pub mod name;
+pub mod route;
 pub mod table;
 pub mod telemetry;
 

@@ -11,10 +11,25 @@ use std::time::Duration;
 
 use mesh_proto::Status;
 use mesh_proto::control::{
-    AuditEvent, CallStats, LATENCY_BUCKETS_US, Resources, Span, TelemetryBatch,
+    AuditEvent, CallStats, LATENCY_BUCKETS_US, Resources, RuleCount, Span, TelemetryBatch,
 };
 
 type Key = (String, String, String, String, Status);
+
+/// FNV-1a over the parts of a key, so counting a call allocates nothing once its key exists.
+fn key_hash(service: &str, method: &str, caller: &str, callee: &str, status: Status) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in [service, method, caller, callee, status.as_str()] {
+        for b in part.bytes().chain([0xff]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    if let Status::Upstream(code) = status {
+        h ^= u64::from(code);
+    }
+    h
+}
 
 #[derive(Debug, Clone, Default)]
 struct Acc {
@@ -26,7 +41,7 @@ struct Acc {
 /// Counters since the last batch, and the batches not yet acknowledged.
 #[derive(Debug, Clone)]
 pub struct Telemetry {
-    counters: BTreeMap<Key, Acc>,
+    counters: std::collections::HashMap<u64, Vec<(Key, Acc)>>,
     spans: Vec<Span>,
     audit: Vec<AuditEvent>,
     backlog: VecDeque<TelemetryBatch>,
@@ -35,13 +50,14 @@ pub struct Telemetry {
     dropped: u64,
     max_items: usize,
     lost_items: u64,
+    rules: BTreeMap<(String, String), u64>,
 }
 
 impl Telemetry {
     /// Telemetry keeping at most `max_backlog` unacknowledged batches.
     pub fn new(max_backlog: usize) -> Self {
         Telemetry {
-            counters: BTreeMap::new(),
+            counters: std::collections::HashMap::new(),
             spans: Vec::new(),
             audit: Vec::new(),
             backlog: VecDeque::new(),
@@ -50,6 +66,7 @@ impl Telemetry {
             dropped: 0,
             max_items: 1000,
             lost_items: 0,
+            rules: BTreeMap::new(),
         }
     }
 
@@ -63,17 +80,33 @@ impl Telemetry {
         status: Status,
         latency: Duration,
     ) {
-        let key = (
-            service.to_owned(),
-            method.to_owned(),
-            caller.to_owned(),
-            callee.to_owned(),
-            status,
-        );
-        let acc = self.counters.entry(key).or_insert_with(|| Acc {
-            buckets: vec![0; LATENCY_BUCKETS_US.len() + 1],
-            ..Acc::default()
-        });
+        let slot = self
+            .counters
+            .entry(key_hash(service, method, caller, callee, status))
+            .or_default();
+        let index = match slot.iter().position(|((s, m, cr, ce, st), _)| {
+            s == service && m == method && cr == caller && ce == callee && *st == status
+        }) {
+            Some(i) => i,
+            None => {
+                let key = (
+                    service.to_owned(),
+                    method.to_owned(),
+                    caller.to_owned(),
+                    callee.to_owned(),
+                    status,
+                );
+                slot.push((
+                    key,
+                    Acc {
+                        buckets: vec![0; LATENCY_BUCKETS_US.len() + 1],
+                        ..Acc::default()
+                    },
+                ));
+                slot.len() - 1
+            }
+        };
+        let acc = &mut slot[index].1;
         let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         acc.count += 1;
         acc.sum_us = acc.sum_us.saturating_add(us);
@@ -82,6 +115,14 @@ impl Telemetry {
             .position(|&bound| us <= bound)
             .unwrap_or(LATENCY_BUCKETS_US.len());
         acc.buckets[bucket] += 1;
+    }
+
+    /// Counts one decision of a policy rule (`allowed`, `denied`, `retried`, ...).
+    pub fn record_rule(&mut self, rule: &str, action: &str) {
+        *self
+            .rules
+            .entry((rule.to_owned(), action.to_owned()))
+            .or_default() += 1;
     }
 
     /// Keeps a sampled span for the next batch (at most 1000 a batch; more are counted as lost).
@@ -104,7 +145,12 @@ impl Telemetry {
 
     /// Cuts a batch of everything recorded since the last one and queues it; returns its number.
     pub fn cut(&mut self, resources: Resources) -> u64 {
-        let calls = std::mem::take(&mut self.counters)
+        let mut counted: Vec<(Key, Acc)> = std::mem::take(&mut self.counters)
+            .into_values()
+            .flatten()
+            .collect();
+        counted.sort_by(|a, b| a.0.cmp(&b.0));
+        let calls = counted
             .into_iter()
             .map(
                 |((service, method, caller, callee, status), acc)| CallStats {
@@ -132,6 +178,14 @@ impl Telemetry {
             resources,
             spans: std::mem::take(&mut self.spans),
             audit: std::mem::take(&mut self.audit),
+            rules: std::mem::take(&mut self.rules)
+                .into_iter()
+                .map(|((rule, action), count)| RuleCount {
+                    rule,
+                    action,
+                    count,
+                })
+                .collect(),
         });
         seq
     }

@@ -32,6 +32,7 @@ struct PerNode {
 pub struct Metrics {
     calls: BTreeMap<Key, Acc>,
     nodes: BTreeMap<String, PerNode>,
+    rules: BTreeMap<(String, String, String), u64>,
 }
 
 impl Metrics {
@@ -49,6 +50,12 @@ impl Metrics {
         per.last_seq = batch.seq;
         per.gap = per.gap.max(batch.dropped);
         per.resources = batch.resources;
+        for r in &batch.rules {
+            *self
+                .rules
+                .entry((node.to_owned(), r.rule.clone(), r.action.clone()))
+                .or_default() += r.count;
+        }
         for c in &batch.calls {
             let key = (
                 c.service.clone(),
@@ -216,6 +223,21 @@ impl Metrics {
         }
         gauge(
             &mut out,
+            "starling_policy_rule_total",
+            "counter",
+            "Decisions of policy rules: allowed, denied, audited, mirrored, retried, ejected, rate_limited.",
+        );
+        for ((node, rule, action), count) in &self.rules {
+            let _ = writeln!(
+                out,
+                "starling_policy_rule_total{{node=\"{}\",rule=\"{}\",action=\"{}\"}} {count}",
+                esc(node),
+                esc(rule),
+                esc(action)
+            );
+        }
+        gauge(
+            &mut out,
             "starling_telemetry_gap_total",
             "counter",
             "Telemetry batches a node dropped while the gateway was away (its backlog was full).",
@@ -275,6 +297,7 @@ mod tests {
             resources: Resources::default(),
             spans: vec![],
             audit: vec![],
+            rules: vec![],
         }
     }
 

@@ -20,6 +20,20 @@ use crate::node::{Node, lock, random};
 use crate::policy::Policy;
 use crate::wire::FrameReader;
 
+impl crate::node::Inner {
+    /// Records an audit event for the gateway.
+    pub(crate) fn audit_event(&self, kind: &str, fields: Vec<(String, String)>) {
+        let unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        lock(&self.telemetry).record_audit(AuditEvent {
+            unix_ms,
+            kind: kind.to_owned(),
+            fields,
+        });
+    }
+}
+
 /// How often a node says it is still there.
 const HEARTBEAT: Duration = Duration::from_secs(1);
 
@@ -110,14 +124,16 @@ impl Node {
 
     /// Records an audit event for the gateway.
     pub(crate) fn audit(&self, kind: &str, fields: Vec<(String, String)>) {
-        let unix_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        lock(&self.inner.telemetry).record_audit(AuditEvent {
-            unix_ms,
-            kind: kind.to_owned(),
-            fields,
-        });
+        self.inner.audit_event(kind, fields);
+    }
+
+    /// Cuts a telemetry batch now and returns every batch the gateway has not acknowledged yet:
+    /// what this node would report (for tests and debugging).
+    pub fn telemetry_now(&self) -> Vec<mesh_proto::control::TelemetryBatch> {
+        let resources = self.resources();
+        let mut telemetry = lock(&self.inner.telemetry);
+        telemetry.cut(resources);
+        telemetry.pending().cloned().collect()
     }
 
     /// Keeps a control stream to the gateway open for as long as the node runs.

@@ -26,6 +26,7 @@ pub mod identity;
 pub mod ingress;
 pub mod node;
 pub mod policy;
+mod traffic;
 pub mod upstream;
 pub mod wire;
 

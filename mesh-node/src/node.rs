@@ -136,12 +136,13 @@ pub(crate) struct Inner {
     pub(crate) batches: tokio::sync::Notify,
     pub(crate) policy: Mutex<Option<(u64, Arc<Policy>)>>,
     pub(crate) store: PolicyStore,
+    pub(crate) traffic: Mutex<crate::traffic::Traffic>,
 }
 
 #[derive(Default)]
 pub(crate) struct Peers {
     pub(crate) by_id: HashMap<SpiffeId, PeerEntry>,
-    table: ServiceTable<SpiffeId>,
+    pub(crate) table: ServiceTable<SpiffeId>,
     /// The last failure of each static peer that is not connected.
     dial_errors: BTreeMap<SocketAddr, String>,
     /// Discovered peers with a dial loop running.
@@ -213,6 +214,7 @@ impl Node {
             batches: tokio::sync::Notify::new(),
             policy: Mutex::new(None),
             store: PolicyStore::new(&config.state_dir),
+            traffic: Mutex::new(crate::traffic::Traffic::default()),
         });
         let node = Node { inner };
         node.apply_saved_policy();
@@ -434,70 +436,43 @@ impl Node {
                 deadline,
                 trace: Some(trace),
             };
+            if let Err(refused) = self.inner.admit(&ctx, &self.inner.labels) {
+                return (refused, me);
+            }
             return (self.inner.dispatch(ctx, body).await, me);
         }
-        let (conn, callee) = match self.route(service) {
-            Ok(found) => found,
-            Err(reply) => return (reply, String::new()),
-        };
-        let mut head = RequestHead::new(
-            service,
-            method,
-            u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
-        );
-        head.trace = Some(trace);
-        for (k, v) in &options.metadata {
-            if head.metadata.push((k, v)).is_err() {
-                let why = format!(
-                    "more than {} metadata entries",
-                    mesh_proto::limits::MAX_METADATA
-                );
-                return (Reply::error(Status::InvalidArgument, why), String::new());
-            }
-        }
-        let reply = match tokio::time::timeout(timeout, self.remote_call(conn, head, body)).await {
-            Ok(reply) => reply,
-            Err(_) => Reply::error(
-                Status::DeadlineExceeded,
-                format!("no answer from {service} within {} ms", timeout.as_millis()),
-            ),
-        };
-        (reply, callee)
+        self.call_remote(service, method, body, options, trace, deadline)
+            .await
     }
 
-    /// The connection that takes the next call to `service`, and its node's name.
-    fn route(&self, service: &str) -> Result<(quinn::Connection, String), Reply> {
-        let mut peers = lock(&self.inner.peers);
-        if let Some(id) = peers.table.pick(service)
-            && let Some(conn) = peers.by_id.get(&id).and_then(|p| p.conns.first())
-        {
-            return Ok((conn.clone(), id.node_name().as_str().to_owned()));
-        }
+    /// The answer when no connected peer hosts `service`: Unavailable for a service some peer
+    /// hosted (or when configured peers cannot be reached), NotFound otherwise.
+    pub(crate) fn no_endpoint(&self, peers: &Peers, service: &str) -> Reply {
         if peers.known.contains(service) {
-            Err(Reply::error(
+            Reply::error(
                 Status::Unavailable,
                 format!(
                     "no live endpoint for service {service}: every node that hosted it has left"
                 ),
-            ))
+            )
         } else if peers.dial_errors.is_empty() {
-            Err(Reply::error(
+            Reply::error(
                 Status::NotFound,
                 format!("no connected peer hosts service {service}"),
-            ))
+            )
         } else {
             let why: Vec<String> = peers.dial_errors.values().cloned().collect();
-            Err(Reply::error(
+            Reply::error(
                 Status::Unavailable,
                 format!(
                     "no reachable peer hosts service {service}; {}",
                     why.join("; ")
                 ),
-            ))
+            )
         }
     }
 
-    async fn remote_call(
+    pub(crate) async fn remote_call(
         &self,
         conn: quinn::Connection,
         head: RequestHead<'_>,
@@ -879,7 +854,17 @@ impl Inner {
         )
         .await;
         let reply = match read {
-            Ok(Ok(Incoming::Call(ctx, body))) => self.dispatch_traced(*ctx, body).await,
+            Ok(Ok(Incoming::Call(ctx, body))) => {
+                let labels = lock(&self.peers)
+                    .by_id
+                    .get(&caller)
+                    .map(|p| p.info.labels.clone())
+                    .unwrap_or_default();
+                match self.admit(&ctx, &labels) {
+                    Ok(()) => self.dispatch_traced(*ctx, body).await,
+                    Err(refused) => refused,
+                }
+            }
             Ok(Ok(Incoming::Control)) => match &self.control {
                 Some(handler) => return handler.serve(caller, remote, send, reader).await,
                 None => Reply::error(

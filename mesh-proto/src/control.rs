@@ -116,6 +116,19 @@ pub struct TelemetryBatch {
     pub spans: Vec<Span>,
     /// Audit events.
     pub audit: Vec<AuditEvent>,
+    /// Policy rule decisions, as deltas.
+    pub rules: Vec<RuleCount>,
+}
+
+/// How often a policy rule decided one way since the previous batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleCount {
+    /// The rule (an authorization rule, a route, a rate limit, or a service name).
+    pub rule: String,
+    /// `allowed`, `denied`, `audited`, `mirrored`, `retried`, `ejected`, `rate_limited`.
+    pub action: String,
+    /// How many times.
+    pub count: u64,
 }
 
 /// Calls of one (service, method, caller, callee, status), as deltas.
@@ -269,6 +282,11 @@ mod tests {
                 kind: "k".into(),
                 fields: vec![],
             }],
+            rules: vec![RuleCount {
+                rule: "r".into(),
+                action: "a".into(),
+                count: 4,
+            }],
         });
         assert_eq!(
             bytes(&batch),
@@ -278,6 +296,7 @@ mod tests {
                 1, 2, 3, // resources
                 0, // spans
                 1, 9, 1, b'k', 0, // one audit event
+                1, 1, b'r', 1, b'a', 4, // one rule count
             ]
         );
         let back: Up = postcard::from_bytes(&bytes(&batch)).expect("decode");

@@ -308,6 +308,9 @@ pub struct Seen {
     pub body_len: usize,
 }
 
+/// Decides, from a request's index (0, 1, 2, ...), whether the upstream answers 503 to it.
+pub type FailPlan = Arc<dyn Fn(usize) -> bool + Send + Sync>;
+
 /// A real HTTP/1.1 upstream on loopback: answers every POST with its body, after `delay`, and
 /// records what it saw.
 pub struct HttpUpstream {
@@ -318,6 +321,11 @@ pub struct HttpUpstream {
 impl HttpUpstream {
     /// Starts the upstream on the current tokio runtime.
     pub async fn start(delay: Duration) -> HttpUpstream {
+        Self::start_with(delay, Arc::new(|_| false)).await
+    }
+
+    /// Starts an upstream that answers 503 to the requests `fail` picks.
+    pub async fn start_with(delay: Duration, fail: FailPlan) -> HttpUpstream {
         use http_body_util::{BodyExt, Full};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -331,10 +339,12 @@ impl HttpUpstream {
                     return;
                 };
                 let record = record.clone();
+                let fail = fail.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(
                         move |req: hyper::Request<hyper::body::Incoming>| {
                             let record = record.clone();
+                            let fail = fail.clone();
                             async move {
                                 let path = req.uri().path().to_owned();
                                 let headers: Vec<(String, String)> = req
@@ -350,16 +360,22 @@ impl HttpUpstream {
                                     .map(|(_, v)| v.clone());
                                 let body =
                                     req.into_body().collect().await.expect("body").to_bytes();
-                                record.lock().expect("seen").push(Seen {
-                                    path,
-                                    caller,
-                                    headers,
-                                    body_len: body.len(),
-                                });
+                                let index = {
+                                    let mut seen = record.lock().expect("seen");
+                                    seen.push(Seen {
+                                        path,
+                                        caller,
+                                        headers,
+                                        body_len: body.len(),
+                                    });
+                                    seen.len() - 1
+                                };
                                 tokio::time::sleep(delay).await;
-                                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
-                                    body,
-                                )))
+                                let mut resp = hyper::Response::new(Full::new(body));
+                                if fail(index) {
+                                    *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                                }
+                                Ok::<_, std::convert::Infallible>(resp)
                             }
                         },
                     );

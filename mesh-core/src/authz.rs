@@ -1,0 +1,212 @@
+//! Authorization at the callee: who may call which service and method.
+//!
+//! Rules are checked in order; the first whose caller, caller labels, service and method all match
+//! decides. No match: the mesh-wide default. In `audit` mode a deny is recorded but the call goes
+//! through, so a policy can be tried on live traffic before it is enforced.
+
+use std::collections::BTreeMap;
+
+/// Allow or deny.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// Let the call through.
+    Allow,
+    /// Refuse it with PermissionDenied.
+    Deny,
+}
+
+/// Enforce the decisions, or only record what would have been denied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Denials refuse calls.
+    Enforce,
+    /// Denials are recorded; calls go through.
+    Audit,
+}
+
+/// One rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// Its name, in audit events and metrics.
+    pub name: String,
+    /// What it decides.
+    pub effect: Effect,
+    /// Globs on the caller's SPIFFE ID; empty matches any caller.
+    pub callers: Vec<String>,
+    /// Labels the caller must carry (all of them); empty matches any.
+    pub caller_labels: BTreeMap<String, String>,
+    /// Globs on the service; empty matches any.
+    pub services: Vec<String>,
+    /// Globs on the method; empty matches any.
+    pub methods: Vec<String>,
+}
+
+/// The authorization part of a policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authz {
+    /// What happens when no rule matches.
+    pub default: Effect,
+    /// Enforce or audit.
+    pub mode: Mode,
+    /// Rules, first match wins.
+    pub rules: Vec<Rule>,
+}
+
+impl Default for Authz {
+    fn default() -> Self {
+        Authz {
+            default: Effect::Allow,
+            mode: Mode::Enforce,
+            rules: Vec::new(),
+        }
+    }
+}
+
+/// What the callee does with a call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// Whether the call goes through.
+    pub allow: bool,
+    /// The decision was a deny (enforced, or let through in audit mode): record it.
+    pub denied: bool,
+    /// The rule that decided, or `default`.
+    pub rule: String,
+}
+
+impl Authz {
+    /// Decides a call from `caller` (with its `labels`) to `service.method`.
+    pub fn decide(
+        &self,
+        caller: &str,
+        labels: &BTreeMap<String, String>,
+        service: &str,
+        method: &str,
+    ) -> Verdict {
+        let found = self.rules.iter().find(|r| {
+            any_glob(&r.callers, caller)
+                && r.caller_labels
+                    .iter()
+                    .all(|(k, v)| labels.get(k) == Some(v))
+                && any_glob(&r.services, service)
+                && any_glob(&r.methods, method)
+        });
+        let (effect, rule) = match found {
+            Some(r) => (r.effect, r.name.clone()),
+            None => (self.default, "default".to_owned()),
+        };
+        let denied = effect == Effect::Deny;
+        Verdict {
+            allow: !denied || self.mode == Mode::Audit,
+            denied,
+            rule,
+        }
+    }
+}
+
+fn any_glob(patterns: &[String], text: &str) -> bool {
+    patterns.is_empty() || patterns.iter().any(|p| glob(p, text))
+}
+
+/// `*` matches any run of characters (including none); everything else matches itself.
+pub fn glob(pattern: &str, text: &str) -> bool {
+    let (p, t) = (pattern.as_bytes(), text.as_bytes());
+    let (mut pi, mut ti) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while ti < t.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if pi < p.len() && p[pi] == t[ti] {
+            pi += 1;
+            ti += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(
+        name: &str,
+        effect: Effect,
+        callers: &[&str],
+        services: &[&str],
+        methods: &[&str],
+    ) -> Rule {
+        Rule {
+            name: name.into(),
+            effect,
+            callers: callers.iter().map(|s| s.to_string()).collect(),
+            caller_labels: BTreeMap::new(),
+            services: services.iter().map(|s| s.to_string()).collect(),
+            methods: methods.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob("spiffe://td/node/ops-*", "spiffe://td/node/ops-1"));
+        assert!(glob("*", ""));
+        assert!(glob("a*b*c", "axxbyyc"));
+        assert!(!glob("a*b", "axxbc"));
+        assert!(glob("get*", "get"));
+        assert!(!glob("get", "gets"));
+    }
+
+    #[test]
+    fn first_match_wins_and_default_applies() {
+        let authz = Authz {
+            default: Effect::Deny,
+            mode: Mode::Enforce,
+            rules: vec![
+                rule("no-writes", Effect::Deny, &[], &["sensors"], &["write*"]),
+                rule("ops", Effect::Allow, &["spiffe://td/node/ops-*"], &[], &[]),
+            ],
+        };
+        let none = BTreeMap::new();
+        let v = authz.decide("spiffe://td/node/ops-1", &none, "sensors", "read");
+        assert_eq!((v.allow, v.denied, v.rule.as_str()), (true, false, "ops"));
+        let v = authz.decide("spiffe://td/node/ops-1", &none, "sensors", "write_all");
+        assert_eq!((v.allow, v.rule.as_str()), (false, "no-writes"));
+        let v = authz.decide("spiffe://td/node/cam-1", &none, "sensors", "read");
+        assert_eq!(
+            (v.allow, v.denied, v.rule.as_str()),
+            (false, true, "default")
+        );
+    }
+
+    #[test]
+    fn audit_mode_lets_denials_through_but_marks_them() {
+        let authz = Authz {
+            default: Effect::Deny,
+            mode: Mode::Audit,
+            rules: vec![],
+        };
+        let v = authz.decide("x", &BTreeMap::new(), "s", "m");
+        assert_eq!((v.allow, v.denied), (true, true));
+    }
+
+    #[test]
+    fn caller_labels_must_all_match() {
+        let mut r = rule("hall-1", Effect::Allow, &[], &[], &[]);
+        r.caller_labels.insert("zone".into(), "hall-1".into());
+        let authz = Authz {
+            default: Effect::Deny,
+            mode: Mode::Enforce,
+            rules: vec![r],
+        };
+        let mut labels = BTreeMap::new();
+        assert!(!authz.decide("x", &labels, "s", "m").allow);
+        labels.insert("zone".into(), "hall-1".into());
+        assert!(authz.decide("x", &labels, "s", "m").allow);
+    }
+}

@@ -1,0 +1,415 @@
+//! Traffic policy in the call path: a thin shell around the decisions of `mesh-core`.
+//!
+//! At the caller, per call: route match and weighted split (canary, rollout, geography), an
+//! endpoint picked by power of two choices over peak-EWMA in the caller's zone first, skipping
+//! ejected and full endpoints; the deadline; retries for idempotent methods on retryable statuses
+//! within the retry budget, with back-off, on another endpoint when there is one; the circuit
+//! breaker fed with every outcome; a mirrored copy of a share of calls, whose answer is dropped.
+//!
+//! At the callee: authorization (enforced or audited) and per-caller rate limits.
+//!
+//! Every decision is counted per rule (`allowed`, `denied`, `audited`, `mirrored`, `retried`,
+//! `ejected`, `rate_limited`) and joins the node's telemetry.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use mesh_core::authz::glob;
+use mesh_core::balance::{BalanceConfig, Balancer, Outcome};
+use mesh_core::limits::{RetryBudget, TokenBucket};
+use mesh_core::route::{self, Subset, in_subset};
+use mesh_core::{ServiceName, SpiffeId};
+use mesh_proto::{RequestHead, Status, TraceContext};
+use tracing::{debug, warn};
+
+use crate::call::{CallContext, Reply};
+use crate::node::{CallOptions, Inner, Node, lock, random};
+use crate::policy::Policy;
+
+/// Per-service balancer state, retry budgets and callee rate-limit buckets.
+#[derive(Default)]
+pub(crate) struct Traffic {
+    balancers: HashMap<ServiceName, Balancer<SpiffeId>>,
+    budgets: HashMap<ServiceName, RetryBudget>,
+    buckets: HashMap<(String, String), TokenBucket>,
+}
+
+/// Whether a status counts against an endpoint's health.
+fn is_failure(status: Status) -> bool {
+    match status {
+        Status::Unavailable | Status::Internal | Status::DeadlineExceeded => true,
+        Status::Upstream(code) => code >= 500,
+        _ => false,
+    }
+}
+
+/// Whether a call that failed so may be tried again (if its method is idempotent).
+fn is_retryable(status: Status) -> bool {
+    match status {
+        Status::Unavailable => true,
+        Status::Upstream(code) => matches!(code, 502..=504),
+        _ => false,
+    }
+}
+
+impl Node {
+    /// A call to a service hosted elsewhere, under the current policy.
+    pub(crate) async fn call_remote(
+        &self,
+        service: &str,
+        method: &str,
+        body: Bytes,
+        options: &CallOptions,
+        trace: TraceContext,
+        deadline: Instant,
+    ) -> (Reply, String) {
+        let policy = self.current_policy();
+        let svc = policy.as_ref().and_then(|p| p.service(service));
+        let caller = self.inner.id.to_string();
+        let decision = route::decide(
+            svc.map_or(&[][..], |s| &s.routes[..]),
+            method,
+            &options.metadata,
+            &caller,
+            &self.inner.labels,
+            random(),
+            random(),
+        );
+        let rule = decision
+            .route
+            .map_or(service, |r| r.name.as_str())
+            .to_owned();
+        let deadline = match (options.timeout, decision.route.and_then(|r| r.timeout)) {
+            (None, Some(t)) => Instant::now() + t,
+            _ => deadline,
+        };
+        let balance = svc.map(|s| s.balance.clone()).unwrap_or_default();
+        let idempotent = svc.is_some_and(|s| s.idempotent.iter().any(|g| glob(g, method)));
+        let retry = svc.and_then(|s| s.retry.clone()).filter(|_| idempotent);
+        let service_name = ServiceName::try_from(service).ok();
+        if let (Some(r), Some(name)) = (&retry, &service_name) {
+            lock(&self.inner.traffic)
+                .budgets
+                .entry(name.clone())
+                .or_insert_with(|| RetryBudget::new(r.budget, 10.0))
+                .deposit();
+        }
+        if let Some(mirror) = decision.mirror {
+            self.mirror(
+                service,
+                method,
+                &body,
+                options,
+                mirror.clone(),
+                deadline,
+                &balance,
+                &rule,
+            );
+        }
+
+        let mut tried: Vec<SpiffeId> = Vec::new();
+        let mut attempt = 1;
+        loop {
+            let (conn, id) = match self.pick(service, &decision.subset, &tried, &balance) {
+                Ok(found) => found,
+                Err(reply) => return (reply, String::new()),
+            };
+            let callee = id.node_name().as_str().to_owned();
+            let started = Instant::now();
+            let left = deadline.saturating_duration_since(started);
+            let reply = match self.head(service, method, options, trace, left) {
+                Err(reply) => reply,
+                Ok(head) => {
+                    match tokio::time::timeout(left, self.remote_call(conn, head, body.clone()))
+                        .await
+                    {
+                        Ok(reply) => reply,
+                        Err(_) => Reply::error(
+                            Status::DeadlineExceeded,
+                            format!("no answer from {service} within the deadline"),
+                        ),
+                    }
+                }
+            };
+            self.finish(
+                service_name.as_ref(),
+                &id,
+                started.elapsed(),
+                is_failure(reply.status),
+                &rule,
+            );
+            let Some(r) = &retry else {
+                return (reply, callee);
+            };
+            if !is_retryable(reply.status) || attempt >= r.attempts {
+                return (reply, callee);
+            }
+            let backoff = r.backoff.saturating_mul(1 << (attempt - 1).min(10));
+            if Instant::now() + backoff >= deadline {
+                return (reply, callee);
+            }
+            let allowed = service_name.as_ref().is_some_and(|name| {
+                lock(&self.inner.traffic)
+                    .budgets
+                    .get_mut(name)
+                    .is_some_and(RetryBudget::withdraw)
+            });
+            if !allowed {
+                debug!("retry budget of {service} spent; not retrying");
+                return (reply, callee);
+            }
+            self.count(&rule, "retried");
+            tried.push(id);
+            attempt += 1;
+            tokio::time::sleep(backoff).await;
+        }
+    }
+
+    fn head<'a>(
+        &self,
+        service: &'a str,
+        method: &'a str,
+        options: &'a CallOptions,
+        trace: TraceContext,
+        left: Duration,
+    ) -> Result<RequestHead<'a>, Reply> {
+        let mut head = RequestHead::new(
+            service,
+            method,
+            u32::try_from(left.as_millis()).unwrap_or(u32::MAX).max(1),
+        );
+        head.trace = Some(trace);
+        for (k, v) in &options.metadata {
+            if head.metadata.push((k, v)).is_err() {
+                let why = format!(
+                    "more than {} metadata entries",
+                    mesh_proto::limits::MAX_METADATA
+                );
+                return Err(Reply::error(Status::InvalidArgument, why));
+            }
+        }
+        Ok(head)
+    }
+
+    /// Picks the endpoint of `service` in `subset` for the next attempt, avoiding those `tried`
+    /// while others remain.
+    fn pick(
+        &self,
+        service: &str,
+        subset: &Subset,
+        tried: &[SpiffeId],
+        balance: &BalanceConfig,
+    ) -> Result<(quinn::Connection, SpiffeId), Reply> {
+        let peers = lock(&self.inner.peers);
+        let all: Vec<(SpiffeId, Option<String>)> = peers
+            .table
+            .endpoints(service)
+            .iter()
+            .filter_map(|id| {
+                let info = &peers.by_id.get(id)?.info;
+                in_subset(subset, &info.labels)
+                    .then(|| (id.clone(), info.labels.get("zone").cloned()))
+            })
+            .collect();
+        if all.is_empty() {
+            return Err(if peers.table.endpoints(service).is_empty() {
+                self.no_endpoint(&peers, service)
+            } else {
+                Reply::error(
+                    Status::Unavailable,
+                    format!(
+                        "no live endpoint of service {service} matches the route's subset {subset:?}"
+                    ),
+                )
+            });
+        }
+        let fresh: Vec<(SpiffeId, Option<&str>)> = all
+            .iter()
+            .filter(|(id, _)| !tried.contains(id))
+            .map(|(id, z)| (id.clone(), z.as_deref()))
+            .collect();
+        let candidates: Vec<(SpiffeId, Option<&str>)> = if fresh.is_empty() {
+            all.iter()
+                .map(|(id, z)| (id.clone(), z.as_deref()))
+                .collect()
+        } else {
+            fresh
+        };
+        let zone = self.inner.labels.get("zone").map(String::as_str);
+        let name = ServiceName::try_from(service)
+            .map_err(|e| Reply::error(Status::InvalidArgument, e.to_string()))?;
+        let mut traffic = lock(&self.inner.traffic);
+        let balancer = traffic
+            .balancers
+            .entry(name)
+            .or_insert_with(|| Balancer::new(balance.clone()));
+        balancer.set_config(balance.clone());
+        let chosen = balancer
+            .pick(&candidates, zone, Instant::now(), random(), random())
+            .ok_or_else(|| {
+                Reply::error(
+                    Status::Unavailable,
+                    format!("every endpoint of service {service} is ejected or at its limit of calls in flight"),
+                )
+            })?;
+        let conn = peers
+            .by_id
+            .get(&chosen)
+            .and_then(|p| p.conns.first().cloned())
+            .ok_or_else(|| {
+                Reply::error(Status::Unavailable, format!("endpoint {chosen} just left"))
+            })?;
+        Ok((conn, chosen))
+    }
+
+    fn finish(
+        &self,
+        service: Option<&ServiceName>,
+        id: &SpiffeId,
+        latency: Duration,
+        failed: bool,
+        rule: &str,
+    ) {
+        let Some(service) = service else { return };
+        let outcome = lock(&self.inner.traffic)
+            .balancers
+            .get_mut(service)
+            .map_or(Outcome::None, |b| {
+                b.finish(id, latency, !failed, Instant::now())
+            });
+        match outcome {
+            Outcome::Ejected(until) => {
+                warn!(
+                    "ejected {} from service {service} for {:?} after failures",
+                    id.node_name(),
+                    until.saturating_duration_since(Instant::now())
+                );
+                self.count(rule, "ejected");
+            }
+            Outcome::Restored => debug!("{} is back in service {service}", id.node_name()),
+            Outcome::None => {}
+        }
+    }
+
+    /// Copies a call to an endpoint of `subset`, in the background; its answer is discarded and
+    /// its slowness or failure never reaches the caller.
+    #[allow(clippy::too_many_arguments)]
+    fn mirror(
+        &self,
+        service: &str,
+        method: &str,
+        body: &Bytes,
+        options: &CallOptions,
+        subset: Subset,
+        deadline: Instant,
+        balance: &BalanceConfig,
+        rule: &str,
+    ) {
+        let Ok((conn, _)) = self.pick(service, &subset, &[], balance) else {
+            return;
+        };
+        self.count(rule, "mirrored");
+        let node = self.clone();
+        let (service, method, body, options) = (
+            service.to_owned(),
+            method.to_owned(),
+            body.clone(),
+            options.clone(),
+        );
+        let trace = TraceContext {
+            trace_id: [0; 16],
+            span_id: random().to_le_bytes(),
+            flags: 0,
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        tokio::spawn(async move {
+            let Ok(head) = node.head(&service, &method, &options, trace, left) else {
+                return;
+            };
+            let _ = tokio::time::timeout(left, node.remote_call(conn, head, body)).await;
+        });
+    }
+
+    fn current_policy(&self) -> Option<Arc<Policy>> {
+        lock(&self.inner.policy).as_ref().map(|(_, p)| p.clone())
+    }
+
+    pub(crate) fn count(&self, rule: &str, action: &'static str) {
+        lock(&self.inner.telemetry).record_rule(rule, action);
+    }
+
+    /// Replaces the policy this node runs under (normally done by the gateway's control stream).
+    pub fn set_policy(&self, version: u64, policy: Policy) {
+        *lock(&self.inner.policy) = Some((version, Arc::new(policy)));
+    }
+
+    /// Retries and calls made under the retry budget of `service`: `(calls, retries)`.
+    pub fn retry_totals(&self, service: &str) -> (u64, u64) {
+        lock(&self.inner.traffic)
+            .budgets
+            .get(service)
+            .map_or((0, 0), RetryBudget::totals)
+    }
+}
+
+impl Inner {
+    /// Authorization and rate limits at the callee; `Err` is the refusal to send back.
+    pub(crate) fn admit(
+        &self,
+        ctx: &CallContext,
+        caller_labels: &BTreeMap<String, String>,
+    ) -> Result<(), Reply> {
+        let Some(policy) = lock(&self.policy).as_ref().map(|(_, p)| p.clone()) else {
+            return Ok(());
+        };
+        let caller = ctx.caller.to_string();
+        let (service, method) = (ctx.service.as_str(), ctx.method.as_str());
+        let verdict = policy.authz.decide(&caller, caller_labels, service, method);
+        if verdict.denied {
+            let action = if verdict.allow { "audited" } else { "denied" };
+            lock(&self.telemetry).record_rule(&verdict.rule, action);
+            self.audit_event(
+                action,
+                vec![
+                    ("caller".into(), caller.clone()),
+                    ("service".into(), service.to_owned()),
+                    ("method".into(), method.to_owned()),
+                    ("rule".into(), verdict.rule.clone()),
+                ],
+            );
+            if !verdict.allow {
+                return Err(Reply::error(
+                    Status::PermissionDenied,
+                    format!(
+                        "{caller} may not call {service}.{method} (rule {})",
+                        verdict.rule
+                    ),
+                ));
+            }
+        } else {
+            lock(&self.telemetry).record_rule(&verdict.rule, "allowed");
+        }
+        if let Some(limit) = policy.rate_limit(&caller, service) {
+            let now = Instant::now();
+            let mut traffic = lock(&self.traffic);
+            let bucket = traffic
+                .buckets
+                .entry((limit.name.clone(), caller.clone()))
+                .or_insert_with(|| TokenBucket::new(limit.per_second, limit.burst, now));
+            if !bucket.take(now) {
+                drop(traffic);
+                lock(&self.telemetry).record_rule(&limit.name, "rate_limited");
+                return Err(Reply::error(
+                    Status::ResourceExhausted,
+                    format!(
+                        "{caller} is over its rate limit {} ({} calls a second) for {service}",
+                        limit.name, limit.per_second
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}

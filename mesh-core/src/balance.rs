@@ -100,8 +100,10 @@ impl<K: Clone + Eq + Hash> Balancer<K> {
     }
 
     /// Replaces the settings (a new policy); endpoint state is kept.
-    pub fn set_config(&mut self, config: BalanceConfig) {
-        self.config = config;
+    pub fn set_config(&mut self, config: &BalanceConfig) {
+        if self.config != *config {
+            self.config = config.clone();
+        }
     }
 
     /// Picks an endpoint among `candidates` (each with its zone), for a caller in `zone`, at

@@ -116,6 +116,8 @@ pub struct NodeOptions {
 
 pub(crate) struct Inner {
     pub(crate) id: SpiffeId,
+    /// `id` as text, made once.
+    pub(crate) id_text: String,
     pub(crate) name: NodeName,
     limits: Limits,
     endpoint: quinn::Endpoint,
@@ -152,6 +154,8 @@ pub(crate) struct Peers {
 }
 
 pub(crate) struct PeerEntry {
+    /// A cheap stable key for the balancer (a hash of the identity).
+    pub(crate) key: u64,
     pub(crate) info: PeerInfo,
     /// Live connections to this peer, oldest first; calls use the first.
     pub(crate) conns: Vec<quinn::Connection>,
@@ -194,6 +198,7 @@ impl Node {
             .collect::<HashMap<_, _>>();
         let hello = encode_hello(&config, role)?;
         let inner = Arc::new(Inner {
+            id_text: identity.id.to_string(),
             id: identity.id.clone(),
             name: config.name.clone(),
             limits: config.limits.clone(),
@@ -804,6 +809,7 @@ impl Node {
             .by_id
             .entry(info.id.clone())
             .or_insert_with(|| PeerEntry {
+                key: endpoint_key(&info.id),
                 info: info.clone(),
                 conns: Vec::new(),
             });
@@ -1088,8 +1094,30 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// A fast per-thread pseudo-random number (xorshift64*, seeded from the OS-seeded hasher):
+/// for jitter, sampling and balancing, never for secrets.
 pub(crate) fn random() -> u64 {
-    std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish()
+    thread_local! {
+        static STATE: std::cell::Cell<u64> = std::cell::Cell::new(
+            std::collections::hash_map::RandomState::new().build_hasher().finish() | 1,
+        );
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        s.set(x);
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    })
+}
+
+/// FNV-1a of an identity: the balancer's key for an endpoint.
+fn endpoint_key(id: &SpiffeId) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.to_string().bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
 }

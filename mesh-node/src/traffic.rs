@@ -20,7 +20,6 @@ use mesh_core::authz::glob;
 use mesh_core::balance::{BalanceConfig, Balancer, Outcome};
 use mesh_core::limits::{RetryBudget, TokenBucket};
 use mesh_core::route::{self, Subset, in_subset};
-use mesh_core::{ServiceName, SpiffeId};
 use mesh_proto::{RequestHead, Status, TraceContext};
 use tracing::{debug, warn};
 
@@ -31,8 +30,8 @@ use crate::policy::Policy;
 /// Per-service balancer state, retry budgets and callee rate-limit buckets.
 #[derive(Default)]
 pub(crate) struct Traffic {
-    balancers: HashMap<ServiceName, Balancer<SpiffeId>>,
-    budgets: HashMap<ServiceName, RetryBudget>,
+    balancers: HashMap<String, Balancer<u64>>,
+    budgets: HashMap<String, RetryBudget>,
     buckets: HashMap<(String, String), TokenBucket>,
 }
 
@@ -67,34 +66,34 @@ impl Node {
     ) -> (Reply, String) {
         let policy = self.current_policy();
         let svc = policy.as_ref().and_then(|p| p.service(service));
-        let caller = self.inner.id.to_string();
         let decision = route::decide(
             svc.map_or(&[][..], |s| &s.routes[..]),
             method,
             &options.metadata,
-            &caller,
+            &self.inner.id_text,
             &self.inner.labels,
             random(),
             random(),
         );
-        let rule = decision
-            .route
-            .map_or(service, |r| r.name.as_str())
-            .to_owned();
+        let rule = decision.route.map_or(service, |r| r.name.as_str());
         let deadline = match (options.timeout, decision.route.and_then(|r| r.timeout)) {
             (None, Some(t)) => Instant::now() + t,
             _ => deadline,
         };
-        let balance = svc.map(|s| s.balance.clone()).unwrap_or_default();
+        let default_balance = BalanceConfig::default();
+        let balance = svc.map_or(&default_balance, |s| &s.balance);
         let idempotent = svc.is_some_and(|s| s.idempotent.iter().any(|g| glob(g, method)));
-        let retry = svc.and_then(|s| s.retry.clone()).filter(|_| idempotent);
-        let service_name = ServiceName::try_from(service).ok();
-        if let (Some(r), Some(name)) = (&retry, &service_name) {
-            lock(&self.inner.traffic)
-                .budgets
-                .entry(name.clone())
-                .or_insert_with(|| RetryBudget::new(r.budget, 10.0))
-                .deposit();
+        let retry = svc.and_then(|s| s.retry.as_ref()).filter(|_| idempotent);
+        if let Some(r) = retry {
+            let mut traffic = lock(&self.inner.traffic);
+            if !traffic.budgets.contains_key(service) {
+                traffic
+                    .budgets
+                    .insert(service.to_owned(), RetryBudget::new(r.budget, 10.0));
+            }
+            if let Some(budget) = traffic.budgets.get_mut(service) {
+                budget.deposit();
+            }
         }
         if let Some(mirror) = decision.mirror {
             self.mirror(
@@ -104,19 +103,18 @@ impl Node {
                 options,
                 mirror.clone(),
                 deadline,
-                &balance,
-                &rule,
+                balance,
+                rule,
             );
         }
 
-        let mut tried: Vec<SpiffeId> = Vec::new();
+        let mut tried: Vec<u64> = Vec::new();
         let mut attempt = 1;
         loop {
-            let (conn, id) = match self.pick(service, &decision.subset, &tried, &balance) {
+            let (conn, key, callee) = match self.pick(service, &decision.subset, &tried, balance) {
                 Ok(found) => found,
                 Err(reply) => return (reply, String::new()),
             };
-            let callee = id.node_name().as_str().to_owned();
             let started = Instant::now();
             let left = deadline.saturating_duration_since(started);
             let reply = match self.head(service, method, options, trace, left) {
@@ -134,13 +132,14 @@ impl Node {
                 }
             };
             self.finish(
-                service_name.as_ref(),
-                &id,
+                service,
+                key,
+                &callee,
                 started.elapsed(),
                 is_failure(reply.status),
-                &rule,
+                rule,
             );
-            let Some(r) = &retry else {
+            let Some(r) = retry else {
                 return (reply, callee);
             };
             if !is_retryable(reply.status) || attempt >= r.attempts {
@@ -150,18 +149,16 @@ impl Node {
             if Instant::now() + backoff >= deadline {
                 return (reply, callee);
             }
-            let allowed = service_name.as_ref().is_some_and(|name| {
-                lock(&self.inner.traffic)
-                    .budgets
-                    .get_mut(name)
-                    .is_some_and(RetryBudget::withdraw)
-            });
+            let allowed = lock(&self.inner.traffic)
+                .budgets
+                .get_mut(service)
+                .is_some_and(RetryBudget::withdraw);
             if !allowed {
                 debug!("retry budget of {service} spent; not retrying");
                 return (reply, callee);
             }
-            self.count(&rule, "retried");
-            tried.push(id);
+            self.count(rule, "retried");
+            tried.push(key);
             attempt += 1;
             tokio::time::sleep(backoff).await;
         }
@@ -194,27 +191,26 @@ impl Node {
     }
 
     /// Picks the endpoint of `service` in `subset` for the next attempt, avoiding those `tried`
-    /// while others remain.
+    /// while others remain: its connection, its balancer key and its node name.
     fn pick(
         &self,
         service: &str,
         subset: &Subset,
-        tried: &[SpiffeId],
+        tried: &[u64],
         balance: &BalanceConfig,
-    ) -> Result<(quinn::Connection, SpiffeId), Reply> {
+    ) -> Result<(quinn::Connection, u64, String), Reply> {
         let peers = lock(&self.inner.peers);
-        let all: Vec<(SpiffeId, Option<String>)> = peers
-            .table
-            .endpoints(service)
+        let endpoints = peers.table.endpoints(service);
+        let all: Vec<(u64, Option<&str>)> = endpoints
             .iter()
             .filter_map(|id| {
-                let info = &peers.by_id.get(id)?.info;
-                in_subset(subset, &info.labels)
-                    .then(|| (id.clone(), info.labels.get("zone").cloned()))
+                let entry = peers.by_id.get(id)?;
+                in_subset(subset, &entry.info.labels)
+                    .then(|| (entry.key, entry.info.labels.get("zone").map(String::as_str)))
             })
             .collect();
         if all.is_empty() {
-            return Err(if peers.table.endpoints(service).is_empty() {
+            return Err(if endpoints.is_empty() {
                 self.no_endpoint(&peers, service)
             } else {
                 Reply::error(
@@ -225,70 +221,72 @@ impl Node {
                 )
             });
         }
-        let fresh: Vec<(SpiffeId, Option<&str>)> = all
+        let fresh: Vec<(u64, Option<&str>)> = all
             .iter()
-            .filter(|(id, _)| !tried.contains(id))
-            .map(|(id, z)| (id.clone(), z.as_deref()))
+            .copied()
+            .filter(|(k, _)| !tried.contains(k))
             .collect();
-        let candidates: Vec<(SpiffeId, Option<&str>)> = if fresh.is_empty() {
-            all.iter()
-                .map(|(id, z)| (id.clone(), z.as_deref()))
-                .collect()
-        } else {
-            fresh
-        };
+        let candidates = if fresh.is_empty() { &all } else { &fresh };
         let zone = self.inner.labels.get("zone").map(String::as_str);
-        let name = ServiceName::try_from(service)
-            .map_err(|e| Reply::error(Status::InvalidArgument, e.to_string()))?;
         let mut traffic = lock(&self.inner.traffic);
+        if !traffic.balancers.contains_key(service) {
+            traffic
+                .balancers
+                .insert(service.to_owned(), Balancer::new(balance.clone()));
+        }
         let balancer = traffic
             .balancers
-            .entry(name)
-            .or_insert_with(|| Balancer::new(balance.clone()));
-        balancer.set_config(balance.clone());
+            .get_mut(service)
+            .ok_or_else(|| Reply::error(Status::Internal, "balancer vanished"))?;
+        balancer.set_config(balance);
         let chosen = balancer
-            .pick(&candidates, zone, Instant::now(), random(), random())
+            .pick(candidates, zone, Instant::now(), random(), random())
             .ok_or_else(|| {
                 Reply::error(
                     Status::Unavailable,
                     format!("every endpoint of service {service} is ejected or at its limit of calls in flight"),
                 )
             })?;
-        let conn = peers
-            .by_id
-            .get(&chosen)
-            .and_then(|p| p.conns.first().cloned())
-            .ok_or_else(|| {
-                Reply::error(Status::Unavailable, format!("endpoint {chosen} just left"))
-            })?;
-        Ok((conn, chosen))
+        drop(traffic);
+        let gone = || {
+            Reply::error(
+                Status::Unavailable,
+                format!("an endpoint of {service} just left"),
+            )
+        };
+        let entry = endpoints
+            .iter()
+            .filter_map(|id| peers.by_id.get(id))
+            .find(|e| e.key == chosen)
+            .ok_or_else(gone)?;
+        let conn = entry.conns.first().cloned().ok_or_else(gone)?;
+        Ok((conn, chosen, entry.info.id.node_name().as_str().to_owned()))
     }
 
     fn finish(
         &self,
-        service: Option<&ServiceName>,
-        id: &SpiffeId,
+        service: &str,
+        key: u64,
+        callee: &str,
         latency: Duration,
         failed: bool,
         rule: &str,
     ) {
-        let Some(service) = service else { return };
         let outcome = lock(&self.inner.traffic)
             .balancers
             .get_mut(service)
             .map_or(Outcome::None, |b| {
-                b.finish(id, latency, !failed, Instant::now())
+                b.finish(&key, latency, !failed, Instant::now())
             });
         match outcome {
             Outcome::Ejected(until) => {
                 warn!(
-                    "ejected {} from service {service} for {:?} after failures",
-                    id.node_name(),
+                    "ejected {callee} from service {service} for {:?} after failures",
                     until.saturating_duration_since(Instant::now())
                 );
                 self.count(rule, "ejected");
             }
-            Outcome::Restored => debug!("{} is back in service {service}", id.node_name()),
+            Outcome::Restored => debug!("{callee} is back in service {service}"),
             Outcome::None => {}
         }
     }
@@ -307,7 +305,7 @@ impl Node {
         balance: &BalanceConfig,
         rule: &str,
     ) {
-        let Ok((conn, _)) = self.pick(service, &subset, &[], balance) else {
+        let Ok((conn, key, _)) = self.pick(service, &subset, &[], balance) else {
             return;
         };
         self.count(rule, "mirrored");
@@ -325,10 +323,18 @@ impl Node {
         };
         let left = deadline.saturating_duration_since(Instant::now());
         tokio::spawn(async move {
-            let Ok(head) = node.head(&service, &method, &options, trace, left) else {
-                return;
+            let started = Instant::now();
+            let reply = match node.head(&service, &method, &options, trace, left) {
+                Ok(head) => tokio::time::timeout(left, node.remote_call(conn, head, body))
+                    .await
+                    .ok(),
+                Err(_) => None,
             };
-            let _ = tokio::time::timeout(left, node.remote_call(conn, head, body)).await;
+            // The mirror's answer is dropped, but its endpoint's health and latency still count.
+            let failed = reply.as_ref().is_none_or(|r| is_failure(r.status));
+            if let Some(b) = lock(&node.inner.traffic).balancers.get_mut(&service) {
+                b.finish(&key, started.elapsed(), !failed, Instant::now());
+            }
         });
     }
 

@@ -441,7 +441,7 @@ impl Node {
                 deadline,
                 trace: Some(trace),
             };
-            if let Err(refused) = self.inner.admit(&ctx, &self.inner.labels) {
+            if let Err(refused) = self.inner.admit(&ctx, || self.inner.labels.clone()) {
                 return (refused, me);
             }
             return (self.inner.dispatch(ctx, body).await, me);
@@ -861,12 +861,14 @@ impl Inner {
         .await;
         let reply = match read {
             Ok(Ok(Incoming::Call(ctx, body))) => {
-                let labels = lock(&self.peers)
-                    .by_id
-                    .get(&caller)
-                    .map(|p| p.info.labels.clone())
-                    .unwrap_or_default();
-                match self.admit(&ctx, &labels) {
+                let labels = || {
+                    lock(&self.peers)
+                        .by_id
+                        .get(&caller)
+                        .map(|p| p.info.labels.clone())
+                        .unwrap_or_default()
+                };
+                match self.admit(&ctx, labels) {
                     Ok(()) => self.dispatch_traced(*ctx, body).await,
                     Err(refused) => refused,
                 }
@@ -940,7 +942,9 @@ impl Inner {
 
     /// Serves a call and records the callee's span when the caller sampled it.
     async fn dispatch_traced(&self, ctx: CallContext, body: Bytes) -> Reply {
-        let sampled = ctx.trace.filter(|t| t.flags & 1 == 1);
+        let Some(trace) = ctx.trace.filter(|t| t.flags & 1 == 1) else {
+            return self.dispatch(ctx, body).await;
+        };
         let (service, method) = (
             ctx.service.as_str().to_owned(),
             ctx.method.as_str().to_owned(),
@@ -948,20 +952,18 @@ impl Inner {
         let started = Instant::now();
         let started_wall = unix_us();
         let reply = self.dispatch(ctx, body).await;
-        if let Some(trace) = sampled {
-            lock(&self.telemetry).record_span(Span {
-                trace_id: trace.trace_id,
-                span_id: random().to_le_bytes(),
-                parent_span_id: Some(trace.span_id),
-                client: false,
-                node: self.name.as_str().to_owned(),
-                service,
-                method,
-                start_unix_us: started_wall,
-                duration_us: started.elapsed().as_micros() as u64,
-                status: reply.status,
-            });
-        }
+        lock(&self.telemetry).record_span(Span {
+            trace_id: trace.trace_id,
+            span_id: random().to_le_bytes(),
+            parent_span_id: Some(trace.span_id),
+            client: false,
+            node: self.name.as_str().to_owned(),
+            service,
+            method,
+            start_unix_us: started_wall,
+            duration_us: started.elapsed().as_micros() as u64,
+            status: reply.status,
+        });
         reply
     }
 

@@ -365,11 +365,12 @@ impl Inner {
     pub(crate) fn admit(
         &self,
         ctx: &CallContext,
-        caller_labels: &BTreeMap<String, String>,
+        caller_labels: impl FnOnce() -> BTreeMap<String, String>,
     ) -> Result<(), Reply> {
         let Some(policy) = lock(&self.policy).as_ref().map(|(_, p)| p.clone()) else {
             return Ok(());
         };
+        let caller_labels = &caller_labels();
         let caller = ctx.caller.to_string();
         let (service, method) = (ctx.service.as_str(), ctx.method.as_str());
         let verdict = policy.authz.decide(&caller, caller_labels, service, method);

@@ -21,6 +21,7 @@ pub enum Kind {
     Udp,
     Quinn,
     Starling,
+    StarlingPolicy,
     Ingress,
     #[cfg(feature = "zenoh")]
     Zenoh,
@@ -32,6 +33,7 @@ impl Kind {
             Kind::Udp,
             Kind::Quinn,
             Kind::Starling,
+            Kind::StarlingPolicy,
             Kind::Ingress,
             #[cfg(feature = "zenoh")]
             Kind::Zenoh,
@@ -43,6 +45,7 @@ impl Kind {
             Kind::Udp => "raw UDP echo",
             Kind::Quinn => "raw quinn mTLS",
             Kind::Starling => "Starling Rust API",
+            Kind::StarlingPolicy => "Starling API, 50 rules",
             Kind::Ingress => "Starling HTTP ingress",
             #[cfg(feature = "zenoh")]
             Kind::Zenoh => "zenoh get/queryable",
@@ -66,6 +69,8 @@ pub struct Fixture {
     quinn_addr: SocketAddr,
     node_a: Node,
     node_b: Node,
+    node_c: Node,
+    node_d: Node,
     ingress: SocketAddr,
     #[cfg(feature = "zenoh")]
     zenoh: crate::paths::zenoh_path::Zenoh,
@@ -198,6 +203,28 @@ impl Fixture {
         );
         let ingress = node_a.ingress_addr().context("ingress")?;
 
+        // The same call under a 50-rule policy on both sides (C calls D).
+        let policy = mesh_node::policy::Policy::parse(&fifty_rules(), "bench policy")?;
+        let (mut d_conf, d_id) = identity("node-d")?;
+        d_conf.services = vec![mesh_node::config::ServiceConfig {
+            name: "echo".parse().map_err(anyhow::Error::msg)?,
+            upstream: mesh_node::upstream::UpstreamSpec::Echo,
+        }];
+        d_conf.ingress = None;
+        let node_d = server.spawn(Node::start(d_conf, d_id)).await??;
+        node_d.set_policy(1, policy.clone());
+        let (mut c_conf, c_id) = identity("node-c")?;
+        c_conf.peers = vec![node_d.local_addr()];
+        c_conf.ingress = None;
+        let node_c = Node::start(c_conf, c_id).await?;
+        node_c.set_policy(1, policy);
+        anyhow::ensure!(
+            node_c
+                .wait_for_service("echo", Duration::from_secs(5))
+                .await,
+            "node-c did not see node-d"
+        );
+
         #[cfg(feature = "zenoh")]
         let zenoh = zenoh_path::Zenoh::start().await?;
 
@@ -210,6 +237,8 @@ impl Fixture {
             quinn_addr,
             node_a,
             node_b,
+            node_c,
+            node_d,
             ingress,
             #[cfg(feature = "zenoh")]
             zenoh,
@@ -275,6 +304,7 @@ impl Fixture {
             }
             Kind::Quinn => Client::Quinn(self.quinn_conn.clone()),
             Kind::Starling => Client::Starling(self.node_a.clone()),
+            Kind::StarlingPolicy => Client::Starling(self.node_c.clone()),
             Kind::Ingress => {
                 let stream = tokio::net::TcpStream::connect(self.ingress).await?;
                 stream.set_nodelay(true)?;
@@ -319,6 +349,9 @@ impl Fixture {
             let _ = handle.spawn(async move { drop(zenoh) }).await;
         }
         self.node_a.shutdown().await;
+        self.node_c.shutdown().await;
+        let d = self.node_d.clone();
+        let _ = self.server.spawn(async move { d.shutdown().await }).await;
         let b = self.node_b.clone();
         let _ = self.server.spawn(async move { b.shutdown().await }).await;
         self.quinn_client.close(0u32.into(), b"");
@@ -469,4 +502,26 @@ pub mod zenoh_path {
             .map_err(|e| anyhow::anyhow!("zenoh error reply: {e:?}"))?;
         Ok(sample.payload().len())
     }
+}
+
+/// A policy of 50 rules, the matching ones last: 44 authorization rules that do not match, the
+/// one that allows, 3 routes that do not match and the one that does, a retry policy and a rate
+/// limit far above the load.
+fn fifty_rules() -> String {
+    let mut p = String::from("[authorization]\ndefault = \"deny\"\n");
+    for i in 0..44 {
+        p.push_str(&format!(
+            "[[authorization.rules]]\nname = \"other-{i}\"\neffect = \"allow\"\ncallers = [\"spiffe://bench.local/node/other-{i}-*\"]\n"
+        ));
+    }
+    p.push_str("[[authorization.rules]]\nname = \"bench\"\neffect = \"allow\"\ncallers = [\"spiffe://bench.local/node/node-*\"]\nservices = [\"echo\"]\n");
+    p.push_str("[[services]]\nname = \"echo\"\nidempotent = [\"say\"]\nretry = { attempts = 2, budget_percent = 10 }\n");
+    for i in 0..3 {
+        p.push_str(&format!(
+            "[[services.routes]]\nname = \"canary-{i}\"\nmetadata = {{ \"x-canary-{i}\" = \"1\" }}\nsplit = [ {{ subset = {{ version = \"v{i}\" }}, weight = 1 }} ]\n"
+        ));
+    }
+    p.push_str("[[services.routes]]\nname = \"all\"\nsplit = [ { subset = {}, weight = 1 } ]\n");
+    p.push_str("[[rate_limits]]\nname = \"generous\"\nservice = \"echo\"\nper_second = 10000000\nburst = 10000000\n");
+    p
 }

@@ -170,6 +170,15 @@ impl Report {
         ));
         let g = us(i.p50()) / us(s.p50());
         out.push(("ingress p50 <= 2x Rust API", g <= 2.0, format!("{g:.2}x")));
+        if let Some(pol) = self.find("Starling API, 50 rules", 64, 1) {
+            let p = us(pol.p50()) / us(s.p50()) - 1.0;
+            let c = us(pol.cpu_per_call()) / us(s.cpu_per_call()) - 1.0;
+            out.push((
+                "a 50-rule policy adds under 5% (p50 and CPU per call)",
+                p < 0.05 && c < 0.05,
+                format!("p50 {:+.1}%, CPU {:+.1}%", p * 100.0, c * 100.0),
+            ));
+        }
         if let (Some(z), Some(z64), Some(s64)) = (
             self.find("zenoh get/queryable", 64, 1),
             self.find("zenoh get/queryable", 64, 64),

@@ -50,7 +50,7 @@ pub struct Telemetry {
     dropped: u64,
     max_items: usize,
     lost_items: u64,
-    rules: BTreeMap<(String, String), u64>,
+    rules: BTreeMap<String, BTreeMap<&'static str, u64>>,
 }
 
 impl Telemetry {
@@ -118,11 +118,14 @@ impl Telemetry {
     }
 
     /// Counts one decision of a policy rule (`allowed`, `denied`, `retried`, ...).
-    pub fn record_rule(&mut self, rule: &str, action: &str) {
-        *self
-            .rules
-            .entry((rule.to_owned(), action.to_owned()))
-            .or_default() += 1;
+    pub fn record_rule(&mut self, rule: &str, action: &'static str) {
+        match self.rules.get_mut(rule) {
+            Some(actions) => *actions.entry(action).or_default() += 1,
+            None => {
+                self.rules
+                    .insert(rule.to_owned(), [(action, 1)].into_iter().collect());
+            }
+        }
     }
 
     /// Keeps a sampled span for the next batch (at most 1000 a batch; more are counted as lost).
@@ -180,10 +183,12 @@ impl Telemetry {
             audit: std::mem::take(&mut self.audit),
             rules: std::mem::take(&mut self.rules)
                 .into_iter()
-                .map(|((rule, action), count)| RuleCount {
-                    rule,
-                    action,
-                    count,
+                .flat_map(|(rule, actions)| {
+                    actions.into_iter().map(move |(action, count)| RuleCount {
+                        rule: rule.clone(),
+                        action: action.to_owned(),
+                        count,
+                    })
                 })
                 .collect(),
         });

@@ -805,6 +805,9 @@ impl Node {
             .table
             .set_endpoint(&info.id, info.services.iter().cloned());
         peers.known.extend(info.services.iter().cloned());
+        drop(peers);
+        self.inner.forget_verdicts();
+        let mut peers = lock(&self.inner.peers);
         let entry = peers
             .by_id
             .entry(info.id.clone())

@@ -158,7 +158,9 @@ pub struct Limits {
     pub connect_timeout: Duration,
     /// QUIC keep-alive interval.
     pub keep_alive: Duration,
-    /// A connection with nothing heard for this long is dead.
+    /// A connection with nothing heard for this long is dead. QUIC restarts the timer when it
+    /// sends its own keep-alive, so a silent peer is noticed within `idle_timeout + keep_alive`:
+    /// with the defaults (1 s, 2 s), three keep-alive intervals.
     pub idle_timeout: Duration,
 }
 
@@ -170,7 +172,7 @@ impl Default for Limits {
             call_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(3),
             keep_alive: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(3),
+            idle_timeout: Duration::from_secs(2),
         }
     }
 }

@@ -262,6 +262,14 @@ impl NodeProc {
         let _ = self.child.wait();
     }
 
+    /// Sends SIGTERM and returns at once.
+    pub fn terminate(&self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+    }
+
     /// Sends SIGTERM and waits (bounded) for the exit.
     pub fn stop(mut self) -> std::process::ExitStatus {
         let _ = Command::new("kill")

@@ -322,24 +322,9 @@ async fn admin_call(
     token: Option<&str>,
     body: &str,
 ) -> anyhow::Result<(u16, String)> {
-    use http_body_util::{BodyExt, Full};
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let mut req = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header(hyper::header::HOST, addr.to_string());
-    if let Some(t) = token {
-        req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
-    }
-    let resp = sender
-        .send_request(req.body(Full::new(bytes::Bytes::from(body.to_owned())))?)
-        .await?;
-    let code = resp.status().as_u16();
-    let body = resp.into_body().collect().await?.to_bytes();
-    Ok((code, String::from_utf8_lossy(&body).into_owned()))
+    starling_tests::try_http(method, addr, path, token, body)
+        .await
+        .map_err(anyhow::Error::msg)
 }
 
 /// utime + stime of a process, in clock ticks (1/100 s).

@@ -69,8 +69,7 @@ pub struct Fixture {
     quinn_addr: SocketAddr,
     node_a: Node,
     node_b: Node,
-    node_c: Node,
-    node_d: Node,
+    policy: mesh_node::policy::Policy,
     ingress: SocketAddr,
     #[cfg(feature = "zenoh")]
     zenoh: crate::paths::zenoh_path::Zenoh,
@@ -203,27 +202,9 @@ impl Fixture {
         );
         let ingress = node_a.ingress_addr().context("ingress")?;
 
-        // The same call under a 50-rule policy on both sides (C calls D).
+        // The same nodes run the "50 rules" path with this policy set on both, and the plain path
+        // without it, so the two differ by the policy alone.
         let policy = mesh_node::policy::Policy::parse(&fifty_rules(), "bench policy")?;
-        let (mut d_conf, d_id) = identity("node-d")?;
-        d_conf.services = vec![mesh_node::config::ServiceConfig {
-            name: "echo".parse().map_err(anyhow::Error::msg)?,
-            upstream: mesh_node::upstream::UpstreamSpec::Echo,
-        }];
-        d_conf.ingress = None;
-        let node_d = server.spawn(Node::start(d_conf, d_id)).await??;
-        node_d.set_policy(1, policy.clone());
-        let (mut c_conf, c_id) = identity("node-c")?;
-        c_conf.peers = vec![node_d.local_addr()];
-        c_conf.ingress = None;
-        let node_c = Node::start(c_conf, c_id).await?;
-        node_c.set_policy(1, policy);
-        anyhow::ensure!(
-            node_c
-                .wait_for_service("echo", Duration::from_secs(5))
-                .await,
-            "node-c did not see node-d"
-        );
 
         #[cfg(feature = "zenoh")]
         let zenoh = zenoh_path::Zenoh::start().await?;
@@ -237,8 +218,7 @@ impl Fixture {
             quinn_addr,
             node_a,
             node_b,
-            node_c,
-            node_d,
+            policy,
             ingress,
             #[cfg(feature = "zenoh")]
             zenoh,
@@ -255,6 +235,14 @@ impl Fixture {
     ) -> anyhow::Result<Run> {
         let body = Bytes::from(vec![0xa5u8; payload]);
         let per_task = calls.div_ceil(inflight);
+        // The policy is on both nodes for the "50 rules" path and on neither otherwise.
+        for node in [&self.node_a, &self.node_b] {
+            if kind == Kind::StarlingPolicy {
+                node.set_policy(1, self.policy.clone());
+            } else {
+                node.clear_policy();
+            }
+        }
         // zenoh needs a multi-thread runtime: its clients run on one of their own (one worker).
         let runtime = match kind {
             #[cfg(feature = "zenoh")]
@@ -304,7 +292,7 @@ impl Fixture {
             }
             Kind::Quinn => Client::Quinn(self.quinn_conn.clone()),
             Kind::Starling => Client::Starling(self.node_a.clone()),
-            Kind::StarlingPolicy => Client::Starling(self.node_c.clone()),
+            Kind::StarlingPolicy => Client::Starling(self.node_a.clone()),
             Kind::Ingress => {
                 let stream = tokio::net::TcpStream::connect(self.ingress).await?;
                 stream.set_nodelay(true)?;
@@ -349,9 +337,6 @@ impl Fixture {
             let _ = handle.spawn(async move { drop(zenoh) }).await;
         }
         self.node_a.shutdown().await;
-        self.node_c.shutdown().await;
-        let d = self.node_d.clone();
-        let _ = self.server.spawn(async move { d.shutdown().await }).await;
         let b = self.node_b.clone();
         let _ = self.server.spawn(async move { b.shutdown().await }).await;
         self.quinn_client.close(0u32.into(), b"");

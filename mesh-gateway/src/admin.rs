@@ -23,7 +23,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response};
-use hyper_util::rt::TokioIo;
 use mesh_node::StartError;
 use serde_json::json;
 use tokio::sync::watch;
@@ -37,31 +36,9 @@ const MAX_POLICY_BYTES: usize = 512 * 1024;
 pub(crate) async fn serve(
     state: Arc<State>,
     addr: SocketAddr,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> Result<SocketAddr, StartError> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|source| StartError::Bind { addr, source })?;
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                _ = stop.changed() => return,
-            };
-            let Ok((stream, _)) = accepted else { continue };
-            let state = state.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| handle(state.clone(), req));
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    Ok(bound)
+    mesh_node::ingress::serve_http(addr, stop, move |req| handle(state.clone(), req)).await
 }
 
 async fn handle(

@@ -237,21 +237,9 @@ async fn start_gateway(root: &Path, ca: &Ca) -> anyhow::Result<crate::Gateway> {
 }
 
 async fn admin_get(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
-    use http_body_util::{BodyExt, Empty};
-    let stream = tokio::net::TcpStream::connect(admin).await?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let req = hyper::Request::get(path)
-        .header(hyper::header::HOST, admin.to_string())
-        .body(Empty::<Bytes>::new())?;
-    let body = sender
-        .send_request(req)
-        .await?
-        .into_body()
-        .collect()
-        .await?
-        .to_bytes();
+    let (_, _, body) = mesh_node::cli::request("GET", admin, path, &[], Bytes::new())
+        .await
+        .map_err(anyhow::Error::msg)?;
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 

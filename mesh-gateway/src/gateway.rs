@@ -460,9 +460,7 @@ fn admin_token(path: &Path) -> Result<String, GatewayError> {
     Ok(token)
 }
 
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+pub(crate) use mesh_node::node::lock;
 
 /// The settings a gateway config must have; used by `check-config`.
 pub fn settings(config: &NodeConfig) -> Option<&GatewaySettings> {

@@ -272,31 +272,58 @@ pub async fn post(
     body: Bytes,
     timeout_ms: Option<u64>,
 ) -> Result<(u16, Option<String>, Bytes), String> {
-    let stream = tokio::net::TcpStream::connect(ingress)
+    let timeout = timeout_ms.map(|ms| ms.to_string());
+    let headers: Vec<(&str, &str)> = timeout
+        .iter()
+        .map(|t| ("x-starling-timeout-ms", t.as_str()))
+        .collect();
+    let (code, head, body) = request(
+        "POST",
+        ingress,
+        &format!("/v1/call/{service}/{method}"),
+        &headers,
+        body,
+    )
+    .await?;
+    let status = head
+        .get("x-starling-status")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    Ok((code, status, body))
+}
+
+/// One HTTP/1.1 request on a new connection: `(status, headers, body)`. The small client the CLI,
+/// the demo and the tests share to talk to an ingress or a gateway's API.
+pub async fn request(
+    method: &str,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Result<(u16, hyper::HeaderMap, Bytes), String> {
+    let stream = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| e.to_string())?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
-    let mut req = hyper::Request::post(format!("/v1/call/{service}/{method}"))
-        .header(hyper::header::HOST, ingress.to_string());
-    if let Some(ms) = timeout_ms {
-        req = req.header("x-starling-timeout-ms", ms);
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, addr.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
     }
     let req = req.body(Full::new(body)).map_err(|e| e.to_string())?;
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     let code = resp.status().as_u16();
-    let status = resp
-        .headers()
-        .get("x-starling-status")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let head = resp.headers().clone();
     let body = resp
         .into_body()
         .collect()
         .await
         .map_err(|e| e.to_string())?
         .to_bytes();
-    Ok((code, status, body))
+    Ok((code, head, body))
 }

@@ -22,6 +22,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response};
 use hyper_util::rt::TokioIo;
 use mesh_proto::Status;
+use tokio::sync::watch;
 use tracing::debug;
 
 use crate::call::{Reply, http_status};
@@ -29,13 +30,27 @@ use crate::node::{CallOptions, Node, StartError};
 
 /// Binds the ingress on `addr` and serves it in the background; returns the bound address.
 pub async fn serve(node: Node, addr: SocketAddr) -> Result<SocketAddr, StartError> {
+    let stop = node.shutdown_signal();
+    serve_http(addr, stop, move |req| handle(node.clone(), req)).await
+}
+
+/// Binds `addr` and serves HTTP/1.1 with `handler` until `stop` changes; returns the bound address.
+/// The ingress and the gateway's API both run on it.
+pub async fn serve_http<F, Fut>(
+    addr: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+    handler: F,
+) -> Result<SocketAddr, StartError>
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Bind { addr, source })?;
     let bound = listener
         .local_addr()
         .map_err(|source| StartError::Bind { addr, source })?;
-    let mut stop = node.shutdown_signal();
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -44,14 +59,14 @@ pub async fn serve(node: Node, addr: SocketAddr) -> Result<SocketAddr, StartErro
             };
             let Ok((stream, _)) = accepted else { continue };
             let _ = stream.set_nodelay(true);
-            let node = node.clone();
+            let handler = handler.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| handle(node.clone(), req));
+                let service = hyper::service::service_fn(&handler);
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
                     .await
                 {
-                    debug!("ingress connection ended: {e}");
+                    debug!("http connection ended: {e}");
                 }
             });
         }

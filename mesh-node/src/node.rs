@@ -1094,7 +1094,8 @@ fn random_trace_id() -> [u8; 16] {
     id
 }
 
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// Locks a mutex; a panic while it was held (a bug) does not stop the node from serving.
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding one of these locks is a bug; keep serving with the data as it is.
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

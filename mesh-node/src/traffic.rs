@@ -35,17 +35,15 @@ pub(crate) struct Traffic {
     budgets: HashMap<String, RetryBudget>,
     /// Rate-limit buckets: per limit, per caller.
     buckets: HashMap<String, HashMap<SpiffeId, TokenBucket>>,
-    /// Remembered authorization verdicts, by a hash of (policy version, caller, service, method).
-    verdicts: HashMap<
-        u64,
-        (
-            u64,
-            SpiffeId,
-            ServiceName,
-            MethodName,
-            mesh_core::authz::Verdict,
-        ),
-    >,
+    /// Remembered admissions, by a hash of (policy version, caller, service, method).
+    verdicts: HashMap<u64, (u64, SpiffeId, ServiceName, MethodName, Arc<Admission>)>,
+}
+
+/// What the policy says of one (caller, service, method).
+pub(crate) struct Admission {
+    verdict: mesh_core::authz::Verdict,
+    /// Index of the rate limit that applies, in the policy's list.
+    rate_limit: Option<usize>,
 }
 
 /// Whether a status counts against an endpoint's health.
@@ -364,6 +362,11 @@ impl Node {
         *lock(&self.inner.policy) = Some((version, Arc::new(policy)));
     }
 
+    /// Drops the policy: the node runs as if it never had one.
+    pub fn clear_policy(&self) {
+        *lock(&self.inner.policy) = None;
+    }
+
     /// Retries and calls made under the retry budget of `service`: `(calls, retries)`.
     pub fn retry_totals(&self, service: &str) -> (u64, u64) {
         lock(&self.inner.traffic)
@@ -385,7 +388,8 @@ impl Inner {
             return Ok(());
         };
         let (service, method) = (ctx.service.as_str(), ctx.method.as_str());
-        let verdict = self.verdict(version, &policy, ctx, caller_labels);
+        let admission = self.admission(version, &policy, ctx, caller_labels);
+        let verdict = &admission.verdict;
         if verdict.denied {
             let action = if verdict.allow { "audited" } else { "denied" };
             lock(&self.telemetry).record_rule(&verdict.rule, action);
@@ -411,12 +415,15 @@ impl Inner {
         } else {
             lock(&self.telemetry).record_rule(&verdict.rule, "allowed");
         }
-        if !policy.rate_limits.is_empty()
-            && let Some(limit) = policy.rate_limit(&ctx.caller.to_string(), service)
-        {
+        if let Some(limit) = admission.rate_limit.and_then(|i| policy.rate_limits.get(i)) {
             let now = Instant::now();
             let mut traffic = lock(&self.traffic);
-            let buckets = traffic.buckets.entry(limit.name.clone()).or_default();
+            if !traffic.buckets.contains_key(&limit.name) {
+                traffic.buckets.insert(limit.name.clone(), HashMap::new());
+            }
+            let Some(buckets) = traffic.buckets.get_mut(&limit.name) else {
+                return Ok(());
+            };
             if !buckets.contains_key(&ctx.caller) {
                 buckets.insert(
                     ctx.caller.clone(),
@@ -439,16 +446,17 @@ impl Inner {
         Ok(())
     }
 
-    /// The authorization verdict for this caller, service and method under policy `version`,
-    /// remembered so that a 50-rule policy costs one lookup per call, not 50 glob matches. The
-    /// cache is cleared when a peer (re)connects, since its labels may have changed.
-    fn verdict(
+    /// What the policy says of this caller, service and method under policy `version`: the
+    /// authorization verdict and the rate limit that applies. Remembered, so that a 50-rule policy
+    /// costs one lookup per call, not 50 glob matches; forgotten when a peer (re)connects, since
+    /// its labels may have changed.
+    fn admission(
         &self,
         version: u64,
         policy: &Policy,
         ctx: &CallContext,
         caller_labels: impl FnOnce() -> BTreeMap<String, String>,
-    ) -> mesh_core::authz::Verdict {
+    ) -> Arc<Admission> {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
         (
@@ -460,21 +468,30 @@ impl Inner {
             .hash(&mut h);
         let key = h.finish();
         let traffic = lock(&self.traffic);
-        if let Some((v, caller, service, method, verdict)) = traffic.verdicts.get(&key)
+        if let Some((v, caller, service, method, admission)) = traffic.verdicts.get(&key)
             && *v == version
             && *caller == ctx.caller
             && *service == ctx.service
             && *method == ctx.method
         {
-            return verdict.clone();
+            return admission.clone();
         }
         drop(traffic);
+        let caller = ctx.caller.to_string();
         let verdict = policy.authz.decide(
-            &ctx.caller.to_string(),
+            &caller,
             &caller_labels(),
             ctx.service.as_str(),
             ctx.method.as_str(),
         );
+        let rate_limit = policy.rate_limits.iter().position(|r| {
+            glob(&r.service, ctx.service.as_str())
+                && (r.callers.is_empty() || r.callers.iter().any(|c| glob(c, &caller)))
+        });
+        let admission = Arc::new(Admission {
+            verdict,
+            rate_limit,
+        });
         let mut traffic = lock(&self.traffic);
         if traffic.verdicts.len() >= 4096 {
             traffic.verdicts.clear();
@@ -486,10 +503,10 @@ impl Inner {
                 ctx.caller.clone(),
                 ctx.service.clone(),
                 ctx.method.clone(),
-                verdict.clone(),
+                admission.clone(),
             ),
         );
-        verdict
+        admission
     }
 
     /// Forgets remembered verdicts (a peer's labels may have changed).

@@ -423,33 +423,13 @@ pub async fn try_http(
     token: Option<&str>,
     body: &str,
 ) -> Result<(u16, String), String> {
-    use http_body_util::{BodyExt, Full};
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let mut req = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header(hyper::header::HOST, addr.to_string());
-    if let Some(t) = token {
-        req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
-    }
-    let req = req
-        .body(Full::new(Bytes::from(body.to_owned())))
-        .map_err(|e| e.to_string())?;
-    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-    let code = resp.status().as_u16();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = bearer
+        .iter()
+        .map(|b| ("authorization", b.as_str()))
+        .collect();
+    let (code, _, body) =
+        mesh_node::cli::request(method, addr, path, &headers, Bytes::from(body.to_owned())).await?;
     Ok((code, String::from_utf8_lossy(&body).into_owned()))
 }
 

@@ -81,8 +81,15 @@ fn main() -> anyhow::Result<()> {
             for kind in &kinds {
                 client_rt.block_on(fixture.run(*kind, payload, inflight, calls / 10 + 64))?;
             }
-            for _ in 0..args.rounds {
-                for (i, kind) in kinds.iter().enumerate() {
+            for round in 0..args.rounds {
+                // Odd rounds run the paths in reverse, so no path always follows the same one.
+                let order: Vec<usize> = if round % 2 == 0 {
+                    (0..kinds.len()).collect()
+                } else {
+                    (0..kinds.len()).rev().collect()
+                };
+                for i in order {
+                    let kind = &kinds[i];
                     let cpu0 = cpu_time();
                     let run = client_rt.block_on(fixture.run(*kind, payload, inflight, calls))?;
                     acc[i].add(run, cpu_time() - cpu0);

@@ -35,6 +35,6 @@ for t in "${targets[@]}"; do
   grep -qx "$t" <<<"$installed" || rustup target add "$t"
 done
 components=$(rustup component list --installed)
-for c in rustfmt clippy llvm-tools; do
+for c in rustfmt clippy; do
   grep -q "^$c" <<<"$components" || rustup component add "$c"
 done

@@ -66,6 +66,8 @@ pub struct NodeConfig {
     pub log: String,
     /// The gateway to keep a control stream to (also dialled as a peer); else one found by mDNS.
     pub gateway: Option<SocketAddr>,
+    /// The certified node name the gateway must have; any name when `None`.
+    pub gateway_name: Option<NodeName>,
     /// Where the node keeps state (the last good policy bundle).
     pub state_dir: PathBuf,
     /// Telemetry timers and bounds.
@@ -201,6 +203,7 @@ struct RawConfig {
     #[serde(default)]
     discovery: RawDiscovery,
     gateway: Option<Spanned<String>>,
+    gateway_name: Option<Spanned<String>>,
     state_dir: Option<String>,
     #[serde(default)]
     telemetry: RawTelemetry,
@@ -404,6 +407,14 @@ impl NodeConfig {
                 .gateway
                 .as_ref()
                 .map(|g| parse_addr(g, &at, "gateway"))
+                .transpose()?,
+            gateway_name: raw
+                .gateway_name
+                .as_ref()
+                .map(|n| {
+                    NodeName::try_from(n.get_ref().as_str())
+                        .map_err(|e| at.invalid(n, "gateway_name", e))
+                })
                 .transpose()?,
             state_dir: match &raw.state_dir {
                 Some(d) => base.join(d),

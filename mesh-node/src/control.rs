@@ -161,11 +161,15 @@ impl Node {
         let mut changed = self.inner.changed.subscribe();
         let mut stop = self.inner.shutdown.subscribe();
         loop {
+            let pin = &self.inner.gateway_pin;
             let conn = lock(&self.inner.peers)
                 .by_id
                 .values()
-                .find(|p| p.info.role == Role::Gateway)
-                .and_then(|p| p.conns.first().cloned());
+                .filter(|p| p.info.role == Role::Gateway)
+                .filter(|p| pin.name.as_ref().is_none_or(|n| p.info.id.node_name() == n))
+                .flat_map(|p| p.conns.iter())
+                .find(|c| pin.addr.is_none_or(|a| c.remote_address() == a))
+                .cloned();
             if conn.is_some() {
                 return conn;
             }

@@ -139,6 +139,17 @@ pub(crate) struct Inner {
     pub(crate) policy: Mutex<Option<(u64, Arc<Policy>)>>,
     pub(crate) store: PolicyStore,
     pub(crate) traffic: Mutex<crate::traffic::Traffic>,
+    /// Which peer may act as this node's gateway.
+    pub(crate) gateway_pin: GatewayPin,
+}
+
+/// Which peer a node accepts as its gateway: it must say `gateway` in its hello, and, when
+/// configured, be the peer at the `gateway` address and carry the certified name `gateway_name`.
+/// Without either, any mesh member claiming the role would do (the node warns at start).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct GatewayPin {
+    pub(crate) addr: Option<SocketAddr>,
+    pub(crate) name: Option<NodeName>,
 }
 
 #[derive(Default)]
@@ -220,7 +231,17 @@ impl Node {
             policy: Mutex::new(None),
             store: PolicyStore::new(&config.state_dir),
             traffic: Mutex::new(crate::traffic::Traffic::default()),
+            gateway_pin: GatewayPin {
+                addr: config.gateway,
+                name: config.gateway_name.clone(),
+            },
         });
+        if !options.gateway && config.gateway.is_none() && config.gateway_name.is_none() {
+            warn!(
+                "no gateway or gateway_name configured: any mesh member that claims the gateway role \
+                 may send this node policy; pin the gateway in production"
+            );
+        }
         let node = Node { inner };
         node.apply_saved_policy();
         info!(

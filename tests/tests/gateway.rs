@@ -766,3 +766,43 @@ fn gateway_check_config_checks_the_policy_too() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("admin: a gateway key"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_takes_policy_only_from_its_pinned_gateway() {
+    // Another mesh member claims the gateway role (it runs mesh-gateway, with a valid certificate
+    // from the mesh CA) and is the node's only peer at first. The node is pinned to `gw`, which
+    // starts later: only gw's control plane ever hears from the node.
+    let pki = Pki::new();
+    let (evil, evil_admin) =
+        NodeProc::start_gateway("evil", &pki.gateway_config("evil", "127.0.0.1:0", ""));
+    let gw_listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port())
+        .parse()
+        .expect("addr");
+    let gw_conf = pki.gateway_config("gw", &gw_listen.to_string(), "");
+    let conf = node_conf(
+        &pki,
+        "node-a",
+        gw_listen,
+        &format!("[[peers]]\naddr = \"{}\"\n", evil.quic),
+    );
+    prepend(&conf, "gateway_name = \"gw\"\n");
+    let a = NodeProc::start("node-a", &conf);
+    a.wait_for("peer up: evil", UP);
+    let (_gw, gw_admin) = NodeProc::start_gateway("gw", &gw_conf);
+    a.wait_for("peer up: gw", UP);
+    a.wait_for("control stream to the gateway", UP);
+    let listed = |admin: SocketAddr| async move {
+        let (_, body) = http("GET", admin, "/v1/nodes", None, "").await;
+        body.contains("\"name\":\"node-a\"")
+    };
+    assert!(
+        eventually(UP, async || listed(gw_admin).await.then_some(()))
+            .await
+            .is_some()
+    );
+    assert!(
+        !listed(evil_admin).await,
+        "the node opened a control stream to an unpinned gateway"
+    );
+    assert_eq!(a.count("control stream to the gateway"), 1);
+}

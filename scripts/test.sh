@@ -24,6 +24,9 @@ cross/build.sh
 step "tests"
 cargo test --workspace
 
+step "the fuzz targets still compile (running them needs cargo-fuzz and nightly)"
+cargo check -q --manifest-path mesh-proto/fuzz/Cargo.toml
+
 step "mesh-proto without std, for microcontrollers"
 cargo build -p mesh-proto --target thumbv7em-none-eabihf
 cargo build -p mesh-proto --target riscv32imc-unknown-none-elf

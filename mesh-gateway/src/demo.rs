@@ -117,7 +117,7 @@ pub async fn run(keep_running: bool) -> anyhow::Result<()> {
         answered.push(node_of(&body));
     }
     println!(
-        "  POST /v1/call/health/check  x4  -> answered by {}  (power of two choices over latency picks the host)",
+        "  POST /v1/call/health/check  x4  -> answered by {}  (node-a shares node-c's zone, hall-1: calls stay in the zone while it is healthy)",
         answered.join(", ")
     );
     let (code, status, body, _) = timed_post(ingress, "inventory", "list", "").await?;

@@ -47,6 +47,9 @@ struct Args {
     /// Skip the footprint section (sizes, idle RSS of real node processes).
     #[arg(long)]
     no_footprint: bool,
+    /// Only the paths whose names contain one of these words (e.g. `quinn,starling`); all by default.
+    #[arg(long, value_delimiter = ',')]
+    paths: Vec<String>,
     /// Lab nodes for the discovery figure (network namespaces: needs root); 0 skips it.
     #[arg(long, default_value_t = 10)]
     lab_nodes: usize,
@@ -62,7 +65,16 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let fixture = client_rt.block_on(Fixture::start())?;
 
-    let kinds = Kind::all();
+    let kinds: Vec<Kind> = Kind::all()
+        .into_iter()
+        .filter(|k| {
+            args.paths.is_empty()
+                || args
+                    .paths
+                    .iter()
+                    .any(|p| k.name().to_lowercase().contains(&p.to_lowercase()))
+        })
+        .collect();
     let mut rows: Vec<Row> = Vec::new();
     for payload in [64usize, 16 * 1024] {
         for inflight in [1usize, 64] {

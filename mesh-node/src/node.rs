@@ -533,6 +533,11 @@ impl Node {
                 return Reply::error(Status::Internal, format!("bad answer body from peer: {e}"));
             }
         };
+        match reader.end().await {
+            Ok(()) => {}
+            Err(ReadError::Stream(e)) => return lost(&e),
+            Err(e) => return Reply::error(Status::Internal, format!("bad answer from peer: {e}")),
+        }
         Reply {
             status: head.status,
             message: head.message.to_owned(),
@@ -961,6 +966,7 @@ impl Inner {
             .frame(self.limits.max_body_bytes)
             .await
             .map_err(|e| bad("request body", &e))?;
+        reader.end().await.map_err(|e| bad("request", &e))?;
         Ok(Incoming::Call(Box::new(ctx), body))
     }
 
@@ -1002,6 +1008,10 @@ impl Inner {
                 ),
             );
         };
+        if upstream.is_instant() {
+            // Builtins answer without waiting on anything: no deadline timer to arm.
+            return upstream.serve(&ctx, body, self.limits.max_body_bytes).await;
+        }
         let left = ctx.deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, upstream.serve(&ctx, body, self.limits.max_body_bytes))
             .await

@@ -104,6 +104,11 @@ impl Upstream {
         &self.spec
     }
 
+    /// Whether it answers at once, without I/O (the builtins).
+    pub fn is_instant(&self) -> bool {
+        matches!(self.spec, UpstreamSpec::Echo | UpstreamSpec::Health)
+    }
+
     /// Serves one call. The caller applies the deadline.
     pub async fn serve(&self, ctx: &CallContext, body: Bytes, max_body: usize) -> Reply {
         match &self.spec {

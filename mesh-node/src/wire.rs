@@ -21,13 +21,18 @@ pub enum ReadError {
     /// The stream failed (reset, connection lost).
     #[error("stream failed: {0}")]
     Stream(#[from] quinn::ReadError),
+    /// Bytes followed the last frame.
+    #[error("{0} unexpected bytes after the last frame")]
+    Trailing(usize),
 }
 
 /// Reads length-prefixed frames from a receive stream, never buffering more than the frame it
 /// needs (plus what one QUIC chunk brings).
 pub struct FrameReader {
     recv: quinn::RecvStream,
-    buf: BytesMut,
+    /// Received and not yet consumed. A chunk is kept as QUIC handed it over (no copy); bytes are
+    /// copied only when a frame spans chunks.
+    buf: Bytes,
 }
 
 impl FrameReader {
@@ -35,7 +40,7 @@ impl FrameReader {
     pub fn new(recv: quinn::RecvStream) -> Self {
         FrameReader {
             recv,
-            buf: BytesMut::new(),
+            buf: Bytes::new(),
         }
     }
 
@@ -45,7 +50,7 @@ impl FrameReader {
             if let Some((len, prefix)) = frame_len(&self.buf, max)? {
                 if self.buf.len() >= prefix + len {
                     let _ = self.buf.split_to(prefix);
-                    return Ok(self.buf.split_to(len).freeze());
+                    return Ok(self.buf.split_to(len));
                 }
                 self.fill(prefix + len).await?;
             } else {
@@ -58,9 +63,12 @@ impl FrameReader {
         match self.recv.read_chunk(usize::MAX, true).await? {
             Some(chunk) => {
                 if self.buf.is_empty() {
-                    self.buf = BytesMut::from(chunk.bytes);
+                    self.buf = chunk.bytes;
                 } else {
-                    self.buf.extend_from_slice(&chunk.bytes);
+                    let mut joined = BytesMut::with_capacity(self.buf.len() + chunk.bytes.len());
+                    joined.extend_from_slice(&self.buf);
+                    joined.extend_from_slice(&chunk.bytes);
+                    self.buf = joined.freeze();
                 }
                 Ok(())
             }
@@ -68,6 +76,20 @@ impl FrameReader {
                 got: self.buf.len(),
                 want,
             }),
+        }
+    }
+
+    /// Reads the end of the stream: nothing may follow the last frame. Reading to the end (rather
+    /// than dropping the stream early) also spares a STOP_SENDING frame per call.
+    pub async fn end(&mut self) -> Result<(), ReadError> {
+        loop {
+            if !self.buf.is_empty() {
+                return Err(ReadError::Trailing(self.buf.len()));
+            }
+            match self.recv.read_chunk(usize::MAX, true).await? {
+                None => return Ok(()),
+                Some(chunk) => self.buf = chunk.bytes,
+            }
         }
     }
 

@@ -346,6 +346,18 @@ async fn bad_bytes_end_only_their_own_stream() {
     big.extend_from_slice(mesh_proto::varint::encode(64 * 1024 * 1024, &mut prefix));
     let (status, why) = prober.raw(&big).await;
     assert_eq!(status, Status::InvalidArgument, "{why}");
+    // A complete call followed by junk: refused, not half-served.
+    let mut trailing = Vec::new();
+    mesh_proto::encode_frame_vec(&RequestHead::new("echo", "say", 1000), &mut trailing);
+    mesh_proto::encode_body_prefix(2, &mut trailing);
+    trailing.extend_from_slice(b"hi");
+    trailing.extend_from_slice(b"junk");
+    let (status, why) = prober.raw(&trailing).await;
+    assert_eq!(status, Status::InvalidArgument, "{why}");
+    assert!(
+        why.contains("4 unexpected bytes after the last frame"),
+        "{why}"
+    );
 
     for task in good {
         let (status, same) = task.await.expect("task");

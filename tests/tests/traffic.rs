@@ -3,7 +3,6 @@
 //! so a test can set a policy and count where every call went; the end-to-end push of a policy
 //! through the gateway is in the last test.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -546,5 +545,4 @@ async fn a_policy_pushed_by_the_gateway_takes_effect_without_restarts() {
         .await
         .expect("call");
     assert_eq!(code, 200);
-    let _ = BTreeMap::<String, String>::new();
 }

@@ -56,6 +56,13 @@ fn node_conf(pki: &Pki, name: &str, gw: SocketAddr, extra: &str) -> std::path::P
     path
 }
 
+/// Starts gateway `gw` (QUIC on a free loopback port) serving the policy file `policy`.
+fn gateway_with_policy(pki: &Pki, policy: &Path) -> (NodeProc, SocketAddr) {
+    let conf = pki.gateway_config("gw", "127.0.0.1:0", "");
+    prepend(&conf, &format!("policy = \"{}\"\n", policy.display()));
+    NodeProc::start_gateway("gw", &conf)
+}
+
 /// Puts top-level keys before the first table.
 fn prepend(path: &Path, keys: &str) {
     let src = std::fs::read_to_string(path).expect("config");
@@ -261,12 +268,7 @@ async fn policy_changes_reach_every_node_and_bad_bundles_are_refused() {
     let pki = Pki::new();
     let policy_file = pki.dir.path().join("policy.toml");
     std::fs::write(&policy_file, "[defaults]\ncall_timeout_ms = 4000\n").expect("policy");
-    let gw_conf = pki.gateway_config("gw", "127.0.0.1:0", "");
-    prepend(
-        &gw_conf,
-        &format!("policy = \"{}\"\n", policy_file.display()),
-    );
-    let (gw, admin) = NodeProc::start_gateway("gw", &gw_conf);
+    let (gw, admin) = gateway_with_policy(&pki, &policy_file);
     let token = pki.admin_token("gw");
     let names = ["node-a", "node-b", "node-c"];
     let _nodes: Vec<NodeProc> = names
@@ -455,12 +457,7 @@ async fn a_node_restarted_while_the_gateway_is_away_boots_under_its_last_policy(
     let policy_file = pki.dir.path().join("policy.toml");
     // Calls that set no deadline get 300 ms: visible as DeadlineExceeded from a slow upstream.
     std::fs::write(&policy_file, "[defaults]\ncall_timeout_ms = 300\n").expect("policy");
-    let gw_conf = pki.gateway_config("gw", "127.0.0.1:0", "");
-    prepend(
-        &gw_conf,
-        &format!("policy = \"{}\"\n", policy_file.display()),
-    );
-    let (gw, admin) = NodeProc::start_gateway("gw", &gw_conf);
+    let (gw, admin) = gateway_with_policy(&pki, &policy_file);
     let svc = format!(
         "[[services]]\nname = \"slow\"\nupstream = \"http://{}\"\n",
         slow.addr
@@ -571,12 +568,7 @@ async fn sampled_calls_leave_traces_and_nodes_leave_audit_events() {
     let pki = Pki::new();
     let policy_file = pki.dir.path().join("policy.toml");
     std::fs::write(&policy_file, "[defaults]\ncall_timeout_ms = 4000\n").expect("policy");
-    let gw_conf = pki.gateway_config("gw", "127.0.0.1:0", "");
-    prepend(
-        &gw_conf,
-        &format!("policy = \"{}\"\n", policy_file.display()),
-    );
-    let (gw, admin) = NodeProc::start_gateway("gw", &gw_conf);
+    let (gw, admin) = gateway_with_policy(&pki, &policy_file);
     let echo = "[[services]]\nname = \"echo\"\nupstream = \"builtin:echo\"\n";
     let a = NodeProc::start("node-a", &node_conf(&pki, "node-a", gw.quic, echo));
     // node-c samples nothing by itself: only the caller's traceparent makes this call traced.

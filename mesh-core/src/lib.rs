@@ -5,7 +5,7 @@
 //!
 //! - [`name`]: names parsed once at the edge (`NodeName`, `ServiceName`, `MethodName`).
 //! - [`identity`]: SPIFFE IDs, the only caller identity the mesh trusts.
-//! - [`table`]: which endpoints serve which service, and which one takes the next call.
+//! - [`table`]: which endpoints serve which service.
 //! - [`authz`]: who may call what.
 //! - [`route`]: routes, weighted splits, mirrors.
 //! - [`balance`]: power of two choices over peak-EWMA, locality, circuit breaking.

@@ -1,8 +1,8 @@
-//! Which endpoints serve which service, and which one takes the next call.
+//! Which endpoints serve which service.
 //!
 //! The table is fed by events (a peer said hello with its services, a peer left) and answers
-//! `pick(service)`. Endpoints of one service share its calls in turn; the traffic-policy layer
-//! will put routing, splits and latency-aware balancing in front of this.
+//! `endpoints(service)`. Which of them takes a call is the balancer's choice (`crate::balance`),
+//! after routing (`crate::route`) has narrowed them to a subset.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -12,13 +12,7 @@ use crate::name::ServiceName;
 /// A map from service to the endpoints (of key type `K`, e.g. a peer's identity) that host it.
 #[derive(Debug, Clone)]
 pub struct ServiceTable<K> {
-    services: HashMap<ServiceName, Entry<K>>,
-}
-
-#[derive(Debug, Clone)]
-struct Entry<K> {
-    endpoints: Vec<K>,
-    next: usize,
+    services: HashMap<ServiceName, Vec<K>>,
 }
 
 impl<K: Clone + Eq + Hash> Default for ServiceTable<K> {
@@ -39,38 +33,24 @@ impl<K: Clone + Eq + Hash> ServiceTable<K> {
     pub fn set_endpoint(&mut self, endpoint: &K, services: impl IntoIterator<Item = ServiceName>) {
         self.remove_endpoint(endpoint);
         for service in services {
-            let entry = self.services.entry(service).or_insert_with(|| Entry {
-                endpoints: Vec::new(),
-                next: 0,
-            });
-            if !entry.endpoints.contains(endpoint) {
-                entry.endpoints.push(endpoint.clone());
+            let endpoints = self.services.entry(service).or_default();
+            if !endpoints.contains(endpoint) {
+                endpoints.push(endpoint.clone());
             }
         }
     }
 
     /// Forgets `endpoint` for every service; a service left without endpoints is forgotten too.
     pub fn remove_endpoint(&mut self, endpoint: &K) {
-        self.services.retain(|_, entry| {
-            entry.endpoints.retain(|e| e != endpoint);
-            !entry.endpoints.is_empty()
+        self.services.retain(|_, endpoints| {
+            endpoints.retain(|e| e != endpoint);
+            !endpoints.is_empty()
         });
     }
 
     /// The endpoints of `service`, in the order they arrived.
     pub fn endpoints(&self, service: &str) -> &[K] {
-        self.services
-            .get(service)
-            .map(|e| e.endpoints.as_slice())
-            .unwrap_or(&[])
-    }
-
-    /// The endpoint that takes the next call to `service`, in turn; `None` if no endpoint hosts it.
-    pub fn pick(&mut self, service: &str) -> Option<K> {
-        let entry = self.services.get_mut(service)?;
-        let i = entry.next % entry.endpoints.len();
-        entry.next = entry.next.wrapping_add(1);
-        entry.endpoints.get(i).cloned()
+        self.services.get(service).map(Vec::as_slice).unwrap_or(&[])
     }
 
     /// Every service with at least one endpoint.
@@ -88,18 +68,17 @@ mod tests {
     }
 
     #[test]
-    fn shares_calls_in_turn_and_forgets_leavers() {
+    fn lists_endpoints_and_forgets_leavers() {
         let mut t = ServiceTable::new();
         t.set_endpoint(&"a", [svc("echo"), svc("temp")]);
         t.set_endpoint(&"b", [svc("echo")]);
-        let picks: Vec<_> = (0..4).filter_map(|_| t.pick("echo")).collect();
-        assert_eq!(picks, ["a", "b", "a", "b"]);
-        assert_eq!(t.pick("temp"), Some("a"));
-        assert_eq!(t.pick("nope"), None);
+        assert_eq!(t.endpoints("echo"), ["a", "b"]);
+        assert_eq!(t.endpoints("temp"), ["a"]);
+        assert!(t.endpoints("nope").is_empty());
 
         t.remove_endpoint(&"a");
         assert_eq!(t.endpoints("echo"), ["b"]);
-        assert_eq!(t.pick("temp"), None);
+        assert!(t.endpoints("temp").is_empty());
         assert_eq!(t.services().count(), 1);
     }
 

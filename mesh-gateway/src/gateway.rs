@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use mesh_core::SpiffeId;
-use mesh_node::config::{ConfigError, GatewaySettings, NodeConfig};
+use mesh_node::config::{ConfigError, NodeConfig};
 use mesh_node::node::{ControlHandler, NodeOptions};
 use mesh_node::policy::{Policy, PolicyStore};
 use mesh_node::wire::FrameReader;
@@ -461,8 +461,3 @@ fn admin_token(path: &Path) -> Result<String, GatewayError> {
 }
 
 pub(crate) use mesh_node::node::lock;
-
-/// The settings a gateway config must have; used by `check-config`.
-pub fn settings(config: &NodeConfig) -> Option<&GatewaySettings> {
-    config.gateway_role.as_ref()
-}

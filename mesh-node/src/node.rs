@@ -418,9 +418,8 @@ impl Node {
         options: &CallOptions,
         trace: TraceContext,
     ) -> (Reply, String) {
-        let policy_timeout = lock(&self.inner.policy)
-            .as_ref()
-            .and_then(|(_, p)| p.timeout_for(service));
+        let policy = self.current_policy();
+        let policy_timeout = policy.as_ref().and_then(|p| p.timeout_for(service));
         let timeout = options
             .timeout
             .or(policy_timeout)
@@ -467,7 +466,7 @@ impl Node {
             }
             return (self.inner.dispatch(ctx, body).await, me);
         }
-        self.call_remote(service, method, body, options, trace, deadline)
+        self.call_remote(service, method, body, options, trace, deadline, policy)
             .await
     }
 

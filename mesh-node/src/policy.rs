@@ -451,9 +451,9 @@ impl Policy {
         self.services.iter().find(|s| s.name.as_str() == service)
     }
 
-    /// The rate limit that applies to `caller` calling `service`, if any.
-    pub fn rate_limit(&self, caller: &str, service: &str) -> Option<&RateLimit> {
-        self.rate_limits.iter().find(|r| {
+    /// The index in `rate_limits` of the limit that applies to `caller` calling `service`, if any.
+    pub fn rate_limit(&self, caller: &str, service: &str) -> Option<usize> {
+        self.rate_limits.iter().position(|r| {
             mesh_core::authz::glob(&r.service, service)
                 && (r.callers.is_empty()
                     || r.callers.iter().any(|c| mesh_core::authz::glob(c, caller)))

@@ -65,7 +65,8 @@ fn is_retryable(status: Status) -> bool {
 }
 
 impl Node {
-    /// A call to a service hosted elsewhere, under the current policy.
+    /// A call to a service hosted elsewhere, under `policy` (read once per call by the caller).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn call_remote(
         &self,
         service: &str,
@@ -74,8 +75,8 @@ impl Node {
         options: &CallOptions,
         trace: TraceContext,
         deadline: Instant,
+        policy: Option<Arc<Policy>>,
     ) -> (Reply, String) {
-        let policy = self.current_policy();
         let svc = policy.as_ref().and_then(|p| p.service(service));
         let decision = route::decide(
             svc.map_or(&[][..], |s| &s.routes[..]),
@@ -349,7 +350,7 @@ impl Node {
         });
     }
 
-    fn current_policy(&self) -> Option<Arc<Policy>> {
+    pub(crate) fn current_policy(&self) -> Option<Arc<Policy>> {
         lock(&self.inner.policy).as_ref().map(|(_, p)| p.clone())
     }
 
@@ -478,16 +479,13 @@ impl Inner {
         }
         drop(traffic);
         let caller = ctx.caller.to_string();
+        let rate_limit = policy.rate_limit(&caller, ctx.service.as_str());
         let verdict = policy.authz.decide(
             &caller,
             &caller_labels(),
             ctx.service.as_str(),
             ctx.method.as_str(),
         );
-        let rate_limit = policy.rate_limits.iter().position(|r| {
-            glob(&r.service, ctx.service.as_str())
-                && (r.callers.is_empty() || r.callers.iter().any(|c| glob(c, &caller)))
-        });
         let admission = Arc::new(Admission {
             verdict,
             rate_limit,

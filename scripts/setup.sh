@@ -1,40 +1,164 @@
 #!/usr/bin/env bash
-# Installs what the build and tests need on a fresh Debian 12 machine; quick when all is there.
-#   scripts/setup.sh         # everything the test suite needs
-#   scripts/setup.sh cross   # only the cross toolchains
+# Installs what the build and the tests need on a fresh Debian 12 machine; quick when all is there.
+#   scripts/setup.sh           # everything the test suite needs (as root)
+#   scripts/setup.sh cross     # only what the device builds need (cross/build.sh)
+#   scripts/setup.sh --check   # install nothing: list what this machine lacks, and what it has
+#                              # only by chance (a Recommends or a hand install a fresh machine
+#                              # would not get); exit 1 if either list is not empty
+#
+# Every requirement is one line of NEEDS below: a Debian package, a probe that proves it does its
+# job here (a command, a file, or a C program its cross compiler must build), and what uses it.
+# Packages are installed with --no-install-recommends, as on CI, so a package that is only a
+# Recommends of another one must be listed by name (issue 9: libc6-dev-arm64-cross).
 set -euo pipefail
-what="${1:-all}"
+cd "$(dirname "$0")/.."
 
-need_apt=()
-want_pkg() { dpkg -s "$1" >/dev/null 2>&1 || need_apt+=("$1"); }
-want_pkg gcc-aarch64-linux-gnu
-want_pkg gcc-arm-linux-gnueabihf
-want_pkg libc6-dev-armhf-cross
-want_pkg file
-if [ "$what" = all ]; then
-  want_pkg qemu-user-static
-  want_pkg iproute2
-  want_pkg nftables
-  want_pkg systemd      # systemd-analyze verifies the device bundle's unit
-  want_pkg prometheus   # promtool checks /metrics; a real server scrapes the gateway
-fi
-if [ ${#need_apt[@]} -gt 0 ]; then
+mode=install
+scope=all
+for arg in "$@"; do
+  case "$arg" in
+    --check) mode=check ;;
+    cross) scope=cross ;;
+    all) scope=all ;;
+    *) echo "usage: scripts/setup.sh [cross] [--check]" >&2; exit 2 ;;
+  esac
+done
+
+# scope | package | probe | used by
+#   probe: cmd:NAME (on PATH), file:PATH (exists), cc:COMPILER (builds a C file that includes
+#   <stdint.h> and <stdlib.h>, what ring's build script does for that target)
+NEEDS=$(cat <<'EOF'
+cross | gcc-aarch64-linux-gnu  | cmd:aarch64-linux-gnu-gcc  | ring's C code for aarch64-unknown-linux-musl
+cross | libc6-dev-arm64-cross  | cc:aarch64-linux-gnu-gcc   | C headers for that compiler (only a Recommends of it)
+cross | gcc-arm-linux-gnueabihf | cmd:arm-linux-gnueabihf-gcc | linker and C compiler for armv7-unknown-linux-gnueabihf
+cross | libc6-dev-armhf-cross  | cc:arm-linux-gnueabihf-gcc | C headers and static libc for armv7 (only a Recommends)
+cross | file                   | cmd:file                   | cross/build.sh checks the binaries are static
+cross | gcc                    | cmd:cc                     | the host linker and build scripts' C code
+cross | libc6-dev              | cc:cc                      | host C headers
+all   | qemu-user-static       | cmd:qemu-aarch64-static    | ARM builds run under qemu in tests/tests/lab.rs
+all   | iproute2               | cmd:ip                     | network namespaces of the lab tests
+all   | nftables               | cmd:nft                    | packet loss in the lab tests
+all   | procps                 | cmd:kill                   | tests send SIGTERM/SIGKILL to processes in namespaces
+all   | systemd                | cmd:systemd-analyze        | tests/tests/bundle.rs verifies the device unit
+all   | prometheus             | cmd:promtool               | promtool checks /metrics; a real Prometheus scrapes the gateway
+all   | tar                    | cmd:tar                    | device bundles
+EOF
+)
+
+# Recommends of listed packages that the build and tests do not need (reason after the name).
+NOT_NEEDED=$(cat <<'EOF'
+binfmt-support           qemu binaries are started by name; binfmt is not registered
+prometheus-node-exporter the tests scrape only the gateway
+netbase                  nftables reads no service names in the tests
+EOF
+)
+
+TARGETS_cross=(aarch64-unknown-linux-musl armv7-unknown-linux-gnueabihf)
+TARGETS_all=("${TARGETS_cross[@]}" thumbv7em-none-eabihf riscv32imc-unknown-none-elf)
+COMPONENTS=(rustfmt clippy)
+
+trim() { local v="$1"; v="${v#"${v%%[![:space:]]*}"}"; printf '%s' "${v%"${v##*[![:space:]]}"}"; }
+
+rows() {
+  while IFS='|' read -r s pkg probe why; do
+    s=$(trim "$s"); pkg=$(trim "$pkg")
+    [ -n "$pkg" ] || continue
+    if [ "$scope" = all ] || [ "$s" = cross ]; then
+      printf '%s\t%s\t%s\n' "$pkg" "$(trim "$probe")" "$(trim "$why")"
+    fi
+  done <<<"$NEEDS"
+}
+
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+
+probe() {
+  local kind="${1%%:*}" what="${1#*:}"
+  case "$kind" in
+    cmd) command -v "$what" >/dev/null 2>&1 ;;
+    file) [ -e "$what" ] ;;
+    cc)
+      command -v "$what" >/dev/null 2>&1 || return 1
+      local tmp; tmp=$(mktemp -d)
+      printf '#include <stdint.h>\n#include <stdlib.h>\nint f(void){return (int)sizeof(uint64_t);}\n' >"$tmp/p.c"
+      "$what" -c "$tmp/p.c" -o "$tmp/p.o" >/dev/null 2>&1
+      local rc=$?
+      rm -rf "$tmp"
+      return $rc ;;
+    *) echo "setup.sh: unknown probe $1" >&2; return 1 ;;
+  esac
+}
+
+targets() { if [ "$scope" = all ]; then echo "${TARGETS_all[@]}"; else echo "${TARGETS_cross[@]}"; fi; }
+
+missing_pkgs=() failing=()
+while IFS=$'\t' read -r pkg pr why; do
+  installed "$pkg" || missing_pkgs+=("$pkg")
+done < <(rows)
+
+if [ "$mode" = install ] && [ ${#missing_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
-    echo "error: missing Debian packages: ${need_apt[*]} (run as root, or: sudo apt-get install ${need_apt[*]})" >&2
+    echo "error: missing Debian packages: ${missing_pkgs[*]} (run as root, or: sudo apt-get install --no-install-recommends ${missing_pkgs[*]})" >&2
     exit 1
   fi
-  echo "setup: installing ${need_apt[*]}"
+  echo "setup: installing ${missing_pkgs[*]}"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing_pkgs[@]}" >/dev/null
+  missing_pkgs=()
 fi
 
-targets=(aarch64-unknown-linux-musl armv7-unknown-linux-gnueabihf)
-[ "$what" = all ] && targets+=(thumbv7em-none-eabihf riscv32imc-unknown-none-elf)
-installed=$(rustup target list --installed)
-for t in "${targets[@]}"; do
-  grep -qx "$t" <<<"$installed" || rustup target add "$t"
+while IFS=$'\t' read -r pkg pr why; do
+  probe "$pr" || failing+=("$pkg ($pr: $why)")
+done < <(rows)
+
+have_targets=$(rustup target list --installed)
+missing_targets=()
+for t in $(targets); do grep -qx "$t" <<<"$have_targets" || missing_targets+=("$t"); done
+have_components=$(rustup component list --installed)
+missing_components=()
+for c in "${COMPONENTS[@]}"; do grep -q "^$c" <<<"$have_components" || missing_components+=("$c"); done
+
+if [ "$mode" = install ]; then
+  for t in "${missing_targets[@]}"; do rustup target add "$t"; done
+  for c in "${missing_components[@]}"; do rustup component add "$c"; done
+  if [ ${#failing[@]} -gt 0 ]; then
+    printf 'error: installed, yet not working here: %s\n' "${failing[@]}" >&2
+    exit 1
+  fi
+  exit 0
+fi
+
+# --check: what a fresh machine would lack, and what this one has only by chance: a Recommends
+# of something setup.sh installs (it installs with --no-install-recommends) that is installed here
+# but neither listed, nor pulled in by a Depends, nor on a fresh machine (scripts/debian-base.txt).
+# That is exactly how issue 9 happened: libc6-dev-arm64-cross, a Recommends of the aarch64 cross
+# compiler, was on the developer's machine from earlier work and CI passed there.
+listed=$(rows | cut -f1)
+closure=$(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks \
+  --no-replaces --no-enhances $listed 2>/dev/null | grep -v '^ ' | sort -u)
+base=$(grep -v '^#' scripts/debian-base.txt)
+chance=()
+for pkg in $(apt-cache depends $closure 2>/dev/null | awk '/Recommends:/ {print $2}' | tr -d '<>' | sort -u); do
+  grep -qx "$pkg" <<<"$listed" && continue
+  grep -qx "$pkg" <<<"$closure" && continue
+  grep -qx "$pkg" <<<"$base" && continue
+  grep -q "^$pkg " <<<"$NOT_NEEDED" && continue
+  installed "$pkg" && chance+=("$pkg")
 done
-components=$(rustup component list --installed)
-for c in rustfmt clippy; do
-  grep -q "^$c" <<<"$components" || rustup component add "$c"
-done
+
+problems=0
+report() {
+  local title="$1"; shift
+  [ $# -gt 0 ] || return 0
+  problems=1
+  echo "$title"
+  printf '  %s\n' "$@"
+}
+report "Debian packages missing:" "${missing_pkgs[@]}"
+report "probes failing (installed, yet not usable):" "${failing[@]}"
+report "rustup targets missing:" "${missing_targets[@]}"
+report "rustup components missing:" "${missing_components[@]}"
+report "installed here, but a fresh machine would lack it (a Recommends of what setup.sh installs with --no-install-recommends): list it in NEEDS, or in NOT_NEEDED with the reason" "${chance[@]}"
+if [ $problems -eq 0 ]; then
+  echo "setup --check: every package, probe, target and component is in place ($(rows | wc -l) packages)"
+fi
+exit $problems

@@ -8,6 +8,8 @@ step() { printf '\n==> %s\n' "$*"; }
 
 step "set-up (packages and targets the tests need)"
 scripts/setup.sh
+# Fails when something is missing, or is here only by chance (see scripts/setup.sh --check).
+scripts/setup.sh --check
 
 step "format"
 cargo fmt --all -- --check

@@ -9,9 +9,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use mesh_gateway::ca::Ca;
+use mesh_node::bind_endpoint;
 use mesh_node::config::Limits;
 use mesh_node::identity::Identity;
-use mesh_node::node::bind_endpoint;
 use mesh_node::{Node, NodeConfig};
 use tokio::net::UdpSocket;
 
@@ -193,6 +193,7 @@ impl Fixture {
         let node_b = server.spawn(Node::start(b_conf, b_id)).await??;
         let (mut a_conf, a_id) = identity("node-a")?;
         a_conf.peers = vec![node_b.local_addr()];
+        let a_ingress = a_conf.ingress.context("ingress")?;
         let node_a = Node::start(a_conf, a_id).await?;
         anyhow::ensure!(
             node_a
@@ -200,7 +201,7 @@ impl Fixture {
                 .await,
             "node-a did not see node-b"
         );
-        let ingress = node_a.ingress_addr().context("ingress")?;
+        let ingress = mesh_node::ingress::serve(node_a.clone(), a_ingress).await?;
 
         // The same nodes run the "50 rules" path with this policy set on both, and the plain path
         // without it, so the two differ by the policy alone.

@@ -13,6 +13,9 @@
 //! - [`backoff`]: re-dial delays with jitter.
 //! - [`telemetry`]: call counters and histograms, cut into batches kept until acknowledged.
 //! - [`discovery`]: the peers discovery reports, and when to dial them.
+//! - [`policy`]: the policy bundle (authorization, routes, retries, breakers, rate limits), parsed
+//!   and validated the same way at the gateway and at every node.
+//! - [`source`]: config and policy errors as `file:line: key: message`.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod authz;
@@ -22,7 +25,9 @@ pub mod discovery;
 pub mod identity;
 pub mod limits;
 pub mod name;
+pub mod policy;
 pub mod route;
+pub mod source;
 pub mod table;
 pub mod telemetry;
 

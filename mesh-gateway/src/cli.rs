@@ -5,8 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use mesh_node::NodeConfig;
-use mesh_node::config::Kind;
+use mesh_node::process::{init_logging, runtime, wait_for_signal};
+
+use crate::config::GatewayConfig;
 
 use crate::ca::Ca;
 
@@ -89,8 +90,8 @@ pub fn main() -> ExitCode {
             }
         },
         Command::Demo { keep_running } => {
-            mesh_node::cli::init_logging("error");
-            match mesh_node::cli::runtime().block_on(crate::demo::run(keep_running)) {
+            init_logging("error");
+            match runtime().block_on(crate::demo::run(keep_running)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: demo failed: {e:#}");
@@ -101,30 +102,29 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn load(path: &Path) -> Result<(NodeConfig, mesh_node::Identity), String> {
-    let config = NodeConfig::load_as(path, Kind::Gateway).map_err(|e| e.to_string())?;
-    let identity = config.load_identity().map_err(|e| e.to_string())?;
+fn load(path: &Path) -> Result<(GatewayConfig, mesh_node::Identity), String> {
+    let config = GatewayConfig::load(path).map_err(|e| e.to_string())?;
+    let identity = config.node.load_identity().map_err(|e| e.to_string())?;
     Ok((config, identity))
 }
 
 fn check(path: &Path) -> Result<String, String> {
     let (config, _) = load(path)?;
-    let settings = config.gateway_role.as_ref().ok_or("not a gateway config")?;
-    if let Some(policy) = &settings.policy {
+    if let Some(policy) = &config.policy {
         let text = std::fs::read_to_string(&policy.value).map_err(|e| {
             format!(
                 "{}:{}: policy: cannot read {}: {e}",
-                config.file,
+                config.node.file,
                 policy.line,
                 policy.value.display()
             )
         })?;
-        mesh_node::policy::Policy::parse(&text, &policy.value.display().to_string())
+        mesh_core::policy::Policy::parse(&text, &policy.value.display().to_string())
             .map_err(|e| e.to_string())?;
     }
     Ok(format!(
         "gateway {}, admin on {}",
-        config.name, settings.admin
+        config.node.name, config.admin
     ))
 }
 
@@ -136,8 +136,8 @@ fn run(path: &Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    mesh_node::cli::init_logging(&config.log);
-    mesh_node::cli::runtime().block_on(async move {
+    init_logging(&config.node.log);
+    runtime().block_on(async move {
         let gateway = match crate::Gateway::start(config, identity).await {
             Ok(g) => g,
             Err(e) => {
@@ -145,7 +145,7 @@ fn run(path: &Path) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        mesh_node::cli::wait_for_signal().await;
+        wait_for_signal().await;
         tracing::info!("shutting down");
         gateway.shutdown().await;
         ExitCode::SUCCESS

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
-use mesh_node::cli::post;
+use mesh_node::http::post;
 use mesh_node::{Node, NodeConfig};
 
 use crate::ca::Ca;
@@ -52,6 +52,7 @@ pub async fn run(keep_running: bool) -> anyhow::Result<()> {
 
     // Each node dials the gateway and the nodes before it: one connection per pair.
     let mut nodes: Vec<Node> = Vec::new();
+    let mut ingresses: Vec<SocketAddr> = Vec::new();
     let plan: [Plan; 3] = [
         (
             "node-a",
@@ -67,7 +68,7 @@ pub async fn run(keep_running: bool) -> anyhow::Result<()> {
     ];
     for (name, services, zone) in plan {
         let peers: Vec<SocketAddr> = nodes.iter().map(Node::local_addr).collect();
-        let node = start_node(
+        let (node, ingress) = start_node(
             root,
             &ca,
             name,
@@ -78,12 +79,9 @@ pub async fn run(keep_running: bool) -> anyhow::Result<()> {
         )
         .await?;
         println!(
-            "  {name:<10} {}  quic {}  ingress http://{}  hosts [{}]",
+            "  {name:<10} {}  quic {}  ingress http://{ingress}  hosts [{}]",
             node.id(),
             node.local_addr(),
-            node.ingress_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default(),
             services
                 .iter()
                 .map(|(s, _)| *s)
@@ -91,6 +89,7 @@ pub async fn run(keep_running: bool) -> anyhow::Result<()> {
                 .join(", ")
         );
         nodes.push(node);
+        ingresses.push(ingress);
     }
     let caller = nodes.last().context("no nodes")?.clone();
     let ready = caller
@@ -100,7 +99,7 @@ pub async fn run(keep_running: bool) -> anyhow::Result<()> {
         ready,
         "node-c did not connect to its three peers within 5 s"
     );
-    let ingress = caller.ingress_addr().context("node-c has no ingress")?;
+    let ingress = *ingresses.last().context("no nodes")?;
 
     println!(
         "\nCalls from node-c through its HTTP ingress, as an app on the device would make them:"
@@ -146,7 +145,7 @@ pub async fn run(keep_running: bool) -> anyhow::Result<()> {
     println!("\nA stranger with a certificate from another CA tries to join:");
     let rogue_ca = Ca::generate(TRUST_DOMAIN)?;
     rogue_ca.save(&root.join("rogue-ca"))?;
-    let rogue = start_node(
+    let (rogue, rogue_ingress) = start_node(
         root,
         &rogue_ca,
         "rogue",
@@ -162,7 +161,6 @@ pub async fn run(keep_running: bool) -> anyhow::Result<()> {
         })
         .await;
     anyhow::ensure!(refused, "the stranger's dial neither failed nor succeeded");
-    let rogue_ingress = rogue.ingress_addr().context("rogue has no ingress")?;
     let (code, status, body, _) = timed_post(rogue_ingress, "echo", "say", "let me in").await?;
     println!(
         "  its call  -> {code} {}: {}",
@@ -206,7 +204,7 @@ pub async fn run(keep_running: bool) -> anyhow::Result<()> {
         println!("  curl -s http://{admin}/metrics");
         println!("  curl -s http://{admin}/v1/policy/status");
         println!("Ctrl-C ends it and deletes {}.", root.display());
-        mesh_node::cli::wait_for_signal().await;
+        mesh_node::process::wait_for_signal().await;
     }
     rogue.shutdown().await;
     for node in nodes.iter().rev() {
@@ -231,13 +229,13 @@ async fn start_gateway(root: &Path, ca: &Ca) -> anyhow::Result<crate::Gateway> {
                 [discovery]\nmdns = false\n[labels]\nzone = \"hall-0\"\n";
     let path = dir.join("gateway.toml");
     std::fs::write(&path, toml)?;
-    let config = NodeConfig::load_as(&path, mesh_node::config::Kind::Gateway)?;
-    let identity = config.load_identity()?;
+    let config = crate::GatewayConfig::load(&path)?;
+    let identity = config.node.load_identity()?;
     Ok(crate::Gateway::start(config, identity).await?)
 }
 
 async fn admin_get(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
-    let (_, _, body) = mesh_node::cli::request("GET", admin, path, &[], Bytes::new())
+    let (_, _, body) = mesh_node::http::request("GET", admin, path, &[], Bytes::new())
         .await
         .map_err(anyhow::Error::msg)?;
     Ok(String::from_utf8_lossy(&body).into_owned())
@@ -251,7 +249,7 @@ async fn start_node(
     zone: &str,
     peers: &[SocketAddr],
     gateway: Option<SocketAddr>,
-) -> anyhow::Result<Node> {
+) -> anyhow::Result<(Node, SocketAddr)> {
     let dir = root.join(name);
     let gateway_key = gateway
         .map(|g| format!("gateway = \"{g}\"\n"))
@@ -277,7 +275,10 @@ async fn start_node(
     std::fs::write(&path, toml)?;
     let config = NodeConfig::load(&path)?;
     let identity = config.load_identity()?;
-    Ok(Node::start(config, identity).await?)
+    let ingress = config.ingress.context("the demo's nodes have an ingress")?;
+    let node = Node::start(config, identity).await?;
+    let ingress = mesh_node::ingress::serve(node.clone(), ingress).await?;
+    Ok((node, ingress))
 }
 
 async fn timed_post(

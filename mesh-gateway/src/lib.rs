@@ -2,15 +2,25 @@
 //! found by mDNS as role `gateway`), and on top: the mesh CA (`ca init`, `ca issue`), the registry,
 //! versioned policy pushed to every node, telemetry aggregated into Prometheus metrics, recent
 //! traces, an audit log, the HTTP API, and the demo.
+//!
+//! Where things live (see docs/ARCHITECTURE.md): [`config`] the gateway's own config keys;
+//! [`gateway`] composes the parts; `control` the nodes' control streams; `policy` the versioned
+//! bundle; `audit` the audit log; `http` the admin API; [`registry`], [`metrics`] and [`traces`]
+//! what the control plane keeps; [`ca`] certificates.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
-pub mod admin;
+mod audit;
 pub mod ca;
 pub mod cli;
+pub mod config;
+mod control;
 pub mod demo;
 pub mod gateway;
+mod http;
 pub mod metrics;
+mod policy;
 pub mod registry;
 pub mod traces;
 
+pub use config::GatewayConfig;
 pub use gateway::{Gateway, GatewayError};

@@ -1,11 +1,25 @@
-//! What a call is inside the node: its context at the callee, its reply, and the error a caller
-//! sees.
+//! What a call is inside the node: its options at the caller, its context at the callee, its
+//! reply, the error a caller sees, and the shape of a streamed call.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use mesh_core::{MethodName, ServiceName, SpiffeId};
-use mesh_proto::{Status, TraceContext};
+use mesh_proto::limits::MAX_HEAD_BYTES;
+use mesh_proto::{ResponseHead, Status, TraceContext, decode_head};
+
+use crate::wire::{FrameReader, MAX_CHUNK_BYTES, ReadError, write_chunk};
+
+/// Options of one call.
+#[derive(Debug, Clone, Default)]
+pub struct CallOptions {
+    /// How long the caller waits; the node's `call_timeout` when `None`.
+    pub timeout: Option<Duration>,
+    /// Request metadata (`x-canary = 1`). Keys starting with `:` are the mesh's own and refused.
+    pub metadata: Vec<(String, String)>,
+    /// The trace this call continues (from a `traceparent` header); a new one when `None`.
+    pub trace: Option<TraceContext>,
+}
 
 /// A call as the callee sees it, after its head was parsed and checked.
 #[derive(Debug, Clone)]
@@ -22,6 +36,8 @@ pub struct CallContext {
     pub deadline: Instant,
     /// The caller's trace context.
     pub trace: Option<TraceContext>,
+    /// The caller streams its body (and takes a streamed answer).
+    pub streaming: bool,
 }
 
 /// A callee's answer: a status, a reason for failures, and a body.
@@ -51,6 +67,15 @@ impl Reply {
             status,
             message: message.into(),
             body: Bytes::new(),
+        }
+    }
+
+    /// The failure as the caller's error (whatever the status).
+    pub(crate) fn into_error(self) -> CallError {
+        CallError {
+            status: self.status,
+            message: self.message,
+            body: self.body,
         }
     }
 
@@ -103,5 +128,91 @@ pub fn http_status(status: Status) -> u16 {
         Status::InvalidArgument => 400,
         Status::Internal => 500,
         Status::Upstream(_) => 502,
+    }
+}
+
+/// A streamed call in progress, on the caller's side: send the body in chunks, then read the
+/// answer's head and its body in chunks. Memory stays bounded by one chunk each way, whatever the
+/// size of what crosses. Made by [`Node::call_stream`](crate::Node::call_stream); never retried.
+pub struct CallStream {
+    send: quinn::SendStream,
+    reader: FrameReader,
+    head: Option<(Status, String)>,
+    deadline: tokio::time::Instant,
+}
+
+impl CallStream {
+    pub(crate) fn new(send: quinn::SendStream, recv: quinn::RecvStream, deadline: Instant) -> Self {
+        CallStream {
+            send,
+            reader: FrameReader::new(recv),
+            head: None,
+            deadline: deadline.into(),
+        }
+    }
+
+    /// Sends the next chunk of the request body.
+    pub async fn send(&mut self, chunk: Bytes) -> Result<(), CallError> {
+        let write = write_chunk(&mut self.send, chunk);
+        match tokio::time::timeout_at(self.deadline, write).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(CallError::new(
+                Status::Unavailable,
+                format!("the callee stopped reading: {e}"),
+            )),
+            Err(_) => Err(deadline_passed()),
+        }
+    }
+
+    /// Ends the request body.
+    pub fn finish(&mut self) {
+        // Already finished or reset by the callee: the answer says why.
+        let _ = self.send.finish();
+    }
+
+    /// Waits for the answer's head: its status and, for a failure, the reason.
+    pub async fn status(&mut self) -> Result<(Status, String), CallError> {
+        if let Some(head) = &self.head {
+            return Ok(head.clone());
+        }
+        let read = self.reader.frame(MAX_HEAD_BYTES);
+        let bytes = match tokio::time::timeout_at(self.deadline, read).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => return Err(read_failed(&e)),
+            Err(_) => return Err(deadline_passed()),
+        };
+        let head: ResponseHead<'_> = decode_head(&bytes).map_err(|e| {
+            CallError::new(Status::Internal, format!("bad answer head from peer: {e}"))
+        })?;
+        let head = (head.status, head.message.to_owned());
+        self.head = Some(head.clone());
+        Ok(head)
+    }
+
+    /// The next chunk of the answer's body, or `None` at its end.
+    pub async fn recv(&mut self) -> Result<Option<Bytes>, CallError> {
+        self.status().await?;
+        let read = self.reader.next_frame(MAX_CHUNK_BYTES);
+        match tokio::time::timeout_at(self.deadline, read).await {
+            Ok(Ok(chunk)) => Ok(chunk),
+            Ok(Err(e)) => Err(read_failed(&e)),
+            Err(_) => Err(deadline_passed()),
+        }
+    }
+}
+
+fn deadline_passed() -> CallError {
+    CallError::new(
+        Status::DeadlineExceeded,
+        "the streamed call passed its deadline",
+    )
+}
+
+fn read_failed(e: &ReadError) -> CallError {
+    match e {
+        ReadError::Stream(e) => {
+            CallError::new(Status::Unavailable, format!("connection to peer lost: {e}"))
+        }
+        e => CallError::new(Status::Internal, format!("bad answer from peer: {e}")),
     }
 }

@@ -7,11 +7,11 @@ use std::process::ExitCode;
 
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 
 use crate::config::NodeConfig;
+use crate::http::post;
 use crate::node::Node;
+use crate::process::{init_logging, runtime, wait_for_signal};
 
 /// A Starling mesh node.
 #[derive(Parser, Debug)]
@@ -124,33 +124,6 @@ fn read_body(path: &Path) -> std::io::Result<Bytes> {
     }
 }
 
-/// The node's runtime: one thread, as on a device.
-pub fn runtime() -> tokio::runtime::Runtime {
-    match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            std::process::exit(1)
-        }
-    }
-}
-
-/// Installs the log subscriber: `RUST_LOG` if set, else `filter`; logs go to stderr.
-pub fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .try_init();
-}
-
 fn run(path: &Path) -> ExitCode {
     let config = match NodeConfig::load(path) {
         Ok(c) => c,
@@ -168,6 +141,7 @@ fn run(path: &Path) -> ExitCode {
     };
     init_logging(&config.log);
     runtime().block_on(async move {
+        let ingress = config.ingress;
         let node = match Node::start(config, identity).await {
             Ok(n) => n,
             Err(e) => {
@@ -175,34 +149,21 @@ fn run(path: &Path) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        if let Some(addr) = ingress {
+            match crate::ingress::serve(node.clone(), addr).await {
+                Ok(bound) => tracing::info!("ingress listening on http://{bound}"),
+                Err(e) => {
+                    tracing::error!("cannot start: ingress: cannot listen on {addr}: {e}");
+                    node.shutdown().await;
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
         wait_for_signal().await;
         tracing::info!("shutting down");
         node.shutdown().await;
         ExitCode::SUCCESS
     })
-}
-
-/// Waits for SIGINT or SIGTERM.
-pub async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }
 
 async fn call(
@@ -262,68 +223,4 @@ async fn call(
             ExitCode::FAILURE
         }
     }
-}
-
-/// Posts one call to an ingress: `(HTTP status, x-starling-status, body)`.
-pub async fn post(
-    ingress: SocketAddr,
-    service: &str,
-    method: &str,
-    body: Bytes,
-    timeout_ms: Option<u64>,
-) -> Result<(u16, Option<String>, Bytes), String> {
-    let timeout = timeout_ms.map(|ms| ms.to_string());
-    let headers: Vec<(&str, &str)> = timeout
-        .iter()
-        .map(|t| ("x-starling-timeout-ms", t.as_str()))
-        .collect();
-    let (code, head, body) = request(
-        "POST",
-        ingress,
-        &format!("/v1/call/{service}/{method}"),
-        &headers,
-        body,
-    )
-    .await?;
-    let status = head
-        .get("x-starling-status")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    Ok((code, status, body))
-}
-
-/// One HTTP/1.1 request on a new connection: `(status, headers, body)`. The small client the CLI,
-/// the demo and the tests share to talk to an ingress or a gateway's API.
-pub async fn request(
-    method: &str,
-    addr: SocketAddr,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Bytes,
-) -> Result<(u16, hyper::HeaderMap, Bytes), String> {
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let mut req = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header(hyper::header::HOST, addr.to_string());
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let req = req.body(Full::new(body)).map_err(|e| e.to_string())?;
-    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-    let code = resp.status().as_u16();
-    let head = resp.headers().clone();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok((code, head, body))
 }

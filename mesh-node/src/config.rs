@@ -9,6 +9,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use mesh_core::source::ConfigError;
+use mesh_core::source::{SourceMap, check_top_level_keys};
 use mesh_core::{NodeName, ServiceName};
 use serde::Deserialize;
 use toml::Spanned;
@@ -16,30 +18,23 @@ use toml::Spanned;
 use crate::identity::Identity;
 use crate::upstream::UpstreamSpec;
 
-/// A config error: which file, which line, which key, what is wrong.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read at all.
-    #[error("{file}: cannot read: {reason}")]
-    Read {
-        /// The config file.
-        file: String,
-        /// The I/O error.
-        reason: String,
-    },
-    /// A key holds something unacceptable.
-    #[error("{file}:{line}: {key}: {message}")]
-    Invalid {
-        /// The config file.
-        file: String,
-        /// 1-based line of the offending key.
-        line: usize,
-        /// The key, dotted (`identity.key`, `services[1].upstream`).
-        key: String,
-        /// What is wrong.
-        message: String,
-    },
-}
+/// The top-level keys of a node's config file.
+pub const NODE_KEYS: &[&str] = &[
+    "name",
+    "listen",
+    "ingress",
+    "identity",
+    "labels",
+    "services",
+    "peers",
+    "limits",
+    "log",
+    "discovery",
+    "gateway",
+    "gateway_name",
+    "state_dir",
+    "telemetry",
+];
 
 /// A node's configuration, validated.
 #[derive(Debug, Clone)]
@@ -72,8 +67,6 @@ pub struct NodeConfig {
     pub state_dir: PathBuf,
     /// Telemetry timers and bounds.
     pub telemetry: TelemetrySettings,
-    /// The gateway's own settings, when this file configures a gateway.
-    pub gateway_role: Option<GatewaySettings>,
     /// The file this came from, for error messages.
     pub file: String,
 }
@@ -97,25 +90,6 @@ impl Default for TelemetrySettings {
             trace_sample: 0.01,
         }
     }
-}
-
-/// What only a gateway has.
-#[derive(Debug, Clone)]
-pub struct GatewaySettings {
-    /// The HTTP API and `/metrics`; loopback unless configured otherwise.
-    pub admin: SocketAddr,
-    /// The bearer token that guards every change (created, mode 0600, if missing).
-    pub admin_token_file: PathBuf,
-    /// The policy bundle file, reloaded when it changes.
-    pub policy: Option<Located<PathBuf>>,
-    /// A node whose control stream closed is shown down after this long.
-    pub down_after: Duration,
-    /// ... and removed after this long.
-    pub remove_after: Duration,
-    /// Traces kept for `GET /v1/traces`.
-    pub max_traces: usize,
-    /// Where audit events are appended as JSON lines.
-    pub audit_log: PathBuf,
 }
 
 /// The paths of a node's credentials, with the lines that named them.
@@ -179,10 +153,10 @@ impl Default for Limits {
     }
 }
 
-// The file as written: every field optional or spanned, unknown keys refused.
+// The file as written: every field optional or spanned, unknown keys refused (at the top level by
+// `check_top_level_keys`, since a gateway's file adds keys of its own).
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawConfig {
     name: Spanned<String>,
     #[serde(default)]
@@ -207,13 +181,6 @@ struct RawConfig {
     state_dir: Option<String>,
     #[serde(default)]
     telemetry: RawTelemetry,
-    // Gateway keys.
-    admin: Option<Spanned<String>>,
-    admin_token_file: Option<Spanned<String>>,
-    policy: Option<Spanned<String>>,
-    registry: Option<Spanned<RawRegistry>>,
-    traces: Option<Spanned<RawTraces>>,
-    audit_log: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -222,28 +189,6 @@ struct RawTelemetry {
     interval_ms: Option<Spanned<u64>>,
     backlog_batches: Option<Spanned<u64>>,
     trace_sample: Option<Spanned<f64>>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawRegistry {
-    down_after_ms: Option<u64>,
-    remove_after_ms: Option<u64>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawTraces {
-    max_traces: Option<u64>,
-}
-
-/// Which program reads a config file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// `mesh-node`: gateway keys are refused.
-    Node,
-    /// `mesh-gateway`: node keys plus the gateway's own.
-    Gateway,
 }
 
 #[derive(Deserialize, Default)]
@@ -288,28 +233,34 @@ impl NodeConfig {
     /// Reads and validates a config file. Credentials are not opened here; see
     /// [`NodeConfig::load_identity`].
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        Self::load_as(path, Kind::Node)
-    }
-
-    /// Reads and validates a config file for `kind`.
-    pub fn load_as(path: &Path, kind: Kind) -> Result<Self, ConfigError> {
-        let file = path.display().to_string();
-        let src = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-            file: file.clone(),
-            reason: e.to_string(),
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        Self::parse_as(&src, &file, base, kind)
+        let (src, file, base) = read_config(path)?;
+        Self::parse(&src, &file, &base)
     }
 
     /// Parses a node's config text; `file` names it in errors, `base` anchors relative paths.
     pub fn parse(src: &str, file: &str, base: &Path) -> Result<Self, ConfigError> {
-        Self::parse_as(src, file, base, Kind::Node)
+        Self::parse_with(
+            src,
+            file,
+            base,
+            &[],
+            "not a key of a node's config (a gateway's key? run this file with mesh-gateway)",
+        )
     }
 
-    /// Parses config text for `kind`.
-    pub fn parse_as(src: &str, file: &str, base: &Path, kind: Kind) -> Result<Self, ConfigError> {
+    /// Parses the node's part of a file that holds more: a program that reads the same file with
+    /// keys of its own (the gateway) names them in `also`; any other top-level key is refused with
+    /// `unknown` as the message.
+    pub fn parse_with(
+        src: &str,
+        file: &str,
+        base: &Path,
+        also: &[&str],
+        unknown: &str,
+    ) -> Result<Self, ConfigError> {
         let at = SourceMap { src, file };
+        let known: Vec<&str> = NODE_KEYS.iter().chain(also).copied().collect();
+        check_top_level_keys(&at, &known, unknown)?;
         let raw: RawConfig = toml::from_str(src).map_err(|e| at.toml_error(&e))?;
 
         let name = NodeName::try_from(raw.name.get_ref().as_str())
@@ -423,7 +374,6 @@ impl NodeConfig {
                     .unwrap_or_else(|| PathBuf::from("/var/lib/starling")),
             },
             telemetry: raw.telemetry.validate(&at)?,
-            gateway_role: gateway_settings(&raw, &at, base, kind)?,
             file: file.to_owned(),
         })
     }
@@ -528,79 +478,6 @@ impl RawTelemetry {
     }
 }
 
-/// The gateway keys: refused in a node's file, defaulted in a gateway's.
-fn gateway_settings(
-    raw: &RawConfig,
-    at: &SourceMap<'_>,
-    base: &Path,
-    kind: Kind,
-) -> Result<Option<GatewaySettings>, ConfigError> {
-    if kind == Kind::Node {
-        let spans = [
-            ("admin", raw.admin.as_ref().map(|s| s.span())),
-            (
-                "admin_token_file",
-                raw.admin_token_file.as_ref().map(|s| s.span()),
-            ),
-            ("policy", raw.policy.as_ref().map(|s| s.span())),
-            ("registry", raw.registry.as_ref().map(|s| s.span())),
-            ("traces", raw.traces.as_ref().map(|s| s.span())),
-            ("audit_log", raw.audit_log.as_ref().map(|s| s.span())),
-        ];
-        if let Some((key, Some(span))) = spans.into_iter().find(|(_, s)| s.is_some()) {
-            return Err(ConfigError::Invalid {
-                file: at.file.to_owned(),
-                line: at.line(span.start),
-                key: key.to_owned(),
-                message: "a gateway key: run this file with mesh-gateway, or remove it".to_owned(),
-            });
-        }
-        return Ok(None);
-    }
-    let admin = match &raw.admin {
-        Some(s) => parse_addr(s, at, "admin")?,
-        None => SocketAddr::from(([127, 0, 0, 1], 9480)),
-    };
-    let registry = raw.registry.as_ref().map(|r| r.get_ref());
-    let down_after = Duration::from_millis(registry.and_then(|r| r.down_after_ms).unwrap_or(5_000));
-    let remove_after =
-        Duration::from_millis(registry.and_then(|r| r.remove_after_ms).unwrap_or(300_000));
-    if remove_after < down_after {
-        let line = raw.registry.as_ref().map_or(0, |r| at.line(r.span().start));
-        return Err(ConfigError::Invalid {
-            file: at.file.to_owned(),
-            line,
-            key: "registry.remove_after_ms".into(),
-            message: "must not be shorter than registry.down_after_ms".into(),
-        });
-    }
-    Ok(Some(GatewaySettings {
-        admin,
-        admin_token_file: base.join(
-            raw.admin_token_file
-                .as_ref()
-                .map_or("admin.token", |s| s.get_ref().as_str()),
-        ),
-        policy: raw.policy.as_ref().map(|s| Located {
-            value: base.join(s.get_ref()),
-            line: at.line(s.span().start),
-        }),
-        down_after,
-        remove_after,
-        max_traces: raw
-            .traces
-            .as_ref()
-            .and_then(|t| t.get_ref().max_traces)
-            .unwrap_or(1000)
-            .clamp(1, 1_000_000) as usize,
-        audit_log: base.join(
-            raw.audit_log
-                .as_ref()
-                .map_or("audit.jsonl", |s| s.get_ref().as_str()),
-        ),
-    }))
-}
-
 #[cfg(unix)]
 fn check_key_mode(path: &Path) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
@@ -692,7 +569,19 @@ impl RawLimits {
     }
 }
 
-fn parse_addr(
+/// Reads a config file: its text, its name for messages, and the folder relative paths start from.
+pub fn read_config(path: &Path) -> Result<(String, String, PathBuf), ConfigError> {
+    let file = path.display().to_string();
+    let src = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        file: file.clone(),
+        reason: e.to_string(),
+    })?;
+    let base = path.parent().unwrap_or(Path::new(".")).to_owned();
+    Ok((src, file, base))
+}
+
+/// Parses an address value.
+pub fn parse_addr(
     s: &Spanned<String>,
     at: &SourceMap<'_>,
     key: &str,
@@ -704,90 +593,6 @@ fn parse_addr(
             format!("{:?} is not an address like 127.0.0.1:7400", s.get_ref()),
         )
     })
-}
-
-/// Turns byte offsets into lines and keys, for error messages.
-pub(crate) struct SourceMap<'a> {
-    pub(crate) src: &'a str,
-    pub(crate) file: &'a str,
-}
-
-impl SourceMap<'_> {
-    pub(crate) fn line(&self, offset: usize) -> usize {
-        self.src[..offset.min(self.src.len())].matches('\n').count() + 1
-    }
-
-    pub(crate) fn invalid<T>(
-        &self,
-        at: &Spanned<T>,
-        key: &str,
-        message: impl ToString,
-    ) -> ConfigError {
-        ConfigError::Invalid {
-            file: self.file.to_owned(),
-            line: self.line(at.span().start),
-            key: key.to_owned(),
-            message: message.to_string(),
-        }
-    }
-
-    /// A toml parse or type error, with the key found from the span and the table around it.
-    pub(crate) fn toml_error(&self, e: &toml::de::Error) -> ConfigError {
-        let message = e.message().trim().to_owned();
-        let Some(span) = e.span() else {
-            return ConfigError::Invalid {
-                file: self.file.to_owned(),
-                line: 0,
-                key: missing_field(&message).unwrap_or("(document)").to_owned(),
-                message,
-            };
-        };
-        let line = self.line(span.start);
-        let line_start = self.src[..span.start.min(self.src.len())]
-            .rfind('\n')
-            .map_or(0, |i| i + 1);
-        let line_text = self.src[line_start..].lines().next().unwrap_or("").trim();
-        let table = self.src[..line_start]
-            .lines()
-            .rev()
-            .map(str::trim)
-            .find(|l| l.starts_with('['))
-            .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_owned());
-        let own_key = if line_text.starts_with('[') {
-            None
-        } else {
-            line_text
-                .split_once('=')
-                .map(|(k, _)| k.trim().trim_matches('"').to_owned())
-        };
-        let header = if line_text.starts_with('[') {
-            Some(
-                line_text
-                    .trim_matches(|c| c == '[' || c == ']')
-                    .trim()
-                    .to_owned(),
-            )
-        } else {
-            table
-        };
-        let leaf = own_key.or_else(|| missing_field(&message).map(str::to_owned));
-        let key = match (header, leaf) {
-            (Some(t), Some(k)) => format!("{t}.{k}"),
-            (Some(t), None) => t,
-            (None, Some(k)) => k,
-            (None, None) => "(document)".to_owned(),
-        };
-        ConfigError::Invalid {
-            file: self.file.to_owned(),
-            line,
-            key,
-            message,
-        }
-    }
-}
-
-fn missing_field(message: &str) -> Option<&str> {
-    message.strip_prefix("missing field `")?.split('`').next()
 }
 
 #[cfg(test)]

@@ -20,58 +20,17 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response};
-use hyper_util::rt::TokioIo;
 use mesh_proto::Status;
-use tokio::sync::watch;
-use tracing::debug;
 
-use crate::call::{Reply, http_status};
-use crate::node::{CallOptions, Node, StartError};
+use crate::call::{CallOptions, Reply, http_status};
+use crate::http::{json, json_str, plain, serve_http};
+use crate::node::Node;
 
-/// Binds the ingress on `addr` and serves it in the background; returns the bound address.
-pub async fn serve(node: Node, addr: SocketAddr) -> Result<SocketAddr, StartError> {
+/// Binds the ingress of `node` on `addr` and serves it in the background until the node shuts
+/// down; returns the bound address.
+pub async fn serve(node: Node, addr: SocketAddr) -> std::io::Result<SocketAddr> {
     let stop = node.shutdown_signal();
     serve_http(addr, stop, move |req| handle(node.clone(), req)).await
-}
-
-/// Binds `addr` and serves HTTP/1.1 with `handler` until `stop` changes; returns the bound address.
-/// The ingress and the gateway's API both run on it.
-pub async fn serve_http<F, Fut>(
-    addr: SocketAddr,
-    mut stop: watch::Receiver<bool>,
-    handler: F,
-) -> Result<SocketAddr, StartError>
-where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
-{
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|source| StartError::Bind { addr, source })?;
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                _ = stop.changed() => return,
-            };
-            let Ok((stream, _)) = accepted else { continue };
-            let _ = stream.set_nodelay(true);
-            let handler = handler.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(&handler);
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
-                {
-                    debug!("http connection ended: {e}");
-                }
-            });
-        }
-    });
-    Ok(bound)
 }
 
 async fn handle(node: Node, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -167,24 +126,6 @@ fn sanitize_header(s: &str) -> String {
         .collect()
 }
 
-fn plain(code: u16, text: &'static str) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
-    *r.status_mut() =
-        hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
-    r
-}
-
-fn json(code: u16, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() =
-        hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
-    r.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    r
-}
-
 fn peers_json(node: &Node) -> String {
     let peers: Vec<String> = node
         .peers()
@@ -238,22 +179,6 @@ fn parse_traceparent(value: &str) -> Option<mesh_proto::TraceContext> {
         span_id,
         flags: u8::from_str_radix(flags, 16).ok()?,
     })
-}
-
-/// A JSON string literal.
-pub(crate) fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 #[cfg(test)]

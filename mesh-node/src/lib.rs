@@ -13,24 +13,40 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The decisions (which endpoint, back-off) live in `mesh-core`; this crate is the shell that does
-//! the I/O around them.
+//! Where things live (see docs/ARCHITECTURE.md): [`node`] composes the parts; `transport` owns
+//! the QUIC endpoint and connections; `client` is the caller's side of a call, `server` the
+//! callee's; [`upstream`] is where a hosted service's calls go; [`ingress`] is the loopback HTTP
+//! door for apps; [`control`] is the link to the gateway; [`identity`] the certificate and its
+//! checks. The decisions (which endpoint, may this caller call, back-off) live in `mesh-core`; this
+//! crate is the shell that does the I/O around them.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod call;
 pub mod cli;
+mod client;
 pub mod config;
 pub mod control;
 pub mod discovery;
+mod hosted;
+pub mod http;
 pub mod identity;
 pub mod ingress;
 pub mod node;
+mod peers;
 pub mod policy;
-mod traffic;
+pub mod process;
+mod rng;
+mod server;
+pub mod state;
+pub mod testing;
+mod transport;
 pub mod upstream;
 pub mod wire;
 
-pub use call::{CallError, Reply};
+pub use call::{CallError, CallOptions, CallStream, Reply};
 pub use config::{ConfigError, NodeConfig};
 pub use identity::Identity;
-pub use node::{CallOptions, Node, PeerInfo, StartError};
+pub use node::{Node, NodeOptions, StartError};
+pub use peers::PeerInfo;
+pub use server::ReservedService;
+pub use transport::{BindError, ConnectError, bind_endpoint};

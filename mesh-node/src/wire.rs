@@ -1,8 +1,17 @@
 //! Frames on QUIC streams: read them with bounds, write them in one go.
+//!
+//! A call stream carries a head frame, then the body. A unary body is one frame, then the end of
+//! the stream (anything after it is refused); a streamed body (protocol 2, flagged in the head's
+//! metadata) is any number of frames of at most [`MAX_CHUNK_BYTES`] until the stream ends.
+//! Reading never copies a frame more than once: a frame that arrives in one QUIC chunk is handed on
+//! as it came, and one that spans chunks is gathered into a buffer of its announced length.
 
 use bytes::{Bytes, BytesMut};
-use mesh_proto::{FrameError, ResponseHead, encode_body_prefix, encode_frame_vec, frame_len};
+use mesh_proto::{FrameError, encode_body_prefix, encode_frame_vec, frame_len};
 use serde::Serialize;
+
+/// Largest frame of a streamed body.
+pub const MAX_CHUNK_BYTES: usize = 64 * 1024;
 
 /// Why a frame could not be read from a stream.
 #[derive(Debug, thiserror::Error)]
@@ -24,14 +33,19 @@ pub enum ReadError {
     /// Bytes followed the last frame.
     #[error("{0} unexpected bytes after the last frame")]
     Trailing(usize),
+    /// A body's frames together exceed the bound.
+    #[error("body exceeds the bound of {max} bytes")]
+    BodyTooLarge {
+        /// The bound.
+        max: usize,
+    },
 }
 
 /// Reads length-prefixed frames from a receive stream, never buffering more than the frame it
 /// needs (plus what one QUIC chunk brings).
 pub struct FrameReader {
     recv: quinn::RecvStream,
-    /// Received and not yet consumed. A chunk is kept as QUIC handed it over (no copy); bytes are
-    /// copied only when a frame spans chunks.
+    /// Received and not yet consumed, as QUIC handed it over.
     buf: Bytes,
 }
 
@@ -46,37 +60,90 @@ impl FrameReader {
 
     /// Reads the next frame, refusing one longer than `max` before reading it.
     pub async fn frame(&mut self, max: usize) -> Result<Bytes, ReadError> {
-        loop {
-            if let Some((len, prefix)) = frame_len(&self.buf, max)? {
-                if self.buf.len() >= prefix + len {
-                    let _ = self.buf.split_to(prefix);
-                    return Ok(self.buf.split_to(len));
-                }
-                self.fill(prefix + len).await?;
-            } else {
-                self.fill(self.buf.len() + 1).await?;
-            }
-        }
+        self.next_frame(max)
+            .await?
+            .ok_or(ReadError::Truncated { got: 0, want: 1 })
     }
 
-    async fn fill(&mut self, want: usize) -> Result<(), ReadError> {
-        match self.recv.read_chunk(usize::MAX, true).await? {
-            Some(chunk) => {
-                if self.buf.is_empty() {
-                    self.buf = chunk.bytes;
-                } else {
+    /// Reads the next frame, or `None` if the stream ended cleanly before one began.
+    pub async fn next_frame(&mut self, max: usize) -> Result<Option<Bytes>, ReadError> {
+        let (len, prefix) = loop {
+            if let Some(found) = frame_len(&self.buf, max)? {
+                break found;
+            }
+            // Too few bytes for the length prefix (at most five): join the next chunk to them.
+            match self.recv.read_chunk(usize::MAX, true).await? {
+                Some(chunk) if self.buf.is_empty() => self.buf = chunk.bytes,
+                Some(chunk) => {
                     let mut joined = BytesMut::with_capacity(self.buf.len() + chunk.bytes.len());
                     joined.extend_from_slice(&self.buf);
                     joined.extend_from_slice(&chunk.bytes);
                     self.buf = joined.freeze();
                 }
-                Ok(())
+                None if self.buf.is_empty() => return Ok(None),
+                None => {
+                    return Err(ReadError::Truncated {
+                        got: self.buf.len(),
+                        want: self.buf.len() + 1,
+                    });
+                }
             }
-            None => Err(ReadError::Truncated {
-                got: self.buf.len(),
-                want,
-            }),
+        };
+        if self.buf.len() >= prefix + len {
+            let _ = self.buf.split_to(prefix);
+            return Ok(Some(self.buf.split_to(len)));
         }
+        // The frame spans chunks: gather it into one buffer of its length, reading no further
+        // than its end.
+        let mut out = BytesMut::with_capacity(len);
+        out.extend_from_slice(&self.buf[prefix..]);
+        self.buf = Bytes::new();
+        while out.len() < len {
+            match self.recv.read_chunk(len - out.len(), true).await? {
+                Some(chunk) => out.extend_from_slice(&chunk.bytes),
+                None => {
+                    return Err(ReadError::Truncated {
+                        got: out.len(),
+                        want: len,
+                    });
+                }
+            }
+        }
+        Ok(Some(out.freeze()))
+    }
+
+    /// Reads a unary body: one frame of at most `max` bytes, then the end of the stream.
+    pub async fn unary_body(&mut self, max: usize) -> Result<Bytes, ReadError> {
+        let body = self.frame(max).await?;
+        self.end().await?;
+        Ok(body)
+    }
+
+    /// Reads a streamed body to its end, at most `max` bytes in all (for an upstream that takes
+    /// a whole body).
+    pub async fn collect_chunks(&mut self, max: usize) -> Result<Bytes, ReadError> {
+        let too_large = ReadError::BodyTooLarge { max };
+        let Some(first) = self.next_frame(MAX_CHUNK_BYTES).await? else {
+            return Ok(Bytes::new());
+        };
+        if first.len() > max {
+            return Err(too_large);
+        }
+        let Some(second) = self.next_frame(MAX_CHUNK_BYTES).await? else {
+            // The whole body was one frame: no copy.
+            return Ok(first);
+        };
+        let mut out = BytesMut::with_capacity(first.len() + second.len());
+        out.extend_from_slice(&first);
+        let mut next = Some(second);
+        while let Some(frame) = next {
+            if out.len() + frame.len() > max {
+                return Err(too_large);
+            }
+            out.extend_from_slice(&frame);
+            next = self.next_frame(MAX_CHUNK_BYTES).await?;
+        }
+        Ok(out.freeze())
     }
 
     /// Reads the end of the stream: nothing may follow the last frame. Reading to the end (rather
@@ -107,6 +174,15 @@ pub async fn write_message<T: Serialize>(
 ) -> Result<(), quinn::WriteError> {
     let mut out = Vec::with_capacity(64);
     encode_frame_vec(head, &mut out);
+    write_encoded(send, out, body).await
+}
+
+/// Writes a head already encoded as a frame, then `body` as one frame, then ends the stream.
+pub async fn write_encoded(
+    send: &mut quinn::SendStream,
+    mut out: Vec<u8>,
+    body: Bytes,
+) -> Result<(), quinn::WriteError> {
     encode_body_prefix(body.len(), &mut out);
     if body.len() <= 1024 {
         out.extend_from_slice(&body);
@@ -119,11 +195,27 @@ pub async fn write_message<T: Serialize>(
     Ok(())
 }
 
-/// Writes a reply on a call stream.
-pub async fn write_reply(
+/// Writes a head frame and leaves the stream open for body chunks.
+pub async fn write_head<T: Serialize>(
     send: &mut quinn::SendStream,
-    reply: crate::call::Reply,
+    head: &T,
 ) -> Result<(), quinn::WriteError> {
-    let head = ResponseHead::new(reply.status, &reply.message);
-    write_message(send, &head, reply.body).await
+    let mut out = Vec::with_capacity(64);
+    encode_frame_vec(head, &mut out);
+    send.write_all(&out).await
+}
+
+/// Writes one body chunk as a frame (split into frames of at most [`MAX_CHUNK_BYTES`]).
+pub async fn write_chunk(
+    send: &mut quinn::SendStream,
+    mut chunk: Bytes,
+) -> Result<(), quinn::WriteError> {
+    while !chunk.is_empty() {
+        let part = chunk.split_to(chunk.len().min(MAX_CHUNK_BYTES));
+        let mut prefix = Vec::with_capacity(5);
+        encode_body_prefix(part.len(), &mut prefix);
+        send.write_all_chunks(&mut [Bytes::from(prefix), part])
+            .await?;
+    }
+    Ok(())
 }

@@ -144,6 +144,16 @@ pub fn decode_head<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, FrameEr
     }
 }
 
+/// Decodes a value that a newer peer may have extended with fields at its end (a
+/// [`Hello`](crate::Hello), a control message): bytes after the fields this version knows are ignored.
+/// Use it only for types whose added fields are safe to ignore; call heads are decoded strictly
+/// with [`decode_head`], and a peer speaks an older peer's protocol version to it.
+pub fn decode_extensible<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, FrameError> {
+    postcard::take_from_bytes(bytes)
+        .map(|(value, _)| value)
+        .map_err(|_| FrameError::Malformed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,6 +268,27 @@ mod tests {
             let bytes = postcard::to_slice(status, &mut buf).expect("encode");
             assert_eq!(bytes, &[i as u8], "{status:?}");
         }
+    }
+
+    #[test]
+    fn a_hello_from_a_newer_peer_with_fields_we_do_not_know_still_decodes() {
+        let hello = Hello {
+            protocol_version: 9,
+            name: "b",
+            role: Role::Node,
+            labels: Default::default(),
+            services: Default::default(),
+        };
+        let mut buf = [0u8; 64];
+        let len = postcard::to_slice(&hello, &mut buf).expect("encode").len();
+        buf[len..len + 4].copy_from_slice(&[0x03, 0x01, 0x02, 0x03]);
+        let bytes = &buf[..len + 4];
+        assert_eq!(decode_head::<Hello>(bytes), Err(FrameError::Malformed));
+        assert_eq!(decode_extensible::<Hello>(bytes), Ok(hello));
+        assert_eq!(
+            decode_extensible::<Hello>(&bytes[..3]),
+            Err(FrameError::Malformed)
+        );
     }
 
     #[test]

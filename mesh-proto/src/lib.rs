@@ -44,7 +44,7 @@ mod frame;
 mod name;
 mod types;
 
-pub use frame::{FrameError, decode_head, encode_frame, frame_len, varint};
+pub use frame::{FrameError, decode_extensible, decode_head, encode_frame, frame_len, varint};
 #[cfg(feature = "alloc")]
 pub use frame::{encode_body_prefix, encode_frame_vec};
 pub use name::{NameError, validate_name};
@@ -52,8 +52,21 @@ pub use types::{
     Hello, Labels, Metadata, RequestHead, ResponseHead, Role, Services, Status, TraceContext,
 };
 
-/// The protocol version a node speaks; carried in every [`Hello`].
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version a node speaks; carried in every [`Hello`]. Two peers speak the lower of
+/// their versions on a connection.
+///
+/// - 1: unary calls, one hello per connection.
+/// - 2: streamed calls (a request flagged with [`STREAM_METADATA`] carries its body as any number
+///   of frames until the stream ends, and is answered the same way); a node sends a new hello on a
+///   new unidirectional stream when its hosted services change.
+pub const PROTOCOL_VERSION: u16 = 2;
+
+/// The oldest protocol version a node still speaks; a peer below it is refused with a reason.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+
+/// The metadata entry that marks a streamed call (protocol 2). Metadata keys starting with `:` are
+/// the mesh's own: a node refuses them from apps and never passes them to an upstream.
+pub const STREAM_METADATA: &str = ":stream";
 
 /// The ALPN every Starling QUIC connection negotiates.
 pub const ALPN: &[u8] = b"starling/1";

@@ -54,9 +54,26 @@ impl Status {
         }
     }
 
-    /// Whether a failed call with this status may be tried again on another endpoint.
+    /// Whether a failed call with this status may be tried again (on another endpoint, for a
+    /// method the policy marks idempotent): no endpoint could take it, or the upstream said it is
+    /// unavailable or overloaded (502, 503, 504). A rate limit (`ResourceExhausted`) is not
+    /// retried: retrying would only add load where the limit says there is too much.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Status::Unavailable | Status::ResourceExhausted)
+        match self {
+            Status::Unavailable => true,
+            Status::Upstream(code) => matches!(code, 502..=504),
+            _ => false,
+        }
+    }
+
+    /// Whether this outcome counts against the endpoint's health (the circuit breaker): it was
+    /// unreachable, too slow, broken, or its upstream failed (5xx).
+    pub fn is_failure(&self) -> bool {
+        match self {
+            Status::Unavailable | Status::Internal | Status::DeadlineExceeded => true,
+            Status::Upstream(code) => *code >= 500,
+            _ => false,
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use mesh_gateway::ca::Ca;
 
-pub use mesh_node::cli::post;
+pub use mesh_node::http::post;
 
 pub mod lab;
 
@@ -429,7 +429,8 @@ pub async fn try_http(
         .map(|b| ("authorization", b.as_str()))
         .collect();
     let (code, _, body) =
-        mesh_node::cli::request(method, addr, path, &headers, Bytes::from(body.to_owned())).await?;
+        mesh_node::http::request(method, addr, path, &headers, Bytes::from(body.to_owned()))
+            .await?;
     Ok((code, String::from_utf8_lossy(&body).into_owned()))
 }
 

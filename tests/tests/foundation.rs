@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use mesh_node::bind_endpoint;
 use mesh_node::config::Limits;
 use mesh_node::identity::Identity;
-use mesh_node::node::bind_endpoint;
 use mesh_node::wire::{FrameReader, write_message};
 use mesh_proto::limits::MAX_HEAD_BYTES;
 use mesh_proto::{Hello, RequestHead, ResponseHead, Role, Status, decode_head};

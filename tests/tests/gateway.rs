@@ -756,7 +756,10 @@ fn gateway_check_config_checks_the_policy_too() {
         .output()
         .expect("mesh-node");
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("admin: a gateway key"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("admin: not a key of a node's config (a gateway's key?")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,73 +1,49 @@
-//! The gateway's HTTP API and `/metrics`, on loopback unless configured otherwise.
-//!
-//! | method and path | what |
-//! |---|---|
-//! | `GET /metrics` | Prometheus text |
-//! | `GET /v1/nodes` | the registry |
-//! | `GET /v1/services` | each service and the nodes hosting it |
-//! | `GET /v1/policy` | the current bundle and its version |
-//! | `PUT /v1/policy` | a new bundle (bearer token): 200 with its version, 400 with the error, 401 |
-//! | `GET /v1/policy/status` | which node holds which version, and refusals |
-//! | `GET /v1/traces?limit=N` | recent traces, newest first |
-//!
-//! Reads are open (to whoever can reach the address); every change needs
-//! `Authorization: Bearer <token>`.
+//! The handlers of the gateway's HTTP API and `/metrics` (the table of paths is in `http`).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response};
-use mesh_node::StartError;
 use serde_json::json;
-use tokio::sync::watch;
 
-use crate::gateway::{State, lock};
+use super::Api;
+use crate::control::ControlPlane;
 
 /// Largest policy bundle accepted over the API.
 const MAX_POLICY_BYTES: usize = 512 * 1024;
 
-/// Binds the admin API and serves it until `stop` changes.
-pub(crate) async fn serve(
-    state: Arc<State>,
-    addr: SocketAddr,
-    stop: watch::Receiver<bool>,
-) -> Result<SocketAddr, StartError> {
-    mesh_node::ingress::serve_http(addr, stop, move |req| handle(state.clone(), req)).await
-}
-
-async fn handle(
-    state: Arc<State>,
+pub(super) async fn handle(
+    api: Api,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let state = &*api.plane;
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
     Ok(match (req.method().clone(), path.as_str()) {
         (Method::GET, "/metrics") => {
-            let latest = state.policy.borrow().0;
-            let text = lock(&state.metrics).render(&lock(&state.registry), latest);
+            let latest = state.policies.current().0;
+            let text = state.metrics().render(&state.registry(), latest);
             respond(200, "text/plain; version=0.0.4", text)
         }
-        (Method::GET, "/v1/nodes") => json_response(200, nodes(&state)),
-        (Method::GET, "/v1/services") => json_response(200, services(&state)),
+        (Method::GET, "/v1/nodes") => json_response(200, nodes(state)),
+        (Method::GET, "/v1/services") => json_response(200, services(state)),
         (Method::GET, "/v1/policy") => {
-            let (version, toml) = state.policy.borrow().clone();
+            let (version, toml) = state.policies.current();
             json_response(200, json!({ "version": version, "toml": toml.as_str() }))
         }
-        (Method::PUT, "/v1/policy") => put_policy(&state, req).await,
-        (Method::GET, "/v1/policy/status") => json_response(200, policy_status(&state)),
+        (Method::PUT, "/v1/policy") => put_policy(&api, req).await,
+        (Method::GET, "/v1/policy/status") => json_response(200, policy_status(state)),
         (Method::GET, "/v1/traces") => {
             let limit = query
                 .split('&')
                 .find_map(|kv| kv.strip_prefix("limit="))
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(100);
-            json_response(200, lock(&state.traces).json(limit))
+            json_response(200, state.traces().json(limit))
         }
         (
             _,
@@ -78,13 +54,13 @@ async fn handle(
     })
 }
 
-async fn put_policy(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn put_policy(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let authorized = req
         .headers()
         .get(hyper::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| constant_time_eq(t.trim().as_bytes(), state.token.as_bytes()));
+        .is_some_and(|t| constant_time_eq(t.trim().as_bytes(), api.token.as_bytes()));
     if !authorized {
         return json_response(
             401,
@@ -104,14 +80,14 @@ async fn put_policy(state: &State, req: Request<Incoming>) -> Response<Full<Byte
             json!({ "error": "the policy bundle is not UTF-8 text" }),
         );
     };
-    match state.set_policy(text, "PUT /v1/policy") {
+    match api.plane.policies.set(text, "PUT /v1/policy").await {
         Ok(version) => json_response(200, json!({ "version": version })),
         Err(e) => json_response(400, json!({ "error": e.to_string() })),
     }
 }
 
-fn nodes(state: &State) -> serde_json::Value {
-    let registry = lock(&state.registry);
+fn nodes(state: &ControlPlane) -> serde_json::Value {
+    let registry = state.registry();
     let nodes: Vec<serde_json::Value> = registry
         .nodes()
         .map(|n| {
@@ -132,8 +108,8 @@ fn nodes(state: &State) -> serde_json::Value {
     json!({ "nodes": nodes })
 }
 
-fn services(state: &State) -> serde_json::Value {
-    let registry = lock(&state.registry);
+fn services(state: &ControlPlane) -> serde_json::Value {
+    let registry = state.registry();
     let mut map: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
     for n in registry.nodes() {
         for s in &n.services {
@@ -145,9 +121,9 @@ fn services(state: &State) -> serde_json::Value {
     json!({ "services": map })
 }
 
-fn policy_status(state: &State) -> serde_json::Value {
-    let latest = state.policy.borrow().0;
-    let registry = lock(&state.registry);
+fn policy_status(state: &ControlPlane) -> serde_json::Value {
+    let latest = state.policies.current().0;
+    let registry = state.registry();
     let nodes: Vec<serde_json::Value> = registry
         .nodes()
         .map(|n| {
@@ -164,14 +140,7 @@ fn policy_status(state: &State) -> serde_json::Value {
 }
 
 fn respond(code: u16, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() =
-        hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
-    r.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static(content_type),
-    );
-    r
+    mesh_node::http::respond(code, content_type, Bytes::from(body))
 }
 
 fn json_response(code: u16, value: serde_json::Value) -> Response<Full<Bytes>> {

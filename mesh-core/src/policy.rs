@@ -1,0 +1,524 @@
+//! The policy bundle: TOML written by the operator, validated and versioned by the gateway, pushed to
+//! every node, applied and saved by each (see `configs/policy.example.toml`).
+//!
+//! The same parser runs at both ends: the gateway refuses an invalid bundle before anything ships,
+//! and a node refuses (nacks) one it cannot apply, e.g. one that needs a newer node.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::ServiceName;
+use crate::authz::{Authz, Effect, Mode, Rule};
+use crate::balance::BalanceConfig;
+use crate::route::Route;
+use crate::source::{ConfigError, SourceMap};
+
+/// A validated policy bundle.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Policy {
+    /// The oldest node software that can apply this bundle.
+    pub min_node_version: Option<(u32, u32, u32)>,
+    /// Mesh-wide defaults.
+    pub defaults: Defaults,
+    /// Who may call what, checked at the callee.
+    pub authz: Authz,
+    /// Per-service settings.
+    pub services: Vec<ServicePolicy>,
+    /// Per-caller rate limits, checked at the callee.
+    pub rate_limits: Vec<RateLimit>,
+}
+
+/// A token bucket per caller and service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimit {
+    /// Its name, in metrics.
+    pub name: String,
+    /// Glob on the service.
+    pub service: String,
+    /// Globs on the caller's SPIFFE ID; empty = every caller (each with its own bucket).
+    pub callers: Vec<String>,
+    /// Calls a second.
+    pub per_second: f64,
+    /// Calls saved up.
+    pub burst: f64,
+}
+
+/// Retries of idempotent methods.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    pub attempts: u32,
+    /// Extra load retries may add, as a share of calls (0.2 = 20%).
+    pub budget: f64,
+    /// Pause before a retry (doubled each time).
+    pub backoff: Duration,
+}
+
+/// Mesh-wide defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Defaults {
+    /// Deadline of a call that sets none (overrides the node's `limits.call_timeout_ms`).
+    pub call_timeout: Option<Duration>,
+}
+
+/// Settings of one service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServicePolicy {
+    /// The service.
+    pub name: ServiceName,
+    /// Deadline of its calls that set none.
+    pub timeout: Option<Duration>,
+    /// Globs on the methods that may be retried (safe to repeat).
+    pub idempotent: Vec<String>,
+    /// Retries, if any.
+    pub retry: Option<RetryPolicy>,
+    /// Balancing and circuit breaking.
+    pub balance: BalanceConfig,
+    /// Routes, first match wins.
+    pub routes: Vec<Route>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    min_node_version: Option<Spanned<String>>,
+    #[serde(default)]
+    defaults: RawDefaults,
+    #[serde(default)]
+    authorization: RawAuthz,
+    #[serde(default)]
+    services: Vec<RawService>,
+    #[serde(default)]
+    rate_limits: Vec<RawRateLimit>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAuthz {
+    default: Option<RawEffect>,
+    mode: Option<RawMode>,
+    #[serde(default)]
+    rules: Vec<RawRule>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RawEffect {
+    Allow,
+    Deny,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RawMode {
+    Enforce,
+    Audit,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: Spanned<String>,
+    effect: RawEffect,
+    #[serde(default)]
+    callers: Vec<String>,
+    #[serde(default)]
+    caller_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    services: Vec<String>,
+    #[serde(default)]
+    methods: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    name: Spanned<String>,
+    service: String,
+    #[serde(default)]
+    callers: Vec<String>,
+    per_second: Spanned<f64>,
+    burst: Option<f64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    attempts: Option<Spanned<u32>>,
+    budget_percent: Option<Spanned<f64>>,
+    backoff_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawBreaker {
+    failures: Option<Spanned<u32>>,
+    eject_ms: Option<u64>,
+    max_eject_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawBalance {
+    prefer_zone: Option<bool>,
+    max_in_flight: Option<Spanned<u32>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    name: Spanned<String>,
+    #[serde(default)]
+    methods: Vec<String>,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    caller_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    split: Vec<RawSplit>,
+    #[serde(default)]
+    sticky: bool,
+    mirror: Option<RawMirror>,
+    timeout_ms: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSplit {
+    #[serde(default)]
+    subset: BTreeMap<String, String>,
+    weight: Spanned<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMirror {
+    subset: BTreeMap<String, String>,
+    percent: Spanned<f64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDefaults {
+    call_timeout_ms: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Spanned<String>,
+    timeout_ms: Option<Spanned<u64>>,
+    #[serde(default)]
+    idempotent: Vec<String>,
+    retry: Option<RawRetry>,
+    #[serde(default)]
+    breaker: RawBreaker,
+    #[serde(default)]
+    balance: RawBalance,
+    #[serde(default)]
+    routes: Vec<RawRoute>,
+}
+
+impl Policy {
+    /// Parses and validates bundle text; `file` names it in errors (`PUT /v1/policy` for a bundle
+    /// that came over the API).
+    pub fn parse(src: &str, file: &str) -> Result<Policy, ConfigError> {
+        let at = SourceMap { src, file };
+        let raw: RawPolicy = toml::from_str(src).map_err(|e| at.toml_error(&e))?;
+        let min_node_version = raw
+            .min_node_version
+            .as_ref()
+            .map(|v| {
+                parse_version(v.get_ref())
+                    .ok_or_else(|| at.invalid(v, "min_node_version", "not a version like 0.1.0"))
+            })
+            .transpose()?;
+        let positive = |v: &Option<Spanned<u64>>,
+                        key: &str|
+         -> Result<Option<Duration>, ConfigError> {
+            match v {
+                Some(s) if *s.get_ref() == 0 => Err(at.invalid(s, key, "must be greater than 0")),
+                Some(s) => Ok(Some(Duration::from_millis(*s.get_ref()))),
+                None => Ok(None),
+            }
+        };
+        let defaults = Defaults {
+            call_timeout: positive(&raw.defaults.call_timeout_ms, "defaults.call_timeout_ms")?,
+        };
+        let mut services: Vec<ServicePolicy> = Vec::new();
+        for (i, s) in raw.services.iter().enumerate() {
+            let key = format!("services[{i}].name");
+            let name = ServiceName::try_from(s.name.get_ref().as_str())
+                .map_err(|e| at.invalid(&s.name, &key, e))?;
+            if services.iter().any(|o| o.name == name) {
+                return Err(at.invalid(&s.name, &key, format!("service {name} is listed twice")));
+            }
+            let retry = match &s.retry {
+                None => None,
+                Some(r) => Some(RetryPolicy {
+                    attempts: match &r.attempts {
+                        Some(a) if *a.get_ref() == 0 || *a.get_ref() > 10 => {
+                            return Err(at.invalid(
+                                a,
+                                &format!("services[{i}].retry.attempts"),
+                                "must be between 1 and 10",
+                            ));
+                        }
+                        Some(a) => *a.get_ref(),
+                        None => 3,
+                    },
+                    budget: match &r.budget_percent {
+                        Some(b) if !(0.0..=100.0).contains(b.get_ref()) => {
+                            return Err(at.invalid(
+                                b,
+                                &format!("services[{i}].retry.budget_percent"),
+                                "must be between 0 and 100",
+                            ));
+                        }
+                        Some(b) => *b.get_ref() / 100.0,
+                        None => 0.2,
+                    },
+                    backoff: Duration::from_millis(r.backoff_ms.unwrap_or(5)),
+                }),
+            };
+            let d = BalanceConfig::default();
+            let balance = BalanceConfig {
+                failures: match &s.breaker.failures {
+                    Some(f) if *f.get_ref() == 0 => {
+                        return Err(at.invalid(
+                            f,
+                            &format!("services[{i}].breaker.failures"),
+                            "must be greater than 0",
+                        ));
+                    }
+                    Some(f) => *f.get_ref(),
+                    None => d.failures,
+                },
+                base_eject: s
+                    .breaker
+                    .eject_ms
+                    .map_or(d.base_eject, Duration::from_millis),
+                max_eject: s
+                    .breaker
+                    .max_eject_ms
+                    .map_or(d.max_eject, Duration::from_millis),
+                decay: d.decay,
+                max_in_flight: match &s.balance.max_in_flight {
+                    Some(m) if *m.get_ref() == 0 => {
+                        return Err(at.invalid(
+                            m,
+                            &format!("services[{i}].balance.max_in_flight"),
+                            "must be greater than 0",
+                        ));
+                    }
+                    Some(m) => *m.get_ref(),
+                    None => d.max_in_flight,
+                },
+                prefer_zone: s.balance.prefer_zone.unwrap_or(d.prefer_zone),
+            };
+            let mut routes: Vec<Route> = Vec::new();
+            for (j, r) in s.routes.iter().enumerate() {
+                let key = format!("services[{i}].routes[{j}]");
+                if routes.iter().any(|o| &o.name == r.name.get_ref()) {
+                    return Err(at.invalid(
+                        &r.name,
+                        &format!("{key}.name"),
+                        "route names must be unique in a service",
+                    ));
+                }
+                let total: u64 = r.split.iter().map(|s| u64::from(*s.weight.get_ref())).sum();
+                if !r.split.is_empty() && total == 0 {
+                    return Err(at.invalid(
+                        &r.name,
+                        &format!("{key}.split"),
+                        "the weights add up to 0",
+                    ));
+                }
+                let mirror = match &r.mirror {
+                    Some(m) if !(0.0..=100.0).contains(m.percent.get_ref()) => {
+                        return Err(at.invalid(
+                            &m.percent,
+                            &format!("{key}.mirror.percent"),
+                            "must be between 0 and 100",
+                        ));
+                    }
+                    Some(m) => Some((m.subset.clone(), *m.percent.get_ref())),
+                    None => None,
+                };
+                routes.push(Route {
+                    name: r.name.get_ref().clone(),
+                    methods: r.methods.clone(),
+                    metadata: r
+                        .metadata
+                        .iter()
+                        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                        .collect(),
+                    caller_labels: r.caller_labels.clone(),
+                    split: r
+                        .split
+                        .iter()
+                        .map(|s| (s.subset.clone(), *s.weight.get_ref()))
+                        .collect(),
+                    sticky: r.sticky,
+                    mirror,
+                    timeout: positive(&r.timeout_ms, &format!("{key}.timeout_ms"))?,
+                });
+            }
+            services.push(ServicePolicy {
+                name,
+                timeout: positive(&s.timeout_ms, &format!("services[{i}].timeout_ms"))?,
+                idempotent: s.idempotent.clone(),
+                retry,
+                balance,
+                routes,
+            });
+        }
+        let mut rules: Vec<Rule> = Vec::new();
+        for (i, r) in raw.authorization.rules.iter().enumerate() {
+            if rules.iter().any(|o| &o.name == r.name.get_ref()) || r.name.get_ref() == "default" {
+                return Err(at.invalid(
+                    &r.name,
+                    &format!("authorization.rules[{i}].name"),
+                    "rule names must be unique and not \"default\"",
+                ));
+            }
+            rules.push(Rule {
+                name: r.name.get_ref().clone(),
+                effect: effect(r.effect),
+                callers: r.callers.clone(),
+                caller_labels: r.caller_labels.clone(),
+                services: r.services.clone(),
+                methods: r.methods.clone(),
+            });
+        }
+        let authz = Authz {
+            default: raw.authorization.default.map_or(Effect::Allow, effect),
+            mode: match raw.authorization.mode {
+                Some(RawMode::Audit) => Mode::Audit,
+                _ => Mode::Enforce,
+            },
+            rules,
+        };
+        let mut rate_limits = Vec::new();
+        for (i, r) in raw.rate_limits.iter().enumerate() {
+            if *r.per_second.get_ref() <= 0.0 {
+                return Err(at.invalid(
+                    &r.per_second,
+                    &format!("rate_limits[{i}].per_second"),
+                    "must be greater than 0",
+                ));
+            }
+            rate_limits.push(RateLimit {
+                name: r.name.get_ref().clone(),
+                service: r.service.clone(),
+                callers: r.callers.clone(),
+                per_second: *r.per_second.get_ref(),
+                burst: r.burst.unwrap_or(*r.per_second.get_ref()).max(1.0),
+            });
+        }
+        Ok(Policy {
+            min_node_version,
+            defaults,
+            authz,
+            services,
+            rate_limits,
+        })
+    }
+
+    /// Whether a node running `version` (this crate's, normally) can apply this bundle.
+    pub fn check_applicable(&self, version: &str) -> Result<(), String> {
+        let Some(min) = self.min_node_version else {
+            return Ok(());
+        };
+        let have = parse_version(version)
+            .ok_or_else(|| format!("cannot read this node's version {version:?}"))?;
+        if have < min {
+            return Err(format!(
+                "bundle needs mesh-node >= {}.{}.{}, this node runs {version}",
+                min.0, min.1, min.2
+            ));
+        }
+        Ok(())
+    }
+
+    /// The settings of `service`, if the policy has any.
+    pub fn service(&self, service: &str) -> Option<&ServicePolicy> {
+        self.services.iter().find(|s| s.name.as_str() == service)
+    }
+
+    /// The index in `rate_limits` of the limit that applies to `caller` calling `service`, if any.
+    pub fn rate_limit(&self, caller: &str, service: &str) -> Option<usize> {
+        self.rate_limits.iter().position(|r| {
+            crate::authz::glob(&r.service, service)
+                && (r.callers.is_empty() || r.callers.iter().any(|c| crate::authz::glob(c, caller)))
+        })
+    }
+
+    /// The deadline for a call to `service` that sets none, if the policy says one.
+    pub fn timeout_for(&self, service: &str) -> Option<Duration> {
+        self.services
+            .iter()
+            .find(|s| s.name.as_str() == service)
+            .and_then(|s| s.timeout)
+            .or(self.defaults.call_timeout)
+    }
+}
+
+fn effect(e: RawEffect) -> Effect {
+    match e {
+        RawEffect::Allow => Effect::Allow,
+        RawEffect::Deny => Effect::Deny,
+    }
+}
+
+fn parse_version(s: &str) -> Option<(u32, u32, u32)> {
+    let mut parts = s.trim().splitn(3, '.').map(|p| p.parse::<u32>().ok());
+    Some((
+        parts.next()??,
+        parts.next()??,
+        parts.next().unwrap_or(Some(0))?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_answers_timeouts() {
+        let p = Policy::parse(
+            "min_node_version = \"0.1.0\"\n[defaults]\ncall_timeout_ms = 500\n[[services]]\nname = \"slow\"\ntimeout_ms = 9000\n",
+            "policy.toml",
+        )
+        .expect("valid");
+        assert_eq!(p.timeout_for("slow"), Some(Duration::from_secs(9)));
+        assert_eq!(p.timeout_for("other"), Some(Duration::from_millis(500)));
+        assert_eq!(p.check_applicable("0.1.0"), Ok(()));
+    }
+
+    #[test]
+    fn errors_name_line_and_key() {
+        let e =
+            Policy::parse("[defaults]\ncall_timeout_ms = 0\n", "PUT /v1/policy").expect_err("zero");
+        assert_eq!(
+            e.to_string(),
+            "PUT /v1/policy:2: defaults.call_timeout_ms: must be greater than 0"
+        );
+        let e = Policy::parse("[defaults]\ncolour = 1\n", "p.toml").expect_err("unknown");
+        assert!(
+            e.to_string()
+                .starts_with("p.toml:2: defaults.colour: unknown field"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_newer_bundle_is_refused_by_an_older_node() {
+        let p = Policy::parse("min_node_version = \"99.0\"\n", "p").expect("valid");
+        let e = p.check_applicable("0.1.0").expect_err("too old");
+        assert_eq!(e, "bundle needs mesh-node >= 99.0.0, this node runs 0.1.0");
+    }
+}

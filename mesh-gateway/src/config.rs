@@ -1,0 +1,180 @@
+//! A gateway's config file: a node's keys (the gateway is a node too, see `mesh_node::config`)
+//! plus its own, documented in `configs/gateway.example.toml`. Errors name the file, the line and
+//! the key, as a node's do.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use mesh_core::source::{ConfigError, SourceMap};
+use mesh_node::NodeConfig;
+use mesh_node::config::{parse_addr, read_config};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The top-level keys only a gateway's file has.
+pub const GATEWAY_KEYS: &[&str] = &[
+    "admin",
+    "admin_token_file",
+    "policy",
+    "registry",
+    "traces",
+    "audit_log",
+];
+
+/// A gateway's configuration, validated.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// The node underneath.
+    pub node: NodeConfig,
+    /// The HTTP API and `/metrics`; loopback unless configured otherwise.
+    pub admin: SocketAddr,
+    /// The bearer token that guards every change (created, mode 0600, if missing).
+    pub admin_token_file: PathBuf,
+    /// The policy bundle file, reloaded when it changes.
+    pub policy: Option<Located<PathBuf>>,
+    /// A node whose control stream closed is shown down after this long.
+    pub down_after: Duration,
+    /// ... and removed after this long.
+    pub remove_after: Duration,
+    /// Traces kept for `GET /v1/traces`.
+    pub max_traces: usize,
+    /// Where audit events are appended as JSON lines.
+    pub audit_log: PathBuf,
+}
+
+/// A value and the config line it came from.
+#[derive(Debug, Clone)]
+pub struct Located<T> {
+    /// The value.
+    pub value: T,
+    /// Its 1-based line.
+    pub line: usize,
+}
+
+// The gateway's keys as written; the node's keys in the same file are the node parser's.
+#[derive(Deserialize)]
+struct RawGateway {
+    admin: Option<Spanned<String>>,
+    admin_token_file: Option<Spanned<String>>,
+    policy: Option<Spanned<String>>,
+    registry: Option<Spanned<RawRegistry>>,
+    traces: Option<Spanned<RawTraces>>,
+    audit_log: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRegistry {
+    down_after_ms: Option<u64>,
+    remove_after_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTraces {
+    max_traces: Option<u64>,
+}
+
+impl GatewayConfig {
+    /// Reads and validates a gateway's config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let (src, file, base) = read_config(path)?;
+        Self::parse(&src, &file, &base)
+    }
+
+    /// Parses a gateway's config text; `file` names it in errors, `base` anchors relative paths.
+    pub fn parse(src: &str, file: &str, base: &Path) -> Result<Self, ConfigError> {
+        let node = NodeConfig::parse_with(
+            src,
+            file,
+            base,
+            GATEWAY_KEYS,
+            "not a key of a gateway's config",
+        )?;
+        let at = SourceMap { src, file };
+        let raw: RawGateway = toml::from_str(src).map_err(|e| at.toml_error(&e))?;
+        let admin = match &raw.admin {
+            Some(s) => parse_addr(s, &at, "admin")?,
+            None => SocketAddr::from(([127, 0, 0, 1], 9480)),
+        };
+        let registry = raw.registry.as_ref().map(|r| r.get_ref());
+        let down_after =
+            Duration::from_millis(registry.and_then(|r| r.down_after_ms).unwrap_or(5_000));
+        let remove_after =
+            Duration::from_millis(registry.and_then(|r| r.remove_after_ms).unwrap_or(300_000));
+        if remove_after < down_after {
+            let line = raw.registry.as_ref().map_or(0, |r| at.line(r.span().start));
+            return Err(ConfigError::Invalid {
+                file: file.to_owned(),
+                line,
+                key: "registry.remove_after_ms".into(),
+                message: "must not be shorter than registry.down_after_ms".into(),
+            });
+        }
+        Ok(GatewayConfig {
+            node,
+            admin,
+            admin_token_file: base.join(
+                raw.admin_token_file
+                    .as_ref()
+                    .map_or("admin.token", |s| s.get_ref().as_str()),
+            ),
+            policy: raw.policy.as_ref().map(|s| Located {
+                value: base.join(s.get_ref()),
+                line: at.line(s.span().start),
+            }),
+            down_after,
+            remove_after,
+            max_traces: raw
+                .traces
+                .as_ref()
+                .and_then(|t| t.get_ref().max_traces)
+                .unwrap_or(1000)
+                .clamp(1, 1_000_000) as usize,
+            audit_log: base.join(
+                raw.audit_log
+                    .as_ref()
+                    .map_or("audit.jsonl", |s| s.get_ref().as_str()),
+            ),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "name = \"gw\"\nadmin = \"127.0.0.1:9999\"\n[identity]\ncert = \"c\"\nkey = \"k\"\nca = \"a\"\n[registry]\ndown_after_ms = 100\n";
+
+    #[test]
+    fn parses_node_and_gateway_keys() {
+        let c = GatewayConfig::parse(GOOD, "gw.toml", Path::new("/etc/starling")).expect("valid");
+        assert_eq!(c.node.name.as_str(), "gw");
+        assert_eq!(c.admin, "127.0.0.1:9999".parse().expect("addr"));
+        assert_eq!(c.down_after, Duration::from_millis(100));
+        assert_eq!(c.audit_log, Path::new("/etc/starling/audit.jsonl"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_line() {
+        let src = GOOD.replace("admin =", "colour = 1\nadmin =");
+        let e = GatewayConfig::parse(&src, "gw.toml", Path::new(".")).expect_err("colour");
+        assert_eq!(
+            e.to_string(),
+            "gw.toml:2: colour: not a key of a gateway's config"
+        );
+        let src = GOOD.replace("down_after_ms", "up_after_ms");
+        let e = GatewayConfig::parse(&src, "gw.toml", Path::new(".")).expect_err("nested");
+        assert!(
+            e.to_string().starts_with("gw.toml:8: registry.up_after_ms"),
+            "{e}"
+        );
+        // A node reading a gateway's file names the first gateway key.
+        let e = NodeConfig::parse(GOOD, "gw.toml", Path::new(".")).expect_err("admin");
+        assert!(
+            e.to_string()
+                .starts_with("gw.toml:2: admin: not a key of a node's config")
+        );
+    }
+}

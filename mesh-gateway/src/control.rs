@@ -1,0 +1,228 @@
+//! The gateway's side of the control streams: one per node, opened as a call to the reserved
+//! service `_control`. A node says hello, then sends heartbeats, policy acks and nacks, and
+//! telemetry batches; the gateway pushes the current policy bundle, the registry (at most every
+//! [`REGISTRY_PUSH_EVERY`], encoded once for all nodes) and telemetry acks.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use mesh_core::SpiffeId;
+use mesh_node::ReservedService;
+use mesh_node::wire::FrameReader;
+use mesh_proto::control::{Down, MAX_CONTROL_FRAME, Up};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::audit::AuditLog;
+use crate::metrics::Metrics;
+use crate::policy::Policies;
+use crate::registry::Registry;
+use crate::traces::Traces;
+
+/// How often, at most, each node is sent the registry when it changed.
+const REGISTRY_PUSH_EVERY: Duration = Duration::from_secs(2);
+
+/// What the control plane holds: registry, aggregated telemetry, traces; and the policy it pushes.
+pub(crate) struct ControlPlane {
+    pub(crate) registry: Mutex<Registry>,
+    pub(crate) metrics: Mutex<Metrics>,
+    pub(crate) traces: Mutex<Traces>,
+    pub(crate) policies: Arc<Policies>,
+    pub(crate) audit: Arc<AuditLog>,
+    registry_changed: watch::Sender<u64>,
+    registry_cache: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+}
+
+impl ControlPlane {
+    pub(crate) fn new(
+        registry: Registry,
+        traces: Traces,
+        policies: Arc<Policies>,
+        audit: Arc<AuditLog>,
+    ) -> Self {
+        ControlPlane {
+            registry: Mutex::new(registry),
+            metrics: Mutex::new(Metrics::new()),
+            traces: Mutex::new(traces),
+            policies,
+            audit,
+            registry_changed: watch::Sender::new(0),
+            registry_cache: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn registry(&self) -> MutexGuard<'_, Registry> {
+        lock(&self.registry)
+    }
+
+    pub(crate) fn metrics(&self) -> MutexGuard<'_, Metrics> {
+        lock(&self.metrics)
+    }
+
+    pub(crate) fn traces(&self) -> MutexGuard<'_, Traces> {
+        lock(&self.traces)
+    }
+
+    /// Marks down and removes silent nodes, every 250 ms until `stop` changes.
+    pub(crate) async fn sweep_loop(&self, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
+            if self.registry().sweep(Instant::now()) {
+                self.registry_changed.send_modify(|v| *v += 1);
+            }
+        }
+    }
+
+    async fn session(
+        self: Arc<Self>,
+        caller: SpiffeId,
+        remote: SocketAddr,
+        mut send: quinn::SendStream,
+        mut reader: FrameReader,
+    ) {
+        let name = caller.node_name().as_str().to_owned();
+        let hello = match tokio::time::timeout(Duration::from_secs(5), read_up(&mut reader)).await {
+            Ok(Ok(Up::Hello(h))) => h,
+            _ => {
+                warn!("control stream from {caller} at {remote} sent no hello");
+                return;
+            }
+        };
+        self.registry()
+            .handle_hello(&name, &caller.to_string(), &hello, Instant::now());
+        self.registry_changed.send_modify(|v| *v += 1);
+        info!(
+            "node {name} joined the control plane (policy version {})",
+            hello.policy_version
+        );
+
+        let mut policy_rx = self.policies.subscribe();
+        policy_rx.mark_changed();
+        let mut registry_rx = self.registry_changed.subscribe();
+        let mut registry_dirty = true;
+        let mut registry_tick = tokio::time::interval(REGISTRY_PUSH_EVERY);
+        let mut sent_version = hello.policy_version;
+        let result: Result<(), String> = async {
+            loop {
+                tokio::select! {
+                    up = read_up(&mut reader) => {
+                        if let Some(down) = self.handle_up(&name, up?) {
+                            write_down(&mut send, &down).await?;
+                        }
+                    }
+                    r = policy_rx.changed() => {
+                        r.map_err(|e| e.to_string())?;
+                        let (version, toml) = policy_rx.borrow_and_update().clone();
+                        if version > sent_version {
+                            sent_version = version;
+                            write_down(&mut send, &Down::Policy { version, toml: toml.to_string() }).await?;
+                        }
+                    }
+                    r = registry_rx.changed() => {
+                        r.map_err(|e| e.to_string())?;
+                        registry_dirty = true;
+                    }
+                    _ = registry_tick.tick(), if registry_dirty => {
+                        // At most one registry push per node per period, however busy the fleet,
+                        // encoded once for all nodes.
+                        registry_dirty = false;
+                        let frame = self.registry_frame();
+                        send.write_all(&frame).await.map_err(|e| e.to_string())?;
+                    }
+                }
+            }
+        }
+        .await;
+        if let Err(e) = result {
+            info!("control stream of {name} ended: {e}");
+        }
+        self.registry().handle_closed(&name, Instant::now());
+        self.registry_changed.send_modify(|v| *v += 1);
+    }
+
+    /// The registry as one encoded `Down::Registry` frame, re-encoded only after a change.
+    fn registry_frame(&self) -> Arc<Vec<u8>> {
+        let epoch = *self.registry_changed.borrow();
+        let mut cached = lock(&self.registry_cache);
+        if let Some((e, frame)) = cached.as_ref()
+            && *e == epoch
+        {
+            return frame.clone();
+        }
+        let mut out = Vec::new();
+        mesh_proto::encode_frame_vec(&Down::Registry(self.registry().entries()), &mut out);
+        let frame = Arc::new(out);
+        *cached = Some((epoch, frame.clone()));
+        frame
+    }
+
+    fn handle_up(&self, name: &str, up: Up) -> Option<Down> {
+        self.registry().handle_seen(name, Instant::now());
+        match up {
+            Up::Hello(_) | Up::Heartbeat => None,
+            Up::PolicyAck { version } => {
+                self.registry().handle_policy_answer(name, version, Ok(()));
+                None
+            }
+            Up::PolicyNack { version, reason } => {
+                warn!("node {name} refused policy version {version}: {reason}");
+                self.registry()
+                    .handle_policy_answer(name, version, Err(reason));
+                None
+            }
+            Up::Telemetry(batch) => {
+                let seq = batch.seq;
+                if self.metrics().handle_batch(name, &batch) {
+                    let mut traces = self.traces();
+                    for span in batch.spans {
+                        traces.add(span);
+                    }
+                    drop(traces);
+                    for event in &batch.audit {
+                        self.audit.write(name, event);
+                    }
+                }
+                Some(Down::TelemetryAck { seq })
+            }
+        }
+    }
+}
+
+/// The `_control` reserved service of the gateway's node.
+pub(crate) struct ControlService(pub(crate) Arc<ControlPlane>);
+
+impl ReservedService for ControlService {
+    fn serve(
+        &self,
+        caller: SpiffeId,
+        remote: SocketAddr,
+        send: quinn::SendStream,
+        reader: FrameReader,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        Box::pin(self.0.clone().session(caller, remote, send, reader))
+    }
+}
+
+async fn read_up(reader: &mut FrameReader) -> Result<Up, String> {
+    let frame = reader
+        .frame(MAX_CONTROL_FRAME)
+        .await
+        .map_err(|e| e.to_string())?;
+    postcard::from_bytes(&frame).map_err(|e| format!("bad control frame: {e}"))
+}
+
+async fn write_down(send: &mut quinn::SendStream, down: &Down) -> Result<(), String> {
+    let mut out = Vec::new();
+    mesh_proto::encode_frame_vec(down, &mut out);
+    send.write_all(&out).await.map_err(|e| e.to_string())
+}
+
+/// Locks a mutex; a panic while it was held (a bug) does not stop the gateway from serving.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

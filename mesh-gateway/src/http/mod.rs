@@ -1,0 +1,44 @@
+//! The gateway's HTTP side, on loopback unless configured otherwise:
+//!
+//! | method and path | what |
+//! |---|---|
+//! | `GET /metrics` | Prometheus text |
+//! | `GET /v1/nodes` | the registry |
+//! | `GET /v1/services` | each service and the nodes hosting it |
+//! | `GET /v1/policy` | the current bundle and its version |
+//! | `PUT /v1/policy` | a new bundle (bearer token): 200 with its version, 400 with the error, 401 |
+//! | `GET /v1/policy/status` | which node holds which version, and refusals |
+//! | `GET /v1/traces?limit=N` | recent traces, newest first |
+//!
+//! Reads are open (to whoever can reach the address); every change needs
+//! `Authorization: Bearer <token>`. The dashboard comes next, as a module beside `api`.
+
+mod api;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::control::ControlPlane;
+
+/// What the handlers reach: the control plane and the admin token.
+#[derive(Clone)]
+struct Api {
+    plane: Arc<ControlPlane>,
+    token: Arc<str>,
+}
+
+/// Binds the admin API on `addr` and serves it until `stop` changes; returns the bound address.
+pub(crate) async fn serve(
+    plane: Arc<ControlPlane>,
+    token: String,
+    addr: SocketAddr,
+    stop: watch::Receiver<bool>,
+) -> std::io::Result<SocketAddr> {
+    let api = Api {
+        plane,
+        token: token.into(),
+    };
+    mesh_node::http::serve_http(addr, stop, move |req| api::handle(api.clone(), req)).await
+}

@@ -1,0 +1,545 @@
+//! The caller's side of a call: route -> pick -> call -> retry or mirror, each a decision of
+//! `mesh-core` carried out here.
+//!
+//! Per call: the route match and weighted split (canary, rollout, geography); an endpoint picked by
+//! power of two choices over peak-EWMA, in the caller's zone first, skipping ejected and full
+//! endpoints; the deadline; retries for idempotent methods on retryable statuses within the retry
+//! budget, with back-off, on another endpoint when there is one; the circuit breaker fed with every
+//! outcome; a mirrored copy of a share of calls, whose answer is dropped. The client owns the
+//! balancers and retry budgets; every decision is counted per rule in the node's telemetry.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use mesh_core::authz::glob;
+use mesh_core::balance::{BalanceConfig, Balancer, Outcome};
+use mesh_core::limits::RetryBudget;
+use mesh_core::route::{self, Subset};
+use mesh_core::{MethodName, NodeName, ServiceName, SpiffeId};
+use mesh_proto::control::Span;
+use mesh_proto::limits::MAX_HEAD_BYTES;
+use mesh_proto::{RequestHead, ResponseHead, STREAM_METADATA, Status, TraceContext, decode_head};
+use tracing::{debug, warn};
+
+use crate::call::{CallContext, CallError, CallOptions, CallStream, Reply};
+use crate::config::Limits;
+use crate::control::telemetry::{TelemetrySink, unix_us};
+use crate::hosted::Hosted;
+use crate::peers::{PeerSet, Picked};
+use crate::policy::{Policy, PolicyCell};
+use crate::rng::random;
+use crate::server::Server;
+use crate::wire::{FrameReader, ReadError, write_encoded, write_head};
+
+/// The caller side of every call this node makes.
+pub(crate) struct Client {
+    pub(crate) id: SpiffeId,
+    /// `id` as text, made once.
+    pub(crate) id_text: String,
+    pub(crate) name: NodeName,
+    pub(crate) labels: BTreeMap<String, String>,
+    pub(crate) limits: Limits,
+    pub(crate) trace_sample: f64,
+    pub(crate) peers: Arc<PeerSet>,
+    pub(crate) policy: Arc<PolicyCell>,
+    pub(crate) telemetry: Arc<TelemetrySink>,
+    pub(crate) hosted: Arc<Hosted>,
+    pub(crate) server: Arc<Server>,
+    state: Arc<Mutex<ClientState>>,
+}
+
+/// Per-service balancer state and retry budgets.
+#[derive(Default)]
+struct ClientState {
+    balancers: HashMap<String, Balancer<u64>>,
+    budgets: HashMap<String, RetryBudget>,
+}
+
+/// What a call is sent with, fixed before the first attempt.
+struct Plan<'a> {
+    service: &'a str,
+    method: &'a str,
+    options: &'a CallOptions,
+    trace: TraceContext,
+    deadline: Instant,
+    /// The route's name (or the service's): what rule counters are kept under.
+    rule: &'a str,
+    balance: &'a BalanceConfig,
+}
+
+impl Client {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        id: SpiffeId,
+        labels: BTreeMap<String, String>,
+        limits: Limits,
+        trace_sample: f64,
+        peers: Arc<PeerSet>,
+        policy: Arc<PolicyCell>,
+        telemetry: Arc<TelemetrySink>,
+        hosted: Arc<Hosted>,
+        server: Arc<Server>,
+    ) -> Self {
+        Client {
+            id_text: id.to_string(),
+            name: id.node_name().clone(),
+            id,
+            labels,
+            limits,
+            trace_sample,
+            peers,
+            policy,
+            telemetry,
+            hosted,
+            server,
+            state: Arc::new(Mutex::new(ClientState::default())),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, ClientState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes a call and counts it (and its span, when sampled) in the node's telemetry.
+    pub(crate) async fn call(
+        &self,
+        service: &str,
+        method: &str,
+        body: Bytes,
+        options: &CallOptions,
+    ) -> Reply {
+        let started = Instant::now();
+        let started_wall = unix_us();
+        let trace = self.trace_for(options);
+        let (reply, callee) = self.call_inner(service, method, body, options, trace).await;
+        let latency = started.elapsed();
+        self.telemetry.record_call(
+            service,
+            method,
+            self.name.as_str(),
+            &callee,
+            reply.status,
+            latency,
+        );
+        if trace.flags & 1 == 1 {
+            self.telemetry.record_span(Span {
+                trace_id: trace.trace_id,
+                span_id: trace.span_id,
+                parent_span_id: options.trace.map(|p| p.span_id),
+                client: true,
+                node: self.name.as_str().to_owned(),
+                service: service.to_owned(),
+                method: method.to_owned(),
+                start_unix_us: started_wall,
+                duration_us: latency.as_micros() as u64,
+                status: reply.status,
+            });
+        }
+        reply
+    }
+
+    fn trace_for(&self, options: &CallOptions) -> TraceContext {
+        match options.trace {
+            Some(parent) => TraceContext {
+                trace_id: parent.trace_id,
+                span_id: random().to_le_bytes(),
+                flags: parent.flags,
+            },
+            None => TraceContext {
+                trace_id: crate::rng::trace_id(),
+                span_id: random().to_le_bytes(),
+                flags: u8::from((random() % 1_000_000) as f64 / 1e6 < self.trace_sample),
+            },
+        }
+    }
+
+    /// The call itself; returns the reply and the name of the node that served it ("" if none).
+    async fn call_inner(
+        &self,
+        service: &str,
+        method: &str,
+        body: Bytes,
+        options: &CallOptions,
+        trace: TraceContext,
+    ) -> (Reply, String) {
+        let policy = self.policy.policy();
+        let timeout = options
+            .timeout
+            .or_else(|| policy.as_ref().and_then(|p| p.timeout_for(service)))
+            .unwrap_or(self.limits.call_timeout);
+        let deadline = Instant::now() + timeout;
+        if let Err(reply) = check_request(service, method, options) {
+            return (reply, String::new());
+        }
+        if body.len() > self.limits.max_body_bytes {
+            let reply = Reply::error(
+                Status::InvalidArgument,
+                format!(
+                    "request body of {} bytes exceeds the bound of {} bytes",
+                    body.len(),
+                    self.limits.max_body_bytes
+                ),
+            );
+            return (reply, String::new());
+        }
+        if self.hosted.contains(service) {
+            let (Ok(service), Ok(method)) =
+                (ServiceName::try_from(service), MethodName::try_from(method))
+            else {
+                let reply = Reply::error(Status::InvalidArgument, "bad service or method name");
+                return (reply, String::new());
+            };
+            let ctx = CallContext {
+                caller: self.id.clone(),
+                service,
+                method,
+                metadata: options.metadata.clone(),
+                deadline,
+                trace: Some(trace),
+                streaming: false,
+            };
+            let reply = self.server.serve_local(ctx, body, &self.labels).await;
+            return (reply, self.name.as_str().to_owned());
+        }
+        self.call_remote(service, method, body, options, trace, deadline, policy)
+            .await
+    }
+
+    /// A call to a service hosted elsewhere, under `policy` (read once per call).
+    #[allow(clippy::too_many_arguments)]
+    async fn call_remote(
+        &self,
+        service: &str,
+        method: &str,
+        body: Bytes,
+        options: &CallOptions,
+        trace: TraceContext,
+        deadline: Instant,
+        policy: Option<Arc<Policy>>,
+    ) -> (Reply, String) {
+        let svc = policy.as_ref().and_then(|p| p.service(service));
+        let decision = route::decide(
+            svc.map_or(&[][..], |s| &s.routes[..]),
+            method,
+            &options.metadata,
+            &self.id_text,
+            &self.labels,
+            random(),
+            random(),
+        );
+        let deadline = match (options.timeout, decision.route.and_then(|r| r.timeout)) {
+            (None, Some(t)) => Instant::now() + t,
+            _ => deadline,
+        };
+        let default_balance = BalanceConfig::default();
+        let plan = Plan {
+            service,
+            method,
+            options,
+            trace,
+            deadline,
+            rule: decision.route.map_or(service, |r| r.name.as_str()),
+            balance: svc.map_or(&default_balance, |s| &s.balance),
+        };
+        let idempotent = svc.is_some_and(|s| s.idempotent.iter().any(|g| glob(g, method)));
+        let retry = svc.and_then(|s| s.retry.as_ref()).filter(|_| idempotent);
+        if let Some(r) = retry {
+            self.state()
+                .budgets
+                .entry(service.to_owned())
+                .or_insert_with(|| RetryBudget::new(r.budget, 10.0))
+                .deposit();
+        }
+        if let Some(mirror) = decision.mirror {
+            self.mirror(&plan, &body, mirror.clone());
+        }
+
+        let mut tried: Vec<u64> = Vec::new();
+        let mut attempt = 1;
+        loop {
+            let picked = match self.pick(&plan, &decision.subset, &tried) {
+                Ok(found) => found,
+                Err(reply) => return (reply, String::new()),
+            };
+            let started = Instant::now();
+            let left = deadline.saturating_duration_since(started);
+            let reply = match self.head(&plan, left) {
+                Err(reply) => reply,
+                Ok(head) => {
+                    let call = self.remote_call(picked.conn, head, body.clone());
+                    match tokio::time::timeout(left, call).await {
+                        Ok(reply) => reply,
+                        Err(_) => Reply::error(
+                            Status::DeadlineExceeded,
+                            format!("no answer from {service} within the deadline"),
+                        ),
+                    }
+                }
+            };
+            let callee = picked.callee;
+            self.finish(&plan, picked.key, &callee, started.elapsed(), reply.status);
+            let Some(r) = retry else {
+                return (reply, callee);
+            };
+            if !reply.status.is_retryable() || attempt >= r.attempts {
+                return (reply, callee);
+            }
+            let backoff = r.backoff.saturating_mul(1 << (attempt - 1).min(10));
+            if Instant::now() + backoff >= deadline {
+                return (reply, callee);
+            }
+            let allowed = self
+                .state()
+                .budgets
+                .get_mut(service)
+                .is_some_and(RetryBudget::withdraw);
+            if !allowed {
+                debug!("retry budget of {service} spent; not retrying");
+                return (reply, callee);
+            }
+            self.telemetry.record_rule(plan.rule, "retried");
+            tried.push(picked.key);
+            attempt += 1;
+            tokio::time::sleep(backoff).await;
+        }
+    }
+
+    /// Opens a streamed call: routed, balanced and authorized like any other, never retried or
+    /// mirrored (its body is not kept). The callee must speak protocol 2.
+    pub(crate) async fn call_stream(
+        &self,
+        service: &str,
+        method: &str,
+        options: &CallOptions,
+    ) -> Result<CallStream, CallError> {
+        check_request(service, method, options).map_err(Reply::into_error)?;
+        let policy = self.policy.policy();
+        let svc = policy.as_ref().and_then(|p| p.service(service));
+        let timeout = options
+            .timeout
+            .or_else(|| policy.as_ref().and_then(|p| p.timeout_for(service)))
+            .unwrap_or(self.limits.call_timeout);
+        let decision = route::decide(
+            svc.map_or(&[][..], |s| &s.routes[..]),
+            method,
+            &options.metadata,
+            &self.id_text,
+            &self.labels,
+            random(),
+            random(),
+        );
+        let default_balance = BalanceConfig::default();
+        let plan = Plan {
+            service,
+            method,
+            options,
+            trace: self.trace_for(options),
+            deadline: Instant::now() + timeout,
+            rule: decision.route.map_or(service, |r| r.name.as_str()),
+            balance: svc.map_or(&default_balance, |s| &s.balance),
+        };
+        let picked = self
+            .pick(&plan, &decision.subset, &[])
+            .map_err(Reply::into_error)?;
+        if picked.protocol < 2 {
+            return Err(CallError::new(
+                Status::Unavailable,
+                format!(
+                    "{} speaks protocol {}, which has no streamed calls",
+                    picked.callee, picked.protocol
+                ),
+            ));
+        }
+        let mut head = self.head(&plan, timeout).map_err(Reply::into_error)?;
+        head.metadata
+            .push((STREAM_METADATA, "1"))
+            .map_err(|_| too_much_metadata().into_error())?;
+        let (mut send, recv) = picked.conn.open_bi().await.map_err(|e| {
+            CallError::new(Status::Unavailable, format!("connection to peer lost: {e}"))
+        })?;
+        write_head(&mut send, &head).await.map_err(|e| {
+            CallError::new(Status::Unavailable, format!("connection to peer lost: {e}"))
+        })?;
+        Ok(CallStream::new(send, recv, plan.deadline))
+    }
+
+    /// Calls made and retries spent under the retry budget of `service`: `(calls, retries)`.
+    pub(crate) fn retry_totals(&self, service: &str) -> (u64, u64) {
+        self.state()
+            .budgets
+            .get(service)
+            .map_or((0, 0), RetryBudget::totals)
+    }
+
+    fn head<'a>(&self, plan: &Plan<'a>, left: Duration) -> Result<RequestHead<'a>, Reply> {
+        let mut head = RequestHead::new(
+            plan.service,
+            plan.method,
+            u32::try_from(left.as_millis()).unwrap_or(u32::MAX).max(1),
+        );
+        head.trace = Some(plan.trace);
+        for (k, v) in &plan.options.metadata {
+            if head.metadata.push((k, v)).is_err() {
+                return Err(too_much_metadata());
+            }
+        }
+        Ok(head)
+    }
+
+    /// Picks the endpoint for the next attempt, avoiding those `tried` while others remain.
+    fn pick(&self, plan: &Plan<'_>, subset: &Subset, tried: &[u64]) -> Result<Picked, Reply> {
+        let service = plan.service;
+        let zone = self.labels.get("zone").map(String::as_str);
+        self.peers.pick(service, subset, tried, |candidates| {
+            let mut state = self.state();
+            let balancer = state
+                .balancers
+                .entry(service.to_owned())
+                .or_insert_with(|| Balancer::new(plan.balance.clone()));
+            balancer.set_config(plan.balance);
+            balancer
+                .pick(candidates, zone, Instant::now(), random(), random())
+                .ok_or_else(|| {
+                    Reply::error(
+                        Status::Unavailable,
+                        format!("every endpoint of service {service} is ejected or at its limit of calls in flight"),
+                    )
+                })
+        })
+    }
+
+    /// Feeds an attempt's outcome to the endpoint's breaker and latency estimate.
+    fn finish(&self, plan: &Plan<'_>, key: u64, callee: &str, latency: Duration, status: Status) {
+        let service = plan.service;
+        let outcome = self
+            .state()
+            .balancers
+            .get_mut(service)
+            .map_or(Outcome::None, |b| {
+                b.finish(&key, latency, !status.is_failure(), Instant::now())
+            });
+        match outcome {
+            Outcome::Ejected(until) => {
+                warn!(
+                    "ejected {callee} from service {service} for {:?} after failures",
+                    until.saturating_duration_since(Instant::now())
+                );
+                self.telemetry.record_rule(plan.rule, "ejected");
+            }
+            Outcome::Restored => debug!("{callee} is back in service {service}"),
+            Outcome::None => {}
+        }
+    }
+
+    /// Copies a call to an endpoint of `subset`, in the background; its answer is discarded and
+    /// its slowness or failure never reaches the caller.
+    fn mirror(&self, plan: &Plan<'_>, body: &Bytes, subset: Subset) {
+        let Ok(picked) = self.pick(plan, &subset, &[]) else {
+            return;
+        };
+        self.telemetry.record_rule(plan.rule, "mirrored");
+        let trace = TraceContext {
+            trace_id: [0; 16],
+            span_id: random().to_le_bytes(),
+            flags: 0,
+        };
+        let left = plan.deadline.saturating_duration_since(Instant::now());
+        let Ok(head) = self.head(&Plan { trace, ..*plan }, left) else {
+            return;
+        };
+        let mut encoded = Vec::with_capacity(64);
+        mesh_proto::encode_frame_vec(&head, &mut encoded);
+        let (service, body) = (plan.service.to_owned(), body.clone());
+        let max_body = self.limits.max_body_bytes;
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let call = send_call(picked.conn, encoded, body, max_body);
+            let reply = tokio::time::timeout(left, call).await.ok();
+            // The mirror's answer is dropped, but its endpoint's health and latency still count.
+            let failed = reply.as_ref().is_none_or(|r| r.status.is_failure());
+            let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(b) = state.balancers.get_mut(&service) {
+                b.finish(&picked.key, started.elapsed(), !failed, Instant::now());
+            }
+        });
+    }
+
+    /// Sends a call on `conn` and reads the whole answer.
+    async fn remote_call(
+        &self,
+        conn: quinn::Connection,
+        head: RequestHead<'_>,
+        body: Bytes,
+    ) -> Reply {
+        let mut encoded = Vec::with_capacity(64);
+        mesh_proto::encode_frame_vec(&head, &mut encoded);
+        send_call(conn, encoded, body, self.limits.max_body_bytes).await
+    }
+}
+
+fn too_much_metadata() -> Reply {
+    Reply::error(
+        Status::InvalidArgument,
+        format!(
+            "more than {} metadata entries",
+            mesh_proto::limits::MAX_METADATA
+        ),
+    )
+}
+
+/// Names checked, metadata keys that are the mesh's own refused.
+fn check_request(service: &str, method: &str, options: &CallOptions) -> Result<(), Reply> {
+    if let Err(e) = mesh_proto::validate_name(service).and(mesh_proto::validate_name(method)) {
+        return Err(Reply::error(
+            Status::InvalidArgument,
+            format!("bad service or method name: {e}"),
+        ));
+    }
+    if let Some((k, _)) = options.metadata.iter().find(|(k, _)| k.starts_with(':')) {
+        return Err(Reply::error(
+            Status::InvalidArgument,
+            format!("metadata key {k:?}: keys starting with ':' are reserved for the mesh"),
+        ));
+    }
+    Ok(())
+}
+
+/// Writes an encoded head and a body on a new stream of `conn` and reads the whole answer.
+async fn send_call(conn: quinn::Connection, head: Vec<u8>, body: Bytes, max_body: usize) -> Reply {
+    let lost = |e: &dyn std::fmt::Display| {
+        Reply::error(Status::Unavailable, format!("connection to peer lost: {e}"))
+    };
+    let (mut send, recv) = match conn.open_bi().await {
+        Ok(s) => s,
+        Err(e) => return lost(&e),
+    };
+    if let Err(e) = write_encoded(&mut send, head, body).await {
+        return lost(&e);
+    }
+    let mut reader = FrameReader::new(recv);
+    let bad = |what: &str, e: &dyn std::fmt::Display| {
+        Reply::error(Status::Internal, format!("bad answer {what}from peer: {e}"))
+    };
+    let head_bytes = match reader.frame(MAX_HEAD_BYTES).await {
+        Ok(b) => b,
+        Err(ReadError::Stream(e)) => return lost(&e),
+        Err(e) => return bad("", &e),
+    };
+    let head: ResponseHead = match decode_head(&head_bytes) {
+        Ok(h) => h,
+        Err(e) => return bad("head ", &e),
+    };
+    let body = match reader.unary_body(max_body).await {
+        Ok(b) => b,
+        Err(ReadError::Stream(e)) => return lost(&e),
+        Err(e) => return bad("body ", &e),
+    };
+    Reply {
+        status: head.status,
+        message: head.message.to_owned(),
+        body,
+    }
+}

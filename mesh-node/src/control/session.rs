@@ -1,0 +1,293 @@
+//! The node's side of the control stream to its gateway: hello, heartbeats, policy bundles
+//! (applied, saved, acknowledged or refused), telemetry batches (kept until acknowledged), the
+//! registry (fed to the dialer, so a node reaches services beyond its own link).
+//!
+//! The gateway is a connected peer whose hello says `gateway` (found by mDNS, or by the
+//! `gateway = "addr"` config key, which also makes it a static peer) and that matches the pin. The
+//! stream reconnects with back-off and jitter, so a restarted gateway is not hit by every node at
+//! once.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_core::discovery::{Record, Update};
+use mesh_core::{Backoff, NodeName};
+use mesh_proto::RequestHead;
+use mesh_proto::control::{CONTROL_SERVICE, Down, MAX_CONTROL_FRAME, NodeHello, Up};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use super::telemetry::{TelemetrySink, process_resources};
+use crate::hosted::Hosted;
+use crate::peers::PeerSet;
+use crate::policy::{Policy, PolicyCell};
+use crate::state::PolicyStore;
+use crate::wire::FrameReader;
+
+/// How often a node says it is still there.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// The node software version, as hellos and policy checks use it.
+pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Which peer a node accepts as its gateway: it must say `gateway` in its hello, and, when
+/// configured, be the peer at the `gateway` address and carry the certified name `gateway_name`.
+/// Without either, any mesh member claiming the role would do (the node warns at start).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct GatewayPin {
+    pub(crate) addr: Option<SocketAddr>,
+    pub(crate) name: Option<NodeName>,
+}
+
+/// The control session and what it reads and writes.
+pub(crate) struct ControlClient {
+    pub(crate) name: NodeName,
+    pub(crate) labels: BTreeMap<String, String>,
+    pub(crate) local_addr: SocketAddr,
+    pub(crate) pin: GatewayPin,
+    pub(crate) peers: Arc<PeerSet>,
+    pub(crate) policy: Arc<PolicyCell>,
+    pub(crate) store: PolicyStore,
+    pub(crate) telemetry: Arc<TelemetrySink>,
+    pub(crate) hosted: Arc<Hosted>,
+    /// Registry entries go to the dialer as discovery updates.
+    pub(crate) updates: mpsc::UnboundedSender<Update>,
+    pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+impl ControlClient {
+    /// Applies the last good bundle saved on disk, if any: the node serves under it until a gateway
+    /// says otherwise.
+    pub(crate) fn apply_saved_policy(&self) {
+        let Some((version, toml)) = self.store.load() else {
+            return;
+        };
+        match Policy::parse(&toml, "saved policy") {
+            Ok(policy) => {
+                info!(
+                    "booted under policy version {version} from {}",
+                    self.store.dir().display()
+                );
+                self.policy.set(version, policy);
+            }
+            Err(e) => warn!("ignoring the saved policy: {e}"),
+        }
+    }
+
+    /// Keeps a control stream to the gateway open for as long as the node runs.
+    pub(crate) async fn run(self) {
+        let mut stop = self.shutdown.clone();
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        loop {
+            let Some(conn) = self.gateway_connection().await else {
+                return;
+            };
+            match self.session(conn).await {
+                Ok(()) => backoff.reset(),
+                Err(e) => debug!("control stream ended: {e}"),
+            }
+            let delay = backoff.next_delay(crate::rng::random());
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// Waits for a connection to the pinned gateway; `None` on shutdown.
+    async fn gateway_connection(&self) -> Option<quinn::Connection> {
+        let mut changed = self.peers.subscribe();
+        let mut stop = self.shutdown.clone();
+        let pin = &self.pin;
+        loop {
+            let conn = self.peers.gateway_connection(|info, conn| {
+                pin.name.as_ref().is_none_or(|n| info.id.node_name() == n)
+                    && pin.addr.is_none_or(|a| conn.remote_address() == a)
+            });
+            if conn.is_some() {
+                return conn;
+            }
+            tokio::select! {
+                r = changed.changed() => if r.is_err() { return None },
+                _ = stop.changed() => return None,
+            }
+        }
+    }
+
+    async fn session(&self, conn: quinn::Connection) -> Result<(), String> {
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        mesh_proto::encode_frame_vec(&RequestHead::new(CONTROL_SERVICE, "session", 0), &mut out);
+        mesh_proto::encode_frame_vec(&Up::Hello(self.hello()), &mut out);
+        send.write_all(&out).await.map_err(|e| e.to_string())?;
+        info!(
+            "control stream to the gateway at {} is up",
+            conn.remote_address()
+        );
+
+        let mut reader = FrameReader::new(recv);
+        let mut sent_up_to = 0u64;
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        let mut stop = self.shutdown.clone();
+        loop {
+            // Send every batch not yet sent on this stream (all unacknowledged ones at first).
+            let batches: Vec<Up> = self
+                .telemetry
+                .lock()
+                .pending()
+                .filter(|b| b.seq > sent_up_to)
+                .map(|b| Up::Telemetry(b.clone()))
+                .collect();
+            for up in batches {
+                if let Up::Telemetry(b) = &up {
+                    sent_up_to = b.seq;
+                }
+                write_up(&mut send, &up).await?;
+            }
+            let new_batch = self.telemetry.batch_cut();
+            tokio::select! {
+                frame = reader.frame(MAX_CONTROL_FRAME) => {
+                    let frame = frame.map_err(|e| e.to_string())?;
+                    match postcard::from_bytes::<Down>(&frame) {
+                        Ok(down) => {
+                            if let Some(answer) = self.handle_down(down).await {
+                                write_up(&mut send, &answer).await?;
+                            }
+                        }
+                        // A newer gateway may send frames this node does not know: skip them.
+                        Err(e) => debug!("skipped a control frame this node cannot read: {e}"),
+                    }
+                }
+                _ = new_batch => {}
+                _ = heartbeat.tick() => write_up(&mut send, &Up::Heartbeat).await?,
+                _ = stop.changed() => return Ok(()),
+            }
+        }
+    }
+
+    fn hello(&self) -> NodeHello {
+        NodeHello {
+            protocol_version: mesh_proto::PROTOCOL_VERSION,
+            software_version: SOFTWARE_VERSION.to_owned(),
+            labels: self
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            services: self
+                .hosted
+                .names()
+                .iter()
+                .map(|s| s.as_str().to_owned())
+                .collect(),
+            addrs: self.advertised_addrs(),
+            policy_version: self.policy.version(),
+            next_seq: self.telemetry.lock().next_seq(),
+        }
+    }
+
+    fn advertised_addrs(&self) -> Vec<String> {
+        let local = self.local_addr;
+        if !local.ip().is_unspecified() {
+            return vec![local.to_string()];
+        }
+        // Bound to every interface: name the addresses this host has, from its routes.
+        let mut addrs = Vec::new();
+        if let Ok(text) = std::fs::read_to_string("/proc/net/fib_trie") {
+            let mut last = None;
+            for line in text.lines() {
+                let line = line.trim();
+                if let Some(ip) = line.strip_prefix("|-- ") {
+                    last = Some(ip.to_owned());
+                } else if line.contains("/32 host LOCAL")
+                    && let Some(ip) = last.take()
+                    && !ip.starts_with("127.")
+                {
+                    let addr = format!("{ip}:{}", local.port());
+                    if !addrs.contains(&addr) {
+                        addrs.push(addr);
+                    }
+                }
+            }
+        }
+        addrs
+    }
+
+    /// Handles one frame from the gateway; returns the answer to send, if any.
+    async fn handle_down(&self, down: Down) -> Option<Up> {
+        match down {
+            Down::Policy { version, toml } => Some(self.handle_policy(version, toml).await),
+            Down::TelemetryAck { seq } => {
+                self.telemetry.lock().ack(seq);
+                None
+            }
+            Down::Registry(entries) => {
+                let me = self.name.as_str();
+                for e in entries.into_iter().filter(|e| e.up && e.name != me) {
+                    let Ok(name) = e.name.parse() else { continue };
+                    let record = Record {
+                        name,
+                        addrs: e.addrs.iter().filter_map(|a| a.parse().ok()).collect(),
+                        role: "node".into(),
+                        labels: e.labels.into_iter().collect(),
+                        services_digest: String::new(),
+                    };
+                    let _ = self.updates.send(Update::Add(record));
+                }
+                None
+            }
+        }
+    }
+
+    async fn handle_policy(&self, version: u64, toml: String) -> Up {
+        let held = self.policy.version();
+        if version <= held {
+            return Up::PolicyAck { version: held };
+        }
+        let checked = Policy::parse(&toml, &format!("policy version {version}"))
+            .map_err(|e| e.to_string())
+            .and_then(|p| p.check_applicable(SOFTWARE_VERSION).map(|()| p));
+        match checked {
+            Ok(policy) => {
+                self.policy.set(version, policy);
+                // fsync on the blocking pool: an SD card never stalls the calls on this thread.
+                if let Err(e) = self.store.save_async(version, toml).await {
+                    warn!(
+                        "applied policy version {version} but could not save it in {}: {e}",
+                        self.store.dir().display()
+                    );
+                }
+                info!("applied policy version {version}");
+                self.telemetry.audit(
+                    "policy_applied",
+                    vec![("version".into(), version.to_string())],
+                );
+                Up::PolicyAck { version }
+            }
+            Err(reason) => {
+                warn!("refused policy version {version}: {reason}");
+                self.telemetry.audit(
+                    "policy_refused",
+                    vec![
+                        ("version".into(), version.to_string()),
+                        ("reason".into(), reason.clone()),
+                    ],
+                );
+                Up::PolicyNack { version, reason }
+            }
+        }
+    }
+}
+
+/// Resource use with this node's connection count.
+pub(crate) fn resources(peers: &PeerSet) -> mesh_proto::control::Resources {
+    process_resources(peers.connection_count())
+}
+
+async fn write_up(send: &mut quinn::SendStream, up: &Up) -> Result<(), String> {
+    let mut out = Vec::new();
+    mesh_proto::encode_frame_vec(up, &mut out);
+    send.write_all(&out).await.map_err(|e| e.to_string())
+}

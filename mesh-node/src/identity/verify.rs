@@ -1,0 +1,148 @@
+//! The verifiers both sides of every connection run: the certificate must chain to the mesh CA
+//! and name a SPIFFE ID in its trust domain. Host names play no part.
+
+use std::sync::Arc;
+
+use mesh_core::SpiffeId;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::server::ParsedCertificate;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore,
+    SignatureScheme,
+};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+use super::{TlsError, spiffe_id_of};
+
+/// Checks that a verified end-entity certificate names a node of `trust_domain`.
+fn check_identity(
+    cert: &CertificateDer<'_>,
+    trust_domain: &str,
+) -> Result<SpiffeId, rustls::Error> {
+    let refuse = |e: TlsError| {
+        tracing::warn!("refusing a peer certificate: {e}");
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+    };
+    let id = spiffe_id_of(cert).map_err(refuse)?;
+    if id.trust_domain() != trust_domain {
+        return Err(refuse(TlsError::WrongTrustDomain {
+            expected: trust_domain.to_owned(),
+            found: id.trust_domain().to_owned(),
+        }));
+    }
+    Ok(id)
+}
+
+/// The client side's check of a server: chain to the mesh CA, then the trust domain. The TLS server
+/// name is not checked: peers are found by address, and who they are is their SPIFFE ID.
+#[derive(Debug)]
+pub(super) struct MeshServerVerifier {
+    pub(super) roots: Arc<RootCertStore>,
+    pub(super) provider: Arc<CryptoProvider>,
+    pub(super) trust_domain: String,
+}
+
+impl ServerCertVerifier for MeshServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        check_identity(end_entity, &self.trust_domain)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The server side's check of a client: webpki's chain check, then the trust domain.
+#[derive(Debug)]
+pub(super) struct MeshClientVerifier {
+    pub(super) inner: Arc<dyn ClientCertVerifier>,
+    pub(super) trust_domain: String,
+}
+
+impl ClientCertVerifier for MeshClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        check_identity(end_entity, &self.trust_domain)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}

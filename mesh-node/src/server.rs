@@ -1,0 +1,483 @@
+//! The callee's side of a call: read the head, admit (authorization and rate limits), dispatch to
+//! the hosted service's upstream, write the reply.
+//!
+//! Streams whose service name is reserved (`_control`; `_enroll` and `_tunnel` next) go to the
+//! [`ReservedService`] registered for it instead: a small router, not special cases.
+//!
+//! Bad bytes on a call stream end that stream with `InvalidArgument`; they never end the
+//! connection, other calls, or the process.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use mesh_core::limits::TokenBucket;
+use mesh_core::{MethodName, NodeName, ServiceName, SpiffeId};
+use mesh_proto::control::Span;
+use mesh_proto::limits::MAX_HEAD_BYTES;
+use mesh_proto::{RequestHead, ResponseHead, STREAM_METADATA, Status, decode_head};
+use tracing::{debug, warn};
+
+use crate::call::{CallContext, Reply};
+use crate::config::Limits;
+use crate::control::telemetry::{TelemetrySink, unix_us};
+use crate::hosted::Hosted;
+use crate::peers::PeerSet;
+use crate::policy::{Policy, PolicyCell};
+use crate::wire::{FrameReader, MAX_CHUNK_BYTES, write_chunk, write_head, write_message};
+
+/// Serves the streams of a reserved service (`_control` on a gateway). The request head was read
+/// already; the handler owns the stream from here.
+pub trait ReservedService: Send + Sync + 'static {
+    /// Runs one stream from `caller` until it ends.
+    fn serve(
+        &self,
+        caller: SpiffeId,
+        remote: SocketAddr,
+        send: quinn::SendStream,
+        reader: FrameReader,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+}
+
+/// The callee side of every call this node serves.
+pub(crate) struct Server {
+    pub(crate) name: NodeName,
+    pub(crate) limits: Limits,
+    pub(crate) hosted: Arc<Hosted>,
+    pub(crate) policy: Arc<PolicyCell>,
+    pub(crate) telemetry: Arc<TelemetrySink>,
+    pub(crate) peers: Arc<PeerSet>,
+    pub(crate) reserved: HashMap<&'static str, Arc<dyn ReservedService>>,
+    admission: Mutex<AdmissionState>,
+}
+
+/// Rate-limit buckets and remembered authorization verdicts.
+#[derive(Default)]
+struct AdmissionState {
+    /// Rate-limit buckets: per limit, per caller.
+    buckets: HashMap<String, HashMap<SpiffeId, TokenBucket>>,
+    /// Remembered admissions, by a hash of (policy version, caller, service, method).
+    verdicts: HashMap<u64, (u64, SpiffeId, ServiceName, MethodName, Arc<Admission>)>,
+    /// The peer-label generation the verdicts were made under.
+    labels_generation: u64,
+}
+
+/// What the policy says of one (caller, service, method).
+struct Admission {
+    verdict: mesh_core::authz::Verdict,
+    /// Index of the rate limit that applies, in the policy's list.
+    rate_limit: Option<usize>,
+}
+
+/// What a stream carries.
+enum Incoming {
+    Call(Box<CallContext>, Option<Bytes>),
+    Reserved(Arc<dyn ReservedService>),
+}
+
+impl Server {
+    pub(crate) fn new(
+        name: NodeName,
+        limits: Limits,
+        hosted: Arc<Hosted>,
+        policy: Arc<PolicyCell>,
+        telemetry: Arc<TelemetrySink>,
+        peers: Arc<PeerSet>,
+        reserved: HashMap<&'static str, Arc<dyn ReservedService>>,
+    ) -> Self {
+        Server {
+            name,
+            limits,
+            hosted,
+            policy,
+            telemetry,
+            peers,
+            reserved,
+            admission: Mutex::new(AdmissionState::default()),
+        }
+    }
+
+    fn admission_state(&self) -> MutexGuard<'_, AdmissionState> {
+        self.admission.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Serves every call a connection from `caller` carries, until it closes.
+    pub(crate) async fn serve_connection(
+        self: Arc<Self>,
+        conn: quinn::Connection,
+        caller: SpiffeId,
+    ) {
+        let remote = conn.remote_address();
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            let server = self.clone();
+            let caller = caller.clone();
+            tokio::spawn(async move { server.serve_stream(caller, remote, send, recv).await });
+        }
+    }
+
+    /// Reads one call from a stream, serves it, writes the reply.
+    async fn serve_stream(
+        &self,
+        caller: SpiffeId,
+        remote: SocketAddr,
+        mut send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) {
+        let mut reader = FrameReader::new(recv);
+        let read = tokio::time::timeout(
+            self.limits.call_timeout,
+            self.read_request(caller.clone(), &mut reader),
+        )
+        .await;
+        let reply = match read {
+            Ok(Ok(Incoming::Call(ctx, body))) => {
+                let labels = || self.peers.labels_of(&caller).unwrap_or_default();
+                match self.admit(&ctx, labels) {
+                    Err(refused) => refused,
+                    Ok(()) => match body {
+                        Some(body) => self.dispatch_traced(*ctx, body).await,
+                        None => return self.serve_streamed(*ctx, send, reader).await,
+                    },
+                }
+            }
+            Ok(Ok(Incoming::Reserved(handler))) => {
+                return handler.serve(caller, remote, send, reader).await;
+            }
+            Ok(Err(reply)) => reply,
+            Err(_) => Reply::error(Status::InvalidArgument, "request not received in time"),
+        };
+        if reply.status == Status::InvalidArgument {
+            warn!(
+                "refused a call from {caller} (stream {}): {}",
+                send.id(),
+                reply.message
+            );
+            // Nothing more of this request is wanted.
+            let _ = reader.into_inner().stop(0u32.into());
+        }
+        if let Err(e) = write_reply(&mut send, reply).await {
+            debug!("could not write a reply: {e}");
+        }
+    }
+
+    /// The head, and for a unary call its body.
+    async fn read_request(
+        &self,
+        caller: SpiffeId,
+        reader: &mut FrameReader,
+    ) -> Result<Incoming, Reply> {
+        let bad = |what: &str, e: &dyn std::fmt::Display| {
+            Reply::error(Status::InvalidArgument, format!("{what}: {e}"))
+        };
+        let head_bytes = reader
+            .frame(MAX_HEAD_BYTES)
+            .await
+            .map_err(|e| bad("request head", &e))?;
+        let head: RequestHead = decode_head(&head_bytes).map_err(|e| bad("request head", &e))?;
+        if head.service.starts_with('_') {
+            return match self.reserved.get(head.service) {
+                Some(handler) => Ok(Incoming::Reserved(handler.clone())),
+                None => Err(Reply::error(
+                    Status::NotFound,
+                    format!(
+                        "node {} serves no {} here (is it a gateway?)",
+                        self.name, head.service
+                    ),
+                )),
+            };
+        }
+        let service = ServiceName::try_from(head.service).map_err(|e| bad("service name", &e))?;
+        let method = MethodName::try_from(head.method).map_err(|e| bad("method name", &e))?;
+        let timeout = if head.deadline_ms == 0 {
+            self.limits.call_timeout
+        } else {
+            Duration::from_millis(head.deadline_ms.into())
+                .min(self.limits.call_timeout.max(Duration::from_secs(3600)))
+        };
+        let streaming = head.metadata.iter().any(|(k, _)| *k == STREAM_METADATA);
+        let ctx = CallContext {
+            caller,
+            service,
+            method,
+            metadata: head
+                .metadata
+                .iter()
+                .filter(|(k, _)| !k.starts_with(':'))
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            deadline: Instant::now() + timeout,
+            trace: head.trace,
+            streaming,
+        };
+        if streaming {
+            return Ok(Incoming::Call(Box::new(ctx), None));
+        }
+        let body = reader
+            .unary_body(self.limits.max_body_bytes)
+            .await
+            .map_err(|e| bad("request", &e))?;
+        Ok(Incoming::Call(Box::new(ctx), Some(body)))
+    }
+
+    /// A call made on this node for a service it hosts: admitted and served without the network.
+    pub(crate) async fn serve_local(
+        &self,
+        ctx: CallContext,
+        body: Bytes,
+        labels: &BTreeMap<String, String>,
+    ) -> Reply {
+        if let Err(refused) = self.admit(&ctx, || labels.clone()) {
+            return refused;
+        }
+        self.dispatch(ctx, body).await
+    }
+
+    /// Serves a streamed call: an upstream that streams gets the body chunk by chunk and answers
+    /// the same way; any other gets the body gathered (up to the body bound) and answers once.
+    async fn serve_streamed(
+        &self,
+        ctx: CallContext,
+        mut send: quinn::SendStream,
+        mut reader: FrameReader,
+    ) {
+        let deadline = tokio::time::Instant::from_std(ctx.deadline);
+        let upstream = self.hosted.get(ctx.service.as_str());
+        let reply = match upstream {
+            Some(up) if up.streams() => {
+                let pump = async {
+                    let write = |e: quinn::WriteError| format!("writing: {e}");
+                    write_head(&mut send, &ResponseHead::new(Status::Ok, ""))
+                        .await
+                        .map_err(write)?;
+                    while let Some(chunk) = reader
+                        .next_frame(MAX_CHUNK_BYTES)
+                        .await
+                        .map_err(|e| format!("reading: {e}"))?
+                    {
+                        write_chunk(&mut send, chunk).await.map_err(write)?;
+                    }
+                    let _ = send.finish();
+                    Ok::<_, String>(())
+                };
+                match tokio::time::timeout_at(deadline, pump).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => debug!("streamed call to {} ended: {e}", ctx.service),
+                    Err(_) => {
+                        let _ = send.reset(0u32.into());
+                    }
+                }
+                return;
+            }
+            _ => {
+                let gathered = tokio::time::timeout_at(
+                    deadline,
+                    reader.collect_chunks(self.limits.max_body_bytes),
+                )
+                .await;
+                match gathered {
+                    Ok(Ok(body)) => self.dispatch_traced(ctx, body).await,
+                    Ok(Err(e)) => Reply::error(Status::InvalidArgument, format!("request: {e}")),
+                    Err(_) => Reply::error(
+                        Status::DeadlineExceeded,
+                        "the streamed body did not arrive within the deadline",
+                    ),
+                }
+            }
+        };
+        if let Err(e) = write_reply(&mut send, reply).await {
+            debug!("could not write a reply: {e}");
+        }
+    }
+
+    /// Serves a call and records the callee's span when the caller sampled it.
+    async fn dispatch_traced(&self, ctx: CallContext, body: Bytes) -> Reply {
+        let Some(trace) = ctx.trace.filter(|t| t.flags & 1 == 1) else {
+            return self.dispatch(ctx, body).await;
+        };
+        let (service, method) = (
+            ctx.service.as_str().to_owned(),
+            ctx.method.as_str().to_owned(),
+        );
+        let started = Instant::now();
+        let started_wall = unix_us();
+        let reply = self.dispatch(ctx, body).await;
+        self.telemetry.record_span(Span {
+            trace_id: trace.trace_id,
+            span_id: crate::rng::random().to_le_bytes(),
+            parent_span_id: Some(trace.span_id),
+            client: false,
+            node: self.name.as_str().to_owned(),
+            service,
+            method,
+            start_unix_us: started_wall,
+            duration_us: started.elapsed().as_micros() as u64,
+            status: reply.status,
+        });
+        reply
+    }
+
+    /// Serves a call for a service this node hosts.
+    async fn dispatch(&self, ctx: CallContext, body: Bytes) -> Reply {
+        let Some(upstream) = self.hosted.get(ctx.service.as_str()) else {
+            return Reply::error(
+                Status::NotFound,
+                format!(
+                    "service {} is not hosted on node {}",
+                    ctx.service, self.name
+                ),
+            );
+        };
+        if upstream.is_instant() {
+            // Builtins answer without waiting on anything: no deadline timer to arm.
+            return upstream.serve(&ctx, body, self.limits.max_body_bytes).await;
+        }
+        let left = ctx.deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, upstream.serve(&ctx, body, self.limits.max_body_bytes))
+            .await
+        {
+            Ok(reply) => reply,
+            Err(_) => Reply::error(
+                Status::DeadlineExceeded,
+                format!(
+                    "upstream of {} on node {} did not answer within the deadline",
+                    ctx.service, self.name
+                ),
+            ),
+        }
+    }
+
+    /// Authorization and rate limits; `Err` is the refusal to send back.
+    fn admit(
+        &self,
+        ctx: &CallContext,
+        caller_labels: impl FnOnce() -> BTreeMap<String, String>,
+    ) -> Result<(), Reply> {
+        let Some((version, policy)) = self.policy.get() else {
+            return Ok(());
+        };
+        let (service, method) = (ctx.service.as_str(), ctx.method.as_str());
+        let admission = self.admission(version, &policy, ctx, caller_labels);
+        let verdict = &admission.verdict;
+        if verdict.denied {
+            let action = if verdict.allow { "audited" } else { "denied" };
+            self.telemetry.record_rule(&verdict.rule, action);
+            let caller = ctx.caller.to_string();
+            self.telemetry.audit(
+                action,
+                vec![
+                    ("caller".into(), caller.clone()),
+                    ("service".into(), service.to_owned()),
+                    ("method".into(), method.to_owned()),
+                    ("rule".into(), verdict.rule.clone()),
+                ],
+            );
+            if !verdict.allow {
+                return Err(Reply::error(
+                    Status::PermissionDenied,
+                    format!(
+                        "{caller} may not call {service}.{method} (rule {})",
+                        verdict.rule
+                    ),
+                ));
+            }
+        } else {
+            self.telemetry.record_rule(&verdict.rule, "allowed");
+        }
+        if let Some(limit) = admission.rate_limit.and_then(|i| policy.rate_limits.get(i)) {
+            let now = Instant::now();
+            let mut state = self.admission_state();
+            let allowed = state
+                .buckets
+                .entry(limit.name.clone())
+                .or_default()
+                .entry(ctx.caller.clone())
+                .or_insert_with(|| TokenBucket::new(limit.per_second, limit.burst, now))
+                .take(now);
+            drop(state);
+            if !allowed {
+                self.telemetry.record_rule(&limit.name, "rate_limited");
+                return Err(Reply::error(
+                    Status::ResourceExhausted,
+                    format!(
+                        "{} is over its rate limit {} ({} calls a second) for {service}",
+                        ctx.caller, limit.name, limit.per_second
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// What the policy says of this caller, service and method under policy `version`: the
+    /// authorization verdict and the rate limit that applies. Remembered, so that a 50-rule policy
+    /// costs one lookup per call, not 50 glob matches; forgotten when a peer's labels may have
+    /// changed.
+    fn admission(
+        &self,
+        version: u64,
+        policy: &Policy,
+        ctx: &CallContext,
+        caller_labels: impl FnOnce() -> BTreeMap<String, String>,
+    ) -> Arc<Admission> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (
+            version,
+            &ctx.caller,
+            ctx.service.as_str(),
+            ctx.method.as_str(),
+        )
+            .hash(&mut h);
+        let key = h.finish();
+        let generation = self.peers.labels_generation();
+        let mut state = self.admission_state();
+        if state.labels_generation != generation {
+            state.verdicts.clear();
+            state.labels_generation = generation;
+        }
+        if let Some((v, caller, service, method, admission)) = state.verdicts.get(&key)
+            && *v == version
+            && *caller == ctx.caller
+            && *service == ctx.service
+            && *method == ctx.method
+        {
+            return admission.clone();
+        }
+        drop(state);
+        let caller = ctx.caller.to_string();
+        let rate_limit = policy.rate_limit(&caller, ctx.service.as_str());
+        let verdict = policy.authz.decide(
+            &caller,
+            &caller_labels(),
+            ctx.service.as_str(),
+            ctx.method.as_str(),
+        );
+        let admission = Arc::new(Admission {
+            verdict,
+            rate_limit,
+        });
+        let mut state = self.admission_state();
+        if state.verdicts.len() >= 4096 {
+            state.verdicts.clear();
+        }
+        state.verdicts.insert(
+            key,
+            (
+                version,
+                ctx.caller.clone(),
+                ctx.service.clone(),
+                ctx.method.clone(),
+                admission.clone(),
+            ),
+        );
+        admission
+    }
+}
+
+/// Writes a reply on a call stream.
+async fn write_reply(send: &mut quinn::SendStream, reply: Reply) -> Result<(), quinn::WriteError> {
+    let head = ResponseHead::new(reply.status, &reply.message);
+    write_message(send, &head, reply.body).await
+}

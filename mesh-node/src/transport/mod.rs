@@ -1,0 +1,364 @@
+//! The QUIC endpoint, client and server at once: one connection per peer, reused by every call,
+//! re-dialled with back-off when it drops, kept alive by QUIC keep-alives.
+//!
+//! - [`hello`]: what each side says first on a new connection, and again when its services change.
+//! - [`dial`]: the peers discovery reports (mDNS, the gateway's registry), dialled and forgotten.
+//!
+//! A connection is handed to the server (which serves the calls it carries) and, once its hello is
+//! checked, entered into the peer table. Who a peer is comes from its verified certificate only.
+
+mod dial;
+mod hello;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mesh_core::discovery::{Directory, Update};
+use mesh_core::{Backoff, NodeName, SpiffeId};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::config::Limits;
+use crate::control::telemetry::TelemetrySink;
+use crate::hosted::Hosted;
+use crate::identity::{Identity, TlsError, peer_id};
+use crate::peers::{PeerInfo, PeerSet};
+
+pub(crate) use hello::Me;
+
+/// The QUIC application error code a node closes a connection with on shutdown.
+const CLOSE_SHUTDOWN: u32 = 0;
+/// The code for a peer whose hello contradicts its certificate or is malformed.
+const CLOSE_BAD_HELLO: u32 = 1;
+/// The code for a connection to a peer that discovery says has left.
+const CLOSE_GONE: u32 = 2;
+
+/// Why the QUIC endpoint could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    /// TLS configuration failed.
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+    /// The socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// quinn refused the TLS configuration.
+    #[error("quic config: {0}")]
+    Quic(String),
+}
+
+/// Why a dial failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ConnectError {
+    /// The peer's certificate was refused here (not chained to the mesh CA, wrong trust domain).
+    #[error("peer not trusted: handshake refused ({0})")]
+    Untrusted(String),
+    /// The peer refused this node's certificate.
+    #[error("peer not trusted: the peer refused our certificate ({0})")]
+    RefusedUs(String),
+    /// No handshake in time.
+    #[error("no handshake within {} ms", .0.as_millis())]
+    Timeout(Duration),
+    /// Anything else (unreachable, refused, closed).
+    #[error("{0}")]
+    Other(String),
+}
+
+impl ConnectError {
+    fn of(e: &quinn::ConnectionError) -> Self {
+        let crypto = |code: quinn::TransportErrorCode| (0x100..0x200).contains(&u64::from(code));
+        match e {
+            quinn::ConnectionError::TransportError(t) if crypto(t.code) => {
+                ConnectError::Untrusted(e.to_string())
+            }
+            quinn::ConnectionError::ConnectionClosed(c) if crypto(c.error_code) => {
+                ConnectError::RefusedUs(e.to_string())
+            }
+            _ => ConnectError::Other(e.to_string()),
+        }
+    }
+}
+
+/// Serves the calls a connection carries; the node plugs the server in.
+pub(crate) type ServeConnection = Arc<dyn Fn(quinn::Connection, SpiffeId) + Send + Sync>;
+
+/// The transport: endpoint, connections, dialling. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Transport {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    endpoint: quinn::Endpoint,
+    /// The configuration new dials use; replaced when the identity changes.
+    client_config: std::sync::RwLock<quinn::ClientConfig>,
+    limits: Limits,
+    me: Me,
+    hosted: Arc<Hosted>,
+    peers: Arc<PeerSet>,
+    telemetry: Arc<TelemetrySink>,
+    serve: ServeConnection,
+    shutdown: watch::Receiver<bool>,
+    directory: Mutex<Directory>,
+    /// Discovered peers with a dial loop running.
+    dialing: Mutex<HashSet<NodeName>>,
+}
+
+/// What the transport is built from.
+pub(crate) struct Parts {
+    pub(crate) endpoint: quinn::Endpoint,
+    pub(crate) client_config: quinn::ClientConfig,
+    pub(crate) limits: Limits,
+    pub(crate) me: Me,
+    pub(crate) hosted: Arc<Hosted>,
+    pub(crate) peers: Arc<PeerSet>,
+    pub(crate) telemetry: Arc<TelemetrySink>,
+    pub(crate) serve: ServeConnection,
+    pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+impl Transport {
+    /// Starts accepting connections, dialling `static_peers`, and re-sending the hello when the
+    /// hosted services change.
+    pub(crate) fn start(parts: Parts, static_peers: Vec<SocketAddr>) -> Transport {
+        let transport = Transport {
+            inner: Arc::new(Inner {
+                directory: Mutex::new(Directory::new(parts.me.id.node_name().clone())),
+                endpoint: parts.endpoint,
+                client_config: std::sync::RwLock::new(parts.client_config),
+                limits: parts.limits,
+                me: parts.me,
+                hosted: parts.hosted,
+                peers: parts.peers,
+                telemetry: parts.telemetry,
+                serve: parts.serve,
+                shutdown: parts.shutdown,
+                dialing: Mutex::new(HashSet::new()),
+            }),
+        };
+        tokio::spawn(transport.clone().accept_loop());
+        for addr in static_peers {
+            tokio::spawn(transport.clone().dial_loop(addr));
+        }
+        tokio::spawn(transport.clone().announce_loop());
+        transport
+    }
+
+    /// The bound address.
+    pub(crate) fn local_addr(&self) -> SocketAddr {
+        self.inner
+            .endpoint
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Uses `identity` for every new handshake, both ways; connections already up keep theirs.
+    pub(crate) fn set_identity(&self, identity: &Identity) -> Result<(), BindError> {
+        let (server, client) = quic_configs(identity, &self.inner.limits)?;
+        self.inner.endpoint.set_server_config(Some(server));
+        *self
+            .inner
+            .client_config
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = client;
+        Ok(())
+    }
+
+    /// Closes every connection (peers see it at once) and waits, bounded, for them to go.
+    pub(crate) async fn close(&self) {
+        self.inner
+            .endpoint
+            .close(CLOSE_SHUTDOWN.into(), b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
+    }
+
+    /// Feeds discovery updates (from mDNS, or the gateway's registry) to the dialer until the node
+    /// stops.
+    pub(crate) fn follow(&self, mut updates: mpsc::UnboundedReceiver<Update>) {
+        let transport = self.clone();
+        tokio::spawn(async move {
+            let mut stop = transport.inner.shutdown.clone();
+            loop {
+                let update = tokio::select! {
+                    u = updates.recv() => u,
+                    _ = stop.changed() => return,
+                };
+                let Some(update) = update else { return };
+                transport.handle_discovery(update);
+            }
+        });
+    }
+
+    async fn accept_loop(self) {
+        let mut stop = self.inner.shutdown.clone();
+        loop {
+            let incoming = tokio::select! {
+                i = self.inner.endpoint.accept() => i,
+                _ = stop.changed() => return,
+            };
+            let Some(incoming) = incoming else { return };
+            let transport = self.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                match incoming.await {
+                    Ok(conn) => transport.run_connection(conn).await,
+                    Err(e) => {
+                        let why = ConnectError::of(&e);
+                        warn!("refused connection from {remote}: {why}");
+                        if matches!(why, ConnectError::Untrusted(_) | ConnectError::RefusedUs(_)) {
+                            transport.inner.telemetry.audit(
+                                "identity_refused",
+                                vec![
+                                    ("remote".into(), remote.to_string()),
+                                    ("reason".into(), why.to_string()),
+                                ],
+                            );
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    async fn dial_loop(self, addr: SocketAddr) {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut stop = self.inner.shutdown.clone();
+        loop {
+            match self.connect(addr).await {
+                Ok(conn) => {
+                    self.inner.peers.set_dial_error(addr, None);
+                    backoff.reset();
+                    self.run_connection(conn).await;
+                }
+                Err(why) => {
+                    warn!("cannot connect to peer {addr}: {why}");
+                    self.inner
+                        .peers
+                        .set_dial_error(addr, Some(format!("{addr}: {why}")));
+                }
+            }
+            let delay = backoff.next_delay(crate::rng::random());
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// Dials `addr` and completes the mutual TLS handshake.
+    pub(crate) async fn connect(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<quinn::Connection, ConnectError> {
+        let config = self
+            .inner
+            .client_config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let connecting = self
+            .inner
+            .endpoint
+            .connect_with(config, addr, "starling.mesh")
+            .map_err(|e| ConnectError::Other(e.to_string()))?;
+        let limit = self.inner.limits.connect_timeout;
+        match tokio::time::timeout(limit, connecting).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(ConnectError::of(&e)),
+            Err(_) => Err(ConnectError::Timeout(limit)),
+        }
+    }
+
+    /// Serves a connection until it closes: hellos both ways, then calls.
+    async fn run_connection(&self, conn: quinn::Connection) {
+        let remote = conn.remote_address();
+        let id = match peer_id(&conn) {
+            Ok(id) => id,
+            Err(e) => {
+                warn!("closing connection from {remote}: {e}");
+                conn.close(CLOSE_BAD_HELLO.into(), b"no identity");
+                return;
+            }
+        };
+        (self.inner.serve)(conn.clone(), id.clone());
+        let info = match self.exchange_hellos(&conn, &id).await {
+            Ok(info) => info,
+            Err(why) => {
+                warn!("closing connection to {id} at {remote}: {why}");
+                conn.close(CLOSE_BAD_HELLO.into(), why.to_string().as_bytes());
+                return;
+            }
+        };
+        log_up(&info);
+        self.inner.peers.register(info.clone(), &conn);
+        // Later hellos (the peer's services changed) update its entry while the connection lives.
+        let reason = tokio::select! {
+            reason = conn.closed() => reason,
+            () = self.follow_hellos(&conn, &id, info.protocol) => conn.closed().await,
+        };
+        if self.inner.peers.unregister(&id, &conn) {
+            info!("peer down: {} ({id}): {reason}", id.node_name());
+        }
+    }
+}
+
+fn log_up(info: &PeerInfo) {
+    let names: Vec<&str> = info.services.iter().map(|s| s.as_str()).collect();
+    info!(
+        "peer up: {} ({}) at {} hosting [{}]",
+        info.id.node_name(),
+        info.id,
+        info.addr,
+        names.join(", ")
+    );
+}
+
+/// A QUIC endpoint that serves and dials with `identity`, under `limits` (its default client
+/// configuration is set, for callers outside a node such as the benchmark).
+pub fn bind_endpoint(
+    identity: &Identity,
+    limits: &Limits,
+    listen: SocketAddr,
+) -> Result<quinn::Endpoint, BindError> {
+    let (server, client) = quic_configs(identity, limits)?;
+    let mut endpoint =
+        quinn::Endpoint::server(server, listen).map_err(|source| BindError::Bind {
+            addr: listen,
+            source,
+        })?;
+    endpoint.set_default_client_config(client);
+    Ok(endpoint)
+}
+
+/// The QUIC server and client configurations for `identity` under `limits`.
+pub(crate) fn quic_configs(
+    identity: &Identity,
+    limits: &Limits,
+) -> Result<(quinn::ServerConfig, quinn::ClientConfig), BindError> {
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .keep_alive_interval(Some(limits.keep_alive))
+        .max_idle_timeout(limits.idle_timeout.try_into().ok())
+        .max_concurrent_bidi_streams(limits.max_concurrent_calls.into())
+        .max_concurrent_uni_streams(8u32.into());
+    let transport = Arc::new(transport);
+
+    let server_tls = QuicServerConfig::try_from(identity.server_config()?)
+        .map_err(|e| BindError::Quic(format!("server: {e}")))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_tls));
+    server.transport_config(transport.clone());
+
+    let client_tls = QuicClientConfig::try_from(identity.client_config()?)
+        .map_err(|e| BindError::Quic(format!("client: {e}")))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(client_tls));
+    client.transport_config(transport);
+    Ok((server, client))
+}

@@ -35,7 +35,7 @@ pub fn measure(n: usize) -> anyhow::Result<DiscoveryFigures> {
     }
     let last_start = Instant::now();
     for node in &nodes {
-        node.wait_for_count("peer up", n - 1, Duration::from_secs(60));
+        node.wait_peers(n - 1, Duration::from_secs(60));
     }
     let all_connected = last_start.elapsed();
     std::thread::sleep(Duration::from_secs(2));

@@ -1,11 +1,9 @@
 //! Footprint: stripped device binary sizes (from `cross/build.sh`), and the idle RSS of real
 //! `mesh-node` processes (native, size-tuned build) with 0 and 10 peers.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use mesh_gateway::ca::Ca;
@@ -139,7 +137,7 @@ fn idle_rss(bin: &Path, peers: usize) -> anyhow::Result<(u64, u64)> {
         ca.issue_node(&name, 1)?
             .save(&nd.join("certs"), ca.cert_pem())?;
         let mut toml = format!(
-            "name = \"{name}\"\nlisten = \"127.0.0.1:0\"\ningress = \"127.0.0.1:0\"\nlog = \"info\"\n\
+            "name = \"{name}\"\nlisten = \"127.0.0.1:0\"\ningress = \"127.0.0.1:0\"\nlog = \"info\"\nstate_dir = \"state\"\n\
              [identity]\ncert = \"certs/node.crt\"\nkey = \"certs/node.key\"\nca = \"certs/ca.crt\"\n\
              [discovery]\nmdns = false\n[[services]]\nname = \"echo\"\nupstream = \"builtin:echo\"\n"
         );
@@ -150,39 +148,43 @@ fn idle_rss(bin: &Path, peers: usize) -> anyhow::Result<(u64, u64)> {
             }
         }
         std::fs::write(nd.join("node.toml"), toml)?;
-        let mut child = Command::new(bin)
+        let child = Command::new(bin)
             .args(["run", "--config"])
             .arg(nd.join("node.toml"))
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::null())
             .spawn()?;
-        let stderr = child.stderr.take().context("stderr")?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
+        let pid = child.id().to_string();
+        procs.push(Proc(child));
+        let state = nd.join("state");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let (quic, ingress) = loop {
+            if let Some(e) = mesh_node::state::read_lock_file(&state)
+                && e.get("pid") == Some(&pid)
+                && let (Some(q), Some(i)) = (e.get("quic"), e.get("ingress"))
+            {
+                break (q.clone(), i.parse::<std::net::SocketAddr>()?);
+            }
+            anyhow::ensure!(Instant::now() < deadline, "node did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if last {
+            // Until its status lists every peer.
+            loop {
+                let status = starling_tests::http_get_blocking(ingress, "/v1/status")
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+                if status.is_some_and(|s| s["peers"].as_array().is_some_and(|p| p.len() == peers)) {
                     break;
                 }
-            }
-        });
-        let mut addr = None;
-        let mut ups = 0;
-        while addr.is_none() || (last && ups < peers) {
-            let line = rx
-                .recv_timeout(Duration::from_secs(20))
-                .context("node did not start or connect")?;
-            if let Some(rest) = line.split("quic listening on ").nth(1) {
-                addr = rest.split_whitespace().next().map(str::to_owned);
-            }
-            if line.contains("peer up") {
-                ups += 1;
+                anyhow::ensure!(Instant::now() < deadline, "node did not connect");
+                std::thread::sleep(Duration::from_millis(20));
             }
         }
-        addrs.push(addr.context("addr")?);
-        procs.push((Proc(child), rx));
+        addrs.push(quic);
     }
     std::thread::sleep(Duration::from_secs(2));
-    let pid = procs.last().context("node")?.0.0.id();
+    let pid = procs.last().context("node")?.0.id();
     rss_of(pid).context("reading RSS")
 }
 

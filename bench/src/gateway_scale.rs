@@ -75,35 +75,24 @@ pub fn measure(gateway_bin: &std::path::Path, nodes: usize) -> anyhow::Result<Sc
     let stderr = child.stderr.take().context("stderr")?;
     let pid = child.id();
     let _gw = Proc(child);
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    // Drain the gateway's log so it never blocks on a full pipe.
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
+            drop(line);
         }
     });
-    let (mut quic, mut admin) = (None, None);
-    while quic.is_none() || admin.is_none() {
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .context("gateway did not start")?;
-        if let Some(rest) = line.split("quic listening on ").nth(1) {
-            quic = rest
-                .split_whitespace()
-                .next()
-                .and_then(|a| a.parse::<SocketAddr>().ok());
+    // Where it listens: its lock file says, once bound.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (quic, admin) = loop {
+        if let Some(e) = mesh_node::state::read_lock_file(&gw_dir.join("state"))
+            && e.get("pid") == Some(&pid.to_string())
+            && let (Some(q), Some(a)) = (e.get("quic"), e.get("admin"))
+        {
+            break (q.parse::<SocketAddr>()?, a.parse::<SocketAddr>()?);
         }
-        if let Some(rest) = line.split("admin API and /metrics on http://").nth(1) {
-            admin = rest
-                .split_whitespace()
-                .next()
-                .and_then(|a| a.parse::<SocketAddr>().ok());
-        }
-    }
-    let (quic, admin) = (quic.context("quic")?, admin.context("admin")?);
-    // Drain the rest of the gateway's log so it never blocks on a full pipe.
-    std::thread::spawn(move || while rx.recv().is_ok() {});
+        anyhow::ensure!(Instant::now() < deadline, "gateway did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    };
     let token = std::fs::read_to_string(gw_dir.join("admin.token"))?
         .trim()
         .to_owned();

@@ -38,6 +38,9 @@ struct Args {
     /// Calls per path per round with 64 in flight.
     #[arg(long, default_value_t = 20000)]
     concurrent_calls: usize,
+    /// Calls per path per round of 1 MiB (half that of 4 MiB), sequential.
+    #[arg(long, default_value_t = 40)]
+    big_calls: usize,
     /// New mTLS handshakes to time.
     #[arg(long, default_value_t = 50)]
     handshakes: usize,
@@ -76,14 +79,24 @@ fn main() -> anyhow::Result<()> {
         })
         .collect();
     let mut rows: Vec<Row> = Vec::new();
-    for payload in [64usize, 16 * 1024] {
-        for inflight in [1usize, 64] {
-            let calls = if inflight == 1 {
-                args.calls
-            } else {
-                args.concurrent_calls
+    for payload in [64usize, 16 * 1024, 1024 * 1024, 4 * 1024 * 1024] {
+        // Big bodies: sequential only (throughput and linearity, not concurrency).
+        let concurrency: &[usize] = if payload > 64 * 1024 { &[1] } else { &[1, 64] };
+        // Raw UDP carries one datagram: it has no row for bigger payloads.
+        let kinds: Vec<Kind> = kinds
+            .iter()
+            .copied()
+            .filter(|k| *k != Kind::Udp || payload <= paths::MAX_UDP_PAYLOAD)
+            .collect();
+        for &inflight in concurrency {
+            let calls = match (payload, inflight) {
+                (p, _) if p > 1024 * 1024 => (args.big_calls / 2).max(2),
+                (p, _) if p > 64 * 1024 => args.big_calls.max(2),
+                (p, 1) if p > 1024 => args.calls / 2,
+                (_, 1) => args.calls,
+                (p, _) if p > 1024 => args.concurrent_calls / 2,
+                _ => args.concurrent_calls,
             };
-            let calls = if payload > 1024 { calls / 2 } else { calls };
             eprintln!("measuring {payload} B payloads, {inflight} in flight");
             let mut acc: Vec<Row> = kinds
                 .iter()
@@ -91,7 +104,8 @@ fn main() -> anyhow::Result<()> {
                 .collect();
             // Warm every path once, then interleave rounds so drift hits them alike.
             for kind in &kinds {
-                client_rt.block_on(fixture.run(*kind, payload, inflight, calls / 10 + 64))?;
+                let warm = (calls / 10 + 64).min(calls);
+                client_rt.block_on(fixture.run(*kind, payload, inflight, warm))?;
             }
             for round in 0..args.rounds {
                 // Odd rounds run the paths in reverse, so no path always follows the same one.

@@ -100,7 +100,7 @@ impl Fixture {
             std::fs::write(
                 &path,
                 format!(
-                    "name = \"{name}\"\nlisten = \"127.0.0.1:0\"\ningress = \"127.0.0.1:0\"\nlog = \"warn\"\n\
+                    "name = \"{name}\"\nlisten = \"127.0.0.1:0\"\ningress = \"127.0.0.1:0\"\nlog = \"warn\"\nstate_dir = \"state\"\n\
                      [identity]\ncert = \"certs/node.crt\"\nkey = \"certs/node.key\"\nca = \"certs/ca.crt\"\n[discovery]\nmdns = false\n"
                 ),
             )?;
@@ -140,7 +140,7 @@ impl Fixture {
                     let Ok(conn) = incoming.await else { return };
                     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
                         tokio::spawn(async move {
-                            let Ok(body) = recv.read_to_end(1 << 20).await else {
+                            let Ok(body) = recv.read_to_end(MAX_PAYLOAD).await else {
                                 return;
                             };
                             let _ = send.write_all(&body).await;
@@ -344,6 +344,12 @@ impl Fixture {
     }
 }
 
+/// The largest payload a path carries: 4 MiB, the node's default body bound.
+pub const MAX_PAYLOAD: usize = 4 * 1024 * 1024;
+
+/// The largest datagram raw UDP can echo on loopback.
+pub const MAX_UDP_PAYLOAD: usize = 65_507;
+
 enum Client {
     Udp(UdpSocket, Vec<u8>),
     Quinn(quinn::Connection),
@@ -373,7 +379,7 @@ impl Client {
                 let (mut send, mut recv) = conn.open_bi().await?;
                 send.write_all(&body).await?;
                 send.finish()?;
-                Ok(recv.read_to_end(1 << 20).await?.len())
+                Ok(recv.read_to_end(MAX_PAYLOAD).await?.len())
             }
             Client::Starling(node) => Ok(node.call("echo", "say", body).await?.len()),
             Client::Ingress(sender) => {

@@ -95,6 +95,45 @@ impl Report {
             .find(|r| r.path == path && r.payload == payload && r.inflight == inflight)
     }
 
+    /// Throughput of the 1 MiB and 4 MiB rows, and whether time grows linearly with size.
+    fn print_big_bodies(&self) {
+        const MIB: usize = 1024 * 1024;
+        let big: Vec<&Row> = self.rows.iter().filter(|r| r.payload >= MIB).collect();
+        if big.is_empty() {
+            return;
+        }
+        println!("\nbig bodies (sequential; MB/s counts the body once, each way):");
+        for r in &big {
+            let mbs = r.calls_per_sec() * r.payload as f64 / 1e6;
+            let quinn = self
+                .find("raw quinn mTLS", r.payload, r.inflight)
+                .map(|q| q.calls_per_sec() * q.payload as f64 / 1e6);
+            println!(
+                "  {:<24} {:>4} MiB  {:>8.1} MB/s{}",
+                r.path,
+                r.payload / MIB,
+                mbs,
+                quinn
+                    .map(|q| format!("  ({:.2}x raw quinn)", mbs / q))
+                    .unwrap_or_default()
+            );
+        }
+        for path in big
+            .iter()
+            .map(|r| r.path)
+            .collect::<std::collections::BTreeSet<_>>()
+        {
+            if let (Some(one), Some(four)) = (self.find(path, MIB, 1), self.find(path, 4 * MIB, 1))
+            {
+                let per_mib_4 = us(four.p50()) / 4.0;
+                println!(
+                    "  {path:<24} time per MiB at 4 MiB / at 1 MiB: {:.2} (1.00 is linear)",
+                    per_mib_4 / us(one.p50())
+                );
+            }
+        }
+    }
+
     pub fn print(&self) {
         println!(
             "{:<24} {:>7} {:>8} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9}",
@@ -125,6 +164,7 @@ impl Report {
                 ratio(us(r.cpu_per_call()), q.map(|q| us(q.cpu_per_call()))),
             );
         }
+        self.print_big_bodies();
         println!(
             "\nnew mTLS QUIC handshake: p50 {:.0} us, CPU {:.0} us (both sides), {} handshakes",
             us(self.handshake.p50),

@@ -91,6 +91,7 @@ impl Gateway {
                     reason: e.to_string(),
                 })?;
             info!("ingress listening on http://{bound}");
+            node.record_address("ingress", bound);
         }
         let admin = crate::http::serve(plane.clone(), token, config.admin, node.shutdown_signal())
             .await
@@ -99,6 +100,7 @@ impl Gateway {
                 reason: e.to_string(),
             })?;
         info!("admin API and /metrics on http://{admin}");
+        node.record_address("admin", admin);
         let version = policies.current().0;
         if version > 0 {
             info!("serving policy version {version}");

@@ -134,8 +134,20 @@ pub fn http_status(status: Status) -> u16 {
 /// A streamed call in progress, on the caller's side: send the body in chunks, then read the
 /// answer's head and its body in chunks. Memory stays bounded by one chunk each way, whatever the
 /// size of what crosses. Made by [`Node::call_stream`](crate::Node::call_stream); never retried.
+/// To send and receive at once (an echo, a tunnel), [`CallStream::split`] it.
 pub struct CallStream {
+    sender: CallSender,
+    receiver: CallReceiver,
+}
+
+/// The sending half of a [`CallStream`].
+pub struct CallSender {
     send: quinn::SendStream,
+    deadline: tokio::time::Instant,
+}
+
+/// The receiving half of a [`CallStream`].
+pub struct CallReceiver {
     reader: FrameReader,
     head: Option<(Status, String)>,
     deadline: tokio::time::Instant,
@@ -144,13 +156,45 @@ pub struct CallStream {
 impl CallStream {
     pub(crate) fn new(send: quinn::SendStream, recv: quinn::RecvStream, deadline: Instant) -> Self {
         CallStream {
-            send,
-            reader: FrameReader::new(recv),
-            head: None,
-            deadline: deadline.into(),
+            sender: CallSender {
+                send,
+                deadline: deadline.into(),
+            },
+            receiver: CallReceiver {
+                reader: FrameReader::new(recv),
+                head: None,
+                deadline: deadline.into(),
+            },
         }
     }
 
+    /// The two halves, to drive from two tasks (or one `join`).
+    pub fn split(self) -> (CallSender, CallReceiver) {
+        (self.sender, self.receiver)
+    }
+
+    /// Sends the next chunk of the request body.
+    pub async fn send(&mut self, chunk: Bytes) -> Result<(), CallError> {
+        self.sender.send(chunk).await
+    }
+
+    /// Ends the request body.
+    pub fn finish(&mut self) {
+        self.sender.finish();
+    }
+
+    /// Waits for the answer's head: its status and, for a failure, the reason.
+    pub async fn status(&mut self) -> Result<(Status, String), CallError> {
+        self.receiver.status().await
+    }
+
+    /// The next chunk of the answer's body, or `None` at its end.
+    pub async fn recv(&mut self) -> Result<Option<Bytes>, CallError> {
+        self.receiver.recv().await
+    }
+}
+
+impl CallSender {
     /// Sends the next chunk of the request body.
     pub async fn send(&mut self, chunk: Bytes) -> Result<(), CallError> {
         let write = write_chunk(&mut self.send, chunk);
@@ -169,7 +213,9 @@ impl CallStream {
         // Already finished or reset by the callee: the answer says why.
         let _ = self.send.finish();
     }
+}
 
+impl CallReceiver {
     /// Waits for the answer's head: its status and, for a failure, the reason.
     pub async fn status(&mut self) -> Result<(Status, String), CallError> {
         if let Some(head) = &self.head {

@@ -57,6 +57,15 @@ enum Command {
         /// The config file.
         config: PathBuf,
     },
+    /// Show a running node's own view (peers, gateway link, policy), read from its ingress.
+    Status {
+        /// The node's ingress.
+        #[arg(long, default_value = "127.0.0.1:7480")]
+        ingress: SocketAddr,
+        /// Print the JSON the node answers, as it is.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Parses the arguments and runs the command.
@@ -93,6 +102,7 @@ pub fn main() -> ExitCode {
                 repeat.max(1),
             ))
         }
+        Command::Status { ingress, json } => runtime().block_on(status(ingress, json)),
         Command::CheckConfig { config } => {
             match NodeConfig::load(&config).and_then(|c| c.load_identity().map(|_| c)) {
                 Ok(c) => {
@@ -112,6 +122,32 @@ pub fn main() -> ExitCode {
             }
         }
     }
+}
+
+async fn status(ingress: SocketAddr, json: bool) -> ExitCode {
+    let answer = crate::http::request("GET", ingress, "/v1/status", &[], Bytes::new()).await;
+    let body = match answer {
+        Ok((200, _, body)) => body,
+        Ok((code, _, body)) => {
+            eprintln!(
+                "error: the node at {ingress} answered HTTP {code}: {}",
+                String::from_utf8_lossy(&body)
+            );
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("error: cannot reach the node's ingress at {ingress}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        use std::io::Write;
+        let _ = std::io::stdout().write_all(&body);
+        println!();
+    } else {
+        println!("{}", String::from_utf8_lossy(&body));
+    }
+    ExitCode::SUCCESS
 }
 
 fn read_body(path: &Path) -> std::io::Result<Bytes> {
@@ -151,7 +187,10 @@ fn run(path: &Path) -> ExitCode {
         };
         if let Some(addr) = ingress {
             match crate::ingress::serve(node.clone(), addr).await {
-                Ok(bound) => tracing::info!("ingress listening on http://{bound}"),
+                Ok(bound) => {
+                    tracing::info!("ingress listening on http://{bound}");
+                    node.record_address("ingress", bound);
+                }
                 Err(e) => {
                     tracing::error!("cannot start: ingress: cannot listen on {addr}: {e}");
                     node.shutdown().await;

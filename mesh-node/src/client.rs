@@ -24,6 +24,7 @@ use mesh_proto::{RequestHead, ResponseHead, STREAM_METADATA, Status, TraceContex
 use tracing::{debug, warn};
 
 use crate::call::{CallContext, CallError, CallOptions, CallStream, Reply};
+use crate::clock::{now, since};
 use crate::config::Limits;
 use crate::control::telemetry::{TelemetrySink, unix_us};
 use crate::hosted::Hosted;
@@ -110,11 +111,11 @@ impl Client {
         body: Bytes,
         options: &CallOptions,
     ) -> Reply {
-        let started = Instant::now();
+        let started = now();
         let started_wall = unix_us();
         let trace = self.trace_for(options);
         let (reply, callee) = self.call_inner(service, method, body, options, trace).await;
-        let latency = started.elapsed();
+        let latency = since(started);
         self.telemetry.record_call(
             service,
             method,
@@ -169,7 +170,7 @@ impl Client {
             .timeout
             .or_else(|| policy.as_ref().and_then(|p| p.timeout_for(service)))
             .unwrap_or(self.limits.call_timeout);
-        let deadline = Instant::now() + timeout;
+        let deadline = now() + timeout;
         if let Err(reply) = check_request(service, method, options) {
             return (reply, String::new());
         }
@@ -230,7 +231,7 @@ impl Client {
             random(),
         );
         let deadline = match (options.timeout, decision.route.and_then(|r| r.timeout)) {
-            (None, Some(t)) => Instant::now() + t,
+            (None, Some(t)) => now() + t,
             _ => deadline,
         };
         let default_balance = BalanceConfig::default();
@@ -263,7 +264,7 @@ impl Client {
                 Ok(found) => found,
                 Err(reply) => return (reply, String::new()),
             };
-            let started = Instant::now();
+            let started = now();
             let left = deadline.saturating_duration_since(started);
             let reply = match self.head(&plan, left) {
                 Err(reply) => reply,
@@ -279,7 +280,7 @@ impl Client {
                 }
             };
             let callee = picked.callee;
-            self.finish(&plan, picked.key, &callee, started.elapsed(), reply.status);
+            self.finish(&plan, picked.key, &callee, since(started), reply.status);
             let Some(r) = retry else {
                 return (reply, callee);
             };
@@ -287,7 +288,7 @@ impl Client {
                 return (reply, callee);
             }
             let backoff = r.backoff.saturating_mul(1 << (attempt - 1).min(10));
-            if Instant::now() + backoff >= deadline {
+            if now() + backoff >= deadline {
                 return (reply, callee);
             }
             let allowed = self
@@ -336,7 +337,7 @@ impl Client {
             method,
             options,
             trace: self.trace_for(options),
-            deadline: Instant::now() + timeout,
+            deadline: now() + timeout,
             rule: decision.route.map_or(service, |r| r.name.as_str()),
             balance: svc.map_or(&default_balance, |s| &s.balance),
         };
@@ -400,7 +401,7 @@ impl Client {
                 .or_insert_with(|| Balancer::new(plan.balance.clone()));
             balancer.set_config(plan.balance);
             balancer
-                .pick(candidates, zone, Instant::now(), random(), random())
+                .pick(candidates, zone, now(), random(), random())
                 .ok_or_else(|| {
                     Reply::error(
                         Status::Unavailable,
@@ -418,13 +419,13 @@ impl Client {
             .balancers
             .get_mut(service)
             .map_or(Outcome::None, |b| {
-                b.finish(&key, latency, !status.is_failure(), Instant::now())
+                b.finish(&key, latency, !status.is_failure(), now())
             });
         match outcome {
             Outcome::Ejected(until) => {
                 warn!(
                     "ejected {callee} from service {service} for {:?} after failures",
-                    until.saturating_duration_since(Instant::now())
+                    until.saturating_duration_since(now())
                 );
                 self.telemetry.record_rule(plan.rule, "ejected");
             }
@@ -445,7 +446,7 @@ impl Client {
             span_id: random().to_le_bytes(),
             flags: 0,
         };
-        let left = plan.deadline.saturating_duration_since(Instant::now());
+        let left = plan.deadline.saturating_duration_since(now());
         let Ok(head) = self.head(&Plan { trace, ..*plan }, left) else {
             return;
         };
@@ -455,14 +456,14 @@ impl Client {
         let max_body = self.limits.max_body_bytes;
         let state = self.state.clone();
         tokio::spawn(async move {
-            let started = Instant::now();
+            let started = now();
             let call = send_call(picked.conn, encoded, body, max_body);
             let reply = tokio::time::timeout(left, call).await.ok();
             // The mirror's answer is dropped, but its endpoint's health and latency still count.
             let failed = reply.as_ref().is_none_or(|r| r.status.is_failure());
             let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(b) = state.balancers.get_mut(&service) {
-                b.finish(&picked.key, started.elapsed(), !failed, Instant::now());
+                b.finish(&picked.key, since(started), !failed, now());
             }
         });
     }

@@ -8,6 +8,8 @@
 //!   metadata.
 //! - `GET /v1/health`: `ok` while the node runs.
 //! - `GET /v1/peers`: the connected peers, as JSON.
+//! - `GET /v1/status`: the node's own view: peers, dial errors, refused handshakes, its gateway
+//!   connection, the policy version it runs under, its telemetry backlog.
 //!
 //! The ingress is plain text by design and therefore listens on loopback only (the config refuses
 //! anything else).
@@ -43,6 +45,7 @@ async fn handle(node: Node, req: Request<Incoming>) -> Result<Response<Full<Byte
         }
         (&Method::GET, ["v1", "health"]) => return Ok(plain(200, "ok")),
         (&Method::GET, ["v1", "peers"]) => return Ok(json(200, peers_json(&node))),
+        (&Method::GET, ["v1", "status"]) => return Ok(json(200, status_json(&node))),
         (_, ["v1", "call", _, _]) => return Ok(plain(405, "use POST for calls")),
         _ => {
             return Ok(plain(
@@ -127,8 +130,47 @@ fn sanitize_header(s: &str) -> String {
 }
 
 fn peers_json(node: &Node) -> String {
-    let peers: Vec<String> = node
-        .peers()
+    format!(
+        "{{\"node\":{},\"peers\":{}}}",
+        json_str(&node.id().to_string()),
+        peer_list(&node.peers())
+    )
+}
+
+/// `GET /v1/status`: what [`Node::status`] says, as JSON.
+fn status_json(node: &Node) -> String {
+    let s = node.status();
+    let strings = |items: &mut dyn Iterator<Item = String>| {
+        items.map(|i| json_str(&i)).collect::<Vec<_>>().join(",")
+    };
+    format!(
+        "{{\"name\":{},\"id\":{},\"quic\":{},\"hosted\":[{}],\"peers\":{},\"dial_errors\":[{}],\
+         \"refused_handshakes\":{},\"last_refusal\":{},\"connections_admitted\":{},\"peers_lost\":{},\"gateway\":{},\"gateway_sessions\":{},\"policy\":{{\"version\":{},\"source\":{}}},\
+         \"telemetry\":{{\"pending\":{},\"dropped\":{}}}}}",
+        json_str(s.id.node_name().as_str()),
+        json_str(&s.id.to_string()),
+        json_str(&s.quic.to_string()),
+        strings(&mut s.hosted.iter().map(|h| h.to_string())),
+        peer_list(&s.peers),
+        strings(&mut s.dial_errors.iter().cloned()),
+        s.refused_handshakes,
+        s.last_refusal
+            .as_deref()
+            .map_or("null".to_owned(), json_str),
+        s.connections_admitted,
+        s.peers_lost,
+        s.gateway
+            .map_or("null".to_owned(), |g| json_str(&g.to_string())),
+        s.gateway_sessions,
+        s.policy_version,
+        json_str(s.policy_source),
+        s.telemetry_pending,
+        s.telemetry_dropped,
+    )
+}
+
+fn peer_list(peers: &[crate::PeerInfo]) -> String {
+    let peers: Vec<String> = peers
         .iter()
         .map(|p| {
             let labels: Vec<String> = p
@@ -138,21 +180,18 @@ fn peers_json(node: &Node) -> String {
                 .collect();
             let services: Vec<String> = p.services.iter().map(|s| json_str(s.as_str())).collect();
             format!(
-                "{{\"id\":{},\"name\":{},\"role\":{},\"addr\":{},\"labels\":{{{}}},\"services\":[{}]}}",
+                "{{\"id\":{},\"name\":{},\"role\":{},\"addr\":{},\"labels\":{{{}}},\"services\":[{}],\"protocol\":{}}}",
                 json_str(&p.id.to_string()),
                 json_str(p.id.node_name().as_str()),
                 json_str(p.role.as_str()),
                 json_str(&p.addr.to_string()),
                 labels.join(","),
-                services.join(",")
+                services.join(","),
+                p.protocol
             )
         })
         .collect();
-    format!(
-        "{{\"node\":{},\"peers\":[{}]}}",
-        json_str(&node.id().to_string()),
-        peers.join(",")
-    )
+    format!("[{}]", peers.join(","))
 }
 
 /// A W3C `traceparent` (`00-<trace id>-<parent span id>-<flags>`), if well formed.

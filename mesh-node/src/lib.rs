@@ -24,6 +24,7 @@
 pub mod call;
 pub mod cli;
 mod client;
+mod clock;
 pub mod config;
 pub mod control;
 pub mod discovery;
@@ -43,7 +44,7 @@ mod transport;
 pub mod upstream;
 pub mod wire;
 
-pub use call::{CallError, CallOptions, CallStream, Reply};
+pub use call::{CallError, CallOptions, CallReceiver, CallSender, CallStream, Reply};
 pub use config::{ConfigError, NodeConfig};
 pub use identity::Identity;
 pub use node::{Node, NodeOptions, StartError};

@@ -37,9 +37,9 @@ use crate::discovery::{Announcement, Discovery, MdnsDiscovery};
 use crate::hosted::{Hosted, Services};
 use crate::identity::Identity;
 use crate::peers::{PeerInfo, PeerSet};
-use crate::policy::{Policy, PolicyCell};
+use crate::policy::{Policy, PolicyCell, PolicySource};
 use crate::server::{ReservedService, Server};
-use crate::state::PolicyStore;
+use crate::state::{PolicyStore, StateError, StateLock};
 use crate::transport::{self, BindError, Me, Transport};
 use crate::upstream::{Upstream, UpstreamSpec};
 
@@ -49,6 +49,44 @@ pub enum StartError {
     /// The QUIC endpoint could not be set up.
     #[error("{0}")]
     Bind(#[from] BindError),
+    /// The state folder is held by another node, or cannot be made.
+    #[error("{0}")]
+    State(#[from] StateError),
+}
+
+/// What a node knows of itself now: [`Node::status`], and `GET /v1/status` on its ingress.
+#[derive(Debug, Clone)]
+pub struct NodeStatus {
+    /// Its identity.
+    pub id: SpiffeId,
+    /// Its QUIC address.
+    pub quic: SocketAddr,
+    /// The services it hosts.
+    pub hosted: Vec<ServiceName>,
+    /// The peers connected now.
+    pub peers: Vec<PeerInfo>,
+    /// Why configured peers cannot be reached.
+    pub dial_errors: Vec<String>,
+    /// Incoming handshakes refused because of a certificate, since start.
+    pub refused_handshakes: u64,
+    /// Why the last one was refused.
+    pub last_refusal: Option<String>,
+    /// Connections whose hello was checked, since start.
+    pub connections_admitted: u64,
+    /// Peers that went down (their last connection closed), since start.
+    pub peers_lost: u64,
+    /// The gateway its control stream is up to, if it is.
+    pub gateway: Option<SocketAddr>,
+    /// Control streams opened since start.
+    pub gateway_sessions: u64,
+    /// The policy version it runs under (0: none), and where it came from.
+    pub policy_version: u64,
+    /// `saved`, `gateway`, `local`, or `none`.
+    pub policy_source: &'static str,
+    /// Telemetry batches waiting for the gateway's acknowledgement.
+    pub telemetry_pending: usize,
+    /// Telemetry batches dropped because the backlog was full, since start.
+    pub telemetry_dropped: u64,
 }
 
 /// How a node is started beyond its config.
@@ -79,6 +117,8 @@ struct Parts {
     hosted: Arc<Hosted>,
     discovery: Option<Arc<dyn Discovery>>,
     shutdown: watch::Sender<bool>,
+    gateway_up: Arc<watch::Sender<(Option<SocketAddr>, u64)>>,
+    lock: std::sync::Mutex<StateLock>,
 }
 
 impl Node {
@@ -107,6 +147,7 @@ impl Node {
         endpoint: quinn::Endpoint,
     ) -> Result<Node, StartError> {
         let id = identity.id.clone();
+        let mut lock = StateLock::acquire(&config.state_dir, config.name.as_str())?;
         let (_, client_config) = transport::quic_configs(&identity, &config.limits)?;
         let role = if options.gateway {
             Role::Gateway
@@ -186,6 +227,8 @@ impl Node {
             static_peers,
         );
         info!("quic listening on {} as {id}", transport.local_addr());
+        lock.set("quic", &transport.local_addr().to_string());
+        let gateway_up = Arc::new(watch::Sender::new((None, 0)));
 
         let (updates_tx, updates_rx) = mpsc::unbounded_channel();
         transport.follow(updates_rx);
@@ -203,6 +246,7 @@ impl Node {
             telemetry: telemetry.clone(),
             hosted: hosted.clone(),
             updates: updates_tx.clone(),
+            gateway_up: gateway_up.clone(),
             shutdown: shutdown.subscribe(),
         };
         control.apply_saved_policy();
@@ -243,8 +287,46 @@ impl Node {
                 hosted,
                 discovery,
                 shutdown,
+                gateway_up,
+                lock: std::sync::Mutex::new(lock),
             }),
         })
+    }
+
+    /// Records where something of this node listens (`ingress`, `admin`) in its state folder's
+    /// lock file, for operators, status commands and tests.
+    pub fn record_address(&self, key: &str, addr: SocketAddr) {
+        self.parts
+            .lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set(key, &addr.to_string());
+    }
+
+    /// What this node knows of itself now.
+    pub fn status(&self) -> NodeStatus {
+        let telemetry = self.parts.telemetry.lock();
+        let (pending, dropped) = (telemetry.pending().count(), telemetry.dropped());
+        drop(telemetry);
+        let (refused_handshakes, last_refusal) = self.parts.transport.refused_handshakes();
+        let (connections_admitted, peers_lost) = self.parts.peers.churn();
+        NodeStatus {
+            id: self.parts.id.clone(),
+            quic: self.local_addr(),
+            hosted: self.parts.hosted.names(),
+            peers: self.peers(),
+            dial_errors: self.dial_errors(),
+            refused_handshakes,
+            last_refusal,
+            connections_admitted,
+            peers_lost,
+            gateway: self.parts.gateway_up.borrow().0,
+            gateway_sessions: self.parts.gateway_up.borrow().1,
+            policy_version: self.parts.policy.version(),
+            policy_source: self.parts.policy.source().map_or("none", |s| s.as_str()),
+            telemetry_pending: pending,
+            telemetry_dropped: dropped,
+        }
     }
 
     /// This node's identity.
@@ -368,7 +450,7 @@ impl Node {
 
     /// Replaces the policy this node runs under (normally done by the gateway's control stream).
     pub fn set_policy(&self, version: u64, policy: Policy) {
-        self.parts.policy.set(version, policy);
+        self.parts.policy.set(version, policy, PolicySource::Local);
     }
 
     /// Drops the policy: the node runs as if it never had one.

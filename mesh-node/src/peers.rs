@@ -39,6 +39,10 @@ pub(crate) struct PeerSet {
     /// Bumped whenever a peer's labels may have changed: admission caches keyed on labels drop
     /// what they remember.
     labels_generation: AtomicU64,
+    /// Connections whose hello was checked, since start.
+    admitted: AtomicU64,
+    /// Peers that went down (their last connection closed), since start.
+    lost: AtomicU64,
 }
 
 #[derive(Default)]
@@ -76,6 +80,8 @@ impl PeerSet {
             inner: Mutex::new(Peers::default()),
             changed: watch::Sender::new(0),
             labels_generation: AtomicU64::new(0),
+            admitted: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
         }
     }
 
@@ -91,6 +97,14 @@ impl PeerSet {
     /// A receiver that sees every change.
     pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
+    }
+
+    /// `(connections admitted, peers lost)` since start.
+    pub(crate) fn churn(&self) -> (u64, u64) {
+        (
+            self.admitted.load(Ordering::Relaxed),
+            self.lost.load(Ordering::Relaxed),
+        )
     }
 
     pub(crate) fn labels_generation(&self) -> u64 {
@@ -119,6 +133,7 @@ impl PeerSet {
             .any(|c| c.stable_id() == conn.stable_id())
         {
             entry.conns.push(conn.clone());
+            self.admitted.fetch_add(1, Ordering::Relaxed);
         }
         drop(peers);
         self.labels_generation.fetch_add(1, Ordering::Relaxed);
@@ -136,6 +151,7 @@ impl PeerSet {
         if gone {
             peers.by_id.remove(id);
             peers.table.remove_endpoint(id);
+            self.lost.fetch_add(1, Ordering::Relaxed);
         }
         drop(peers);
         self.bump();

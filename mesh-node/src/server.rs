@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use mesh_core::limits::TokenBucket;
@@ -21,6 +21,7 @@ use mesh_proto::{RequestHead, ResponseHead, STREAM_METADATA, Status, decode_head
 use tracing::{debug, warn};
 
 use crate::call::{CallContext, Reply};
+use crate::clock::{now, since};
 use crate::config::Limits;
 use crate::control::telemetry::{TelemetrySink, unix_us};
 use crate::hosted::Hosted;
@@ -207,7 +208,7 @@ impl Server {
                 .filter(|(k, _)| !k.starts_with(':'))
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
-            deadline: Instant::now() + timeout,
+            deadline: now() + timeout,
             trace: head.trace,
             streaming,
         };
@@ -300,7 +301,7 @@ impl Server {
             ctx.service.as_str().to_owned(),
             ctx.method.as_str().to_owned(),
         );
-        let started = Instant::now();
+        let started = now();
         let started_wall = unix_us();
         let reply = self.dispatch(ctx, body).await;
         self.telemetry.record_span(Span {
@@ -312,7 +313,7 @@ impl Server {
             service,
             method,
             start_unix_us: started_wall,
-            duration_us: started.elapsed().as_micros() as u64,
+            duration_us: since(started).as_micros() as u64,
             status: reply.status,
         });
         reply
@@ -333,7 +334,7 @@ impl Server {
             // Builtins answer without waiting on anything: no deadline timer to arm.
             return upstream.serve(&ctx, body, self.limits.max_body_bytes).await;
         }
-        let left = ctx.deadline.saturating_duration_since(Instant::now());
+        let left = ctx.deadline.saturating_duration_since(now());
         match tokio::time::timeout(left, upstream.serve(&ctx, body, self.limits.max_body_bytes))
             .await
         {
@@ -386,7 +387,7 @@ impl Server {
             self.telemetry.record_rule(&verdict.rule, "allowed");
         }
         if let Some(limit) = admission.rate_limit.and_then(|i| policy.rate_limits.get(i)) {
-            let now = Instant::now();
+            let now = now();
             let mut state = self.admission_state();
             let allowed = state
                 .buckets

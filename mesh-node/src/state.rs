@@ -4,7 +4,8 @@
 //! Writing fsyncs, which can take a long time on an SD card: from async code use the `_async`
 //! forms, which run on tokio's blocking pool and never stall the runtime thread that serves calls.
 
-use std::io::Write;
+use std::collections::BTreeMap;
+use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 /// Writes `contents` to `path` atomically, with `mode` (Unix); creates the folder if needed.
@@ -87,6 +88,137 @@ impl PolicyStore {
     }
 }
 
+/// A state folder held by one running node: `<state_dir>/node.lock`, locked (an advisory lock the
+/// kernel drops when the process dies) for as long as the node runs, and holding `key=value` lines
+/// that say who holds it and where it listens (`pid`, `name`, `quic`, `ingress`, `admin`), for
+/// operators, `status` commands and tests.
+///
+/// Two nodes on one machine that share a state folder would boot under each other's saved policy:
+/// the second is refused, with the holder named.
+#[derive(Debug)]
+pub struct StateLock {
+    file: std::fs::File,
+    path: PathBuf,
+    entries: BTreeMap<String, String>,
+}
+
+/// Why a state folder cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Another running process holds it.
+    #[error("state dir {dir} is in use by {holder}; give each node its own state_dir")]
+    Held {
+        /// The folder.
+        dir: String,
+        /// Who holds it, as its lock file says.
+        holder: String,
+    },
+    /// It cannot be created or written.
+    #[error("state dir {dir}: {source}")]
+    Io {
+        /// The folder.
+        dir: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+impl StateLock {
+    /// Takes the lock on `dir` (created if missing, mode 0700) for this process, named `name`.
+    pub fn acquire(dir: &Path, name: &str) -> Result<StateLock, StateError> {
+        let io = |source| StateError::Io {
+            dir: dir.display().to_string(),
+            source,
+        };
+        create_private_dir(dir).map_err(io)?;
+        let path = dir.join("node.lock");
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut text = String::new();
+                let _ = file.read_to_string(&mut text);
+                let entries = parse_entries(&text);
+                let holder = match (entries.get("name"), entries.get("pid")) {
+                    (Some(n), Some(p)) => format!("node {n} (pid {p})"),
+                    _ => "another process".to_owned(),
+                };
+                return Err(StateError::Held {
+                    dir: dir.display().to_string(),
+                    holder,
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+        let mut lock = StateLock {
+            file,
+            path,
+            entries: BTreeMap::new(),
+        };
+        lock.set("pid", &std::process::id().to_string());
+        lock.set("name", name);
+        Ok(lock)
+    }
+
+    /// Records `key=value` (an address this node listens on) in the lock file.
+    pub fn set(&mut self, key: &str, value: &str) {
+        self.entries.insert(key.to_owned(), value.to_owned());
+        let text: String = self
+            .entries
+            .iter()
+            .map(|(k, v)| format!("{k}={v}\n"))
+            .collect();
+        // The file is informative: a failure to write it is logged, not fatal.
+        let written = self
+            .file
+            .set_len(0)
+            .and_then(|()| self.file.rewind())
+            .and_then(|()| self.file.write_all(text.as_bytes()));
+        if let Err(e) = written {
+            tracing::warn!("cannot write {}: {e}", self.path.display());
+        }
+    }
+
+    /// The lock file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Reads a lock file's `key=value` lines (for tools and tests).
+pub fn read_lock_file(dir: &Path) -> Option<BTreeMap<String, String>> {
+    std::fs::read_to_string(dir.join("node.lock"))
+        .ok()
+        .map(|t| parse_entries(&t))
+}
+
+fn parse_entries(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,5 +233,26 @@ mod tests {
         store.save(4, "").expect("save");
         assert_eq!(store.load(), Some((4, String::new())));
         assert!(!dir.path().join("state/.policy.toml.tmp").exists());
+    }
+
+    #[test]
+    fn a_state_dir_is_held_by_one_node_at_a_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let mut first = StateLock::acquire(&state, "node-a").expect("first");
+        first.set("quic", "127.0.0.1:7400");
+        let e = StateLock::acquire(&state, "node-b").expect_err("second");
+        let pid = std::process::id();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "state dir {} is in use by node node-a (pid {pid}); give each node its own state_dir",
+                state.display()
+            )
+        );
+        let seen = read_lock_file(&state).expect("lock file");
+        assert_eq!(seen.get("quic").map(String::as_str), Some("127.0.0.1:7400"));
+        drop(first);
+        StateLock::acquire(&state, "node-b").expect("free again");
     }
 }

@@ -2,15 +2,14 @@
 //! upstream, and a raw QUIC client for sending what a well-behaved node never would.
 //!
 //! Binaries are the ones `cargo build --workspace --bins` put beside this test's executable;
-//! `scripts/test.sh` builds them first. Every wait here is for an event (a log line, a connection)
-//! and has a bound.
+//! `scripts/test.sh` builds them first. Every wait here is for state (a node's lock file, its
+//! `/v1/status`, a connection) and has a bound; logs are only echoed, for reading a failure.
 
-use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -77,7 +76,7 @@ impl Pki {
         let path = dir.join("node.toml");
         let toml = format!(
             "name = \"{name}\"\nlisten = \"127.0.0.1:0\"\ningress = \"127.0.0.1:0\"\nlog = \"info\"\n\
-             [identity]\ncert = \"certs/node.crt\"\nkey = \"certs/node.key\"\nca = \"certs/ca.crt\"\n\
+             state_dir = \"state\"\n[identity]\ncert = \"certs/node.crt\"\nkey = \"certs/node.key\"\nca = \"certs/ca.crt\"\n\
              [discovery]\nmdns = false\n{extra}"
         );
         std::fs::write(&path, toml).expect("write config");
@@ -97,7 +96,7 @@ impl Pki {
         );
         let src = src.replacen(
             "log = \"info\"\n",
-            "log = \"info\"\nadmin = \"127.0.0.1:0\"\nadmin_token_file = \"admin.token\"\nstate_dir = \"state\"\n",
+            "log = \"info\"\nadmin = \"127.0.0.1:0\"\nadmin_token_file = \"admin.token\"\n",
             1,
         );
         std::fs::write(&path, src).expect("config");
@@ -129,13 +128,16 @@ impl Default for Pki {
     }
 }
 
-/// A running `mesh-node` process; killed when dropped.
+/// A running `mesh-node` (or `mesh-gateway`) process; killed when dropped.
 pub struct NodeProc {
     pub name: String,
     child: Child,
-    log: Arc<(Mutex<VecDeque<String>>, Condvar)>,
+    /// Prepended to `mesh-node status` to reach the node (`ip netns exec <ns>` in the lab).
+    prefix: Vec<String>,
     pub quic: SocketAddr,
     pub ingress: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub state_dir: PathBuf,
 }
 
 impl NodeProc {
@@ -145,8 +147,21 @@ impl NodeProc {
     }
 
     /// Starts `<prefix...> run --config <config>` (the prefix ends with the binary: e.g. `ip netns
-    /// exec h0 qemu-aarch64-static path/mesh-node`) and waits until it listens.
+    /// exec h0 qemu-aarch64-static path/mesh-node`) and waits until its lock file says where it
+    /// listens.
     pub fn start_cmd(name: &str, prefix: &[String], config: &Path) -> NodeProc {
+        let settings: toml::Table =
+            toml::from_str(&std::fs::read_to_string(config).expect("config"))
+                .expect("config is TOML");
+        let base = config.parent().expect("config dir");
+        let state_dir = base.join(
+            settings
+                .get("state_dir")
+                .and_then(|v| v.as_str())
+                .expect("test configs name a state_dir"),
+        );
+        let wants_ingress = settings.get("ingress").and_then(|v| v.as_str()) != Some("off");
+        let gateway = prefix.last().is_some_and(|b| b.ends_with("mesh-gateway"));
         let mut child = Command::new(&prefix[0])
             .args(&prefix[1..])
             .args(["run", "--config"])
@@ -158,41 +173,57 @@ impl NodeProc {
             .spawn()
             .expect("spawn mesh-node");
         let stderr = child.stderr.take().expect("stderr");
-        let log: Arc<(Mutex<VecDeque<String>>, Condvar)> = Arc::default();
-        let sink = log.clone();
         let tag = name.to_owned();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 eprintln!("[{tag}] {line}");
-                let (lines, cv) = &*sink;
-                lines.lock().expect("log").push_back(line);
-                cv.notify_all();
             }
         });
-        let mut node = NodeProc {
+        // The lock file is the node's own record of where it listens, written once bound.
+        let pid = child.id().to_string();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let entries = loop {
+            if let Some(e) = mesh_node::state::read_lock_file(&state_dir)
+                && e.get("pid") == Some(&pid)
+                && e.contains_key("quic")
+                && (!wants_ingress || e.contains_key("ingress"))
+                && (!gateway || e.contains_key("admin"))
+            {
+                break e;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("{name} exited before it listened: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}: its lock file in {} never said where it listens",
+                state_dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let addr = |key: &str| entries.get(key).map(|a| a.parse().expect("address"));
+        let exec_prefix = if prefix.len() > 4 && prefix[0] == "ip" {
+            prefix[..4].to_vec()
+        } else {
+            Vec::new()
+        };
+        NodeProc {
             name: name.to_owned(),
             child,
-            log,
-            quic: SocketAddr::from(([0, 0, 0, 0], 0)),
-            ingress: None,
-        };
-        let line = node.wait_for("quic listening on ", Duration::from_secs(10));
-        node.quic = addr_after(&line, "quic listening on ");
-        if let Some(line) =
-            node.try_wait_for("ingress listening on http://", Duration::from_secs(5))
-        {
-            node.ingress = Some(addr_after(&line, "ingress listening on http://"));
+            prefix: exec_prefix,
+            quic: addr("quic").expect("quic"),
+            ingress: addr("ingress"),
+            admin: addr("admin"),
+            state_dir,
         }
-        node
     }
 
     /// Starts `mesh-gateway run --config <config>` and waits until its admin API listens;
     /// returns the process and the admin address.
     pub fn start_gateway(name: &str, config: &Path) -> (NodeProc, SocketAddr) {
         let node = Self::start_cmd(name, &[bin("mesh-gateway").display().to_string()], config);
-        let line = node.wait_for("admin API and /metrics on http://", Duration::from_secs(10));
-        let admin = addr_after(&line, "admin API and /metrics on http://");
+        let admin = node.admin.expect("admin address");
         (node, admin)
     }
 
@@ -206,54 +237,88 @@ impl NodeProc {
         self.ingress.expect("node has an ingress")
     }
 
-    /// Waits for a log line containing `needle`; panics after `timeout`.
-    pub fn wait_for(&self, needle: &str, timeout: Duration) -> String {
-        self.try_wait_for(needle, timeout).unwrap_or_else(|| {
-            panic!(
-                "{}: no log line with {needle:?} within {timeout:?}",
-                self.name
-            )
-        })
-    }
-
-    /// Waits for a log line containing `needle`, or `None` after `timeout`.
-    pub fn try_wait_for(&self, needle: &str, timeout: Duration) -> Option<String> {
-        self.wait_for_nth(needle, 1, timeout)
-    }
-
-    /// Waits until `n` log lines contain `needle`; panics after `timeout`.
-    pub fn wait_for_count(&self, needle: &str, n: usize, timeout: Duration) -> String {
-        self.wait_for_nth(needle, n, timeout).unwrap_or_else(|| {
-            panic!(
-                "{}: {} of {n} log lines with {needle:?} within {timeout:?}",
-                self.name,
-                self.count(needle)
-            )
-        })
-    }
-
-    fn wait_for_nth(&self, needle: &str, n: usize, timeout: Duration) -> Option<String> {
-        let deadline = Instant::now() + timeout;
-        let (lines, cv) = &*self.log;
-        let mut guard = lines.lock().expect("log");
-        loop {
-            if let Some(line) = guard.iter().filter(|l| l.contains(needle)).nth(n - 1) {
-                return Some(line.clone());
+    /// The node's `GET /v1/status`, or why it could not be read.
+    pub fn try_status(&self) -> Result<serde_json::Value, String> {
+        let ingress = self.ingress.ok_or("the node runs no ingress")?;
+        let text = if self.prefix.is_empty() {
+            http_get_blocking(ingress, "/v1/status")?
+        } else {
+            let out = Command::new(&self.prefix[0])
+                .args(&self.prefix[1..])
+                .arg(bin("mesh-node"))
+                .args(["status", "--json", "--ingress", &ingress.to_string()])
+                .output()
+                .map_err(|e| e.to_string())?;
+            if !out.status.success() {
+                return Err(String::from_utf8_lossy(&out.stderr).into_owned());
             }
-            let left = deadline.checked_duration_since(Instant::now())?;
-            guard = cv.wait_timeout(guard, left).expect("log").0;
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        serde_json::from_str(&text).map_err(|e| format!("{e}: {text}"))
+    }
+
+    /// The node's status; panics if it cannot be read.
+    pub fn status(&self) -> serde_json::Value {
+        self.try_status()
+            .unwrap_or_else(|e| panic!("{}: no status: {e}", self.name))
+    }
+
+    /// Waits until the node's status satisfies `ready` (checked every 25 ms); panics after
+    /// `timeout`, naming `what` and the last status seen.
+    pub fn wait_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        ready: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.try_status();
+            if let Ok(s) = &status
+                && ready(s)
+            {
+                return s.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: not {what} within {timeout:?}; last status: {status:?}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(25));
         }
     }
 
-    /// How many log lines so far contain `needle`.
-    pub fn count(&self, needle: &str) -> usize {
-        self.log
-            .0
-            .lock()
-            .expect("log")
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
+    /// Waits until peer `name` is connected.
+    pub fn wait_peer(&self, name: &str, timeout: Duration) -> serde_json::Value {
+        self.wait_status(&format!("connected to {name}"), timeout, |s| {
+            has_peer(s, name)
+        })
+    }
+
+    /// Waits until peer `name` is not connected.
+    pub fn wait_peer_gone(&self, name: &str, timeout: Duration) -> serde_json::Value {
+        self.wait_status(&format!("rid of {name}"), timeout, |s| !has_peer(s, name))
+    }
+
+    /// Waits until `n` peers are connected.
+    pub fn wait_peers(&self, n: usize, timeout: Duration) -> serde_json::Value {
+        self.wait_status(&format!("connected to {n} peers"), timeout, |s| {
+            s["peers"].as_array().is_some_and(|p| p.len() == n)
+        })
+    }
+
+    /// Waits until the control stream to the gateway is up.
+    pub fn wait_gateway(&self, timeout: Duration) -> serde_json::Value {
+        self.wait_status("linked to its gateway", timeout, |s| {
+            !s["gateway"].is_null()
+        })
+    }
+
+    /// Waits until the node runs under policy `version`.
+    pub fn wait_policy(&self, version: u64, timeout: Duration) -> serde_json::Value {
+        self.wait_status(&format!("under policy {version}"), timeout, |s| {
+            s["policy"]["version"] == version
+        })
     }
 
     /// Sends SIGKILL: the node dies without a word.
@@ -298,13 +363,35 @@ impl Drop for NodeProc {
     }
 }
 
-fn addr_after(line: &str, prefix: &str) -> SocketAddr {
-    let rest = &line[line.find(prefix).expect("prefix") + prefix.len()..];
-    rest.split_whitespace()
-        .next()
-        .expect("addr")
-        .parse()
-        .expect("socket addr")
+/// Whether a status lists peer `name` as connected.
+pub fn has_peer(status: &serde_json::Value, name: &str) -> bool {
+    status["peers"]
+        .as_array()
+        .is_some_and(|peers| peers.iter().any(|p| p["name"] == name))
+}
+
+/// A blocking `GET` on a loopback HTTP server: the body of a 200 answer.
+pub fn http_get_blocking(addr: SocketAddr, path: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+        .map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    stream
+        .read_to_string(&mut text)
+        .map_err(|e| e.to_string())?;
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("no HTTP head")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(head.lines().next().unwrap_or("").to_owned());
+    }
+    Ok(body.to_owned())
 }
 
 /// One request an [`HttpUpstream`] saw.

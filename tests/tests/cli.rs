@@ -38,32 +38,30 @@ fn config_errors_name_file_line_and_key_and_exit_2() {
     let src = std::fs::read_to_string(&conf).expect("read");
 
     // Unknown key.
-    std::fs::write(
-        &conf,
-        src.replace("[identity]\n", "[identity]\npassword = \"x\"\n"),
-    )
-    .expect("write");
+    let bad = src.replace("[identity]\n", "[identity]\npassword = \"x\"\n");
+    std::fs::write(&conf, &bad).expect("write");
     let out = check(&conf);
     assert_eq!(out.status.code(), Some(2));
     let err = stderr(&out);
+    let line = line_of(&bad, "password =");
     assert!(
         err.contains(&format!(
-            "{file}:6: identity.password: unknown field `password`"
+            "{file}:{line}: identity.password: unknown field `password`"
         )),
         "{err}"
     );
 
     // Wrong type.
-    std::fs::write(
-        &conf,
-        format!("{src}[limits]\ncall_timeout_ms = \"soon\"\n"),
-    )
-    .expect("write");
+    let bad = format!("{src}[limits]\ncall_timeout_ms = \"soon\"\n");
+    std::fs::write(&conf, &bad).expect("write");
     let out = check(&conf);
     assert_eq!(out.status.code(), Some(2));
     let err = stderr(&out);
+    let line = line_of(&bad, "call_timeout_ms =");
     assert!(
-        err.contains(&format!("{file}:12: limits.call_timeout_ms: invalid type")),
+        err.contains(&format!(
+            "{file}:{line}: limits.call_timeout_ms: invalid type"
+        )),
         "{err}"
     );
 
@@ -86,6 +84,14 @@ fn config_errors_name_file_line_and_key_and_exit_2() {
     );
 }
 
+/// The 1-based line of the first line of `src` that starts with `start`.
+fn line_of(src: &str, start: &str) -> usize {
+    src.lines()
+        .position(|l| l.starts_with(start))
+        .expect("line")
+        + 1
+}
+
 #[test]
 fn key_file_problems_are_named() {
     let pki = Pki::new();
@@ -98,8 +104,9 @@ fn key_file_problems_are_named() {
     let out = check(&conf);
     assert_eq!(out.status.code(), Some(2));
     let err = stderr(&out);
+    let line = line_of(&std::fs::read_to_string(&conf).expect("read"), "key =");
     assert!(
-        err.contains(&format!("{file}:7: identity.key:")) && err.contains("mode 0644"),
+        err.contains(&format!("{file}:{line}: identity.key:")) && err.contains("mode 0644"),
         "{err}"
     );
 
@@ -244,7 +251,7 @@ fn mesh_node_call_prints_the_body_or_the_status() {
         "node-a",
         &pki.config("node-a", &format!("[[peers]]\naddr = \"{}\"\n", b.quic)),
     );
-    a.wait_for("peer up: node-b", Duration::from_secs(10));
+    a.wait_peer("node-b", Duration::from_secs(10));
     let ingress = a.ingress().to_string();
 
     let out = run(

@@ -49,10 +49,7 @@ async fn metrics(admin: SocketAddr) -> String {
 
 fn node_conf(pki: &Pki, name: &str, gw: SocketAddr, extra: &str) -> std::path::PathBuf {
     let path = pki.config(name, &format!("{extra}{FAST}"));
-    prepend(
-        &path,
-        &format!("gateway = \"{gw}\"\nstate_dir = \"state\"\n"),
-    );
+    prepend(&path, &format!("gateway = \"{gw}\"\n"));
     path
 }
 
@@ -92,10 +89,10 @@ async fn metrics_hold_exact_counts_and_prometheus_agrees() {
         a.quic, b.quic
     );
     let c = NodeProc::start("node-c", &node_conf(&pki, "node-c", gw.quic, &peers));
-    c.wait_for("peer up: node-a", UP);
-    c.wait_for("peer up: node-b", UP);
+    c.wait_peer("node-a", UP);
+    c.wait_peer("node-b", UP);
     for n in [&a, &b, &c] {
-        n.wait_for("control stream to the gateway", UP);
+        n.wait_gateway(UP);
     }
 
     for _ in 0..30 {
@@ -381,8 +378,8 @@ async fn counts_made_while_the_gateway_is_away_arrive_when_it_returns() {
             &format!("[[peers]]\naddr = \"{}\"\n", a.quic),
         ),
     );
-    c.wait_for("peer up: node-a", UP);
-    c.wait_for("control stream to the gateway", UP);
+    c.wait_peer("node-a", UP);
+    c.wait_gateway(UP);
     assert!(gw.stop().success());
 
     for _ in 0..500 {
@@ -427,7 +424,7 @@ async fn a_small_backlog_reports_its_gap() {
     )
     .expect("conf");
     let c = NodeProc::start("node-c", &conf);
-    c.wait_for("control stream to the gateway", UP);
+    c.wait_gateway(UP);
     assert!(gw.stop().success());
     for _ in 0..50 {
         let (code, _, _) = post(c.ingress(), "echo", "say", Bytes::from_static(b"x"), None)
@@ -436,7 +433,9 @@ async fn a_small_backlog_reports_its_gap() {
         assert_eq!(code, 200);
     }
     // Let the node cut batches into its full backlog: the gap is what this test is about.
-    c.wait_for_count("telemetry backlog full", 3, UP);
+    c.wait_status("dropping telemetry", UP, |s| {
+        s["telemetry"]["dropped"].as_u64() >= Some(3)
+    });
     let (_gw, admin) = NodeProc::start_gateway("gw", &gw_conf);
     let gap = eventually(Duration::from_secs(20), async || {
         let text = metrics(admin).await;
@@ -469,7 +468,12 @@ async fn a_node_restarted_while_the_gateway_is_away_boots_under_its_last_policy(
     assert!(a.stop().success());
 
     let a = NodeProc::start("node-a", &conf);
-    a.wait_for("booted under policy version 1 from", UP);
+    let booted = a.status();
+    assert_eq!(
+        (&booted["policy"]["version"], &booted["policy"]["source"]),
+        (&serde_json::json!(1), &serde_json::json!("saved")),
+        "{booted}"
+    );
     let t = Instant::now();
     let (code, status, _) = post(a.ingress(), "slow", "x", Bytes::new(), None)
         .await
@@ -499,7 +503,7 @@ async fn a_dead_node_is_shown_down_then_removed() {
             "[limits]\nkeep_alive_ms = 200\nidle_timeout_ms = 600\n",
         ),
     );
-    a.wait_for("control stream to the gateway", UP);
+    a.wait_gateway(UP);
     let node = |up: Option<bool>| async move {
         let (_, body) = http("GET", admin, "/v1/nodes", None, "").await;
         let json: serde_json::Value = serde_json::from_str(&body).expect("json");
@@ -585,7 +589,7 @@ async fn sampled_calls_leave_traces_and_nodes_leave_audit_events() {
     )
     .expect("conf");
     let c = NodeProc::start("node-c", &conf);
-    c.wait_for("peer up: node-a", UP);
+    c.wait_peer("node-a", UP);
     assert!(all_at(admin, &["node-a", "node-c"], 1).await);
 
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -667,13 +671,13 @@ async fn a_refused_identity_is_an_audit_event() {
     let pki = Pki::new();
     let (gw, _) = NodeProc::start_gateway("gw", &pki.gateway_config("gw", "127.0.0.1:0", ""));
     let a = NodeProc::start("node-a", &node_conf(&pki, "node-a", gw.quic, ""));
-    a.wait_for("control stream to the gateway", UP);
+    a.wait_gateway(UP);
     let other = Pki::new();
     let _rogue = NodeProc::start(
         "rogue",
         &other.config("rogue", &format!("[[peers]]\naddr = \"{}\"\n", a.quic)),
     );
-    a.wait_for("refused connection from", UP);
+    a.wait_status("refusing a handshake", UP, |s| s["refused_handshakes"] != 0);
     let audit = pki.dir.path().join("gw/audit.jsonl");
     let event = eventually(UP, async || {
         let text = std::fs::read_to_string(&audit).ok()?;
@@ -706,9 +710,9 @@ async fn the_registry_lets_a_node_reach_services_beyond_its_link() {
     let (gw, admin) = NodeProc::start_gateway("gw", &pki.gateway_config("gw", "127.0.0.1:0", ""));
     let echo = "[[services]]\nname = \"echo\"\nupstream = \"builtin:echo\"\n";
     let a = NodeProc::start("node-a", &node_conf(&pki, "node-a", gw.quic, echo));
-    a.wait_for("control stream to the gateway", UP);
+    a.wait_gateway(UP);
     let c = NodeProc::start("node-c", &node_conf(&pki, "node-c", gw.quic, ""));
-    c.wait_for("peer up: node-a", UP);
+    c.wait_peer("node-a", UP);
     let (code, _, body) = post(c.ingress(), "echo", "say", Bytes::from_static(b"far"), None)
         .await
         .expect("call");
@@ -782,10 +786,11 @@ async fn a_node_takes_policy_only_from_its_pinned_gateway() {
     );
     prepend(&conf, "gateway_name = \"gw\"\n");
     let a = NodeProc::start("node-a", &conf);
-    a.wait_for("peer up: evil", UP);
+    a.wait_peer("evil", UP);
     let (_gw, gw_admin) = NodeProc::start_gateway("gw", &gw_conf);
-    a.wait_for("peer up: gw", UP);
-    a.wait_for("control stream to the gateway", UP);
+    a.wait_peer("gw", UP);
+    let status = a.wait_gateway(UP);
+    assert_eq!(status["gateway"], gw_listen.to_string(), "{status}");
     let listed = |admin: SocketAddr| async move {
         let (_, body) = http("GET", admin, "/v1/nodes", None, "").await;
         body.contains("\"name\":\"node-a\"")
@@ -799,5 +804,5 @@ async fn a_node_takes_policy_only_from_its_pinned_gateway() {
         !listed(evil_admin).await,
         "the node opened a control stream to an unpinned gateway"
     );
-    assert_eq!(a.count("control stream to the gateway"), 1);
+    assert_eq!(a.status()["gateway_sessions"], 1);
 }

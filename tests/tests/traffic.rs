@@ -1,14 +1,16 @@
 //! Traffic policy in the data plane: routing and splits, mirroring, authorization, retries,
-//! circuit breaking, balancing, rate limits. Nodes run in this process (real QUIC, real mTLS),
-//! so a test can set a policy and count where every call went; the end-to-end push of a policy
-//! through the gateway is in the last test.
+//! circuit breaking, balancing, rate limits. Nodes run in this process on the in-memory network
+//! (real QUIC, real mTLS, no sockets between nodes; HTTP upstreams are real), so a test can set a
+//! policy and count where every call went; the end-to-end push of a policy through the gateway,
+//! with real processes and sockets, is in the last test.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use mesh_node::policy::Policy;
+use mesh_core::policy::Policy;
+use mesh_node::testing::MemoryNetwork;
 use mesh_node::{CallOptions, Node, NodeConfig};
 use mesh_proto::Status;
 use starling_tests::{HttpUpstream, Pki};
@@ -37,7 +39,15 @@ async fn node(
     std::fs::write(&path, src).expect("conf");
     let config = NodeConfig::load(&path).expect("config");
     let identity = config.load_identity().expect("identity");
-    Node::start(config, identity).await.expect("start")
+    network()
+        .start_node(config, identity, Default::default())
+        .expect("start")
+}
+
+/// The in-memory network every node of these tests is on.
+fn network() -> &'static MemoryNetwork {
+    static NET: std::sync::OnceLock<MemoryNetwork> = std::sync::OnceLock::new();
+    NET.get_or_init(MemoryNetwork::new)
 }
 
 fn health(service: &str) -> String {
@@ -491,10 +501,7 @@ async fn a_policy_pushed_by_the_gateway_takes_effect_without_restarts() {
             &p,
             src.replacen(
                 "[identity]",
-                &format!(
-                    "gateway = \"{}\"\nstate_dir = \"state\"\n[identity]",
-                    gw.quic
-                ),
+                &format!("gateway = \"{}\"\n[identity]", gw.quic),
                 1,
             ),
         )
@@ -509,8 +516,8 @@ async fn a_policy_pushed_by_the_gateway_takes_effect_without_restarts() {
             &format!("[[peers]]\naddr = \"{}\"\n", server.quic),
         ),
     );
-    caller.wait_for("peer up: server", UP);
-    server.wait_for("control stream to the gateway", UP);
+    caller.wait_peer("server", UP);
+    server.wait_gateway(UP);
     let (code, _, _) = post(caller.ingress(), "vault", "get", Bytes::new(), None)
         .await
         .expect("call");
@@ -525,7 +532,7 @@ async fn a_policy_pushed_by_the_gateway_takes_effect_without_restarts() {
     )
     .await;
     assert_eq!(code, 200);
-    server.wait_for("applied policy version 1", UP);
+    server.wait_policy(1, UP);
     let (code, status, _) = post(caller.ingress(), "vault", "get", Bytes::new(), None)
         .await
         .expect("call");
@@ -540,7 +547,7 @@ async fn a_policy_pushed_by_the_gateway_takes_effect_without_restarts() {
     )
     .await;
     assert_eq!(code, 200);
-    server.wait_for("applied policy version 2", UP);
+    server.wait_policy(2, UP);
     let (code, _, _) = post(caller.ingress(), "vault", "get", Bytes::new(), None)
         .await
         .expect("call");

@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 use super::telemetry::{TelemetrySink, process_resources};
 use crate::hosted::Hosted;
 use crate::peers::PeerSet;
-use crate::policy::{Policy, PolicyCell};
+use crate::policy::{Policy, PolicyCell, PolicySource};
 use crate::state::PolicyStore;
 use crate::wire::FrameReader;
 
@@ -54,6 +54,8 @@ pub(crate) struct ControlClient {
     pub(crate) hosted: Arc<Hosted>,
     /// Registry entries go to the dialer as discovery updates.
     pub(crate) updates: mpsc::UnboundedSender<Update>,
+    /// Where the control stream is up to now, if it is, and how many it opened since start.
+    pub(crate) gateway_up: Arc<watch::Sender<(Option<SocketAddr>, u64)>>,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
 
@@ -70,7 +72,7 @@ impl ControlClient {
                     "booted under policy version {version} from {}",
                     self.store.dir().display()
                 );
-                self.policy.set(version, policy);
+                self.policy.set(version, policy, PolicySource::Saved);
             }
             Err(e) => warn!("ignoring the saved policy: {e}"),
         }
@@ -84,7 +86,9 @@ impl ControlClient {
             let Some(conn) = self.gateway_connection().await else {
                 return;
             };
-            match self.session(conn).await {
+            let ended = self.session(conn).await;
+            self.gateway_up.send_modify(|(up, _)| *up = None);
+            match ended {
                 Ok(()) => backoff.reset(),
                 Err(e) => debug!("control stream ended: {e}"),
             }
@@ -126,6 +130,10 @@ impl ControlClient {
             "control stream to the gateway at {} is up",
             conn.remote_address()
         );
+        self.gateway_up.send_modify(|(up, opened)| {
+            *up = Some(conn.remote_address());
+            *opened += 1;
+        });
 
         let mut reader = FrameReader::new(recv);
         let mut sent_up_to = 0u64;
@@ -251,7 +259,7 @@ impl ControlClient {
             .and_then(|p| p.check_applicable(SOFTWARE_VERSION).map(|()| p));
         match checked {
             Ok(policy) => {
-                self.policy.set(version, policy);
+                self.policy.set(version, policy, PolicySource::Gateway);
                 // fsync on the blocking pool: an SD card never stalls the calls on this thread.
                 if let Err(e) = self.store.save_async(version, toml).await {
                     warn!(

@@ -19,8 +19,10 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 
 use verify::{MeshClientVerifier, MeshServerVerifier};
 
-/// Why an identity could not be loaded or a certificate was refused.
-#[derive(Debug, thiserror::Error)]
+/// Why an identity could not be loaded or a certificate was refused. Its `Debug` is its message:
+/// rustls carries a refusal as `Other(OtherError(..))` and shows it with `Debug`, so a refused
+/// peer's reason reads the same in a log, an audit event and `/v1/status`.
+#[derive(thiserror::Error)]
 pub enum TlsError {
     /// A PEM file could not be read.
     #[error("{path}: {reason}")]
@@ -50,6 +52,12 @@ pub enum TlsError {
     /// rustls refused the configuration.
     #[error("tls: {0}")]
     Rustls(#[from] rustls::Error),
+}
+
+impl std::fmt::Debug for TlsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 /// A node's credentials: its certificate chain, its private key, the mesh CA, and what they say.

@@ -2,13 +2,14 @@
 //! them, closed when it says they left. Which node dials first, and when to forget, is decided by
 //! `mesh_core::discovery::Directory`; this is the shell that carries it out.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mesh_core::discovery::{Action, Update};
 use mesh_core::{Backoff, NodeName};
 use tracing::{debug, warn};
 
 use super::{CLOSE_BAD_HELLO, CLOSE_GONE, Transport};
+use crate::clock::now;
 use crate::identity::peer_id;
 
 impl Transport {
@@ -51,7 +52,7 @@ impl Transport {
             .directory
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .first_dial_at(&name, Instant::now());
+            .first_dial_at(&name, now());
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         tokio::select! {
             _ = tokio::time::sleep_until(first.into()) => {}

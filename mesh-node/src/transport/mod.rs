@@ -110,6 +110,10 @@ struct Inner {
     directory: Mutex<Directory>,
     /// Discovered peers with a dial loop running.
     dialing: Mutex<HashSet<NodeName>>,
+    /// Handshakes refused because of a certificate (either side's).
+    refused: std::sync::atomic::AtomicU64,
+    /// Why the last one was refused.
+    last_refusal: Mutex<Option<String>>,
 }
 
 /// What the transport is built from.
@@ -142,6 +146,8 @@ impl Transport {
                 serve: parts.serve,
                 shutdown: parts.shutdown,
                 dialing: Mutex::new(HashSet::new()),
+                refused: std::sync::atomic::AtomicU64::new(0),
+                last_refusal: Mutex::new(None),
             }),
         };
         tokio::spawn(transport.clone().accept_loop());
@@ -158,6 +164,20 @@ impl Transport {
             .endpoint
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Incoming handshakes refused because of a certificate, and why the last one was.
+    pub(crate) fn refused_handshakes(&self) -> (u64, Option<String>) {
+        (
+            self.inner
+                .refused
+                .load(std::sync::atomic::Ordering::Relaxed),
+            self.inner
+                .last_refusal
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
     }
 
     /// Uses `identity` for every new handshake, both ways; connections already up keep theirs.
@@ -214,6 +234,16 @@ impl Transport {
                         let why = ConnectError::of(&e);
                         warn!("refused connection from {remote}: {why}");
                         if matches!(why, ConnectError::Untrusted(_) | ConnectError::RefusedUs(_)) {
+                            transport
+                                .inner
+                                .refused
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            *transport
+                                .inner
+                                .last_refusal
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner()) =
+                                Some(format!("{remote}: {why}"));
                             transport.inner.telemetry.audit(
                                 "identity_refused",
                                 vec![

@@ -1,0 +1,291 @@
+//! The call path on the in-memory network (`mesh_node::testing`): real QUIC, real certificates,
+//! no sockets; under tokio's paused clock where a test waits on timers. What these check runs over
+//! real sockets too, in the other test files.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use mesh_node::testing::MemoryNetwork;
+use mesh_node::upstream::UpstreamSpec;
+use mesh_node::{CallOptions, Identity, Node, NodeConfig};
+use mesh_proto::{Hello, Role, Status};
+use starling_tests::Pki;
+
+const UP: Duration = Duration::from_secs(10);
+
+/// A node on `net`, configured with `extra` TOML (services, peers, limits).
+fn node(net: &MemoryNetwork, pki: &Pki, name: &str, extra: &str) -> Node {
+    let path = pki.config(name, extra);
+    let src = std::fs::read_to_string(&path)
+        .expect("conf")
+        .replace("ingress = \"127.0.0.1:0\"", "ingress = \"off\"");
+    std::fs::write(&path, src).expect("conf");
+    let config = NodeConfig::load(&path).expect("config");
+    let identity = config.load_identity().expect("identity");
+    net.start_node(config, identity, Default::default())
+        .expect("start")
+}
+
+fn peer(of: &Node) -> String {
+    format!("[[peers]]\naddr = \"{}\"\n", of.local_addr())
+}
+
+const ECHO: &str = "[[services]]\nname = \"echo\"\nupstream = \"builtin:echo\"\n";
+
+/// A raw endpoint on `net` with the identity `name`, for sending what a node never would.
+fn raw_endpoint(net: &MemoryNetwork, pki: &Pki, name: &str) -> quinn::Endpoint {
+    let dir = pki.node_dir(name);
+    let identity = Identity::load(
+        &dir.join("certs/node.crt"),
+        &dir.join("certs/node.key"),
+        &dir.join("certs/ca.crt"),
+    )
+    .expect("identity");
+    net.endpoint(&identity, &Default::default())
+        .expect("endpoint")
+}
+
+async fn send_hello(conn: &quinn::Connection, hello: &[u8]) {
+    let mut uni = conn.open_uni().await.expect("uni");
+    uni.write_all(hello).await.expect("hello");
+    uni.finish().expect("finish");
+}
+
+fn hello_frame(name: &str, protocol: u16, trailing: &[u8]) -> Vec<u8> {
+    let hello = Hello {
+        protocol_version: protocol,
+        name,
+        role: Role::Node,
+        labels: Default::default(),
+        services: Default::default(),
+    };
+    let mut body = postcard::to_allocvec(&hello).expect("encode");
+    body.extend_from_slice(trailing);
+    let mut frame = Vec::new();
+    mesh_proto::encode_body_prefix(body.len(), &mut frame);
+    frame.extend_from_slice(&body);
+    frame
+}
+
+#[tokio::test]
+async fn calls_cross_the_memory_network() {
+    let (net, pki) = (MemoryNetwork::new(), Pki::new());
+    let b = node(&net, &pki, "node-b", ECHO);
+    let a = node(&net, &pki, "node-a", &peer(&b));
+    assert!(a.wait_for_service("echo", UP).await);
+    let answer = a
+        .call("echo", "say", Bytes::from_static(b"no sockets"))
+        .await
+        .expect("call");
+    assert_eq!(answer, Bytes::from_static(b"no sockets"));
+    assert_eq!(a.peers()[0].protocol, mesh_proto::PROTOCOL_VERSION);
+}
+
+/// A streamed call carries 16 MiB through a node whose body bound is 1 MiB: nothing is buffered
+/// whole, chunk by chunk both ways.
+#[tokio::test]
+async fn a_streamed_call_carries_more_than_the_body_bound_chunk_by_chunk() {
+    let (net, pki) = (MemoryNetwork::new(), Pki::new());
+    let small = "[limits]\nmax_body_bytes = 1048576\n";
+    let b = node(&net, &pki, "node-b", &format!("{ECHO}{small}"));
+    let a = node(&net, &pki, "node-a", &format!("{}{small}", peer(&b)));
+    assert!(a.wait_for_service("echo", UP).await);
+
+    // The unary shape refuses it: the bound holds.
+    let too_big = starling_tests::random_bytes(2 * 1024 * 1024, 1);
+    let refused = a.call("echo", "say", too_big).await.expect_err("bound");
+    assert_eq!(refused.status, Status::InvalidArgument);
+
+    let options = CallOptions {
+        timeout: Some(Duration::from_secs(60)),
+        ..CallOptions::default()
+    };
+    let call = a.call_stream("echo", "say", &options).await.expect("open");
+    let (mut up, mut down) = call.split();
+    let total = 16 * 1024 * 1024;
+    let chunk = starling_tests::random_bytes(256 * 1024, 7);
+    // Send and receive at once: the echo answers as the body arrives, and neither side holds
+    // more than a window of it.
+    let sender = async {
+        let mut sent = 0;
+        while sent < total {
+            up.send(chunk.clone()).await.expect("send");
+            sent += chunk.len();
+        }
+        up.finish();
+    };
+    let receiver = async {
+        let (status, why) = down.status().await.expect("head");
+        assert_eq!(status, Status::Ok, "{why}");
+        let mut received = 0;
+        while let Some(part) = down.recv().await.expect("chunk") {
+            for (i, byte) in part.iter().enumerate() {
+                let at = received + i;
+                assert_eq!(*byte, chunk[at % chunk.len()], "byte {at}");
+            }
+            received += part.len();
+        }
+        received
+    };
+    let ((), received) = tokio::join!(sender, receiver);
+    assert_eq!(received, total);
+}
+
+/// Hosted services are one value that changes at runtime: peers learn of a new service and of
+/// one that left, without reconnecting.
+#[tokio::test]
+async fn hosted_services_change_at_runtime_and_peers_follow() {
+    let (net, pki) = (MemoryNetwork::new(), Pki::new());
+    let b = node(&net, &pki, "node-b", ECHO);
+    let a = node(&net, &pki, "node-a", &peer(&b));
+    assert!(a.wait_for_service("echo", UP).await);
+    b.host("late".parse().expect("name"), UpstreamSpec::Echo);
+    assert!(
+        a.wait_for_service("late", UP).await,
+        "the new service never showed"
+    );
+    let answer = a.call("late", "x", Bytes::from_static(b"hi")).await;
+    assert_eq!(answer, Ok(Bytes::from_static(b"hi")));
+    b.unhost("echo");
+    assert!(
+        a.wait_until(UP, |n| n.peers()[0]
+            .services
+            .iter()
+            .all(|s| s.as_str() != "echo"))
+            .await
+    );
+    let gone = a.call("echo", "say", Bytes::new()).await.expect_err("gone");
+    assert_eq!(gone.status, Status::Unavailable, "{}", gone.message);
+    assert_eq!(b.status().connections_admitted, 1, "it reconnected");
+}
+
+/// A peer below the oldest protocol this node speaks is refused with a reason that says so.
+#[tokio::test]
+async fn a_peer_speaking_a_protocol_too_old_is_refused_with_a_reason() {
+    let (net, pki) = (MemoryNetwork::new(), Pki::new());
+    let b = node(&net, &pki, "node-b", ECHO);
+    let endpoint = raw_endpoint(&net, &pki, "old");
+    let conn = endpoint
+        .connect(b.local_addr(), "starling.mesh")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    send_hello(&conn, &hello_frame("old", 0, &[])).await;
+    let reason = tokio::time::timeout(UP, conn.closed())
+        .await
+        .expect("closed");
+    assert!(
+        reason
+            .to_string()
+            .contains("peer speaks protocol 0; this node needs at least 1"),
+        "{reason}"
+    );
+}
+
+/// A newer peer's hello, with fields this version does not know at its end, is accepted; the
+/// connection speaks this node's version.
+#[tokio::test]
+async fn a_newer_peer_is_accepted_and_spoken_to_in_this_nodes_version() {
+    let (net, pki) = (MemoryNetwork::new(), Pki::new());
+    let b = node(&net, &pki, "node-b", ECHO);
+    let endpoint = raw_endpoint(&net, &pki, "newer");
+    let conn = endpoint
+        .connect(b.local_addr(), "starling.mesh")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    send_hello(&conn, &hello_frame("newer", 9, &[0x02, 0xaa, 0xbb])).await;
+    assert!(
+        b.wait_until(UP, |n| n
+            .peers()
+            .iter()
+            .any(|p| p.id.node_name().as_str() == "newer"))
+            .await,
+        "the newer peer was not admitted"
+    );
+    assert_eq!(b.peers()[0].protocol, mesh_proto::PROTOCOL_VERSION);
+}
+
+/// A renewed certificate is used for new handshakes at once; the connection already up and the
+/// calls on it go on.
+#[tokio::test]
+async fn a_swapped_identity_serves_new_handshakes_and_keeps_calls_going() {
+    let (net, pki) = (MemoryNetwork::new(), Pki::new());
+    let b = node(&net, &pki, "node-b", ECHO);
+    let a = node(&net, &pki, "node-a", &peer(&b));
+    assert!(a.wait_for_service("echo", UP).await);
+    let caller = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            let mut ok = 0;
+            for i in 0..300u32 {
+                let body = Bytes::from(i.to_le_bytes().to_vec());
+                if a.call("echo", "say", body.clone()).await == Ok(body) {
+                    ok += 1;
+                }
+            }
+            ok
+        })
+    };
+    let renewed_dir = pki.dir.path().join("node-b-renewed");
+    let renewed = pki.ca.issue_node("node-b", 1).expect("issue");
+    renewed.save(&renewed_dir, pki.ca.cert_pem()).expect("save");
+    let identity = Identity::load(
+        &renewed_dir.join("node.crt"),
+        &renewed_dir.join("node.key"),
+        &renewed_dir.join("ca.crt"),
+    )
+    .expect("renewed identity");
+    b.set_identity(&identity).expect("swap");
+    assert_eq!(
+        caller.await.expect("caller"),
+        300,
+        "calls failed across the swap"
+    );
+
+    // A new handshake sees the renewed certificate.
+    let probe = raw_endpoint(&net, &pki, "probe");
+    let conn = probe
+        .connect(b.local_addr(), "starling.mesh")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    let certs = conn
+        .peer_identity()
+        .and_then(|c| {
+            c.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .expect("certificates");
+    let expected = {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_slice(renewed.cert_pem.as_bytes()).expect("pem")
+    };
+    assert_eq!(certs[0], expected);
+}
+
+/// In simulated time: a peer whose link is cut leaves the table after the keep-alive gives up
+/// (three intervals, here 3 s), and the test takes no such time.
+#[tokio::test(start_paused = true)]
+async fn a_silent_peer_leaves_after_the_keep_alive_gives_up_in_simulated_time() {
+    let (net, pki) = (MemoryNetwork::new(), Pki::new());
+    let b = node(&net, &pki, "node-b", ECHO);
+    let a = node(&net, &pki, "node-a", &peer(&b));
+    assert!(a.wait_for_service("echo", UP).await);
+    let wall = std::time::Instant::now();
+    let cut = tokio::time::Instant::now();
+    net.cut(b.local_addr());
+    assert!(
+        a.wait_until(Duration::from_secs(60), |n| n.peers().is_empty())
+            .await
+    );
+    let simulated = cut.elapsed();
+    assert!(
+        simulated >= Duration::from_secs(2) && simulated <= Duration::from_secs(4),
+        "left after {simulated:?} of simulated time"
+    );
+    let unavailable = a.call("echo", "say", Bytes::new()).await.expect_err("gone");
+    assert_eq!(unavailable.status, Status::Unavailable);
+    assert!(wall.elapsed() < Duration::from_secs(2), "took real time");
+    net.restore(b.local_addr());
+}

@@ -28,8 +28,9 @@ pub const SERVICE_TYPE: &str = "_starling._udp.local.";
 pub struct Announcement {
     /// Its verified identity (announced, and checked again by every peer's handshake).
     pub id: SpiffeId,
-    /// Its QUIC port.
-    pub port: u16,
+    /// Its bound QUIC address (mDNS announces the port on every interface; the in-memory twin
+    /// announces the address itself, or 127.0.0.1 with the port when it is unspecified).
+    pub addr: SocketAddr,
     /// Node or gateway.
     pub role: Role,
     /// Its labels.
@@ -158,7 +159,7 @@ fn start_mdns(me: &Announcement) -> Result<Started, mdns_sd::Error> {
         name,
         &format!("{name}.local."),
         (),
-        me.port,
+        me.addr.port(),
         props,
     )?
     .enable_addr_auto();
@@ -302,7 +303,12 @@ impl Discovery for MemoryDiscovery {
             let _ = tx.send(Update::Reset(inner.records.values().cloned().collect()));
             inner.listeners.push(tx);
         }
-        let record = me.record(vec![SocketAddr::from(([127, 0, 0, 1], me.port))]);
+        let addr = if me.addr.ip().is_unspecified() {
+            SocketAddr::from(([127, 0, 0, 1], me.addr.port()))
+        } else {
+            me.addr
+        };
+        let record = me.record(vec![addr]);
         *self.me.lock().unwrap_or_else(|p| p.into_inner()) = Some(record.name.clone());
         self.bus.publish(Update::Add(record));
         rx
@@ -322,7 +328,7 @@ mod tests {
     fn ann(name: &str, services: &[&str]) -> Announcement {
         Announcement {
             id: SpiffeId::node("t.local", name.parse().expect("name")).expect("id"),
-            port: 7400,
+            addr: SocketAddr::from(([0, 0, 0, 0], 7400)),
             role: Role::Node,
             labels: BTreeMap::new(),
             services: services.iter().map(|s| s.parse().expect("svc")).collect(),

@@ -268,7 +268,7 @@ impl Node {
         if let Some(discovery) = &discovery {
             let updates = discovery.start(Announcement {
                 id: id.clone(),
-                port: transport.local_addr().port(),
+                addr: transport.local_addr(),
                 role,
                 labels: config.labels.clone(),
                 services: hosted.names(),

@@ -159,6 +159,43 @@ async fn hosted_services_change_at_runtime_and_peers_follow() {
     assert_eq!(b.status().connections_admitted, 1, "it reconnected");
 }
 
+/// Discovery's in-memory twin on the in-memory network: nodes find each other with no config,
+/// and one that says goodbye leaves the others' tables.
+#[tokio::test]
+async fn nodes_find_each_other_through_memory_discovery() {
+    use mesh_node::discovery::{MemoryBus, MemoryDiscovery};
+    let (net, pki, bus) = (MemoryNetwork::new(), Pki::new(), MemoryBus::new());
+    let start = |name: &str, extra: &str| {
+        let path = pki.config(name, extra);
+        let src = std::fs::read_to_string(&path)
+            .expect("conf")
+            .replace("ingress = \"127.0.0.1:0\"", "ingress = \"off\"");
+        std::fs::write(&path, src).expect("conf");
+        let config = NodeConfig::load(&path).expect("config");
+        let identity = config.load_identity().expect("identity");
+        let options = mesh_node::NodeOptions {
+            discovery: Some(std::sync::Arc::new(MemoryDiscovery::new(&bus))),
+            ..Default::default()
+        };
+        net.start_node(config, identity, options).expect("start")
+    };
+    let b = start("node-b", ECHO);
+    let c = start("node-c", ECHO);
+    let a = start("node-a", "");
+    assert!(
+        a.wait_until(UP, |n| n.peers().len() == 2).await,
+        "{:?}",
+        a.peers()
+    );
+    assert_eq!(
+        a.call("echo", "say", Bytes::from_static(b"found")).await,
+        Ok(Bytes::from_static(b"found"))
+    );
+    c.shutdown().await;
+    assert!(a.wait_until(UP, |n| n.peers().len() == 1).await);
+    drop(b);
+}
+
 /// A peer below the oldest protocol this node speaks is refused with a reason that says so.
 #[tokio::test]
 async fn a_peer_speaking_a_protocol_too_old_is_refused_with_a_reason() {

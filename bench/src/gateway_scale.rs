@@ -254,6 +254,10 @@ async fn sim_node(
             addrs: vec![],
             policy_version: 0,
             next_seq: 1,
+            boot_id: rand_boot_id(&name),
+            lost_at_restart: 0,
+            policy: None,
+            policy_damaged: false,
         }),
         &mut out,
     );
@@ -265,12 +269,12 @@ async fn sim_node(
         tokio::select! {
             frame = reader.frame(MAX_CONTROL_FRAME) => {
                 let down: Down = postcard::from_bytes(&frame?)?;
-                if let Down::Policy { version, .. } = down {
+                if let Down::Policy { version, epoch, hash, .. } = down {
                     if let Ok(mut a) = arrivals.lock() {
                         a.push((version, Instant::now()));
                     }
                     let mut out = Vec::new();
-                    mesh_proto::encode_frame_vec(&Up::PolicyAck { version }, &mut out);
+                    mesh_proto::encode_frame_vec(&Up::PolicyAck { version, epoch, hash }, &mut out);
                     send.write_all(&out).await?;
                 }
             }
@@ -295,6 +299,8 @@ async fn sim_node(
                     spans: vec![],
                     audit: vec![],
                     rules: vec![],
+                    folded: 0,
+                    lost_items: 0,
                 });
                 let mut out = Vec::new();
                 mesh_proto::encode_frame_vec(&batch, &mut out);
@@ -353,4 +359,11 @@ impl ScaleFigures {
             "policy_all_acked_ms": self.policy_all.as_secs_f64() * 1e3,
         })
     }
+}
+
+/// A boot id per simulated node (stable for its name within a run).
+fn rand_boot_id(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }

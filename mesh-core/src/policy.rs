@@ -404,11 +404,21 @@ impl Policy {
         };
         let mut rate_limits = Vec::new();
         for (i, r) in raw.rate_limits.iter().enumerate() {
-            if *r.per_second.get_ref() <= 0.0 {
+            let per_second = *r.per_second.get_ref();
+            if !(per_second > 0.0 && per_second.is_finite()) {
                 return Err(at.invalid(
                     &r.per_second,
                     &format!("rate_limits[{i}].per_second"),
-                    "must be greater than 0",
+                    "must be a number greater than 0",
+                ));
+            }
+            if let Some(burst) = r.burst
+                && !(burst.is_finite() && burst >= 0.0)
+            {
+                return Err(at.invalid(
+                    &r.per_second,
+                    &format!("rate_limits[{i}].burst"),
+                    "must be a finite number, 0 or more",
                 ));
             }
             rate_limits.push(RateLimit {
@@ -467,6 +477,40 @@ impl Policy {
     }
 }
 
+/// What a node does with a bundle its (certified, pinned) gateway offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offer {
+    /// Take it: the node holds none, or an older version of the same epoch, or a bundle of
+    /// another epoch (the gateway's state was rebuilt: its word resets the node).
+    Apply,
+    /// The node holds exactly this bundle already.
+    Held,
+    /// The node holds a newer version of the same epoch: keep it, say which.
+    Older,
+}
+
+/// Decides an offer against what the node holds. Versions compare only within an epoch, so a
+/// number alone never locks a node: a bundle of version 2^64-1 from elsewhere is replaced by the
+/// gateway's next bundle of its own epoch.
+pub fn judge_offer(
+    held: Option<&mesh_proto::control::BundleRef>,
+    offered: &mesh_proto::control::BundleRef,
+) -> Offer {
+    let Some(held) = held else {
+        return Offer::Apply;
+    };
+    if held.epoch != offered.epoch {
+        return Offer::Apply;
+    }
+    match offered.version.cmp(&held.version) {
+        std::cmp::Ordering::Greater => Offer::Apply,
+        std::cmp::Ordering::Equal if offered.hash == held.hash => Offer::Held,
+        // Same number, other content: the gateway's word wins.
+        std::cmp::Ordering::Equal => Offer::Apply,
+        std::cmp::Ordering::Less => Offer::Older,
+    }
+}
+
 fn effect(e: RawEffect) -> Effect {
     match e {
         RawEffect::Allow => Effect::Allow,
@@ -513,6 +557,40 @@ mod tests {
                 .starts_with("p.toml:2: defaults.colour: unknown field"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn offers_are_judged_by_epoch_then_version_then_hash() {
+        use mesh_proto::control::BundleRef;
+        let b = |epoch, version, h| BundleRef {
+            epoch,
+            version,
+            hash: [h; 32],
+        };
+        assert_eq!(judge_offer(None, &b(1, 1, 0)), Offer::Apply);
+        assert_eq!(judge_offer(Some(&b(1, 2, 0)), &b(1, 3, 1)), Offer::Apply);
+        assert_eq!(judge_offer(Some(&b(1, 2, 0)), &b(1, 2, 0)), Offer::Held);
+        assert_eq!(judge_offer(Some(&b(1, 2, 0)), &b(1, 2, 9)), Offer::Apply);
+        assert_eq!(judge_offer(Some(&b(1, 5, 0)), &b(1, 4, 1)), Offer::Older);
+        // A rogue's huge version in another epoch never locks the node out of its gateway's.
+        assert_eq!(
+            judge_offer(Some(&b(66, u64::MAX, 0)), &b(1, 1, 1)),
+            Offer::Apply
+        );
+    }
+
+    #[test]
+    fn a_rate_that_is_not_a_number_is_refused() {
+        for bad in ["nan", "inf", "-1.0", "0.0"] {
+            let src =
+                format!("[[rate_limits]]\nname = \"r\"\nservice = \"*\"\nper_second = {bad}\n");
+            let e = Policy::parse(&src, "p.toml").expect_err(bad);
+            assert!(
+                e.to_string()
+                    .starts_with("p.toml:4: rate_limits[0].per_second: must be a number"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -1,10 +1,15 @@
 //! A node's telemetry, sans-I/O: calls counted per (service, method, caller, callee, status) with
 //! latency histograms, cut into numbered batches, kept until the gateway acknowledges them.
 //!
-//! While the gateway is away, batches wait in a backlog bounded by `max_backlog`; past the bound
-//! the oldest batch is dropped and counted, and every later batch carries the count, so a gap is
-//! reported, never hidden. After a reconnect every unacknowledged batch is sent again; the gateway
-//! ignores sequence numbers it has already stored.
+//! While the gateway is away, batches wait in a backlog bounded in batches and in bytes: past the
+//! byte bound the sampled spans of the oldest batches go first (counted), then whole batches
+//! (counted); every later batch carries the counts, so a gap is reported, never hidden. After a
+//! reconnect every unacknowledged batch is sent again; the gateway ignores sequence numbers it has
+//! already stored.
+//!
+//! The (service, method) pairs a node counts are bounded too: past [`Bounds::max_series`] a new
+//! method is counted as `_other`, and the folding is counted, so a caller that invents method
+//! names cannot grow the node's memory or the gateway's series without bound.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
@@ -38,35 +43,89 @@ struct Acc {
     buckets: Vec<u64>,
 }
 
+/// The method name calls are counted under once a node's series bound is reached.
+pub const OTHER_METHOD: &str = "_other";
+
+/// How much telemetry a node keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// Unacknowledged batches kept.
+    pub max_batches: usize,
+    /// Bytes (encoded) of unacknowledged batches kept.
+    pub max_bytes: usize,
+    /// Distinct (service, method) pairs counted; more are folded into `_other`.
+    pub max_series: usize,
+    /// Spans or audit events kept per batch.
+    pub max_items: usize,
+}
+
+impl Default for Bounds {
+    fn default() -> Self {
+        Bounds {
+            max_batches: 720,
+            max_bytes: 1024 * 1024,
+            max_series: 512,
+            max_items: 1000,
+        }
+    }
+}
+
 /// Counters since the last batch, and the batches not yet acknowledged.
 #[derive(Debug, Clone)]
 pub struct Telemetry {
     counters: std::collections::HashMap<u64, Vec<(Key, Acc)>>,
     spans: Vec<Span>,
     audit: Vec<AuditEvent>,
-    backlog: VecDeque<TelemetryBatch>,
-    max_backlog: usize,
+    /// The batches waiting for an ack, each with its encoded size.
+    backlog: VecDeque<(TelemetryBatch, usize)>,
+    backlog_bytes: usize,
+    bounds: Bounds,
     next_seq: u64,
     dropped: u64,
-    max_items: usize,
     lost_items: u64,
+    keep_spans: bool,
+    series: std::collections::HashSet<u64>,
+    folded: u64,
     rules: BTreeMap<String, BTreeMap<&'static str, u64>>,
 }
 
 impl Telemetry {
-    /// Telemetry keeping at most `max_backlog` unacknowledged batches.
+    /// Telemetry keeping at most `max_backlog` unacknowledged batches (other bounds default).
     pub fn new(max_backlog: usize) -> Self {
+        Self::with_bounds(Bounds {
+            max_batches: max_backlog,
+            ..Bounds::default()
+        })
+    }
+
+    /// Telemetry within `bounds`.
+    pub fn with_bounds(bounds: Bounds) -> Self {
         Telemetry {
             counters: std::collections::HashMap::new(),
             spans: Vec::new(),
             audit: Vec::new(),
             backlog: VecDeque::new(),
-            max_backlog: max_backlog.max(1),
+            backlog_bytes: 0,
+            bounds: Bounds {
+                max_batches: bounds.max_batches.max(1),
+                max_series: bounds.max_series.max(1),
+                ..bounds
+            },
             next_seq: 1,
             dropped: 0,
-            max_items: 1000,
             lost_items: 0,
+            keep_spans: true,
+            series: std::collections::HashSet::new(),
+            folded: 0,
             rules: BTreeMap::new(),
+        }
+    }
+
+    /// Whether sampled spans are kept at all (not when no gateway could ever take them).
+    pub fn keep_spans(&mut self, keep: bool) {
+        self.keep_spans = keep;
+        if !keep {
+            self.spans = Vec::new();
         }
     }
 
@@ -80,6 +139,7 @@ impl Telemetry {
         status: Status,
         latency: Duration,
     ) {
+        let method = self.bounded_method(service, method);
         let slot = self
             .counters
             .entry(key_hash(service, method, caller, callee, status))
@@ -117,6 +177,25 @@ impl Telemetry {
         acc.buckets[bucket] += 1;
     }
 
+    /// `method`, or `_other` once the series bound is reached for a pair not seen before. Pairs
+    /// are remembered by a hash, so counting allocates nothing.
+    fn bounded_method<'m>(&mut self, service: &str, method: &'m str) -> &'m str {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in service.bytes().chain([0xff]).chain(method.bytes()) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        if self.series.contains(&h) {
+            return method;
+        }
+        if self.series.len() < self.bounds.max_series {
+            self.series.insert(h);
+            return method;
+        }
+        self.folded += 1;
+        OTHER_METHOD
+    }
+
     /// Counts one decision of a policy rule (`allowed`, `denied`, `retried`, ...).
     pub fn record_rule(&mut self, rule: &str, action: &'static str) {
         match self.rules.get_mut(rule) {
@@ -128,18 +207,23 @@ impl Telemetry {
         }
     }
 
-    /// Keeps a sampled span for the next batch (at most 1000 a batch; more are counted as lost).
+    /// Keeps a sampled span for the next batch (at most `max_items` a batch; more are counted as
+    /// lost).
     pub fn record_span(&mut self, span: Span) {
-        if self.spans.len() < self.max_items {
+        if !self.keep_spans {
+            return;
+        }
+        if self.spans.len() < self.bounds.max_items {
             self.spans.push(span);
         } else {
             self.lost_items += 1;
         }
     }
 
-    /// Keeps an audit event for the next batch (at most 1000 a batch; more are counted as lost).
+    /// Keeps an audit event for the next batch (at most `max_items` a batch; more are counted as
+    /// lost).
     pub fn record_audit(&mut self, event: AuditEvent) {
-        if self.audit.len() < self.max_items {
+        if self.audit.len() < self.bounds.max_items {
             self.audit.push(event);
         } else {
             self.lost_items += 1;
@@ -168,13 +252,12 @@ impl Telemetry {
                 },
             )
             .collect();
-        if self.backlog.len() == self.max_backlog {
-            self.backlog.pop_front();
-            self.dropped += 1;
+        if self.backlog.len() == self.bounds.max_batches {
+            self.drop_oldest();
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.backlog.push_back(TelemetryBatch {
+        let batch = TelemetryBatch {
             seq,
             dropped: self.dropped,
             calls,
@@ -191,20 +274,91 @@ impl Telemetry {
                     })
                 })
                 .collect(),
-        });
+            folded: self.folded,
+            lost_items: self.lost_items,
+        };
+        let size = encoded_size(&batch);
+        self.backlog_bytes += size;
+        self.backlog.push_back((batch, size));
+        self.enforce_byte_bound();
         seq
+    }
+
+    /// Past the byte bound: spans go first (oldest batches first), then whole batches, oldest
+    /// first; the newest batch is never dropped, and always carries the counts of what went.
+    fn enforce_byte_bound(&mut self) {
+        loop {
+            self.sync_newest();
+            if self.backlog_bytes <= self.bounds.max_bytes {
+                return;
+            }
+            let with_spans = self.backlog.iter().position(|(b, _)| !b.spans.is_empty());
+            match with_spans {
+                Some(i) => self.strip_spans(i),
+                None if self.backlog.len() > 1 => self.drop_oldest(),
+                None => return,
+            }
+        }
+    }
+
+    fn strip_spans(&mut self, i: usize) {
+        let Some((batch, size)) = self.backlog.get_mut(i) else {
+            return;
+        };
+        self.lost_items += batch.spans.len() as u64;
+        batch.spans = Vec::new();
+        let smaller = encoded_size(batch);
+        self.backlog_bytes = self.backlog_bytes - *size + smaller;
+        *size = smaller;
+    }
+
+    /// The newest batch says what was lost so far.
+    fn sync_newest(&mut self) {
+        let (dropped, lost) = (self.dropped, self.lost_items);
+        if let Some((last, size)) = self.backlog.back_mut()
+            && (last.dropped != dropped || last.lost_items != lost)
+        {
+            last.dropped = dropped;
+            last.lost_items = lost;
+            let resized = encoded_size(last);
+            self.backlog_bytes = self.backlog_bytes - *size + resized;
+            *size = resized;
+        }
+    }
+
+    fn drop_oldest(&mut self) {
+        if let Some((_, size)) = self.backlog.pop_front() {
+            self.backlog_bytes -= size;
+            self.dropped += 1;
+        }
     }
 
     /// Batches not yet acknowledged, oldest first.
     pub fn pending(&self) -> impl Iterator<Item = &TelemetryBatch> {
-        self.backlog.iter()
+        self.backlog.iter().map(|(b, _)| b)
+    }
+
+    /// The encoded size of the batches not yet acknowledged.
+    pub fn pending_bytes(&self) -> usize {
+        self.backlog_bytes
     }
 
     /// The gateway stored every batch up to `seq`.
     pub fn ack(&mut self, seq: u64) {
-        while self.backlog.front().is_some_and(|b| b.seq <= seq) {
-            self.backlog.pop_front();
+        while self.backlog.front().is_some_and(|(b, _)| b.seq <= seq) {
+            self.drop_acked();
         }
+    }
+
+    fn drop_acked(&mut self) {
+        if let Some((_, size)) = self.backlog.pop_front() {
+            self.backlog_bytes -= size;
+        }
+    }
+
+    /// Calls counted under `_other` since start.
+    pub fn folded(&self) -> u64 {
+        self.folded
     }
 
     /// The number the next batch will carry.
@@ -221,6 +375,11 @@ impl Telemetry {
     pub fn lost_items(&self) -> u64 {
         self.lost_items
     }
+}
+
+/// The size of `batch` on the wire.
+fn encoded_size(batch: &TelemetryBatch) -> usize {
+    postcard::experimental::serialized_size(batch).unwrap_or(usize::MAX / 4)
 }
 
 #[cfg(test)]
@@ -282,6 +441,94 @@ mod tests {
         assert_eq!(t.pending().map(|b| b.seq).collect::<Vec<_>>(), [3]);
         assert_eq!(t.next_seq(), 4);
         assert!(t.pending().all(|b| b.calls.is_empty()), "counts are deltas");
+    }
+
+    fn span(i: u64) -> Span {
+        Span {
+            trace_id: [1; 16],
+            span_id: i.to_le_bytes(),
+            parent_span_id: None,
+            client: true,
+            node: "a".into(),
+            service: "s".into(),
+            method: "m".into(),
+            start_unix_us: i,
+            duration_us: 1,
+            status: Status::Ok,
+        }
+    }
+
+    #[test]
+    fn the_backlog_is_bounded_in_bytes_spans_first_then_batches_all_counted() {
+        let mut t = Telemetry::with_bounds(Bounds {
+            max_batches: 10_000,
+            max_bytes: 20_000,
+            max_series: 10,
+            max_items: 1000,
+        });
+        // An hour of a busy node with no gateway: 100 spans and a call a batch.
+        for i in 0..720 {
+            t.record_call("s", "m", "a", "b", Status::Ok, ms(1));
+            for j in 0..100 {
+                t.record_span(span(i * 100 + j));
+            }
+            t.cut(Resources::default());
+            assert!(t.pending_bytes() <= 20_000, "{} bytes", t.pending_bytes());
+        }
+        let last = t.pending().last().expect("newest");
+        assert!(last.lost_items > 0, "the dropped spans were not counted");
+        assert!(t.dropped() > 0, "batches had to go too");
+        assert_eq!(last.dropped, t.dropped());
+        // Spans went before counters: every kept batch has its calls and no spans.
+        let kept: Vec<&TelemetryBatch> = t.pending().collect();
+        assert!(kept.len() > 1);
+        assert!(
+            kept.iter()
+                .all(|b| b.spans.is_empty() && b.calls.len() == 1)
+        );
+        // Every call is accounted for: counted in a kept batch, or in a dropped one.
+        let counted: u64 = kept.iter().flat_map(|b| &b.calls).map(|c| c.count).sum();
+        assert_eq!(counted + t.dropped(), 720);
+    }
+
+    #[test]
+    fn methods_past_the_series_bound_fold_into_other_and_are_counted() {
+        let mut t = Telemetry::with_bounds(Bounds {
+            max_series: 3,
+            ..Bounds::default()
+        });
+        for i in 0..3000 {
+            t.record_call("s", &format!("m{i}"), "a", "b", Status::Ok, ms(1));
+        }
+        t.record_call("s", "m0", "a", "b", Status::Ok, ms(1));
+        t.cut(Resources::default());
+        let batch = t.pending().next().expect("batch");
+        assert_eq!(batch.calls.len(), 4, "three methods and _other");
+        let other = batch
+            .calls
+            .iter()
+            .find(|c| c.method == OTHER_METHOD)
+            .expect("_other");
+        assert_eq!(other.count, 2997);
+        assert_eq!(batch.folded, 2997);
+        assert_eq!(
+            batch
+                .calls
+                .iter()
+                .find(|c| c.method == "m0")
+                .map(|c| c.count),
+            Some(2)
+        );
+    }
+
+    #[test]
+    fn no_spans_are_kept_when_no_gateway_could_take_them() {
+        let mut t = Telemetry::new(10);
+        t.keep_spans(false);
+        t.record_span(span(1));
+        t.cut(Resources::default());
+        assert!(t.pending().all(|b| b.spans.is_empty()));
+        assert_eq!(t.pending().last().map(|b| b.lost_items), Some(0));
     }
 
     #[test]

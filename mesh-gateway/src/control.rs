@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use mesh_core::SpiffeId;
 use mesh_node::ReservedService;
 use mesh_node::wire::FrameReader;
-use mesh_proto::control::{Down, MAX_CONTROL_FRAME, Up};
+use mesh_proto::control::{BundleRef, Down, MAX_CONTROL_FRAME, Up};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -95,7 +95,19 @@ impl ControlPlane {
         };
         self.registry()
             .handle_hello(&name, &caller.to_string(), &hello, Instant::now());
+        self.metrics()
+            .handle_hello(&name, hello.boot_id, hello.lost_at_restart);
         self.registry_changed.send_modify(|v| *v += 1);
+        if hello.policy_damaged {
+            warn!(
+                "node {name} found its saved policy damaged and refuses every call until it gets a good bundle"
+            );
+            self.audit.record(
+                &name,
+                "policy_damaged",
+                vec![("reported_by".into(), name.clone())],
+            );
+        }
         info!(
             "node {name} joined the control plane (policy version {})",
             hello.policy_version
@@ -106,7 +118,8 @@ impl ControlPlane {
         let mut registry_rx = self.registry_changed.subscribe();
         let mut registry_dirty = true;
         let mut registry_tick = tokio::time::interval(REGISTRY_PUSH_EVERY);
-        let mut sent_version = hello.policy_version;
+        // What the node holds: a bundle is sent when it is not that one.
+        let mut sent = hello.policy;
         let result: Result<(), String> = async {
             loop {
                 tokio::select! {
@@ -117,10 +130,18 @@ impl ControlPlane {
                     }
                     r = policy_rx.changed() => {
                         r.map_err(|e| e.to_string())?;
-                        let (version, toml) = policy_rx.borrow_and_update().clone();
-                        if version > sent_version {
-                            sent_version = version;
-                            write_down(&mut send, &Down::Policy { version, toml: toml.to_string() }).await?;
+                        let bundle = policy_rx.borrow_and_update().clone();
+                        if let Some(b) = bundle
+                            && sent != Some(b.id)
+                        {
+                            sent = Some(b.id);
+                            let down = Down::Policy {
+                                version: b.id.version,
+                                toml: b.toml.to_string(),
+                                epoch: b.id.epoch,
+                                hash: b.id.hash,
+                            };
+                            write_down(&mut send, &down).await?;
                         }
                     }
                     r = registry_rx.changed() => {
@@ -165,14 +186,33 @@ impl ControlPlane {
         self.registry().handle_seen(name, Instant::now());
         match up {
             Up::Hello(_) | Up::Heartbeat => None,
-            Up::PolicyAck { version } => {
-                self.registry().handle_policy_answer(name, version, Ok(()));
+            Up::PolicyAck {
+                version,
+                epoch,
+                hash,
+            } => {
+                let bundle = BundleRef {
+                    epoch,
+                    version,
+                    hash,
+                };
+                self.registry().handle_policy_answer(name, bundle, Ok(()));
                 None
             }
-            Up::PolicyNack { version, reason } => {
+            Up::PolicyNack {
+                version,
+                reason,
+                epoch,
+                hash,
+            } => {
                 warn!("node {name} refused policy version {version}: {reason}");
+                let bundle = BundleRef {
+                    epoch,
+                    version,
+                    hash,
+                };
                 self.registry()
-                    .handle_policy_answer(name, version, Err(reason));
+                    .handle_policy_answer(name, bundle, Err(reason));
                 None
             }
             Up::Telemetry(batch) => {

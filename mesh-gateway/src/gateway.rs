@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use mesh_node::state::PolicyStore;
 use mesh_node::{Identity, Node, NodeOptions, StartError};
 use tracing::info;
 
@@ -64,7 +63,7 @@ impl Gateway {
             None => None,
         };
         let policies = Arc::new(Policies::load(
-            PolicyStore::new(&config.node.state_dir.join("gateway")),
+            &config.node.state_dir.join("gateway"),
             policy_file,
             audit.clone(),
         )?);
@@ -101,9 +100,11 @@ impl Gateway {
             })?;
         info!("admin API and /metrics on http://{admin}");
         node.record_address("admin", admin);
-        let version = policies.current().0;
-        if version > 0 {
-            info!("serving policy version {version}");
+        if let Some(b) = policies.current() {
+            info!(
+                "serving policy version {} (epoch {})",
+                b.id.version, b.id.epoch
+            );
         }
         {
             let plane = plane.clone();
@@ -129,7 +130,7 @@ impl Gateway {
 
     /// The current policy version (0: none).
     pub fn policy_version(&self) -> u64 {
-        self.plane.policies.current().0
+        self.plane.policies.version()
     }
 
     /// Total calls the gateway has counted.
@@ -144,7 +145,10 @@ impl Gateway {
         toml: &str,
         source: &str,
     ) -> Result<u64, mesh_core::source::ConfigError> {
-        self.plane.policies.set(toml, source).await
+        self.plane
+            .policies
+            .set(toml, source, crate::policy::Origin::Api)
+            .await
     }
 
     /// Stops serving.

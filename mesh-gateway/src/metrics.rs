@@ -1,13 +1,20 @@
 //! Telemetry aggregated from every node, rendered as Prometheus text on `/metrics`.
 //!
 //! Counts are the callers' (every call is counted once, by the node that made it). Batches carry
-//! sequence numbers: one already stored is acknowledged again and ignored, so a node that resends
-//! its backlog after a reconnect is never counted twice.
+//! sequence numbers within one incarnation of a node (its boot id): one already stored is
+//! acknowledged again and ignored, so a node that resends its backlog after a reconnect is never
+//! counted twice, and a restarted node's numbers start afresh instead of being taken for resends.
+//! What a node lost (its backlog overflowed, a previous incarnation died with batches unsent) is a
+//! counted gap.
+//!
+//! Series are bounded per node ([`MAX_SERIES_PER_NODE`] (service, method) pairs): a node that
+//! reports more (a caller inventing method names) has the rest folded into `method="_other"`, and
+//! the folding is counted.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use mesh_proto::control::{LATENCY_BUCKETS_US, Resources, TelemetryBatch};
+use mesh_proto::control::{BundleRef, LATENCY_BUCKETS_US, Resources, TelemetryBatch};
 
 use crate::registry::Registry;
 
@@ -20,10 +27,25 @@ struct Acc {
     buckets: Vec<u64>,
 }
 
+/// (service, method) pairs kept per node; more are folded into `_other`.
+pub const MAX_SERIES_PER_NODE: usize = 1024;
+
 #[derive(Debug, Clone, Default)]
 struct PerNode {
+    /// The incarnation batches are counted for now.
+    boot_id: u64,
     last_seq: u64,
-    gap: u64,
+    /// Batches lost by incarnations before this one.
+    gap_before: u64,
+    /// Batches this incarnation dropped (its backlog overflowed).
+    gap_now: u64,
+    /// Calls the node folded into `_other`, as it last reported.
+    folded_by_node: u64,
+    /// Calls the gateway folded into `_other`.
+    folded_here: u64,
+    /// Spans and audit events the node lost, as it last reported.
+    lost_items: u64,
+    series: std::collections::BTreeSet<(String, String)>,
     resources: Resources,
 }
 
@@ -41,6 +63,20 @@ impl Metrics {
         Self::default()
     }
 
+    /// A node's control stream opened: incarnation `boot_id`, which says its previous one lost
+    /// `lost_at_restart` batches.
+    pub fn handle_hello(&mut self, node: &str, boot_id: u64, lost_at_restart: u64) {
+        let per = self.nodes.entry(node.to_owned()).or_default();
+        if per.boot_id == boot_id {
+            return;
+        }
+        // A new incarnation: its numbers start afresh; what the last one lost stays counted.
+        per.gap_before += per.gap_now + lost_at_restart;
+        per.gap_now = 0;
+        per.boot_id = boot_id;
+        per.last_seq = 0;
+    }
+
     /// Adds `batch` from `node`; false if it was already stored (a resend).
     pub fn handle_batch(&mut self, node: &str, batch: &TelemetryBatch) -> bool {
         let per = self.nodes.entry(node.to_owned()).or_default();
@@ -48,7 +84,9 @@ impl Metrics {
             return false;
         }
         per.last_seq = batch.seq;
-        per.gap = per.gap.max(batch.dropped);
+        per.gap_now = per.gap_now.max(batch.dropped);
+        per.folded_by_node = per.folded_by_node.max(batch.folded);
+        per.lost_items = per.lost_items.max(batch.lost_items);
         per.resources = batch.resources;
         for r in &batch.rules {
             *self
@@ -57,9 +95,19 @@ impl Metrics {
                 .or_default() += r.count;
         }
         for c in &batch.calls {
+            let pair = (c.service.clone(), c.method.clone());
+            let method = if per.series.contains(&pair) {
+                c.method.clone()
+            } else if per.series.len() < MAX_SERIES_PER_NODE {
+                per.series.insert(pair);
+                c.method.clone()
+            } else {
+                per.folded_here += c.count;
+                mesh_core::telemetry::OTHER_METHOD.to_owned()
+            };
             let key = (
                 c.service.clone(),
-                c.method.clone(),
+                method,
                 c.caller.clone(),
                 c.callee.clone(),
                 c.status.as_str().to_owned(),
@@ -82,13 +130,14 @@ impl Metrics {
         self.calls.values().map(|a| a.count).sum()
     }
 
-    /// Telemetry batches `node` dropped.
+    /// Telemetry batches `node` lost, over all its incarnations.
     pub fn gap(&self, node: &str) -> u64 {
-        self.nodes.get(node).map_or(0, |n| n.gap)
+        self.nodes.get(node).map_or(0, |n| n.gap_before + n.gap_now)
     }
 
     /// Prometheus text exposition (version 0.0.4).
-    pub fn render(&self, registry: &Registry, latest_policy: u64) -> String {
+    pub fn render(&self, registry: &Registry, latest: Option<&BundleRef>) -> String {
+        let latest_policy = latest.map_or(0, |b| b.version);
         let mut out = String::with_capacity(4096);
         let _ = writeln!(
             out,
@@ -181,6 +230,49 @@ impl Metrics {
         let _ = writeln!(out, "starling_policy_latest_version {latest_policy}");
         gauge(
             &mut out,
+            "starling_policy_current",
+            "gauge",
+            "1 when a node holds exactly the gateway's bundle (same epoch and hash).",
+        );
+        for n in registry.nodes() {
+            let current = latest.is_some_and(|l| n.policy.as_ref() == Some(l));
+            let _ = writeln!(
+                out,
+                "starling_policy_current{{node=\"{}\"}} {}",
+                esc(&n.name),
+                u8::from(current)
+            );
+        }
+        gauge(
+            &mut out,
+            "starling_policy_error",
+            "gauge",
+            "1 when a node refused the latest bundle, or applied it without saving it (see /v1/policy/status).",
+        );
+        for n in registry.nodes() {
+            let _ = writeln!(
+                out,
+                "starling_policy_error{{node=\"{}\"}} {}",
+                esc(&n.name),
+                u8::from(n.policy_error.is_some())
+            );
+        }
+        gauge(
+            &mut out,
+            "starling_policy_damaged",
+            "gauge",
+            "1 when a node found its saved bundle damaged and refuses every call until it gets a good one.",
+        );
+        for n in registry.nodes() {
+            let _ = writeln!(
+                out,
+                "starling_policy_damaged{{node=\"{}\"}} {}",
+                esc(&n.name),
+                u8::from(n.policy_damaged)
+            );
+        }
+        gauge(
+            &mut out,
             "starling_node_resident_memory_bytes",
             "gauge",
             "Resident memory of a node.",
@@ -240,14 +332,42 @@ impl Metrics {
             &mut out,
             "starling_telemetry_gap_total",
             "counter",
-            "Telemetry batches a node dropped while the gateway was away (its backlog was full).",
+            "Telemetry batches a node lost: its backlog was full while the gateway was away, or it died with batches unsent.",
         );
         for (node, p) in &self.nodes {
             let _ = writeln!(
                 out,
                 "starling_telemetry_gap_total{{node=\"{}\"}} {}",
                 esc(node),
-                p.gap
+                p.gap_before + p.gap_now
+            );
+        }
+        gauge(
+            &mut out,
+            "starling_telemetry_folded_total",
+            "counter",
+            "Calls counted as method \"_other\" because a node's series bound was reached.",
+        );
+        for (node, p) in &self.nodes {
+            let _ = writeln!(
+                out,
+                "starling_telemetry_folded_total{{node=\"{}\"}} {}",
+                esc(node),
+                p.folded_by_node + p.folded_here
+            );
+        }
+        gauge(
+            &mut out,
+            "starling_telemetry_lost_items_total",
+            "counter",
+            "Sampled spans and audit events a node dropped (a batch was full, or its backlog reached its byte bound).",
+        );
+        for (node, p) in &self.nodes {
+            let _ = writeln!(
+                out,
+                "starling_telemetry_lost_items_total{{node=\"{}\"}} {}",
+                esc(node),
+                p.lost_items
             );
         }
         out
@@ -298,7 +418,52 @@ mod tests {
             spans: vec![],
             audit: vec![],
             rules: vec![],
+            folded: 0,
+            lost_items: 0,
         }
+    }
+
+    #[test]
+    fn a_restarted_node_is_counted_afresh_and_its_losses_are_a_gap() {
+        let mut m = Metrics::new();
+        m.handle_hello("a", 11, 0);
+        assert!(m.handle_batch("a", &batch(1, 5)));
+        assert!(m.handle_batch("a", &batch(2, 5)));
+        // The node restarts: its numbers start at 1 again, and its previous life lost 2 batches.
+        m.handle_hello("a", 22, 2);
+        assert!(m.handle_batch("a", &batch(1, 40)), "taken for a resend");
+        assert_eq!(m.total_calls(), 50);
+        assert_eq!(m.gap("a"), 2);
+        // A reconnect of the same incarnation still deduplicates.
+        m.handle_hello("a", 22, 0);
+        assert!(!m.handle_batch("a", &batch(1, 40)));
+        assert_eq!(m.gap("a"), 2);
+    }
+
+    #[test]
+    fn series_past_the_bound_fold_into_other() {
+        let mut m = Metrics::new();
+        let mut b = batch(1, 1);
+        b.calls = (0..MAX_SERIES_PER_NODE + 10)
+            .map(|i| CallStats {
+                method: format!("m{i}"),
+                ..b.calls[0].clone()
+            })
+            .collect();
+        m.handle_batch("a", &b);
+        let reg = Registry::new(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(2),
+        );
+        let text = m.render(&reg, None);
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with("starling_requests_total{"))
+                .count(),
+            MAX_SERIES_PER_NODE + 1
+        );
+        assert!(text.contains("method=\"_other\""), "{text}");
+        assert!(text.contains("starling_telemetry_folded_total{node=\"a\"} 10\n"));
     }
 
     #[test]
@@ -319,7 +484,12 @@ mod tests {
             std::time::Duration::from_secs(1),
             std::time::Duration::from_secs(2),
         );
-        let text = m.render(&reg, 7);
+        let latest = BundleRef {
+            epoch: 1,
+            version: 7,
+            hash: [0; 32],
+        };
+        let text = m.render(&reg, Some(&latest));
         let labels = "service=\"echo\",method=\"say\",caller=\"a\",callee=\"b\",status=\"ok\"";
         assert!(
             text.contains(&format!("starling_requests_total{{{labels}}} 4\n")),

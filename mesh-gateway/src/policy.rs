@@ -1,98 +1,254 @@
-//! The policy bundle the gateway serves: validated, versioned, kept in its state folder, pushed to
-//! every node by the control sessions (which watch it). It changes by file reload or by the API.
+//! The policy bundle the gateway serves: validated, identified by the gateway's epoch, a version
+//! and the SHA-256 of its text, kept in the state folder, pushed to every node by the control
+//! sessions (which watch it).
+//!
+//! One source of truth: the last accepted bundle, in the state folder. The policy file is read at
+//! start and whenever it changes; a changed file becomes the next version. A bundle `PUT` over the
+//! API stays in force across restarts until the file changes again or another `PUT` replaces it;
+//! replacing one is always logged and audited, never silent.
+//!
+//! The epoch is a random number made with the state: a gateway whose state is lost or damaged
+//! starts a new epoch, and its nodes take its bundles as a reset instead of comparing versions
+//! from two different histories.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_core::policy::Policy;
 use mesh_core::source::ConfigError;
-use mesh_node::state::PolicyStore;
+use mesh_node::state::{PolicyStore, SavedBundle, bundle_hash, write_atomic};
+use mesh_proto::control::{BundleRef, MAX_CONTROL_FRAME};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::audit::AuditLog;
 
-/// The current bundle, `(version, TOML)`; version 0 means none.
-pub(crate) type Bundle = (u64, Arc<String>);
+/// Largest bundle the gateway accepts: well under a control frame, so every node can take it.
+pub const MAX_BUNDLE_BYTES: usize = 512 * 1024;
+
+/// Where the bundle in force came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// The policy file.
+    File,
+    /// `PUT /v1/policy`.
+    Api,
+}
+
+/// The bundle in force.
+#[derive(Debug, Clone)]
+pub(crate) struct Bundle {
+    pub(crate) id: BundleRef,
+    pub(crate) toml: Arc<String>,
+}
+
+/// What a dry run would do.
+#[derive(Debug, Clone)]
+pub(crate) struct DryRun {
+    /// The version the bundle would get (the current one if it is unchanged).
+    pub(crate) version: u64,
+    /// Whether it differs from the bundle in force.
+    pub(crate) changed: bool,
+    /// Lines the bundle adds, and removes, against the one in force.
+    pub(crate) added: Vec<String>,
+    pub(crate) removed: Vec<String>,
+}
 
 /// The gateway's policy versions.
 pub(crate) struct Policies {
-    current: watch::Sender<Bundle>,
+    current: watch::Sender<Option<Bundle>>,
     store: PolicyStore,
+    epoch: u64,
     audit: Arc<AuditLog>,
     /// One change at a time, saved in version order.
     changing: tokio::sync::Mutex<()>,
 }
 
 impl Policies {
-    /// Loads the last bundle from `store`, and makes the policy file's content the next version
-    /// if it differs.
+    /// Loads the bundle kept in `dir`, then the policy file's content (`file`, with its text) if
+    /// it changed since the gateway last read it.
     pub(crate) fn load(
-        store: PolicyStore,
-        file: Option<(&std::path::Path, String)>,
+        dir: &Path,
+        file: Option<(&Path, String)>,
         audit: Arc<AuditLog>,
     ) -> Result<Self, ConfigError> {
-        let (mut version, mut toml) = store.load().unwrap_or((0, String::new()));
+        let store = PolicyStore::new(dir);
+        let saved = match store.load() {
+            Ok(saved) => saved,
+            Err(damaged) => {
+                error!(
+                    "the gateway's saved policy is damaged ({damaged}): starting a new epoch; \
+                     nodes will take this gateway's next bundle as a reset"
+                );
+                audit.record(
+                    "gateway",
+                    "policy_state_damaged",
+                    vec![("reason".into(), damaged.to_string())],
+                );
+                None
+            }
+        };
+        let epoch = saved.as_ref().map_or_else(new_epoch, |s| s.id.epoch);
+        let mut current = saved.map(|s| Bundle {
+            id: s.id,
+            toml: Arc::new(s.toml),
+        });
+        let marker = dir.join("policy-file.sha256");
         if let Some((path, text)) = file {
-            Policy::parse(&text, &path.display().to_string())?;
-            if text != toml || version == 0 {
-                version += 1;
-                toml = text;
-                save(&store, version, &toml);
+            check_bundle(&text, &path.display().to_string())?;
+            let file_hash = mesh_node::state::hex(&bundle_hash(&text));
+            let seen = std::fs::read_to_string(&marker).ok();
+            let unchanged = seen.as_deref().map(str::trim) == Some(file_hash.as_str());
+            let same_text = current.as_ref().is_some_and(|c| *c.toml == text);
+            if !unchanged && !same_text {
+                let version = current.as_ref().map_or(0, |c| c.id.version) + 1;
+                if let Some(c) = &current {
+                    warn!(
+                        "the policy file {} changed since the gateway last read it: it replaces \
+                         version {} as version {version}",
+                        path.display(),
+                        c.id.version
+                    );
+                }
+                let bundle = Bundle {
+                    id: BundleRef {
+                        epoch,
+                        version,
+                        hash: bundle_hash(&text),
+                    },
+                    toml: Arc::new(text),
+                };
+                save(&store, &bundle).map_err(|e| {
+                    ConfigError::unplaced(&store.path().display().to_string(), "state_dir", e)
+                })?;
+                audit.record(
+                    "gateway",
+                    "policy_accepted",
+                    vec![
+                        ("version".into(), version.to_string()),
+                        ("source".into(), "file".into()),
+                    ],
+                );
+                current = Some(bundle);
+            } else if unchanged
+                && let Some(c) = &current
+                && !same_text
+            {
+                info!(
+                    "serving policy version {} (set over the API; the policy file is unchanged \
+                     since it was last read, so it does not replace it)",
+                    c.id.version
+                );
+            }
+            if !unchanged {
+                write_atomic(&marker, file_hash.as_bytes(), 0o600).map_err(|e| {
+                    ConfigError::unplaced(&marker.display().to_string(), "state_dir", e)
+                })?;
             }
         }
         Ok(Policies {
-            current: watch::Sender::new((version, Arc::new(toml))),
+            current: watch::Sender::new(current),
             store,
+            epoch,
             audit,
             changing: tokio::sync::Mutex::new(()),
         })
     }
 
     /// The bundle now.
-    pub(crate) fn current(&self) -> Bundle {
+    pub(crate) fn current(&self) -> Option<Bundle> {
         self.current.borrow().clone()
     }
 
+    /// The version now (0: none).
+    pub(crate) fn version(&self) -> u64 {
+        self.current.borrow().as_ref().map_or(0, |b| b.id.version)
+    }
+
     /// Watches every change.
-    pub(crate) fn subscribe(&self) -> watch::Receiver<Bundle> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Option<Bundle>> {
         self.current.subscribe()
     }
 
-    /// Validates `toml` and, if it differs from the current bundle, makes it the next version.
-    /// `source` names it in errors. The copy on disk is written on the blocking pool.
-    pub(crate) async fn set(&self, toml: &str, source: &str) -> Result<u64, ConfigError> {
-        Policy::parse(toml, source)?;
+    /// What setting `toml` would do, without doing it.
+    pub(crate) fn dry_run(&self, toml: &str, source: &str) -> Result<DryRun, ConfigError> {
+        check_bundle(toml, source)?;
+        let current = self.current();
+        let old = current.as_ref().map_or("", |c| c.toml.as_str());
+        let changed = old != toml;
+        let version = current.as_ref().map_or(0, |c| c.id.version) + u64::from(changed);
+        let (added, removed) = line_diff(old, toml);
+        Ok(DryRun {
+            version,
+            changed,
+            added,
+            removed,
+        })
+    }
+
+    /// Validates `toml` and, if it differs from the bundle in force, makes it the next version.
+    /// `source` names it in errors. The copy in the state folder is written (on the blocking pool)
+    /// before the bundle is served: a change that cannot be kept is refused.
+    pub(crate) async fn set(
+        &self,
+        toml: &str,
+        source: &str,
+        origin: Origin,
+    ) -> Result<u64, ConfigError> {
+        check_bundle(toml, source)?;
         let _one_at_a_time = self.changing.lock().await;
-        let mut version = 0;
-        self.current.send_if_modified(|(v, current)| {
-            if current.as_str() == toml && *v > 0 {
-                version = *v;
-                return false;
-            }
-            *v += 1;
-            *current = Arc::new(toml.to_owned());
-            version = *v;
-            true
-        });
-        if let Err(e) = self.store.save_async(version, toml.to_owned()).await {
-            warn!(
-                "cannot save policy version {version} in {}: {e}",
-                self.store.dir().display()
-            );
+        let current = self.current();
+        if let Some(c) = &current
+            && *c.toml == toml
+        {
+            return Ok(c.id.version);
         }
+        let version = current.as_ref().map_or(0, |c| c.id.version) + 1;
+        let bundle = Bundle {
+            id: BundleRef {
+                epoch: self.epoch,
+                version,
+                hash: bundle_hash(toml),
+            },
+            toml: Arc::new(toml.to_owned()),
+        };
+        let store = self.store.clone();
+        let to_save = bundle.clone();
+        let saved = tokio::task::spawn_blocking(move || save(&store, &to_save))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
+        if let Err(e) = saved {
+            return Err(ConfigError::unplaced(
+                source,
+                "(bundle)",
+                format!(
+                    "the gateway cannot keep it in {}: {e}; the bundle in force stays",
+                    self.store.dir().display()
+                ),
+            ));
+        }
+        self.current.send_replace(Some(bundle));
+        let origin = match origin {
+            Origin::File => "file",
+            Origin::Api => "api",
+        };
         self.audit.record(
             "gateway",
             "policy_accepted",
-            vec![("version".into(), version.to_string())],
+            vec![
+                ("version".into(), version.to_string()),
+                ("source".into(), origin.into()),
+            ],
         );
         Ok(version)
     }
 
     /// Reloads the policy file when it changes (checked every second) until `stop` changes.
     pub(crate) async fn watch_file(&self, path: PathBuf, mut stop: watch::Receiver<bool>) {
-        let mut last = std::fs::read_to_string(&path).ok();
+        let mut last = tokio::fs::read_to_string(&path).await.ok();
+        let marker = self.store.dir().join("policy-file.sha256");
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
@@ -106,10 +262,21 @@ impl Policies {
                 continue;
             }
             last = Some(text.clone());
-            match self.set(&text, &path.display().to_string()).await {
-                Ok(v) => info!("policy file changed: version {v}"),
+            match self
+                .set(&text, &path.display().to_string(), Origin::File)
+                .await
+            {
+                Ok(v) => {
+                    info!("policy file changed: version {v}");
+                    let hash = mesh_node::state::hex(&bundle_hash(&text));
+                    let marker = marker.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        write_atomic(&marker, hash.as_bytes(), 0o600)
+                    })
+                    .await;
+                }
                 Err(e) => {
-                    warn!("policy file changed but is invalid, keeping the current bundle: {e}");
+                    warn!("policy file changed but is refused, keeping the current bundle: {e}");
                     self.audit.record(
                         "gateway",
                         "policy_rejected",
@@ -121,11 +288,147 @@ impl Policies {
     }
 }
 
-fn save(store: &PolicyStore, version: u64, toml: &str) {
-    if let Err(e) = store.save(version, toml) {
-        warn!(
-            "cannot save policy version {version} in {}: {e}",
-            store.dir().display()
-        );
+/// What a bundle must be before it is versioned: not empty, deliverable, valid.
+fn check_bundle(toml: &str, source: &str) -> Result<(), ConfigError> {
+    if toml.trim().is_empty() {
+        return Err(ConfigError::unplaced(
+            source,
+            "(bundle)",
+            "an empty bundle is refused (it would lift every rule); to allow every call, say so: \
+             [authorization] default = \"allow\"",
+        ));
+    }
+    if toml.len() > MAX_BUNDLE_BYTES {
+        return Err(ConfigError::unplaced(
+            source,
+            "(bundle)",
+            format!(
+                "the bundle is {} bytes; the bound is {MAX_BUNDLE_BYTES} bytes (a control frame \
+                 carries at most {MAX_CONTROL_FRAME})",
+                toml.len()
+            ),
+        ));
+    }
+    Policy::parse(toml, source).map(|_| ())
+}
+
+fn save(store: &PolicyStore, bundle: &Bundle) -> std::io::Result<()> {
+    store.save(&SavedBundle {
+        id: bundle.id,
+        toml: bundle.toml.to_string(),
+    })
+}
+
+/// A new epoch: 64 random bits.
+fn new_epoch() -> u64 {
+    let mut bytes = [0u8; 8];
+    let random = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes));
+    if random.is_err() {
+        // No /dev/urandom: the clock still separates one epoch from the next.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        bytes = now.to_le_bytes();
+    }
+    u64::from_le_bytes(bytes).max(1)
+}
+
+/// Lines of `new` not in `old`, and of `old` not in `new` (a summary, not a patch).
+fn line_diff(old: &str, new: &str) -> (Vec<String>, Vec<String>) {
+    let old_lines: Vec<&str> = old.lines().collect();
+    let new_lines: Vec<&str> = new.lines().collect();
+    let added = new_lines
+        .iter()
+        .filter(|l| !old_lines.contains(l))
+        .map(|l| (*l).to_owned())
+        .collect();
+    let removed = old_lines
+        .iter()
+        .filter(|l| !new_lines.contains(l))
+        .map(|l| (*l).to_owned())
+        .collect();
+    (added, removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn audit(dir: &Path) -> Arc<AuditLog> {
+        Arc::new(AuditLog::open(&dir.join("audit.jsonl")))
+    }
+
+    #[test]
+    fn empty_oversized_and_invalid_bundles_are_refused_with_the_reason() {
+        let e = check_bundle("  \n", "PUT /v1/policy").expect_err("empty");
+        assert!(e.to_string().contains("an empty bundle is refused"), "{e}");
+        let big = format!("# {}\n", "x".repeat(MAX_BUNDLE_BYTES));
+        let e = check_bundle(&big, "p.toml").expect_err("big");
+        assert!(e.to_string().contains("the bound is 524288 bytes"), "{e}");
+        assert!(check_bundle("[defaults]\ncolour = 1\n", "p").is_err());
+        assert!(check_bundle("[defaults]\ncall_timeout_ms = 5\n", "p").is_ok());
+    }
+
+    #[tokio::test]
+    async fn an_api_bundle_outlives_a_restart_while_the_file_is_unchanged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let file = dir.path().join("policy.toml");
+        let v1 = "[defaults]\ncall_timeout_ms = 100\n";
+        let p = Policies::load(&state, Some((&file, v1.into())), audit(dir.path())).expect("load");
+        assert_eq!(p.version(), 1);
+        let epoch = p.current().expect("bundle").id.epoch;
+        let api = "[defaults]\ncall_timeout_ms = 200\n";
+        assert_eq!(p.set(api, "PUT", Origin::Api).await, Ok(2));
+        drop(p);
+        // Restart with the same file: the API's bundle stays, same epoch.
+        let p = Policies::load(&state, Some((&file, v1.into())), audit(dir.path())).expect("load");
+        let b = p.current().expect("bundle");
+        assert_eq!((b.id.version, b.id.epoch, b.toml.as_str()), (2, epoch, api));
+        // The file changes: it becomes the next version.
+        let v3 = "[defaults]\ncall_timeout_ms = 300\n";
+        let p = Policies::load(&state, Some((&file, v3.into())), audit(dir.path())).expect("load");
+        let b = p.current().expect("bundle");
+        assert_eq!((b.id.version, b.toml.as_str()), (3, v3));
+    }
+
+    #[tokio::test]
+    async fn lost_state_starts_a_new_epoch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let text = "[defaults]\ncall_timeout_ms = 100\n";
+        let p = Policies::load(&state, None, audit(dir.path())).expect("load");
+        p.set(text, "PUT", Origin::Api).await.expect("set");
+        let first = p.current().expect("bundle").id;
+        drop(p);
+        std::fs::write(state.join("policy.toml"), b"garbage").expect("damage");
+        let p = Policies::load(&state, None, audit(dir.path())).expect("load");
+        assert!(p.current().is_none());
+        p.set(text, "PUT", Origin::Api).await.expect("set");
+        let second = p.current().expect("bundle").id;
+        assert_eq!(second.version, 1);
+        assert_ne!(second.epoch, first.epoch, "the same epoch, two histories");
+    }
+
+    #[test]
+    fn a_dry_run_shows_the_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = Policies::load(
+            &dir.path().join("state"),
+            Some((
+                &dir.path().join("p.toml"),
+                "[defaults]\ncall_timeout_ms = 100\n".into(),
+            )),
+            audit(dir.path()),
+        )
+        .expect("load");
+        let run = p
+            .dry_run("[defaults]\ncall_timeout_ms = 250\n", "PUT")
+            .expect("valid");
+        assert_eq!((run.version, run.changed), (2, true));
+        assert_eq!(run.added, ["call_timeout_ms = 250"]);
+        assert_eq!(run.removed, ["call_timeout_ms = 100"]);
+        assert_eq!(p.version(), 1, "a dry run changed the bundle");
     }
 }

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
 
-use mesh_proto::control::{NodeHello, RegistryEntry};
+use mesh_proto::control::{BundleRef, NodeHello, RegistryEntry};
 
 /// What the gateway knows of one node.
 #[derive(Debug, Clone)]
@@ -28,6 +28,10 @@ pub struct NodeRecord {
     pub addrs: Vec<String>,
     /// Policy version it acknowledged last (0: none).
     pub policy_version: u64,
+    /// The bundle it holds, as it said in its hello or its last ack.
+    pub policy: Option<BundleRef>,
+    /// It found its saved bundle damaged and refuses every call.
+    pub policy_damaged: bool,
     /// Why it refused the latest bundle, if it did.
     pub policy_error: Option<String>,
     /// Whether its control stream is open, or closed for less than `down_after`.
@@ -72,6 +76,8 @@ impl Registry {
                 services: hello.services.clone(),
                 addrs: hello.addrs.clone(),
                 policy_version: hello.policy_version,
+                policy: hello.policy,
+                policy_damaged: hello.policy_damaged,
                 policy_error: None,
                 up: true,
                 sessions: sessions + 1,
@@ -89,15 +95,24 @@ impl Registry {
         }
     }
 
-    /// `name` acknowledged (`Ok`) or refused (`Err`) policy `version`.
-    pub fn handle_policy_answer(&mut self, name: &str, version: u64, answer: Result<(), String>) {
+    /// `name` acknowledged (`Ok`) or refused (`Err`) bundle `bundle`.
+    pub fn handle_policy_answer(
+        &mut self,
+        name: &str,
+        bundle: BundleRef,
+        answer: Result<(), String>,
+    ) {
         if let Some(n) = self.nodes.get_mut(name) {
             match answer {
                 Ok(()) => {
-                    n.policy_version = version;
+                    n.policy_version = bundle.version;
+                    n.policy = Some(bundle);
                     n.policy_error = None;
+                    n.policy_damaged = false;
                 }
-                Err(reason) => n.policy_error = Some(format!("version {version}: {reason}")),
+                Err(reason) => {
+                    n.policy_error = Some(format!("version {}: {reason}", bundle.version))
+                }
             }
         }
     }
@@ -170,6 +185,10 @@ mod tests {
             addrs: vec!["198.18.0.2:7400".into()],
             policy_version: 0,
             next_seq: 1,
+            boot_id: 1,
+            lost_at_restart: 0,
+            policy: None,
+            policy_damaged: false,
         }
     }
 
@@ -195,8 +214,13 @@ mod tests {
     fn policy_answers_are_kept() {
         let mut r = Registry::new(Duration::from_secs(5), Duration::from_secs(60));
         r.handle_hello("a", "id", &hello(), Instant::now());
-        r.handle_policy_answer("a", 3, Ok(()));
-        r.handle_policy_answer("a", 4, Err("too old".into()));
+        let b = |version| BundleRef {
+            epoch: 1,
+            version,
+            hash: [version as u8; 32],
+        };
+        r.handle_policy_answer("a", b(3), Ok(()));
+        r.handle_policy_answer("a", b(4), Err("too old".into()));
         let n = r.get("a").expect("a");
         assert_eq!(n.policy_version, 3);
         assert_eq!(n.policy_error.as_deref(), Some("version 4: too old"));

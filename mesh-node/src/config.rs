@@ -80,6 +80,11 @@ pub struct TelemetrySettings {
     pub backlog: usize,
     /// Share of calls traced, 0.0 to 1.0.
     pub trace_sample: f64,
+    /// Bytes of unacknowledged batches kept; past this, spans go first, then the oldest batches
+    /// (all counted).
+    pub max_backlog_bytes: usize,
+    /// Distinct (service, method) pairs counted; calls to more are counted as method `_other`.
+    pub max_series: usize,
 }
 
 impl Default for TelemetrySettings {
@@ -88,6 +93,8 @@ impl Default for TelemetrySettings {
             interval: Duration::from_secs(5),
             backlog: 720,
             trace_sample: 0.01,
+            max_backlog_bytes: 1024 * 1024,
+            max_series: 512,
         }
     }
 }
@@ -189,6 +196,8 @@ struct RawTelemetry {
     interval_ms: Option<Spanned<u64>>,
     backlog_batches: Option<Spanned<u64>>,
     trace_sample: Option<Spanned<f64>>,
+    max_backlog_bytes: Option<Spanned<u64>>,
+    max_series: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -473,6 +482,28 @@ impl RawTelemetry {
                 }
                 Some(s) => *s.get_ref(),
                 None => d.trace_sample,
+            },
+            max_backlog_bytes: match &self.max_backlog_bytes {
+                Some(s) if *s.get_ref() < 16 * 1024 || *s.get_ref() > 256 * 1024 * 1024 => {
+                    return Err(at.invalid(
+                        s,
+                        "telemetry.max_backlog_bytes",
+                        "must be between 16384 and 268435456",
+                    ));
+                }
+                Some(s) => *s.get_ref() as usize,
+                None => d.max_backlog_bytes,
+            },
+            max_series: match &self.max_series {
+                Some(s) if *s.get_ref() == 0 || *s.get_ref() > 100_000 => {
+                    return Err(at.invalid(
+                        s,
+                        "telemetry.max_series",
+                        "must be between 1 and 100000",
+                    ));
+                }
+                Some(s) => *s.get_ref() as usize,
+                None => d.max_series,
             },
         })
     }

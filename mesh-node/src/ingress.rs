@@ -145,7 +145,7 @@ fn status_json(node: &Node) -> String {
     };
     format!(
         "{{\"name\":{},\"id\":{},\"quic\":{},\"hosted\":[{}],\"peers\":{},\"dial_errors\":[{}],\
-         \"refused_handshakes\":{},\"last_refusal\":{},\"connections_admitted\":{},\"peers_lost\":{},\"gateway\":{},\"gateway_sessions\":{},\"policy\":{{\"version\":{},\"source\":{}}},\
+         \"refused_handshakes\":{},\"last_refusal\":{},\"connections_admitted\":{},\"peers_lost\":{},\"gateway\":{},\"gateway_sessions\":{},\"policy\":{{\"version\":{},\"epoch\":{},\"hash\":{},\"source\":{},\"problem\":{}}},\
          \"telemetry\":{{\"pending\":{},\"dropped\":{}}}}}",
         json_str(s.id.node_name().as_str()),
         json_str(&s.id.to_string()),
@@ -162,8 +162,14 @@ fn status_json(node: &Node) -> String {
         s.gateway
             .map_or("null".to_owned(), |g| json_str(&g.to_string())),
         s.gateway_sessions,
-        s.policy_version,
+        s.policy.map_or(0, |p| p.version),
+        s.policy.map_or(0, |p| p.epoch),
+        s.policy
+            .map_or("null".to_owned(), |p| json_str(&crate::state::hex(&p.hash))),
         json_str(s.policy_source),
+        s.policy_problem
+            .as_deref()
+            .map_or("null".to_owned(), json_str),
         s.telemetry_pending,
         s.telemetry_dropped,
     )

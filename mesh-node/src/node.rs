@@ -25,6 +25,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use mesh_core::{ServiceName, SpiffeId};
 use mesh_proto::Role;
+use mesh_proto::control::BundleRef;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
@@ -37,7 +38,7 @@ use crate::discovery::{Announcement, Discovery, MdnsDiscovery};
 use crate::hosted::{Hosted, Services};
 use crate::identity::Identity;
 use crate::peers::{PeerInfo, PeerSet};
-use crate::policy::{Policy, PolicyCell, PolicySource};
+use crate::policy::{Policy, PolicyCell, PolicySource, PolicyState};
 use crate::server::{ReservedService, Server};
 use crate::state::{PolicyStore, StateError, StateLock};
 use crate::transport::{self, BindError, Me, Transport};
@@ -79,10 +80,12 @@ pub struct NodeStatus {
     pub gateway: Option<SocketAddr>,
     /// Control streams opened since start.
     pub gateway_sessions: u64,
-    /// The policy version it runs under (0: none), and where it came from.
-    pub policy_version: u64,
-    /// `saved`, `gateway`, `local`, or `none`.
+    /// The policy bundle it runs under, if any.
+    pub policy: Option<BundleRef>,
+    /// `saved`, `gateway`, `local`, `none`, or `damaged` (every call refused).
     pub policy_source: &'static str,
+    /// Why the policy in force is not saved, or why the saved one is damaged.
+    pub policy_problem: Option<String>,
     /// Telemetry batches waiting for the gateway's acknowledgement.
     pub telemetry_pending: usize,
     /// Telemetry batches dropped because the backlog was full, since start.
@@ -154,6 +157,7 @@ impl Node {
         } else {
             Role::Node
         };
+        let discovery_given = options.discovery.is_some();
         let discovery: Option<Arc<dyn Discovery>> = match options.discovery {
             Some(d) => Some(d),
             None if config.mdns => Some(Arc::new(MdnsDiscovery::new())),
@@ -163,9 +167,23 @@ impl Node {
         let peers = Arc::new(PeerSet::new());
         let policy = Arc::new(PolicyCell::default());
         let telemetry = Arc::new(TelemetrySink::new(
-            config.telemetry.backlog,
+            mesh_core::telemetry::Bounds {
+                max_batches: config.telemetry.backlog,
+                max_bytes: config.telemetry.max_backlog_bytes,
+                max_series: config.telemetry.max_series,
+                ..Default::default()
+            },
             config.telemetry.interval,
+            Some(config.state_dir.join("telemetry.state")),
         ));
+        // Spans are kept only where a gateway could take them: one configured, found by mDNS, or
+        // this node is the gateway.
+        let gateway_possible = options.gateway
+            || config.gateway.is_some()
+            || config.gateway_name.is_some()
+            || config.mdns
+            || discovery_given;
+        telemetry.lock().keep_spans(gateway_possible);
         let hosted = Arc::new(Hosted::new(
             config
                 .services
@@ -310,6 +328,7 @@ impl Node {
         drop(telemetry);
         let (refused_handshakes, last_refusal) = self.parts.transport.refused_handshakes();
         let (connections_admitted, peers_lost) = self.parts.peers.churn();
+        let policy = self.parts.policy.state();
         NodeStatus {
             id: self.parts.id.clone(),
             quic: self.local_addr(),
@@ -322,8 +341,17 @@ impl Node {
             peers_lost,
             gateway: self.parts.gateway_up.borrow().0,
             gateway_sessions: self.parts.gateway_up.borrow().1,
-            policy_version: self.parts.policy.version(),
-            policy_source: self.parts.policy.source().map_or("none", |s| s.as_str()),
+            policy: self.parts.policy.held(),
+            policy_source: match &policy {
+                PolicyState::None => "none",
+                PolicyState::Held { source, .. } => source.as_str(),
+                PolicyState::Damaged(_) => "damaged",
+            },
+            policy_problem: match policy {
+                PolicyState::Held { unsaved, .. } => unsaved,
+                PolicyState::Damaged(why) => Some(why),
+                PolicyState::None => None,
+            },
             telemetry_pending: pending,
             telemetry_dropped: dropped,
         }
@@ -450,7 +478,12 @@ impl Node {
 
     /// Replaces the policy this node runs under (normally done by the gateway's control stream).
     pub fn set_policy(&self, version: u64, policy: Policy) {
-        self.parts.policy.set(version, policy, PolicySource::Local);
+        let id = BundleRef {
+            epoch: 0,
+            version,
+            hash: [0; 32],
+        };
+        self.parts.policy.set(id, policy, PolicySource::Local);
     }
 
     /// Drops the policy: the node runs as if it never had one.
@@ -469,8 +502,21 @@ impl Node {
         self.parts.telemetry.cut_now(resources(&self.parts.peers))
     }
 
-    /// Closes every connection (peers see the node leave at once) and stops serving.
+    /// Hands the gateway what telemetry is left (bounded: 2 s), closes every connection (peers see
+    /// the node leave at once) and stops serving.
     pub async fn shutdown(&self) {
+        if self.parts.gateway_up.borrow().0.is_some() {
+            let flushed = self
+                .parts
+                .telemetry
+                .flush(resources(&self.parts.peers), Duration::from_secs(2))
+                .await;
+            if !flushed {
+                warn!(
+                    "stopping with telemetry the gateway has not acknowledged: it will count a gap"
+                );
+            }
+        }
         let _ = self.parts.shutdown.send(true);
         // Connected peers learn at once from the close; the mDNS goodbye tells everyone else.
         let transport = self.parts.transport.clone();

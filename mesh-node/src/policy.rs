@@ -2,11 +2,16 @@
 //! from the gateway, or the one saved on disk at boot) and read once per call by the client
 //! (routes, retries, timeouts) and the server (authorization, rate limits).
 //!
+//! The cell fails closed: when the saved bundle is damaged the node cannot know what its policy
+//! denies, so the server refuses every call (reserved services such as the control stream go on)
+//! until the gateway delivers a good bundle.
+//!
 //! The policy model and its parser live in `mesh-core` ([`mesh_core::policy`]).
 
 use std::sync::{Arc, RwLock};
 
 pub use mesh_core::policy::Policy;
+use mesh_proto::control::BundleRef;
 
 /// Where the policy a node runs under came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,43 +35,96 @@ impl PolicySource {
     }
 }
 
-/// The current bundle: its version and the parsed policy; `None` until one is applied.
+/// What the cell holds.
+#[derive(Clone, Default)]
+pub(crate) enum PolicyState {
+    /// No bundle ever: no policy, every call admitted.
+    #[default]
+    None,
+    /// A bundle in force.
+    Held {
+        id: BundleRef,
+        policy: Arc<Policy>,
+        source: PolicySource,
+        /// It is enforced but could not be saved (the reason): a restart would lose it.
+        unsaved: Option<String>,
+    },
+    /// The saved bundle is damaged (the reason): every call is refused until a good one arrives.
+    Damaged(String),
+}
+
+/// The current bundle, shared.
 #[derive(Default)]
 pub(crate) struct PolicyCell {
-    current: RwLock<Option<(u64, Arc<Policy>)>>,
-    source: RwLock<Option<PolicySource>>,
+    state: RwLock<PolicyState>,
 }
 
 impl PolicyCell {
-    pub(crate) fn get(&self) -> Option<(u64, Arc<Policy>)> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    pub(crate) fn state(&self) -> PolicyState {
+        self.state.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The policy in force, if one is.
     pub(crate) fn policy(&self) -> Option<Arc<Policy>> {
-        self.get().map(|(_, p)| p)
+        match &*self.state.read().unwrap_or_else(|p| p.into_inner()) {
+            PolicyState::Held { policy, .. } => Some(policy.clone()),
+            _ => None,
+        }
+    }
+
+    /// What is in force, for admission: `Ok(None)` no policy, `Ok(Some)` a policy and its
+    /// version, `Err(reason)` fail closed.
+    pub(crate) fn for_admission(&self) -> Result<Option<(u64, Arc<Policy>)>, String> {
+        match &*self.state.read().unwrap_or_else(|p| p.into_inner()) {
+            PolicyState::None => Ok(None),
+            PolicyState::Held { id, policy, .. } => Ok(Some((id.version, policy.clone()))),
+            PolicyState::Damaged(why) => Err(why.clone()),
+        }
+    }
+
+    /// The bundle held, if any.
+    pub(crate) fn held(&self) -> Option<BundleRef> {
+        match &*self.state.read().unwrap_or_else(|p| p.into_inner()) {
+            PolicyState::Held { id, .. } => Some(*id),
+            _ => None,
+        }
     }
 
     /// The version held (0: none).
     pub(crate) fn version(&self) -> u64 {
-        self.get().map_or(0, |(v, _)| v)
+        self.held().map_or(0, |id| id.version)
     }
 
-    pub(crate) fn set(&self, version: u64, policy: Policy, source: PolicySource) {
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) =
-            Some((version, Arc::new(policy)));
-        *self.source.write().unwrap_or_else(|p| p.into_inner()) = Some(source);
+    pub(crate) fn is_damaged(&self) -> bool {
+        matches!(
+            &*self.state.read().unwrap_or_else(|p| p.into_inner()),
+            PolicyState::Damaged(_)
+        )
     }
 
-    /// Where the current policy came from; `None` when there is none.
-    pub(crate) fn source(&self) -> Option<PolicySource> {
-        *self.source.read().unwrap_or_else(|p| p.into_inner())
+    pub(crate) fn set(&self, id: BundleRef, policy: Policy, source: PolicySource) {
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = PolicyState::Held {
+            id,
+            policy: Arc::new(policy),
+            source,
+            unsaved: None,
+        };
+    }
+
+    /// The bundle in force could not be saved.
+    pub(crate) fn mark_unsaved(&self, why: String) {
+        if let PolicyState::Held { unsaved, .. } =
+            &mut *self.state.write().unwrap_or_else(|p| p.into_inner())
+        {
+            *unsaved = Some(why);
+        }
+    }
+
+    pub(crate) fn set_damaged(&self, why: String) {
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = PolicyState::Damaged(why);
     }
 
     pub(crate) fn clear(&self) {
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = None;
-        *self.source.write().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = PolicyState::None;
     }
 }

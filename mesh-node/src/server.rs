@@ -355,8 +355,20 @@ impl Server {
         ctx: &CallContext,
         caller_labels: impl FnOnce() -> BTreeMap<String, String>,
     ) -> Result<(), Reply> {
-        let Some((version, policy)) = self.policy.get() else {
-            return Ok(());
+        let (version, policy) = match self.policy.for_admission() {
+            Ok(Some(held)) => held,
+            Ok(None) => return Ok(()),
+            Err(damaged) => {
+                self.telemetry.record_rule("damaged_policy", "denied");
+                return Err(Reply::error(
+                    Status::PermissionDenied,
+                    format!(
+                        "node {} refuses every call: its saved policy is damaged ({damaged}); \
+                         it serves again when its gateway sends a good bundle",
+                        self.name
+                    ),
+                ));
+            }
         };
         let (service, method) = (ctx.service.as_str(), ctx.method.as_str());
         let admission = self.admission(version, &policy, ctx, caller_labels);

@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
+use mesh_proto::control::BundleRef;
+
 /// Writes `contents` to `path` atomically, with `mode` (Unix); creates the folder if needed.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -35,9 +37,47 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// The last good bundle a node keeps on disk, so it boots and serves under it while the gateway is
-/// away: `<state_dir>/policy.toml`, written atomically, with its version in the first line as a
-/// comment.
+/// SHA-256 of a policy bundle's text: what identifies it (with the gateway epoch and version).
+pub fn bundle_hash(toml: &str) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, toml.as_bytes());
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(digest.as_ref());
+    hash
+}
+
+/// A hash as lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A policy bundle as kept on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedBundle {
+    /// Which bundle it is.
+    pub id: BundleRef,
+    /// Its text.
+    pub toml: String,
+}
+
+/// Why a saved bundle cannot be trusted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {reason}")]
+pub struct Damaged {
+    /// The file.
+    pub path: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// The last good bundle a node (or a gateway) keeps on disk: `<dir>/policy.toml`, written
+/// atomically, its first line a header with the bundle's epoch, version, length and SHA-256:
+///
+/// ```text
+/// # starling policy epoch 7361 version 4 length 120 sha256 9f86d0...
+/// ```
+///
+/// Loading checks the header, the length and the hash: a file cut short, flipped bits, or bytes
+/// from elsewhere are [`Damaged`], never taken as a smaller policy. A missing file is no bundle.
 #[derive(Debug, Clone)]
 pub struct PolicyStore {
     dir: PathBuf,
@@ -56,35 +96,89 @@ impl PolicyStore {
         &self.dir
     }
 
-    fn path(&self) -> PathBuf {
+    /// The file it keeps the bundle in.
+    pub fn path(&self) -> PathBuf {
         self.dir.join("policy.toml")
     }
 
-    /// Saves bundle `version` atomically (blocking: fsyncs).
-    pub fn save(&self, version: u64, toml: &str) -> std::io::Result<()> {
-        let mut text = format!("# starling policy version {version}\n");
-        text.push_str(toml);
-        write_atomic(&self.path(), text.as_bytes(), 0o644)
+    /// Saves `bundle` atomically (blocking: fsyncs).
+    pub fn save(&self, bundle: &SavedBundle) -> std::io::Result<()> {
+        let mut text = format!(
+            "# starling policy epoch {} version {} length {} sha256 {}\n",
+            bundle.id.epoch,
+            bundle.id.version,
+            bundle.toml.len(),
+            hex(&bundle.id.hash)
+        );
+        text.push_str(&bundle.toml);
+        write_atomic(&self.path(), text.as_bytes(), 0o600)
     }
 
     /// [`PolicyStore::save`] on the blocking pool.
-    pub async fn save_async(&self, version: u64, toml: String) -> std::io::Result<()> {
+    pub async fn save_async(&self, bundle: SavedBundle) -> std::io::Result<()> {
         let store = self.clone();
-        tokio::task::spawn_blocking(move || store.save(version, &toml))
+        tokio::task::spawn_blocking(move || store.save(&bundle))
             .await
             .map_err(std::io::Error::other)?
     }
 
-    /// The saved bundle, `(version, toml)`, if there is a readable one.
-    pub fn load(&self) -> Option<(u64, String)> {
-        let text = std::fs::read_to_string(self.path()).ok()?;
-        let (first, rest) = text.split_once('\n')?;
-        let version = first
-            .strip_prefix("# starling policy version ")?
-            .trim()
-            .parse()
-            .ok()?;
-        Some((version, rest.to_owned()))
+    /// The saved bundle: `Ok(None)` if there is none, `Err` if the file is there but cannot be
+    /// trusted (unreadable, damaged, from an older format).
+    pub fn load(&self) -> Result<Option<SavedBundle>, Damaged> {
+        let path = self.path();
+        let damaged = |reason: String| Damaged {
+            path: path.display().to_string(),
+            reason,
+        };
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(damaged(format!("cannot read: {e}"))),
+        };
+        let text = String::from_utf8(bytes).map_err(|_| damaged("not UTF-8 text".into()))?;
+        let (header, toml) = text
+            .split_once('\n')
+            .ok_or_else(|| damaged("no header line".into()))?;
+        let fields: Vec<&str> = header.split_whitespace().collect();
+        let (epoch, version, length, hash) = match fields.as_slice() {
+            [
+                "#",
+                "starling",
+                "policy",
+                "epoch",
+                e,
+                "version",
+                v,
+                "length",
+                l,
+                "sha256",
+                h,
+            ] => (e.parse::<u64>(), v.parse::<u64>(), l.parse::<usize>(), *h),
+            _ => return Err(damaged(format!("not a bundle header: {header:?}"))),
+        };
+        let (Ok(epoch), Ok(version), Ok(length)) = (epoch, version, length) else {
+            return Err(damaged(format!("bad numbers in the header {header:?}")));
+        };
+        if toml.len() != length {
+            return Err(damaged(format!(
+                "the bundle is {} bytes, its header says {length}",
+                toml.len()
+            )));
+        }
+        let actual = bundle_hash(toml);
+        if hex(&actual) != hash {
+            return Err(damaged(
+                "the bundle's SHA-256 does not match its header".into(),
+            ));
+        }
+        Ok(Some(SavedBundle {
+            id: BundleRef {
+                epoch,
+                version,
+                hash: actual,
+            },
+            toml: toml.to_owned(),
+        }))
     }
 }
 
@@ -223,16 +317,60 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
+    fn bundle(version: u64, toml: &str) -> SavedBundle {
+        SavedBundle {
+            id: BundleRef {
+                epoch: 7,
+                version,
+                hash: bundle_hash(toml),
+            },
+            toml: toml.to_owned(),
+        }
+    }
+
     #[test]
     fn store_round_trips_atomically() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = PolicyStore::new(&dir.path().join("state"));
-        assert_eq!(store.load(), None);
-        store.save(3, "[defaults]\n").expect("save");
-        assert_eq!(store.load(), Some((3, "[defaults]\n".to_owned())));
-        store.save(4, "").expect("save");
-        assert_eq!(store.load(), Some((4, String::new())));
+        assert_eq!(store.load(), Ok(None));
+        store.save(&bundle(3, "[defaults]\n")).expect("save");
+        assert_eq!(store.load(), Ok(Some(bundle(3, "[defaults]\n"))));
+        store.save(&bundle(4, "")).expect("save");
+        assert_eq!(store.load(), Ok(Some(bundle(4, ""))));
         assert!(!dir.path().join("state/.policy.toml.tmp").exists());
+    }
+
+    #[test]
+    fn a_damaged_bundle_is_never_taken_as_a_smaller_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = PolicyStore::new(dir.path());
+        let toml = "[authorization]\ndefault = \"deny\"\n[[authorization.rules]]\nname = \"r\"\neffect = \"allow\"\n";
+        store.save(&bundle(2, toml)).expect("save");
+        let good = std::fs::read(store.path()).expect("read");
+        let header_len = good.iter().position(|b| *b == b'\n').expect("header") + 1;
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("cut at a line boundary", good[..header_len + 23].to_vec()),
+            ("cut mid-line", good[..good.len() - 3].to_vec()),
+            ("a flipped bit", {
+                let mut b = good.clone();
+                b[header_len + 5] ^= 0x01;
+                b
+            }),
+            (
+                "random bytes",
+                (0..200u32).map(|i| (i * 37 % 251) as u8).collect(),
+            ),
+            ("empty", Vec::new()),
+            (
+                "the old format",
+                format!("# starling policy version 2\n{toml}").into_bytes(),
+            ),
+        ];
+        for (what, bytes) in cases {
+            std::fs::write(store.path(), &bytes).expect("write");
+            let result = store.load();
+            assert!(result.is_err(), "{what}: taken as {result:?}");
+        }
     }
 
     #[test]

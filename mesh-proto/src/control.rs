@@ -36,13 +36,22 @@ pub enum Up {
     PolicyAck {
         /// The bundle's version.
         version: u64,
+        /// The gateway epoch it came with.
+        epoch: u64,
+        /// SHA-256 of the bundle text the node holds.
+        hash: [u8; 32],
     },
-    /// Policy bundle `version` could not be applied.
+    /// Policy bundle `version` could not be applied, or was applied but not saved (the node
+    /// enforces it until it restarts; the reason says which).
     PolicyNack {
         /// The bundle's version.
         version: u64,
         /// Why, in words.
         reason: String,
+        /// The gateway epoch it came with.
+        epoch: u64,
+        /// SHA-256 of the bundle text refused.
+        hash: [u8; 32],
     },
     /// Counters, resource use, spans and audit events since the previous batch.
     Telemetry(TelemetryBatch),
@@ -53,10 +62,16 @@ pub enum Up {
 pub enum Down {
     /// Apply this policy bundle.
     Policy {
-        /// Its version; versions only grow.
+        /// Its version; versions only grow within an epoch.
         version: u64,
         /// The bundle, as TOML.
         toml: String,
+        /// The gateway's epoch: a random number made with its state. A node takes a bundle of a
+        /// higher version in the epoch it holds, or any bundle of another epoch (the gateway was
+        /// rebuilt) from its certified gateway.
+        epoch: u64,
+        /// SHA-256 of `toml`: what identifies the bundle.
+        hash: [u8; 32],
     },
     /// Every node the gateway knows, so a node can reach services beyond its own link.
     Registry(Vec<RegistryEntry>),
@@ -84,6 +99,28 @@ pub struct NodeHello {
     pub policy_version: u64,
     /// The telemetry sequence number it will send next, so the gateway can see a gap at once.
     pub next_seq: u64,
+    /// A random number made at each start of the node process: sequence numbers count within one
+    /// incarnation.
+    pub boot_id: u64,
+    /// Telemetry batches the previous incarnation cut and never had acknowledged (it crashed or
+    /// was killed): a gap the gateway counts.
+    pub lost_at_restart: u64,
+    /// The bundle the node holds, if any.
+    pub policy: Option<BundleRef>,
+    /// The node found its saved bundle damaged and refuses calls until a good one arrives.
+    pub policy_damaged: bool,
+}
+
+/// What identifies a policy bundle: the gateway epoch, the version in it, and the hash of its
+/// text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleRef {
+    /// The gateway's epoch.
+    pub epoch: u64,
+    /// The version within the epoch.
+    pub version: u64,
+    /// SHA-256 of the bundle text.
+    pub hash: [u8; 32],
 }
 
 /// One node in the gateway's registry.
@@ -118,6 +155,12 @@ pub struct TelemetryBatch {
     pub audit: Vec<AuditEvent>,
     /// Policy rule decisions, as deltas.
     pub rules: Vec<RuleCount>,
+    /// Calls counted under method `_other` because the node's series bound was reached, since
+    /// start.
+    pub folded: u64,
+    /// Sampled spans and audit events dropped (a batch was full, or the backlog's byte bound was
+    /// reached), since start.
+    pub lost_items: u64,
 }
 
 /// How often a policy rule decided one way since the previous batch.
@@ -211,13 +254,26 @@ mod tests {
     #[test]
     fn golden_up_frames() {
         assert_eq!(bytes(&Up::Heartbeat), [1]);
-        assert_eq!(bytes(&Up::PolicyAck { version: 300 }), [2, 0xac, 0x02]);
+        let mut ack = vec![2, 0xac, 0x02, 9];
+        ack.extend_from_slice(&[7; 32]);
+        assert_eq!(
+            bytes(&Up::PolicyAck {
+                version: 300,
+                epoch: 9,
+                hash: [7; 32]
+            }),
+            ack
+        );
+        let mut nack = vec![3, 2, 2, b'n', b'o', 1];
+        nack.extend_from_slice(&[0; 32]);
         assert_eq!(
             bytes(&Up::PolicyNack {
                 version: 2,
-                reason: "no".into()
+                reason: "no".into(),
+                epoch: 1,
+                hash: [0; 32]
             }),
-            [3, 2, 2, b'n', b'o']
+            nack
         );
         let hello = Up::Hello(NodeHello {
             protocol_version: 1,
@@ -227,23 +283,37 @@ mod tests {
             addrs: vec![],
             policy_version: 7,
             next_seq: 1,
+            boot_id: 5,
+            lost_at_restart: 2,
+            policy: Some(BundleRef {
+                epoch: 3,
+                version: 7,
+                hash: [1; 32],
+            }),
+            policy_damaged: false,
         });
-        assert_eq!(
-            bytes(&hello),
-            [
-                0, 1, 3, b'0', b'.', b'1', 1, 1, b'z', 1, b'a', 1, 1, b's', 0, 7, 1
-            ]
-        );
+        let mut expected = vec![
+            0, 1, 3, b'0', b'.', b'1', 1, 1, b'z', 1, b'a', 1, 1, b's', 0, 7, 1, // as in v1
+            5, 2, // boot id, lost at restart
+            1, 3, 7, // Some(epoch 3, version 7, ...
+        ];
+        expected.extend_from_slice(&[1; 32]); // ... hash)
+        expected.push(0); // not damaged
+        assert_eq!(bytes(&hello), expected);
     }
 
     #[test]
     fn golden_down_frames() {
+        let mut policy = vec![0, 1, 3, b'a', b'=', b'1', 4];
+        policy.extend_from_slice(&[2; 32]);
         assert_eq!(
             bytes(&Down::Policy {
                 version: 1,
-                toml: "a=1".into()
+                toml: "a=1".into(),
+                epoch: 4,
+                hash: [2; 32]
             }),
-            [0, 1, 3, b'a', b'=', b'1']
+            policy
         );
         assert_eq!(bytes(&Down::TelemetryAck { seq: 5 }), [2, 5]);
         let reg = Down::Registry(vec![RegistryEntry {
@@ -287,6 +357,8 @@ mod tests {
                 action: "a".into(),
                 count: 4,
             }],
+            folded: 6,
+            lost_items: 8,
         });
         assert_eq!(
             bytes(&batch),
@@ -297,6 +369,7 @@ mod tests {
                 0, // spans
                 1, 9, 1, b'k', 0, // one audit event
                 1, 1, b'r', 1, b'a', 4, // one rule count
+                6, 8, // folded, lost items
             ]
         );
         let back: Up = postcard::from_bytes(&bytes(&batch)).expect("decode");

@@ -12,9 +12,9 @@ use serde_json::json;
 
 use super::Api;
 use crate::control::ControlPlane;
-
-/// Largest policy bundle accepted over the API.
-const MAX_POLICY_BYTES: usize = 512 * 1024;
+use crate::policy::{MAX_BUNDLE_BYTES, Origin};
+use mesh_node::state::hex;
+use mesh_proto::control::MAX_CONTROL_FRAME;
 
 pub(super) async fn handle(
     api: Api,
@@ -25,17 +25,25 @@ pub(super) async fn handle(
     let query = req.uri().query().unwrap_or("").to_owned();
     Ok(match (req.method().clone(), path.as_str()) {
         (Method::GET, "/metrics") => {
-            let latest = state.policies.current().0;
-            let text = state.metrics().render(&state.registry(), latest);
+            let latest = state.policies.current().map(|b| b.id);
+            let text = state.metrics().render(&state.registry(), latest.as_ref());
             respond(200, "text/plain; version=0.0.4", text)
         }
         (Method::GET, "/v1/nodes") => json_response(200, nodes(state)),
         (Method::GET, "/v1/services") => json_response(200, services(state)),
         (Method::GET, "/v1/policy") => {
-            let (version, toml) = state.policies.current();
-            json_response(200, json!({ "version": version, "toml": toml.as_str() }))
+            let current = state.policies.current();
+            json_response(
+                200,
+                json!({
+                    "version": current.as_ref().map_or(0, |b| b.id.version),
+                    "epoch": current.as_ref().map_or(0, |b| b.id.epoch),
+                    "hash": current.as_ref().map(|b| hex(&b.id.hash)),
+                    "toml": current.as_ref().map_or("", |b| b.toml.as_str()),
+                }),
+            )
         }
-        (Method::PUT, "/v1/policy") => put_policy(&api, req).await,
+        (Method::PUT, "/v1/policy") => put_policy(&api, req, &query).await,
         (Method::GET, "/v1/policy/status") => json_response(200, policy_status(state)),
         (Method::GET, "/v1/traces") => {
             let limit = query
@@ -54,7 +62,7 @@ pub(super) async fn handle(
     })
 }
 
-async fn put_policy(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn put_policy(api: &Api, req: Request<Incoming>, query: &str) -> Response<Full<Bytes>> {
     let authorized = req
         .headers()
         .get(hyper::header::AUTHORIZATION)
@@ -67,12 +75,22 @@ async fn put_policy(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> 
             json!({ "error": "PUT /v1/policy needs Authorization: Bearer <admin token>" }),
         );
     }
-    let body = match Limited::new(req.into_body(), MAX_POLICY_BYTES)
+    let body = match Limited::new(req.into_body(), MAX_BUNDLE_BYTES)
         .collect()
         .await
     {
         Ok(b) => b.to_bytes(),
-        Err(e) => return json_response(413, json!({ "error": format!("policy body: {e}") })),
+        Err(e) => {
+            let error = if e.is::<http_body_util::LengthLimitError>() {
+                format!(
+                    "the bundle exceeds the bound of {MAX_BUNDLE_BYTES} bytes (a control frame \
+                     carries at most {MAX_CONTROL_FRAME}); it is refused"
+                )
+            } else {
+                format!("policy body: {e}")
+            };
+            return json_response(413, json!({ "error": error }));
+        }
     };
     let Ok(text) = std::str::from_utf8(&body) else {
         return json_response(
@@ -80,7 +98,31 @@ async fn put_policy(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> 
             json!({ "error": "the policy bundle is not UTF-8 text" }),
         );
     };
-    match api.plane.policies.set(text, "PUT /v1/policy").await {
+    let dry_run = query
+        .split('&')
+        .any(|kv| kv == "dry_run=1" || kv == "dry_run=true");
+    if dry_run {
+        return match api.plane.policies.dry_run(text, "PUT /v1/policy") {
+            Ok(run) => json_response(
+                200,
+                json!({
+                    "dry_run": true,
+                    "valid": true,
+                    "changed": run.changed,
+                    "version": run.version,
+                    "added": run.added,
+                    "removed": run.removed,
+                }),
+            ),
+            Err(e) => json_response(400, json!({ "dry_run": true, "error": e.to_string() })),
+        };
+    }
+    match api
+        .plane
+        .policies
+        .set(text, "PUT /v1/policy", Origin::Api)
+        .await
+    {
         Ok(version) => json_response(200, json!({ "version": version })),
         Err(e) => json_response(400, json!({ "error": e.to_string() })),
     }
@@ -122,7 +164,8 @@ fn services(state: &ControlPlane) -> serde_json::Value {
 }
 
 fn policy_status(state: &ControlPlane) -> serde_json::Value {
-    let latest = state.policies.current().0;
+    let current = state.policies.current().map(|b| b.id);
+    let latest = current.map_or(0, |b| b.version);
     let registry = state.registry();
     let nodes: Vec<serde_json::Value> = registry
         .nodes()
@@ -130,13 +173,22 @@ fn policy_status(state: &ControlPlane) -> serde_json::Value {
             json!({
                 "name": n.name,
                 "version": n.policy_version,
-                "current": n.policy_version == latest,
+                "epoch": n.policy.map(|b| b.epoch),
+                "hash": n.policy.map(|b| hex(&b.hash)),
+                // Current means the same bundle: same epoch and hash, not only the same number.
+                "current": current.is_some() && n.policy == current,
                 "up": n.up,
                 "error": n.policy_error,
+                "damaged": n.policy_damaged,
             })
         })
         .collect();
-    json!({ "latest": latest, "nodes": nodes })
+    json!({
+        "latest": latest,
+        "epoch": current.map(|b| b.epoch),
+        "hash": current.map(|b| hex(&b.hash)),
+        "nodes": nodes,
+    })
 }
 
 fn respond(code: u16, content_type: &'static str, body: String) -> Response<Full<Bytes>> {

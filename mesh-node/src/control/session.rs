@@ -13,9 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_core::discovery::{Record, Update};
+use mesh_core::policy::{Offer, judge_offer};
 use mesh_core::{Backoff, NodeName};
 use mesh_proto::RequestHead;
-use mesh_proto::control::{CONTROL_SERVICE, Down, MAX_CONTROL_FRAME, NodeHello, Up};
+use mesh_proto::control::{BundleRef, CONTROL_SERVICE, Down, MAX_CONTROL_FRAME, NodeHello, Up};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
@@ -23,7 +24,7 @@ use super::telemetry::{TelemetrySink, process_resources};
 use crate::hosted::Hosted;
 use crate::peers::PeerSet;
 use crate::policy::{Policy, PolicyCell, PolicySource};
-use crate::state::PolicyStore;
+use crate::state::{PolicyStore, SavedBundle, bundle_hash};
 use crate::wire::FrameReader;
 
 /// How often a node says it is still there.
@@ -61,20 +62,40 @@ pub(crate) struct ControlClient {
 
 impl ControlClient {
     /// Applies the last good bundle saved on disk, if any: the node serves under it until a gateway
-    /// says otherwise.
+    /// says otherwise. A damaged one fails closed: every call is refused until the gateway sends a
+    /// good bundle.
     pub(crate) fn apply_saved_policy(&self) {
-        let Some((version, toml)) = self.store.load() else {
-            return;
-        };
-        match Policy::parse(&toml, "saved policy") {
-            Ok(policy) => {
+        let saved = self.store.load().and_then(|saved| match saved {
+            None => Ok(None),
+            Some(s) => Policy::parse(&s.toml, "saved policy")
+                .map(|p| Some((s.id, p)))
+                .map_err(|e| crate::state::Damaged {
+                    path: self.store.path().display().to_string(),
+                    reason: e.to_string(),
+                }),
+        });
+        match saved {
+            Ok(None) => {}
+            Ok(Some((id, policy))) => {
                 info!(
-                    "booted under policy version {version} from {}",
+                    "booted under policy version {} (epoch {}) from {}",
+                    id.version,
+                    id.epoch,
                     self.store.dir().display()
                 );
-                self.policy.set(version, policy, PolicySource::Saved);
+                self.policy.set(id, policy, PolicySource::Saved);
             }
-            Err(e) => warn!("ignoring the saved policy: {e}"),
+            Err(damaged) => {
+                tracing::error!(
+                    "the saved policy is damaged ({damaged}): refusing every call until the \
+                     gateway sends a good bundle"
+                );
+                self.telemetry.audit(
+                    "policy_damaged",
+                    vec![("reason".into(), damaged.to_string())],
+                );
+                self.policy.set_damaged(damaged.to_string());
+            }
         }
     }
 
@@ -193,6 +214,10 @@ impl ControlClient {
             addrs: self.advertised_addrs(),
             policy_version: self.policy.version(),
             next_seq: self.telemetry.lock().next_seq(),
+            boot_id: self.telemetry.boot_id(),
+            lost_at_restart: self.telemetry.lost_at_restart(),
+            policy: self.policy.held(),
+            policy_damaged: self.policy.is_damaged(),
         }
     }
 
@@ -226,9 +251,24 @@ impl ControlClient {
     /// Handles one frame from the gateway; returns the answer to send, if any.
     async fn handle_down(&self, down: Down) -> Option<Up> {
         match down {
-            Down::Policy { version, toml } => Some(self.handle_policy(version, toml).await),
+            Down::Policy {
+                version,
+                toml,
+                epoch,
+                hash,
+            } => Some(
+                self.handle_policy(
+                    BundleRef {
+                        epoch,
+                        version,
+                        hash,
+                    },
+                    toml,
+                )
+                .await,
+            ),
             Down::TelemetryAck { seq } => {
-                self.telemetry.lock().ack(seq);
+                self.telemetry.ack(seq);
                 None
             }
             Down::Registry(entries) => {
@@ -249,42 +289,80 @@ impl ControlClient {
         }
     }
 
-    async fn handle_policy(&self, version: u64, toml: String) -> Up {
-        let held = self.policy.version();
-        if version <= held {
-            return Up::PolicyAck { version: held };
+    /// Applies an offered bundle if it is the gateway's newer word, saves it, and answers: an ack
+    /// only for what is saved; a nack (with the reason) for what cannot be applied, or is applied
+    /// but could not be saved (the node then enforces it until it restarts).
+    async fn handle_policy(&self, offered: BundleRef, toml: String) -> Up {
+        let nack = |reason: String| {
+            warn!("refused policy version {}: {reason}", offered.version);
+            self.telemetry.audit(
+                "policy_refused",
+                vec![
+                    ("version".into(), offered.version.to_string()),
+                    ("reason".into(), reason.clone()),
+                ],
+            );
+            Up::PolicyNack {
+                version: offered.version,
+                reason,
+                epoch: offered.epoch,
+                hash: offered.hash,
+            }
+        };
+        if bundle_hash(&toml) != offered.hash {
+            return nack("the bundle does not match its hash".into());
         }
-        let checked = Policy::parse(&toml, &format!("policy version {version}"))
+        match judge_offer(self.policy.held().as_ref(), &offered) {
+            Offer::Held => {
+                return Up::PolicyAck {
+                    version: offered.version,
+                    epoch: offered.epoch,
+                    hash: offered.hash,
+                };
+            }
+            Offer::Older => {
+                let held = self.policy.version();
+                return nack(format!(
+                    "this node holds version {held} of epoch {}, newer than {}",
+                    offered.epoch, offered.version
+                ));
+            }
+            Offer::Apply => {}
+        }
+        let checked = Policy::parse(&toml, &format!("policy version {}", offered.version))
             .map_err(|e| e.to_string())
             .and_then(|p| p.check_applicable(SOFTWARE_VERSION).map(|()| p));
-        match checked {
-            Ok(policy) => {
-                self.policy.set(version, policy, PolicySource::Gateway);
-                // fsync on the blocking pool: an SD card never stalls the calls on this thread.
-                if let Err(e) = self.store.save_async(version, toml).await {
-                    warn!(
-                        "applied policy version {version} but could not save it in {}: {e}",
-                        self.store.dir().display()
-                    );
-                }
-                info!("applied policy version {version}");
-                self.telemetry.audit(
-                    "policy_applied",
-                    vec![("version".into(), version.to_string())],
-                );
-                Up::PolicyAck { version }
-            }
-            Err(reason) => {
-                warn!("refused policy version {version}: {reason}");
-                self.telemetry.audit(
-                    "policy_refused",
-                    vec![
-                        ("version".into(), version.to_string()),
-                        ("reason".into(), reason.clone()),
-                    ],
-                );
-                Up::PolicyNack { version, reason }
-            }
+        let policy = match checked {
+            Ok(policy) => policy,
+            Err(reason) => return nack(reason),
+        };
+        self.policy.set(offered, policy, PolicySource::Gateway);
+        info!(
+            "applied policy version {} (epoch {})",
+            offered.version, offered.epoch
+        );
+        self.telemetry.audit(
+            "policy_applied",
+            vec![("version".into(), offered.version.to_string())],
+        );
+        // fsync on the blocking pool: an SD card never stalls the calls on this thread.
+        let saved = self
+            .store
+            .save_async(SavedBundle { id: offered, toml })
+            .await;
+        if let Err(e) = saved {
+            let why = format!(
+                "applied in memory but not saved in {}: {e}; a restart without the gateway would \
+                 lose it",
+                self.store.dir().display()
+            );
+            self.policy.mark_unsaved(why.clone());
+            return nack(why);
+        }
+        Up::PolicyAck {
+            version: offered.version,
+            epoch: offered.epoch,
+            hash: offered.hash,
         }
     }
 }

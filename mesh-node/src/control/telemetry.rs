@@ -3,10 +3,12 @@
 //! gateway listens, and kept (bounded) until it acknowledges them. The counting itself is
 //! `mesh_core::Telemetry`; this is the shared handle the call path records into.
 
+use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mesh_core::Telemetry;
+use mesh_core::telemetry::Bounds;
 use mesh_proto::Status;
 use mesh_proto::control::{AuditEvent, Resources, Span, TelemetryBatch};
 use tokio::sync::{Notify, watch};
@@ -17,16 +19,71 @@ pub(crate) struct TelemetrySink {
     inner: Mutex<Telemetry>,
     /// A new batch was cut.
     batches: Notify,
+    /// The gateway acknowledged batches.
+    acked: Notify,
     interval: Duration,
+    /// This incarnation of the node: sequence numbers count within it.
+    boot_id: u64,
+    /// Batches the previous incarnation cut and never had acknowledged.
+    lost_at_restart: u64,
+    /// Where the progress of this incarnation is kept (`boot cut acked`), so the next one can
+    /// count what this one loses if it dies.
+    progress: Option<PathBuf>,
 }
 
 impl TelemetrySink {
-    pub(crate) fn new(backlog: usize, interval: Duration) -> Self {
+    /// Telemetry within `bounds`; `progress` is the file in the state folder that carries the
+    /// count of unacknowledged batches across a crash.
+    pub(crate) fn new(bounds: Bounds, interval: Duration, progress: Option<PathBuf>) -> Self {
+        let lost_at_restart = progress.as_deref().map_or(0, lost_by_previous);
+        let boot_id = crate::rng::random() ^ unix_us().rotate_left(17);
         TelemetrySink {
-            inner: Mutex::new(Telemetry::new(backlog)),
+            inner: Mutex::new(Telemetry::with_bounds(bounds)),
             batches: Notify::new(),
+            acked: Notify::new(),
             interval,
+            boot_id,
+            lost_at_restart,
+            progress,
         }
+    }
+
+    pub(crate) fn boot_id(&self) -> u64 {
+        self.boot_id
+    }
+
+    pub(crate) fn lost_at_restart(&self) -> u64 {
+        self.lost_at_restart
+    }
+
+    /// The gateway stored every batch up to `seq`.
+    pub(crate) fn ack(&self, seq: u64) {
+        self.lock().ack(seq);
+        self.save_progress();
+        self.acked.notify_waiters();
+    }
+
+    /// Writes `boot cut acked` to the progress file, on the blocking pool (no fsync: it only has
+    /// to survive the process, and a power cut loses the batches anyway).
+    fn save_progress(&self) {
+        let Some(path) = self.progress.clone() else {
+            return;
+        };
+        let telemetry = self.lock();
+        let cut = telemetry.next_seq().saturating_sub(1);
+        let acked = telemetry
+            .pending()
+            .next()
+            .map_or(cut, |b| b.seq.saturating_sub(1));
+        drop(telemetry);
+        let text = format!("boot {} cut {cut} acked {acked}\n", self.boot_id);
+        tokio::task::spawn_blocking(move || {
+            let tmp = path.with_extension("tmp");
+            let written = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path));
+            if let Err(e) = written {
+                tracing::debug!("cannot write {}: {e}", path.display());
+            }
+        });
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Telemetry> {
@@ -100,7 +157,55 @@ impl TelemetrySink {
                 );
             }
             drop(telemetry);
+            self.save_progress();
             self.batches.notify_waiters();
+        }
+    }
+
+    /// Cuts a batch now and waits (up to `limit`) until the gateway has acknowledged every batch:
+    /// a node that stops on purpose loses no telemetry.
+    pub(crate) async fn flush(&self, resources: Resources, limit: Duration) -> bool {
+        self.lock().cut(resources);
+        self.batches.notify_waiters();
+        let deadline = tokio::time::Instant::now() + limit;
+        let all_acked = loop {
+            let acked = self.acked.notified();
+            if self.lock().pending().next().is_none() {
+                break true;
+            }
+            if tokio::time::timeout_at(deadline, acked).await.is_err() {
+                break false;
+            }
+        };
+        self.save_progress();
+        all_acked
+    }
+}
+
+/// What the previous incarnation's progress file says it lost: batches cut and not acknowledged.
+fn lost_by_previous(path: &std::path::Path) -> u64 {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return 0;
+    };
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    match fields.as_slice() {
+        ["boot", _, "cut", cut, "acked", acked] => match (cut.parse::<u64>(), acked.parse::<u64>())
+        {
+            (Ok(cut), Ok(acked)) => cut.saturating_sub(acked),
+            _ => {
+                warn!(
+                    "{}: unreadable, the previous run's losses are unknown",
+                    path.display()
+                );
+                0
+            }
+        },
+        _ => {
+            warn!(
+                "{}: unreadable, the previous run's losses are unknown",
+                path.display()
+            );
+            0
         }
     }
 }

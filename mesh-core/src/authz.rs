@@ -107,8 +107,13 @@ fn any_glob(patterns: &[String], text: &str) -> bool {
     patterns.is_empty() || patterns.iter().any(|p| glob(p, text))
 }
 
-/// `*` matches any run of characters (including none); everything else matches itself.
+/// A glob, matched per path segment: `*` matches any run of characters within one segment
+/// (never a `/`), everything else matches itself; a pattern of just `*` matches anything. So
+/// `spiffe://td/node/gw*` matches `spiffe://td/node/gw-2`, never `spiffe://td/node/gw/leaf/x`.
 pub fn glob(pattern: &str, text: &str) -> bool {
+    if pattern == "*" {
+        return true;
+    }
     let (p, t) = (pattern.as_bytes(), text.as_bytes());
     let (mut pi, mut ti) = (0, 0);
     let (mut star, mut mark) = (None, 0);
@@ -120,7 +125,10 @@ pub fn glob(pattern: &str, text: &str) -> bool {
         } else if pi < p.len() && p[pi] == t[ti] {
             pi += 1;
             ti += 1;
-        } else if let Some(s) = star {
+        } else if let Some(s) = star
+            && t[mark] != b'/'
+        {
+            // The star takes one more character, never a segment separator.
             pi = s + 1;
             mark += 1;
             ti = mark;
@@ -160,6 +168,24 @@ mod tests {
         assert!(!glob("a*b", "axxbc"));
         assert!(glob("get*", "get"));
         assert!(!glob("get", "gets"));
+    }
+
+    #[test]
+    fn globs_match_within_a_path_segment() {
+        let gw = "spiffe://td/node/gw*";
+        assert!(glob(gw, "spiffe://td/node/gw"));
+        assert!(glob(gw, "spiffe://td/node/gw-2"));
+        assert!(!glob(gw, "spiffe://td/node/gw/leaf/x"), "crossed a segment");
+        assert!(!glob("spiffe://td/*", "spiffe://td/node/a"));
+        assert!(glob("spiffe://td/node/*", "spiffe://td/node/a"));
+        assert!(glob(
+            "spiffe://td/node/*/leaf/*",
+            "spiffe://td/node/a/leaf/m"
+        ));
+        assert!(
+            glob("*", "spiffe://td/node/a"),
+            "a lone star matches anything"
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The audit log: one JSON object a line, appended, for every event an operator may need to
-//! account for later (identities refused, calls denied, policies accepted, applied or refused).
+//! The audit log (mode 0600): one JSON object a line, appended, for every event an operator may
+//! need to account for later (identities refused, calls denied, policies accepted, applied or refused).
 //! Events come from the gateway itself and from every node's telemetry.
 
 use std::io::Write as _;
@@ -21,11 +21,20 @@ impl AuditLog {
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        let file = match std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
+        let mut options = std::fs::OpenOptions::new();
+        options.create(true).append(true);
+        #[cfg(unix)]
         {
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            options.mode(0o600);
+            // A log made readable by others earlier is made private.
+            if let Ok(meta) = std::fs::metadata(path)
+                && meta.permissions().mode() & 0o077 != 0
+            {
+                let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+            }
+        }
+        let file = match options.open(path) {
             Ok(f) => Some(f),
             Err(e) => {
                 warn!(

@@ -111,7 +111,7 @@ fn load(path: &Path) -> Result<(GatewayConfig, mesh_node::Identity), String> {
 fn check(path: &Path) -> Result<String, String> {
     let (config, _) = load(path)?;
     if let Some(policy) = &config.policy {
-        let text = std::fs::read_to_string(&policy.value).map_err(|e| {
+        let text = mesh_node::config::read_regular_file(&policy.value).map_err(|e| {
             format!(
                 "{}:{}: policy: cannot read {}: {e}",
                 config.node.file,
@@ -121,6 +121,9 @@ fn check(path: &Path) -> Result<String, String> {
         })?;
         mesh_core::policy::Policy::parse(&text, &policy.value.display().to_string())
             .map_err(|e| e.to_string())?;
+    }
+    if let Some(warning) = config.admin_warning() {
+        eprintln!("warning: {warning}");
     }
     Ok(format!(
         "gateway {}, admin on {}",

@@ -55,6 +55,9 @@ pub struct Located<T> {
 // The gateway's keys as written; the node's keys in the same file are the node parser's.
 #[derive(Deserialize)]
 struct RawGateway {
+    /// A node key, read here only to know whether it was given: a gateway runs no ingress unless
+    /// its file asks for one.
+    ingress: Option<Spanned<String>>,
     admin: Option<Spanned<String>>,
     admin_token_file: Option<Spanned<String>>,
     policy: Option<Spanned<String>>,
@@ -77,6 +80,18 @@ struct RawTraces {
 }
 
 impl GatewayConfig {
+    /// What an operator must hear when the admin API is reachable from the network.
+    pub fn admin_warning(&self) -> Option<String> {
+        (!self.admin.ip().is_loopback()).then(|| {
+            format!(
+                "the admin API listens on {}, reachable from the network: every request, reads \
+                 included, needs the bearer token, which travels in clear text (no TLS). Keep it \
+                 on loopback, or reach it through a VPN or an SSH tunnel",
+                self.admin
+            )
+        })
+    }
+
     /// Reads and validates a gateway's config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let (src, file, base) = read_config(path)?;
@@ -85,7 +100,7 @@ impl GatewayConfig {
 
     /// Parses a gateway's config text; `file` names it in errors, `base` anchors relative paths.
     pub fn parse(src: &str, file: &str, base: &Path) -> Result<Self, ConfigError> {
-        let node = NodeConfig::parse_with(
+        let mut node = NodeConfig::parse_with(
             src,
             file,
             base,
@@ -94,6 +109,9 @@ impl GatewayConfig {
         )?;
         let at = SourceMap { src, file };
         let raw: RawGateway = toml::from_str(src).map_err(|e| at.toml_error(&e))?;
+        if raw.ingress.is_none() {
+            node.ingress = None;
+        }
         let admin = match &raw.admin {
             Some(s) => parse_addr(s, &at, "admin")?,
             None => SocketAddr::from(([127, 0, 0, 1], 9480)),
@@ -154,6 +172,14 @@ mod tests {
         assert_eq!(c.admin, "127.0.0.1:9999".parse().expect("addr"));
         assert_eq!(c.down_after, Duration::from_millis(100));
         assert_eq!(c.audit_log, Path::new("/etc/starling/audit.jsonl"));
+        assert_eq!(c.node.ingress, None, "a gateway runs no ingress unless asked");
+        assert!(c.admin_warning().is_none());
+        let open = GOOD.replace("127.0.0.1:9999", "0.0.0.0:9480");
+        let c = GatewayConfig::parse(&open, "gw.toml", Path::new(".")).expect("valid");
+        assert!(c.admin_warning().expect("warns").contains("reachable from the network"));
+        let with_ingress = GOOD.replace("admin =", "ingress = \"127.0.0.1:7480\"\nadmin =");
+        let c = GatewayConfig::parse(&with_ingress, "gw.toml", Path::new(".")).expect("valid");
+        assert_eq!(c.node.ingress, Some("127.0.0.1:7480".parse().expect("addr")));
     }
 
     #[test]

@@ -54,9 +54,16 @@ impl Gateway {
         let audit = Arc::new(AuditLog::open(&config.audit_log));
         let policy_file = match &config.policy {
             Some(file) => {
-                let text = std::fs::read_to_string(&file.value).map_err(|e| GatewayError::Io {
-                    path: file.value.display().to_string(),
-                    reason: e.to_string(),
+                let text = mesh_node::config::read_regular_file(&file.value).map_err(|reason| {
+                    GatewayError::Io {
+                        path: format!(
+                            "{}:{}: policy: {}",
+                            config.node.file,
+                            file.line,
+                            file.value.display()
+                        ),
+                        reason,
+                    }
                 })?;
                 Some((file.value.as_path(), text))
             }
@@ -86,18 +93,24 @@ impl Gateway {
             let bound = mesh_node::ingress::serve(node.clone(), addr)
                 .await
                 .map_err(|e| GatewayError::Io {
-                    path: format!("ingress {addr}"),
-                    reason: e.to_string(),
+                    path: format!("{}: ingress = \"{addr}\"", config.node.file),
+                    reason: format!("cannot listen: {e}"),
                 })?;
             info!("ingress listening on http://{bound}");
             node.record_address("ingress", bound);
         }
-        let admin = crate::http::serve(plane.clone(), token, config.admin, node.shutdown_signal())
-            .await
-            .map_err(|e| GatewayError::Io {
-                path: format!("admin {}", config.admin),
-                reason: e.to_string(),
-            })?;
+        let admin = crate::http::serve(
+            plane.clone(),
+            token,
+            config.admin,
+            &config.node.limits.ingress,
+            node.shutdown_signal(),
+        )
+        .await
+        .map_err(|e| GatewayError::Io {
+            path: format!("admin {}", config.admin),
+            reason: e.to_string(),
+        })?;
         info!("admin API and /metrics on http://{admin}");
         node.record_address("admin", admin);
         if let Some(b) = policies.current() {
@@ -157,6 +170,32 @@ impl Gateway {
     }
 }
 
+/// Refuses a secret readable by others, as ssh does with keys.
+fn check_private(path: &Path) -> Result<(), GatewayError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .map_err(|e| GatewayError::Io {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(GatewayError::Io {
+                path: path.display().to_string(),
+                reason: format!(
+                    "the admin token file has mode {:04o}: it must be readable by its owner only \
+                     (chmod 600)",
+                    mode & 0o777
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The admin token: read from `path`, or made (32 random bytes, hex) and written there mode 0600.
 /// Never logged.
 fn admin_token(path: &Path) -> Result<String, GatewayError> {
@@ -165,7 +204,10 @@ fn admin_token(path: &Path) -> Result<String, GatewayError> {
         reason: e.to_string(),
     };
     match std::fs::read_to_string(path) {
-        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_owned()),
+        Ok(t) if !t.trim().is_empty() => {
+            check_private(path)?;
+            return Ok(t.trim().to_owned());
+        }
         Ok(_) => {
             return Err(GatewayError::Io {
                 path: path.display().to_string(),

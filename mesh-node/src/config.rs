@@ -145,6 +145,8 @@ pub struct Limits {
     /// sends its own keep-alive, so a silent peer is noticed within `idle_timeout + keep_alive`:
     /// with the defaults (1 s, 2 s), three keep-alive intervals.
     pub idle_timeout: Duration,
+    /// Bounds of the local HTTP servers (the ingress, and a gateway's admin API).
+    pub ingress: crate::http::HttpLimits,
 }
 
 impl Default for Limits {
@@ -156,6 +158,7 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(3),
             keep_alive: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(2),
+            ingress: crate::http::HttpLimits::default(),
         }
     }
 }
@@ -236,6 +239,10 @@ struct RawLimits {
     connect_timeout_ms: Option<Spanned<u64>>,
     keep_alive_ms: Option<Spanned<u64>>,
     idle_timeout_ms: Option<Spanned<u64>>,
+    ingress_max_connections: Option<Spanned<u64>>,
+    ingress_header_timeout_ms: Option<Spanned<u64>>,
+    ingress_body_timeout_ms: Option<Spanned<u64>>,
+    ingress_max_buffered_bytes: Option<Spanned<u64>>,
 }
 
 impl NodeConfig {
@@ -431,6 +438,12 @@ impl NodeConfig {
                     {
                         (&ids.ca, "identity.ca")
                     }
+                    // The chain check failed: the CA file is the first suspect (a wrong CA is the
+                    // common mistake), and the message names both.
+                    crate::identity::TlsError::NotSignedByCa(_)
+                    | crate::identity::TlsError::WrongTrustDomain { .. } => {
+                        (&ids.ca, "identity.ca")
+                    }
                     _ => (&ids.cert, "identity.cert"),
                 };
                 err(loc, key, e.to_string())
@@ -583,6 +596,40 @@ impl RawLimits {
                 "limits.idle_timeout_ms",
                 d.idle_timeout,
             )?,
+            ingress: crate::http::HttpLimits {
+                max_connections: match &self.ingress_max_connections {
+                    Some(s) if *s.get_ref() == 0 || *s.get_ref() > 65_536 => {
+                        return Err(at.invalid(
+                            s,
+                            "limits.ingress_max_connections",
+                            "must be between 1 and 65536",
+                        ));
+                    }
+                    Some(s) => *s.get_ref() as usize,
+                    None => d.ingress.max_connections,
+                },
+                header_timeout: ms(
+                    &self.ingress_header_timeout_ms,
+                    "limits.ingress_header_timeout_ms",
+                    d.ingress.header_timeout,
+                )?,
+                body_timeout: ms(
+                    &self.ingress_body_timeout_ms,
+                    "limits.ingress_body_timeout_ms",
+                    d.ingress.body_timeout,
+                )?,
+                max_buffered_bytes: match &self.ingress_max_buffered_bytes {
+                    Some(s) if *s.get_ref() < 65_536 || *s.get_ref() > 4 * 1024 * 1024 * 1024 => {
+                        return Err(at.invalid(
+                            s,
+                            "limits.ingress_max_buffered_bytes",
+                            "must be between 65536 and 4294967296",
+                        ));
+                    }
+                    Some(s) => *s.get_ref() as usize,
+                    None => d.ingress.max_buffered_bytes,
+                },
+            },
         };
         if limits.idle_timeout <= limits.keep_alive {
             let span = self
@@ -603,12 +650,25 @@ impl RawLimits {
 /// Reads a config file: its text, its name for messages, and the folder relative paths start from.
 pub fn read_config(path: &Path) -> Result<(String, String, PathBuf), ConfigError> {
     let file = path.display().to_string();
-    let src = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+    let src = read_regular_file(path).map_err(|reason| ConfigError::Read {
         file: file.clone(),
-        reason: e.to_string(),
+        reason,
     })?;
     let base = path.parent().unwrap_or(Path::new(".")).to_owned();
     Ok((src, file, base))
+}
+
+/// Reads a file that must be a regular file: a FIFO, a device or a folder is refused at once
+/// instead of blocking or reading forever; at most 16 MiB are read.
+pub fn read_regular_file(path: &Path) -> Result<String, String> {
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.len() > 16 * 1024 * 1024 {
+        return Err(format!("{} bytes is too large for a config file", meta.len()));
+    }
+    std::fs::read_to_string(path).map_err(|e| e.to_string())
 }
 
 /// Parses an address value.

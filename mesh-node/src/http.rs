@@ -13,40 +13,223 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 use tracing::debug;
 
-/// Binds `addr` and serves HTTP/1.1 with `handler` until `stop` changes; returns the bound address.
-pub async fn serve_http<F, Fut>(
+/// Bounds of an HTTP server on a device: connections at once, time to send the headers (also how
+/// long an idle kept-alive connection is held), time to send a body, and bytes of bodies buffered
+/// across every request in flight.
+#[derive(Debug, Clone)]
+pub struct HttpLimits {
+    /// Connections served at once; one more is answered 503 and closed.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers.
+    pub header_timeout: std::time::Duration,
+    /// Time a client has to send a request's body.
+    pub body_timeout: std::time::Duration,
+    /// Bytes of request bodies buffered at once, over all requests.
+    pub max_buffered_bytes: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_connections: 256,
+            header_timeout: std::time::Duration::from_secs(5),
+            body_timeout: std::time::Duration::from_secs(30),
+            max_buffered_bytes: 32 * 1024 * 1024,
+        }
+    }
+}
+
+/// Bytes of bodies buffered now, against a bound: a request takes what it holds and gives it back
+/// when its guard drops.
+#[derive(Debug)]
+pub struct ByteBudget {
+    used: std::sync::atomic::AtomicUsize,
+    max: usize,
+}
+
+/// Bytes taken from a [`ByteBudget`], given back on drop.
+#[derive(Debug)]
+pub struct BudgetGuard {
+    budget: std::sync::Arc<ByteBudget>,
+    bytes: usize,
+}
+
+impl ByteBudget {
+    /// A budget of `max` bytes.
+    pub fn new(max: usize) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(ByteBudget {
+            used: std::sync::atomic::AtomicUsize::new(0),
+            max,
+        })
+    }
+
+    /// Takes `bytes` if they fit.
+    pub fn take(self: &std::sync::Arc<Self>, bytes: usize) -> Option<BudgetGuard> {
+        use std::sync::atomic::Ordering;
+        let mut used = self.used.load(Ordering::Relaxed);
+        loop {
+            let next = used.checked_add(bytes).filter(|n| *n <= self.max)?;
+            match self
+                .used
+                .compare_exchange_weak(used, next, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    return Some(BudgetGuard {
+                        budget: self.clone(),
+                        bytes,
+                    });
+                }
+                Err(now) => used = now,
+            }
+        }
+    }
+
+    /// The bound.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Bytes taken now.
+    pub fn used(&self) -> usize {
+        self.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl BudgetGuard {
+    /// Takes `more` bytes into this guard if they fit.
+    pub fn grow(&mut self, more: usize) -> bool {
+        match self.budget.take(more) {
+            Some(extra) => {
+                self.bytes += extra.bytes;
+                std::mem::forget(extra);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl BudgetGuard {
+    /// Counts `more` bytes that are already held (a reply that arrived), even past the bound: new
+    /// requests are refused until they are given back.
+    pub fn hold(&mut self, more: usize) {
+        self.budget
+            .used
+            .fetch_add(more, std::sync::atomic::Ordering::AcqRel);
+        self.bytes += more;
+    }
+}
+
+/// A response body that gives its bytes back to a [`ByteBudget`] only once it is written (or the
+/// client goes): a client that stops reading holds its share, and new requests see it.
+#[derive(Debug)]
+pub struct GuardedBody {
+    inner: Full<Bytes>,
+    _guard: Option<BudgetGuard>,
+}
+
+impl GuardedBody {
+    /// `body`, holding `guard` until it is sent.
+    pub fn new(body: Bytes, guard: Option<BudgetGuard>) -> Self {
+        GuardedBody {
+            inner: Full::new(body),
+            _guard: guard,
+        }
+    }
+}
+
+impl hyper::body::Body for GuardedBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for BudgetGuard {
+    fn drop(&mut self) {
+        self.budget
+            .used
+            .fetch_sub(self.bytes, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Binds `addr` and serves HTTP/1.1 with `handler`, within `limits`, until `stop` changes;
+/// returns the bound address.
+pub async fn serve_http<F, Fut, B>(
     addr: SocketAddr,
+    limits: &HttpLimits,
     mut stop: watch::Receiver<bool>,
     handler: F,
 ) -> std::io::Result<SocketAddr>
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+    Fut: std::future::Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let header_timeout = limits.header_timeout;
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
                 _ = stop.changed() => return,
             };
-            let Ok((stream, _)) = accepted else { continue };
+            let Ok((mut stream, peer)) = accepted else {
+                continue;
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                // Over the bound: say so and close, without reading a byte.
+                debug!("http: too many connections, refusing {peer}");
+                tokio::spawn(async move {
+                    use tokio::io::AsyncWriteExt;
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_secs(1),
+                        stream.write_all(TOO_MANY_CONNECTIONS),
+                    )
+                    .await;
+                });
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let handler = handler.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(&handler);
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(header_timeout)
+                    .max_buf_size(64 * 1024)
                     .serve_connection(TokioIo::new(stream), service)
                     .await
                 {
                     debug!("http connection ended: {e}");
                 }
+                drop(slot);
             });
         }
     });
     Ok(bound)
 }
+
+const TOO_MANY_CONNECTIONS: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n\
+x-starling-status: unavailable\r\nconnection: close\r\ncontent-length: 38\r\n\r\n\
+too many connections: try again later\n";
 
 /// One HTTP/1.1 request on a new connection: `(status, headers, body)`.
 pub async fn request(

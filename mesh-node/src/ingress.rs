@@ -19,45 +19,171 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response};
 use mesh_proto::Status;
 
 use crate::call::{CallOptions, Reply, http_status};
-use crate::http::{json, json_str, plain, serve_http};
+use crate::http::{BudgetGuard, ByteBudget, GuardedBody, json, json_str, plain, serve_http};
 use crate::node::Node;
 
 /// Binds the ingress of `node` on `addr` and serves it in the background until the node shuts
-/// down; returns the bound address.
+/// down, within the node's `[limits]` for the ingress; returns the bound address.
 pub async fn serve(node: Node, addr: SocketAddr) -> std::io::Result<SocketAddr> {
     let stop = node.shutdown_signal();
-    serve_http(addr, stop, move |req| handle(node.clone(), req)).await
+    let limits = node.config().limits.ingress.clone();
+    let ingress = Ingress {
+        budget: ByteBudget::new(limits.max_buffered_bytes),
+        body_timeout: limits.body_timeout,
+        node,
+    };
+    serve_http(addr, &limits, stop, move |req| handle(ingress.clone(), req)).await
 }
 
-async fn handle(node: Node, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+/// What each request of the ingress reaches.
+#[derive(Clone)]
+struct Ingress {
+    node: Node,
+    /// Bytes of request and reply bodies held now, across every request.
+    budget: std::sync::Arc<ByteBudget>,
+    body_timeout: Duration,
+}
+
+async fn handle(
+    ingress: Ingress,
+    req: Request<Incoming>,
+) -> Result<Response<GuardedBody>, Infallible> {
     let path = req.uri().path().to_owned();
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let reply = match (req.method(), parts.as_slice()) {
+    let node = &ingress.node;
+    let plain_body = |r: Response<Full<Bytes>>| r.map(|_| GuardedBody::new(Bytes::new(), None));
+    let (reply, guard) = match (req.method(), parts.as_slice()) {
         (&Method::POST, ["v1", "call", service, method]) => {
             let (service, method) = ((*service).to_owned(), (*method).to_owned());
-            call(node, req, &service, &method).await
+            call(&ingress, req, &service, &method).await
         }
-        (&Method::GET, ["v1", "health"]) => return Ok(plain(200, "ok")),
-        (&Method::GET, ["v1", "peers"]) => return Ok(json(200, peers_json(&node))),
-        (&Method::GET, ["v1", "status"]) => return Ok(json(200, status_json(&node))),
-        (_, ["v1", "call", _, _]) => return Ok(plain(405, "use POST for calls")),
+        (&Method::GET, ["v1", "health"]) => return Ok(text(200, "ok")),
+        (&Method::GET, ["v1", "peers"]) => return Ok(json_body(peers_json(node))),
+        (&Method::GET, ["v1", "status"]) => return Ok(json_body(status_json(node))),
+        (_, ["v1", "call", _, _]) => return Ok(plain_body(plain(405, "use POST for calls"))),
         _ => {
-            return Ok(plain(
+            return Ok(text(
                 404,
                 "no such path; calls go to POST /v1/call/<service>/<method>",
             ));
         }
     };
-    Ok(reply_response(reply))
+    Ok(reply_response(reply, guard))
 }
 
-async fn call(node: Node, req: Request<Incoming>, service: &str, method: &str) -> Reply {
+fn text(code: u16, body: &'static str) -> Response<GuardedBody> {
+    plain(code, body).map(|_| GuardedBody::new(Bytes::from_static(body.as_bytes()), None))
+}
+
+fn json_body(body: String) -> Response<GuardedBody> {
+    json(200, String::new()).map(|_| GuardedBody::new(Bytes::from(body), None))
+}
+
+/// Reads a call's body within the byte budget and the body deadline, makes the call, and holds
+/// the budget for the body and the reply until the reply is written.
+async fn call(
+    ingress: &Ingress,
+    req: Request<Incoming>,
+    service: &str,
+    method: &str,
+) -> (Reply, Option<BudgetGuard>) {
+    let node = &ingress.node;
+    let max = node.max_body_bytes();
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if let Some(len) = declared
+        && len > max
+    {
+        let why = format!("request body of {len} bytes exceeds the bound of {max} bytes");
+        return (Reply::error(Status::ResourceExhausted, why), None);
+    }
+    let busy = || {
+        Reply::error(
+            Status::Unavailable,
+            format!(
+                "the ingress is busy: {} bytes of bodies in flight, the bound is {} \
+                 (limits.ingress_max_buffered_bytes); try again",
+                ingress.budget.used(),
+                ingress.budget.max()
+            ),
+        )
+    };
+    let Some(mut guard) = ingress.budget.take(declared.unwrap_or(0)) else {
+        return (busy(), None);
+    };
+    let options = match call_options(&req) {
+        Ok(o) => o,
+        Err(reply) => return (reply, None),
+    };
+    let reserved = declared.unwrap_or(0);
+    let read = read_body(req.into_body(), max, reserved, &mut guard);
+    let body = match tokio::time::timeout(ingress.body_timeout, read).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(BodyError::TooLarge)) => {
+            let why = format!("request body exceeds the bound of {max} bytes");
+            return (Reply::error(Status::ResourceExhausted, why), None);
+        }
+        Ok(Err(BodyError::Busy)) => return (busy(), None),
+        Ok(Err(BodyError::Read(e))) => {
+            return (
+                Reply::error(Status::InvalidArgument, format!("request body: {e}")),
+                None,
+            );
+        }
+        Err(_) => {
+            let why = format!(
+                "the request body did not arrive within {} ms (limits.ingress_body_timeout_ms)",
+                ingress.body_timeout.as_millis()
+            );
+            return (Reply::error(Status::DeadlineExceeded, why), None);
+        }
+    };
+    let reply = node.call_with(service, method, body, &options).await;
+    guard.hold(reply.body.len());
+    (reply, Some(guard))
+}
+
+enum BodyError {
+    TooLarge,
+    Busy,
+    Read(hyper::Error),
+}
+
+/// Collects a request body of at most `max` bytes, taking from the budget what it did not reserve.
+async fn read_body(
+    mut body: Incoming,
+    max: usize,
+    reserved: usize,
+    guard: &mut BudgetGuard,
+) -> Result<Bytes, BodyError> {
+    let mut out = bytes::BytesMut::with_capacity(reserved.min(max));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(BodyError::Read)?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if out.len() + data.len() > max {
+            return Err(BodyError::TooLarge);
+        }
+        let beyond = (out.len() + data.len()).saturating_sub(reserved.max(out.len()));
+        if beyond > 0 && !guard.grow(beyond) {
+            return Err(BodyError::Busy);
+        }
+        out.extend_from_slice(&data);
+    }
+    Ok(out.freeze())
+}
+
+fn call_options(req: &Request<Incoming>) -> Result<CallOptions, Reply> {
     let mut options = CallOptions::default();
     for (name, value) in req.headers() {
         let name = name.as_str();
@@ -66,12 +192,12 @@ async fn call(node: Node, req: Request<Incoming>, service: &str, method: &str) -
             match value.parse::<u64>() {
                 Ok(ms) if ms > 0 => options.timeout = Some(Duration::from_millis(ms)),
                 _ => {
-                    return Reply::error(
+                    return Err(Reply::error(
                         Status::InvalidArgument,
                         format!(
                             "x-starling-timeout-ms: {value:?} is not a positive number of milliseconds"
                         ),
-                    );
+                    ));
                 }
             }
         } else if name == "traceparent" {
@@ -80,22 +206,10 @@ async fn call(node: Node, req: Request<Incoming>, service: &str, method: &str) -
             options.metadata.push((name.to_owned(), value.to_owned()));
         }
     }
-    let max = node.max_body_bytes();
-    let body = match Limited::new(req.into_body(), max).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            let status = if e.is::<http_body_util::LengthLimitError>() {
-                Status::ResourceExhausted
-            } else {
-                Status::InvalidArgument
-            };
-            return Reply::error(status, format!("request body: {e} (bound {max} bytes)"));
-        }
-    };
-    node.call_with(service, method, body, &options).await
+    Ok(options)
 }
 
-fn reply_response(reply: Reply) -> Response<Full<Bytes>> {
+fn reply_response(reply: Reply, guard: Option<BudgetGuard>) -> Response<GuardedBody> {
     let mut builder = Response::builder()
         .status(http_status(reply.status))
         .header("x-starling-status", reply.status.as_str());
@@ -112,8 +226,8 @@ fn reply_response(reply: Reply) -> Response<Full<Bytes>> {
         Bytes::from(reply.message)
     };
     builder
-        .body(Full::new(body))
-        .unwrap_or_else(|_| plain(500, "could not build the answer"))
+        .body(GuardedBody::new(body, guard))
+        .unwrap_or_else(|_| text(500, "could not build the answer"))
 }
 
 fn sanitize_header(s: &str) -> String {

@@ -202,10 +202,13 @@ impl Server {
             caller,
             service,
             method,
+            // The mesh's own names (`:stream`, `x-starling-*`) are never taken from a peer.
             metadata: head
                 .metadata
                 .iter()
-                .filter(|(k, _)| !k.starts_with(':'))
+                .filter(|(k, _)| {
+                    !k.starts_with(':') && !k.to_ascii_lowercase().starts_with("x-starling-")
+                })
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
             deadline: now() + timeout,

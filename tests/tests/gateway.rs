@@ -548,13 +548,23 @@ async fn a_dead_node_is_shown_down_then_removed() {
 async fn the_admin_api_is_on_loopback_and_guards_changes() {
     let pki = Pki::new();
     let gw_conf = pki.gateway_config("gw", "127.0.0.1:0", "");
-    // The default admin address, untouched: loopback.
-    let src = std::fs::read_to_string(&gw_conf)
-        .expect("conf")
-        .replace("admin = \"127.0.0.1:0\"\n", "");
-    std::fs::write(&gw_conf, &src).expect("conf");
+    // The default admin address, read from a file that names none: loopback. (Parsed, not bound:
+    // the machine's port 9480 may be anyone's.)
+    let src = std::fs::read_to_string(&gw_conf).expect("conf");
+    let defaults = mesh_gateway::GatewayConfig::parse(
+        &src.replace("admin = \"127.0.0.1:0\"\n", ""),
+        "gw.toml",
+        &pki.dir.path().join("gw"),
+    )
+    .expect("config");
+    assert_eq!(
+        defaults.admin,
+        "127.0.0.1:9480".parse::<SocketAddr>().expect("addr")
+    );
+    assert!(defaults.admin_warning().is_none());
+    // The process, on a port of its own.
     let (_gw, admin) = NodeProc::start_gateway("gw", &gw_conf);
-    assert_eq!(admin, "127.0.0.1:9480".parse::<SocketAddr>().expect("addr"));
+    assert!(admin.ip().is_loopback());
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(pki.dir.path().join("gw/admin.token"))
             .expect("token")

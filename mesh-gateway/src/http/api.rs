@@ -21,6 +21,12 @@ pub(super) async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let state = &*api.plane;
+    if api.reads_need_token && !authorized(&api, &req) {
+        return Ok(json_response(
+            401,
+            json!({ "error": "this admin API listens off loopback: every request needs Authorization: Bearer <admin token>" }),
+        ));
+    }
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
     Ok(match (req.method().clone(), path.as_str()) {
@@ -63,13 +69,7 @@ pub(super) async fn handle(
 }
 
 async fn put_policy(api: &Api, req: Request<Incoming>, query: &str) -> Response<Full<Bytes>> {
-    let authorized = req
-        .headers()
-        .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| constant_time_eq(t.trim().as_bytes(), api.token.as_bytes()));
-    if !authorized {
+    if !authorized(api, &req) {
         return json_response(
             401,
             json!({ "error": "PUT /v1/policy needs Authorization: Bearer <admin token>" }),
@@ -197,6 +197,15 @@ fn respond(code: u16, content_type: &'static str, body: String) -> Response<Full
 
 fn json_response(code: u16, value: serde_json::Value) -> Response<Full<Bytes>> {
     respond(code, "application/json", value.to_string())
+}
+
+/// Whether the request carries the admin token.
+fn authorized(api: &Api, req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| constant_time_eq(t.trim().as_bytes(), api.token.as_bytes()))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

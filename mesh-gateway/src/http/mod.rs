@@ -10,8 +10,8 @@
 //! | `GET /v1/policy/status` | which node holds which version, and refusals |
 //! | `GET /v1/traces?limit=N` | recent traces, newest first |
 //!
-//! Reads are open (to whoever can reach the address); every change needs
-//! `Authorization: Bearer <token>`. The dashboard comes next, as a module beside `api`.
+//! On loopback, reads are open (to whoever can reach the address); every change needs
+//! `Authorization: Bearer <token>`. On any other address, every request needs it. The dashboard comes next, as a module beside `api`.
 
 mod api;
 
@@ -27,6 +27,8 @@ use crate::control::ControlPlane;
 struct Api {
     plane: Arc<ControlPlane>,
     token: Arc<str>,
+    /// Off loopback, reads need the token too.
+    reads_need_token: bool,
 }
 
 /// Binds the admin API on `addr` and serves it until `stop` changes; returns the bound address.
@@ -34,11 +36,13 @@ pub(crate) async fn serve(
     plane: Arc<ControlPlane>,
     token: String,
     addr: SocketAddr,
+    limits: &mesh_node::http::HttpLimits,
     stop: watch::Receiver<bool>,
 ) -> std::io::Result<SocketAddr> {
     let api = Api {
         plane,
         token: token.into(),
+        reads_need_token: !addr.ip().is_loopback(),
     };
-    mesh_node::http::serve_http(addr, stop, move |req| api::handle(api.clone(), req)).await
+    mesh_node::http::serve_http(addr, limits, stop, move |req| api::handle(api.clone(), req)).await
 }

@@ -35,6 +35,14 @@ pub enum TlsError {
     /// A certificate names no usable SPIFFE ID.
     #[error("certificate has no spiffe:// URI SAN")]
     NoSpiffeId,
+    /// A certificate names more than one URI.
+    #[error("certificate has {0} URI SANs; a mesh identity has exactly one")]
+    ManyUris(usize),
+    /// A certificate claims a leaf identity, which only a host node vouches for.
+    #[error(
+        "certificate claims the leaf identity {0}; a leaf is vouched for by its host node, never presented as a certificate"
+    )]
+    LeafCertificate(SpiffeId),
     /// The SPIFFE ID in a certificate is malformed.
     #[error("certificate identity: {0}")]
     BadSpiffeId(#[from] IdentityError),
@@ -49,6 +57,10 @@ pub enum TlsError {
     /// The certificate could not be parsed.
     #[error("certificate is not valid X.509: {0}")]
     BadCertificate(String),
+    /// The node's certificate is not signed by the CA named beside it (one of the two files is
+    /// not what it should be).
+    #[error("the node certificate is not signed by this CA ({0}): is this the mesh's CA, and the certificate this node's?")]
+    NotSignedByCa(String),
     /// rustls refused the configuration.
     #[error("tls: {0}")]
     Rustls(#[from] rustls::Error),
@@ -125,11 +137,7 @@ impl Identity {
             UnixTime::now(),
             provider.signature_verification_algorithms.all,
         )
-        .map_err(|e| {
-            TlsError::BadCertificate(format!(
-                "node certificate does not chain to the mesh CA: {e}"
-            ))
-        })?;
+        .map_err(|e| TlsError::NotSignedByCa(format!("{e}")))?;
         Ok(Identity {
             id,
             chain,
@@ -211,12 +219,26 @@ fn pem_reason(e: rustls_pki_types::pem::Error, what: &str) -> String {
 }
 
 /// The SPIFFE ID in a certificate's URI SAN.
+///
+/// Only the shape the mesh issues is accepted: exactly one URI SAN, a SPIFFE ID of a node
+/// (`spiffe://<td>/node/<name>`). A leaf ID (`.../node/<host>/leaf/<mcu>`) is vouched for by its
+/// host node and never presented as a certificate; a second URI would let one certificate be read
+/// as two identities.
 pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, TlsError> {
-    let uri = uri_sans(cert)?
-        .into_iter()
-        .find(|u| u.starts_with("spiffe://"))
-        .ok_or(TlsError::NoSpiffeId)?;
-    Ok(SpiffeId::parse(&uri)?)
+    let uris = uri_sans(cert)?;
+    let uri = match uris.as_slice() {
+        [] => return Err(TlsError::NoSpiffeId),
+        [one] => one,
+        _ => return Err(TlsError::ManyUris(uris.len())),
+    };
+    if !uri.starts_with("spiffe://") {
+        return Err(TlsError::NoSpiffeId);
+    }
+    let id = SpiffeId::parse(uri)?;
+    if id.leaf().is_some() {
+        return Err(TlsError::LeafCertificate(id));
+    }
+    Ok(id)
 }
 
 /// The trust domain a CA certificate names in its `spiffe://<td>` URI SAN, if it names one.

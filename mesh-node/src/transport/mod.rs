@@ -4,8 +4,8 @@
 //! - [`hello`]: what each side says first on a new connection, and again when its services change.
 //! - [`dial`]: the peers discovery reports (mDNS, the gateway's registry), dialled and forgotten.
 //!
-//! A connection is handed to the server (which serves the calls it carries) and, once its hello is
-//! checked, entered into the peer table. Who a peer is comes from its verified certificate only.
+//! Once a connection's hello is checked, it is entered into the peer table and handed to the server
+//! (which serves the calls it carries); no call is served before. Who a peer is comes from its verified certificate only.
 
 mod dial;
 mod hello;
@@ -318,7 +318,6 @@ impl Transport {
                 return;
             }
         };
-        (self.inner.serve)(conn.clone(), id.clone());
         let info = match self.exchange_hellos(&conn, &id).await {
             Ok(info) => info,
             Err(why) => {
@@ -329,6 +328,9 @@ impl Transport {
         };
         log_up(&info);
         self.inner.peers.register(info.clone(), &conn);
+        // Calls are served only once the peer's hello is checked: a stream it opened earlier
+        // waits (bounded by its stream credit) and is read now.
+        (self.inner.serve)(conn.clone(), id.clone());
         // Later hellos (the peer's services changed) update its entry while the connection lives.
         let reason = tokio::select! {
             reason = conn.closed() => reason,

@@ -2,6 +2,10 @@
 //! verified SPIFFE ID in `x-starling-caller` and the call's metadata as headers, over a pool of
 //! kept-alive HTTP/1.1 connections. A 2xx answer is `Ok`; any other is `Upstream(code)` with the
 //! upstream's body.
+//!
+//! Metadata comes from a remote peer: names that would let it speak for the mesh or for the HTTP
+//! exchange itself (`x-starling-*`, `host`, hop-by-hop names, `content-*`, `transfer-encoding`) are
+//! never passed on; the node sets `x-starling-caller` itself, once, from the verified certificate.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -47,7 +51,7 @@ impl HttpUpstream {
             .header(hyper::header::CONTENT_TYPE, "application/octet-stream")
             .header("x-starling-caller", ctx.caller.to_string())
             .header("x-starling-service", ctx.service.as_str());
-        for (k, v) in &ctx.metadata {
+        for (k, v) in ctx.metadata.iter().filter(|(k, _)| forwardable(k)) {
             req = req.header(k.as_str(), v.as_str());
         }
         let req = req.body(Full::new(body)).map_err(|e| {
@@ -130,6 +134,53 @@ impl HttpUpstream {
             && idle.len() < MAX_IDLE
         {
             idle.push(sender);
+        }
+    }
+}
+
+/// Whether a metadata entry named `name` may reach the upstream as a header.
+fn forwardable(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    !(name.starts_with("x-starling-")
+        || name.starts_with("content-")
+        || name.starts_with("proxy-")
+        || matches!(
+            name.as_str(),
+            "host"
+                | "connection"
+                | "keep-alive"
+                | "te"
+                | "trailer"
+                | "trailers"
+                | "transfer-encoding"
+                | "upgrade"
+                | "expect"
+        ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_cannot_speak_for_the_mesh_or_the_http_exchange() {
+        for name in [
+            "x-starling-caller",
+            "X-Starling-Caller",
+            "x-starling-service",
+            "Host",
+            "connection",
+            "Transfer-Encoding",
+            "content-length",
+            "Content-Type",
+            "proxy-authorization",
+            "upgrade",
+            "te",
+        ] {
+            assert!(!forwardable(name), "{name} passed");
+        }
+        for name in ["x-canary", "x-request-id", "traceparent-ish"] {
+            assert!(forwardable(name), "{name} was dropped");
         }
     }
 }

@@ -172,14 +172,24 @@ mod tests {
         assert_eq!(c.admin, "127.0.0.1:9999".parse().expect("addr"));
         assert_eq!(c.down_after, Duration::from_millis(100));
         assert_eq!(c.audit_log, Path::new("/etc/starling/audit.jsonl"));
-        assert_eq!(c.node.ingress, None, "a gateway runs no ingress unless asked");
+        assert_eq!(
+            c.node.ingress, None,
+            "a gateway runs no ingress unless asked"
+        );
         assert!(c.admin_warning().is_none());
         let open = GOOD.replace("127.0.0.1:9999", "0.0.0.0:9480");
         let c = GatewayConfig::parse(&open, "gw.toml", Path::new(".")).expect("valid");
-        assert!(c.admin_warning().expect("warns").contains("reachable from the network"));
+        assert!(
+            c.admin_warning()
+                .expect("warns")
+                .contains("reachable from the network")
+        );
         let with_ingress = GOOD.replace("admin =", "ingress = \"127.0.0.1:7480\"\nadmin =");
         let c = GatewayConfig::parse(&with_ingress, "gw.toml", Path::new(".")).expect("valid");
-        assert_eq!(c.node.ingress, Some("127.0.0.1:7480".parse().expect("addr")));
+        assert_eq!(
+            c.node.ingress,
+            Some("127.0.0.1:7480".parse().expect("addr"))
+        );
     }
 
     #[test]

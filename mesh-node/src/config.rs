@@ -666,7 +666,10 @@ pub fn read_regular_file(path: &Path) -> Result<String, String> {
         return Err("not a regular file".into());
     }
     if meta.len() > 16 * 1024 * 1024 {
-        return Err(format!("{} bytes is too large for a config file", meta.len()));
+        return Err(format!(
+            "{} bytes is too large for a config file",
+            meta.len()
+        ));
     }
     std::fs::read_to_string(path).map_err(|e| e.to_string())
 }

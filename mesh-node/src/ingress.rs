@@ -118,6 +118,9 @@ async fn call(
         )
     };
     let Some(mut guard) = ingress.budget.take(declared.unwrap_or(0)) else {
+        // Read and drop the body (holding nothing), so the client hears the answer instead of a
+        // broken pipe.
+        let _ = tokio::time::timeout(ingress.body_timeout, drain(req.into_body())).await;
         return (busy(), None);
     };
     let options = match call_options(&req) {
@@ -132,7 +135,11 @@ async fn call(
             let why = format!("request body exceeds the bound of {max} bytes");
             return (Reply::error(Status::ResourceExhausted, why), None);
         }
-        Ok(Err(BodyError::Busy)) => return (busy(), None),
+        Ok(Err(BodyError::Busy(rest))) => {
+            drop(guard);
+            let _ = tokio::time::timeout(ingress.body_timeout, drain(rest)).await;
+            return (busy(), None);
+        }
         Ok(Err(BodyError::Read(e))) => {
             return (
                 Reply::error(Status::InvalidArgument, format!("request body: {e}")),
@@ -154,8 +161,14 @@ async fn call(
 
 enum BodyError {
     TooLarge,
-    Busy,
+    /// The budget ran out; the rest of the body is still to be read.
+    Busy(Incoming),
     Read(hyper::Error),
+}
+
+/// Reads a body to its end, keeping nothing.
+async fn drain(mut body: Incoming) {
+    while let Some(Ok(_)) = body.frame().await {}
 }
 
 /// Collects a request body of at most `max` bytes, taking from the budget what it did not reserve.
@@ -176,7 +189,7 @@ async fn read_body(
         }
         let beyond = (out.len() + data.len()).saturating_sub(reserved.max(out.len()));
         if beyond > 0 && !guard.grow(beyond) {
-            return Err(BodyError::Busy);
+            return Err(BodyError::Busy(body));
         }
         out.extend_from_slice(&data);
     }
@@ -260,7 +273,7 @@ fn status_json(node: &Node) -> String {
     format!(
         "{{\"name\":{},\"id\":{},\"quic\":{},\"hosted\":[{}],\"peers\":{},\"dial_errors\":[{}],\
          \"refused_handshakes\":{},\"last_refusal\":{},\"connections_admitted\":{},\"peers_lost\":{},\"gateway\":{},\"gateway_sessions\":{},\"policy\":{{\"version\":{},\"epoch\":{},\"hash\":{},\"source\":{},\"problem\":{}}},\
-         \"telemetry\":{{\"pending\":{},\"dropped\":{}}}}}",
+         \"telemetry\":{{\"pending\":{},\"dropped\":{},\"pending_bytes\":{},\"lost_items\":{}}}}}",
         json_str(s.id.node_name().as_str()),
         json_str(&s.id.to_string()),
         json_str(&s.quic.to_string()),
@@ -286,6 +299,8 @@ fn status_json(node: &Node) -> String {
             .map_or("null".to_owned(), json_str),
         s.telemetry_pending,
         s.telemetry_dropped,
+        s.telemetry_pending_bytes,
+        s.telemetry_lost_items,
     )
 }
 

@@ -90,6 +90,10 @@ pub struct NodeStatus {
     pub telemetry_pending: usize,
     /// Telemetry batches dropped because the backlog was full, since start.
     pub telemetry_dropped: u64,
+    /// Bytes of the batches waiting.
+    pub telemetry_pending_bytes: usize,
+    /// Spans and audit events dropped (a batch full, or the backlog's byte bound), since start.
+    pub telemetry_lost_items: u64,
 }
 
 /// How a node is started beyond its config.
@@ -325,6 +329,7 @@ impl Node {
     pub fn status(&self) -> NodeStatus {
         let telemetry = self.parts.telemetry.lock();
         let (pending, dropped) = (telemetry.pending().count(), telemetry.dropped());
+        let (pending_bytes, lost_items) = (telemetry.pending_bytes(), telemetry.lost_items());
         drop(telemetry);
         let (refused_handshakes, last_refusal) = self.parts.transport.refused_handshakes();
         let (connections_admitted, peers_lost) = self.parts.peers.churn();
@@ -354,6 +359,8 @@ impl Node {
             },
             telemetry_pending: pending,
             telemetry_dropped: dropped,
+            telemetry_pending_bytes: pending_bytes,
+            telemetry_lost_items: lost_items,
         }
     }
 

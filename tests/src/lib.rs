@@ -160,8 +160,12 @@ impl NodeProc {
                 .and_then(|v| v.as_str())
                 .expect("test configs name a state_dir"),
         );
-        let wants_ingress = settings.get("ingress").and_then(|v| v.as_str()) != Some("off");
         let gateway = prefix.last().is_some_and(|b| b.ends_with("mesh-gateway"));
+        // A node runs an ingress unless told "off"; a gateway only when its file names one.
+        let wants_ingress = match settings.get("ingress").and_then(|v| v.as_str()) {
+            Some(v) => v != "off",
+            None => !gateway,
+        };
         let mut child = Command::new(&prefix[0])
             .args(&prefix[1..])
             .args(["run", "--config"])
@@ -557,4 +561,82 @@ pub fn random_bytes(n: usize, seed: u64) -> Bytes {
 pub fn closed_tcp_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr").port()
+}
+
+/// `VmRSS` and `RssAnon` of a process, in KiB.
+pub fn rss_kib(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    };
+    Some((field("VmRSS:")?, field("RssAnon:")?))
+}
+
+/// A server verifier that accepts anything: for a raw client that must reach a node whatever it
+/// presents, to see what the node does with the client's own certificate.
+#[derive(Debug)]
+pub struct AcceptAnyServer;
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        mesh_node::identity::provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A QUIC client endpoint that presents `chain` and `key` (PEM) to whatever it dials.
+pub fn raw_client(chain_pem: &[&str], key_pem: &str) -> (quinn::Endpoint, quinn::ClientConfig) {
+    use rustls::pki_types::pem::PemObject;
+    let chain = chain_pem
+        .iter()
+        .map(|p| rustls::pki_types::CertificateDer::from_pem_slice(p.as_bytes()).expect("pem"))
+        .collect();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("key");
+    let mut tls = rustls::ClientConfig::builder_with_provider(mesh_node::identity::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyServer))
+        .with_client_auth_cert(chain, key)
+        .expect("client auth");
+    tls.alpn_protocols = vec![mesh_proto::ALPN.to_vec()];
+    let config = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls"),
+    ));
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    (endpoint, config)
 }

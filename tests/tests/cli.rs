@@ -326,3 +326,139 @@ fn version_and_help() {
         assert!(out.status.success());
     }
 }
+
+#[test]
+fn a_fifo_as_a_config_file_is_refused_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = dir.path().join("node.toml");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    let started = std::time::Instant::now();
+    let out = check(&fifo);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("not a regular file"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "it hung"
+    );
+}
+
+#[test]
+fn a_wrong_ca_file_is_reported_under_identity_ca() {
+    let pki = Pki::new();
+    let conf = pki.config("node-a", "");
+    // Another mesh's CA beside this node's certificate.
+    let other = Pki::new();
+    std::fs::copy(
+        other.dir.path().join("ca/ca.crt"),
+        conf.parent().expect("dir").join("certs/ca.crt"),
+    )
+    .expect("copy");
+    let out = check(&conf);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    let line = line_of(&std::fs::read_to_string(&conf).expect("read"), "ca =");
+    assert!(
+        err.contains(&format!(
+            ":{line}: identity.ca: the node certificate is not signed by this CA"
+        )),
+        "{err}"
+    );
+}
+
+/// A gateway config from `configs/gateway.example.toml`, in `dir`, with the paths it names
+/// made real (certificates from `ca issue`, the example policy beside it).
+fn example_gateway(pki: &Pki, dir: &Path) -> std::path::PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = run(
+        "mesh-gateway",
+        &[
+            "ca",
+            "issue",
+            "--ca",
+            pki.dir.path().join("ca").to_str().expect("path"),
+            "--name",
+            "gw",
+            "--out",
+            dir.join("certs").to_str().expect("path"),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::copy(
+        repo.join("configs/policy.example.toml"),
+        dir.join("policy.example.toml"),
+    )
+    .expect("policy");
+    let conf = dir.join("gateway.toml");
+    let example =
+        std::fs::read_to_string(repo.join("configs/gateway.example.toml")).expect("example");
+    std::fs::write(
+        &conf,
+        example
+            .replace("/var/lib/starling/audit.jsonl", "audit.jsonl")
+            .replace("state_dir = \"/var/lib/starling\"", "state_dir = \"state\""),
+    )
+    .expect("conf");
+    conf
+}
+
+/// The README's gateway section, step by step: `ca issue` writes what the example config names.
+#[test]
+fn the_readme_gateway_section_passes_its_first_check_config() {
+    let pki = Pki::new();
+    let dir = pki.dir.path().join("gw");
+    let conf = example_gateway(&pki, &dir);
+    let out = run(
+        "mesh-gateway",
+        &["check-config", conf.to_str().expect("path")],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).is_empty(),
+        "a warning on loopback: {}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn an_admin_address_off_loopback_warns_and_a_shared_token_file_is_refused() {
+    let pki = Pki::new();
+    let dir = pki.dir.path().join("gw");
+    let conf = example_gateway(&pki, &dir);
+    let src = std::fs::read_to_string(&conf).expect("conf");
+    std::fs::write(
+        &conf,
+        src.replace("admin = \"127.0.0.1:9480\"", "admin = \"0.0.0.0:0\"")
+            .replace("listen = \"0.0.0.0:7400\"", "listen = \"127.0.0.1:0\""),
+    )
+    .expect("conf");
+    let out = run(
+        "mesh-gateway",
+        &["check-config", conf.to_str().expect("path")],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out)
+            .contains("warning: the admin API listens on 0.0.0.0:0, reachable from the network"),
+        "{}",
+        stderr(&out)
+    );
+    // A token file others can read: the gateway refuses to start.
+    let token = dir.join("admin.token");
+    std::fs::write(&token, "0123456789abcdef\n").expect("token");
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = run(
+        "mesh-gateway",
+        &["run", "--config", conf.to_str().expect("path")],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("the admin token file has mode 0644"),
+        "{}",
+        stderr(&out)
+    );
+}

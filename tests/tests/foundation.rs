@@ -117,23 +117,7 @@ async fn certificate_for_another_trust_domain_is_refused() {
     let id = mesh_core::SpiffeId::node("elsewhere.example", "intruder".parse().expect("name"))
         .expect("id");
     let issued = pki.ca.issue(id, 1).expect("issue");
-    let cert = rustls_pki_types_der(&issued.cert_pem);
-    let key = {
-        use rustls::pki_types::pem::PemObject;
-        rustls::pki_types::PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).expect("key")
-    };
-    let mut tls = rustls::ClientConfig::builder_with_provider(mesh_node::identity::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("tls13")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAnyServer))
-        .with_client_auth_cert(vec![cert], key)
-        .expect("client auth");
-    tls.alpn_protocols = vec![mesh_proto::ALPN.to_vec()];
-    let client = quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls"),
-    ));
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let (endpoint, client) = starling_tests::raw_client(&[&issued.cert_pem], &issued.key_pem);
     let result = tokio::time::timeout(
         UP,
         endpoint
@@ -515,48 +499,4 @@ async fn a_dropped_peer_is_redialled() {
     .await
     .expect("ingress");
     assert_eq!((code, &body[..]), (200, &b"back"[..]));
-}
-
-// Test-only TLS helpers.
-
-#[derive(Debug)]
-struct AcceptAnyServer;
-
-impl rustls::client::danger::ServerCertVerifier for AcceptAnyServer {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        mesh_node::identity::provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-fn rustls_pki_types_der(pem: &str) -> rustls::pki_types::CertificateDer<'static> {
-    use rustls::pki_types::pem::PemObject;
-    rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).expect("pem cert")
 }

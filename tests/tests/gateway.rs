@@ -816,3 +816,500 @@ async fn a_node_takes_policy_only_from_its_pinned_gateway() {
     );
     assert_eq!(a.status()["gateway_sessions"], 1);
 }
+
+// ---- Fail closed, lose nothing (issue 11) ----
+
+const ECHO: &str = "[[services]]\nname = \"echo\"\nupstream = \"builtin:echo\"\n";
+
+/// The gateway's count of one node's telemetry gap.
+fn gap_of(metrics: &str, node: &str) -> Option<u64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(&format!("starling_telemetry_gap_total{{node=\"{node}\"}}")))?
+        .rsplit_once(' ')?
+        .1
+        .parse()
+        .ok()
+}
+
+async fn calls(ingress: SocketAddr, service: &str, n: usize) {
+    for _ in 0..n {
+        let (code, _, _) = post(ingress, service, "say", Bytes::from_static(b"x"), None)
+            .await
+            .expect("call");
+        assert_eq!(code, 200);
+    }
+}
+
+/// The ok echo calls the gateway counts once it counts at least `n` (or after 20 s, whatever it
+/// counts then).
+async fn counted(admin: SocketAddr, n: u64) -> u64 {
+    let count = async || {
+        request_counts(&metrics(admin).await)
+            .get(&key("echo", "say", "ok"))
+            .copied()
+            .unwrap_or(0)
+    };
+    match eventually(Duration::from_secs(20), async || {
+        let c = count().await;
+        (c >= n).then_some(c)
+    })
+    .await
+    {
+        Some(c) => c,
+        None => count().await,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_made_across_a_node_restart_are_all_counted_at_the_gateway() {
+    let pki = Pki::new();
+    let (gw, admin) = NodeProc::start_gateway("gw", &pki.gateway_config("gw", "127.0.0.1:0", ""));
+    let conf = node_conf(&pki, "node-c", gw.quic, ECHO);
+    let c = NodeProc::start("node-c", &conf);
+    c.wait_gateway(UP);
+    calls(c.ingress(), "echo", 20).await;
+    // A restart: the next process numbers its batches from 1 again.
+    assert!(c.stop().success());
+    let c = NodeProc::start("node-c", &conf);
+    c.wait_gateway(UP);
+    calls(c.ingress(), "echo", 40).await;
+    assert_eq!(
+        counted(admin, 60).await,
+        60,
+        "calls were lost across the restart"
+    );
+    assert_eq!(gap_of(&metrics(admin).await, "node-c"), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_with_batches_unsent_is_a_counted_gap() {
+    let pki = Pki::new();
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let gw_conf = pki.gateway_config("gw", &listen, "");
+    let (gw, _) = NodeProc::start_gateway("gw", &gw_conf);
+    let conf = node_conf(&pki, "node-c", gw.quic, ECHO);
+    let c = NodeProc::start("node-c", &conf);
+    c.wait_gateway(UP);
+    assert!(gw.stop().success());
+    calls(c.ingress(), "echo", 30).await;
+    let status = c.wait_status("holding unsent batches", UP, |s| {
+        s["telemetry"]["pending"].as_u64() >= Some(3)
+    });
+    let pending = status["telemetry"]["pending"].as_u64().expect("pending");
+    c.kill();
+    let (_gw, admin) = NodeProc::start_gateway("gw", &gw_conf);
+    let c = NodeProc::start("node-c", &conf);
+    c.wait_gateway(UP);
+    let gap = eventually(Duration::from_secs(20), async || {
+        gap_of(&metrics(admin).await, "node-c").filter(|g| *g > 0)
+    })
+    .await
+    .expect("the killed process's batches went missing without a gap");
+    // At least what it held when killed (the progress file may trail by a cut or two).
+    assert!(
+        gap + 2 >= pending && gap <= pending + 40,
+        "gap {gap}, pending {pending}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_cannot_save_a_policy_nacks_it_and_still_enforces_it() {
+    let pki = Pki::new();
+    let policy_file = pki.dir.path().join("policy.toml");
+    std::fs::write(&policy_file, "[authorization]\ndefault = \"deny\"\n").expect("policy");
+    let (gw, admin) = gateway_with_policy(&pki, &policy_file);
+    let conf = node_conf(&pki, "node-a", gw.quic, ECHO);
+    // A folder where the node writes its temporary copy: every save fails, even as root.
+    std::fs::create_dir_all(pki.dir.path().join("node-a/state/.policy.toml.tmp")).expect("mkdir");
+    let a = NodeProc::start("node-a", &conf);
+    let status = a.wait_status("holding version 1 unsaved", UP, |s| {
+        s["policy"]["version"] == 1 && !s["policy"]["problem"].is_null()
+    });
+    let problem = status["policy"]["problem"].as_str().expect("problem");
+    assert!(problem.contains("not saved"), "{problem}");
+    // Enforced in memory all the same.
+    let (code, _, _) = post(a.ingress(), "echo", "say", Bytes::new(), None)
+        .await
+        .expect("call");
+    assert_eq!(code, 403);
+    // The gateway does not show it current, and says why.
+    let node = eventually(UP, async || {
+        let status = policy_status(admin).await;
+        status["nodes"]
+            .as_array()?
+            .iter()
+            .find(|n| n["name"] == "node-a" && !n["error"].is_null())
+            .cloned()
+    })
+    .await
+    .expect("no refusal shown");
+    assert_eq!(node["current"], false, "{node}");
+    assert!(
+        node["error"].as_str().expect("error").contains("not saved"),
+        "{node}"
+    );
+    assert!(
+        metrics(admin)
+            .await
+            .contains("starling_policy_error{node=\"node-a\"} 1")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_saved_policy_never_lets_a_denied_call_through() {
+    let pki = Pki::new();
+    let policy_file = pki.dir.path().join("policy.toml");
+    // Deny by default, with a rule that lets the test's own probe through once fixed.
+    std::fs::write(
+        &policy_file,
+        "[authorization]\ndefault = \"deny\"\n[[authorization.rules]]\nname = \"health\"\n\
+         effect = \"allow\"\nservices = [\"health\"]\n",
+    )
+    .expect("policy");
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let gw_conf = pki.gateway_config("gw", &listen, "");
+    prepend(
+        &gw_conf,
+        &format!("policy = \"{}\"\n", policy_file.display()),
+    );
+    let (gw, admin) = NodeProc::start_gateway("gw", &gw_conf);
+    let conf = node_conf(&pki, "node-a", gw.quic, ECHO);
+    let a = NodeProc::start("node-a", &conf);
+    assert!(all_at(admin, &["node-a"], 1).await);
+    assert!(a.stop().success());
+    assert!(gw.stop().success());
+    let saved = pki.dir.path().join("node-a/state/policy.toml");
+    let good = std::fs::read(&saved).expect("saved");
+    let header = good.iter().position(|b| *b == b'\n').expect("header") + 1;
+    let second_line = header
+        + good[header..]
+            .iter()
+            .position(|b| *b == b'\n')
+            .expect("line")
+        + 1;
+    let damage: Vec<(&str, Vec<u8>)> = vec![
+        ("cut at a line boundary", good[..second_line].to_vec()),
+        (
+            "random bytes",
+            (0..300u32).map(|i| (i * 53 % 256) as u8).collect(),
+        ),
+        ("a flipped bit", {
+            let mut b = good.clone();
+            b[header + 3] ^= 0x20;
+            b
+        }),
+    ];
+    for (what, bytes) in damage {
+        std::fs::write(&saved, bytes).expect("damage");
+        let a = NodeProc::start("node-a", &conf);
+        let status = a.status();
+        assert_eq!(status["policy"]["source"], "damaged", "{what}: {status}");
+        let (code, _, body) = post(a.ingress(), "echo", "say", Bytes::new(), None)
+            .await
+            .expect("call");
+        let body = String::from_utf8_lossy(&body);
+        assert_eq!(code, 403, "{what}: a denied call went through: {body}");
+        assert!(body.contains("damaged"), "{body}");
+        assert!(a.stop().success());
+    }
+    // The gateway returns: a good bundle, and the node serves under it again.
+    let (_gw, _) = NodeProc::start_gateway("gw", &gw_conf);
+    let a = NodeProc::start("node-a", &conf);
+    let status = a.wait_status("under a good bundle", UP, |s| {
+        s["policy"]["source"] == "gateway"
+    });
+    assert_eq!(status["policy"]["version"], 1);
+    let (code, _, _) = post(a.ingress(), "echo", "say", Bytes::new(), None)
+        .await
+        .expect("call");
+    assert_eq!(code, 403, "the policy itself denies echo");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rogue_version_number_never_locks_a_node_out_of_its_gateway() {
+    let pki = Pki::new();
+    let policy_file = pki.dir.path().join("policy.toml");
+    std::fs::write(&policy_file, "[defaults]\ncall_timeout_ms = 4000\n").expect("policy");
+    let (gw, admin) = gateway_with_policy(&pki, &policy_file);
+    let conf = node_conf(&pki, "node-a", gw.quic, ECHO);
+    // The node holds a bundle numbered 2^64-1 from another epoch (a rogue's, or a lost gateway's).
+    let rogue = "[authorization]\ndefault = \"deny\"\n";
+    mesh_node::state::PolicyStore::new(&pki.dir.path().join("node-a/state"))
+        .save(&mesh_node::state::SavedBundle {
+            id: mesh_proto::control::BundleRef {
+                epoch: 42,
+                version: u64::MAX,
+                hash: mesh_node::state::bundle_hash(rogue),
+            },
+            toml: rogue.into(),
+        })
+        .expect("save");
+    let a = NodeProc::start("node-a", &conf);
+    let status = a.wait_status("under the gateway's bundle", UP, |s| {
+        s["policy"]["source"] == "gateway"
+    });
+    assert_eq!(status["policy"]["version"], 1);
+    assert_ne!(status["policy"]["epoch"], 42);
+    let gw_status = policy_status(admin).await;
+    assert_eq!(status["policy"]["epoch"], gw_status["epoch"]);
+    assert!(all_at(admin, &["node-a"], 1).await);
+    let node = &policy_status(admin).await["nodes"][0];
+    assert_eq!(node["current"], true, "{node}");
+    drop(gw);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_lost_its_state_resets_its_nodes_to_a_new_epoch() {
+    let pki = Pki::new();
+    let policy_file = pki.dir.path().join("policy.toml");
+    std::fs::write(&policy_file, "[defaults]\ncall_timeout_ms = 4000\n").expect("policy");
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let gw_conf = pki.gateway_config("gw", &listen, "");
+    prepend(
+        &gw_conf,
+        &format!("policy = \"{}\"\n", policy_file.display()),
+    );
+    let (gw, admin) = NodeProc::start_gateway("gw", &gw_conf);
+    let a = NodeProc::start("node-a", &node_conf(&pki, "node-a", gw.quic, ECHO));
+    assert!(all_at(admin, &["node-a"], 1).await);
+    let first = policy_status(admin).await["epoch"].clone();
+    assert!(gw.stop().success());
+    std::fs::remove_dir_all(pki.dir.path().join("gw/state/gateway")).expect("lose the state");
+    let (_gw, admin) = NodeProc::start_gateway("gw", &gw_conf);
+    let second = policy_status(admin).await["epoch"].clone();
+    assert_ne!(first, second, "a rebuilt gateway kept the old epoch");
+    let status = a.wait_status("in the new epoch", UP, |s| s["policy"]["epoch"] == second);
+    assert_eq!(status["policy"]["version"], 1);
+    let node = eventually(UP, async || {
+        let s = policy_status(admin).await;
+        let n = s["nodes"][0].clone();
+        (n["current"] == true).then_some(n)
+    })
+    .await;
+    assert!(node.is_some(), "{}", policy_status(admin).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_and_oversized_bundles_are_refused_and_a_dry_run_changes_nothing() {
+    let pki = Pki::new();
+    let policy_file = pki.dir.path().join("policy.toml");
+    std::fs::write(&policy_file, "[defaults]\ncall_timeout_ms = 4000\n").expect("policy");
+    let (_gw, admin) = gateway_with_policy(&pki, &policy_file);
+    let token = pki.admin_token("gw");
+    // `curl --data-binary @missing-file` sends nothing: refused, not "lift every rule".
+    let (code, body) = http("PUT", admin, "/v1/policy", Some(&token), "").await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("an empty bundle is refused"), "{body}");
+    // Over the bound: refused, naming it.
+    let big = format!(
+        "[defaults]\ncall_timeout_ms = 5\n# {}\n",
+        "x".repeat(600 * 1024)
+    );
+    let (code, body) = http("PUT", admin, "/v1/policy", Some(&token), &big).await;
+    assert_eq!(code, 413, "{body}");
+    assert!(body.contains("524288"), "{body}");
+    // The file, too: a reload that is too big keeps the bundle in force.
+    std::fs::write(&policy_file, &big).expect("policy");
+    let audit = pki.dir.path().join("gw/audit.jsonl");
+    let rejected = eventually(UP, async || {
+        let text = std::fs::read_to_string(&audit).ok()?;
+        text.lines()
+            .find(|l| l.contains("policy_rejected") && l.contains("524288"))
+            .map(str::to_owned)
+    })
+    .await;
+    assert!(rejected.is_some(), "the oversized file was not refused");
+    // A dry run shows the change and makes no version.
+    let (code, body) = http(
+        "PUT",
+        admin,
+        "/v1/policy?dry_run=1",
+        Some(&token),
+        "[defaults]\ncall_timeout_ms = 250\n",
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let run: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(
+        (&run["changed"], &run["version"]),
+        (&serde_json::json!(true), &serde_json::json!(2))
+    );
+    assert_eq!(run["added"][0], "call_timeout_ms = 250");
+    assert_eq!(run["removed"][0], "call_timeout_ms = 4000");
+    let (_, body) = http("GET", admin, "/v1/policy", None, "").await;
+    let current: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(current["version"], 1);
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&audit).expect("audit").permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "the audit log is readable by others");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invented_method_names_fold_into_other_at_a_bounded_count_of_series() {
+    let pki = Pki::new();
+    let (gw, admin) = NodeProc::start_gateway("gw", &pki.gateway_config("gw", "127.0.0.1:0", ""));
+    let conf = node_conf(&pki, "node-c", gw.quic, ECHO);
+    let src = std::fs::read_to_string(&conf).expect("conf");
+    std::fs::write(
+        &conf,
+        src.replace("interval_ms = 100", "interval_ms = 100\nmax_series = 20"),
+    )
+    .expect("conf");
+    let c = NodeProc::start("node-c", &conf);
+    c.wait_gateway(UP);
+    for i in 0..300 {
+        let (code, _, _) = post(c.ingress(), "echo", &format!("m{i}"), Bytes::new(), None)
+            .await
+            .expect("call");
+        assert_eq!(code, 200);
+    }
+    let folded = eventually(Duration::from_secs(20), async || {
+        let text = metrics(admin).await;
+        text.contains("starling_telemetry_folded_total{node=\"node-c\"} 280\n")
+            .then_some(text)
+    })
+    .await
+    .expect("the folding was not counted");
+    let series = folded
+        .lines()
+        .filter(|l| l.starts_with("starling_requests_total{") && l.contains("caller=\"node-c\""))
+        .count();
+    assert_eq!(series, 21, "20 methods and _other");
+    assert!(folded.contains("method=\"_other\""));
+    let other: u64 = folded
+        .lines()
+        .find(|l| l.starts_with("starling_requests_total{") && l.contains("method=\"_other\""))
+        .and_then(|l| l.rsplit_once(' '))
+        .and_then(|(_, v)| v.parse().ok())
+        .expect("_other count");
+    assert_eq!(other, 280);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_runs_no_ingress_unless_its_file_asks() {
+    let pki = Pki::new();
+    let conf = pki.gateway_config("gw", "127.0.0.1:0", "");
+    let src = std::fs::read_to_string(&conf).expect("conf");
+    std::fs::write(&conf, src.replace("ingress = \"127.0.0.1:0\"\n", "")).expect("conf");
+    let (gw, _) = NodeProc::start_gateway("gw", &conf);
+    assert_eq!(gw.ingress, None);
+    let lock = mesh_node::state::read_lock_file(&gw.state_dir).expect("lock");
+    assert!(!lock.contains_key("ingress"), "{lock:?}");
+}
+
+#[test]
+fn two_nodes_cannot_share_a_state_folder() {
+    let pki = Pki::new();
+    let a = NodeProc::start("node-a", &pki.config("node-a", ""));
+    let conf_b = pki.config("node-b", "");
+    let src = std::fs::read_to_string(&conf_b).expect("conf");
+    let shared = a.state_dir.display().to_string();
+    std::fs::write(
+        &conf_b,
+        src.replace(
+            "state_dir = \"state\"",
+            &format!("state_dir = \"{shared}\""),
+        ),
+    )
+    .expect("conf");
+    let out = Command::new(starling_tests::bin("mesh-node"))
+        .args(["run", "--config"])
+        .arg(&conf_b)
+        .output()
+        .expect("mesh-node");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "state dir {shared} is in use by node node-a (pid {})",
+            a.pid()
+        )),
+        "{err}"
+    );
+}
+
+/// A node under steady load whose gateway never answers keeps a flat heap: its telemetry backlog
+/// is bounded in bytes (spans go first), whatever the sampling. Measured on both the caller and
+/// the callee (which records the server side of sampled calls).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_under_steady_load_without_its_gateway_keeps_a_flat_heap() {
+    let pki = Pki::new();
+    // A gateway address nobody answers at.
+    let nowhere: SocketAddr = format!("127.0.0.1:{}", free_udp_port())
+        .parse()
+        .expect("addr");
+    let sampled = |conf: &Path| {
+        let src = std::fs::read_to_string(conf).expect("conf");
+        std::fs::write(
+            conf,
+            src.replace(
+                "interval_ms = 100",
+                "interval_ms = 50\ntrace_sample = 1.0\nmax_backlog_bytes = 262144",
+            ),
+        )
+        .expect("conf");
+    };
+    let b_conf = node_conf(&pki, "node-b", nowhere, ECHO);
+    sampled(&b_conf);
+    let b = NodeProc::start("node-b", &b_conf);
+    let a_conf = node_conf(
+        &pki,
+        "node-a",
+        nowhere,
+        &format!("[[peers]]\naddr = \"{}\"\n", b.quic),
+    );
+    sampled(&a_conf);
+    let a = NodeProc::start("node-a", &a_conf);
+    a.wait_peer("node-b", UP);
+    let ingress = a.ingress();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..8)
+        .map(|_| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (code, _, _) =
+                        post(ingress, "echo", "say", Bytes::from_static(b"load"), None)
+                            .await
+                            .expect("call");
+                    assert_eq!(code, 200);
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let rss = |p: &NodeProc| starling_tests::rss_kib(p.pid()).expect("rss").1;
+    // Let the backlog reach its bound, then watch the heap for 20 s.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let (a0, b0) = (rss(&a), rss(&b));
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let (a1, b1) = (rss(&a), rss(&b));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut made = 0;
+    for l in load {
+        made += l.await.expect("load");
+    }
+    let status = a.status();
+    eprintln!(
+        "{made} calls; node-a RssAnon {a0} -> {a1} KiB, node-b {b0} -> {b1} KiB; backlog {status}"
+    );
+    assert!(
+        made > 2000,
+        "too little load to mean anything: {made} calls"
+    );
+    assert!(a1 <= a0 + 1536, "node-a grew from {a0} to {a1} KiB");
+    assert!(b1 <= b0 + 1536, "node-b grew from {b0} to {b1} KiB");
+    let telemetry = &status["telemetry"];
+    assert!(
+        telemetry["pending_bytes"].as_u64() <= Some(262_144),
+        "{telemetry}"
+    );
+    assert!(
+        telemetry["lost_items"].as_u64() > Some(0),
+        "no span was dropped: {telemetry}"
+    );
+}

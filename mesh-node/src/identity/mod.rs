@@ -38,6 +38,9 @@ pub enum TlsError {
     /// A certificate names more than one URI.
     #[error("certificate has {0} URI SANs; a mesh identity has exactly one")]
     ManyUris(usize),
+    /// A chain holds more issuers than a CA above them allows.
+    #[error("certificate chain too long: {0}")]
+    PathTooLong(String),
     /// A certificate claims a leaf identity, which only a host node vouches for.
     #[error(
         "certificate claims the leaf identity {0}; a leaf is vouched for by its host node, never presented as a certificate"
@@ -59,7 +62,9 @@ pub enum TlsError {
     BadCertificate(String),
     /// The node's certificate is not signed by the CA named beside it (one of the two files is
     /// not what it should be).
-    #[error("the node certificate is not signed by this CA ({0}): is this the mesh's CA, and the certificate this node's?")]
+    #[error(
+        "the node certificate is not signed by this CA ({0}): is this the mesh's CA, and the certificate this node's?"
+    )]
     NotSignedByCa(String),
     /// rustls refused the configuration.
     #[error("tls: {0}")]
@@ -79,6 +84,7 @@ pub struct Identity {
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     roots: Arc<RootCertStore>,
+    ca_certs: Arc<Vec<CertificateDer<'static>>>,
 }
 
 impl std::fmt::Debug for Identity {
@@ -143,6 +149,7 @@ impl Identity {
             chain,
             key,
             roots: Arc::new(roots),
+            ca_certs: Arc::new(ca_certs),
         })
     }
 
@@ -161,6 +168,7 @@ impl Identity {
                 .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
         let verifier = Arc::new(MeshClientVerifier {
             inner,
+            ca_certs: self.ca_certs.clone(),
             trust_domain: self.trust_domain().to_owned(),
         });
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
@@ -177,6 +185,7 @@ impl Identity {
         let provider = provider();
         let verifier = Arc::new(MeshServerVerifier {
             roots: self.roots.clone(),
+            ca_certs: self.ca_certs.clone(),
             provider: provider.clone(),
             trust_domain: self.trust_domain().to_owned(),
         });

@@ -35,11 +35,68 @@ fn check_identity(
     Ok(id)
 }
 
+/// Enforces the path length constraints webpki leaves unchecked: the mesh CA (and any issuer
+/// under it) says how many CAs may stand between it and a node; a chain with more is refused. The
+/// presented chain is read as the path: the leaf's issuer first.
+fn check_path_length(
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    ca_certs: &[CertificateDer<'static>],
+) -> Result<(), rustls::Error> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let refuse = |why: String| {
+        let e = TlsError::PathTooLong(why);
+        tracing::warn!("refusing a peer certificate: {e}");
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+    };
+    fn parse(der: &[u8]) -> Option<X509Certificate<'_>> {
+        X509Certificate::from_der(der).map(|(_, c)| c).ok()
+    }
+    // Each intermediate may have at most its own path length of CAs below it.
+    for (below, der) in intermediates.iter().enumerate() {
+        let Some(cert) = parse(der.as_ref()) else {
+            return Err(refuse("an intermediate certificate does not parse".into()));
+        };
+        if let Ok(Some(bc)) = cert.basic_constraints()
+            && let Some(max) = bc.value.path_len_constraint
+            && below > max as usize
+        {
+            return Err(refuse(format!(
+                "{below} CAs below an issuer that allows {max}"
+            )));
+        }
+    }
+    // The mesh CA at the top of the chain allows at most its path length of issuers under it.
+    let top = intermediates.last().unwrap_or(end_entity);
+    let Some(top) = parse(top.as_ref()) else {
+        return Err(refuse("the chain does not parse".into()));
+    };
+    for ca in ca_certs {
+        let Some(ca) = parse(ca.as_ref()) else {
+            continue;
+        };
+        if ca.subject().as_raw() != top.issuer().as_raw() {
+            continue;
+        }
+        if let Ok(Some(bc)) = ca.basic_constraints()
+            && let Some(max) = bc.value.path_len_constraint
+            && intermediates.len() > max as usize
+        {
+            return Err(refuse(format!(
+                "{} issuers under a mesh CA that allows {max}",
+                intermediates.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The client side's check of a server: chain to the mesh CA, then the trust domain. The TLS server
 /// name is not checked: peers are found by address, and who they are is their SPIFFE ID.
 #[derive(Debug)]
 pub(super) struct MeshServerVerifier {
     pub(super) roots: Arc<RootCertStore>,
+    pub(super) ca_certs: Arc<Vec<CertificateDer<'static>>>,
     pub(super) provider: Arc<CryptoProvider>,
     pub(super) trust_domain: String,
 }
@@ -61,6 +118,7 @@ impl ServerCertVerifier for MeshServerVerifier {
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
+        check_path_length(end_entity, intermediates, &self.ca_certs)?;
         check_identity(end_entity, &self.trust_domain)?;
         Ok(ServerCertVerified::assertion())
     }
@@ -104,6 +162,7 @@ impl ServerCertVerifier for MeshServerVerifier {
 #[derive(Debug)]
 pub(super) struct MeshClientVerifier {
     pub(super) inner: Arc<dyn ClientCertVerifier>,
+    pub(super) ca_certs: Arc<Vec<CertificateDer<'static>>>,
     pub(super) trust_domain: String,
 }
 
@@ -120,6 +179,7 @@ impl ClientCertVerifier for MeshClientVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.inner
             .verify_client_cert(end_entity, intermediates, now)?;
+        check_path_length(end_entity, intermediates, &self.ca_certs)?;
         check_identity(end_entity, &self.trust_domain)?;
         Ok(ClientCertVerified::assertion())
     }

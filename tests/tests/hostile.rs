@@ -1,0 +1,389 @@
+//! What a hostile peer or a hostile local app can send a node, with real processes and sockets:
+//! forged headers, certificates of shapes the mesh never issues, calls before the hello, and the
+//! local ingress under connection, slow-sender and memory abuse.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use mesh_node::wire::{FrameReader, write_message};
+use mesh_proto::limits::MAX_HEAD_BYTES;
+use mesh_proto::{Hello, RequestHead, ResponseHead, Role, Status, decode_head};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use starling_tests::{HttpUpstream, NodeProc, Pki, post, raw_client};
+
+const UP: Duration = Duration::from_secs(10);
+
+/// The mesh CA of `pki`, as an rcgen issuer, to sign what `ca issue` never would.
+fn mesh_issuer(pki: &Pki) -> Issuer<'static, KeyPair> {
+    let key = std::fs::read_to_string(pki.dir.path().join("ca/ca.key")).expect("ca key");
+    Issuer::from_ca_cert_pem(pki.ca.cert_pem(), KeyPair::from_pem(&key).expect("key"))
+        .expect("issuer")
+}
+
+/// A leaf certificate with `uris` as its URI SANs, signed by `issuer`: `(cert PEM, key PEM)`.
+fn leaf(issuer: &Issuer<'_, KeyPair>, uris: &[&str]) -> (String, String) {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, "odd");
+    params.subject_alt_names = uris
+        .iter()
+        .map(|u| SanType::URI((*u).try_into().expect("uri")))
+        .collect();
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    let cert = params.signed_by(&key, issuer).expect("sign");
+    (cert.pem(), key.serialize_pem())
+}
+
+/// Presents `chain` to `to` and reports whether the node let the connection live long enough to
+/// answer a call.
+async fn answered(chain: &[&str], key: &str, to: SocketAddr, name: &str) -> bool {
+    let (endpoint, config) = raw_client(chain, key);
+    let connecting = endpoint
+        .connect_with(config, to, "starling.mesh")
+        .expect("connect");
+    let Ok(Ok(conn)) = tokio::time::timeout(UP, connecting).await else {
+        return false;
+    };
+    let hello = Hello {
+        protocol_version: mesh_proto::PROTOCOL_VERSION,
+        name,
+        role: Role::Node,
+        labels: Default::default(),
+        services: Default::default(),
+    };
+    let mut frame = Vec::new();
+    mesh_proto::encode_frame_vec(&hello, &mut frame);
+    if let Ok(mut uni) = conn.open_uni().await {
+        let _ = uni.write_all(&frame).await;
+        let _ = uni.finish();
+    }
+    let Ok(Ok((mut send, recv))) = tokio::time::timeout(UP, conn.open_bi()).await else {
+        return false;
+    };
+    let _ = write_message(
+        &mut send,
+        &RequestHead::new("echo", "say", 2000),
+        Bytes::new(),
+    )
+    .await;
+    let mut reader = FrameReader::new(recv);
+    matches!(
+        tokio::time::timeout(UP, reader.frame(MAX_HEAD_BYTES)).await,
+        Ok(Ok(_))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_identity_shapes_the_mesh_issues_are_accepted() {
+    let pki = Pki::new();
+    let echo = "[[services]]\nname = \"echo\"\nupstream = \"builtin:echo\"\n";
+    let b = NodeProc::start("node-b", &pki.config("node-b", echo));
+    let issuer = mesh_issuer(&pki);
+    let td = starling_tests::TD;
+
+    // The baseline: a certificate of the right shape from the same CA is served.
+    let (cert, key) = leaf(&issuer, &[&format!("spiffe://{td}/node/fine")]);
+    assert!(
+        answered(&[&cert], &key, b.quic, "fine").await,
+        "the baseline failed"
+    );
+
+    // A leaf identity (an MCU's) presented as a certificate: a leaf is vouched for by its host.
+    let (cert, key) = leaf(&issuer, &[&format!("spiffe://{td}/node/gw/leaf/x")]);
+    assert!(
+        !answered(&[&cert], &key, b.quic, "gw").await,
+        "a leaf certificate was served"
+    );
+    let status = b.wait_status("refusing", UP, |s| s["refused_handshakes"] == 1);
+    assert!(
+        status["last_refusal"]
+            .as_str()
+            .is_some_and(|r| r.contains("leaf identity")),
+        "{status}"
+    );
+
+    // Two URIs: one certificate read as two identities.
+    let (cert, key) = leaf(
+        &issuer,
+        &[
+            &format!("spiffe://{td}/node/two"),
+            &format!("spiffe://{td}/node/gw"),
+        ],
+    );
+    assert!(
+        !answered(&[&cert], &key, b.quic, "two").await,
+        "two URIs were served"
+    );
+    let status = b.wait_status("refusing", UP, |s| s["refused_handshakes"] == 2);
+    assert!(
+        status["last_refusal"]
+            .as_str()
+            .is_some_and(|r| r.contains("2 URI SANs")),
+        "{status}"
+    );
+
+    // An intermediate CA under the mesh CA (whose path length is 0) signing a node's identity.
+    let inter_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut params = CertificateParams::default();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "rogue intermediate");
+    params.subject_alt_names = vec![SanType::URI(
+        format!("spiffe://{td}").try_into().expect("uri"),
+    )];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let inter = params.signed_by(&inter_key, &issuer).expect("sign");
+    let inter_issuer = Issuer::new(params, inter_key);
+    let (cert, key) = leaf(&inter_issuer, &[&format!("spiffe://{td}/node/deep")]);
+    assert!(
+        !answered(&[&cert, &inter.pem()], &key, b.quic, "deep").await,
+        "a certificate below an intermediate the CA may not have was served"
+    );
+    b.wait_status("refusing", UP, |s| s["refused_handshakes"] == 3);
+    assert_eq!(b.status()["connections_admitted"], 1, "only the baseline");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_before_the_hello_is_never_served() {
+    let upstream = HttpUpstream::start(Duration::ZERO).await;
+    let pki = Pki::new();
+    let svc = format!(
+        "[[services]]\nname = \"api\"\nupstream = \"http://{}\"\n[limits]\nconnect_timeout_ms = 1000\n",
+        upstream.addr
+    );
+    let b = NodeProc::start("node-b", &pki.config("node-b", &svc));
+    let dir = pki.node_dir("silent");
+    let cert = std::fs::read_to_string(dir.join("certs/node.crt")).expect("cert");
+    let key = std::fs::read_to_string(dir.join("certs/node.key")).expect("key");
+    let (endpoint, config) = raw_client(&[&cert], &key);
+    let conn = endpoint
+        .connect_with(config, b.quic, "starling.mesh")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    // No hello: straight to a call.
+    let (mut send, recv) = conn.open_bi().await.expect("stream");
+    write_message(
+        &mut send,
+        &RequestHead::new("api", "steal", 5000),
+        Bytes::new(),
+    )
+    .await
+    .expect("write");
+    let mut reader = FrameReader::new(recv);
+    let answer = tokio::time::timeout(UP, reader.frame(MAX_HEAD_BYTES))
+        .await
+        .expect("bounded");
+    assert!(answer.is_err(), "a call without a hello was answered");
+    let closed = tokio::time::timeout(UP, conn.closed())
+        .await
+        .expect("closed");
+    assert!(closed.to_string().contains("no hello in time"), "{closed}");
+    assert!(upstream.seen().is_empty(), "the upstream was reached");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_caller_header_never_reaches_an_upstream() {
+    let upstream = HttpUpstream::start(Duration::ZERO).await;
+    let pki = Pki::new();
+    let svc = format!(
+        "[[services]]\nname = \"api\"\nupstream = \"http://{}\"\n",
+        upstream.addr
+    );
+    let b = NodeProc::start("node-b", &pki.config("node-b", &svc));
+    let dir = pki.node_dir("forger");
+    let cert = std::fs::read_to_string(dir.join("certs/node.crt")).expect("cert");
+    let key = std::fs::read_to_string(dir.join("certs/node.key")).expect("key");
+    let (endpoint, config) = raw_client(&[&cert], &key);
+    let conn = endpoint
+        .connect_with(config, b.quic, "starling.mesh")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    let hello = Hello {
+        protocol_version: mesh_proto::PROTOCOL_VERSION,
+        name: "forger",
+        role: Role::Node,
+        labels: Default::default(),
+        services: Default::default(),
+    };
+    let mut frame = Vec::new();
+    mesh_proto::encode_frame_vec(&hello, &mut frame);
+    let mut uni = conn.open_uni().await.expect("uni");
+    uni.write_all(&frame).await.expect("hello");
+    uni.finish().expect("finish");
+    b.wait_peer("forger", UP);
+
+    let gw = format!("spiffe://{}/node/gw", starling_tests::TD);
+    let mut head = RequestHead::new("api", "read", 5000);
+    for entry in [
+        ("x-starling-caller", gw.as_str()),
+        ("X-Starling-Caller", gw.as_str()),
+        ("x-starling-service", "vault"),
+        ("host", "evil.example"),
+        ("transfer-encoding", "chunked"),
+        ("content-length", "0"),
+        ("connection", "close"),
+        ("x-request-id", "42"),
+    ] {
+        head.metadata.push(entry).expect("room");
+    }
+    let (mut send, recv) = conn.open_bi().await.expect("stream");
+    write_message(&mut send, &head, Bytes::from_static(b"body"))
+        .await
+        .expect("write");
+    let mut reader = FrameReader::new(recv);
+    let head_bytes = reader.frame(MAX_HEAD_BYTES).await.expect("answer");
+    let answer: ResponseHead = decode_head(&head_bytes).expect("head");
+    assert_eq!(answer.status, Status::Ok, "{}", answer.message);
+
+    let seen = upstream.seen();
+    let headers = &seen[0].headers;
+    let values = |name: &str| -> Vec<&str> {
+        headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    };
+    let me = format!("spiffe://{}/node/forger", starling_tests::TD);
+    assert_eq!(values("x-starling-caller"), [me.as_str()], "{headers:?}");
+    assert_eq!(values("x-starling-service"), ["api"], "{headers:?}");
+    assert_eq!(
+        values("host"),
+        [upstream.addr.to_string().as_str()],
+        "{headers:?}"
+    );
+    assert!(values("transfer-encoding").is_empty(), "{headers:?}");
+    assert_eq!(values("content-length"), ["4"], "{headers:?}");
+    assert_eq!(
+        values("x-request-id"),
+        ["42"],
+        "ordinary metadata still passes"
+    );
+    assert_eq!(seen[0].body_len, 4);
+}
+
+/// `n` connections to `addr` that each send half a request line and then nothing.
+fn slowloris(addr: SocketAddr, n: usize) -> Vec<std::net::TcpStream> {
+    (0..n)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(addr).expect("connect");
+            s.write_all(b"POST /v1/call/echo/say HTTP/1.1\r\nHost: x\r\n")
+                .expect("write");
+            s
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_senders_are_cut_off_and_connections_past_the_cap_are_refused() {
+    let pki = Pki::new();
+    let echo = "[[services]]\nname = \"echo\"\nupstream = \"builtin:echo\"\n\
+                [limits]\ningress_max_connections = 64\ningress_header_timeout_ms = 1000\n";
+    let a = NodeProc::start("node-a", &pki.config("node-a", echo));
+    let ingress = a.ingress();
+    let started = Instant::now();
+    let mut held = slowloris(ingress, 64);
+    // Past the cap: answered 503 at once, and closed.
+    let mut extra = std::net::TcpStream::connect(ingress).expect("connect");
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut answer = String::new();
+    extra.read_to_string(&mut answer).expect("read");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    // The slow ones are closed once the header timeout passes: each read ends.
+    for s in &mut held {
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(8),
+        "slow senders held for {took:?}"
+    );
+    // And the ingress serves again.
+    let (code, _, _) = post(ingress, "echo", "say", Bytes::from_static(b"hi"), None)
+        .await
+        .expect("call");
+    assert_eq!(code, 200);
+}
+
+/// A hundred apps each sending a body just under the bound at once: the ingress takes what its
+/// byte budget holds, answers the rest 503 at once, and the node stays within its stated bound
+/// (`limits.ingress_max_buffered_bytes`, 32 MiB by default, plus the replies it holds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_near_limit_bodies_keep_the_node_within_its_memory_bound() {
+    let pki = Pki::new();
+    let echo = "[[services]]\nname = \"echo\"\nupstream = \"builtin:echo\"\n";
+    let a = NodeProc::start("node-a", &pki.config("node-a", echo));
+    let ingress = a.ingress();
+    let before = starling_tests::rss_kib(a.pid()).expect("rss").0;
+    let body = Bytes::from(vec![0x5a; 4 * 1024 * 1024 - 1024]);
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(before));
+    let watcher = {
+        let (peak, pid) = (peak.clone(), a.pid());
+        std::thread::spawn(move || {
+            for _ in 0..400 {
+                if let Some((rss, _)) = starling_tests::rss_kib(pid) {
+                    peak.fetch_max(rss, std::sync::atomic::Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+        })
+    };
+    let calls: Vec<_> = (0..100)
+        .map(|_| {
+            let body = body.clone();
+            tokio::spawn(async move {
+                post(ingress, "echo", "say", body, None)
+                    .await
+                    .map(|(code, _, _)| code)
+            })
+        })
+        .collect();
+    let (mut ok, mut busy) = (0, 0);
+    for c in calls {
+        match c.await.expect("task") {
+            Ok(200) => ok += 1,
+            Ok(503) => busy += 1,
+            other => panic!("unexpected answer: {other:?}"),
+        }
+    }
+    watcher.join().expect("watcher");
+    let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+    let after = starling_tests::rss_kib(a.pid()).expect("rss").0;
+    eprintln!(
+        "100 bodies of 4 MiB: {ok} served, {busy} told busy; RSS {before} KiB before, peak {peak}, after {after}"
+    );
+    assert_eq!(ok + busy, 100);
+    assert!(ok >= 4, "the budget admitted almost nothing: {ok}");
+    assert!(busy > 0, "nothing was refused: the budget did not bind");
+    // The stated bound: 32 MiB of bodies in flight, as many replies, plus what a node needs.
+    let bound = before + 2 * 32 * 1024 + 24 * 1024;
+    assert!(
+        peak <= bound,
+        "peak RSS {peak} KiB over the bound {bound} KiB"
+    );
+    let (code, _, _) = post(ingress, "echo", "say", Bytes::from_static(b"hi"), None)
+        .await
+        .expect("call");
+    assert_eq!(code, 200, "the ingress did not recover");
+}

@@ -190,13 +190,5 @@ fn idle_rss(bin: &Path, peers: usize) -> anyhow::Result<(u64, u64)> {
 
 /// `(VmRSS, RssAnon)` of a process, in KiB.
 pub fn rss_of(pid: u32) -> Option<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| -> Option<u64> {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-    };
-    Some((field("VmRSS:")?, field("RssAnon:")?))
+    starling_tests::rss_kib(pid)
 }

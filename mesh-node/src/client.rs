@@ -221,15 +221,7 @@ impl Client {
         policy: Option<Arc<Policy>>,
     ) -> (Reply, String) {
         let svc = policy.as_ref().and_then(|p| p.service(service));
-        let decision = route::decide(
-            svc.map_or(&[][..], |s| &s.routes[..]),
-            method,
-            &options.metadata,
-            &self.id_text,
-            &self.labels,
-            random(),
-            random(),
-        );
+        let decision = self.route(svc, method, options);
         let deadline = match (options.timeout, decision.route.and_then(|r| r.timeout)) {
             (None, Some(t)) => now() + t,
             _ => deadline,
@@ -322,15 +314,7 @@ impl Client {
             .timeout
             .or_else(|| policy.as_ref().and_then(|p| p.timeout_for(service)))
             .unwrap_or(self.limits.call_timeout);
-        let decision = route::decide(
-            svc.map_or(&[][..], |s| &s.routes[..]),
-            method,
-            &options.metadata,
-            &self.id_text,
-            &self.labels,
-            random(),
-            random(),
-        );
+        let decision = self.route(svc, method, options);
         let default_balance = BalanceConfig::default();
         let plan = Plan {
             service,
@@ -372,6 +356,24 @@ impl Client {
             .budgets
             .get(service)
             .map_or((0, 0), RetryBudget::totals)
+    }
+
+    /// The route this call takes and the subset it picks from (a weighted split, a mirror).
+    fn route<'p>(
+        &self,
+        svc: Option<&'p mesh_core::policy::ServicePolicy>,
+        method: &str,
+        options: &CallOptions,
+    ) -> route::Decision<'p> {
+        route::decide(
+            svc.map_or(&[][..], |s| &s.routes[..]),
+            method,
+            &options.metadata,
+            &self.id_text,
+            &self.labels,
+            random(),
+            random(),
+        )
     }
 
     fn head<'a>(&self, plan: &Plan<'a>, left: Duration) -> Result<RequestHead<'a>, Reply> {

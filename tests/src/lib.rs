@@ -103,6 +103,44 @@ impl Pki {
         path
     }
 
+    /// Issues `name` and loads it as an identity.
+    pub fn identity(&self, name: &str) -> mesh_node::Identity {
+        let certs = self.node_dir(name).join("certs");
+        mesh_node::Identity::load(
+            &certs.join("node.crt"),
+            &certs.join("node.key"),
+            &certs.join("ca.crt"),
+        )
+        .expect("identity")
+    }
+
+    /// Issues `name`: `(certificate PEM, key PEM)`.
+    pub fn cert_and_key(&self, name: &str) -> (String, String) {
+        let certs = self.node_dir(name).join("certs");
+        (
+            std::fs::read_to_string(certs.join("node.crt")).expect("cert"),
+            std::fs::read_to_string(certs.join("node.key")).expect("key"),
+        )
+    }
+
+    /// A node of this mesh on the in-memory network `net` (no ingress), configured with `extra`.
+    pub fn memory_node(
+        &self,
+        net: &mesh_node::testing::MemoryNetwork,
+        name: &str,
+        extra: &str,
+        options: mesh_node::NodeOptions,
+    ) -> mesh_node::Node {
+        let path = self.config(name, extra);
+        let src = std::fs::read_to_string(&path)
+            .expect("conf")
+            .replace("ingress = \"127.0.0.1:0\"", "ingress = \"off\"");
+        std::fs::write(&path, src).expect("conf");
+        let config = mesh_node::NodeConfig::load(&path).expect("config");
+        let identity = config.load_identity().expect("identity");
+        net.start_node(config, identity, options).expect("start")
+    }
+
     /// The admin token a gateway in `<dir>/<name>` made.
     pub fn admin_token(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(name).join("admin.token"))
@@ -639,4 +677,29 @@ pub fn raw_client(chain_pem: &[&str], key_pem: &str) -> (quinn::Endpoint, quinn:
     ));
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
     (endpoint, config)
+}
+
+/// A hello frame: `name`, `protocol`, no labels or services, and `trailing` bytes inside the frame
+/// after the fields (what a newer peer may add).
+pub fn hello_frame(name: &str, protocol: u16, trailing: &[u8]) -> Vec<u8> {
+    let hello = mesh_proto::Hello {
+        protocol_version: protocol,
+        name,
+        role: mesh_proto::Role::Node,
+        labels: Default::default(),
+        services: Default::default(),
+    };
+    let mut body = postcard::to_allocvec(&hello).expect("encode");
+    body.extend_from_slice(trailing);
+    let mut frame = Vec::new();
+    mesh_proto::encode_body_prefix(body.len(), &mut frame);
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// Sends a hello frame on a new unidirectional stream of `conn`, as a node does first.
+pub async fn send_hello(conn: &quinn::Connection, frame: &[u8]) {
+    let mut uni = conn.open_uni().await.expect("uni");
+    uni.write_all(frame).await.expect("hello");
+    uni.finish().expect("finish");
 }

@@ -7,10 +7,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use mesh_node::bind_endpoint;
 use mesh_node::config::Limits;
-use mesh_node::identity::Identity;
 use mesh_node::wire::{FrameReader, write_message};
 use mesh_proto::limits::MAX_HEAD_BYTES;
-use mesh_proto::{Hello, RequestHead, ResponseHead, Role, Status, decode_head};
+use mesh_proto::{RequestHead, ResponseHead, Status, decode_head};
 use starling_tests::{HttpUpstream, NodeProc, Pki, closed_tcp_port, post, random_bytes};
 
 const UP: Duration = Duration::from_secs(10);
@@ -223,15 +222,8 @@ struct Prober {
 
 impl Prober {
     async fn connect(pki: &Pki, name: &str, to: SocketAddr) -> Prober {
-        let dir = pki.node_dir(name);
-        let identity = Identity::load(
-            &dir.join("certs/node.crt"),
-            &dir.join("certs/node.key"),
-            &dir.join("certs/ca.crt"),
-        )
-        .expect("identity");
         let endpoint = bind_endpoint(
-            &identity,
+            &pki.identity(name),
             &Limits::default(),
             "127.0.0.1:0".parse().expect("addr"),
         )
@@ -241,18 +233,11 @@ impl Prober {
                 .await
                 .expect("bounded")
                 .expect("handshake");
-        let hello = Hello {
-            protocol_version: mesh_proto::PROTOCOL_VERSION,
-            name,
-            role: Role::Node,
-            labels: Default::default(),
-            services: Default::default(),
-        };
-        let mut frame = Vec::new();
-        mesh_proto::encode_frame_vec(&hello, &mut frame);
-        let mut uni = conn.open_uni().await.expect("uni");
-        uni.write_all(&frame).await.expect("hello");
-        uni.finish().expect("finish");
+        starling_tests::send_hello(
+            &conn,
+            &starling_tests::hello_frame(name, mesh_proto::PROTOCOL_VERSION, &[]),
+        )
+        .await;
         Prober {
             conn,
             _endpoint: endpoint,

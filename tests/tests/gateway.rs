@@ -60,6 +60,17 @@ fn gateway_with_policy(pki: &Pki, policy: &Path) -> (NodeProc, SocketAddr) {
     NodeProc::start_gateway("gw", &conf)
 }
 
+/// A gateway config on a fixed loopback port (so a restarted gateway is found where it was), with
+/// `policy` as its policy file if given.
+fn fixed_gateway_conf(pki: &Pki, policy: Option<&Path>) -> std::path::PathBuf {
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let conf = pki.gateway_config("gw", &listen, "");
+    if let Some(policy) = policy {
+        prepend(&conf, &format!("policy = \"{}\"\n", policy.display()));
+    }
+    conf
+}
+
 /// Puts top-level keys before the first table.
 fn prepend(path: &Path, keys: &str) {
     let src = std::fs::read_to_string(path).expect("config");
@@ -364,8 +375,7 @@ async fn policy_changes_reach_every_node_and_bad_bundles_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counts_made_while_the_gateway_is_away_arrive_when_it_returns() {
     let pki = Pki::new();
-    let listen = format!("127.0.0.1:{}", free_udp_port());
-    let gw_conf = pki.gateway_config("gw", &listen, "");
+    let gw_conf = fixed_gateway_conf(&pki, None);
     let (gw, _) = NodeProc::start_gateway("gw", &gw_conf);
     let echo = "[[services]]\nname = \"echo\"\nupstream = \"builtin:echo\"\n";
     let a = NodeProc::start("node-a", &node_conf(&pki, "node-a", gw.quic, echo));
@@ -389,15 +399,7 @@ async fn counts_made_while_the_gateway_is_away_arrive_when_it_returns() {
         assert_eq!(code, 200);
     }
     let (_gw, admin) = NodeProc::start_gateway("gw", &gw_conf);
-    let counted = eventually(Duration::from_secs(20), async || {
-        let n = request_counts(&metrics(admin).await)
-            .get(&key("echo", "say", "ok"))
-            .copied()
-            .unwrap_or(0);
-        (n == 500).then_some(n)
-    })
-    .await;
-    assert_eq!(counted, Some(500));
+    assert_eq!(counted(admin, 500).await, 500);
     assert!(
         metrics(admin)
             .await
@@ -408,8 +410,7 @@ async fn counts_made_while_the_gateway_is_away_arrive_when_it_returns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_backlog_reports_its_gap() {
     let pki = Pki::new();
-    let listen = format!("127.0.0.1:{}", free_udp_port());
-    let gw_conf = pki.gateway_config("gw", &listen, "");
+    let gw_conf = fixed_gateway_conf(&pki, None);
     let (gw, _) = NodeProc::start_gateway("gw", &gw_conf);
     let echo = "[[services]]\nname = \"echo\"\nupstream = \"builtin:echo\"\n";
     // Two batches of backlog, one every 100 ms: the gateway's absence overflows it.
@@ -885,8 +886,7 @@ async fn calls_made_across_a_node_restart_are_all_counted_at_the_gateway() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_with_batches_unsent_is_a_counted_gap() {
     let pki = Pki::new();
-    let listen = format!("127.0.0.1:{}", free_udp_port());
-    let gw_conf = pki.gateway_config("gw", &listen, "");
+    let gw_conf = fixed_gateway_conf(&pki, None);
     let (gw, _) = NodeProc::start_gateway("gw", &gw_conf);
     let conf = node_conf(&pki, "node-c", gw.quic, ECHO);
     let c = NodeProc::start("node-c", &conf);
@@ -967,8 +967,7 @@ async fn a_damaged_saved_policy_never_lets_a_denied_call_through() {
          effect = \"allow\"\nservices = [\"health\"]\n",
     )
     .expect("policy");
-    let listen = format!("127.0.0.1:{}", free_udp_port());
-    let gw_conf = pki.gateway_config("gw", &listen, "");
+    let gw_conf = fixed_gateway_conf(&pki, None);
     prepend(
         &gw_conf,
         &format!("policy = \"{}\"\n", policy_file.display()),
@@ -1064,8 +1063,7 @@ async fn a_gateway_that_lost_its_state_resets_its_nodes_to_a_new_epoch() {
     let pki = Pki::new();
     let policy_file = pki.dir.path().join("policy.toml");
     std::fs::write(&policy_file, "[defaults]\ncall_timeout_ms = 4000\n").expect("policy");
-    let listen = format!("127.0.0.1:{}", free_udp_port());
-    let gw_conf = pki.gateway_config("gw", &listen, "");
+    let gw_conf = fixed_gateway_conf(&pki, None);
     prepend(
         &gw_conf,
         &format!("policy = \"{}\"\n", policy_file.display()),

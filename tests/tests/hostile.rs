@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use mesh_node::wire::{FrameReader, write_message};
 use mesh_proto::limits::MAX_HEAD_BYTES;
-use mesh_proto::{Hello, RequestHead, ResponseHead, Role, Status, decode_head};
+use mesh_proto::{RequestHead, ResponseHead, Status, decode_head};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
 };
-use starling_tests::{HttpUpstream, NodeProc, Pki, post, raw_client};
+use starling_tests::{HttpUpstream, NodeProc, Pki, hello_frame, post, raw_client, send_hello};
 
 const UP: Duration = Duration::from_secs(10);
 
@@ -44,6 +44,18 @@ fn leaf(issuer: &Issuer<'_, KeyPair>, uris: &[&str]) -> (String, String) {
     (cert.pem(), key.serialize_pem())
 }
 
+/// A raw connection to `to` as a node of `pki` named `name` (no hello sent yet).
+async fn connect_as(pki: &Pki, name: &str, to: SocketAddr) -> (quinn::Connection, quinn::Endpoint) {
+    let (cert, key) = pki.cert_and_key(name);
+    let (endpoint, config) = raw_client(&[&cert], &key);
+    let conn = endpoint
+        .connect_with(config, to, "starling.mesh")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    (conn, endpoint)
+}
+
 /// Presents `chain` to `to` and reports whether the node let the connection live long enough to
 /// answer a call.
 async fn answered(chain: &[&str], key: &str, to: SocketAddr, name: &str) -> bool {
@@ -54,15 +66,7 @@ async fn answered(chain: &[&str], key: &str, to: SocketAddr, name: &str) -> bool
     let Ok(Ok(conn)) = tokio::time::timeout(UP, connecting).await else {
         return false;
     };
-    let hello = Hello {
-        protocol_version: mesh_proto::PROTOCOL_VERSION,
-        name,
-        role: Role::Node,
-        labels: Default::default(),
-        services: Default::default(),
-    };
-    let mut frame = Vec::new();
-    mesh_proto::encode_frame_vec(&hello, &mut frame);
+    let frame = hello_frame(name, mesh_proto::PROTOCOL_VERSION, &[]);
     if let Ok(mut uni) = conn.open_uni().await {
         let _ = uni.write_all(&frame).await;
         let _ = uni.finish();
@@ -166,15 +170,7 @@ async fn a_call_before_the_hello_is_never_served() {
         upstream.addr
     );
     let b = NodeProc::start("node-b", &pki.config("node-b", &svc));
-    let dir = pki.node_dir("silent");
-    let cert = std::fs::read_to_string(dir.join("certs/node.crt")).expect("cert");
-    let key = std::fs::read_to_string(dir.join("certs/node.key")).expect("key");
-    let (endpoint, config) = raw_client(&[&cert], &key);
-    let conn = endpoint
-        .connect_with(config, b.quic, "starling.mesh")
-        .expect("connect")
-        .await
-        .expect("handshake");
+    let (conn, _endpoint) = connect_as(&pki, "silent", b.quic).await;
     // No hello: straight to a call.
     let (mut send, recv) = conn.open_bi().await.expect("stream");
     write_message(
@@ -205,27 +201,12 @@ async fn a_forged_caller_header_never_reaches_an_upstream() {
         upstream.addr
     );
     let b = NodeProc::start("node-b", &pki.config("node-b", &svc));
-    let dir = pki.node_dir("forger");
-    let cert = std::fs::read_to_string(dir.join("certs/node.crt")).expect("cert");
-    let key = std::fs::read_to_string(dir.join("certs/node.key")).expect("key");
-    let (endpoint, config) = raw_client(&[&cert], &key);
-    let conn = endpoint
-        .connect_with(config, b.quic, "starling.mesh")
-        .expect("connect")
-        .await
-        .expect("handshake");
-    let hello = Hello {
-        protocol_version: mesh_proto::PROTOCOL_VERSION,
-        name: "forger",
-        role: Role::Node,
-        labels: Default::default(),
-        services: Default::default(),
-    };
-    let mut frame = Vec::new();
-    mesh_proto::encode_frame_vec(&hello, &mut frame);
-    let mut uni = conn.open_uni().await.expect("uni");
-    uni.write_all(&frame).await.expect("hello");
-    uni.finish().expect("finish");
+    let (conn, _endpoint) = connect_as(&pki, "forger", b.quic).await;
+    send_hello(
+        &conn,
+        &hello_frame("forger", mesh_proto::PROTOCOL_VERSION, &[]),
+    )
+    .await;
     b.wait_peer("forger", UP);
 
     let gw = format!("spiffe://{}/node/gw", starling_tests::TD);

@@ -7,23 +7,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use mesh_node::testing::MemoryNetwork;
 use mesh_node::upstream::UpstreamSpec;
-use mesh_node::{CallOptions, Identity, Node, NodeConfig};
-use mesh_proto::{Hello, Role, Status};
+use mesh_node::{CallOptions, Identity, Node};
+use mesh_proto::Status;
 use starling_tests::Pki;
 
 const UP: Duration = Duration::from_secs(10);
 
 /// A node on `net`, configured with `extra` TOML (services, peers, limits).
 fn node(net: &MemoryNetwork, pki: &Pki, name: &str, extra: &str) -> Node {
-    let path = pki.config(name, extra);
-    let src = std::fs::read_to_string(&path)
-        .expect("conf")
-        .replace("ingress = \"127.0.0.1:0\"", "ingress = \"off\"");
-    std::fs::write(&path, src).expect("conf");
-    let config = NodeConfig::load(&path).expect("config");
-    let identity = config.load_identity().expect("identity");
-    net.start_node(config, identity, Default::default())
-        .expect("start")
+    pki.memory_node(net, name, extra, Default::default())
 }
 
 fn peer(of: &Node) -> String {
@@ -34,37 +26,8 @@ const ECHO: &str = "[[services]]\nname = \"echo\"\nupstream = \"builtin:echo\"\n
 
 /// A raw endpoint on `net` with the identity `name`, for sending what a node never would.
 fn raw_endpoint(net: &MemoryNetwork, pki: &Pki, name: &str) -> quinn::Endpoint {
-    let dir = pki.node_dir(name);
-    let identity = Identity::load(
-        &dir.join("certs/node.crt"),
-        &dir.join("certs/node.key"),
-        &dir.join("certs/ca.crt"),
-    )
-    .expect("identity");
-    net.endpoint(&identity, &Default::default())
+    net.endpoint(&pki.identity(name), &Default::default())
         .expect("endpoint")
-}
-
-async fn send_hello(conn: &quinn::Connection, hello: &[u8]) {
-    let mut uni = conn.open_uni().await.expect("uni");
-    uni.write_all(hello).await.expect("hello");
-    uni.finish().expect("finish");
-}
-
-fn hello_frame(name: &str, protocol: u16, trailing: &[u8]) -> Vec<u8> {
-    let hello = Hello {
-        protocol_version: protocol,
-        name,
-        role: Role::Node,
-        labels: Default::default(),
-        services: Default::default(),
-    };
-    let mut body = postcard::to_allocvec(&hello).expect("encode");
-    body.extend_from_slice(trailing);
-    let mut frame = Vec::new();
-    mesh_proto::encode_body_prefix(body.len(), &mut frame);
-    frame.extend_from_slice(&body);
-    frame
 }
 
 #[tokio::test]
@@ -166,18 +129,11 @@ async fn nodes_find_each_other_through_memory_discovery() {
     use mesh_node::discovery::{MemoryBus, MemoryDiscovery};
     let (net, pki, bus) = (MemoryNetwork::new(), Pki::new(), MemoryBus::new());
     let start = |name: &str, extra: &str| {
-        let path = pki.config(name, extra);
-        let src = std::fs::read_to_string(&path)
-            .expect("conf")
-            .replace("ingress = \"127.0.0.1:0\"", "ingress = \"off\"");
-        std::fs::write(&path, src).expect("conf");
-        let config = NodeConfig::load(&path).expect("config");
-        let identity = config.load_identity().expect("identity");
         let options = mesh_node::NodeOptions {
             discovery: Some(std::sync::Arc::new(MemoryDiscovery::new(&bus))),
             ..Default::default()
         };
-        net.start_node(config, identity, options).expect("start")
+        pki.memory_node(&net, name, extra, options)
     };
     let b = start("node-b", ECHO);
     let c = start("node-c", ECHO);
@@ -207,7 +163,7 @@ async fn a_peer_speaking_a_protocol_too_old_is_refused_with_a_reason() {
         .expect("connect")
         .await
         .expect("handshake");
-    send_hello(&conn, &hello_frame("old", 0, &[])).await;
+    starling_tests::send_hello(&conn, &starling_tests::hello_frame("old", 0, &[])).await;
     let reason = tokio::time::timeout(UP, conn.closed())
         .await
         .expect("closed");
@@ -231,7 +187,11 @@ async fn a_newer_peer_is_accepted_and_spoken_to_in_this_nodes_version() {
         .expect("connect")
         .await
         .expect("handshake");
-    send_hello(&conn, &hello_frame("newer", 9, &[0x02, 0xaa, 0xbb])).await;
+    starling_tests::send_hello(
+        &conn,
+        &starling_tests::hello_frame("newer", 9, &[0x02, 0xaa, 0xbb]),
+    )
+    .await;
     assert!(
         b.wait_until(UP, |n| n
             .peers()

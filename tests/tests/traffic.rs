@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use mesh_core::policy::Policy;
 use mesh_node::testing::MemoryNetwork;
-use mesh_node::{CallOptions, Node, NodeConfig};
+use mesh_node::{CallOptions, Node};
 use mesh_proto::Status;
 use starling_tests::{HttpUpstream, Pki};
 
@@ -32,16 +32,7 @@ async fn node(
     for p in peers {
         extra.push_str(&format!("[[peers]]\naddr = \"{}\"\n", p.local_addr()));
     }
-    let path = pki.config(name, &extra);
-    let src = std::fs::read_to_string(&path)
-        .expect("conf")
-        .replace("ingress = \"127.0.0.1:0\"", "ingress = \"off\"");
-    std::fs::write(&path, src).expect("conf");
-    let config = NodeConfig::load(&path).expect("config");
-    let identity = config.load_identity().expect("identity");
-    network()
-        .start_node(config, identity, Default::default())
-        .expect("start")
+    pki.memory_node(network(), name, &extra, Default::default())
 }
 
 /// The in-memory network every node of these tests is on.

@@ -53,6 +53,12 @@ netbase                  nftables reads no service names in the tests
 EOF
 )
 
+# Python packages the tests use (PyPI): name==version | module | what uses it
+PIP_NEEDS=$(cat <<'EOF'
+spiffe==0.3.2 | spiffe | tests/tests/svid.rs checks issued certificates with the SPIFFE project's library
+EOF
+)
+
 TARGETS_cross=(aarch64-unknown-linux-musl armv7-unknown-linux-gnueabihf)
 TARGETS_all=("${TARGETS_cross[@]}" thumbv7em-none-eabihf riscv32imc-unknown-none-elf)
 COMPONENTS=(rustfmt clippy)
@@ -110,6 +116,20 @@ while IFS=$'\t' read -r pkg pr why; do
   probe "$pr" || failing+=("$pkg ($pr: $why)")
 done < <(rows)
 
+missing_pip=()
+if [ "$scope" = all ]; then
+  while IFS='|' read -r spec module why; do
+    spec=$(trim "$spec"); module=$(trim "$module")
+    [ -n "$spec" ] || continue
+    python3 -c "import $module" >/dev/null 2>&1 || missing_pip+=("$spec")
+  done <<<"$PIP_NEEDS"
+fi
+if [ "$mode" = install ] && [ ${#missing_pip[@]} -gt 0 ]; then
+  echo "setup: installing Python packages ${missing_pip[*]}"
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "${missing_pip[@]}"
+  missing_pip=()
+fi
+
 have_targets=$(rustup target list --installed)
 missing_targets=()
 for t in $(targets); do grep -qx "$t" <<<"$have_targets" || missing_targets+=("$t"); done
@@ -155,6 +175,7 @@ report() {
 }
 report "Debian packages missing:" "${missing_pkgs[@]}"
 report "probes failing (installed, yet not usable):" "${failing[@]}"
+report "Python packages missing (pip):" "${missing_pip[@]}"
 report "rustup targets missing:" "${missing_targets[@]}"
 report "rustup components missing:" "${missing_components[@]}"
 report "installed here, but a fresh machine would lack it (a Recommends of what setup.sh installs with --no-install-recommends): list it in NEEDS, or in NOT_NEEDED with the reason" "${chance[@]}"

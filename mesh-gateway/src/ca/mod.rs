@@ -161,6 +161,9 @@ impl Ca {
                 .try_into()
                 .map_err(|_| CaError::Name(format!("bad identity {id}")))?,
         )];
+        // An X509-SVID leaf: basic constraints present with cA false, digitalSignature only (no
+        // keyCertSign, no cRLSign), so SPIFFE tooling (SPIRE, go-spiffe, Envoy) takes it.
+        params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,

@@ -107,36 +107,48 @@ fn any_glob(patterns: &[String], text: &str) -> bool {
     patterns.is_empty() || patterns.iter().any(|p| glob(p, text))
 }
 
-/// A glob, matched per path segment: `*` matches any run of characters within one segment
-/// (never a `/`), everything else matches itself; a pattern of just `*` matches anything. So
-/// `spiffe://td/node/gw*` matches `spiffe://td/node/gw-2`, never `spiffe://td/node/gw/leaf/x`.
+/// A glob, matched per path segment: `*` matches any run of characters within one segment (never
+/// a `/`), `**` matches any run including `/`, everything else matches itself; a pattern of just
+/// `*` matches anything. So `spiffe://td/node/gw*` matches `spiffe://td/node/gw-2`, never
+/// `spiffe://td/node/gw/leaf/x`; `spiffe://td/**` matches every identity of the trust domain.
 pub fn glob(pattern: &str, text: &str) -> bool {
     if pattern == "*" {
         return true;
     }
-    let (p, t) = (pattern.as_bytes(), text.as_bytes());
-    let (mut pi, mut ti) = (0, 0);
-    let (mut star, mut mark) = (None, 0);
-    while ti < t.len() {
-        if pi < p.len() && p[pi] == b'*' {
-            star = Some(pi);
-            mark = ti;
-            pi += 1;
-        } else if pi < p.len() && p[pi] == t[ti] {
-            pi += 1;
-            ti += 1;
-        } else if let Some(s) = star
-            && t[mark] != b'/'
-        {
-            // The star takes one more character, never a segment separator.
-            pi = s + 1;
-            mark += 1;
-            ti = mark;
-        } else {
-            return false;
+    glob_at(pattern.as_bytes(), text.as_bytes())
+}
+
+fn glob_at(p: &[u8], t: &[u8]) -> bool {
+    match p {
+        [] => t.is_empty(),
+        [b'*', b'*', rest @ ..] => (0..=t.len()).any(|i| glob_at(rest, &t[i..])),
+        [b'*', rest @ ..] => {
+            // Within the segment: as many characters as come before the next `/`.
+            let segment = t.iter().position(|&c| c == b'/').unwrap_or(t.len());
+            (0..=segment).any(|i| glob_at(rest, &t[i..]))
         }
+        [c, rest @ ..] => t.first() == Some(c) && glob_at(rest, &t[1..]),
     }
-    p[pi..].iter().all(|&c| c == b'*')
+}
+
+/// Why a caller pattern can match no identity the mesh issues, if it cannot: `*` stops at `/`,
+/// so `spiffe://td/*` (one segment) matches nothing; say `spiffe://td/node/*`, or `**`.
+pub fn caller_pattern_problem(pattern: &str) -> Option<String> {
+    let path = pattern
+        .strip_prefix("spiffe://")?
+        .split_once('/')
+        .map(|(_, p)| p)?;
+    if path.contains("**") {
+        return None;
+    }
+    let segments = path.split('/').count();
+    (segments != 2 && segments != 4).then(|| {
+        format!(
+            "{pattern:?} matches no identity: `*` stops at `/` and identities are \
+             spiffe://<td>/node/<name> (or .../node/<host>/leaf/<name>); write \
+             spiffe://<td>/node/* for every node, or use ** to cross segments"
+        )
+    })
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::ServiceName;
-use crate::authz::{Authz, Effect, Mode, Rule};
+use crate::authz::{Authz, Effect, Mode, Rule, caller_pattern_problem};
 use crate::balance::BalanceConfig;
 use crate::route::Route;
 use crate::source::{ConfigError, SourceMap};
@@ -385,6 +385,13 @@ impl Policy {
                     "rule names must be unique and not \"default\"",
                 ));
             }
+            if let Some(problem) = r.callers.iter().find_map(|c| caller_pattern_problem(c)) {
+                return Err(at.invalid(
+                    &r.name,
+                    &format!("authorization.rules[{i}].callers"),
+                    problem,
+                ));
+            }
             rules.push(Rule {
                 name: r.name.get_ref().clone(),
                 effect: effect(r.effect),
@@ -419,6 +426,13 @@ impl Policy {
                     &r.per_second,
                     &format!("rate_limits[{i}].burst"),
                     "must be a finite number, 0 or more",
+                ));
+            }
+            if let Some(problem) = r.callers.iter().find_map(|c| caller_pattern_problem(c)) {
+                return Err(at.invalid(
+                    &r.per_second,
+                    &format!("rate_limits[{i}].callers"),
+                    problem,
                 ));
             }
             rate_limits.push(RateLimit {

@@ -81,10 +81,13 @@ pub struct Telemetry {
     backlog_bytes: usize,
     bounds: Bounds,
     next_seq: u64,
+    acked: u64,
     dropped: u64,
     lost_items: u64,
     keep_spans: bool,
     series: std::collections::HashSet<u64>,
+    /// Services that have a series of their own.
+    services: std::collections::HashSet<u64>,
     folded: u64,
     rules: BTreeMap<String, BTreeMap<&'static str, u64>>,
 }
@@ -112,10 +115,12 @@ impl Telemetry {
                 ..bounds
             },
             next_seq: 1,
+            acked: 0,
             dropped: 0,
             lost_items: 0,
             keep_spans: true,
             series: std::collections::HashSet::new(),
+            services: std::collections::HashSet::new(),
             folded: 0,
             rules: BTreeMap::new(),
         }
@@ -139,7 +144,7 @@ impl Telemetry {
         status: Status,
         latency: Duration,
     ) {
-        let method = self.bounded_method(service, method);
+        let (service, method) = self.bounded(service, method);
         let slot = self
             .counters
             .entry(key_hash(service, method, caller, callee, status))
@@ -177,23 +182,36 @@ impl Telemetry {
         acc.buckets[bucket] += 1;
     }
 
-    /// `method`, or `_other` once the series bound is reached for a pair not seen before. Pairs
-    /// are remembered by a hash, so counting allocates nothing.
-    fn bounded_method<'m>(&mut self, service: &str, method: &'m str) -> &'m str {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in service.bytes().chain([0xff]).chain(method.bytes()) {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
+    /// `(service, method)`, or, once the series bound is reached for a pair not seen before, the
+    /// service with method `_other` (a service already counted) or `_other` for both. Pairs are
+    /// remembered by a hash, so counting allocates nothing.
+    fn bounded<'a>(&mut self, service: &'a str, method: &'a str) -> (&'a str, &'a str) {
+        let hash = |parts: &[&str]| {
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+            for part in parts {
+                for b in part.bytes().chain([0xff]) {
+                    h ^= u64::from(b);
+                    h = h.wrapping_mul(0x0100_0000_01b3);
+                }
+            }
+            h
+        };
+        let pair = hash(&[service, method]);
+        if self.series.contains(&pair) {
+            return (service, method);
         }
-        if self.series.contains(&h) {
-            return method;
-        }
+        let svc = hash(&[service]);
         if self.series.len() < self.bounds.max_series {
-            self.series.insert(h);
-            return method;
+            self.series.insert(pair);
+            self.services.insert(svc);
+            return (service, method);
         }
         self.folded += 1;
-        OTHER_METHOD
+        if self.services.contains(&svc) {
+            (service, OTHER_METHOD)
+        } else {
+            (OTHER_METHOD, OTHER_METHOD)
+        }
     }
 
     /// Counts one decision of a policy rule (`allowed`, `denied`, `retried`, ...).
@@ -345,9 +363,15 @@ impl Telemetry {
 
     /// The gateway stored every batch up to `seq`.
     pub fn ack(&mut self, seq: u64) {
+        self.acked = self.acked.max(seq);
         while self.backlog.front().is_some_and(|(b, _)| b.seq <= seq) {
             self.drop_acked();
         }
+    }
+
+    /// The highest batch number the gateway acknowledged.
+    pub fn acked(&self) -> u64 {
+        self.acked
     }
 
     fn drop_acked(&mut self) {

@@ -1,51 +1,72 @@
 //! The audit log (mode 0600): one JSON object a line, appended, for every event an operator may
-//! need to account for later (identities refused, calls denied, policies accepted, applied or refused).
-//! Events come from the gateway itself and from every node's telemetry.
+//! need to account for later (identities refused, calls denied, policies accepted, applied or
+//! refused). Events come from the gateway itself and from every node's telemetry.
+//!
+//! Lines are written by a thread of their own, never on the runtime thread that serves the
+//! control streams. The fields `unix_ms`, `node` and `kind` are the gateway's: a node's event cannot
+//! overwrite them to speak for another node. Lines that could not be written are counted
+//! (`starling_audit_lost_total`), never silently dropped.
 
 use std::io::Write as _;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::time::SystemTime;
 
 use mesh_proto::control::AuditEvent;
 use tracing::warn;
 
+/// Lines waiting for the writer at most.
+const QUEUE: usize = 4096;
+
 /// The append-only audit log.
 pub(crate) struct AuditLog {
-    file: Mutex<Option<std::fs::File>>,
+    lines: Option<SyncSender<String>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+    lost: Arc<AtomicU64>,
 }
 
 impl AuditLog {
-    /// Opens (or creates) the log at `path`; without it, events are not kept (said once).
+    /// Opens (or creates) the log at `path` and starts its writer; without it, events are counted
+    /// as lost (said once).
     pub(crate) fn open(path: &Path) -> Self {
-        if let Some(dir) = path.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
-        let mut options = std::fs::OpenOptions::new();
-        options.create(true).append(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-            options.mode(0o600);
-            // A log made readable by others earlier is made private.
-            if let Ok(meta) = std::fs::metadata(path)
-                && meta.permissions().mode() & 0o077 != 0
-            {
-                let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
-            }
-        }
-        let file = match options.open(path) {
-            Ok(f) => Some(f),
-            Err(e) => {
-                warn!(
-                    "cannot open the audit log {}: {e}; audit events are not kept",
-                    path.display()
-                );
-                None
-            }
+        let lost = Arc::new(AtomicU64::new(0));
+        let Some(mut file) = open_private(path) else {
+            return AuditLog {
+                lines: None,
+                writer: None,
+                lost,
+            };
         };
-        AuditLog {
-            file: Mutex::new(file),
+        let (tx, rx) = sync_channel::<String>(QUEUE);
+        let counted = lost.clone();
+        let shown = path.display().to_string();
+        let spawned = std::thread::Builder::new()
+            .name("audit".into())
+            .spawn(move || {
+                for line in rx {
+                    if let Err(e) = writeln!(file, "{line}")
+                        && counted.fetch_add(1, Ordering::Relaxed) == 0
+                    {
+                        warn!("cannot write the audit log {shown}: {e}; lost lines are counted");
+                    }
+                }
+            });
+        match spawned {
+            Ok(writer) => AuditLog {
+                lines: Some(tx),
+                writer: Some(writer),
+                lost,
+            },
+            Err(e) => {
+                warn!("cannot start the audit writer: {e}; audit events are not kept");
+                AuditLog {
+                    lines: None,
+                    writer: None,
+                    lost,
+                }
+            }
         }
     }
 
@@ -67,14 +88,98 @@ impl AuditLog {
     /// Appends an event a node reported.
     pub(crate) fn write(&self, node: &str, event: &AuditEvent) {
         let mut line = serde_json::Map::new();
-        line.insert("unix_ms".into(), event.unix_ms.into());
-        line.insert("node".into(), node.into());
-        line.insert("kind".into(), event.kind.clone().into());
         for (k, v) in &event.fields {
             line.insert(k.clone(), v.clone().into());
         }
-        if let Some(file) = self.file.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-            let _ = writeln!(file, "{}", serde_json::Value::Object(line));
+        // The gateway's own keys last: a node's fields never overwrite them.
+        line.insert("unix_ms".into(), event.unix_ms.into());
+        line.insert("node".into(), node.into());
+        line.insert("kind".into(), event.kind.clone().into());
+        let text = serde_json::Value::Object(line).to_string();
+        let sent = match &self.lines {
+            Some(tx) => match tx.try_send(text) {
+                Ok(()) => true,
+                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
+            },
+            None => false,
+        };
+        if !sent {
+            self.lost.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Lines that could not be written, since start.
+    pub(crate) fn lost(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for AuditLog {
+    /// Writes what is queued before going.
+    fn drop(&mut self) {
+        self.lines = None;
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+/// Opens `path` for appending, mode 0600 (a log made readable by others earlier is made private).
+fn open_private(path: &Path) -> Option<std::fs::File> {
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        options.mode(0o600);
+        if let Ok(meta) = std::fs::metadata(path)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
+    }
+    match options.open(path) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            warn!(
+                "cannot open the audit log {}: {e}; audit events are not kept (counted as lost)",
+                path.display()
+            );
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_cannot_speak_for_another_in_the_audit_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path);
+        log.write(
+            "node-a",
+            &AuditEvent {
+                unix_ms: 5,
+                kind: "denied".into(),
+                fields: vec![
+                    ("node".into(), "gw".into()),
+                    ("kind".into(), "policy_accepted".into()),
+                    ("caller".into(), "x".into()),
+                ],
+            },
+        );
+        // Dropping the log writes what is queued.
+        drop(log);
+        let text = std::fs::read_to_string(&path).expect("log");
+        let line: serde_json::Value = serde_json::from_str(text.trim()).expect("json");
+        assert_eq!(line["node"], "node-a");
+        assert_eq!(line["kind"], "denied");
+        assert_eq!(line["caller"], "x");
     }
 }

@@ -124,7 +124,7 @@ impl ControlPlane {
             loop {
                 tokio::select! {
                     up = read_up(&mut reader) => {
-                        if let Some(down) = self.handle_up(&name, up?) {
+                        if let Some(down) = self.handle_up(&name, up?, sent) {
                             write_down(&mut send, &down).await?;
                         }
                     }
@@ -182,7 +182,17 @@ impl ControlPlane {
         frame
     }
 
-    fn handle_up(&self, name: &str, up: Up) -> Option<Down> {
+    /// Handles one frame from node `name`, which was last sent bundle `sent`.
+    fn handle_up(&self, name: &str, up: Up, sent: Option<BundleRef>) -> Option<Down> {
+        // A protocol 1 node answers with the version only: it means the bundle it was sent.
+        let named = |version: u64, epoch: u64, hash: [u8; 32]| match sent {
+            Some(s) if epoch == 0 && hash == [0; 32] && s.version == version => s,
+            _ => BundleRef {
+                epoch,
+                version,
+                hash,
+            },
+        };
         self.registry().handle_seen(name, Instant::now());
         match up {
             Up::Hello(_) | Up::Heartbeat => None,
@@ -191,11 +201,7 @@ impl ControlPlane {
                 epoch,
                 hash,
             } => {
-                let bundle = BundleRef {
-                    epoch,
-                    version,
-                    hash,
-                };
+                let bundle = named(version, epoch, hash);
                 self.registry().handle_policy_answer(name, bundle, Ok(()));
                 None
             }
@@ -206,11 +212,7 @@ impl ControlPlane {
                 hash,
             } => {
                 warn!("node {name} refused policy version {version}: {reason}");
-                let bundle = BundleRef {
-                    epoch,
-                    version,
-                    hash,
-                };
+                let bundle = named(version, epoch, hash);
                 self.registry()
                     .handle_policy_answer(name, bundle, Err(reason));
                 None
@@ -253,7 +255,7 @@ async fn read_up(reader: &mut FrameReader) -> Result<Up, String> {
         .frame(MAX_CONTROL_FRAME)
         .await
         .map_err(|e| e.to_string())?;
-    postcard::from_bytes(&frame).map_err(|e| format!("bad control frame: {e}"))
+    mesh_proto::control::decode_up(&frame).map_err(|e| format!("bad control frame: {e}"))
 }
 
 async fn write_down(send: &mut quinn::SendStream, down: &Down) -> Result<(), String> {

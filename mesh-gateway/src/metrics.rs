@@ -89,24 +89,40 @@ impl Metrics {
         per.lost_items = per.lost_items.max(batch.lost_items);
         per.resources = batch.resources;
         for r in &batch.rules {
-            *self
+            // Rule names come from the policy; a node that reports others gets a bounded count.
+            let key = (node.to_owned(), r.rule.clone(), r.action.clone());
+            let known = self.rules.contains_key(&key);
+            let per_node = self
                 .rules
-                .entry((node.to_owned(), r.rule.clone(), r.action.clone()))
-                .or_default() += r.count;
+                .range((node.to_owned(), String::new(), String::new())..)
+                .take_while(|((n, _, _), _)| n == node)
+                .count();
+            let key = if known || per_node < MAX_SERIES_PER_NODE {
+                key
+            } else {
+                let other = mesh_core::telemetry::OTHER_METHOD.to_owned();
+                (node.to_owned(), other.clone(), other)
+            };
+            *self.rules.entry(key).or_default() += r.count;
         }
         for c in &batch.calls {
             let pair = (c.service.clone(), c.method.clone());
-            let method = if per.series.contains(&pair) {
-                c.method.clone()
+            let other = mesh_core::telemetry::OTHER_METHOD;
+            let (service, method) = if per.series.contains(&pair) {
+                pair
             } else if per.series.len() < MAX_SERIES_PER_NODE {
-                per.series.insert(pair);
-                c.method.clone()
+                per.series.insert(pair.clone());
+                pair
             } else {
                 per.folded_here += c.count;
-                mesh_core::telemetry::OTHER_METHOD.to_owned()
+                if per.series.iter().any(|(s, _)| *s == c.service) {
+                    (c.service.clone(), other.to_owned())
+                } else {
+                    (other.to_owned(), other.to_owned())
+                }
             };
             let key = (
-                c.service.clone(),
+                service,
                 method,
                 c.caller.clone(),
                 c.callee.clone(),

@@ -101,7 +101,10 @@ impl Policies {
             let seen = std::fs::read_to_string(&marker).ok();
             let unchanged = seen.as_deref().map(str::trim) == Some(file_hash.as_str());
             let same_text = current.as_ref().is_some_and(|c| *c.toml == text);
-            if !unchanged && !same_text {
+            // The file is adopted when it changed since it was last read, and also when the
+            // gateway holds no bundle at all (its state was lost or damaged): never serve nothing
+            // while a policy file is configured.
+            if (!unchanged || current.is_none()) && !same_text {
                 let version = current.as_ref().map_or(0, |c| c.id.version) + 1;
                 if let Some(c) = &current {
                     warn!(
@@ -409,6 +412,23 @@ mod tests {
         let second = p.current().expect("bundle").id;
         assert_eq!(second.version, 1);
         assert_ne!(second.epoch, first.epoch, "the same epoch, two histories");
+    }
+
+    #[test]
+    fn a_damaged_state_with_an_unchanged_file_still_serves_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let file = dir.path().join("p.toml");
+        let text = "[defaults]\ncall_timeout_ms = 100\n";
+        let p =
+            Policies::load(&state, Some((&file, text.into())), audit(dir.path())).expect("load");
+        assert_eq!(p.version(), 1);
+        drop(p);
+        std::fs::write(state.join("policy.toml"), b"damaged").expect("damage");
+        let p =
+            Policies::load(&state, Some((&file, text.into())), audit(dir.path())).expect("load");
+        let b = p.current().expect("a bundle is served");
+        assert_eq!((b.id.version, b.toml.as_str()), (1, text));
     }
 
     #[test]

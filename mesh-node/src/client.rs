@@ -116,6 +116,15 @@ impl Client {
         let trace = self.trace_for(options);
         let (reply, callee) = self.call_inner(service, method, body, options, trace).await;
         let latency = since(started);
+        // Names that are not names (refused as such) are counted under one series.
+        let valid = mesh_proto::validate_name(service)
+            .and(mesh_proto::validate_name(method))
+            .is_ok();
+        let (service, method) = if valid {
+            (service, method)
+        } else {
+            ("_invalid", mesh_core::telemetry::OTHER_METHOD)
+        };
         self.telemetry.record_call(
             service,
             method,

@@ -99,9 +99,8 @@ impl BudgetGuard {
     /// Takes `more` bytes into this guard if they fit.
     pub fn grow(&mut self, more: usize) -> bool {
         match self.budget.take(more) {
-            Some(extra) => {
-                self.bytes += extra.bytes;
-                std::mem::forget(extra);
+            Some(mut extra) => {
+                self.bytes += std::mem::take(&mut extra.bytes);
                 true
             }
             None => false,
@@ -183,38 +182,56 @@ where
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let refusals = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
     let header_timeout = limits.header_timeout;
+    // A client that stops reading an answer is cut off after the body deadline: what the answer
+    // holds is given back.
+    let write_timeout = limits.body_timeout;
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
                 _ = stop.changed() => return,
             };
-            let Ok((mut stream, peer)) = accepted else {
-                continue;
+            let (mut stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors, most likely: wait instead of spinning.
+                    debug!("http: accept failed: {e}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+                        _ = stop.changed() => return,
+                    }
+                    continue;
+                }
             };
             let Ok(slot) = slots.clone().try_acquire_owned() else {
-                // Over the bound: say so and close, without reading a byte.
+                // Over the bound: say so and close, without reading a byte (a few at a time;
+                // past that, just close).
                 debug!("http: too many connections, refusing {peer}");
-                tokio::spawn(async move {
-                    use tokio::io::AsyncWriteExt;
-                    let _ = tokio::time::timeout(
-                        std::time::Duration::from_secs(1),
-                        stream.write_all(TOO_MANY_CONNECTIONS),
-                    )
-                    .await;
-                });
+                if let Ok(writing) = refusals.clone().try_acquire_owned() {
+                    tokio::spawn(async move {
+                        use tokio::io::AsyncWriteExt;
+                        let _ = tokio::time::timeout(
+                            std::time::Duration::from_secs(1),
+                            stream.write_all(TOO_MANY_CONNECTIONS),
+                        )
+                        .await;
+                        drop(writing);
+                    });
+                }
                 continue;
             };
             let _ = stream.set_nodelay(true);
             let handler = handler.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(&handler);
+                let io = TokioIo::new(WriteDeadline::new(stream, write_timeout));
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(header_timeout)
                     .max_buf_size(64 * 1024)
-                    .serve_connection(TokioIo::new(stream), service)
+                    .serve_connection(io, service)
                     .await
                 {
                     debug!("http connection ended: {e}");
@@ -224,6 +241,87 @@ where
         }
     });
     Ok(bound)
+}
+
+/// A stream whose writes fail once one has waited longer than a deadline (the peer stopped
+/// reading): hyper has no write timeout of its own.
+struct WriteDeadline<T> {
+    inner: T,
+    limit: std::time::Duration,
+    waiting: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> WriteDeadline<T> {
+    fn new(inner: T, limit: std::time::Duration) -> Self {
+        WriteDeadline {
+            inner,
+            limit,
+            waiting: None,
+        }
+    }
+
+    /// Called when a write is pending: arms the deadline, and says whether it passed.
+    fn expired(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        let limit = self.limit;
+        let sleep = self
+            .waiting
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        sleep.as_mut().poll(cx).is_ready()
+    }
+}
+
+use std::future::Future as _;
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteDeadline<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteDeadline<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match std::pin::Pin::new(&mut self.inner).poll_write(cx, buf) {
+            std::task::Poll::Pending if self.expired(cx) => {
+                std::task::Poll::Ready(Err(std::io::ErrorKind::TimedOut.into()))
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+            ready => {
+                self.waiting = None;
+                ready
+            }
+        }
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match std::pin::Pin::new(&mut self.inner).poll_flush(cx) {
+            std::task::Poll::Pending if self.expired(cx) => {
+                std::task::Poll::Ready(Err(std::io::ErrorKind::TimedOut.into()))
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+            ready => {
+                self.waiting = None;
+                ready
+            }
+        }
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 const TOO_MANY_CONNECTIONS: &[u8] =

@@ -117,7 +117,14 @@ async fn call(
             ),
         )
     };
-    let Some(mut guard) = ingress.budget.take(declared.unwrap_or(0)) else {
+    // Replies that arrived count too (they may overshoot the bound by one body per call in
+    // flight): while the budget is spent, new calls wait their turn.
+    let spent = ingress.budget.used() >= ingress.budget.max();
+    let Some(mut guard) = ingress
+        .budget
+        .take(declared.unwrap_or(0))
+        .filter(|_| !spent)
+    else {
         // Read and drop the body (holding nothing), so the client hears the answer instead of a
         // broken pipe.
         let _ = tokio::time::timeout(ingress.body_timeout, drain(req.into_body())).await;

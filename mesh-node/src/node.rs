@@ -33,7 +33,7 @@ use crate::call::{CallError, CallOptions, CallStream, Reply};
 use crate::client::Client;
 use crate::config::NodeConfig;
 use crate::control::telemetry::TelemetrySink;
-use crate::control::{ControlClient, GatewayPin, resources};
+use crate::control::{ControlClient, GatewayPin, apply_saved_policy, resources};
 use crate::discovery::{Announcement, Discovery, MdnsDiscovery};
 use crate::hosted::{Hosted, Services};
 use crate::identity::Identity;
@@ -198,6 +198,9 @@ impl Node {
                 })
                 .collect::<Services>(),
         ));
+        // The saved policy is in force before anything is served.
+        let store = PolicyStore::new(&config.state_dir);
+        apply_saved_policy(&store, &policy, &telemetry);
         let server = Arc::new(Server::new(
             config.name.clone(),
             config.limits.clone(),
@@ -264,14 +267,13 @@ impl Node {
             },
             peers: peers.clone(),
             policy: policy.clone(),
-            store: PolicyStore::new(&config.state_dir),
+            store,
             telemetry: telemetry.clone(),
             hosted: hosted.clone(),
             updates: updates_tx.clone(),
             gateway_up: gateway_up.clone(),
             shutdown: shutdown.subscribe(),
         };
-        control.apply_saved_policy();
         if !options.gateway {
             if config.gateway.is_none() && config.gateway_name.is_none() {
                 warn!(

@@ -15,6 +15,9 @@ use tokio::sync::watch;
 
 use crate::call::Reply;
 
+/// Service names remembered after their hosts left, at most.
+const MAX_KNOWN_SERVICES: usize = 4096;
+
 /// What a node knows of a connected peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerInfo {
@@ -117,7 +120,14 @@ impl PeerSet {
         peers
             .table
             .set_endpoint(&info.id, info.services.iter().cloned());
-        peers.known.extend(info.services.iter().cloned());
+        // Remembered so a service whose hosts all left answers Unavailable, not NotFound; bounded,
+        // since a peer may announce new names with every hello.
+        for service in &info.services {
+            if peers.known.len() >= MAX_KNOWN_SERVICES {
+                break;
+            }
+            peers.known.insert(service.clone());
+        }
         let entry = peers
             .by_id
             .entry(info.id.clone())

@@ -57,6 +57,9 @@ pub(crate) enum PolicyState {
 #[derive(Default)]
 pub(crate) struct PolicyCell {
     state: RwLock<PolicyState>,
+    /// Bumped at every change: what caches of decisions made under a policy are keyed on (a
+    /// version number alone repeats across epochs).
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl PolicyCell {
@@ -72,14 +75,23 @@ impl PolicyCell {
         }
     }
 
-    /// What is in force, for admission: `Ok(None)` no policy, `Ok(Some)` a policy and its
-    /// version, `Err(reason)` fail closed.
+    /// What is in force, for admission: `Ok(None)` no policy, `Ok(Some)` a policy and the cell's
+    /// generation (a key for decisions made under it), `Err(reason)` fail closed.
     pub(crate) fn for_admission(&self) -> Result<Option<(u64, Arc<Policy>)>, String> {
-        match &*self.state.read().unwrap_or_else(|p| p.into_inner()) {
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
+        match &*state {
             PolicyState::None => Ok(None),
-            PolicyState::Held { id, policy, .. } => Ok(Some((id.version, policy.clone()))),
+            PolicyState::Held { policy, .. } => Ok(Some((generation, policy.clone()))),
             PolicyState::Damaged(why) => Err(why.clone()),
         }
+    }
+
+    fn replace(&self, next: PolicyState) {
+        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        *state = next;
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// The bundle held, if any.
@@ -103,12 +115,29 @@ impl PolicyCell {
     }
 
     pub(crate) fn set(&self, id: BundleRef, policy: Policy, source: PolicySource) {
-        *self.state.write().unwrap_or_else(|p| p.into_inner()) = PolicyState::Held {
+        self.replace(PolicyState::Held {
             id,
             policy: Arc::new(policy),
             source,
             unsaved: None,
-        };
+        });
+    }
+
+    /// Why the bundle in force is not saved, if it is not.
+    pub(crate) fn unsaved(&self) -> Option<String> {
+        match &*self.state.read().unwrap_or_else(|p| p.into_inner()) {
+            PolicyState::Held { unsaved, .. } => unsaved.clone(),
+            _ => None,
+        }
+    }
+
+    /// The bundle in force is saved now.
+    pub(crate) fn mark_saved(&self) {
+        if let PolicyState::Held { unsaved, .. } =
+            &mut *self.state.write().unwrap_or_else(|p| p.into_inner())
+        {
+            *unsaved = None;
+        }
     }
 
     /// The bundle in force could not be saved.
@@ -121,10 +150,10 @@ impl PolicyCell {
     }
 
     pub(crate) fn set_damaged(&self, why: String) {
-        *self.state.write().unwrap_or_else(|p| p.into_inner()) = PolicyState::Damaged(why);
+        self.replace(PolicyState::Damaged(why));
     }
 
     pub(crate) fn clear(&self) {
-        *self.state.write().unwrap_or_else(|p| p.into_inner()) = PolicyState::None;
+        self.replace(PolicyState::None);
     }
 }

@@ -74,7 +74,7 @@ struct Admission {
 
 /// What a stream carries.
 enum Incoming {
-    Call(Box<CallContext>, Option<Bytes>),
+    Call(Box<CallContext>),
     Reserved(Arc<dyn ReservedService>),
 }
 
@@ -127,20 +127,42 @@ impl Server {
         recv: quinn::RecvStream,
     ) {
         let mut reader = FrameReader::new(recv);
-        let read = tokio::time::timeout(
-            self.limits.call_timeout,
-            self.read_request(caller.clone(), &mut reader),
-        )
-        .await;
+        let deadline = tokio::time::Instant::now() + self.limits.call_timeout;
+        let read =
+            tokio::time::timeout_at(deadline, self.read_head(caller.clone(), &mut reader)).await;
         let reply = match read {
-            Ok(Ok(Incoming::Call(ctx, body))) => {
+            Ok(Ok(Incoming::Call(ctx))) => {
+                // Admitted before its body is read: a caller the policy refuses never gets a
+                // body buffered.
                 let labels = || self.peers.labels_of(&caller).unwrap_or_default();
                 match self.admit(&ctx, labels) {
-                    Err(refused) => refused,
-                    Ok(()) => match body {
-                        Some(body) => self.dispatch_traced(*ctx, body).await,
-                        None => return self.serve_streamed(*ctx, send, reader).await,
-                    },
+                    Err(refused) => {
+                        let _ = reader.into_inner().stop(0u32.into());
+                        if let Err(e) = write_reply(&mut send, refused).await {
+                            debug!("could not write a reply: {e}");
+                        }
+                        return;
+                    }
+                    Ok(()) if ctx.streaming => {
+                        return self.serve_streamed(*ctx, send, reader).await;
+                    }
+                    Ok(()) => {
+                        let body = tokio::time::timeout_at(
+                            deadline,
+                            reader.unary_body(self.limits.max_body_bytes),
+                        )
+                        .await;
+                        match body {
+                            Ok(Ok(body)) => self.dispatch_traced(*ctx, body).await,
+                            Ok(Err(e)) => {
+                                Reply::error(Status::InvalidArgument, format!("request: {e}"))
+                            }
+                            Err(_) => Reply::error(
+                                Status::InvalidArgument,
+                                "request not received in time",
+                            ),
+                        }
+                    }
                 }
             }
             Ok(Ok(Incoming::Reserved(handler))) => {
@@ -163,8 +185,8 @@ impl Server {
         }
     }
 
-    /// The head, and for a unary call its body.
-    async fn read_request(
+    /// The head of a call, parsed and checked.
+    async fn read_head(
         &self,
         caller: SpiffeId,
         reader: &mut FrameReader,
@@ -215,14 +237,7 @@ impl Server {
             trace: head.trace,
             streaming,
         };
-        if streaming {
-            return Ok(Incoming::Call(Box::new(ctx), None));
-        }
-        let body = reader
-            .unary_body(self.limits.max_body_bytes)
-            .await
-            .map_err(|e| bad("request", &e))?;
-        Ok(Incoming::Call(Box::new(ctx), Some(body)))
+        Ok(Incoming::Call(Box::new(ctx)))
     }
 
     /// A call made on this node for a service it hosts: admitted and served without the network.
@@ -358,7 +373,7 @@ impl Server {
         ctx: &CallContext,
         caller_labels: impl FnOnce() -> BTreeMap<String, String>,
     ) -> Result<(), Reply> {
-        let (version, policy) = match self.policy.for_admission() {
+        let (generation, policy) = match self.policy.for_admission() {
             Ok(Some(held)) => held,
             Ok(None) => return Ok(()),
             Err(damaged) => {
@@ -374,7 +389,7 @@ impl Server {
             }
         };
         let (service, method) = (ctx.service.as_str(), ctx.method.as_str());
-        let admission = self.admission(version, &policy, ctx, caller_labels);
+        let admission = self.admission(generation, &policy, ctx, caller_labels);
         let verdict = &admission.verdict;
         if verdict.denied {
             let action = if verdict.allow { "audited" } else { "denied" };
@@ -426,13 +441,14 @@ impl Server {
         Ok(())
     }
 
-    /// What the policy says of this caller, service and method under policy `version`: the
-    /// authorization verdict and the rate limit that applies. Remembered, so that a 50-rule policy
+    /// What the policy says of this caller, service and method under the policy cell's
+    /// `generation` (it changes with every bundle, whatever its number): the authorization verdict
+    /// and the rate limit that applies. Remembered, so that a 50-rule policy
     /// costs one lookup per call, not 50 glob matches; forgotten when a peer's labels may have
     /// changed.
     fn admission(
         &self,
-        version: u64,
+        generation_of_policy: u64,
         policy: &Policy,
         ctx: &CallContext,
         caller_labels: impl FnOnce() -> BTreeMap<String, String>,
@@ -440,7 +456,7 @@ impl Server {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
         (
-            version,
+            generation_of_policy,
             &ctx.caller,
             ctx.service.as_str(),
             ctx.method.as_str(),
@@ -454,7 +470,7 @@ impl Server {
             state.labels_generation = generation;
         }
         if let Some((v, caller, service, method, admission)) = state.verdicts.get(&key)
-            && *v == version
+            && *v == generation_of_policy
             && *caller == ctx.caller
             && *service == ctx.service
             && *method == ctx.method
@@ -481,7 +497,7 @@ impl Server {
         state.verdicts.insert(
             key,
             (
-                version,
+                generation_of_policy,
                 ctx.caller.clone(),
                 ctx.service.clone(),
                 ctx.method.clone(),

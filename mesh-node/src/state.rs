@@ -154,6 +154,30 @@ impl PolicyStore {
                 "sha256",
                 h,
             ] => (e.parse::<u64>(), v.parse::<u64>(), l.parse::<usize>(), *h),
+            ["#", "starling", "policy", "version", v] => {
+                // Written by a node before bundles carried a checksum: taken once (it was written
+                // atomically) and rewritten in the current form, so an upgrade does not black
+                // out a node whose gateway is not upgraded yet.
+                let version = v
+                    .parse::<u64>()
+                    .map_err(|_| damaged(format!("bad version in {header:?}")))?;
+                let bundle = SavedBundle {
+                    id: BundleRef {
+                        epoch: 0,
+                        version,
+                        hash: bundle_hash(toml),
+                    },
+                    toml: toml.to_owned(),
+                };
+                tracing::warn!(
+                    "{}: saved in the older form without a checksum; taken once and rewritten",
+                    path.display()
+                );
+                if let Err(e) = self.save(&bundle) {
+                    tracing::warn!("cannot rewrite {}: {e}", path.display());
+                }
+                return Ok(Some(bundle));
+            }
             _ => return Err(damaged(format!("not a bundle header: {header:?}"))),
         };
         let (Ok(epoch), Ok(version), Ok(length)) = (epoch, version, length) else {
@@ -361,16 +385,28 @@ mod tests {
                 (0..200u32).map(|i| (i * 37 % 251) as u8).collect(),
             ),
             ("empty", Vec::new()),
-            (
-                "the old format",
-                format!("# starling policy version 2\n{toml}").into_bytes(),
-            ),
         ];
         for (what, bytes) in cases {
             std::fs::write(store.path(), &bytes).expect("write");
             let result = store.load();
             assert!(result.is_err(), "{what}: taken as {result:?}");
         }
+    }
+
+    #[test]
+    fn the_older_form_is_taken_once_and_rewritten_with_a_checksum() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = PolicyStore::new(dir.path());
+        std::fs::write(
+            store.path(),
+            "# starling policy version 5\n[defaults]\ncall_timeout_ms = 9\n",
+        )
+        .expect("write");
+        let taken = store.load().expect("legacy").expect("bundle");
+        assert_eq!((taken.id.epoch, taken.id.version), (0, 5));
+        let rewritten = std::fs::read_to_string(store.path()).expect("read");
+        assert!(rewritten.starts_with("# starling policy epoch 0 version 5 length"));
+        assert_eq!(store.load().expect("load"), Some(taken));
     }
 
     #[test]

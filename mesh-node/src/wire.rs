@@ -47,6 +47,10 @@ pub struct FrameReader {
     recv: quinn::RecvStream,
     /// Received and not yet consumed, as QUIC handed it over.
     buf: Bytes,
+    /// A frame that spans chunks, gathered so far, and its announced length. Kept here rather
+    /// than in a local so that a read cancelled mid-frame (a `select!` on a control stream) resumes
+    /// where it stopped.
+    partial: Option<(BytesMut, usize)>,
 }
 
 impl FrameReader {
@@ -55,6 +59,7 @@ impl FrameReader {
         FrameReader {
             recv,
             buf: Bytes::new(),
+            partial: None,
         }
     }
 
@@ -65,11 +70,39 @@ impl FrameReader {
             .ok_or(ReadError::Truncated { got: 0, want: 1 })
     }
 
-    /// Reads the next frame, or `None` if the stream ended cleanly before one began.
+    /// Reads the next frame, or `None` if the stream ended cleanly before one began. Safe to
+    /// cancel: a frame half read is resumed by the next call.
     pub async fn next_frame(&mut self, max: usize) -> Result<Option<Bytes>, ReadError> {
-        let (len, prefix) = loop {
-            if let Some(found) = frame_len(&self.buf, max)? {
-                break found;
+        loop {
+            if let Some((out, len)) = &mut self.partial {
+                if out.len() >= *len {
+                    let (out, _) = self.partial.take().unwrap_or_default();
+                    return Ok(Some(out.freeze()));
+                }
+                // Read no further than the frame's end; memory grows with what arrives, not with
+                // what the peer announced.
+                match self.recv.read_chunk(*len - out.len(), true).await? {
+                    Some(chunk) => out.extend_from_slice(&chunk.bytes),
+                    None => {
+                        return Err(ReadError::Truncated {
+                            got: out.len(),
+                            want: *len,
+                        });
+                    }
+                }
+                continue;
+            }
+            if let Some((len, prefix)) = frame_len(&self.buf, max)? {
+                if self.buf.len() >= prefix + len {
+                    let _ = self.buf.split_to(prefix);
+                    return Ok(Some(self.buf.split_to(len)));
+                }
+                // The frame spans chunks: gather it, starting small.
+                let mut out = BytesMut::with_capacity(len.min(64 * 1024));
+                out.extend_from_slice(&self.buf[prefix..]);
+                self.buf = Bytes::new();
+                self.partial = Some((out, len));
+                continue;
             }
             // Too few bytes for the length prefix (at most five): join the next chunk to them.
             match self.recv.read_chunk(usize::MAX, true).await? {
@@ -88,28 +121,7 @@ impl FrameReader {
                     });
                 }
             }
-        };
-        if self.buf.len() >= prefix + len {
-            let _ = self.buf.split_to(prefix);
-            return Ok(Some(self.buf.split_to(len)));
         }
-        // The frame spans chunks: gather it into one buffer of its length, reading no further
-        // than its end.
-        let mut out = BytesMut::with_capacity(len);
-        out.extend_from_slice(&self.buf[prefix..]);
-        self.buf = Bytes::new();
-        while out.len() < len {
-            match self.recv.read_chunk(len - out.len(), true).await? {
-                Some(chunk) => out.extend_from_slice(&chunk.bytes),
-                None => {
-                    return Err(ReadError::Truncated {
-                        got: out.len(),
-                        want: len,
-                    });
-                }
-            }
-        }
-        Ok(Some(out.freeze()))
     }
 
     /// Reads a unary body: one frame of at most `max` bytes, then the end of the stream.

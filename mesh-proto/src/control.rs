@@ -242,6 +242,175 @@ pub struct AuditEvent {
     pub fields: Vec<(String, String)>,
 }
 
+/// Decodes a frame a node sent: the current shape, or the shape protocol 1 nodes send (their
+/// missing fields read as unknown: boot id 0, no bundle reference, zero counts).
+pub fn decode_up(bytes: &[u8]) -> Result<Up, postcard::Error> {
+    postcard::from_bytes::<Up>(bytes).or_else(|e| {
+        postcard::from_bytes::<v1::Up>(bytes)
+            .map(Up::from)
+            .map_err(|_| e)
+    })
+}
+
+/// Decodes a frame a gateway sent: the current shape, or the shape a protocol 1 gateway sends (a
+/// bundle from it has epoch 0 and a zero hash: the node computes the hash itself).
+pub fn decode_down(bytes: &[u8]) -> Result<Down, postcard::Error> {
+    postcard::from_bytes::<Down>(bytes).or_else(|e| {
+        postcard::from_bytes::<v1::Down>(bytes)
+            .map(Down::from)
+            .map_err(|_| e)
+    })
+}
+
+/// The control frames of protocol 1, as older nodes and gateways send them. Every frame of the
+/// current protocol has more bytes than its protocol 1 form, so the current shape is tried first.
+pub mod v1 {
+    use alloc::string::String;
+    use alloc::vec::Vec;
+
+    use serde::{Deserialize, Serialize};
+
+    use super::{AuditEvent, CallStats, RegistryEntry, Resources, RuleCount, Span};
+
+    /// Node to gateway, protocol 1.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub enum Up {
+        /// The first frame.
+        Hello(NodeHello),
+        /// Still here.
+        Heartbeat,
+        /// Applied and saved.
+        PolicyAck {
+            /// The bundle's version.
+            version: u64,
+        },
+        /// Could not be applied.
+        PolicyNack {
+            /// The bundle's version.
+            version: u64,
+            /// Why.
+            reason: String,
+        },
+        /// Counters and the rest.
+        Telemetry(TelemetryBatch),
+    }
+
+    /// Gateway to node, protocol 1.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub enum Down {
+        /// A bundle.
+        Policy {
+            /// Its version.
+            version: u64,
+            /// Its text.
+            toml: String,
+        },
+        /// The registry.
+        Registry(Vec<RegistryEntry>),
+        /// Batches stored.
+        TelemetryAck {
+            /// The highest stored.
+            seq: u64,
+        },
+    }
+
+    /// A node's hello, protocol 1.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct NodeHello {
+        /// Its protocol.
+        pub protocol_version: u16,
+        /// Its software version.
+        pub software_version: String,
+        /// Its labels.
+        pub labels: Vec<(String, String)>,
+        /// Its services.
+        pub services: Vec<String>,
+        /// Its addresses.
+        pub addrs: Vec<String>,
+        /// The version it holds.
+        pub policy_version: u64,
+        /// The next sequence number.
+        pub next_seq: u64,
+    }
+
+    /// A batch, protocol 1.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct TelemetryBatch {
+        /// Its number.
+        pub seq: u64,
+        /// Batches dropped.
+        pub dropped: u64,
+        /// Counters.
+        pub calls: Vec<CallStats>,
+        /// Resource use.
+        pub resources: Resources,
+        /// Spans.
+        pub spans: Vec<Span>,
+        /// Audit events.
+        pub audit: Vec<AuditEvent>,
+        /// Rule counts.
+        pub rules: Vec<RuleCount>,
+    }
+}
+
+impl From<v1::Up> for Up {
+    fn from(up: v1::Up) -> Up {
+        match up {
+            v1::Up::Hello(h) => Up::Hello(NodeHello {
+                protocol_version: h.protocol_version,
+                software_version: h.software_version,
+                labels: h.labels,
+                services: h.services,
+                addrs: h.addrs,
+                policy_version: h.policy_version,
+                next_seq: h.next_seq,
+                boot_id: 0,
+                lost_at_restart: 0,
+                policy: None,
+                policy_damaged: false,
+            }),
+            v1::Up::Heartbeat => Up::Heartbeat,
+            v1::Up::PolicyAck { version } => Up::PolicyAck {
+                version,
+                epoch: 0,
+                hash: [0; 32],
+            },
+            v1::Up::PolicyNack { version, reason } => Up::PolicyNack {
+                version,
+                reason,
+                epoch: 0,
+                hash: [0; 32],
+            },
+            v1::Up::Telemetry(b) => Up::Telemetry(TelemetryBatch {
+                seq: b.seq,
+                dropped: b.dropped,
+                calls: b.calls,
+                resources: b.resources,
+                spans: b.spans,
+                audit: b.audit,
+                rules: b.rules,
+                folded: 0,
+                lost_items: 0,
+            }),
+        }
+    }
+}
+
+impl From<v1::Down> for Down {
+    fn from(down: v1::Down) -> Down {
+        match down {
+            v1::Down::Policy { version, toml } => Down::Policy {
+                version,
+                toml,
+                epoch: 0,
+                hash: [0; 32],
+            },
+            v1::Down::Registry(entries) => Down::Registry(entries),
+            v1::Down::TelemetryAck { seq } => Down::TelemetryAck { seq },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,6 +469,56 @@ mod tests {
         expected.extend_from_slice(&[1; 32]); // ... hash)
         expected.push(0); // not damaged
         assert_eq!(bytes(&hello), expected);
+    }
+
+    #[test]
+    fn protocol_1_frames_still_decode() {
+        let hello = v1::Up::Hello(v1::NodeHello {
+            protocol_version: 1,
+            software_version: "0.1".into(),
+            labels: vec![],
+            services: vec!["s".into()],
+            addrs: vec![],
+            policy_version: 7,
+            next_seq: 3,
+        });
+        match decode_up(&bytes(&hello)).expect("v1 hello") {
+            Up::Hello(h) => assert_eq!((h.policy_version, h.boot_id, h.policy), (7, 0, None)),
+            other => panic!("{other:?}"),
+        }
+        let ack = decode_up(&bytes(&v1::Up::PolicyAck { version: 4 })).expect("v1 ack");
+        assert_eq!(
+            ack,
+            Up::PolicyAck {
+                version: 4,
+                epoch: 0,
+                hash: [0; 32]
+            }
+        );
+        let policy = v1::Down::Policy {
+            version: 2,
+            toml: "a=1".into(),
+        };
+        assert!(matches!(
+            decode_down(&bytes(&policy)).expect("v1 policy"),
+            Down::Policy {
+                version: 2,
+                epoch: 0,
+                ..
+            }
+        ));
+        // Current frames decode as themselves, and an old decoder reads their prefix.
+        let current = Down::Policy {
+            version: 2,
+            toml: "a=1".into(),
+            epoch: 9,
+            hash: [1; 32],
+        };
+        assert_eq!(decode_down(&bytes(&current)).expect("current"), current);
+        assert_eq!(
+            postcard::from_bytes::<v1::Down>(&bytes(&current)).expect("prefix"),
+            policy
+        );
     }
 
     #[test]

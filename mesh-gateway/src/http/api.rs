@@ -32,7 +32,12 @@ pub(super) async fn handle(
     Ok(match (req.method().clone(), path.as_str()) {
         (Method::GET, "/metrics") => {
             let latest = state.policies.current().map(|b| b.id);
-            let text = state.metrics().render(&state.registry(), latest.as_ref());
+            let mut text = state.metrics().render(&state.registry(), latest.as_ref());
+            text.push_str(&format!(
+                "# HELP starling_audit_lost_total Audit events the gateway could not write.\n\
+                 # TYPE starling_audit_lost_total counter\nstarling_audit_lost_total {}\n",
+                state.audit.lost()
+            ));
             respond(200, "text/plain; version=0.0.4", text)
         }
         (Method::GET, "/v1/nodes") => json_response(200, nodes(state)),
@@ -75,10 +80,14 @@ async fn put_policy(api: &Api, req: Request<Incoming>, query: &str) -> Response<
             json!({ "error": "PUT /v1/policy needs Authorization: Bearer <admin token>" }),
         );
     }
-    let body = match Limited::new(req.into_body(), MAX_BUNDLE_BYTES)
-        .collect()
-        .await
-    {
+    let read = Limited::new(req.into_body(), MAX_BUNDLE_BYTES).collect();
+    let Ok(read) = tokio::time::timeout(api.body_timeout, read).await else {
+        return json_response(
+            408,
+            json!({ "error": "the bundle did not arrive in time (limits.ingress_body_timeout_ms)" }),
+        );
+    };
+    let body = match read {
         Ok(b) => b.to_bytes(),
         Err(e) => {
             let error = if e.is::<http_body_util::LengthLimitError>() {

@@ -29,6 +29,8 @@ struct Api {
     token: Arc<str>,
     /// Off loopback, reads need the token too.
     reads_need_token: bool,
+    /// Time a client has to send a bundle.
+    body_timeout: std::time::Duration,
 }
 
 /// Binds the admin API on `addr` and serves it until `stop` changes; returns the bound address.
@@ -43,6 +45,7 @@ pub(crate) async fn serve(
         plane,
         token: token.into(),
         reads_need_token: !addr.ip().is_loopback(),
+        body_timeout: limits.body_timeout,
     };
     mesh_node::http::serve_http(addr, limits, stop, move |req| api::handle(api.clone(), req)).await
 }

@@ -10,4 +10,4 @@ mod session;
 pub(crate) mod telemetry;
 
 pub use session::SOFTWARE_VERSION;
-pub(crate) use session::{ControlClient, GatewayPin, resources};
+pub(crate) use session::{ControlClient, GatewayPin, apply_saved_policy, resources};

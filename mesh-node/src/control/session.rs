@@ -61,44 +61,6 @@ pub(crate) struct ControlClient {
 }
 
 impl ControlClient {
-    /// Applies the last good bundle saved on disk, if any: the node serves under it until a gateway
-    /// says otherwise. A damaged one fails closed: every call is refused until the gateway sends a
-    /// good bundle.
-    pub(crate) fn apply_saved_policy(&self) {
-        let saved = self.store.load().and_then(|saved| match saved {
-            None => Ok(None),
-            Some(s) => Policy::parse(&s.toml, "saved policy")
-                .map(|p| Some((s.id, p)))
-                .map_err(|e| crate::state::Damaged {
-                    path: self.store.path().display().to_string(),
-                    reason: e.to_string(),
-                }),
-        });
-        match saved {
-            Ok(None) => {}
-            Ok(Some((id, policy))) => {
-                info!(
-                    "booted under policy version {} (epoch {}) from {}",
-                    id.version,
-                    id.epoch,
-                    self.store.dir().display()
-                );
-                self.policy.set(id, policy, PolicySource::Saved);
-            }
-            Err(damaged) => {
-                tracing::error!(
-                    "the saved policy is damaged ({damaged}): refusing every call until the \
-                     gateway sends a good bundle"
-                );
-                self.telemetry.audit(
-                    "policy_damaged",
-                    vec![("reason".into(), damaged.to_string())],
-                );
-                self.policy.set_damaged(damaged.to_string());
-            }
-        }
-    }
-
     /// Keeps a control stream to the gateway open for as long as the node runs.
     pub(crate) async fn run(self) {
         let mut stop = self.shutdown.clone();
@@ -179,7 +141,7 @@ impl ControlClient {
             tokio::select! {
                 frame = reader.frame(MAX_CONTROL_FRAME) => {
                     let frame = frame.map_err(|e| e.to_string())?;
-                    match postcard::from_bytes::<Down>(&frame) {
+                    match mesh_proto::control::decode_down(&frame) {
                         Ok(down) => {
                             if let Some(answer) = self.handle_down(down).await {
                                 write_up(&mut send, &answer).await?;
@@ -216,7 +178,12 @@ impl ControlClient {
             next_seq: self.telemetry.lock().next_seq(),
             boot_id: self.telemetry.boot_id(),
             lost_at_restart: self.telemetry.lost_at_restart(),
-            policy: self.policy.held(),
+            // A bundle held but not saved is not reported as held: the gateway sends it again,
+            // and the node tries to save it again.
+            policy: self
+                .policy
+                .held()
+                .filter(|_| self.policy.unsaved().is_none()),
             policy_damaged: self.policy.is_damaged(),
         }
     }
@@ -256,17 +223,20 @@ impl ControlClient {
                 toml,
                 epoch,
                 hash,
-            } => Some(
-                self.handle_policy(
-                    BundleRef {
-                        epoch,
-                        version,
-                        hash,
-                    },
-                    toml,
-                )
-                .await,
-            ),
+            } => {
+                // A protocol 1 gateway sends no hash: the node computes it.
+                let hash = if epoch == 0 && hash == [0; 32] {
+                    bundle_hash(&toml)
+                } else {
+                    hash
+                };
+                let offered = BundleRef {
+                    epoch,
+                    version,
+                    hash,
+                };
+                Some(self.handle_policy(offered, toml).await)
+            }
             Down::TelemetryAck { seq } => {
                 self.telemetry.ack(seq);
                 None
@@ -313,13 +283,15 @@ impl ControlClient {
             return nack("the bundle does not match its hash".into());
         }
         match judge_offer(self.policy.held().as_ref(), &offered) {
-            Offer::Held => {
+            // Held already: acked only once it is saved too (a save that failed is tried again).
+            Offer::Held if self.policy.unsaved().is_none() => {
                 return Up::PolicyAck {
                     version: offered.version,
                     epoch: offered.epoch,
                     hash: offered.hash,
                 };
             }
+            Offer::Held => return self.save_and_answer(offered, toml, nack).await,
             Offer::Older => {
                 let held = self.policy.version();
                 return nack(format!(
@@ -345,7 +317,17 @@ impl ControlClient {
             "policy_applied",
             vec![("version".into(), offered.version.to_string())],
         );
-        // fsync on the blocking pool: an SD card never stalls the calls on this thread.
+        self.save_and_answer(offered, toml, nack).await
+    }
+
+    /// Saves the bundle in force (fsync on the blocking pool: an SD card never stalls the calls on
+    /// this thread) and acks it, or nacks it saying it is enforced but not saved.
+    async fn save_and_answer(
+        &self,
+        offered: BundleRef,
+        toml: String,
+        nack: impl Fn(String) -> Up,
+    ) -> Up {
         let saved = self
             .store
             .save_async(SavedBundle { id: offered, toml })
@@ -359,10 +341,58 @@ impl ControlClient {
             self.policy.mark_unsaved(why.clone());
             return nack(why);
         }
+        self.policy.mark_saved();
         Up::PolicyAck {
             version: offered.version,
             epoch: offered.epoch,
             hash: offered.hash,
+        }
+    }
+}
+
+/// Applies the last good bundle saved on disk, if any: the node serves under it until a gateway
+/// says otherwise. A damaged one, or one this node cannot apply, fails closed: every call is
+/// refused until the gateway sends a good bundle. Runs before the node serves anything.
+pub(crate) fn apply_saved_policy(
+    store: &PolicyStore,
+    policy: &PolicyCell,
+    telemetry: &TelemetrySink,
+) {
+    let damaged = |reason: String| crate::state::Damaged {
+        path: store.path().display().to_string(),
+        reason,
+    };
+    let saved = store.load().and_then(|saved| match saved {
+        None => Ok(None),
+        Some(s) => Policy::parse(&s.toml, "saved policy")
+            .map_err(|e| damaged(e.to_string()))
+            .and_then(|p| {
+                p.check_applicable(SOFTWARE_VERSION)
+                    .map_err(damaged)
+                    .map(|()| Some((s.id, p)))
+            }),
+    });
+    match saved {
+        Ok(None) => {}
+        Ok(Some((id, p))) => {
+            info!(
+                "booted under policy version {} (epoch {}) from {}",
+                id.version,
+                id.epoch,
+                store.dir().display()
+            );
+            policy.set(id, p, PolicySource::Saved);
+        }
+        Err(damaged) => {
+            tracing::error!(
+                "the saved policy is damaged ({damaged}): refusing every call until the gateway \
+                 sends a good bundle"
+            );
+            telemetry.audit(
+                "policy_damaged",
+                vec![("reason".into(), damaged.to_string())],
+            );
+            policy.set_damaged(damaged.to_string());
         }
     }
 }

@@ -29,6 +29,8 @@ pub(crate) struct TelemetrySink {
     /// Where the progress of this incarnation is kept (`boot cut acked`), so the next one can
     /// count what this one loses if it dies.
     progress: Option<PathBuf>,
+    /// The newest progress line; held while it is written.
+    progress_text: std::sync::Arc<Mutex<String>>,
 }
 
 impl TelemetrySink {
@@ -45,6 +47,7 @@ impl TelemetrySink {
             boot_id,
             lost_at_restart,
             progress,
+            progress_text: std::sync::Arc::default(),
         }
     }
 
@@ -64,22 +67,25 @@ impl TelemetrySink {
     }
 
     /// Writes `boot cut acked` to the progress file, on the blocking pool (no fsync: it only has
-    /// to survive the process, and a power cut loses the batches anyway).
+    /// to survive the process, and a power cut loses the batches anyway). `acked` is the
+    /// gateway's own watermark: batches dropped from the backlog are not taken for acknowledged.
+    /// Writers take turns and each writes the newest figures, so an older one never wins.
     fn save_progress(&self) {
         let Some(path) = self.progress.clone() else {
             return;
         };
         let telemetry = self.lock();
         let cut = telemetry.next_seq().saturating_sub(1);
-        let acked = telemetry
-            .pending()
-            .next()
-            .map_or(cut, |b| b.seq.saturating_sub(1));
+        let acked = telemetry.acked();
         drop(telemetry);
-        let text = format!("boot {} cut {cut} acked {acked}\n", self.boot_id);
+        *self.progress_text.lock().unwrap_or_else(|p| p.into_inner()) =
+            format!("boot {} cut {cut} acked {acked}\n", self.boot_id);
+        let latest = self.progress_text.clone();
         tokio::task::spawn_blocking(move || {
+            let text = latest.lock().unwrap_or_else(|p| p.into_inner());
             let tmp = path.with_extension("tmp");
-            let written = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path));
+            let written =
+                std::fs::write(&tmp, text.as_bytes()).and_then(|()| std::fs::rename(&tmp, &path));
             if let Err(e) = written {
                 tracing::debug!("cannot write {}: {e}", path.display());
             }

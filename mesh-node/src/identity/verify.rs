@@ -36,59 +36,69 @@ fn check_identity(
 }
 
 /// Enforces the path length constraints webpki leaves unchecked: the mesh CA (and any issuer
-/// under it) says how many CAs may stand between it and a node; a chain with more is refused. The
-/// presented chain is read as the path: the leaf's issuer first.
+/// under it) says how many CAs may stand between it and a node; a path with more is refused. The
+/// path is followed from the leaf, issuer to subject, through the presented certificates (extra
+/// ones that are not on it change nothing), up to a mesh CA.
 fn check_path_length(
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
     ca_certs: &[CertificateDer<'static>],
 ) -> Result<(), rustls::Error> {
     use x509_parser::prelude::{FromDer, X509Certificate};
+    fn parse(der: &[u8]) -> Option<X509Certificate<'_>> {
+        X509Certificate::from_der(der).map(|(_, c)| c).ok()
+    }
+    fn path_len(cert: &X509Certificate<'_>) -> Option<u32> {
+        cert.basic_constraints()
+            .ok()
+            .flatten()
+            .and_then(|bc| bc.value.path_len_constraint)
+    }
     let refuse = |why: String| {
         let e = TlsError::PathTooLong(why);
         tracing::warn!("refusing a peer certificate: {e}");
         rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
     };
-    fn parse(der: &[u8]) -> Option<X509Certificate<'_>> {
-        X509Certificate::from_der(der).map(|(_, c)| c).ok()
-    }
-    // Each intermediate may have at most its own path length of CAs below it.
-    for (below, der) in intermediates.iter().enumerate() {
-        let Some(cert) = parse(der.as_ref()) else {
-            return Err(refuse("an intermediate certificate does not parse".into()));
+    let roots: Vec<X509Certificate<'_>> =
+        ca_certs.iter().filter_map(|c| parse(c.as_ref())).collect();
+    let presented: Vec<X509Certificate<'_>> = intermediates
+        .iter()
+        .filter_map(|c| parse(c.as_ref()))
+        .collect();
+    let Some(mut current) = parse(end_entity.as_ref()) else {
+        return Err(refuse("the certificate does not parse".into()));
+    };
+    // `below`: CAs met so far between the leaf and where the walk stands.
+    for below in 0..=presented.len() {
+        if let Some(root) = roots
+            .iter()
+            .find(|r| r.subject().as_raw() == current.issuer().as_raw())
+        {
+            if let Some(max) = path_len(root)
+                && below > max as usize
+            {
+                return Err(refuse(format!(
+                    "{below} issuers under a mesh CA that allows {max}"
+                )));
+            }
+            return Ok(());
+        }
+        let Some(issuer) = presented
+            .iter()
+            .find(|c| c.subject().as_raw() == current.issuer().as_raw())
+        else {
+            return Err(refuse("the chain does not lead to a mesh CA".into()));
         };
-        if let Ok(Some(bc)) = cert.basic_constraints()
-            && let Some(max) = bc.value.path_len_constraint
+        if let Some(max) = path_len(issuer)
             && below > max as usize
         {
             return Err(refuse(format!(
                 "{below} CAs below an issuer that allows {max}"
             )));
         }
+        current = issuer.clone();
     }
-    // The mesh CA at the top of the chain allows at most its path length of issuers under it.
-    let top = intermediates.last().unwrap_or(end_entity);
-    let Some(top) = parse(top.as_ref()) else {
-        return Err(refuse("the chain does not parse".into()));
-    };
-    for ca in ca_certs {
-        let Some(ca) = parse(ca.as_ref()) else {
-            continue;
-        };
-        if ca.subject().as_raw() != top.issuer().as_raw() {
-            continue;
-        }
-        if let Ok(Some(bc)) = ca.basic_constraints()
-            && let Some(max) = bc.value.path_len_constraint
-            && intermediates.len() > max as usize
-        {
-            return Err(refuse(format!(
-                "{} issuers under a mesh CA that allows {max}",
-                intermediates.len()
-            )));
-        }
-    }
-    Ok(())
+    Err(refuse("the chain loops".into()))
 }
 
 /// The client side's check of a server: chain to the mesh CA, then the trust domain. The TLS server

@@ -170,7 +170,8 @@ impl Default for Pki {
 pub struct NodeProc {
     pub name: String,
     child: Child,
-    /// Prepended to `mesh-node status` to reach the node (`ip netns exec <ns>` in the lab).
+    /// The command that runs `mesh-node` where the node runs (`ip netns exec <ns> [qemu] mesh-node`
+    /// in the lab); empty on this host, where its status is read over HTTP.
     prefix: Vec<String>,
     pub quic: SocketAddr,
     pub ingress: Option<SocketAddr>,
@@ -245,8 +246,17 @@ impl NodeProc {
             std::thread::sleep(Duration::from_millis(20));
         };
         let addr = |key: &str| entries.get(key).map(|a| a.parse().expect("address"));
+        // Inside a namespace the status is asked of the node by its own binary (under qemu, if
+        // it runs under qemu); a gateway's sibling mesh-node binary asks for a gateway.
         let exec_prefix = if prefix.len() > 4 && prefix[0] == "ip" {
-            prefix[..4].to_vec()
+            let mut cmd = prefix.to_vec();
+            if gateway && let Some(last) = cmd.last_mut() {
+                *last = Path::new(last.as_str())
+                    .with_file_name("mesh-node")
+                    .display()
+                    .to_string();
+            }
+            cmd
         } else {
             Vec::new()
         };
@@ -287,7 +297,6 @@ impl NodeProc {
         } else {
             let out = Command::new(&self.prefix[0])
                 .args(&self.prefix[1..])
-                .arg(bin("mesh-node"))
                 .args(["status", "--json", "--ingress", &ingress.to_string()])
                 .output()
                 .map_err(|e| e.to_string())?;

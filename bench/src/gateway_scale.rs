@@ -51,7 +51,7 @@ pub fn measure(gateway_bin: &std::path::Path, nodes: usize) -> anyhow::Result<Sc
     let dir = tempfile::tempdir()?;
     let ca = Ca::generate("scale.local")?;
     let gw_dir = dir.path().join("gw");
-    ca.issue_node("gw", 1)?
+    ca.issue_gateway("gw", 1)?
         .save(&gw_dir.join("certs"), ca.cert_pem())?;
     std::fs::write(
         gw_dir.join("policy.toml"),

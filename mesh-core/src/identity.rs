@@ -1,6 +1,8 @@
-//! SPIFFE IDs: `spiffe://<trust-domain>/node/<name>`, and for a microcontroller behind a node
+//! SPIFFE IDs: `spiffe://<trust-domain>/node/<name>`, a gateway's
+//! `spiffe://<trust-domain>/gateway/<name>`, and for a microcontroller behind a node
 //! `spiffe://<trust-domain>/node/<host>/leaf/<name>`. They are read from verified certificates
-//! only; a name a peer claims is never an identity.
+//! only; a name a peer claims is never an identity, and a role (gateway) is what the CA certified,
+//! never what a hello says.
 
 use std::fmt;
 
@@ -15,15 +17,25 @@ pub enum IdentityError {
     /// The trust domain is empty or holds characters a DNS-like name may not.
     #[error("bad trust domain {0:?}")]
     BadTrustDomain(String),
-    /// The path is not `/node/<name>` or `/node/<host>/leaf/<name>`.
-    #[error("{0:?} is not a node identity (want /node/<name>)")]
+    /// The path is not `/node/<name>`, `/gateway/<name>` or `/node/<host>/leaf/<name>`.
+    #[error("{0:?} is not a mesh identity (want /node/<name> or /gateway/<name>)")]
     BadPath(String),
+}
+
+/// What an identity is certified to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Certified {
+    /// A node (`/node/<name>`).
+    Node,
+    /// A site's gateway (`/gateway/<name>`): the only identity a node takes policy from.
+    Gateway,
 }
 
 /// A verified workload identity.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId {
     trust_domain: String,
+    role: Certified,
     node: NodeName,
     leaf: Option<NodeName>,
 }
@@ -34,7 +46,19 @@ impl SpiffeId {
         check_trust_domain(trust_domain)?;
         Ok(SpiffeId {
             trust_domain: trust_domain.to_owned(),
+            role: Certified::Node,
             node,
+            leaf: None,
+        })
+    }
+
+    /// The identity of gateway `name` in `trust_domain`.
+    pub fn gateway(trust_domain: &str, name: NodeName) -> Result<Self, IdentityError> {
+        check_trust_domain(trust_domain)?;
+        Ok(SpiffeId {
+            trust_domain: trust_domain.to_owned(),
+            role: Certified::Gateway,
+            node: name,
             leaf: None,
         })
     }
@@ -48,13 +72,15 @@ impl SpiffeId {
         check_trust_domain(td)?;
         let bad = || IdentityError::BadPath(uri.to_owned());
         let parts: Vec<&str> = path.split('/').collect();
-        let (node, leaf) = match parts.as_slice() {
-            ["node", n] => (*n, None),
-            ["node", n, "leaf", l] => (*n, Some(*l)),
+        let (role, node, leaf) = match parts.as_slice() {
+            ["node", n] => (Certified::Node, *n, None),
+            ["gateway", n] => (Certified::Gateway, *n, None),
+            ["node", n, "leaf", l] => (Certified::Node, *n, Some(*l)),
             _ => return Err(bad()),
         };
         Ok(SpiffeId {
             trust_domain: td.to_owned(),
+            role,
             node: NodeName::try_from(node).map_err(|_| bad())?,
             leaf: leaf
                 .map(NodeName::try_from)
@@ -68,9 +94,19 @@ impl SpiffeId {
         &self.trust_domain
     }
 
-    /// The node this identity is, or sits behind.
+    /// The node this identity is, or sits behind (a gateway's name, for a gateway).
     pub fn node_name(&self) -> &NodeName {
         &self.node
+    }
+
+    /// What the CA certified this identity to be.
+    pub fn role(&self) -> Certified {
+        self.role
+    }
+
+    /// Whether the CA certified a gateway.
+    pub fn is_gateway(&self) -> bool {
+        self.role == Certified::Gateway
     }
 
     /// The microcontroller behind the node, if this is a leaf identity.
@@ -81,7 +117,11 @@ impl SpiffeId {
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "spiffe://{}/node/{}", self.trust_domain, self.node)?;
+        let kind = match self.role {
+            Certified::Node => "node",
+            Certified::Gateway => "gateway",
+        };
+        write!(f, "spiffe://{}/{kind}/{}", self.trust_domain, self.node)?;
         if let Some(leaf) = &self.leaf {
             write!(f, "/leaf/{leaf}")?;
         }
@@ -116,6 +156,18 @@ mod tests {
         let leaf = SpiffeId::parse("spiffe://td/node/gw/leaf/mcu1").expect("valid");
         assert_eq!(leaf.leaf().map(NodeName::as_str), Some("mcu1"));
         assert_eq!(leaf.to_string(), "spiffe://td/node/gw/leaf/mcu1");
+    }
+
+    #[test]
+    fn a_gateway_is_its_own_shape() {
+        let gw = SpiffeId::parse("spiffe://td/gateway/gw").expect("valid");
+        assert!(gw.is_gateway());
+        assert_eq!(gw.node_name().as_str(), "gw");
+        assert_eq!(gw.to_string(), "spiffe://td/gateway/gw");
+        let node = SpiffeId::parse("spiffe://td/node/gw").expect("valid");
+        assert!(!node.is_gateway());
+        assert_ne!(gw, node);
+        assert!(SpiffeId::parse("spiffe://td/gateway/gw/leaf/x").is_err());
     }
 
     #[test]

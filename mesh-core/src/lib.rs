@@ -32,7 +32,7 @@ pub mod table;
 pub mod telemetry;
 
 pub use backoff::Backoff;
-pub use identity::{IdentityError, SpiffeId};
+pub use identity::{Certified, IdentityError, SpiffeId};
 pub use name::{MethodName, NodeName, ServiceName};
 pub use table::ServiceTable;
 pub use telemetry::Telemetry;

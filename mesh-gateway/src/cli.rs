@@ -56,7 +56,8 @@ enum CaCommand {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Issue a node certificate: writes OUT/node.crt, OUT/node.key (0600) and OUT/ca.crt.
+    /// Issue a node's (or with --gateway a gateway's) certificate: writes OUT/node.crt,
+    /// OUT/node.key (0600) and OUT/ca.crt.
     Issue {
         /// The CA folder (with ca.crt and ca.key).
         #[arg(long)]
@@ -70,6 +71,10 @@ enum CaCommand {
         /// Days the certificate is valid.
         #[arg(long, default_value_t = 365)]
         days: u32,
+        /// Make a gateway's certificate (`spiffe://<td>/gateway/<name>`): the only identity
+        /// nodes take policy, the registry and renewals from.
+        #[arg(long)]
+        gateway: bool,
     },
 }
 
@@ -170,8 +175,13 @@ fn ca(command: CaCommand) -> ExitCode {
             name,
             out,
             days,
+            gateway,
         } => Ca::load(&ca).and_then(|ca| {
-            let issued = ca.issue_node(&name, days)?;
+            let issued = if gateway {
+                ca.issue_gateway(&name, days)?
+            } else {
+                ca.issue_node(&name, days)?
+            };
             issued.save(&out, ca.cert_pem())?;
             println!(
                 "{} issued for {days} days: {}/node.crt, node.key (0600), ca.crt",

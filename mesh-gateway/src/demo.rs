@@ -217,7 +217,7 @@ pub async fn run(keep_running: bool) -> anyhow::Result<()> {
 
 async fn start_gateway(root: &Path, ca: &Ca) -> anyhow::Result<crate::Gateway> {
     let dir = root.join("gateway");
-    ca.issue_node("gateway", 1)?
+    ca.issue_gateway("gateway", 1)?
         .save(&dir.join("certs"), ca.cert_pem())?;
     std::fs::write(
         dir.join("policy.toml"),

@@ -53,6 +53,9 @@ pub enum StartError {
     /// The state folder is held by another node, or cannot be made.
     #[error("{0}")]
     State(#[from] StateError),
+    /// The certificate is not for the role this program plays.
+    #[error("{0}")]
+    Role(String),
 }
 
 /// What a node knows of itself now: [`Node::status`], and `GET /v1/status` on its ingress.
@@ -154,6 +157,19 @@ impl Node {
         endpoint: quinn::Endpoint,
     ) -> Result<Node, StartError> {
         let id = identity.id.clone();
+        if options.gateway && !id.is_gateway() {
+            return Err(StartError::Role(format!(
+                "a gateway needs a gateway certificate, and {id} is a node's: make one with \
+                 `mesh-gateway ca issue --gateway --name {}`",
+                id.node_name()
+            )));
+        }
+        if !options.gateway && id.is_gateway() {
+            return Err(StartError::Role(format!(
+                "{id} is a gateway's certificate: run it with mesh-gateway, or give this node a \
+                 node certificate"
+            )));
+        }
         let mut lock = StateLock::acquire(&config.state_dir, config.name.as_str())?;
         let (_, client_config) = transport::quic_configs(&identity, &config.limits)?;
         let role = if options.gateway {

@@ -23,7 +23,7 @@ const MAX_KNOWN_SERVICES: usize = 4096;
 pub struct PeerInfo {
     /// Verified identity.
     pub id: SpiffeId,
-    /// Role from its hello.
+    /// Role its certificate proves (a hello's claim plays no part).
     pub role: Role,
     /// Labels from its hello.
     pub labels: BTreeMap<String, String>,

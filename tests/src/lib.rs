@@ -70,9 +70,23 @@ impl Pki {
         dir
     }
 
+    /// Issues gateway `name` into `<dir>/<name>/certs`, returns its folder.
+    pub fn gateway_dir(&self, name: &str) -> PathBuf {
+        let dir = self.dir.path().join(name);
+        self.ca
+            .issue_gateway(name, 1)
+            .expect("issue")
+            .save(&dir.join("certs"), self.ca.cert_pem())
+            .expect("save");
+        dir
+    }
+
     /// Writes a node config into its folder and returns its path. `extra` is appended verbatim.
     pub fn config(&self, name: &str, extra: &str) -> PathBuf {
-        let dir = self.node_dir(name);
+        self.write_config(self.node_dir(name), name, extra)
+    }
+
+    fn write_config(&self, dir: PathBuf, name: &str, extra: &str) -> PathBuf {
         let path = dir.join("node.toml");
         let toml = format!(
             "name = \"{name}\"\nlisten = \"127.0.0.1:0\"\ningress = \"127.0.0.1:0\"\nlog = \"info\"\n\
@@ -88,7 +102,7 @@ impl Pki {
     /// Writes a gateway config (admin API on a free loopback port, state and token in its folder,
     /// QUIC on `listen`) and returns its path. `extra` is appended verbatim.
     pub fn gateway_config(&self, name: &str, listen: &str, extra: &str) -> PathBuf {
-        let path = self.config(name, extra);
+        let path = self.write_config(self.gateway_dir(name), name, extra);
         let src = std::fs::read_to_string(&path).expect("config");
         let src = src.replace(
             "listen = \"127.0.0.1:0\"",
@@ -691,10 +705,20 @@ pub fn raw_client(chain_pem: &[&str], key_pem: &str) -> (quinn::Endpoint, quinn:
 /// A hello frame: `name`, `protocol`, no labels or services, and `trailing` bytes inside the frame
 /// after the fields (what a newer peer may add).
 pub fn hello_frame(name: &str, protocol: u16, trailing: &[u8]) -> Vec<u8> {
+    hello_frame_as(name, protocol, mesh_proto::Role::Node, trailing)
+}
+
+/// A hello frame that claims `role`.
+pub fn hello_frame_as(
+    name: &str,
+    protocol: u16,
+    role: mesh_proto::Role,
+    trailing: &[u8],
+) -> Vec<u8> {
     let hello = mesh_proto::Hello {
         protocol_version: protocol,
         name,
-        role: mesh_proto::Role::Node,
+        role,
         labels: Default::default(),
         services: Default::default(),
     };

@@ -383,6 +383,7 @@ fn example_gateway(pki: &Pki, dir: &Path) -> std::path::PathBuf {
             pki.dir.path().join("ca").to_str().expect("path"),
             "--name",
             "gw",
+            "--gateway",
             "--out",
             dir.join("certs").to_str().expect("path"),
         ],

@@ -381,3 +381,72 @@ async fn a_hundred_near_limit_bodies_keep_the_node_within_its_memory_bound() {
         .expect("call");
     assert_eq!(code, 200, "the ingress did not recover");
 }
+
+/// The gateway role is what the CA certified: a member with a node's certificate that says
+/// "gateway" in its hello is never sent a control stream (the node would take policy from it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_certificate_claiming_the_gateway_role_gets_no_control_stream() {
+    let pki = Pki::new();
+    // No gateway pinned: before, any member claiming the role would do.
+    let a = NodeProc::start("node-a", &pki.config("node-a", ""));
+    let (conn, _endpoint) = connect_as(&pki, "pretender", a.quic).await;
+    send_hello(
+        &conn,
+        &starling_tests::hello_frame_as(
+            "pretender",
+            mesh_proto::PROTOCOL_VERSION,
+            mesh_proto::Role::Gateway,
+            &[],
+        ),
+    )
+    .await;
+    let status = a.wait_peer("pretender", UP);
+    assert_eq!(status["peers"][0]["role"], "node", "{status}");
+    // The node's control loop acts at once on a new gateway peer; give it two seconds.
+    let opened = tokio::time::timeout(Duration::from_secs(2), conn.accept_bi()).await;
+    assert!(
+        opened.is_err(),
+        "the node opened a control stream to a pretender"
+    );
+    assert!(a.status()["gateway"].is_null());
+}
+
+/// A gateway's certificate cannot run a plain node, nor a node's certificate a gateway.
+#[test]
+fn each_program_runs_only_with_a_certificate_of_its_role() {
+    let pki = Pki::new();
+    // A node's config whose certificate is a gateway's.
+    let template = std::fs::read_to_string(pki.config("template", "")).expect("conf");
+    let gw_dir = pki.gateway_dir("gw");
+    let conf = gw_dir.join("node.toml");
+    std::fs::write(&conf, template.replace("\"template\"", "\"gw\"")).expect("conf");
+    let out = std::process::Command::new(starling_tests::bin("mesh-node"))
+        .args(["run", "--config"])
+        .arg(&conf)
+        .output()
+        .expect("mesh-node");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is a gateway's certificate"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let node_conf = pki.config("plain", "");
+    let src = std::fs::read_to_string(&node_conf).expect("conf");
+    std::fs::write(
+        &node_conf,
+        src.replace("log = \"info\"", "log = \"info\"\nadmin = \"127.0.0.1:0\""),
+    )
+    .expect("conf");
+    let out = std::process::Command::new(starling_tests::bin("mesh-gateway"))
+        .args(["run", "--config"])
+        .arg(&node_conf)
+        .output()
+        .expect("mesh-gateway");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("a gateway needs a gateway certificate"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

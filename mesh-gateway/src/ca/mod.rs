@@ -147,6 +147,16 @@ impl Ca {
         self.issue(id, days)
     }
 
+    /// Issues a certificate for gateway `name` of this CA's trust domain
+    /// (`spiffe://<td>/gateway/<name>`), valid for `days`: the only identity nodes take policy from.
+    pub fn issue_gateway(&self, name: &str, days: u32) -> Result<Issued, CaError> {
+        let name = NodeName::try_from(name)
+            .map_err(|e| CaError::Name(format!("gateway name {name:?}: {e}")))?;
+        let id = SpiffeId::gateway(&self.trust_domain, name)
+            .map_err(|e| CaError::Name(e.to_string()))?;
+        self.issue(id, days)
+    }
+
     /// Issues a certificate for any identity, even one outside this CA's trust domain (tests use
     /// that to prove such certificates are refused).
     pub fn issue(&self, id: SpiffeId, days: u32) -> Result<Issued, CaError> {

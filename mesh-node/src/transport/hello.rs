@@ -3,6 +3,8 @@
 //! certificate proved. From protocol 2 on, a node sends a new hello on a new unidirectional stream
 //! whenever its hosted services change, and its peers update their tables.
 //!
+//! The role a peer plays (node or gateway) is read from its certificate, not from its hello.
+//!
 //! Versions: both sides speak the lower of their two versions on a connection; a peer below
 //! [`MIN_PROTOCOL_VERSION`] is refused with a reason that says so. A hello from a newer peer may
 //! carry fields this node does not know at its end; they are ignored.
@@ -187,9 +189,22 @@ async fn read_hello(
         .iter()
         .map(|s| ServiceName::try_from(*s).map_err(|_| HelloError::BadService((*s).to_owned())))
         .collect::<Result<Vec<_>, _>>()?;
+    // The role is what the CA certified: a hello that claims more is only a claim.
+    let role = if id.is_gateway() {
+        Role::Gateway
+    } else {
+        Role::Node
+    };
+    if hello.role != role {
+        debug!(
+            "{id} announces the role {}, its certificate says {}: the certificate wins",
+            hello.role.as_str(),
+            role.as_str()
+        );
+    }
     Ok(PeerInfo {
         id: id.clone(),
-        role: hello.role,
+        role,
         labels: hello
             .labels
             .iter()

@@ -23,6 +23,7 @@ pub mod backoff;
 pub mod balance;
 pub mod discovery;
 pub mod identity;
+pub mod labels;
 pub mod limits;
 pub mod name;
 pub mod policy;

@@ -75,6 +75,10 @@ enum CaCommand {
         /// nodes take policy, the registry and renewals from.
         #[arg(long)]
         gateway: bool,
+        /// Certified labels, `key=value,...` (e.g. `zone=hall-1,version=v1`): the labels
+        /// authorization rules and traffic subsets match. A node's `[labels]` config is display.
+        #[arg(long, default_value = "")]
+        labels: String,
     },
 }
 
@@ -176,16 +180,30 @@ fn ca(command: CaCommand) -> ExitCode {
             out,
             days,
             gateway,
+            labels,
         } => Ca::load(&ca).and_then(|ca| {
+            let labels = mesh_core::labels::parse_list(&labels)
+                .map_err(|e| crate::ca::CaError::Name(format!("--labels: {e}")))?;
             let issued = if gateway {
+                if !labels.is_empty() {
+                    return Err(crate::ca::CaError::Name(
+                        "--labels: a gateway's certificate carries no labels".into(),
+                    ));
+                }
                 ca.issue_gateway(&name, days)?
             } else {
-                ca.issue_node(&name, days)?
+                ca.issue_node_labeled(&name, days, &labels)?
             };
             issued.save(&out, ca.cert_pem())?;
+            let shown: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             println!(
-                "{} issued for {days} days: {}/node.crt, node.key (0600), ca.crt",
+                "{} issued for {days} days{}: {}/node.crt, node.key (0600), ca.crt",
                 issued.id,
+                if shown.is_empty() {
+                    String::new()
+                } else {
+                    format!(" with certified labels {}", shown.join(","))
+                },
                 out.display()
             );
             Ok(())

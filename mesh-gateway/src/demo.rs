@@ -254,7 +254,9 @@ async fn start_node(
     let gateway_key = gateway
         .map(|g| format!("gateway = \"{g}\"\n"))
         .unwrap_or_default();
-    ca.issue_node(name, 1)?
+    // The zone is certified: zone preference and label rules match certificates, not configs.
+    let labels = [("zone".to_owned(), zone.to_owned())].into();
+    ca.issue_node_labeled(name, 1, &labels)?
         .save(&dir.join("certs"), ca.cert_pem())?;
     let mut toml = format!(
         "name = \"{name}\"\nlisten = \"127.0.0.1:0\"\ningress = \"127.0.0.1:0\"\nlog = \"warn\"\n\

@@ -315,19 +315,21 @@ fn peer_list(peers: &[crate::PeerInfo]) -> String {
     let peers: Vec<String> = peers
         .iter()
         .map(|p| {
-            let labels: Vec<String> = p
-                .labels
-                .iter()
-                .map(|(k, v)| format!("{}:{}", json_str(k), json_str(v)))
-                .collect();
+            let map = |m: &std::collections::BTreeMap<String, String>| {
+                m.iter()
+                    .map(|(k, v)| format!("{}:{}", json_str(k), json_str(v)))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
             let services: Vec<String> = p.services.iter().map(|s| json_str(s.as_str())).collect();
             format!(
-                "{{\"id\":{},\"name\":{},\"role\":{},\"addr\":{},\"labels\":{{{}}},\"services\":[{}],\"protocol\":{}}}",
+                "{{\"id\":{},\"name\":{},\"role\":{},\"addr\":{},\"labels\":{{{}}},\"certified_labels\":{{{}}},\"services\":[{}],\"protocol\":{}}}",
                 json_str(&p.id.to_string()),
                 json_str(p.id.node_name().as_str()),
                 json_str(p.role.as_str()),
                 json_str(&p.addr.to_string()),
-                labels.join(","),
+                map(&p.labels),
+                map(&p.certified),
                 services.join(","),
                 p.protocol
             )

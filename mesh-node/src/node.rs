@@ -170,6 +170,16 @@ impl Node {
                  node certificate"
             )));
         }
+        // Labels in the config that the certificate does not certify are shown, never matched.
+        for (k, v) in &config.labels {
+            if identity.labels.get(k) != Some(v) {
+                warn!(
+                    "label {k}={v} is in the config but not in {id}'s certificate: it is shown to \
+                     peers, and no authorization rule or traffic subset matches it (certify it \
+                     with `mesh-gateway ca issue --labels {k}={v}`)"
+                );
+            }
+        }
         let mut lock = StateLock::acquire(&config.state_dir, config.name.as_str())?;
         let (_, client_config) = transport::quic_configs(&identity, &config.limits)?;
         let role = if options.gateway {
@@ -228,7 +238,7 @@ impl Node {
         ));
         let client = Arc::new(Client::new(
             id.clone(),
-            config.labels.clone(),
+            identity.labels.clone(),
             config.limits.clone(),
             config.telemetry.trace_sample,
             peers.clone(),

@@ -25,8 +25,10 @@ pub struct PeerInfo {
     pub id: SpiffeId,
     /// Role its certificate proves (a hello's claim plays no part).
     pub role: Role,
-    /// Labels from its hello.
+    /// Labels from its hello: display only.
     pub labels: BTreeMap<String, String>,
+    /// Labels its certificate certifies: the ones authorization and routing match.
+    pub certified: BTreeMap<String, String>,
     /// Services from its hello.
     pub services: Vec<ServiceName>,
     /// Where it is.
@@ -193,9 +195,9 @@ impl PeerSet {
         out
     }
 
-    /// The labels a connected peer announced, if it is connected.
+    /// The certified labels of a connected peer, if it is connected.
     pub(crate) fn labels_of(&self, id: &SpiffeId) -> Option<BTreeMap<String, String>> {
-        self.lock().by_id.get(id).map(|p| p.info.labels.clone())
+        self.lock().by_id.get(id).map(|p| p.info.certified.clone())
     }
 
     pub(crate) fn has_endpoint(&self, service: &str) -> bool {
@@ -266,8 +268,12 @@ impl PeerSet {
             .iter()
             .filter_map(|id| {
                 let entry = peers.by_id.get(id)?;
-                in_subset(subset, &entry.info.labels)
-                    .then(|| (entry.key, entry.info.labels.get("zone").map(String::as_str)))
+                in_subset(subset, &entry.info.certified).then(|| {
+                    (
+                        entry.key,
+                        entry.info.certified.get("zone").map(String::as_str),
+                    )
+                })
             })
             .collect();
         if all.is_empty() {

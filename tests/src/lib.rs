@@ -61,9 +61,18 @@ impl Pki {
 
     /// Issues `name` into `<dir>/<name>/certs`, returns the node's folder.
     pub fn node_dir(&self, name: &str) -> PathBuf {
+        self.labeled_node_dir(name, &[])
+    }
+
+    /// [`Pki::node_dir`] with certified `labels`.
+    pub fn labeled_node_dir(&self, name: &str, labels: &[(&str, &str)]) -> PathBuf {
         let dir = self.dir.path().join(name);
+        let labels = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
         self.ca
-            .issue_node(name, 1)
+            .issue_node_labeled(name, 1, &labels)
             .expect("issue")
             .save(&dir.join("certs"), self.ca.cert_pem())
             .expect("save");
@@ -84,6 +93,11 @@ impl Pki {
     /// Writes a node config into its folder and returns its path. `extra` is appended verbatim.
     pub fn config(&self, name: &str, extra: &str) -> PathBuf {
         self.write_config(self.node_dir(name), name, extra)
+    }
+
+    /// [`Pki::config`] for a node whose certificate certifies `labels`.
+    pub fn labeled_config(&self, name: &str, labels: &[(&str, &str)], extra: &str) -> PathBuf {
+        self.write_config(self.labeled_node_dir(name, labels), name, extra)
     }
 
     fn write_config(&self, dir: PathBuf, name: &str, extra: &str) -> PathBuf {
@@ -145,7 +159,19 @@ impl Pki {
         extra: &str,
         options: mesh_node::NodeOptions,
     ) -> mesh_node::Node {
-        let path = self.config(name, extra);
+        self.labeled_memory_node(net, name, &[], extra, options)
+    }
+
+    /// [`Pki::memory_node`] whose certificate certifies `labels`.
+    pub fn labeled_memory_node(
+        &self,
+        net: &mesh_node::testing::MemoryNetwork,
+        name: &str,
+        labels: &[(&str, &str)],
+        extra: &str,
+        options: mesh_node::NodeOptions,
+    ) -> mesh_node::Node {
+        let path = self.labeled_config(name, labels, extra);
         let src = std::fs::read_to_string(&path)
             .expect("conf")
             .replace("ingress = \"127.0.0.1:0\"", "ingress = \"off\"");

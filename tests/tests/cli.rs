@@ -228,6 +228,57 @@ fn ca_init_and_issue_write_private_keys_and_check_names() {
         stderr(&out)
     );
 
+    // Certified labels: written into the certificate, read back by the node; bad ones refused.
+    let labeled = dir.path().join("n2");
+    let issue = |labels: &str, out: &Path| {
+        run(
+            "mesh-gateway",
+            &[
+                "ca",
+                "issue",
+                "--ca",
+                ca.to_str().expect("utf-8"),
+                "--name",
+                "pump-4",
+                "--out",
+                out.to_str().expect("utf-8"),
+                "--labels",
+                labels,
+            ],
+        )
+    };
+    let out = issue("zone=hall-1,version=v1", &labeled);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("certified labels version=v1,zone=hall-1"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let identity = mesh_node::Identity::load(
+        &labeled.join("node.crt"),
+        &labeled.join("node.key"),
+        &labeled.join("ca.crt"),
+    )
+    .expect("identity");
+    assert_eq!(
+        identity.labels,
+        [
+            ("version".to_owned(), "v1".to_owned()),
+            ("zone".to_owned(), "hall-1".to_owned())
+        ]
+        .into()
+    );
+    for (bad, says) in [
+        ("zone", "\"zone\" is not key=value"),
+        ("zone=a,zone=b", "label \"zone\" given twice"),
+        ("zone=a b", "label \"zone\": value \"a b\""),
+    ] {
+        let out = issue(bad, &dir.path().join("bad"));
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        assert!(stderr(&out).contains(says), "{bad}: {}", stderr(&out));
+        assert!(!dir.path().join("bad").exists(), "{bad} wrote files");
+    }
+
     // The CA is never overwritten.
     let out = run(
         "mesh-gateway",

@@ -27,6 +27,15 @@ fn mesh_issuer(pki: &Pki) -> Issuer<'static, KeyPair> {
 
 /// A leaf certificate with `uris` as its URI SANs, signed by `issuer`: `(cert PEM, key PEM)`.
 fn leaf(issuer: &Issuer<'_, KeyPair>, uris: &[&str]) -> (String, String) {
+    leaf_with(issuer, uris, Vec::new())
+}
+
+/// [`leaf`] with extra extensions.
+fn leaf_with(
+    issuer: &Issuer<'_, KeyPair>,
+    uris: &[&str],
+    extensions: Vec<rcgen::CustomExtension>,
+) -> (String, String) {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
     let mut params = CertificateParams::default();
     params.distinguished_name.push(DnType::CommonName, "odd");
@@ -40,6 +49,7 @@ fn leaf(issuer: &Issuer<'_, KeyPair>, uris: &[&str]) -> (String, String) {
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     params.use_authority_key_identifier_extension = true;
+    params.custom_extensions = extensions;
     let cert = params.signed_by(&key, issuer).expect("sign");
     (cert.pem(), key.serialize_pem())
 }
@@ -169,6 +179,29 @@ async fn only_the_identity_shapes_the_mesh_issues_are_accepted() {
         "an appended certificate hid the path length"
     );
     b.wait_status("refusing", UP, |s| s["refused_handshakes"] == 4);
+
+    // A certified-labels extension that does not parse is refused, not read as "no labels" (a
+    // deny rule on a label must not be escaped by garbling it).
+    let garbled = rcgen::CustomExtension::from_oid_content(
+        mesh_core::labels::LABELS_OID,
+        vec![0x30, 0x05, 0x0c, 0x03, b'z', b'=', b' '],
+    );
+    let (cert, key) = leaf_with(
+        &issuer,
+        &[&format!("spiffe://{td}/node/garbled")],
+        vec![garbled],
+    );
+    assert!(
+        !answered(&[&cert], &key, b.quic, "garbled").await,
+        "a certificate with malformed labels was served"
+    );
+    let status = b.wait_status("refusing", UP, |s| s["refused_handshakes"] == 5);
+    assert!(
+        status["last_refusal"]
+            .as_str()
+            .is_some_and(|r| r.contains("certificate labels")),
+        "{status}"
+    );
     assert_eq!(b.status()["connections_admitted"], 1, "only the baseline");
 }
 

@@ -32,7 +32,7 @@ async fn node(
     for p in peers {
         extra.push_str(&format!("[[peers]]\naddr = \"{}\"\n", p.local_addr()));
     }
-    pki.memory_node(network(), name, &extra, Default::default())
+    pki.labeled_memory_node(network(), name, labels, &extra, Default::default())
 }
 
 /// The in-memory network every node of these tests is on.
@@ -543,4 +543,86 @@ async fn a_policy_pushed_by_the_gateway_takes_effect_without_restarts() {
         .await
         .expect("call");
     assert_eq!(code, 200);
+}
+
+/// Labels decide access and routing only when the CA certified them: a node that merely announces
+/// `zone = "secure"` (its config, its hello) gets nothing a `zone = "secure"` rule gives, and an
+/// endpoint that announces `version = "v2"` draws no canary traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announced_labels_decide_nothing_certified_ones_do() {
+    let pki = Pki::new();
+    let vault = node(&pki, "vault", &[], &health("vault"), &[]).await;
+    vault.set_policy(
+        1,
+        policy(
+            r#"
+[authorization]
+default = "deny"
+[[authorization.rules]]
+name = "secure-zone"
+effect = "allow"
+caller_labels = { zone = "secure" }
+services = ["vault"]
+"#,
+        ),
+    );
+    // `boaster` announces zone = secure; its certificate certifies nothing.
+    let mut extra = String::from("[labels]\nzone = \"secure\"\n");
+    extra.push_str(&format!("[[peers]]\naddr = \"{}\"\n", vault.local_addr()));
+    let boaster = pki.memory_node(network(), "boaster", &extra, Default::default());
+    let trusted = node(&pki, "trusted", &[("zone", "secure")], "", &[&vault]).await;
+    wait_peers(&boaster, 1).await;
+    wait_peers(&trusted, 1).await;
+    let seen = boaster.peers();
+    assert!(seen[0].certified.is_empty(), "{seen:?}");
+
+    let refused = boaster.call("vault", "check", Bytes::new()).await;
+    assert_eq!(
+        refused.as_ref().map_err(|e| e.status),
+        Err(Status::PermissionDenied),
+        "an announced label opened the vault: {refused:?}"
+    );
+    trusted
+        .call("vault", "check", Bytes::new())
+        .await
+        .expect("a certified zone = secure is let in");
+    // The vault sees both as they are: announced labels for display, certified ones apart.
+    let callers = vault.peers();
+    let boaster_seen = callers
+        .iter()
+        .find(|p| p.id.node_name().as_str() == "boaster")
+        .expect("boaster");
+    assert_eq!(
+        boaster_seen.labels.get("zone").map(String::as_str),
+        Some("secure")
+    );
+    assert!(boaster_seen.certified.is_empty());
+
+    // Routing: a `version = v2` subset takes only the endpoint certified v2, whatever the other
+    // endpoint announces.
+    let real = node(&pki, "real-v2", &[("version", "v2")], &health("shop2"), &[]).await;
+    let mut extra = String::from("[labels]\nversion = \"v2\"\n");
+    extra.push_str(&health("shop2"));
+    let fake = pki.memory_node(network(), "fake-v2", &extra, Default::default());
+    let caller = node(&pki, "shopper", &[], "", &[&real, &fake]).await;
+    wait_peers(&caller, 2).await;
+    caller.set_policy(
+        1,
+        policy(
+            r#"
+[[services]]
+name = "shop2"
+[[services.routes]]
+name = "v2-only"
+split = [ { subset = { version = "v2" }, weight = 1 } ]
+"#,
+        ),
+    );
+    for _ in 0..50 {
+        let answer = caller
+            .call("shop2", "list", Bytes::new())
+            .await
+            .expect("call");
+        assert_eq!(answered_by(&answer), "real-v2");
+    }
 }

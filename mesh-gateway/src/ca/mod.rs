@@ -9,10 +9,11 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use mesh_core::labels::{LABELS_OID, Labels};
 use mesh_core::{NodeName, SpiffeId};
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CustomExtension, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -140,11 +141,21 @@ impl Ca {
 
     /// Issues a certificate for node `name` of this CA's trust domain, valid for `days`.
     pub fn issue_node(&self, name: &str, days: u32) -> Result<Issued, CaError> {
+        self.issue_node_labeled(name, days, &Labels::new())
+    }
+
+    /// Issues node `name` with certified `labels`: the labels authorization and routing use.
+    pub fn issue_node_labeled(
+        &self,
+        name: &str,
+        days: u32,
+        labels: &Labels,
+    ) -> Result<Issued, CaError> {
         let name = NodeName::try_from(name)
             .map_err(|e| CaError::Name(format!("node name {name:?}: {e}")))?;
         let id =
             SpiffeId::node(&self.trust_domain, name).map_err(|e| CaError::Name(e.to_string()))?;
-        self.issue(id, days)
+        self.issue_labeled(id, days, labels)
     }
 
     /// Issues a certificate for gateway `name` of this CA's trust domain
@@ -160,6 +171,16 @@ impl Ca {
     /// Issues a certificate for any identity, even one outside this CA's trust domain (tests use
     /// that to prove such certificates are refused).
     pub fn issue(&self, id: SpiffeId, days: u32) -> Result<Issued, CaError> {
+        self.issue_labeled(id, days, &Labels::new())
+    }
+
+    /// [`Ca::issue`] with certified labels (none: no label extension at all).
+    pub fn issue_labeled(
+        &self,
+        id: SpiffeId,
+        days: u32,
+        labels: &Labels,
+    ) -> Result<Issued, CaError> {
         let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
@@ -180,6 +201,14 @@ impl Ca {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         params.use_authority_key_identifier_extension = true;
+        if !labels.is_empty() {
+            // Non-critical: tooling that does not know it still takes the certificate.
+            let value =
+                mesh_core::labels::encode(labels).map_err(|e| CaError::Name(e.to_string()))?;
+            params
+                .custom_extensions
+                .push(CustomExtension::from_oid_content(LABELS_OID, value));
+        }
         let now = OffsetDateTime::now_utc();
         params.not_before = now - Duration::hours(1);
         params.not_after = now + Duration::days(i64::from(days.max(1)));

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 mod verify;
 
+use mesh_core::labels::Labels;
 use mesh_core::{IdentityError, SpiffeId};
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
@@ -57,6 +58,9 @@ pub enum TlsError {
         /// The certificate's.
         found: String,
     },
+    /// The certificate's label extension is malformed.
+    #[error("certificate labels: {0}")]
+    BadLabels(#[from] mesh_core::labels::LabelError),
     /// The certificate could not be parsed.
     #[error("certificate is not valid X.509: {0}")]
     BadCertificate(String),
@@ -81,6 +85,8 @@ impl std::fmt::Debug for TlsError {
 pub struct Identity {
     /// The node's own SPIFFE ID, read from its certificate.
     pub id: SpiffeId,
+    /// The labels its certificate certifies: what authorization and routing see of this node.
+    pub labels: Labels,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     roots: Arc<RootCertStore>,
@@ -126,6 +132,7 @@ impl Identity {
             .flatten();
         let leaf = chain.first().ok_or(TlsError::NoSpiffeId)?;
         let id = spiffe_id_of(leaf)?;
+        let labels = certified_labels_of(leaf)?;
         if let Some(td) = &trust_domain
             && td != id.trust_domain()
         {
@@ -146,6 +153,7 @@ impl Identity {
         .map_err(|e| TlsError::NotSignedByCa(format!("{e}")))?;
         Ok(Identity {
             id,
+            labels,
             chain,
             key,
             roots: Arc::new(roots),
@@ -248,6 +256,36 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, TlsError> {
         return Err(TlsError::LeafCertificate(id));
     }
     Ok(id)
+}
+
+/// The labels a certificate's issuer certified (none when it has no label extension). A
+/// malformed extension is an error: such a certificate is refused, not read as unlabelled.
+pub fn certified_labels_of(cert: &CertificateDer<'_>) -> Result<Labels, TlsError> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, parsed) = X509Certificate::from_der(cert.as_ref())
+        .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+    // Compared as encoded bytes: x509-parser reads no arc wider than 63 bits, and ours is 64.
+    let oid = mesh_core::labels::oid_der();
+    let mut found = parsed
+        .extensions()
+        .iter()
+        .filter(|ext| ext.oid.as_bytes() == oid.as_slice());
+    let Some(ext) = found.next() else {
+        return Ok(Labels::new());
+    };
+    if found.next().is_some() {
+        return Err(TlsError::BadCertificate("two label extensions".to_owned()));
+    }
+    Ok(mesh_core::labels::decode(ext.value)?)
+}
+
+/// The certified labels of the peer of an established connection.
+pub fn peer_labels(conn: &quinn::Connection) -> Result<Labels, TlsError> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .ok_or(TlsError::NoSpiffeId)?;
+    certified_labels_of(certs.first().ok_or(TlsError::NoSpiffeId)?)
 }
 
 /// The trust domain a CA certificate names in its `spiffe://<td>` URI SAN, if it names one.

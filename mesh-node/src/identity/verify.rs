@@ -14,7 +14,7 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
-use super::{TlsError, spiffe_id_of};
+use super::{TlsError, certified_labels_of, spiffe_id_of};
 
 /// Checks that a verified end-entity certificate names a node of `trust_domain`.
 fn check_identity(
@@ -26,6 +26,7 @@ fn check_identity(
         rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
     };
     let id = spiffe_id_of(cert).map_err(refuse)?;
+    certified_labels_of(cert).map_err(refuse)?;
     if id.trust_domain() != trust_domain {
         return Err(refuse(TlsError::WrongTrustDomain {
             expected: trust_domain.to_owned(),

@@ -3,7 +3,8 @@
 //! certificate proved. From protocol 2 on, a node sends a new hello on a new unidirectional stream
 //! whenever its hosted services change, and its peers update their tables.
 //!
-//! The role a peer plays (node or gateway) is read from its certificate, not from its hello.
+//! The role a peer plays (node or gateway) and the labels that authorization and routing match are
+//! read from its certificate, not from its hello; the hello's labels are for display.
 //!
 //! Versions: both sides speak the lower of their two versions on a connection; a peer below
 //! [`MIN_PROTOCOL_VERSION`] is refused with a reason that says so. A hello from a newer peer may
@@ -43,6 +44,8 @@ pub(crate) enum HelloError {
     BadService(String),
     #[error("no hello in time")]
     Timeout,
+    #[error("peer certificate: {0}")]
+    Certificate(String),
 }
 
 impl Transport {
@@ -69,7 +72,7 @@ impl Transport {
                 .accept_uni()
                 .await
                 .map_err(|e| HelloError::Stream(e.to_string()))?;
-            read_hello(recv, id, conn.remote_address()).await
+            read_hello(recv, id, conn).await
         };
         let both = async { tokio::try_join!(send_ours, read_theirs).map(|(_, info)| info) };
         tokio::time::timeout(self.inner.limits.connect_timeout, both)
@@ -89,7 +92,7 @@ impl Transport {
             return std::future::pending().await;
         }
         while let Ok(recv) = conn.accept_uni().await {
-            match read_hello(recv, id, conn.remote_address()).await {
+            match read_hello(recv, id, conn).await {
                 Ok(info) => {
                     debug!("{} now hosts {:?}", id.node_name(), info.services);
                     self.inner.peers.register(info, conn);
@@ -165,8 +168,12 @@ impl Transport {
 async fn read_hello(
     recv: quinn::RecvStream,
     id: &SpiffeId,
-    addr: std::net::SocketAddr,
+    conn: &quinn::Connection,
 ) -> Result<PeerInfo, HelloError> {
+    let addr = conn.remote_address();
+    // Labels that decide anything are the ones the CA certified; the hello's are display.
+    let certified =
+        crate::identity::peer_labels(conn).map_err(|e| HelloError::Certificate(e.to_string()))?;
     let frame = FrameReader::new(recv)
         .frame(MAX_HELLO_BYTES)
         .await
@@ -210,6 +217,7 @@ async fn read_hello(
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect(),
+        certified,
         services,
         addr,
         protocol: hello.protocol_version.min(PROTOCOL_VERSION),

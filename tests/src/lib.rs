@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use mesh_gateway::ca::Ca;
+use mesh_gateway::ca::{Ca, Issued};
 
 pub use mesh_node::http::post;
 
@@ -172,13 +172,35 @@ impl Pki {
         options: mesh_node::NodeOptions,
     ) -> mesh_node::Node {
         let path = self.labeled_config(name, labels, extra);
-        let src = std::fs::read_to_string(&path)
-            .expect("conf")
-            .replace("ingress = \"127.0.0.1:0\"", "ingress = \"off\"");
-        std::fs::write(&path, src).expect("conf");
-        let config = mesh_node::NodeConfig::load(&path).expect("config");
+        let config = Self::memory_config(&path);
         let identity = config.load_identity().expect("identity");
         net.start_node(config, identity, options).expect("start")
+    }
+
+    /// A node of this mesh on `net` that presents `issued` (say a certificate about to expire).
+    pub fn memory_node_as(
+        &self,
+        net: &mesh_node::testing::MemoryNetwork,
+        issued: &Issued,
+        extra: &str,
+    ) -> mesh_node::Node {
+        let name = issued.id.node_name().as_str();
+        let path = self.config(name, extra);
+        let certs = path.parent().expect("dir").join("certs");
+        std::fs::write(certs.join("node.crt"), &issued.cert_pem).expect("cert");
+        std::fs::write(certs.join("node.key"), &issued.key_pem).expect("key");
+        let config = Self::memory_config(&path);
+        let identity = config.load_identity().expect("identity");
+        net.start_node(config, identity, Default::default())
+            .expect("start")
+    }
+
+    fn memory_config(path: &Path) -> mesh_node::NodeConfig {
+        let src = std::fs::read_to_string(path)
+            .expect("conf")
+            .replace("ingress = \"127.0.0.1:0\"", "ingress = \"off\"");
+        std::fs::write(path, src).expect("conf");
+        mesh_node::NodeConfig::load(path).expect("config")
     }
 
     /// The admin token a gateway in `<dir>/<name>` made.

@@ -286,3 +286,65 @@ async fn a_silent_peer_leaves_after_the_keep_alive_gives_up_in_simulated_time() 
     assert!(wall.elapsed() < Duration::from_secs(2), "took real time");
     net.restore(b.local_addr());
 }
+
+/// A certificate is trusted until it expires, not for as long as its connection lasts: a peer
+/// whose certificate expires mid-connection is disconnected, and its next handshake refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_whose_certificate_expires_is_disconnected() {
+    let (net, pki) = (MemoryNetwork::new(), Pki::new());
+    let b = node(&net, &pki, "node-b", ECHO);
+    let name = mesh_core::NodeName::try_from("node-a").expect("name");
+    let lifetime = Duration::from_secs(3);
+    let short = pki
+        .ca
+        .issue_for(
+            mesh_core::SpiffeId::node(starling_tests::TD, name).expect("id"),
+            lifetime,
+            &Default::default(),
+        )
+        .expect("issue");
+    // X.509 times are whole seconds: the certificate says exactly when it ends.
+    let not_after = {
+        let (_, pem) = x509_parser::pem::parse_x509_pem(short.cert_pem.as_bytes()).expect("pem");
+        let cert = pem.parse_x509().expect("x509");
+        std::time::UNIX_EPOCH
+            + Duration::from_secs(
+                cert.validity()
+                    .not_after
+                    .timestamp()
+                    .try_into()
+                    .expect("time"),
+            )
+    };
+    let a = pki.memory_node_as(&net, &short, &peer(&b));
+    assert!(a.wait_for_service("echo", UP).await);
+    a.call("echo", "say", Bytes::from_static(b"still valid"))
+        .await
+        .expect("a call while the certificate is valid");
+    assert!(
+        b.wait_until(UP, |b| !b.peers().iter().any(|p| &p.id == a.id()))
+            .await,
+        "the connection outlived the certificate"
+    );
+    let early = not_after
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    assert!(
+        early < Duration::from_millis(100),
+        "disconnected {early:?} before the certificate expired"
+    );
+    // Its redials are refused by the verifier: the certificate is expired now.
+    assert!(
+        b.wait_until(UP, |b| b.status().refused_handshakes >= 1)
+            .await,
+        "no redial was refused: b {:?}, a {:?}",
+        b.status(),
+        a.status()
+    );
+    assert_eq!(
+        a.call("echo", "say", Bytes::new())
+            .await
+            .map_err(|e| e.status),
+        Err(Status::Unavailable)
+    );
+}

@@ -181,6 +181,21 @@ impl Ca {
         days: u32,
         labels: &Labels,
     ) -> Result<Issued, CaError> {
+        self.issue_for(
+            id,
+            std::time::Duration::from_secs(86_400 * u64::from(days.max(1))),
+            labels,
+        )
+    }
+
+    /// Issues `id` with `labels`, valid from an hour ago (for clocks a little behind) until
+    /// `lifetime` from now.
+    pub fn issue_for(
+        &self,
+        id: SpiffeId,
+        lifetime: std::time::Duration,
+        labels: &Labels,
+    ) -> Result<Issued, CaError> {
         let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
@@ -211,7 +226,7 @@ impl Ca {
         }
         let now = OffsetDateTime::now_utc();
         params.not_before = now - Duration::hours(1);
-        params.not_after = now + Duration::days(i64::from(days.max(1)));
+        params.not_after = now + lifetime;
         let cert = params.signed_by(&key, &issuer)?;
         Ok(Issued {
             id,

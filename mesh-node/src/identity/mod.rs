@@ -184,6 +184,11 @@ impl Identity {
             .with_client_cert_verifier(verifier)
             .with_single_cert(self.chain.clone(), self.key.clone_key())?;
         config.alpn_protocols = vec![mesh_proto::ALPN.to_vec()];
+        // No resumption: a resumed session skips the client certificate check, so a certificate
+        // that expired (or is revoked) since the first handshake would be let in again. Every
+        // connection verifies the peer's certificate in full.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
         Ok(config)
     }
 
@@ -203,6 +208,7 @@ impl Identity {
             .with_custom_certificate_verifier(verifier)
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
         config.alpn_protocols = vec![mesh_proto::ALPN.to_vec()];
+        config.resumption = rustls::client::Resumption::disabled();
         Ok(config)
     }
 }
@@ -277,6 +283,25 @@ pub fn certified_labels_of(cert: &CertificateDer<'_>) -> Result<Labels, TlsError
         return Err(TlsError::BadCertificate("two label extensions".to_owned()));
     }
     Ok(mesh_core::labels::decode(ext.value)?)
+}
+
+/// When the certificates the peer of an established connection presented stop being valid: the
+/// earliest notAfter of its chain.
+pub fn peer_not_after(conn: &quinn::Connection) -> Result<std::time::SystemTime, TlsError> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let certs = conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .ok_or(TlsError::NoSpiffeId)?;
+    let mut earliest: Option<i64> = None;
+    for cert in certs.iter() {
+        let (_, parsed) = X509Certificate::from_der(cert.as_ref())
+            .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+        let at = parsed.validity().not_after.timestamp();
+        earliest = Some(earliest.map_or(at, |e| e.min(at)));
+    }
+    let at = earliest.ok_or(TlsError::NoSpiffeId)?;
+    Ok(std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(at).unwrap_or(0)))
 }
 
 /// The certified labels of the peer of an established connection.

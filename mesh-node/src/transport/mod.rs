@@ -35,6 +35,8 @@ const CLOSE_SHUTDOWN: u32 = 0;
 const CLOSE_BAD_HELLO: u32 = 1;
 /// The code for a connection to a peer that discovery says has left.
 const CLOSE_GONE: u32 = 2;
+/// Closing: the peer's certificate (or one above it in the chain it presented) expired.
+const CLOSE_EXPIRED: u32 = 3;
 
 /// Why the QUIC endpoint could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -332,9 +334,28 @@ impl Transport {
         // waits (bounded by its stream credit) and is read now.
         (self.inner.serve)(conn.clone(), id.clone());
         // Later hellos (the peer's services changed) update its entry while the connection lives.
+        // A certificate is trusted until it expires, not for as long as a connection lasts.
+        let expires = match crate::identity::peer_not_after(&conn) {
+            Ok(at) => at,
+            Err(e) => {
+                warn!("closing connection to {id}: {e}");
+                conn.close(CLOSE_BAD_HELLO.into(), b"no certificate validity");
+                self.inner.peers.unregister(&id, &conn);
+                return;
+            }
+        };
+
+        let until_expiry = expires
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
         let reason = tokio::select! {
             reason = conn.closed() => reason,
             () = self.follow_hellos(&conn, &id, info.protocol) => conn.closed().await,
+            () = tokio::time::sleep(until_expiry) => {
+                warn!("closing connection to {id}: its certificate expired");
+                conn.close(CLOSE_EXPIRED.into(), b"certificate expired");
+                conn.closed().await
+            }
         };
         if self.inner.peers.unregister(&id, &conn) {
             info!("peer down: {} ({id}): {reason}", id.node_name());

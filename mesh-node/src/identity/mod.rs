@@ -289,10 +289,7 @@ pub fn certified_labels_of(cert: &CertificateDer<'_>) -> Result<Labels, TlsError
 /// earliest notAfter of its chain.
 pub fn peer_not_after(conn: &quinn::Connection) -> Result<std::time::SystemTime, TlsError> {
     use x509_parser::prelude::{FromDer, X509Certificate};
-    let certs = conn
-        .peer_identity()
-        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
-        .ok_or(TlsError::NoSpiffeId)?;
+    let certs = peer_certs(conn)?;
     let mut earliest: Option<i64> = None;
     for cert in certs.iter() {
         let (_, parsed) = X509Certificate::from_der(cert.as_ref())
@@ -306,10 +303,7 @@ pub fn peer_not_after(conn: &quinn::Connection) -> Result<std::time::SystemTime,
 
 /// The certified labels of the peer of an established connection.
 pub fn peer_labels(conn: &quinn::Connection) -> Result<Labels, TlsError> {
-    let certs = conn
-        .peer_identity()
-        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
-        .ok_or(TlsError::NoSpiffeId)?;
+    let certs = peer_certs(conn)?;
     certified_labels_of(certs.first().ok_or(TlsError::NoSpiffeId)?)
 }
 
@@ -343,12 +337,17 @@ fn uri_sans(cert: &CertificateDer<'_>) -> Result<Vec<String>, TlsError> {
         .unwrap_or_default())
 }
 
+/// The chain the peer of an established connection presented, which its handshake verified.
+fn peer_certs(conn: &quinn::Connection) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    conn.peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .map(|certs| *certs)
+        .ok_or(TlsError::NoSpiffeId)
+}
+
 /// The SPIFFE ID of the peer of an established connection, from the certificate its handshake
 /// verified.
 pub fn peer_id(conn: &quinn::Connection) -> Result<SpiffeId, TlsError> {
-    let certs = conn
-        .peer_identity()
-        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
-        .ok_or(TlsError::NoSpiffeId)?;
+    let certs = peer_certs(conn)?;
     spiffe_id_of(certs.first().ok_or(TlsError::NoSpiffeId)?)
 }

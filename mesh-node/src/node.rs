@@ -97,6 +97,9 @@ pub struct NodeStatus {
     pub telemetry_pending_bytes: usize,
     /// Spans and audit events dropped (a batch full, or the backlog's byte bound), since start.
     pub telemetry_lost_items: u64,
+    /// Seconds until this node's certificate expires (negative: expired that long ago; peers
+    /// refuse it and close its connections).
+    pub certificate_expires_in_s: i64,
 }
 
 /// How a node is started beyond its config.
@@ -129,6 +132,8 @@ struct Parts {
     shutdown: watch::Sender<bool>,
     gateway_up: Arc<watch::Sender<(Option<SocketAddr>, u64)>>,
     lock: std::sync::Mutex<StateLock>,
+    /// When the certificate in use expires.
+    not_after: std::sync::Mutex<std::time::SystemTime>,
 }
 
 impl Node {
@@ -169,6 +174,15 @@ impl Node {
                 "{id} is a gateway's certificate: run it with mesh-gateway, or give this node a \
                  node certificate"
             )));
+        }
+        let expires_in = seconds_until(identity.not_after);
+        if expires_in <= 0 {
+            warn!(
+                "{id}'s certificate expired {}s ago: every peer will refuse it; issue a new one",
+                -expires_in
+            );
+        } else if expires_in < 86_400 {
+            warn!("{id}'s certificate expires in {expires_in}s");
         }
         // Labels in the config that the certificate does not certify are shown, never matched.
         for (k, v) in &config.labels {
@@ -339,6 +353,7 @@ impl Node {
                 shutdown,
                 gateway_up,
                 lock: std::sync::Mutex::new(lock),
+                not_after: std::sync::Mutex::new(identity.not_after),
             }),
         })
     }
@@ -389,6 +404,13 @@ impl Node {
             telemetry_dropped: dropped,
             telemetry_pending_bytes: pending_bytes,
             telemetry_lost_items: lost_items,
+            certificate_expires_in_s: seconds_until(
+                *self
+                    .parts
+                    .not_after
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()),
+            ),
         }
     }
 
@@ -503,7 +525,13 @@ impl Node {
     /// Uses `identity` for every new handshake from now on (a renewed certificate); connections
     /// already up keep theirs.
     pub fn set_identity(&self, identity: &Identity) -> Result<(), StartError> {
-        Ok(self.parts.transport.set_identity(identity)?)
+        self.parts.transport.set_identity(identity)?;
+        *self
+            .parts
+            .not_after
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = identity.not_after;
+        Ok(())
     }
 
     /// The policy version this node holds (0: none).
@@ -579,5 +607,13 @@ async fn forward(
             },
             _ = stop.changed() => return,
         }
+    }
+}
+
+/// Whole seconds from now until `at`; negative when `at` has passed.
+fn seconds_until(at: std::time::SystemTime) -> i64 {
+    match at.duration_since(std::time::SystemTime::now()) {
+        Ok(ahead) => i64::try_from(ahead.as_secs()).unwrap_or(i64::MAX),
+        Err(past) => -i64::try_from(past.duration().as_secs()).unwrap_or(i64::MAX),
     }
 }

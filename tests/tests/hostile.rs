@@ -179,6 +179,11 @@ async fn only_the_identity_shapes_the_mesh_issues_are_accepted() {
         "an appended certificate hid the path length"
     );
     b.wait_status("refusing", UP, |s| s["refused_handshakes"] == 4);
+    // Its own certificate (a day long) is in its status.
+    let left = b.status()["certificate_expires_in_s"]
+        .as_i64()
+        .expect("expiry");
+    assert!((86_000..=86_400).contains(&left), "{left}");
 
     // A certified-labels extension that does not parse is refused, not read as "no labels" (a
     // deny rule on a label must not be escaped by garbling it).

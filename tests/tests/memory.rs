@@ -321,6 +321,8 @@ async fn a_peer_whose_certificate_expires_is_disconnected() {
     a.call("echo", "say", Bytes::from_static(b"still valid"))
         .await
         .expect("a call while the certificate is valid");
+    let left = a.status().certificate_expires_in_s;
+    assert!((0..=3).contains(&left), "status says {left}s left");
     assert!(
         b.wait_until(UP, |b| !b.peers().iter().any(|p| &p.id == a.id()))
             .await,
@@ -333,6 +335,7 @@ async fn a_peer_whose_certificate_expires_is_disconnected() {
         early < Duration::from_millis(100),
         "disconnected {early:?} before the certificate expired"
     );
+    assert!(a.status().certificate_expires_in_s <= 0, "{:?}", a.status());
     // Its redials are refused by the verifier: the certificate is expired now.
     assert!(
         b.wait_until(UP, |b| b.status().refused_handshakes >= 1)

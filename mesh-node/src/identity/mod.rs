@@ -87,6 +87,8 @@ pub struct Identity {
     pub id: SpiffeId,
     /// The labels its certificate certifies: what authorization and routing see of this node.
     pub labels: Labels,
+    /// When its certificate chain stops being valid (the earliest notAfter in it).
+    pub not_after: std::time::SystemTime,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     roots: Arc<RootCertStore>,
@@ -133,6 +135,7 @@ impl Identity {
         let leaf = chain.first().ok_or(TlsError::NoSpiffeId)?;
         let id = spiffe_id_of(leaf)?;
         let labels = certified_labels_of(leaf)?;
+        let not_after = not_after_of(&chain)?;
         if let Some(td) = &trust_domain
             && td != id.trust_domain()
         {
@@ -154,6 +157,7 @@ impl Identity {
         Ok(Identity {
             id,
             labels,
+            not_after,
             chain,
             key,
             roots: Arc::new(roots),
@@ -288,10 +292,14 @@ pub fn certified_labels_of(cert: &CertificateDer<'_>) -> Result<Labels, TlsError
 /// When the certificates the peer of an established connection presented stop being valid: the
 /// earliest notAfter of its chain.
 pub fn peer_not_after(conn: &quinn::Connection) -> Result<std::time::SystemTime, TlsError> {
+    not_after_of(&peer_certs(conn)?)
+}
+
+/// The earliest notAfter of `chain`.
+fn not_after_of(chain: &[CertificateDer<'_>]) -> Result<std::time::SystemTime, TlsError> {
     use x509_parser::prelude::{FromDer, X509Certificate};
-    let certs = peer_certs(conn)?;
     let mut earliest: Option<i64> = None;
-    for cert in certs.iter() {
+    for cert in chain {
         let (_, parsed) = X509Certificate::from_der(cert.as_ref())
             .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
         let at = parsed.validity().not_after.timestamp();

@@ -260,13 +260,25 @@ impl<T> WriteDeadline<T> {
         }
     }
 
-    /// Called when a write is pending: arms the deadline, and says whether it passed.
-    fn expired(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+    /// Passes a write's (or flush's) outcome on; while it is pending the deadline runs, and a
+    /// write that waited past it fails with TimedOut. Any progress disarms the deadline.
+    fn bounded<R>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        poll: std::task::Poll<std::io::Result<R>>,
+    ) -> std::task::Poll<std::io::Result<R>> {
+        if poll.is_ready() {
+            self.waiting = None;
+            return poll;
+        }
         let limit = self.limit;
         let sleep = self
             .waiting
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-        sleep.as_mut().poll(cx).is_ready()
+        if sleep.as_mut().poll(cx).is_ready() {
+            return std::task::Poll::Ready(Err(std::io::ErrorKind::TimedOut.into()));
+        }
+        std::task::Poll::Pending
     }
 }
 
@@ -288,32 +300,16 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteDeadline<T
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        match std::pin::Pin::new(&mut self.inner).poll_write(cx, buf) {
-            std::task::Poll::Pending if self.expired(cx) => {
-                std::task::Poll::Ready(Err(std::io::ErrorKind::TimedOut.into()))
-            }
-            std::task::Poll::Pending => std::task::Poll::Pending,
-            ready => {
-                self.waiting = None;
-                ready
-            }
-        }
+        let poll = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.bounded(cx, poll)
     }
 
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        match std::pin::Pin::new(&mut self.inner).poll_flush(cx) {
-            std::task::Poll::Pending if self.expired(cx) => {
-                std::task::Poll::Ready(Err(std::io::ErrorKind::TimedOut.into()))
-            }
-            std::task::Poll::Pending => std::task::Poll::Pending,
-            ready => {
-                self.waiting = None;
-                ready
-            }
-        }
+        let poll = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
+        self.bounded(cx, poll)
     }
 
     fn poll_shutdown(

@@ -133,9 +133,11 @@ impl Identity {
             .transpose()?
             .flatten();
         let leaf = chain.first().ok_or(TlsError::NoSpiffeId)?;
-        let id = spiffe_id_of(leaf)?;
-        let labels = certified_labels_of(leaf)?;
-        let not_after = not_after_of(&chain)?;
+        let CertificateClaims {
+            id,
+            labels,
+            not_after,
+        } = CertificateClaims::of_chain(&chain)?;
         if let Some(td) = &trust_domain
             && td != id.trust_domain()
         {
@@ -245,6 +247,50 @@ fn pem_reason(e: rustls_pki_types::pem::Error, what: &str) -> String {
     }
 }
 
+/// What a verified certificate (or the chain a peer presented) certifies: the identity, the
+/// labels, and until when. Each certificate is parsed once.
+#[derive(Debug, Clone)]
+pub struct CertificateClaims {
+    /// The SPIFFE ID in the leaf.
+    pub id: SpiffeId,
+    /// The leaf's certified labels.
+    pub labels: Labels,
+    /// The earliest notAfter of the chain.
+    pub not_after: std::time::SystemTime,
+}
+
+impl CertificateClaims {
+    /// Reads `chain` (leaf first).
+    pub fn of_chain(chain: &[CertificateDer<'_>]) -> Result<Self, TlsError> {
+        let (leaf, rest) = chain.split_first().ok_or(TlsError::NoSpiffeId)?;
+        let leaf = parse(leaf)?;
+        let mut not_after = leaf.validity().not_after.timestamp();
+        for cert in rest {
+            not_after = not_after.min(parse(cert)?.validity().not_after.timestamp());
+        }
+        Ok(CertificateClaims {
+            id: spiffe_id_in(&leaf)?,
+            labels: labels_in(&leaf)?,
+            not_after: std::time::UNIX_EPOCH
+                + std::time::Duration::from_secs(u64::try_from(not_after).unwrap_or(0)),
+        })
+    }
+
+    /// What the verified certificate of an established connection's peer certifies.
+    pub fn of_peer(conn: &quinn::Connection) -> Result<Self, TlsError> {
+        Self::of_chain(&peer_certs(conn)?)
+    }
+}
+
+fn parse<'a>(
+    cert: &'a CertificateDer<'_>,
+) -> Result<x509_parser::prelude::X509Certificate<'a>, TlsError> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    X509Certificate::from_der(cert.as_ref())
+        .map(|(_, parsed)| parsed)
+        .map_err(|e| TlsError::BadCertificate(e.to_string()))
+}
+
 /// The SPIFFE ID in a certificate's URI SAN.
 ///
 /// Only the shape the mesh issues is accepted: exactly one URI SAN, a SPIFFE ID of a node
@@ -252,6 +298,10 @@ fn pem_reason(e: rustls_pki_types::pem::Error, what: &str) -> String {
 /// host node and never presented as a certificate; a second URI would let one certificate be read
 /// as two identities.
 pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, TlsError> {
+    spiffe_id_in(&parse(cert)?)
+}
+
+fn spiffe_id_in(cert: &x509_parser::prelude::X509Certificate<'_>) -> Result<SpiffeId, TlsError> {
     let uris = uri_sans(cert)?;
     let uri = match uris.as_slice() {
         [] => return Err(TlsError::NoSpiffeId),
@@ -270,13 +320,10 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, TlsError> {
 
 /// The labels a certificate's issuer certified (none when it has no label extension). A
 /// malformed extension is an error: such a certificate is refused, not read as unlabelled.
-pub fn certified_labels_of(cert: &CertificateDer<'_>) -> Result<Labels, TlsError> {
-    use x509_parser::prelude::{FromDer, X509Certificate};
-    let (_, parsed) = X509Certificate::from_der(cert.as_ref())
-        .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+fn labels_in(cert: &x509_parser::prelude::X509Certificate<'_>) -> Result<Labels, TlsError> {
     // Compared as encoded bytes: x509-parser reads no arc wider than 63 bits, and ours is 64.
     let oid = mesh_core::labels::oid_der();
-    let mut found = parsed
+    let mut found = cert
         .extensions()
         .iter()
         .filter(|ext| ext.oid.as_bytes() == oid.as_slice());
@@ -289,46 +336,18 @@ pub fn certified_labels_of(cert: &CertificateDer<'_>) -> Result<Labels, TlsError
     Ok(mesh_core::labels::decode(ext.value)?)
 }
 
-/// When the certificates the peer of an established connection presented stop being valid: the
-/// earliest notAfter of its chain.
-pub fn peer_not_after(conn: &quinn::Connection) -> Result<std::time::SystemTime, TlsError> {
-    not_after_of(&peer_certs(conn)?)
-}
-
-/// The earliest notAfter of `chain`.
-fn not_after_of(chain: &[CertificateDer<'_>]) -> Result<std::time::SystemTime, TlsError> {
-    use x509_parser::prelude::{FromDer, X509Certificate};
-    let mut earliest: Option<i64> = None;
-    for cert in chain {
-        let (_, parsed) = X509Certificate::from_der(cert.as_ref())
-            .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
-        let at = parsed.validity().not_after.timestamp();
-        earliest = Some(earliest.map_or(at, |e| e.min(at)));
-    }
-    let at = earliest.ok_or(TlsError::NoSpiffeId)?;
-    Ok(std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(at).unwrap_or(0)))
-}
-
-/// The certified labels of the peer of an established connection.
-pub fn peer_labels(conn: &quinn::Connection) -> Result<Labels, TlsError> {
-    let certs = peer_certs(conn)?;
-    certified_labels_of(certs.first().ok_or(TlsError::NoSpiffeId)?)
-}
-
 /// The trust domain a CA certificate names in its `spiffe://<td>` URI SAN, if it names one.
 pub fn trust_domain_of_ca(cert: &CertificateDer<'_>) -> Result<Option<String>, TlsError> {
-    Ok(uri_sans(cert)?.into_iter().find_map(|u| {
+    Ok(uri_sans(&parse(cert)?)?.into_iter().find_map(|u| {
         u.strip_prefix("spiffe://")
             .map(|td| td.trim_end_matches('/').to_owned())
             .filter(|td| !td.contains('/'))
     }))
 }
 
-fn uri_sans(cert: &CertificateDer<'_>) -> Result<Vec<String>, TlsError> {
-    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
-    let (_, parsed) = X509Certificate::from_der(cert.as_ref())
-        .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
-    let san = parsed
+fn uri_sans(cert: &x509_parser::prelude::X509Certificate<'_>) -> Result<Vec<String>, TlsError> {
+    use x509_parser::prelude::GeneralName;
+    let san = cert
         .subject_alternative_name()
         .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
     Ok(san

@@ -14,7 +14,7 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
-use super::{TlsError, certified_labels_of, spiffe_id_of};
+use super::{CertificateClaims, TlsError};
 
 /// Checks that a verified end-entity certificate names a node of `trust_domain`.
 fn check_identity(
@@ -25,8 +25,11 @@ fn check_identity(
         tracing::warn!("refusing a peer certificate: {e}");
         rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
     };
-    let id = spiffe_id_of(cert).map_err(refuse)?;
-    certified_labels_of(cert).map_err(refuse)?;
+    // The identity and the labels, read as the node will read them once the handshake is done:
+    // a certificate whose labels do not parse is refused here.
+    let id = CertificateClaims::of_chain(std::slice::from_ref(cert))
+        .map_err(refuse)?
+        .id;
     if id.trust_domain() != trust_domain {
         return Err(refuse(TlsError::WrongTrustDomain {
             expected: trust_domain.to_owned(),

@@ -18,6 +18,7 @@ use mesh_proto::{Hello, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Role, decode_ext
 use tracing::{debug, info, warn};
 
 use super::Transport;
+use crate::identity::CertificateClaims;
 use crate::peers::PeerInfo;
 use crate::wire::FrameReader;
 
@@ -44,8 +45,6 @@ pub(crate) enum HelloError {
     BadService(String),
     #[error("no hello in time")]
     Timeout,
-    #[error("peer certificate: {0}")]
-    Certificate(String),
 }
 
 impl Transport {
@@ -53,7 +52,7 @@ impl Transport {
     pub(super) async fn exchange_hellos(
         &self,
         conn: &quinn::Connection,
-        id: &SpiffeId,
+        certified: &CertificateClaims,
     ) -> Result<PeerInfo, HelloError> {
         let ours = self.encode_hello();
         let send_ours = async {
@@ -72,7 +71,7 @@ impl Transport {
                 .accept_uni()
                 .await
                 .map_err(|e| HelloError::Stream(e.to_string()))?;
-            read_hello(recv, id, conn).await
+            read_hello(recv, certified, conn.remote_address()).await
         };
         let both = async { tokio::try_join!(send_ours, read_theirs).map(|(_, info)| info) };
         tokio::time::timeout(self.inner.limits.connect_timeout, both)
@@ -85,14 +84,15 @@ impl Transport {
     pub(super) async fn follow_hellos(
         &self,
         conn: &quinn::Connection,
-        id: &SpiffeId,
+        certified: &CertificateClaims,
         protocol: u16,
     ) {
+        let id = &certified.id;
         if protocol < 2 {
             return std::future::pending().await;
         }
         while let Ok(recv) = conn.accept_uni().await {
-            match read_hello(recv, id, conn).await {
+            match read_hello(recv, certified, conn.remote_address()).await {
                 Ok(info) => {
                     debug!("{} now hosts {:?}", id.node_name(), info.services);
                     self.inner.peers.register(info, conn);
@@ -167,13 +167,10 @@ impl Transport {
 
 async fn read_hello(
     recv: quinn::RecvStream,
-    id: &SpiffeId,
-    conn: &quinn::Connection,
+    certified: &CertificateClaims,
+    addr: std::net::SocketAddr,
 ) -> Result<PeerInfo, HelloError> {
-    let addr = conn.remote_address();
-    // Labels that decide anything are the ones the CA certified; the hello's are display.
-    let certified =
-        crate::identity::peer_labels(conn).map_err(|e| HelloError::Certificate(e.to_string()))?;
+    let id = &certified.id;
     let frame = FrameReader::new(recv)
         .frame(MAX_HELLO_BYTES)
         .await
@@ -217,7 +214,8 @@ async fn read_hello(
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect(),
-        certified,
+        // Labels that decide anything are the ones the CA certified; the hello's are display.
+        certified: certified.labels.clone(),
         services,
         addr,
         protocol: hello.protocol_version.min(PROTOCOL_VERSION),

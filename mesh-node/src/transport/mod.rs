@@ -24,7 +24,7 @@ use tracing::{info, warn};
 use crate::config::Limits;
 use crate::control::telemetry::TelemetrySink;
 use crate::hosted::Hosted;
-use crate::identity::{Identity, TlsError, peer_id};
+use crate::identity::{CertificateClaims, Identity, TlsError};
 use crate::peers::{PeerInfo, PeerSet};
 
 pub(crate) use hello::Me;
@@ -312,15 +312,18 @@ impl Transport {
     /// Serves a connection until it closes: hellos both ways, then calls.
     async fn run_connection(&self, conn: quinn::Connection) {
         let remote = conn.remote_address();
-        let id = match peer_id(&conn) {
-            Ok(id) => id,
+        // Who the peer is, its labels, and until when: all from the certificate its handshake
+        // verified.
+        let certified = match CertificateClaims::of_peer(&conn) {
+            Ok(certified) => certified,
             Err(e) => {
                 warn!("closing connection from {remote}: {e}");
                 conn.close(CLOSE_BAD_HELLO.into(), b"no identity");
                 return;
             }
         };
-        let info = match self.exchange_hellos(&conn, &id).await {
+        let id = &certified.id;
+        let info = match self.exchange_hellos(&conn, &certified).await {
             Ok(info) => info,
             Err(why) => {
                 warn!("closing connection to {id} at {remote}: {why}");
@@ -335,29 +338,20 @@ impl Transport {
         (self.inner.serve)(conn.clone(), id.clone());
         // Later hellos (the peer's services changed) update its entry while the connection lives.
         // A certificate is trusted until it expires, not for as long as a connection lasts.
-        let expires = match crate::identity::peer_not_after(&conn) {
-            Ok(at) => at,
-            Err(e) => {
-                warn!("closing connection to {id}: {e}");
-                conn.close(CLOSE_BAD_HELLO.into(), b"no certificate validity");
-                self.inner.peers.unregister(&id, &conn);
-                return;
-            }
-        };
-
-        let until_expiry = expires
+        let until_expiry = certified
+            .not_after
             .duration_since(std::time::SystemTime::now())
             .unwrap_or_default();
         let reason = tokio::select! {
             reason = conn.closed() => reason,
-            () = self.follow_hellos(&conn, &id, info.protocol) => conn.closed().await,
+            () = self.follow_hellos(&conn, &certified, info.protocol) => conn.closed().await,
             () = tokio::time::sleep(until_expiry) => {
                 warn!("closing connection to {id}: its certificate expired");
                 conn.close(CLOSE_EXPIRED.into(), b"certificate expired");
                 conn.closed().await
             }
         };
-        if self.inner.peers.unregister(&id, &conn) {
+        if self.inner.peers.unregister(id, &conn) {
             info!("peer down: {} ({id}): {reason}", id.node_name());
         }
     }

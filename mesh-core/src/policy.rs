@@ -29,6 +29,42 @@ pub struct Policy {
     pub services: Vec<ServicePolicy>,
     /// Per-caller rate limits, checked at the callee.
     pub rate_limits: Vec<RateLimit>,
+    /// Identities and certificates no node accepts, whatever their CA says (`mesh-gateway
+    /// revoke` writes them; an operator may too).
+    pub revoked: Vec<Revoked>,
+}
+
+/// One entry of the deny list: an identity (every certificate naming it), a certificate (by
+/// serial number), or both (either matches).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    /// A SPIFFE ID, as text (`spiffe://td/node/node-7`).
+    pub id: Option<String>,
+    /// Certificate serial numbers, lowercase hex without leading zero bytes.
+    pub serials: Vec<String>,
+    /// Why, for the audit trail.
+    pub reason: Option<String>,
+}
+
+impl Revoked {
+    /// Whether this entry denies the certificate naming `id` with serial `serial` (hex).
+    pub fn matches(&self, id: &str, serial: &str) -> bool {
+        self.id.as_deref() == Some(id) || self.serials.iter().any(|s| s == serial)
+    }
+}
+
+impl Policy {
+    /// The entry that revokes the certificate naming `id` with serial `serial` (hex), if any.
+    pub fn revocation(&self, id: &str, serial: &str) -> Option<&Revoked> {
+        self.revoked.iter().find(|r| r.matches(id, serial))
+    }
+}
+
+/// A serial number as the deny list writes it: lowercase hex of its bytes, leading zero bytes
+/// dropped (DER adds one to keep a number positive).
+pub fn serial_hex(bytes: &[u8]) -> String {
+    let start = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len());
+    bytes[start..].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A token bucket per caller and service.
@@ -93,6 +129,20 @@ struct RawPolicy {
     services: Vec<RawService>,
     #[serde(default)]
     rate_limits: Vec<RawRateLimit>,
+    #[serde(default)]
+    revoked: Vec<RawRevoked>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRevoked {
+    id: Option<Spanned<String>>,
+    #[serde(default)]
+    serials: Vec<Spanned<String>>,
+    reason: Option<String>,
+    /// When, seconds since the Unix epoch (information only).
+    #[allow(dead_code)]
+    at_unix: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -443,12 +493,53 @@ impl Policy {
                 burst: r.burst.unwrap_or(*r.per_second.get_ref()).max(1.0),
             });
         }
+        let mut revoked = Vec::new();
+        for (i, r) in raw.revoked.iter().enumerate() {
+            let key = format!("revoked[{i}]");
+            let id = match &r.id {
+                Some(id) => {
+                    let parsed = crate::SpiffeId::parse(id.get_ref())
+                        .map_err(|e| at.invalid(id, &format!("{key}.id"), e))?;
+                    Some(parsed.to_string())
+                }
+                None => None,
+            };
+            let mut serials = Vec::new();
+            for s in &r.serials {
+                let text = s.get_ref().trim_start_matches("0x").to_ascii_lowercase();
+                let hex_ok = !text.is_empty()
+                    && text.len() <= 80
+                    && text.len() % 2 == 0
+                    && text.bytes().all(|b| b.is_ascii_hexdigit());
+                if !hex_ok {
+                    return Err(at.invalid(
+                        s,
+                        &format!("{key}.serials"),
+                        "a serial number is an even number of hex digits (at most 40 bytes)",
+                    ));
+                }
+                serials.push(text.trim_start_matches("00").to_owned());
+            }
+            if id.is_none() && serials.is_empty() {
+                return Err(ConfigError::unplaced(
+                    file,
+                    &key,
+                    "a revocation names an id, serials, or both",
+                ));
+            }
+            revoked.push(Revoked {
+                id,
+                serials,
+                reason: r.reason.clone(),
+            });
+        }
         Ok(Policy {
             min_node_version,
             defaults,
             authz,
             services,
             rate_limits,
+            revoked,
         })
     }
 
@@ -612,5 +703,28 @@ mod tests {
         let p = Policy::parse("min_node_version = \"99.0\"\n", "p").expect("valid");
         let e = p.check_applicable("0.1.0").expect_err("too old");
         assert_eq!(e, "bundle needs mesh-node >= 99.0.0, this node runs 0.1.0");
+    }
+
+    #[test]
+    fn the_deny_list_matches_by_identity_or_serial_and_refuses_what_it_cannot_read() {
+        let p = Policy::parse(
+            "[authorization]\ndefault = \"allow\"\n[[revoked]]\nid = \"spiffe://td/node/n7\"\n\
+             reason = \"stolen\"\n[[revoked]]\nserials = [\"00AB12\"]\n",
+            "p.toml",
+        )
+        .expect("valid");
+        assert!(p.revocation("spiffe://td/node/n7", "99").is_some());
+        assert!(p.revocation("spiffe://td/node/n8", "ab12").is_some());
+        assert!(p.revocation("spiffe://td/node/n8", "ab13").is_none());
+        assert_eq!(serial_hex(&[0, 0xab, 0x12]), "ab12");
+        let e = Policy::parse("[[revoked]]\nid = \"node-7\"\n", "p.toml").expect_err("id");
+        assert!(e.to_string().starts_with("p.toml:2: revoked[0].id"), "{e}");
+        let e = Policy::parse("[[revoked]]\nserials = [\"xyz\"]\n", "p.toml").expect_err("hex");
+        assert!(e.to_string().contains("revoked[0].serials"), "{e}");
+        let e = Policy::parse("[[revoked]]\nreason = \"x\"\n", "p.toml").expect_err("empty");
+        assert!(
+            e.to_string().contains("names an id, serials, or both"),
+            "{e}"
+        );
     }
 }

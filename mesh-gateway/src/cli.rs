@@ -37,6 +37,21 @@ enum Command {
         /// The config file.
         config: PathBuf,
     },
+    /// Revoke a node: every node refuses it and closes its connections within seconds (the
+    /// deny list travels in the policy bundle). Asks the running gateway over its admin API.
+    Revoke {
+        /// The node's name.
+        name: String,
+        /// The running gateway's config file (for its admin address and token).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Why, for the audit log.
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Lift the revocation instead.
+        #[arg(long)]
+        lift: bool,
+    },
     /// Start a throw-away CA, gateway and three nodes on loopback, make calls, print what happened.
     Demo {
         /// Keep the mesh up after the calls, until Ctrl-C.
@@ -98,6 +113,45 @@ pub fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Revoke {
+            name,
+            config,
+            reason,
+            lift,
+        } => {
+            let (method, path, body) = if lift {
+                ("DELETE", format!("/v1/revocations/{name}"), String::new())
+            } else {
+                (
+                    "POST",
+                    "/v1/revocations".to_owned(),
+                    serde_json::json!({ "name": name, "reason": reason }).to_string(),
+                )
+            };
+            match runtime().block_on(admin_request(&config, method, &path, body)) {
+                Ok(answer) => {
+                    if lift {
+                        println!(
+                            "revocation of {} lifted: policy version {}",
+                            answer["lifted"].as_str().unwrap_or(&name),
+                            answer["version"]
+                        );
+                    } else {
+                        println!(
+                            "{} revoked (serials {}): policy version {} carries it to every node",
+                            answer["revoked"].as_str().unwrap_or(&name),
+                            answer["serials"],
+                            answer["version"]
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Demo { keep_running } => {
             init_logging("error");
             match runtime().block_on(crate::demo::run(keep_running)) {
@@ -109,6 +163,49 @@ pub fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// One request to the admin API of the gateway running with config `path`: its bound address
+/// from the lock file in its state folder (the configured one if it is not running), its token
+/// from the token file. Answers the JSON body of a 200, or the error.
+async fn admin_request(
+    path: &Path,
+    method: &str,
+    uri: &str,
+    body: String,
+) -> Result<serde_json::Value, String> {
+    let config = GatewayConfig::load(path).map_err(|e| e.to_string())?;
+    let addr = mesh_node::state::read_lock_file(&config.node.state_dir)
+        .and_then(|entries| entries.get("admin").and_then(|a| a.parse().ok()))
+        .unwrap_or(config.admin);
+    let token = std::fs::read_to_string(&config.admin_token_file).map_err(|e| {
+        format!(
+            "{}: the admin token: {e}",
+            config.admin_token_file.display()
+        )
+    })?;
+    let auth = format!("Bearer {}", token.trim());
+    let (code, _, answer) = mesh_node::http::request(
+        method,
+        addr,
+        uri,
+        &[
+            ("authorization", auth.as_str()),
+            ("content-type", "application/json"),
+        ],
+        bytes::Bytes::from(body),
+    )
+    .await
+    .map_err(|e| format!("cannot reach the gateway's admin API at {addr}: {e}"))?;
+    let value: serde_json::Value = serde_json::from_slice(&answer)
+        .unwrap_or_else(|_| serde_json::json!({ "error": String::from_utf8_lossy(&answer) }));
+    if code != 200 {
+        return Err(format!(
+            "the gateway answered HTTP {code}: {}",
+            value["error"].as_str().unwrap_or("")
+        ));
+    }
+    Ok(value)
 }
 
 fn load(path: &Path) -> Result<(GatewayConfig, mesh_node::Identity), String> {

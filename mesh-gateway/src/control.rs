@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use mesh_core::SpiffeId;
 use mesh_node::ReservedService;
+use mesh_node::identity::CertificateClaims;
 use mesh_node::wire::FrameReader;
 use mesh_proto::control::{BundleRef, Down, MAX_CONTROL_FRAME, Up};
 use tokio::sync::watch;
@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use crate::audit::AuditLog;
 use crate::metrics::Metrics;
 use crate::policy::Policies;
-use crate::registry::Registry;
+use crate::registry::{CertificateInfo, Registry};
 use crate::traces::Traces;
 
 /// How often, at most, each node is sent the registry when it changed.
@@ -30,6 +30,8 @@ pub(crate) struct ControlPlane {
     pub(crate) traces: Mutex<Traces>,
     pub(crate) policies: Arc<Policies>,
     pub(crate) audit: Arc<AuditLog>,
+    /// The mesh's trust domain (names on the command line become SPIFFE IDs in it).
+    pub(crate) trust_domain: String,
     registry_changed: watch::Sender<u64>,
     registry_cache: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
 }
@@ -40,8 +42,10 @@ impl ControlPlane {
         traces: Traces,
         policies: Arc<Policies>,
         audit: Arc<AuditLog>,
+        trust_domain: String,
     ) -> Self {
         ControlPlane {
+            trust_domain,
             registry: Mutex::new(registry),
             metrics: Mutex::new(Metrics::new()),
             traces: Mutex::new(traces),
@@ -80,11 +84,12 @@ impl ControlPlane {
 
     async fn session(
         self: Arc<Self>,
-        caller: SpiffeId,
+        claims: Arc<CertificateClaims>,
         remote: SocketAddr,
         mut send: quinn::SendStream,
         mut reader: FrameReader,
     ) {
+        let caller = &claims.id;
         let name = caller.node_name().as_str().to_owned();
         let hello = match tokio::time::timeout(Duration::from_secs(5), read_up(&mut reader)).await {
             Ok(Ok(Up::Hello(h))) => h,
@@ -95,6 +100,18 @@ impl ControlPlane {
         };
         self.registry()
             .handle_hello(&name, &caller.to_string(), &hello, Instant::now());
+        self.registry().set_certificate(
+            &name,
+            CertificateInfo {
+                serial: claims.serial.clone(),
+                not_after: claims.not_after,
+                labels: claims
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            },
+        );
         self.metrics()
             .handle_hello(&name, hello.boot_id, hello.lost_at_restart);
         self.registry_changed.send_modify(|v| *v += 1);
@@ -241,7 +258,7 @@ pub(crate) struct ControlService(pub(crate) Arc<ControlPlane>);
 impl ReservedService for ControlService {
     fn serve(
         &self,
-        caller: SpiffeId,
+        caller: Arc<CertificateClaims>,
         remote: SocketAddr,
         send: quinn::SendStream,
         reader: FrameReader,

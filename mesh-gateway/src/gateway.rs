@@ -79,6 +79,7 @@ impl Gateway {
             Traces::new(config.max_traces),
             policies.clone(),
             audit,
+            identity.trust_domain().to_owned(),
         ));
         let options = NodeOptions {
             gateway: true,
@@ -123,6 +124,22 @@ impl Gateway {
             let plane = plane.clone();
             let stop = node.shutdown_signal();
             tokio::spawn(async move { plane.sweep_loop(stop).await });
+        }
+        // The gateway's own node enforces the deny list it serves.
+        {
+            let (node, policies) = (node.clone(), policies.clone());
+            let mut changes = policies.subscribe();
+            let mut stop = node.shutdown_signal();
+            node.set_revoked(crate::policy::enforced(&policies.revoked_list()));
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        r = changes.changed() => if r.is_err() { return },
+                        _ = stop.changed() => return,
+                    }
+                    node.set_revoked(crate::policy::enforced(&policies.revoked_list()));
+                }
+            });
         }
         if let Some(file) = config.policy.clone() {
             let stop = node.shutdown_signal();

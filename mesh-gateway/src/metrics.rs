@@ -225,6 +225,26 @@ impl Metrics {
         }
         gauge(
             &mut out,
+            "starling_cert_expiry_seconds",
+            "gauge",
+            "Seconds until a node's certificate expires, as verified on its control stream (negative: expired).",
+        );
+        let now = std::time::SystemTime::now();
+        for n in registry.nodes() {
+            if let Some(cert) = &n.certificate {
+                let left = match cert.not_after.duration_since(now) {
+                    Ok(d) => d.as_secs() as i64,
+                    Err(e) => -(e.duration().as_secs() as i64),
+                };
+                let _ = writeln!(
+                    out,
+                    "starling_cert_expiry_seconds{{node=\"{}\"}} {left}",
+                    esc(&n.name)
+                );
+            }
+        }
+        gauge(
+            &mut out,
             "starling_policy_version",
             "gauge",
             "Policy bundle version a node applied.",

@@ -40,7 +40,68 @@ pub(crate) enum Origin {
 #[derive(Debug, Clone)]
 pub(crate) struct Bundle {
     pub(crate) id: BundleRef,
+    /// What nodes get: the operator's text, then the deny list.
     pub(crate) toml: Arc<String>,
+    /// The operator's part (the policy file or the API's bundle), without the deny list.
+    pub(crate) operator: Arc<String>,
+}
+
+/// The line between the operator's part of a bundle and the deny list the gateway writes after
+/// it.
+const REVOKED_MARKER: &str =
+    "# ---- revoked identities: written by `mesh-gateway revoke`; not part of the policy file ----";
+
+/// One revocation, as the gateway keeps it (`revoked.json` in its state folder) and writes it
+/// into every bundle.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Revocation {
+    /// The SPIFFE ID revoked (every certificate naming it).
+    pub(crate) id: String,
+    /// Serial numbers of its certificates the gateway had seen, hex.
+    #[serde(default)]
+    pub(crate) serials: Vec<String>,
+    /// Why.
+    pub(crate) reason: String,
+    /// When, seconds since the Unix epoch.
+    pub(crate) at_unix: u64,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokedFile {
+    #[serde(default)]
+    revoked: Vec<Revocation>,
+}
+
+/// The bundle nodes get: the operator's text, and the deny list after the marker.
+fn compose(operator: &str, revoked: &[Revocation]) -> String {
+    if revoked.is_empty() {
+        if operator.is_empty() {
+            // The last revocation lifted, and no policy: the bundle says so (it allows as much
+            // as no bundle).
+            return "# no policy; the deny list is empty\n".to_owned();
+        }
+        return operator.to_owned();
+    }
+    let list = toml::to_string(&RevokedFile {
+        revoked: revoked.to_vec(),
+    })
+    .unwrap_or_default();
+    format!("{operator}\n{REVOKED_MARKER}\n{list}")
+}
+
+/// The operator's part of a composed bundle, and the deny list written after it.
+fn split(composed: &str) -> Result<(String, Vec<Revocation>), String> {
+    let marker = format!("\n{REVOKED_MARKER}\n");
+    match composed.find(&marker) {
+        None => Ok((composed.to_owned(), Vec::new())),
+        Some(at) => {
+            let list: RevokedFile = toml::from_str(&composed[at + marker.len()..])
+                .map_err(|e| format!("the deny list in the saved bundle: {e}"))?;
+            Ok((composed[..at].to_owned(), list.revoked))
+        }
+    }
 }
 
 /// What a dry run would do.
@@ -58,6 +119,8 @@ pub(crate) struct DryRun {
 /// The gateway's policy versions.
 pub(crate) struct Policies {
     current: watch::Sender<Option<Bundle>>,
+    /// The deny list: kept in `revoked.json`, written into every bundle.
+    revoked: std::sync::Mutex<Vec<Revocation>>,
     store: PolicyStore,
     epoch: u64,
     audit: Arc<AuditLog>,
@@ -90,17 +153,55 @@ impl Policies {
             }
         };
         let epoch = saved.as_ref().map_or_else(new_epoch, |s| s.id.epoch);
-        let mut current = saved.map(|s| Bundle {
-            id: s.id,
-            toml: Arc::new(s.toml),
-        });
+        // The deny list: its own file, and whatever the saved bundle carries (neither one alone
+        // can lift a revocation). Damage is an error: the gateway does not start with a list it
+        // cannot read.
+        let revoked_path = dir.join("revoked.json");
+        let mut revoked: Vec<Revocation> = match std::fs::read(&revoked_path) {
+            Ok(bytes) => serde_json::from_slice::<RevokedFile>(&bytes)
+                .map_err(|e| {
+                    ConfigError::unplaced(
+                        &revoked_path.display().to_string(),
+                        "revoked",
+                        format!(
+                            "the deny list is damaged ({e}); the gateway refuses to start rather \
+                             than lift revocations: restore the file from a backup"
+                        ),
+                    )
+                })?
+                .revoked,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                return Err(ConfigError::unplaced(
+                    &revoked_path.display().to_string(),
+                    "revoked",
+                    e,
+                ));
+            }
+        };
+        let mut current = match saved {
+            None => None,
+            Some(s) => {
+                let (operator, carried) = split(&s.toml).map_err(|e| {
+                    ConfigError::unplaced(&store.path().display().to_string(), "revoked", e)
+                })?;
+                for r in carried {
+                    merge(&mut revoked, r);
+                }
+                Some(Bundle {
+                    id: s.id,
+                    toml: Arc::new(s.toml),
+                    operator: Arc::new(operator),
+                })
+            }
+        };
         let marker = dir.join("policy-file.sha256");
         if let Some((path, text)) = file {
             check_bundle(&text, &path.display().to_string())?;
             let file_hash = mesh_node::state::hex(&bundle_hash(&text));
             let seen = std::fs::read_to_string(&marker).ok();
             let unchanged = seen.as_deref().map(str::trim) == Some(file_hash.as_str());
-            let same_text = current.as_ref().is_some_and(|c| *c.toml == text);
+            let same_text = current.as_ref().is_some_and(|c| *c.operator == text);
             // The file is adopted when it changed since it was last read, and also when the
             // gateway holds no bundle at all (its state was lost or damaged): never serve nothing
             // while a policy file is configured.
@@ -114,13 +215,16 @@ impl Policies {
                         c.id.version
                     );
                 }
+                let composed = compose(&text, &revoked);
+                check_bundle(&composed, &path.display().to_string())?;
                 let bundle = Bundle {
                     id: BundleRef {
                         epoch,
                         version,
-                        hash: bundle_hash(&text),
+                        hash: bundle_hash(&composed),
                     },
-                    toml: Arc::new(text),
+                    toml: Arc::new(composed),
+                    operator: Arc::new(text),
                 };
                 save(&store, &bundle).map_err(|e| {
                     ConfigError::unplaced(&store.path().display().to_string(), "state_dir", e)
@@ -150,8 +254,32 @@ impl Policies {
                 })?;
             }
         }
+        // The deny list changed since the bundle was saved (a revocation was kept but the gateway
+        // stopped before its bundle was): the next version carries it.
+        let operator = current.as_ref().map(|c| c.operator.clone());
+        let composed = compose(operator.as_deref().map_or("", |o| o.as_str()), &revoked);
+        if current
+            .as_ref()
+            .map_or(!revoked.is_empty(), |c| *c.toml != composed)
+        {
+            let version = current.as_ref().map_or(0, |c| c.id.version) + 1;
+            let bundle = Bundle {
+                id: BundleRef {
+                    epoch,
+                    version,
+                    hash: bundle_hash(&composed),
+                },
+                toml: Arc::new(composed),
+                operator: operator.unwrap_or_default(),
+            };
+            save(&store, &bundle).map_err(|e| {
+                ConfigError::unplaced(&store.path().display().to_string(), "state_dir", e)
+            })?;
+            current = Some(bundle);
+        }
         Ok(Policies {
             current: watch::Sender::new(current),
+            revoked: std::sync::Mutex::new(revoked),
             store,
             epoch,
             audit,
@@ -178,7 +306,7 @@ impl Policies {
     pub(crate) fn dry_run(&self, toml: &str, source: &str) -> Result<DryRun, ConfigError> {
         check_bundle(toml, source)?;
         let current = self.current();
-        let old = current.as_ref().map_or("", |c| c.toml.as_str());
+        let old = current.as_ref().map_or("", |c| c.operator.as_str());
         let changed = old != toml;
         let version = current.as_ref().map_or(0, |c| c.id.version) + u64::from(changed);
         let (added, removed) = line_diff(old, toml);
@@ -203,7 +331,117 @@ impl Policies {
         let _one_at_a_time = self.changing.lock().await;
         let current = self.current();
         if let Some(c) = &current
-            && *c.toml == toml
+            && *c.operator == toml
+        {
+            return Ok(c.id.version);
+        }
+        let revoked = self.revoked_list();
+        let version = self
+            .publish(Arc::new(toml.to_owned()), &revoked, source)
+            .await?;
+        let origin = match origin {
+            Origin::File => "file",
+            Origin::Api => "api",
+        };
+        self.audit.record(
+            "gateway",
+            "policy_accepted",
+            vec![
+                ("version".into(), version.to_string()),
+                ("source".into(), origin.into()),
+            ],
+        );
+        Ok(version)
+    }
+
+    /// The deny list now.
+    pub(crate) fn revoked_list(&self) -> Vec<Revocation> {
+        crate::control::lock(&self.revoked).clone()
+    }
+
+    /// Puts `entry` on the deny list (merged with an entry for the same identity) and ships it
+    /// in the next bundle version; the list is saved first.
+    pub(crate) async fn revoke(&self, entry: Revocation) -> Result<u64, ConfigError> {
+        let _one_at_a_time = self.changing.lock().await;
+        let mut list = self.revoked_list();
+        merge(&mut list, entry.clone());
+        let version = self.keep_and_publish(list, "revoke").await?;
+        self.audit.record(
+            "gateway",
+            "revoked",
+            vec![
+                ("id".into(), entry.id),
+                ("serials".into(), entry.serials.join(",")),
+                ("reason".into(), entry.reason),
+                ("version".into(), version.to_string()),
+            ],
+        );
+        Ok(version)
+    }
+
+    /// Lifts the revocation of `id`; `Ok(None)` when it was not revoked.
+    pub(crate) async fn unrevoke(&self, id: &str) -> Result<Option<u64>, ConfigError> {
+        let _one_at_a_time = self.changing.lock().await;
+        let mut list = self.revoked_list();
+        let before = list.len();
+        list.retain(|r| r.id != id);
+        if list.len() == before {
+            return Ok(None);
+        }
+        let version = self.keep_and_publish(list, "unrevoke").await?;
+        self.audit.record(
+            "gateway",
+            "revocation_lifted",
+            vec![
+                ("id".into(), id.to_owned()),
+                ("version".into(), version.to_string()),
+            ],
+        );
+        Ok(Some(version))
+    }
+
+    /// Saves the deny list `list`, then ships it in the next version.
+    async fn keep_and_publish(
+        &self,
+        list: Vec<Revocation>,
+        source: &str,
+    ) -> Result<u64, ConfigError> {
+        let path = self.store.dir().join("revoked.json");
+        let bytes = serde_json::to_vec_pretty(&RevokedFile {
+            revoked: list.clone(),
+        })
+        .map_err(|e| ConfigError::unplaced(source, "revoked", e))?;
+        let saved = tokio::task::spawn_blocking(move || write_atomic(&path, &bytes, 0o600)).await;
+        if let Err(e) = saved.map_err(std::io::Error::other).and_then(|r| r) {
+            return Err(ConfigError::unplaced(
+                source,
+                "revoked",
+                format!(
+                    "the gateway cannot keep the deny list in {}: {e}; nothing changed",
+                    self.store.dir().display()
+                ),
+            ));
+        }
+        *crate::control::lock(&self.revoked) = list.clone();
+        let operator = self
+            .current()
+            .map_or_else(|| Arc::new(String::new()), |c| c.operator);
+        self.publish(operator, &list, source).await
+    }
+
+    /// Makes `operator` with `revoked` the next version: saved (on the blocking pool), then
+    /// served.
+    async fn publish(
+        &self,
+        operator: Arc<String>,
+        revoked: &[Revocation],
+        source: &str,
+    ) -> Result<u64, ConfigError> {
+        let composed = compose(&operator, revoked);
+        check_bundle(&composed, source)?;
+        let current = self.current();
+        if let Some(c) = &current
+            && *c.toml == composed
         {
             return Ok(c.id.version);
         }
@@ -212,9 +450,10 @@ impl Policies {
             id: BundleRef {
                 epoch: self.epoch,
                 version,
-                hash: bundle_hash(toml),
+                hash: bundle_hash(&composed),
             },
-            toml: Arc::new(toml.to_owned()),
+            toml: Arc::new(composed),
+            operator,
         };
         let store = self.store.clone();
         let to_save = bundle.clone();
@@ -233,18 +472,6 @@ impl Policies {
             ));
         }
         self.current.send_replace(Some(bundle));
-        let origin = match origin {
-            Origin::File => "file",
-            Origin::Api => "api",
-        };
-        self.audit.record(
-            "gateway",
-            "policy_accepted",
-            vec![
-                ("version".into(), version.to_string()),
-                ("source".into(), origin.into()),
-            ],
-        );
         Ok(version)
     }
 
@@ -320,6 +547,31 @@ fn save(store: &PolicyStore, bundle: &Bundle) -> std::io::Result<()> {
         id: bundle.id,
         toml: bundle.toml.to_string(),
     })
+}
+
+/// The deny list as a node enforces it.
+pub(crate) fn enforced(list: &[Revocation]) -> Vec<mesh_core::policy::Revoked> {
+    list.iter()
+        .map(|r| mesh_core::policy::Revoked {
+            id: Some(r.id.clone()),
+            serials: r.serials.clone(),
+            reason: Some(r.reason.clone()),
+        })
+        .collect()
+}
+
+/// Adds `entry` to `list`, merged with an entry for the same identity.
+fn merge(list: &mut Vec<Revocation>, entry: Revocation) {
+    match list.iter_mut().find(|r| r.id == entry.id) {
+        Some(held) => {
+            for serial in entry.serials {
+                if !held.serials.contains(&serial) {
+                    held.serials.push(serial);
+                }
+            }
+        }
+        None => list.push(entry),
+    }
 }
 
 /// A new epoch: 64 random bits.
@@ -450,5 +702,59 @@ mod tests {
         assert_eq!(run.added, ["call_timeout_ms = 250"]);
         assert_eq!(run.removed, ["call_timeout_ms = 100"]);
         assert_eq!(p.version(), 1, "a dry run changed the bundle");
+    }
+
+    fn revocation(name: &str) -> Revocation {
+        Revocation {
+            id: format!("spiffe://td/node/{name}"),
+            serials: vec!["ab".into()],
+            reason: "test".into(),
+            at_unix: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_deny_list_rides_every_bundle_and_outlives_restarts_and_policy_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let file = dir.path().join("p.toml");
+        let v1 = "[defaults]\ncall_timeout_ms = 100\n";
+        let p = Policies::load(&state, Some((&file, v1.into())), audit(dir.path())).expect("load");
+        assert_eq!(p.revoke(revocation("n7")).await, Ok(2));
+        let b = p.current().expect("bundle");
+        assert_eq!(*b.operator, v1);
+        let parsed = Policy::parse(&b.toml, "bundle").expect("valid");
+        assert!(parsed.revocation("spiffe://td/node/n7", "").is_some());
+        // The operator's file changes: the deny list stays in the new version.
+        let v3 = "[defaults]\ncall_timeout_ms = 300\n";
+        assert_eq!(p.set(v3, "p.toml", Origin::File).await, Ok(3));
+        let parsed = Policy::parse(&p.current().expect("bundle").toml, "b").expect("valid");
+        assert!(parsed.revocation("spiffe://td/node/n7", "").is_some());
+        drop(p);
+        // A restart keeps both, and the file unchanged changes nothing.
+        let p = Policies::load(&state, Some((&file, v3.into())), audit(dir.path())).expect("load");
+        assert_eq!(p.version(), 3);
+        assert_eq!(p.revoked_list(), vec![revocation("n7")]);
+        // Lifted: the operator's text alone again.
+        assert_eq!(p.unrevoke("spiffe://td/node/n7").await, Ok(Some(4)));
+        assert_eq!(*p.current().expect("bundle").toml, v3);
+        assert_eq!(p.unrevoke("spiffe://td/node/n7").await, Ok(None));
+    }
+
+    #[tokio::test]
+    async fn a_damaged_deny_list_stops_the_gateway_and_a_lost_one_is_read_back_from_the_bundle() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let p = Policies::load(&state, None, audit(dir.path())).expect("load");
+        p.revoke(revocation("n7")).await.expect("revoke");
+        drop(p);
+        std::fs::write(state.join("revoked.json"), b"{ damaged").expect("damage");
+        let e = Policies::load(&state, None, audit(dir.path()))
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("the deny list is damaged"), "{e}");
+        std::fs::remove_file(state.join("revoked.json")).expect("lose");
+        let p = Policies::load(&state, None, audit(dir.path())).expect("load");
+        assert_eq!(p.revoked_list(), vec![revocation("n7")]);
     }
 }

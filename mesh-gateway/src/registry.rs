@@ -42,6 +42,19 @@ pub struct NodeRecord {
     pub last_seen: Instant,
     /// The same, as wall-clock time, for the API.
     pub last_seen_wall: SystemTime,
+    /// What its certificate (as verified on its control stream) says.
+    pub certificate: Option<CertificateInfo>,
+}
+
+/// What a node's verified certificate says, as the registry shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateInfo {
+    /// Its serial number, hex.
+    pub serial: String,
+    /// When it (or its chain) expires.
+    pub not_after: SystemTime,
+    /// The labels its issuer certified: the ones authorization and routing use.
+    pub labels: Vec<(String, String)>,
 }
 
 /// Every node the gateway knows.
@@ -83,8 +96,16 @@ impl Registry {
                 sessions: sessions + 1,
                 last_seen: now,
                 last_seen_wall: SystemTime::now(),
+                certificate: None,
             },
         );
+    }
+
+    /// What the certificate of `name`'s control stream says.
+    pub fn set_certificate(&mut self, name: &str, certificate: CertificateInfo) {
+        if let Some(n) = self.nodes.get_mut(name) {
+            n.certificate = Some(certificate);
+        }
     }
 
     /// Anything heard from `name`.

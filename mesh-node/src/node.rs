@@ -36,7 +36,7 @@ use crate::control::telemetry::TelemetrySink;
 use crate::control::{ControlClient, GatewayPin, apply_saved_policy, resources};
 use crate::discovery::{Announcement, Discovery, MdnsDiscovery};
 use crate::hosted::{Hosted, Services};
-use crate::identity::Identity;
+use crate::identity::{CertificateClaims, Identity};
 use crate::peers::{PeerInfo, PeerSet};
 use crate::policy::{Policy, PolicyCell, PolicySource, PolicyState};
 use crate::server::{ReservedService, Server};
@@ -100,6 +100,8 @@ pub struct NodeStatus {
     /// Seconds until this node's certificate expires (negative: expired that long ago; peers
     /// refuse it and close its connections).
     pub certificate_expires_in_s: i64,
+    /// Set when a peer closed a connection saying this node's certificate is revoked.
+    pub revoked: Option<String>,
 }
 
 /// How a node is started beyond its config.
@@ -263,9 +265,11 @@ impl Node {
         ));
         let serve = {
             let server = server.clone();
-            Arc::new(move |conn: quinn::Connection, caller: SpiffeId| {
-                tokio::spawn(server.clone().serve_connection(conn, caller));
-            })
+            Arc::new(
+                move |conn: quinn::Connection, caller: Arc<CertificateClaims>| {
+                    tokio::spawn(server.clone().serve_connection(conn, caller));
+                },
+            )
         };
         let mut static_peers = config.peers.clone();
         if let Some(gw) = config.gateway
@@ -288,6 +292,7 @@ impl Node {
                 telemetry: telemetry.clone(),
                 serve,
                 shutdown: shutdown.subscribe(),
+                revoked: policy.watch_revoked(),
             },
             static_peers,
         );
@@ -411,7 +416,14 @@ impl Node {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner()),
             ),
+            revoked: self.parts.transport.revoked_here(),
         }
+    }
+
+    /// Replaces the deny list this node enforces (a gateway feeds its node the list it serves;
+    /// other nodes take it from their policy bundle). Connections with a peer on it close.
+    pub fn set_revoked(&self, list: Vec<mesh_core::policy::Revoked>) {
+        self.parts.policy.set_revoked(list);
     }
 
     /// This node's identity.

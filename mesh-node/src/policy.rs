@@ -53,10 +53,16 @@ pub(crate) enum PolicyState {
     Damaged(String),
 }
 
+/// The deny list in force: certificates no connection is kept with.
+pub(crate) type RevokedList = Arc<Vec<mesh_core::policy::Revoked>>;
+
 /// The current bundle, shared.
 #[derive(Default)]
 pub(crate) struct PolicyCell {
     state: RwLock<PolicyState>,
+    /// The deny list of the bundle in force (the transport watches it). A damaged bundle keeps
+    /// the last list: what cannot be read never lifts a revocation.
+    revoked: tokio::sync::watch::Sender<RevokedList>,
     /// Bumped at every change: what caches of decisions made under a policy are keyed on (a
     /// version number alone repeats across epochs).
     generation: std::sync::atomic::AtomicU64,
@@ -88,6 +94,13 @@ impl PolicyCell {
     }
 
     fn replace(&self, next: PolicyState) {
+        match &next {
+            PolicyState::Held { policy, .. } => {
+                self.set_revoked(policy.revoked.clone());
+            }
+            PolicyState::None => self.set_revoked(Vec::new()),
+            PolicyState::Damaged(_) => {}
+        }
         let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
         *state = next;
         self.generation
@@ -147,6 +160,22 @@ impl PolicyCell {
         {
             *unsaved = Some(why);
         }
+    }
+
+    /// Replaces the deny list (a gateway feeds its node the list it serves).
+    pub(crate) fn set_revoked(&self, list: Vec<mesh_core::policy::Revoked>) {
+        self.revoked.send_if_modified(|held| {
+            let changed = **held != list;
+            if changed {
+                *held = Arc::new(list);
+            }
+            changed
+        });
+    }
+
+    /// Watches the deny list.
+    pub(crate) fn watch_revoked(&self) -> tokio::sync::watch::Receiver<RevokedList> {
+        self.revoked.subscribe()
     }
 
     pub(crate) fn set_damaged(&self, why: String) {

@@ -25,6 +25,7 @@ use crate::clock::{now, since};
 use crate::config::Limits;
 use crate::control::telemetry::{TelemetrySink, unix_us};
 use crate::hosted::Hosted;
+use crate::identity::CertificateClaims;
 use crate::peers::PeerSet;
 use crate::policy::{Policy, PolicyCell};
 use crate::wire::{FrameReader, MAX_CHUNK_BYTES, write_chunk, write_head, write_message};
@@ -32,10 +33,10 @@ use crate::wire::{FrameReader, MAX_CHUNK_BYTES, write_chunk, write_head, write_m
 /// Serves the streams of a reserved service (`_control` on a gateway). The request head was read
 /// already; the handler owns the stream from here.
 pub trait ReservedService: Send + Sync + 'static {
-    /// Runs one stream from `caller` until it ends.
+    /// Runs one stream from `caller` (what its verified certificate says) until it ends.
     fn serve(
         &self,
-        caller: SpiffeId,
+        caller: Arc<CertificateClaims>,
         remote: SocketAddr,
         send: quinn::SendStream,
         reader: FrameReader,
@@ -108,24 +109,25 @@ impl Server {
     pub(crate) async fn serve_connection(
         self: Arc<Self>,
         conn: quinn::Connection,
-        caller: SpiffeId,
+        claims: Arc<CertificateClaims>,
     ) {
         let remote = conn.remote_address();
         while let Ok((send, recv)) = conn.accept_bi().await {
             let server = self.clone();
-            let caller = caller.clone();
-            tokio::spawn(async move { server.serve_stream(caller, remote, send, recv).await });
+            let claims = claims.clone();
+            tokio::spawn(async move { server.serve_stream(claims, remote, send, recv).await });
         }
     }
 
     /// Reads one call from a stream, serves it, writes the reply.
     async fn serve_stream(
         &self,
-        caller: SpiffeId,
+        claims: Arc<CertificateClaims>,
         remote: SocketAddr,
         mut send: quinn::SendStream,
         recv: quinn::RecvStream,
     ) {
+        let caller = claims.id.clone();
         let mut reader = FrameReader::new(recv);
         let deadline = tokio::time::Instant::now() + self.limits.call_timeout;
         let read =
@@ -166,7 +168,7 @@ impl Server {
                 }
             }
             Ok(Ok(Incoming::Reserved(handler))) => {
-                return handler.serve(caller, remote, send, reader).await;
+                return handler.serve(claims, remote, send, reader).await;
             }
             Ok(Err(reply)) => reply,
             Err(_) => Reply::error(Status::InvalidArgument, "request not received in time"),

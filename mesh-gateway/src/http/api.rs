@@ -12,7 +12,7 @@ use serde_json::json;
 
 use super::Api;
 use crate::control::ControlPlane;
-use crate::policy::{MAX_BUNDLE_BYTES, Origin};
+use crate::policy::{MAX_BUNDLE_BYTES, Origin, Revocation};
 use mesh_node::state::hex;
 use mesh_proto::control::MAX_CONTROL_FRAME;
 
@@ -56,6 +56,11 @@ pub(super) async fn handle(
         }
         (Method::PUT, "/v1/policy") => put_policy(&api, req, &query).await,
         (Method::GET, "/v1/policy/status") => json_response(200, policy_status(state)),
+        (Method::GET, "/v1/revocations") => json_response(200, revocations(state)),
+        (Method::POST, "/v1/revocations") => post_revocation(&api, req).await,
+        (Method::DELETE, p) if p.starts_with("/v1/revocations/") => {
+            delete_revocation(&api, &req, &p["/v1/revocations/".len()..]).await
+        }
         (Method::GET, "/v1/traces") => {
             let limit = query
                 .split('&')
@@ -67,7 +72,7 @@ pub(super) async fn handle(
         (
             _,
             "/metrics" | "/v1/nodes" | "/v1/services" | "/v1/policy" | "/v1/policy/status"
-            | "/v1/traces",
+            | "/v1/traces" | "/v1/revocations",
         ) => json_response(405, json!({ "error": "method not allowed" })),
         _ => json_response(404, json!({ "error": "no such path" })),
     })
@@ -80,26 +85,9 @@ async fn put_policy(api: &Api, req: Request<Incoming>, query: &str) -> Response<
             json!({ "error": "PUT /v1/policy needs Authorization: Bearer <admin token>" }),
         );
     }
-    let read = Limited::new(req.into_body(), MAX_BUNDLE_BYTES).collect();
-    let Ok(read) = tokio::time::timeout(api.body_timeout, read).await else {
-        return json_response(
-            408,
-            json!({ "error": "the bundle did not arrive in time (limits.ingress_body_timeout_ms)" }),
-        );
-    };
-    let body = match read {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            let error = if e.is::<http_body_util::LengthLimitError>() {
-                format!(
-                    "the bundle exceeds the bound of {MAX_BUNDLE_BYTES} bytes (a control frame \
-                     carries at most {MAX_CONTROL_FRAME}); it is refused"
-                )
-            } else {
-                format!("policy body: {e}")
-            };
-            return json_response(413, json!({ "error": error }));
-        }
+    let body = match read_body(api, req, MAX_BUNDLE_BYTES, "the bundle").await {
+        Ok(body) => body,
+        Err(refused) => return refused,
     };
     let Ok(text) = std::str::from_utf8(&body) else {
         return json_response(
@@ -137,12 +125,160 @@ async fn put_policy(api: &Api, req: Request<Incoming>, query: &str) -> Response<
     }
 }
 
+/// Reads a request body of at most `max` bytes within the body timeout, or answers why not.
+async fn read_body(
+    api: &Api,
+    req: Request<Incoming>,
+    max: usize,
+    what: &str,
+) -> Result<Bytes, Response<Full<Bytes>>> {
+    let read = Limited::new(req.into_body(), max).collect();
+    let Ok(read) = tokio::time::timeout(api.body_timeout, read).await else {
+        return Err(json_response(
+            408,
+            json!({ "error": format!("{what} did not arrive in time (limits.ingress_body_timeout_ms)") }),
+        ));
+    };
+    read.map(|b| b.to_bytes()).map_err(|e| {
+        let error = if e.is::<http_body_util::LengthLimitError>() {
+            format!(
+                "{what} exceeds the bound of {max} bytes (a control frame carries at most \
+                 {MAX_CONTROL_FRAME}); it is refused"
+            )
+        } else {
+            format!("{what}: {e}")
+        };
+        json_response(413, json!({ "error": error }))
+    })
+}
+
+/// `POST /v1/revocations` `{"name": "node-7", "reason": "..."}`: revokes the node's identity
+/// (and the serial of the certificate the gateway saw it use).
+async fn post_revocation(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if !authorized(api, &req) {
+        return json_response(
+            401,
+            json!({ "error": "POST /v1/revocations needs Authorization: Bearer <admin token>" }),
+        );
+    }
+    let body = match read_body(api, req, 4096, "the revocation").await {
+        Ok(body) => body,
+        Err(refused) => return refused,
+    };
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Asked {
+        name: String,
+        #[serde(default)]
+        reason: String,
+    }
+    let asked: Asked = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => {
+            return json_response(
+                400,
+                json!({ "error": format!("expected {{\"name\": \"node-7\", \"reason\": \"...\"}}: {e}") }),
+            );
+        }
+    };
+    let id = match node_id(&api.plane, &asked.name) {
+        Ok(id) => id,
+        Err(e) => return json_response(400, json!({ "error": e })),
+    };
+    let serials = api
+        .plane
+        .registry()
+        .nodes()
+        .find(|n| n.id == id)
+        .and_then(|n| n.certificate.as_ref().map(|c| vec![c.serial.clone()]))
+        .unwrap_or_default();
+    let entry = Revocation {
+        id: id.clone(),
+        serials: serials.clone(),
+        reason: if asked.reason.is_empty() {
+            "revoked by the operator".to_owned()
+        } else {
+            asked.reason
+        },
+        at_unix: std::time::SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    };
+    match api.plane.policies.revoke(entry).await {
+        Ok(version) => json_response(
+            200,
+            json!({ "revoked": id, "serials": serials, "version": version }),
+        ),
+        Err(e) => json_response(500, json!({ "error": e.to_string() })),
+    }
+}
+
+/// `DELETE /v1/revocations/<name>`: lifts a revocation.
+async fn delete_revocation(
+    api: &Api,
+    req: &Request<Incoming>,
+    name: &str,
+) -> Response<Full<Bytes>> {
+    if !authorized(api, req) {
+        return json_response(
+            401,
+            json!({ "error": "DELETE /v1/revocations needs Authorization: Bearer <admin token>" }),
+        );
+    }
+    let id = match node_id(&api.plane, name) {
+        Ok(id) => id,
+        Err(e) => return json_response(400, json!({ "error": e })),
+    };
+    match api.plane.policies.unrevoke(&id).await {
+        Ok(Some(version)) => json_response(200, json!({ "lifted": id, "version": version })),
+        Ok(None) => json_response(404, json!({ "error": format!("{id} is not revoked") })),
+        Err(e) => json_response(500, json!({ "error": e.to_string() })),
+    }
+}
+
+/// The SPIFFE ID of node `name` in this mesh's trust domain.
+fn node_id(plane: &ControlPlane, name: &str) -> Result<String, String> {
+    let node =
+        mesh_core::NodeName::try_from(name).map_err(|e| format!("node name {name:?}: {e}"))?;
+    mesh_core::SpiffeId::node(&plane.trust_domain, node)
+        .map(|id| id.to_string())
+        .map_err(|e| e.to_string())
+}
+
+fn revocations(state: &ControlPlane) -> serde_json::Value {
+    let list: Vec<serde_json::Value> = state
+        .policies
+        .revoked_list()
+        .into_iter()
+        .map(|r| json!({ "id": r.id, "serials": r.serials, "reason": r.reason, "at_unix": r.at_unix }))
+        .collect();
+    json!({ "revoked": list })
+}
+
 fn nodes(state: &ControlPlane) -> serde_json::Value {
+    let revoked = state.policies.revoked_list();
     let registry = state.registry();
+    let now = std::time::SystemTime::now();
     let nodes: Vec<serde_json::Value> = registry
         .nodes()
         .map(|n| {
+            let certificate = n.certificate.as_ref().map(|c| {
+                let expires_in_s = match c.not_after.duration_since(now) {
+                    Ok(d) => d.as_secs() as i64,
+                    Err(e) => -(e.duration().as_secs() as i64),
+                };
+                json!({
+                    "serial": c.serial,
+                    "expires_in_s": expires_in_s,
+                    "labels": c.labels.iter().cloned().collect::<BTreeMap<_, _>>(),
+                })
+            });
+            let revoked = revoked
+                .iter()
+                .any(|r| r.id == n.id || n.certificate.as_ref().is_some_and(|c| r.serials.contains(&c.serial)));
             json!({
+                "revoked": revoked,
+                "certificate": certificate,
                 "name": n.name,
                 "id": n.id,
                 "version": n.version,

@@ -9,6 +9,9 @@
 //! | `PUT /v1/policy` | a new bundle (bearer token): 200 with its version, 400 with the error, 401 |
 //! | `GET /v1/policy/status` | which node holds which version, and refusals |
 //! | `GET /v1/traces?limit=N` | recent traces, newest first |
+//! | `GET /v1/revocations` | the deny list |
+//! | `POST /v1/revocations` | `{"name": "node-7", "reason": "..."}` (bearer token): revoke a node |
+//! | `DELETE /v1/revocations/<name>` | lift a revocation (bearer token) |
 //!
 //! On loopback, reads are open (to whoever can reach the address); every change needs
 //! `Authorization: Bearer <token>`. On any other address, every request needs it. The dashboard comes next, as a module beside `api`.

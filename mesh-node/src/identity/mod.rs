@@ -137,6 +137,7 @@ impl Identity {
             id,
             labels,
             not_after,
+            ..
         } = CertificateClaims::of_chain(&chain)?;
         if let Some(td) = &trust_domain
             && td != id.trust_domain()
@@ -257,6 +258,8 @@ pub struct CertificateClaims {
     pub labels: Labels,
     /// The earliest notAfter of the chain.
     pub not_after: std::time::SystemTime,
+    /// The leaf's serial number, hex (as the deny list writes it).
+    pub serial: String,
 }
 
 impl CertificateClaims {
@@ -271,6 +274,7 @@ impl CertificateClaims {
         Ok(CertificateClaims {
             id: spiffe_id_in(&leaf)?,
             labels: labels_in(&leaf)?,
+            serial: mesh_core::policy::serial_hex(leaf.raw_serial()),
             not_after: std::time::UNIX_EPOCH
                 + std::time::Duration::from_secs(u64::try_from(not_after).unwrap_or(0)),
         })

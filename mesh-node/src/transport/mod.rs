@@ -26,6 +26,7 @@ use crate::control::telemetry::TelemetrySink;
 use crate::hosted::Hosted;
 use crate::identity::{CertificateClaims, Identity, TlsError};
 use crate::peers::{PeerInfo, PeerSet};
+use crate::policy::RevokedList;
 
 pub(crate) use hello::Me;
 
@@ -37,6 +38,8 @@ const CLOSE_BAD_HELLO: u32 = 1;
 const CLOSE_GONE: u32 = 2;
 /// Closing: the peer's certificate (or one above it in the chain it presented) expired.
 const CLOSE_EXPIRED: u32 = 3;
+/// Closing: the peer's identity or certificate is on the deny list of the policy in force.
+pub(crate) const CLOSE_REVOKED: u32 = 4;
 
 /// Why the QUIC endpoint could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +93,8 @@ impl ConnectError {
 }
 
 /// Serves the calls a connection carries; the node plugs the server in.
-pub(crate) type ServeConnection = Arc<dyn Fn(quinn::Connection, SpiffeId) + Send + Sync>;
+pub(crate) type ServeConnection =
+    Arc<dyn Fn(quinn::Connection, Arc<CertificateClaims>) + Send + Sync>;
 
 /// The transport: endpoint, connections, dialling. Cheap to clone.
 #[derive(Clone)]
@@ -109,6 +113,9 @@ struct Inner {
     telemetry: Arc<TelemetrySink>,
     serve: ServeConnection,
     shutdown: watch::Receiver<bool>,
+    revoked: watch::Receiver<RevokedList>,
+    /// Set when a peer closed a connection saying this node is revoked (why, from whom).
+    revoked_here: Mutex<Option<String>>,
     directory: Mutex<Directory>,
     /// Discovered peers with a dial loop running.
     dialing: Mutex<HashSet<NodeName>>,
@@ -129,6 +136,7 @@ pub(crate) struct Parts {
     pub(crate) telemetry: Arc<TelemetrySink>,
     pub(crate) serve: ServeConnection,
     pub(crate) shutdown: watch::Receiver<bool>,
+    pub(crate) revoked: watch::Receiver<RevokedList>,
 }
 
 impl Transport {
@@ -147,6 +155,8 @@ impl Transport {
                 telemetry: parts.telemetry,
                 serve: parts.serve,
                 shutdown: parts.shutdown,
+                revoked: parts.revoked,
+                revoked_here: Mutex::new(None),
                 dialing: Mutex::new(HashSet::new()),
                 refused: std::sync::atomic::AtomicU64::new(0),
                 last_refusal: Mutex::new(None),
@@ -323,6 +333,10 @@ impl Transport {
             }
         };
         let id = &certified.id;
+        let mut revoked = self.inner.revoked.clone();
+        if self.refuse_if_revoked(&conn, &certified, &revoked.borrow_and_update()) {
+            return;
+        }
         let info = match self.exchange_hellos(&conn, &certified).await {
             Ok(info) => info,
             Err(why) => {
@@ -335,13 +349,23 @@ impl Transport {
         self.inner.peers.register(info.clone(), &conn);
         // Calls are served only once the peer's hello is checked: a stream it opened earlier
         // waits (bounded by its stream credit) and is read now.
-        (self.inner.serve)(conn.clone(), id.clone());
+        (self.inner.serve)(conn.clone(), Arc::new(certified.clone()));
         // Later hellos (the peer's services changed) update its entry while the connection lives.
         // A certificate is trusted until it expires, not for as long as a connection lasts.
         let until_expiry = certified
             .not_after
             .duration_since(std::time::SystemTime::now())
             .unwrap_or_default();
+        // A revocation closes the connection as soon as the policy carrying it is in force.
+        let revocation = async {
+            while revoked.changed().await.is_ok() {
+                let list = revoked.borrow_and_update().clone();
+                if self.refuse_if_revoked(&conn, &certified, &list) {
+                    return;
+                }
+            }
+            std::future::pending::<()>().await;
+        };
         let reason = tokio::select! {
             reason = conn.closed() => reason,
             () = self.follow_hellos(&conn, &certified, info.protocol) => conn.closed().await,
@@ -350,10 +374,68 @@ impl Transport {
                 conn.close(CLOSE_EXPIRED.into(), b"certificate expired");
                 conn.closed().await
             }
+            () = revocation => conn.closed().await,
         };
+        self.note_revoked_by_peer(id, &reason);
         if self.inner.peers.unregister(id, &conn) {
             info!("peer down: {} ({id}): {reason}", id.node_name());
         }
+    }
+
+    /// Closes `conn` if the deny list names its peer's identity or certificate; says whether it
+    /// did.
+    fn refuse_if_revoked(
+        &self,
+        conn: &quinn::Connection,
+        certified: &CertificateClaims,
+        list: &RevokedList,
+    ) -> bool {
+        let id = certified.id.to_string();
+        let Some(entry) = list.iter().find(|r| r.matches(&id, &certified.serial)) else {
+            return false;
+        };
+        let why = entry.reason.as_deref().unwrap_or("no reason given");
+        warn!(
+            "closing connection to {id} at {}: revoked ({why}; serial {})",
+            conn.remote_address(),
+            certified.serial
+        );
+        self.inner.telemetry.audit(
+            "revoked_peer_refused",
+            vec![
+                ("peer".into(), id),
+                ("serial".into(), certified.serial.clone()),
+                ("reason".into(), why.to_owned()),
+            ],
+        );
+        conn.close(CLOSE_REVOKED.into(), b"revoked");
+        true
+    }
+
+    /// A peer that closes saying this node is revoked is believed about one thing only: that it
+    /// will not talk to this node. The node says so loudly; it does not stop on a peer's word.
+    fn note_revoked_by_peer(&self, peer: &SpiffeId, reason: &quinn::ConnectionError) {
+        if let quinn::ConnectionError::ApplicationClosed(close) = reason
+            && close.error_code == CLOSE_REVOKED.into()
+        {
+            tracing::error!(
+                "{peer} closed the connection: this node's certificate is revoked; it must be                  re-enrolled (mesh-node enroll) after the operator lifts the revocation"
+            );
+            *self
+                .inner
+                .revoked_here
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(format!("revoked, said {peer}"));
+        }
+    }
+
+    /// Whether a peer said this node is revoked, and which.
+    pub(crate) fn revoked_here(&self) -> Option<String> {
+        self.inner
+            .revoked_here
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 

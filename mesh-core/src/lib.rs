@@ -31,6 +31,7 @@ pub mod route;
 pub mod source;
 pub mod table;
 pub mod telemetry;
+pub mod token;
 
 pub use backoff::Backoff;
 pub use identity::{Certified, IdentityError, SpiffeId};

@@ -52,6 +52,11 @@ enum Command {
         #[arg(long)]
         lift: bool,
     },
+    /// One-time join tokens for new devices (`mesh-node enroll --token`).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Start a throw-away CA, gateway and three nodes on loopback, make calls, print what happened.
     Demo {
         /// Keep the mesh up after the calls, until Ctrl-C.
@@ -61,7 +66,45 @@ enum Command {
 }
 
 #[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Make a one-time join token for node NAME and print it (last line). It pins the mesh CA's
+    /// fingerprint, so the device checks the gateway before it sends anything secret.
+    Create {
+        /// The node's name.
+        #[arg(long)]
+        name: String,
+        /// Certified labels its certificate will carry, `key=value,...`.
+        #[arg(long, default_value = "")]
+        labels: String,
+        /// How long the token may be used: `90s`, `30m`, `1h`, `2d`.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// The running gateway's config file (for its admin address and token).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum CaCommand {
+    /// Make a site issuer for gateway NAME under the root CA: writes OUT/issuer.crt,
+    /// OUT/issuer.key (0600) and OUT/ca.crt (the roots), named in the gateway's `[issuer]`
+    /// section. The gateway issues node certificates with it (enrolment, renewal); the root's
+    /// key stays offline.
+    Issuer {
+        /// The root CA folder (with ca.crt and ca.key).
+        #[arg(long)]
+        ca: PathBuf,
+        /// The gateway's name.
+        #[arg(long)]
+        name: String,
+        /// The folder to write into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Days the issuer is valid.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
     /// Make a new CA: writes OUT/ca.crt and OUT/ca.key (mode 0600).
     Init {
         /// The mesh's trust domain.
@@ -75,8 +118,12 @@ enum CaCommand {
     /// OUT/node.key (0600) and OUT/ca.crt.
     Issue {
         /// The CA folder (with ca.crt and ca.key).
+        #[arg(long, required_unless_present = "issuer", conflicts_with = "issuer")]
+        ca: Option<PathBuf>,
+        /// Issue with a site issuer instead: the folder `ca issuer` wrote (issuer.crt,
+        /// issuer.key, ca.crt). The node's certificate file then holds its chain.
         #[arg(long)]
-        ca: PathBuf,
+        issuer: Option<PathBuf>,
         /// The node's name: 1-63 letters, digits, '-', '_' or '.'.
         #[arg(long)]
         name: String,
@@ -152,6 +199,41 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+        Command::Token {
+            command:
+                TokenCommand::Create {
+                    name,
+                    labels,
+                    ttl,
+                    config,
+                },
+        } => {
+            let Some(ttl_s) = parse_duration(&ttl) else {
+                eprintln!("error: --ttl {ttl:?}: expected a duration such as 90s, 30m, 1h or 2d");
+                return ExitCode::from(2);
+            };
+            let body = serde_json::json!({ "name": name, "labels": labels, "ttl_s": ttl_s });
+            match runtime().block_on(admin_request(
+                &config,
+                "POST",
+                "/v1/tokens",
+                body.to_string(),
+            )) {
+                Ok(answer) => {
+                    println!(
+                        "join token for {}, valid until unix time {} (once):",
+                        answer["id"].as_str().unwrap_or(&name),
+                        answer["expires_unix"]
+                    );
+                    println!("{}", answer["token"].as_str().unwrap_or(""));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Demo { keep_running } => {
             init_logging("error");
             match runtime().block_on(crate::demo::run(keep_running)) {
@@ -163,6 +245,24 @@ pub fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `90s`, `30m`, `1h`, `2d` (or plain seconds) in seconds.
+fn parse_duration(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = number.parse().ok()?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return None,
+    };
+    n.checked_mul(scale).filter(|s| *s > 0)
 }
 
 /// One request to the admin API of the gateway running with config `path`: its bound address
@@ -216,6 +316,7 @@ fn load(path: &Path) -> Result<(GatewayConfig, mesh_node::Identity), String> {
 
 fn check(path: &Path) -> Result<String, String> {
     let (config, _) = load(path)?;
+    config.load_issuer().map_err(|e| e.to_string())?;
     if let Some(policy) = &config.policy {
         let text = mesh_node::config::read_regular_file(&policy.value).map_err(|e| {
             format!(
@@ -271,14 +372,46 @@ fn ca(command: CaCommand) -> ExitCode {
             );
             Ok(())
         }),
+        CaCommand::Issuer {
+            ca,
+            name,
+            out,
+            days,
+        } => Ca::load(&ca).and_then(|ca| {
+            let issued = ca.issue_issuer(&name, days)?;
+            std::fs::create_dir_all(&out).map_err(|source| crate::ca::CaError::Io {
+                path: out.clone(),
+                source,
+            })?;
+            crate::ca::write_new(&out.join("issuer.key"), issued.key_pem.as_bytes(), 0o600)?;
+            crate::ca::write_new(&out.join("issuer.crt"), issued.cert_pem.as_bytes(), 0o644)?;
+            crate::ca::write_new(&out.join("ca.crt"), ca.bundle_pem().as_bytes(), 0o644)?;
+            println!(
+                "site issuer {name} of spiffe://{} for {days} days: {}/issuer.crt, issuer.key \
+                 (0600), ca.crt; name them in the gateway's [issuer] section",
+                ca.trust_domain(),
+                out.display()
+            );
+            Ok(())
+        }),
         CaCommand::Issue {
             ca,
+            issuer,
             name,
             out,
             days,
             gateway,
             labels,
-        } => Ca::load(&ca).and_then(|ca| {
+        } => match (ca, issuer) {
+            (Some(ca), _) => Ca::load(&ca),
+            (None, Some(dir)) => Ca::load_issuer(
+                &dir.join("issuer.crt"),
+                &dir.join("issuer.key"),
+                &dir.join("ca.crt"),
+            ),
+            (None, None) => Err(crate::ca::CaError::Name("--ca or --issuer".into())),
+        }
+        .and_then(|ca| {
             let labels = mesh_core::labels::parse_list(&labels)
                 .map_err(|e| crate::ca::CaError::Name(format!("--labels: {e}")))?;
             let issued = if gateway {
@@ -291,7 +424,7 @@ fn ca(command: CaCommand) -> ExitCode {
             } else {
                 ca.issue_node_labeled(&name, days, &labels)?
             };
-            issued.save(&out, ca.cert_pem())?;
+            issued.save(&out, ca.bundle_pem())?;
             let shown: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             println!(
                 "{} issued for {days} days{}: {}/node.crt, node.key (0600), ca.crt",

@@ -20,6 +20,7 @@ pub const GATEWAY_KEYS: &[&str] = &[
     "registry",
     "traces",
     "audit_log",
+    "issuer",
 ];
 
 /// A gateway's configuration, validated.
@@ -41,7 +42,30 @@ pub struct GatewayConfig {
     pub max_traces: usize,
     /// Where audit events are appended as JSON lines.
     pub audit_log: PathBuf,
+    /// The site issuer the gateway signs node certificates with (enrolment, renewal), if any.
+    pub issuer: Option<IssuerConfig>,
 }
+
+/// The `[issuer]` section: the site issuer `mesh-gateway ca issuer` made, and how long what it
+/// issues lasts.
+#[derive(Debug, Clone)]
+pub struct IssuerConfig {
+    /// `issuer.crt`.
+    pub cert: Located<PathBuf>,
+    /// `issuer.key` (mode 0600).
+    pub key: Located<PathBuf>,
+    /// Lifetime of the node certificates it issues.
+    pub lifetime: Duration,
+    /// How long after its expiry a certificate may still be renewed (a device back from a long
+    /// outage recovers without re-enrolling).
+    pub grace: Duration,
+}
+
+/// Node certificates last a week by default: a device may be offline for days and still renew
+/// before its certificate runs out.
+pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(7 * 86_400);
+/// ... and one that ran out may still be renewed for 30 days.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(30 * 86_400);
 
 /// A value and the config line it came from.
 #[derive(Debug, Clone)]
@@ -64,6 +88,16 @@ struct RawGateway {
     registry: Option<Spanned<RawRegistry>>,
     traces: Option<Spanned<RawTraces>>,
     audit_log: Option<Spanned<String>>,
+    issuer: Option<Spanned<RawIssuer>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIssuer {
+    cert: Spanned<String>,
+    key: Spanned<String>,
+    lifetime_s: Option<Spanned<u64>>,
+    grace_s: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -80,6 +114,26 @@ struct RawTraces {
 }
 
 impl GatewayConfig {
+    /// Loads the site issuer the `[issuer]` section names, if it names one; errors name the file,
+    /// line and key.
+    pub fn load_issuer(&self) -> Result<Option<crate::ca::Ca>, ConfigError> {
+        let Some(issuer) = &self.issuer else {
+            return Ok(None);
+        };
+        crate::ca::Ca::load_issuer(
+            &issuer.cert.value,
+            &issuer.key.value,
+            &self.node.identity.ca.value,
+        )
+        .map(Some)
+        .map_err(|e| ConfigError::Invalid {
+            file: self.node.file.clone(),
+            line: issuer.cert.line,
+            key: "issuer".into(),
+            message: e.to_string(),
+        })
+    }
+
     /// What an operator must hear when the admin API is reachable from the network.
     pub fn admin_warning(&self) -> Option<String> {
         (!self.admin.ip().is_loopback()).then(|| {
@@ -130,7 +184,39 @@ impl GatewayConfig {
                 message: "must not be shorter than registry.down_after_ms".into(),
             });
         }
+        let issuer = match &raw.issuer {
+            None => None,
+            Some(section) => {
+                let i = section.get_ref();
+                let lifetime = i
+                    .lifetime_s
+                    .as_ref()
+                    .map_or(Ok(DEFAULT_LIFETIME), |v| match *v.get_ref() {
+                        10..=31_536_000 => Ok(Duration::from_secs(*v.get_ref())),
+                        _ => Err(at.invalid(
+                            v,
+                            "issuer.lifetime_s",
+                            "must be between 10 s and a year",
+                        )),
+                    })?;
+                let grace = i
+                    .grace_s
+                    .as_ref()
+                    .map_or(DEFAULT_GRACE, |v| Duration::from_secs(*v.get_ref()));
+                let located = |s: &Spanned<String>| Located {
+                    value: base.join(s.get_ref()),
+                    line: at.line(s.span().start),
+                };
+                Some(IssuerConfig {
+                    cert: located(&i.cert),
+                    key: located(&i.key),
+                    lifetime,
+                    grace,
+                })
+            }
+        };
         Ok(GatewayConfig {
+            issuer,
             node,
             admin,
             admin_token_file: base.join(

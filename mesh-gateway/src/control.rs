@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::audit::AuditLog;
+use crate::ca::issuing::Issuing;
 use crate::metrics::Metrics;
 use crate::policy::Policies;
 use crate::registry::{CertificateInfo, Registry};
@@ -32,6 +33,8 @@ pub(crate) struct ControlPlane {
     pub(crate) audit: Arc<AuditLog>,
     /// The mesh's trust domain (names on the command line become SPIFFE IDs in it).
     pub(crate) trust_domain: String,
+    /// The site issuer (enrolment, renewal), if the gateway has one.
+    pub(crate) issuing: Option<Arc<Issuing>>,
     registry_changed: watch::Sender<u64>,
     registry_cache: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
 }
@@ -43,9 +46,11 @@ impl ControlPlane {
         policies: Arc<Policies>,
         audit: Arc<AuditLog>,
         trust_domain: String,
+        issuing: Option<Arc<Issuing>>,
     ) -> Self {
         ControlPlane {
             trust_domain,
+            issuing,
             registry: Mutex::new(registry),
             metrics: Mutex::new(Metrics::new()),
             traces: Mutex::new(traces),
@@ -141,7 +146,7 @@ impl ControlPlane {
             loop {
                 tokio::select! {
                     up = read_up(&mut reader) => {
-                        if let Some(down) = self.handle_up(&name, up?, sent) {
+                        if let Some(down) = self.handle_up(&name, &claims, up?, sent) {
                             write_down(&mut send, &down).await?;
                         }
                     }
@@ -200,7 +205,13 @@ impl ControlPlane {
     }
 
     /// Handles one frame from node `name`, which was last sent bundle `sent`.
-    fn handle_up(&self, name: &str, up: Up, sent: Option<BundleRef>) -> Option<Down> {
+    fn handle_up(
+        &self,
+        name: &str,
+        claims: &CertificateClaims,
+        up: Up,
+        sent: Option<BundleRef>,
+    ) -> Option<Down> {
         // A protocol 1 node answers with the version only: it means the bundle it was sent.
         let named = |version: u64, epoch: u64, hash: [u8; 32]| match sent {
             Some(s) if epoch == 0 && hash == [0; 32] && s.version == version => s,
@@ -234,6 +245,7 @@ impl ControlPlane {
                     .handle_policy_answer(name, bundle, Err(reason));
                 None
             }
+            Up::Renew { csr_der } => Some(self.renew(claims, &csr_der)),
             Up::Telemetry(batch) => {
                 let seq = batch.seq;
                 if self.metrics().handle_batch(name, &batch) {
@@ -247,6 +259,45 @@ impl ControlPlane {
                     }
                 }
                 Some(Down::TelemetryAck { seq })
+            }
+        }
+    }
+}
+
+impl ControlPlane {
+    /// A node's renewal request: a new certificate, or why not.
+    fn renew(&self, claims: &CertificateClaims, csr_der: &[u8]) -> Down {
+        let Some(issuing) = &self.issuing else {
+            return Down::RenewRefused {
+                reason: "this gateway has no [issuer] section: it issues no certificates".into(),
+                revoked: false,
+            };
+        };
+        let id = claims.id.to_string();
+        match issuing.renew(claims, csr_der) {
+            Ok(chain_pem) => {
+                info!("renewed the certificate of {id}");
+                self.audit.record(
+                    claims.id.node_name().as_str(),
+                    "renewed",
+                    vec![
+                        ("id".into(), id),
+                        ("old_serial".into(), claims.serial.clone()),
+                    ],
+                );
+                Down::Renewed { chain_pem }
+            }
+            Err(refusal) => {
+                warn!("refused to renew {id}: {}", refusal.reason);
+                self.audit.record(
+                    claims.id.node_name().as_str(),
+                    "renewal_refused",
+                    vec![("id".into(), id), ("reason".into(), refusal.reason.clone())],
+                );
+                Down::RenewRefused {
+                    reason: refusal.reason,
+                    revoked: refusal.revoked,
+                }
             }
         }
     }

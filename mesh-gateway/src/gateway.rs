@@ -14,6 +14,7 @@ use mesh_node::{Identity, Node, NodeOptions, StartError};
 use tracing::info;
 
 use crate::audit::AuditLog;
+use crate::ca::issuing::Issuing;
 use crate::config::GatewayConfig;
 use crate::control::{ControlPlane, ControlService};
 use crate::policy::Policies;
@@ -26,9 +27,9 @@ pub enum GatewayError {
     /// The node underneath could not start.
     #[error("{0}")]
     Start(#[from] StartError),
-    /// The policy file is invalid.
+    /// The policy file, the deny list or the issuer is invalid.
     #[error("{0}")]
-    Policy(#[from] mesh_core::source::ConfigError),
+    Config(#[from] mesh_core::source::ConfigError),
     /// A file could not be read or written, or a socket bound.
     #[error("{path}: {reason}")]
     Io {
@@ -51,6 +52,7 @@ impl Gateway {
     /// Starts the gateway described by `config`.
     pub async fn start(config: GatewayConfig, identity: Identity) -> Result<Gateway, GatewayError> {
         let token = admin_token(&config.admin_token_file)?;
+        let issuer = config.load_issuer()?;
         let audit = Arc::new(AuditLog::open(&config.audit_log));
         let policy_file = match &config.policy {
             Some(file) => {
@@ -74,12 +76,31 @@ impl Gateway {
             policy_file,
             audit.clone(),
         )?);
+        let issuing = match (issuer, &config.issuer) {
+            (Some(ca), Some(section)) => Some(Arc::new(
+                Issuing::new(
+                    ca,
+                    section.lifetime,
+                    section.grace,
+                    identity.chain(),
+                    &config.node.state_dir.join("gateway"),
+                    policies.clone(),
+                    audit.clone(),
+                )
+                .map_err(|reason| GatewayError::Io {
+                    path: format!("{}: [issuer]", config.node.file),
+                    reason,
+                })?,
+            )),
+            _ => None,
+        };
         let plane = Arc::new(ControlPlane::new(
             Registry::new(config.down_after, config.remove_after),
             Traces::new(config.max_traces),
             policies.clone(),
             audit,
             identity.trust_domain().to_owned(),
+            issuing.clone(),
         ));
         let options = NodeOptions {
             gateway: true,
@@ -87,6 +108,9 @@ impl Gateway {
                 mesh_proto::control::CONTROL_SERVICE,
                 Arc::new(ControlService(plane.clone())),
             )],
+            enrolment: issuing.map(|i| {
+                Arc::new(crate::ca::issuing::EnrollService(i)) as Arc<dyn mesh_node::EnrollService>
+            }),
             ..NodeOptions::default()
         };
         let node = Node::start_with(config.node.clone(), identity, options).await?;

@@ -356,7 +356,10 @@ impl Policies {
 
     /// The deny list now.
     pub(crate) fn revoked_list(&self) -> Vec<Revocation> {
-        crate::control::lock(&self.revoked).clone()
+        self.revoked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Puts `entry` on the deny list (merged with an entry for the same identity) and ships it
@@ -422,7 +425,7 @@ impl Policies {
                 ),
             ));
         }
-        *crate::control::lock(&self.revoked) = list.clone();
+        *self.revoked.lock().unwrap_or_else(|p| p.into_inner()) = list.clone();
         let operator = self
             .current()
             .map_or_else(|| Arc::new(String::new()), |c| c.operator);

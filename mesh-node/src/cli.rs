@@ -57,6 +57,22 @@ enum Command {
         /// The config file.
         config: PathBuf,
     },
+    /// Enrol this device: make its key here, send a certificate signing request to the gateway
+    /// with a one-time join token, and write OUT/node.crt, OUT/node.key (0600) and OUT/ca.crt.
+    Enroll {
+        /// The gateway's QUIC address.
+        #[arg(long)]
+        gateway: SocketAddr,
+        /// The join token (`mesh-gateway token create` prints it on its last line).
+        #[arg(long)]
+        token: String,
+        /// The folder to write into (a key already there is never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+        /// The name this device expects; the gateway refuses a token made for another.
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Show a running node's own view (peers, gateway link, policy), read from its ingress.
     Status {
         /// The node's ingress.
@@ -103,6 +119,12 @@ pub fn main() -> ExitCode {
             ))
         }
         Command::Status { ingress, json } => runtime().block_on(status(ingress, json)),
+        Command::Enroll {
+            gateway,
+            token,
+            out,
+            name,
+        } => runtime().block_on(enroll(gateway, &token, &out, name.as_deref())),
         Command::CheckConfig { config } => {
             match NodeConfig::load(&config).and_then(|c| c.load_identity().map(|_| c)) {
                 Ok(c) => {
@@ -120,6 +142,59 @@ pub fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             }
+        }
+    }
+}
+
+async fn enroll(gateway: SocketAddr, token: &str, out: &Path, name: Option<&str>) -> ExitCode {
+    use crate::identity::enroll;
+    let token: mesh_core::token::JoinToken = match token.parse() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: --token: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if out.join("node.key").exists() {
+        eprintln!(
+            "error: {} exists: this device has a key already (remove it to enrol again)",
+            out.join("node.key").display()
+        );
+        return ExitCode::from(2);
+    }
+    let request = match enroll::Request::new(name) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let started = std::time::Instant::now();
+    let issued = match enroll::join(gateway, &token, &request).await {
+        Ok(issued) => issued,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match enroll::save(out, &request.key_pem, &issued) {
+        Ok(_) => {
+            let id = rustls_pki_types::pem::PemObject::from_pem_slice(issued.chain_pem.as_bytes())
+                .ok()
+                .and_then(|c: rustls_pki_types::CertificateDer<'static>| {
+                    crate::identity::spiffe_id_of(&c).ok()
+                })
+                .map_or_else(|| "?".to_owned(), |id| id.to_string());
+            println!(
+                "enrolled as {id} in {} ms: {}/node.crt, node.key (0600), ca.crt",
+                started.elapsed().as_millis(),
+                out.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
         }
     }
 }

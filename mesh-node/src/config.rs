@@ -16,6 +16,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::identity::Identity;
+use crate::identity::renew::{CredentialFiles, RenewKey};
 use crate::upstream::UpstreamSpec;
 
 /// The top-level keys of a node's config file.
@@ -108,6 +109,19 @@ pub struct IdentityPaths {
     pub key: Located<PathBuf>,
     /// PEM certificate of the mesh CA.
     pub ca: Located<PathBuf>,
+    /// Whether a renewal makes a new key.
+    pub renew_key: RenewKey,
+}
+
+impl IdentityPaths {
+    /// The three files.
+    pub fn files(&self) -> CredentialFiles {
+        CredentialFiles {
+            cert: self.cert.value.clone(),
+            key: self.key.value.clone(),
+            ca: self.ca.value.clone(),
+        }
+    }
 }
 
 /// A value and the config line it came from.
@@ -215,6 +229,7 @@ struct RawIdentity {
     cert: Spanned<String>,
     key: Spanned<String>,
     ca: Spanned<String>,
+    renew_key: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -304,10 +319,25 @@ impl NodeConfig {
             value: base.join(s.get_ref()),
             line: at.line(s.span().start),
         };
+        let renew_key = match &raw.identity.renew_key {
+            None => RenewKey::default(),
+            Some(v) => match v.get_ref().as_str() {
+                "rotate" => RenewKey::Rotate,
+                "keep" => RenewKey::Keep,
+                _ => {
+                    return Err(at.invalid(
+                        v,
+                        "identity.renew_key",
+                        "must be \"rotate\" (a new key at each renewal) or \"keep\"",
+                    ));
+                }
+            },
+        };
         let identity = IdentityPaths {
             cert: path(&raw.identity.cert),
             key: path(&raw.identity.key),
             ca: path(&raw.identity.ca),
+            renew_key,
         };
         let mut labels = BTreeMap::new();
         for (k, v) in &raw.labels {
@@ -424,6 +454,7 @@ impl NodeConfig {
                 ));
             }
         }
+        crate::identity::renew::finish_interrupted_rotation(&ids.files());
         check_key_mode(&ids.key.value).map_err(|m| err(&ids.key, "identity.key", m))?;
         let identity =
             Identity::load(&ids.cert.value, &ids.key.value, &ids.ca.value).map_err(|e| {
@@ -444,6 +475,7 @@ impl NodeConfig {
                     | crate::identity::TlsError::WrongTrustDomain { .. } => {
                         (&ids.ca, "identity.ca")
                     }
+                    crate::identity::TlsError::KeyMismatch(_) => (&ids.key, "identity.key"),
                     _ => (&ids.cert, "identity.cert"),
                 };
                 err(loc, key, e.to_string())

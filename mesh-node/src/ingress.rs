@@ -280,7 +280,7 @@ fn status_json(node: &Node) -> String {
     format!(
         "{{\"name\":{},\"id\":{},\"quic\":{},\"hosted\":[{}],\"peers\":{},\"dial_errors\":[{}],\
          \"refused_handshakes\":{},\"last_refusal\":{},\"connections_admitted\":{},\"peers_lost\":{},\"gateway\":{},\"gateway_sessions\":{},\"policy\":{{\"version\":{},\"epoch\":{},\"hash\":{},\"source\":{},\"problem\":{}}},\
-         \"telemetry\":{{\"pending\":{},\"dropped\":{},\"pending_bytes\":{},\"lost_items\":{}}},\"certificate_expires_in_s\":{},\"revoked\":{}}}",
+         \"telemetry\":{{\"pending\":{},\"dropped\":{},\"pending_bytes\":{},\"lost_items\":{}}},\"certificate_expires_in_s\":{},\"revoked\":{},\"renewal\":{{\"renewals\":{},\"problem\":{},\"revoked\":{}}}}}",
         json_str(s.id.node_name().as_str()),
         json_str(&s.id.to_string()),
         json_str(&s.quic.to_string()),
@@ -310,6 +310,12 @@ fn status_json(node: &Node) -> String {
         s.telemetry_lost_items,
         s.certificate_expires_in_s,
         s.revoked.as_deref().map_or("null".to_owned(), json_str),
+        s.renewal.renewals,
+        s.renewal
+            .problem
+            .as_deref()
+            .map_or("null".to_owned(), json_str),
+        s.renewal.revoked,
     )
 }
 

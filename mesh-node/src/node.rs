@@ -36,12 +36,13 @@ use crate::control::telemetry::TelemetrySink;
 use crate::control::{ControlClient, GatewayPin, apply_saved_policy, resources};
 use crate::discovery::{Announcement, Discovery, MdnsDiscovery};
 use crate::hosted::{Hosted, Services};
+use crate::identity::renew::{RenewalStatus, Renewer};
 use crate::identity::{CertificateClaims, Identity};
 use crate::peers::{PeerInfo, PeerSet};
 use crate::policy::{Policy, PolicyCell, PolicySource, PolicyState};
 use crate::server::{ReservedService, Server};
 use crate::state::{PolicyStore, StateError, StateLock};
-use crate::transport::{self, BindError, Me, Transport};
+use crate::transport::{self, BindError, EnrollService, Me, Transport};
 use crate::upstream::{Upstream, UpstreamSpec};
 
 /// Why a node could not start.
@@ -102,6 +103,8 @@ pub struct NodeStatus {
     pub certificate_expires_in_s: i64,
     /// Set when a peer closed a connection saying this node's certificate is revoked.
     pub revoked: Option<String>,
+    /// Certificates renewed, and why the last renewal failed.
+    pub renewal: RenewalStatus,
 }
 
 /// How a node is started beyond its config.
@@ -113,6 +116,9 @@ pub struct NodeOptions {
     pub gateway: bool,
     /// Handlers of reserved services (a gateway plugs in `_control`).
     pub reserved: Vec<(&'static str, Arc<dyn ReservedService>)>,
+    /// Serves enrolment connections (a gateway with an issuer); none: the ALPN is not offered
+    /// and every client must present a certificate.
+    pub enrolment: Option<Arc<dyn EnrollService>>,
 }
 
 /// A running node. Cheap to clone; all clones are the same node.
@@ -135,7 +141,8 @@ struct Parts {
     gateway_up: Arc<watch::Sender<(Option<SocketAddr>, u64)>>,
     lock: std::sync::Mutex<StateLock>,
     /// When the certificate in use expires.
-    not_after: std::sync::Mutex<std::time::SystemTime>,
+    not_after: Arc<std::sync::Mutex<std::time::SystemTime>>,
+    renewer: Option<Arc<Renewer>>,
 }
 
 impl Node {
@@ -197,7 +204,11 @@ impl Node {
             }
         }
         let mut lock = StateLock::acquire(&config.state_dir, config.name.as_str())?;
-        let (_, client_config) = transport::quic_configs(&identity, &config.limits)?;
+        let (server_config, client_config) =
+            transport::quic_configs_with(&identity, &config.limits, options.enrolment.is_some())?;
+        if options.enrolment.is_some() {
+            endpoint.set_server_config(Some(server_config));
+        }
         let role = if options.gateway {
             Role::Gateway
         } else {
@@ -293,6 +304,7 @@ impl Node {
                 serve,
                 shutdown: shutdown.subscribe(),
                 revoked: policy.watch_revoked(),
+                enrolment: options.enrolment.clone(),
             },
             static_peers,
         );
@@ -302,7 +314,40 @@ impl Node {
 
         let (updates_tx, updates_rx) = mpsc::unbounded_channel();
         transport.follow(updates_rx);
+        let not_after = Arc::new(std::sync::Mutex::new(identity.not_after));
+        let renewer = if options.gateway {
+            None
+        } else {
+            let (transport, not_after) = (transport.clone(), not_after.clone());
+            let apply: crate::identity::renew::Apply = Box::new(move |id: &Identity| {
+                transport.set_identity(id).map_err(|e| e.to_string())?;
+                *not_after.lock().unwrap_or_else(|p| p.into_inner()) = id.not_after;
+                Ok(())
+            });
+            match Renewer::new(
+                config.name.as_str(),
+                &identity,
+                config.identity.files(),
+                config.identity.renew_key,
+                apply,
+            ) {
+                Ok(r) => Some(Arc::new(r)),
+                Err(e) => {
+                    warn!("this node's certificate will not be renewed: {e}");
+                    None
+                }
+            }
+        };
+        if let Some(renewer) = &renewer {
+            tokio::spawn(crate::identity::renew::watch(
+                renewer.clone(),
+                gateway_up.subscribe(),
+                config.gateway,
+                shutdown.subscribe(),
+            ));
+        }
         let control = ControlClient {
+            renewer: renewer.clone(),
             name: config.name.clone(),
             labels: config.labels.clone(),
             local_addr: transport.local_addr(),
@@ -358,7 +403,8 @@ impl Node {
                 shutdown,
                 gateway_up,
                 lock: std::sync::Mutex::new(lock),
-                not_after: std::sync::Mutex::new(identity.not_after),
+                not_after,
+                renewer,
             }),
         })
     }
@@ -417,6 +463,12 @@ impl Node {
                     .unwrap_or_else(|p| p.into_inner()),
             ),
             revoked: self.parts.transport.revoked_here(),
+            renewal: self
+                .parts
+                .renewer
+                .as_ref()
+                .map(|r| r.status())
+                .unwrap_or_default(),
         }
     }
 
@@ -543,6 +595,11 @@ impl Node {
             .not_after
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = identity.not_after;
+        if let Some(renewer) = &self.parts.renewer
+            && let Err(e) = renewer.replaced(identity)
+        {
+            warn!("the new certificate will not be renewed: {e}");
+        }
         Ok(())
     }
 

@@ -55,6 +55,12 @@ pub enum Up {
     },
     /// Counters, resource use, spans and audit events since the previous batch.
     Telemetry(TelemetryBatch),
+    /// A certificate signing request (PKCS#10 DER) for this node's identity: its certificate is
+    /// due for renewal.
+    Renew {
+        /// The request, signed by the key the renewed certificate will certify.
+        csr_der: Vec<u8>,
+    },
 }
 
 /// Gateway to node.
@@ -79,6 +85,18 @@ pub enum Down {
     TelemetryAck {
         /// The highest stored sequence number.
         seq: u64,
+    },
+    /// The renewed certificate (PEM chain, leaf first).
+    Renewed {
+        /// `node.crt`.
+        chain_pem: String,
+    },
+    /// The renewal was refused.
+    RenewRefused {
+        /// Why, in words.
+        reason: String,
+        /// The node is revoked: no renewal will come.
+        revoked: bool,
     },
 }
 

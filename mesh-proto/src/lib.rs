@@ -40,6 +40,8 @@ extern crate std;
 
 #[cfg(feature = "alloc")]
 pub mod control;
+#[cfg(feature = "alloc")]
+pub mod enroll;
 mod frame;
 mod name;
 mod types;

@@ -90,6 +90,41 @@ impl Pki {
         dir
     }
 
+    /// Makes a site issuer for gateway `name` in `<dir>/<name>/issuer` (issuer.crt, issuer.key,
+    /// ca.crt) and returns it loaded.
+    pub fn issuer(&self, name: &str) -> Ca {
+        let dir = self.dir.path().join(name).join("issuer");
+        std::fs::create_dir_all(&dir).expect("issuer dir");
+        let made = self.ca.issue_issuer(name, 1).expect("issuer");
+        mesh_gateway::ca::write_new(&dir.join("issuer.key"), made.key_pem.as_bytes(), 0o600)
+            .expect("key");
+        mesh_gateway::ca::write_new(&dir.join("issuer.crt"), made.cert_pem.as_bytes(), 0o644)
+            .expect("cert");
+        mesh_gateway::ca::write_new(&dir.join("ca.crt"), self.ca.cert_pem().as_bytes(), 0o644)
+            .expect("ca");
+        Ca::load_issuer(
+            &dir.join("issuer.crt"),
+            &dir.join("issuer.key"),
+            &dir.join("ca.crt"),
+        )
+        .expect("load issuer")
+    }
+
+    /// Issues node `name` with `issuer` for `lifetime` into `<dir>/<name>/certs`; returns the
+    /// node's folder.
+    pub fn node_dir_from(&self, issuer: &Ca, name: &str, lifetime: Duration) -> PathBuf {
+        let dir = self.dir.path().join(name);
+        let id =
+            mesh_core::SpiffeId::node(issuer.trust_domain(), name.try_into().expect("node name"))
+                .expect("id");
+        issuer
+            .issue_for(id, lifetime, &Default::default())
+            .expect("issue")
+            .save(&dir.join("certs"), issuer.bundle_pem())
+            .expect("save");
+        dir
+    }
+
     /// Writes a node config into its folder and returns its path. `extra` is appended verbatim.
     pub fn config(&self, name: &str, extra: &str) -> PathBuf {
         self.write_config(self.node_dir(name), name, extra)
@@ -100,7 +135,8 @@ impl Pki {
         self.write_config(self.labeled_node_dir(name, labels), name, extra)
     }
 
-    fn write_config(&self, dir: PathBuf, name: &str, extra: &str) -> PathBuf {
+    /// Writes a node config into `dir`, whose `certs/` holds its credentials.
+    pub fn write_config(&self, dir: PathBuf, name: &str, extra: &str) -> PathBuf {
         let path = dir.join("node.toml");
         let toml = format!(
             "name = \"{name}\"\nlisten = \"127.0.0.1:0\"\ningress = \"127.0.0.1:0\"\nlog = \"info\"\n\

@@ -146,26 +146,33 @@ async fn only_the_identity_shapes_the_mesh_issues_are_accepted() {
         "{status}"
     );
 
-    // An intermediate CA under the mesh CA (whose path length is 0) signing a node's identity.
+    // Two CAs between the mesh CA (whose path length is 1: one site issuer) and a node.
+    let ca_params = |cn: &str| {
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.subject_alt_names = vec![SanType::URI(
+            format!("spiffe://{td}").try_into().expect("uri"),
+        )];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params
+    };
     let inter_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
-    let mut params = CertificateParams::default();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "rogue intermediate");
-    params.subject_alt_names = vec![SanType::URI(
-        format!("spiffe://{td}").try_into().expect("uri"),
-    )];
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    let params = ca_params("rogue intermediate");
     let inter = params.signed_by(&inter_key, &issuer).expect("sign");
     let inter_issuer = Issuer::new(params, inter_key);
-    let (cert, key) = leaf(&inter_issuer, &[&format!("spiffe://{td}/node/deep")]);
+    let deeper_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let params = ca_params("deeper intermediate");
+    let deeper = params.signed_by(&deeper_key, &inter_issuer).expect("sign");
+    let deeper_issuer = Issuer::new(params, deeper_key);
+    let (cert, key) = leaf(&deeper_issuer, &[&format!("spiffe://{td}/node/deep")]);
+    let (deeper, inter) = (deeper.pem(), inter.pem());
     assert!(
-        !answered(&[&cert, &inter.pem()], &key, b.quic, "deep").await,
-        "a certificate below an intermediate the CA may not have was served"
+        !answered(&[&cert, &deeper, &inter], &key, b.quic, "deep").await,
+        "a certificate two CAs below the mesh CA was served"
     );
     b.wait_status("refusing", UP, |s| s["refused_handshakes"] == 3);
     // The same, with an unrelated certificate appended to hide where the chain ends.
@@ -175,7 +182,7 @@ async fn only_the_identity_shapes_the_mesh_issues_are_accepted() {
     junk.distinguished_name.push(DnType::CommonName, "junk");
     let junk = junk.self_signed(&junk_key).expect("junk");
     assert!(
-        !answered(&[&cert, &inter.pem(), &junk.pem()], &key, b.quic, "deep").await,
+        !answered(&[&cert, &deeper, &inter, &junk.pem()], &key, b.quic, "deep").await,
         "an appended certificate hid the path length"
     );
     b.wait_status("refusing", UP, |s| s["refused_handshakes"] == 4);

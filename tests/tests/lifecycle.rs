@@ -6,6 +6,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use rustls_pki_types::pem::PemObject;
 use starling_tests::{NodeProc, Pki, bin, free_udp_port, has_peer, http, post};
 
 const UP: Duration = Duration::from_secs(10);
@@ -109,4 +110,329 @@ async fn a_revoked_node_is_cut_off_by_every_node_within_two_seconds_until_lifted
     let (ok, out, err) = gateway_cli(&["revoke", "--lift", "node-c"], &gw_conf);
     assert!(ok, "lift failed: {out}{err}");
     a.wait_peer("node-c", Duration::from_secs(15));
+}
+
+#[test]
+fn a_site_issuer_signs_nodes_under_the_offline_root() {
+    let pki = Pki::new();
+    let dir = pki.dir.path();
+    let run = |args: &[&str]| {
+        let out = Command::new(bin("mesh-gateway"))
+            .args(args)
+            .output()
+            .expect("mesh-gateway runs");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let path = |p: &str| dir.join(p).display().to_string();
+    let (ok, out) = run(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "site.test",
+        "--out",
+        &path("root"),
+    ]);
+    assert!(ok, "{out}");
+    let (ok, out) = run(&[
+        "ca",
+        "issuer",
+        "--ca",
+        &path("root"),
+        "--name",
+        "gw",
+        "--out",
+        &path("gw/issuer"),
+    ]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("site issuer gw of spiffe://site.test"),
+        "{out}"
+    );
+    let mode = |p: &str| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(dir.join(p))
+            .expect(p)
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("gw/issuer/issuer.key"), 0o600);
+    // A node issued by the site issuer, one issued by the root: they trust each other.
+    let (ok, out) = run(&[
+        "ca",
+        "issue",
+        "--issuer",
+        &path("gw/issuer"),
+        "--name",
+        "node-a",
+        "--out",
+        &path("node-a/certs"),
+    ]);
+    assert!(ok, "{out}");
+    let (ok, out) = run(&[
+        "ca",
+        "issue",
+        "--ca",
+        &path("root"),
+        "--name",
+        "node-b",
+        "--out",
+        &path("node-b/certs"),
+    ]);
+    assert!(ok, "{out}");
+    let chain = std::fs::read_to_string(dir.join("node-a/certs/node.crt")).expect("chain");
+    assert_eq!(
+        chain.matches("BEGIN CERTIFICATE").count(),
+        2,
+        "leaf and issuer"
+    );
+    let a = NodeProc::start(
+        "node-a",
+        &pki.write_config(dir.join("node-a"), "node-a", ""),
+    );
+    let b_conf = pki.write_config(
+        dir.join("node-b"),
+        "node-b",
+        &format!("[[peers]]\naddr = \"{}\"\n", a.quic),
+    );
+    let b = NodeProc::start("node-b", &b_conf);
+    b.wait_peer("node-a", UP);
+    a.wait_peer("node-b", UP);
+
+    // An issuer makes no issuer; a root made with path length 0 (before issuers) makes none
+    // either, and says why.
+    let (ok, out) = run(&[
+        "ca",
+        "issuer",
+        "--ca",
+        &path("gw/issuer"),
+        "--name",
+        "x",
+        "--out",
+        &path("x"),
+    ]);
+    assert!(!ok, "{out}");
+    let old = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut params = rcgen::CertificateParams::default();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        "spiffe://old.test".try_into().expect("uri"),
+    )];
+    let cert = params.self_signed(&old).expect("root");
+    std::fs::create_dir_all(dir.join("old")).expect("dir");
+    std::fs::write(dir.join("old/ca.crt"), cert.pem()).expect("write");
+    std::fs::write(dir.join("old/ca.key"), old.serialize_pem()).expect("write");
+    let (ok, out) = run(&[
+        "ca",
+        "issuer",
+        "--ca",
+        &path("old"),
+        "--name",
+        "gw",
+        "--out",
+        &path("old-issuer"),
+    ]);
+    assert!(!ok && out.contains("path length 0"), "{out}");
+}
+
+/// A gateway with a site issuer issuing certificates of `lifetime_s`, on a fixed port; its
+/// config's path.
+fn issuing_gateway(pki: &Pki, lifetime_s: u64) -> std::path::PathBuf {
+    pki.issuer("gw");
+    pki.gateway_config(
+        "gw",
+        &format!("127.0.0.1:{}", free_udp_port()),
+        &format!(
+            "[issuer]\ncert = \"issuer/issuer.crt\"\nkey = \"issuer/issuer.key\"\n\
+             lifetime_s = {lifetime_s}\n"
+        ),
+    )
+}
+
+fn token(gw_conf: &Path, name: &str, more: &[&str]) -> String {
+    let mut args = vec!["token", "create", "--name", name];
+    args.extend_from_slice(more);
+    let (ok, out, err) = gateway_cli(&args, gw_conf);
+    assert!(ok, "token create: {out}{err}");
+    out.lines().last().expect("token line").trim().to_owned()
+}
+
+fn enroll(gw: std::net::SocketAddr, token: &str, out: &Path, name: Option<&str>) -> (bool, String) {
+    let mut cmd = Command::new(bin("mesh-node"));
+    cmd.args([
+        "enroll",
+        "--gateway",
+        &gw.to_string(),
+        "--token",
+        token,
+        "--out",
+    ])
+    .arg(out);
+    if let Some(name) = name {
+        cmd.args(["--name", name]);
+    }
+    let out = cmd.output().expect("mesh-node runs");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_enrols_with_a_one_time_token_and_joins() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = Pki::new();
+    let gw_conf = issuing_gateway(&pki, 7 * 86_400);
+    let (gw, admin) = NodeProc::start_gateway("gw", &gw_conf);
+    let dir = pki.dir.path();
+
+    let t = token(
+        &gw_conf,
+        "node-7",
+        &["--labels", "zone=hall-1", "--ttl", "1h"],
+    );
+    let certs = dir.join("node-7/certs");
+    let (ok, out) = enroll(gw.quic, &t, &certs, Some("node-7"));
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("enrolled as spiffe://starling.local/node/node-7"),
+        "{out}"
+    );
+    let mode = |f: &str| {
+        std::fs::metadata(certs.join(f))
+            .expect(f)
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("node.key"), 0o600);
+    // The certificate certifies the key made on the device, the token's labels, and chains
+    // through the site issuer to the root.
+    let identity = mesh_node::Identity::load(
+        &certs.join("node.crt"),
+        &certs.join("node.key"),
+        &certs.join("ca.crt"),
+    )
+    .expect("the enrolled files make an identity");
+    assert_eq!(
+        identity.labels.get("zone").map(String::as_str),
+        Some("hall-1")
+    );
+    assert_eq!(identity.chain().len(), 2, "leaf and site issuer");
+    // It joins.
+    let conf = pki.write_config(
+        dir.join("node-7"),
+        "node-7",
+        &format!("{FAST}[labels]\nzone = \"hall-1\"\n"),
+    );
+    let src = std::fs::read_to_string(&conf).expect("config");
+    std::fs::write(
+        &conf,
+        src.replacen(
+            "[identity]",
+            &format!("gateway = \"{}\"\n[identity]", gw.quic),
+            1,
+        ),
+    )
+    .expect("config");
+    let node = NodeProc::start("node-7", &conf);
+    node.wait_gateway(UP);
+
+    // The same token again, an unknown one, a token for another name, a wrong fingerprint.
+    let (ok, out) = enroll(gw.quic, &t, &dir.join("again"), None);
+    assert!(!ok && out.contains("used already"), "{out}");
+    let unknown = format!(
+        "{}{}",
+        &t[..t.len() - 4],
+        if t.ends_with("0000") { "1111" } else { "0000" }
+    );
+    let (ok, out) = enroll(gw.quic, &unknown, &dir.join("unknown"), None);
+    assert!(!ok && out.contains("unknown join token"), "{out}");
+    let other = token(&gw_conf, "node-8", &[]);
+    let (ok, out) = enroll(gw.quic, &other, &dir.join("other"), Some("node-9"));
+    assert!(
+        !ok && out.contains("the request is for \"node-9\""),
+        "{out}"
+    );
+    let fresh = token(&gw_conf, "node-10", &[]);
+    let mut forged = fresh.clone().into_bytes();
+    forged[4] = if forged[4] == b'0' { b'1' } else { b'0' };
+    let forged = String::from_utf8(forged).expect("utf-8");
+    let (ok, out) = enroll(gw.quic, &forged, &dir.join("forged"), None);
+    assert!(
+        !ok && out.contains("wrong CA fingerprint") && out.contains("nothing secret was sent"),
+        "{out}"
+    );
+    // The fingerprint check sent nothing: the token is still good.
+    let (ok, out) = enroll(gw.quic, &fresh, &dir.join("node-10"), None);
+    assert!(ok, "{out}");
+    // An expired token.
+    let short = token(&gw_conf, "node-11", &["--ttl", "1s"]);
+    std::thread::sleep(Duration::from_millis(1100)); // the token's lifetime itself
+    let (ok, out) = enroll(gw.quic, &short, &dir.join("node-11"), None);
+    assert!(!ok && out.contains("expired"), "{out}");
+    for refused in ["again", "unknown", "other", "forged", "node-11"] {
+        assert!(
+            !dir.join(refused).join("node.key").exists(),
+            "{refused}: a key was kept"
+        );
+    }
+    // Every enrolment and refusal is an audit event.
+    let audit = std::fs::read_to_string(dir.join("gw/audit.jsonl")).expect("audit log");
+    assert_eq!(audit.matches("\"enrolled\"").count(), 2, "{audit}");
+    assert_eq!(audit.matches("\"enrolment_refused\"").count(), 4, "{audit}");
+    // The registry shows its certified labels.
+    let (_, nodes) = http("GET", admin, "/v1/nodes", None, "").await;
+    assert!(
+        nodes.contains("\"labels\":{\"zone\":\"hall-1\"}"),
+        "{nodes}"
+    );
+}
+
+#[test]
+fn the_private_key_never_leaves_the_device() {
+    use mesh_proto::enroll::EnrollUp;
+    let request = mesh_node::identity::enroll::Request::new(Some("node-7")).expect("request");
+    let key =
+        rustls_pki_types::PrivateKeyDer::from_pem_slice(request.key_pem.as_bytes()).expect("key");
+    let der = key.secret_der().to_vec();
+    // What the device sends: the token's secret and the request.
+    let mut frame = Vec::new();
+    mesh_proto::encode_frame_vec(
+        &EnrollUp::Join {
+            secret: vec![7; 32],
+            csr_der: request.csr_der.clone(),
+        },
+        &mut frame,
+    );
+    // The P-256 private scalar: the OCTET STRING after ECPrivateKey's version (02 01 01 04 20).
+    let at = der
+        .windows(5)
+        .position(|w| w == [0x02, 0x01, 0x01, 0x04, 0x20])
+        .expect("an EC private key")
+        + 5;
+    let scalar = &der[at..at + 32];
+    assert!(
+        !frame.windows(8).any(|w| scalar.windows(8).any(|k| k == w)),
+        "bytes of the private key are in what the device sends"
+    );
+    // The request is for the key made here.
+    let csr = rcgen::CertificateSigningRequestParams::from_der(&request.csr_der.clone().into())
+        .expect("csr");
+    let pair = rcgen::KeyPair::from_pem(&request.key_pem).expect("key");
+    assert_eq!(
+        rcgen::PublicKeyData::subject_public_key_info(&csr.public_key),
+        rcgen::PublicKeyData::subject_public_key_info(&pair)
+    );
 }

@@ -57,6 +57,7 @@ pub(super) async fn handle(
         (Method::PUT, "/v1/policy") => put_policy(&api, req, &query).await,
         (Method::GET, "/v1/policy/status") => json_response(200, policy_status(state)),
         (Method::GET, "/v1/revocations") => json_response(200, revocations(state)),
+        (Method::POST, "/v1/tokens") => post_token(&api, req).await,
         (Method::POST, "/v1/revocations") => post_revocation(&api, req).await,
         (Method::DELETE, p) if p.starts_with("/v1/revocations/") => {
             delete_revocation(&api, &req, &p["/v1/revocations/".len()..]).await
@@ -72,7 +73,7 @@ pub(super) async fn handle(
         (
             _,
             "/metrics" | "/v1/nodes" | "/v1/services" | "/v1/policy" | "/v1/policy/status"
-            | "/v1/traces" | "/v1/revocations",
+            | "/v1/traces" | "/v1/revocations" | "/v1/tokens",
         ) => json_response(405, json!({ "error": "method not allowed" })),
         _ => json_response(404, json!({ "error": "no such path" })),
     })
@@ -210,6 +211,60 @@ async fn post_revocation(api: &Api, req: Request<Incoming>) -> Response<Full<Byt
             json!({ "revoked": id, "serials": serials, "version": version }),
         ),
         Err(e) => json_response(500, json!({ "error": e.to_string() })),
+    }
+}
+
+/// `POST /v1/tokens` `{"name": "node-7", "labels": "zone=hall-1", "ttl_s": 3600}`: a one-time
+/// join token for the node.
+async fn post_token(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if !authorized(api, &req) {
+        return json_response(
+            401,
+            json!({ "error": "POST /v1/tokens needs Authorization: Bearer <admin token>" }),
+        );
+    }
+    let Some(issuing) = api.plane.issuing.clone() else {
+        return json_response(
+            409,
+            json!({ "error": "this gateway has no [issuer] section: it issues no certificates (make one with `mesh-gateway ca issuer`)" }),
+        );
+    };
+    let body = match read_body(api, req, 4096, "the token request").await {
+        Ok(body) => body,
+        Err(refused) => return refused,
+    };
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Asked {
+        name: String,
+        #[serde(default)]
+        labels: String,
+        #[serde(default = "an_hour")]
+        ttl_s: u64,
+    }
+    fn an_hour() -> u64 {
+        3600
+    }
+    let asked: Asked = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => {
+            return json_response(
+                400,
+                json!({ "error": format!("expected {{\"name\": \"node-7\", \"labels\": \"k=v,...\", \"ttl_s\": 3600}}: {e}") }),
+            );
+        }
+    };
+    let labels = match mesh_core::labels::parse_list(&asked.labels) {
+        Ok(l) => l,
+        Err(e) => return json_response(400, json!({ "error": format!("labels: {e}") })),
+    };
+    let ttl = std::time::Duration::from_secs(asked.ttl_s.clamp(1, 30 * 86_400));
+    match issuing.create_token(&asked.name, labels, ttl) {
+        Ok(t) => json_response(
+            200,
+            json!({ "token": t.token.to_string(), "id": t.id.to_string(), "expires_unix": t.expires_unix }),
+        ),
+        Err(e) => json_response(400, json!({ "error": e })),
     }
 }
 

@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 
 use super::telemetry::{TelemetrySink, process_resources};
 use crate::hosted::Hosted;
+use crate::identity::renew::Renewer;
 use crate::peers::PeerSet;
 use crate::policy::{Policy, PolicyCell, PolicySource};
 use crate::state::{PolicyStore, SavedBundle, bundle_hash};
@@ -58,6 +59,8 @@ pub(crate) struct ControlClient {
     /// Where the control stream is up to now, if it is, and how many it opened since start.
     pub(crate) gateway_up: Arc<watch::Sender<(Option<SocketAddr>, u64)>>,
     pub(crate) shutdown: watch::Receiver<bool>,
+    /// Renews this node's certificate over the control stream (none: it is not renewed).
+    pub(crate) renewer: Option<Arc<Renewer>>,
 }
 
 impl ControlClient {
@@ -138,7 +141,24 @@ impl ControlClient {
                 write_up(&mut send, &up).await?;
             }
             let new_batch = self.telemetry.batch_cut();
+            let renew_in = self
+                .renewer
+                .as_ref()
+                .map_or(Duration::MAX, |r| r.due_in(std::time::SystemTime::now()));
             tokio::select! {
+                _ = tokio::time::sleep(renew_in.min(Duration::from_secs(3600))), if renew_in != Duration::MAX => {
+                    if let Some(renewer) = &self.renewer
+                        && renewer.due_in(std::time::SystemTime::now()).is_zero()
+                    {
+                        match renewer.request() {
+                            Ok(csr_der) => {
+                                info!("asking the gateway to renew this node's certificate");
+                                write_up(&mut send, &Up::Renew { csr_der }).await?;
+                            }
+                            Err(e) => warn!("cannot make a renewal request: {e}"),
+                        }
+                    }
+                }
                 frame = reader.frame(MAX_CONTROL_FRAME) => {
                     let frame = frame.map_err(|e| e.to_string())?;
                     match mesh_proto::control::decode_down(&frame) {
@@ -239,6 +259,39 @@ impl ControlClient {
             }
             Down::TelemetryAck { seq } => {
                 self.telemetry.ack(seq);
+                None
+            }
+            Down::Renewed { chain_pem } => {
+                let renewer = self.renewer.clone()?;
+                let installed =
+                    tokio::task::spawn_blocking(move || renewer.install(&chain_pem, None)).await;
+                match installed {
+                    Ok(Ok(())) => info!("certificate renewed"),
+                    Ok(Err(e)) => {
+                        warn!("the renewed certificate cannot be used: {e}");
+                        if let Some(r) = &self.renewer {
+                            r.failed(e, false);
+                        }
+                    }
+                    Err(e) => warn!("renewal: {e}"),
+                }
+                None
+            }
+            Down::RenewRefused { reason, revoked } => {
+                if revoked {
+                    tracing::error!(
+                        "the gateway refused to renew this node's certificate: it is revoked \
+                         ({reason}); the node must be re-enrolled once the operator lifts the \
+                         revocation"
+                    );
+                } else {
+                    tracing::error!(
+                        "the gateway refused to renew this node's certificate: {reason}"
+                    );
+                }
+                if let Some(r) = &self.renewer {
+                    r.failed(reason, revoked);
+                }
                 None
             }
             Down::Registry(entries) => {

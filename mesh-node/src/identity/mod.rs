@@ -8,6 +8,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
+pub mod enroll;
+pub mod renew;
 mod verify;
 
 use mesh_core::labels::Labels;
@@ -70,6 +72,9 @@ pub enum TlsError {
         "the node certificate is not signed by this CA ({0}): is this the mesh's CA, and the certificate this node's?"
     )]
     NotSignedByCa(String),
+    /// The private key is not the one the certificate certifies.
+    #[error("the private key does not belong to the certificate ({0})")]
+    KeyMismatch(String),
     /// rustls refused the configuration.
     #[error("tls: {0}")]
     Rustls(#[from] rustls::Error),
@@ -157,6 +162,10 @@ impl Identity {
             provider.signature_verification_algorithms.all,
         )
         .map_err(|e| TlsError::NotSignedByCa(format!("{e}")))?;
+        // The key must be the one the certificate certifies (a key file left from another
+        // certificate is named here, not at the first handshake).
+        rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider)
+            .map_err(|e| TlsError::KeyMismatch(e.to_string()))?;
         Ok(Identity {
             id,
             labels,
@@ -168,6 +177,21 @@ impl Identity {
         })
     }
 
+    /// The certificate chain, leaf first.
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
+    }
+
+    /// The mesh's roots.
+    pub fn roots(&self) -> &[CertificateDer<'static>] {
+        &self.ca_certs
+    }
+
+    /// The private key (never log it).
+    pub(crate) fn key(&self) -> &PrivateKeyDer<'static> {
+        &self.key
+    }
+
     /// The trust domain of this mesh.
     pub fn trust_domain(&self) -> &str {
         self.id.trust_domain()
@@ -176,11 +200,25 @@ impl Identity {
     /// The rustls server configuration: TLS 1.3 only, ALPN `starling/1`, client certificates
     /// required and checked against the mesh CA and trust domain.
     pub fn server_config(&self) -> Result<rustls::ServerConfig, TlsError> {
+        self.server_config_with(false)
+    }
+
+    /// [`Identity::server_config`]; with `enrolment`, a client may also come without a
+    /// certificate, and with ALPN `starling-enroll/1` as well as `starling/1` (a gateway with an
+    /// issuer: such a connection is served enrolment only, and a mesh connection without a
+    /// certificate is closed at once).
+    pub fn server_config_with(&self, enrolment: bool) -> Result<rustls::ServerConfig, TlsError> {
         let provider = provider();
-        let inner =
-            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider.clone())
-                .build()
-                .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+        let builder =
+            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider.clone());
+        let builder = if enrolment {
+            builder.allow_unauthenticated()
+        } else {
+            builder
+        };
+        let inner = builder
+            .build()
+            .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
         let verifier = Arc::new(MeshClientVerifier {
             inner,
             ca_certs: self.ca_certs.clone(),
@@ -191,6 +229,11 @@ impl Identity {
             .with_client_cert_verifier(verifier)
             .with_single_cert(self.chain.clone(), self.key.clone_key())?;
         config.alpn_protocols = vec![mesh_proto::ALPN.to_vec()];
+        if enrolment {
+            config
+                .alpn_protocols
+                .push(mesh_proto::enroll::ENROLL_ALPN.to_vec());
+        }
         // No resumption: a resumed session skips the client certificate check, so a certificate
         // that expired (or is revoked) since the first handshake would be let in again. Every
         // connection verifies the peer's certificate in full.

@@ -185,6 +185,10 @@ impl ClientCertVerifier for MeshClientVerifier {
         self.inner.root_hint_subjects()
     }
 
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
     fn verify_client_cert(
         &self,
         end_entity: &CertificateDer<'_>,

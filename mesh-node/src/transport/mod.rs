@@ -114,6 +114,8 @@ struct Inner {
     serve: ServeConnection,
     shutdown: watch::Receiver<bool>,
     revoked: watch::Receiver<RevokedList>,
+    /// Serves enrolment connections (a gateway with an issuer).
+    enrolment: Option<Arc<dyn EnrollService>>,
     /// Set when a peer closed a connection saying this node is revoked (why, from whom).
     revoked_here: Mutex<Option<String>>,
     directory: Mutex<Directory>,
@@ -137,6 +139,17 @@ pub(crate) struct Parts {
     pub(crate) serve: ServeConnection,
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) revoked: watch::Receiver<RevokedList>,
+    pub(crate) enrolment: Option<Arc<dyn EnrollService>>,
+}
+
+/// Serves an enrolment connection: one without a client certificate, ALPN `starling-enroll/1`
+/// (a gateway with an issuer plugs it in).
+pub trait EnrollService: Send + Sync + 'static {
+    /// Runs the connection until it ends.
+    fn serve(
+        &self,
+        conn: quinn::Connection,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 }
 
 impl Transport {
@@ -156,6 +169,7 @@ impl Transport {
                 serve: parts.serve,
                 shutdown: parts.shutdown,
                 revoked: parts.revoked,
+                enrolment: parts.enrolment,
                 revoked_here: Mutex::new(None),
                 dialing: Mutex::new(HashSet::new()),
                 refused: std::sync::atomic::AtomicU64::new(0),
@@ -194,7 +208,8 @@ impl Transport {
 
     /// Uses `identity` for every new handshake, both ways; connections already up keep theirs.
     pub(crate) fn set_identity(&self, identity: &Identity) -> Result<(), BindError> {
-        let (server, client) = quic_configs(identity, &self.inner.limits)?;
+        let (server, client) =
+            quic_configs_with(identity, &self.inner.limits, self.inner.enrolment.is_some())?;
         self.inner.endpoint.set_server_config(Some(server));
         *self
             .inner
@@ -322,6 +337,18 @@ impl Transport {
     /// Serves a connection until it closes: hellos both ways, then calls.
     async fn run_connection(&self, conn: quinn::Connection) {
         let remote = conn.remote_address();
+        let alpn = conn
+            .handshake_data()
+            .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|d| d.protocol);
+        if alpn.as_deref() == Some(mesh_proto::enroll::ENROLL_ALPN) {
+            // Enrolment only, and only where it is served (the ALPN is offered nowhere else).
+            match &self.inner.enrolment {
+                Some(service) => service.serve(conn).await,
+                None => conn.close(CLOSE_BAD_HELLO.into(), b"no enrolment here"),
+            }
+            return;
+        }
         // Who the peer is, its labels, and until when: all from the certificate its handshake
         // verified.
         let certified = match CertificateClaims::of_peer(&conn) {
@@ -472,6 +499,15 @@ pub(crate) fn quic_configs(
     identity: &Identity,
     limits: &Limits,
 ) -> Result<(quinn::ServerConfig, quinn::ClientConfig), BindError> {
+    quic_configs_with(identity, limits, false)
+}
+
+/// [`quic_configs`]; with `enrolment`, the server also takes enrolment connections.
+pub(crate) fn quic_configs_with(
+    identity: &Identity,
+    limits: &Limits,
+    enrolment: bool,
+) -> Result<(quinn::ServerConfig, quinn::ClientConfig), BindError> {
     let mut transport = quinn::TransportConfig::default();
     transport
         .keep_alive_interval(Some(limits.keep_alive))
@@ -480,7 +516,7 @@ pub(crate) fn quic_configs(
         .max_concurrent_uni_streams(8u32.into());
     let transport = Arc::new(transport);
 
-    let server_tls = QuicServerConfig::try_from(identity.server_config()?)
+    let server_tls = QuicServerConfig::try_from(identity.server_config_with(enrolment)?)
         .map_err(|e| BindError::Quic(format!("server: {e}")))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_tls));
     server.transport_config(transport.clone());

@@ -322,6 +322,7 @@ impl Node {
             let apply: crate::identity::renew::Apply = Box::new(move |id: &Identity| {
                 transport.set_identity(id).map_err(|e| e.to_string())?;
                 *not_after.lock().unwrap_or_else(|p| p.into_inner()) = id.not_after;
+                transport.refresh_connections();
                 Ok(())
             });
             match Renewer::new(

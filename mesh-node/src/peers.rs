@@ -305,7 +305,9 @@ impl PeerSet {
             .filter_map(|id| peers.by_id.get(id))
             .find(|e| e.key == chosen)
             .ok_or_else(gone)?;
-        let conn = entry.conns.first().cloned().ok_or_else(gone)?;
+        // The newest: after a renewal the node dials its peers again with its new certificate,
+        // and the old connections (closed when the old certificate expires) carry no new call.
+        let conn = entry.conns.last().cloned().ok_or_else(gone)?;
         Ok(Picked {
             conn,
             key: chosen,

@@ -245,15 +245,43 @@ fn a_site_issuer_signs_nodes_under_the_offline_root() {
 /// A gateway with a site issuer issuing certificates of `lifetime_s`, on a fixed port; its
 /// config's path.
 fn issuing_gateway(pki: &Pki, lifetime_s: u64) -> std::path::PathBuf {
-    pki.issuer("gw");
-    pki.gateway_config(
+    issuing_gateway_and_issuer(pki, lifetime_s).0
+}
+
+fn issuing_gateway_and_issuer(
+    pki: &Pki,
+    lifetime_s: u64,
+) -> (std::path::PathBuf, mesh_gateway::ca::Ca) {
+    let issuer = pki.issuer("gw");
+    let conf = pki.gateway_config(
         "gw",
         &format!("127.0.0.1:{}", free_udp_port()),
         &format!(
             "[issuer]\ncert = \"issuer/issuer.crt\"\nkey = \"issuer/issuer.key\"\n\
              lifetime_s = {lifetime_s}\n"
         ),
+    );
+    (conf, issuer)
+}
+
+/// Node `name` with a certificate of `lifetime` from `issuer`, linked to the gateway at `gw`.
+fn short_lived_node(
+    pki: &Pki,
+    issuer: &mesh_gateway::ca::Ca,
+    name: &str,
+    lifetime: Duration,
+    gw: std::net::SocketAddr,
+    extra: &str,
+) -> NodeProc {
+    let dir = pki.node_dir_from(issuer, name, lifetime);
+    let conf = pki.write_config(dir, name, &format!("{extra}{FAST}"));
+    let src = std::fs::read_to_string(&conf).expect("config");
+    std::fs::write(
+        &conf,
+        src.replacen("[identity]", &format!("gateway = \"{gw}\"\n[identity]"), 1),
     )
+    .expect("config");
+    NodeProc::start(name, &conf)
 }
 
 fn token(gw_conf: &Path, name: &str, more: &[&str]) -> String {
@@ -435,4 +463,122 @@ fn the_private_key_never_leaves_the_device() {
         rcgen::PublicKeyData::subject_public_key_info(&csr.public_key),
         rcgen::PublicKeyData::subject_public_key_info(&pair)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_lived_certificates_renew_in_place_under_continuous_calls() {
+    let pki = Pki::new();
+    let (gw_conf, issuer) = issuing_gateway_and_issuer(&pki, 20);
+    let (gw, admin) = NodeProc::start_gateway("gw", &gw_conf);
+    let lifetime = Duration::from_secs(20);
+    let names = ["node-1", "node-2", "node-3", "node-4", "node-5"];
+    let nodes: Vec<NodeProc> = names
+        .iter()
+        .map(|n| short_lived_node(&pki, &issuer, n, lifetime, gw.quic, ECHO))
+        .collect();
+    for n in &nodes {
+        n.wait_peers(names.len(), UP);
+    }
+    // 60 s of calls from every node, three lifetimes: without renewal every one would fail
+    // after 20 s.
+    let until = Instant::now() + Duration::from_secs(60);
+    let mut callers = Vec::new();
+    for n in &nodes {
+        let ingress = n.ingress();
+        callers.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            while Instant::now() < until {
+                match post(ingress, "echo", "say", Bytes::from_static(b"x"), None).await {
+                    Ok((200, _, _)) => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    let mut total = 0;
+    for c in callers {
+        let (ok, failed) = c.await.expect("caller");
+        assert!(
+            failed.is_empty(),
+            "{} calls failed: {:?}",
+            failed.len(),
+            &failed[..failed.len().min(5)]
+        );
+        total += ok;
+    }
+    eprintln!("{total} calls in 60 s, none failed");
+    for n in &nodes {
+        let s = n.status();
+        let renewals = s["renewal"]["renewals"].as_u64().unwrap_or(0);
+        assert!(renewals >= 2, "{}: {renewals} renewals: {s}", n.name);
+        assert!(
+            s["certificate_expires_in_s"].as_i64().unwrap_or(0) > 0,
+            "{s}"
+        );
+    }
+    // The gateway sees the current certificates: each expires in under a lifetime.
+    let (_, metrics) = http("GET", admin, "/metrics", None, "").await;
+    for name in names {
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("starling_cert_expiry_seconds{{node=\"{name}\"}}")))
+            .unwrap_or_else(|| panic!("no expiry for {name}: {metrics}"));
+        let left: i64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .expect("value");
+        assert!((0..=20).contains(&left), "{line}");
+    }
+    let audit = std::fs::read_to_string(pki.dir.path().join("gw/audit.jsonl")).expect("audit");
+    assert!(audit.matches("\"renewed\"").count() >= 10, "{audit}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_that_expired_while_the_gateway_was_away_recovers_without_a_restart() {
+    let pki = Pki::new();
+    let (gw_conf, issuer) = issuing_gateway_and_issuer(&pki, 20);
+    let (gw, _) = NodeProc::start_gateway("gw", &gw_conf);
+    let lifetime = Duration::from_secs(12);
+    let a = short_lived_node(&pki, &issuer, "node-a", lifetime, gw.quic, ECHO);
+    let b = short_lived_node(
+        &pki,
+        &issuer,
+        "node-b",
+        Duration::from_secs(3600),
+        gw.quic,
+        "",
+    );
+    a.wait_gateway(UP);
+    b.wait_peer("node-a", UP);
+    let pid = a.pid();
+    // The gateway goes away for longer than node-a's certificate lasts.
+    drop(gw);
+    // Its coming expiry shows in its status, then the expiry itself: node-b closes on it.
+    a.wait_status("near its expiry", Duration::from_secs(20), |s| {
+        s["certificate_expires_in_s"]
+            .as_i64()
+            .is_some_and(|l| l < 4)
+    });
+    b.wait_peer_gone("node-a", Duration::from_secs(20));
+    a.wait_status("expired", UP, |s| {
+        s["certificate_expires_in_s"]
+            .as_i64()
+            .is_some_and(|l| l <= 0)
+    });
+    // The gateway returns: node-a recovers by itself, same process.
+    let (_gw, _) = NodeProc::start_gateway("gw", &gw_conf);
+    let s = a.wait_status("renewed", Duration::from_secs(30), |s| {
+        s["certificate_expires_in_s"]
+            .as_i64()
+            .is_some_and(|l| l > 0)
+    });
+    assert_eq!(a.pid(), pid);
+    assert!(s["renewal"]["renewals"].as_u64() >= Some(1), "{s}");
+    b.wait_peer("node-a", UP);
+    let (code, _, _) = post(b.ingress(), "echo", "say", Bytes::from_static(b"x"), None)
+        .await
+        .expect("call");
+    assert_eq!(code, 200);
 }

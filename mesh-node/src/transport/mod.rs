@@ -219,6 +219,30 @@ impl Transport {
         Ok(())
     }
 
+    /// After a renewal: dials every connected peer again, so that a connection with the new
+    /// certificate is up (and chosen for new calls) well before the old one expires and its
+    /// peer closes it.
+    pub(crate) fn refresh_connections(&self) {
+        let mut addrs: Vec<SocketAddr> = self
+            .inner
+            .peers
+            .all_connections()
+            .into_iter()
+            .map(|(_, c)| c.remote_address())
+            .collect();
+        addrs.sort();
+        addrs.dedup();
+        for addr in addrs {
+            let transport = self.clone();
+            tokio::spawn(async move {
+                match transport.connect(addr).await {
+                    Ok(conn) => transport.run_connection(conn).await,
+                    Err(e) => warn!("cannot reconnect to {addr} with the renewed certificate: {e}"),
+                }
+            });
+        }
+    }
+
     /// Closes every connection (peers see it at once) and waits, bounded, for them to go.
     pub(crate) async fn close(&self) {
         self.inner

@@ -440,6 +440,20 @@ fn example_gateway(pki: &Pki, dir: &Path) -> std::path::PathBuf {
         ],
     );
     assert!(out.status.success(), "{}", stderr(&out));
+    let out = run(
+        "mesh-gateway",
+        &[
+            "ca",
+            "issuer",
+            "--ca",
+            pki.dir.path().join("ca").to_str().expect("path"),
+            "--name",
+            "gw",
+            "--out",
+            dir.join("issuer").to_str().expect("path"),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
     std::fs::copy(
         repo.join("configs/policy.example.toml"),
         dir.join("policy.example.toml"),
@@ -472,6 +486,22 @@ fn the_readme_gateway_section_passes_its_first_check_config() {
     assert!(
         stderr(&out).is_empty(),
         "a warning on loopback: {}",
+        stderr(&out)
+    );
+    // The issuer's key readable by others: refused, with the line of the [issuer] section.
+    let key = dir.join("issuer/issuer.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = run(
+        "mesh-gateway",
+        &["check-config", conf.to_str().expect("path")],
+    );
+    let src = std::fs::read_to_string(&conf).expect("conf");
+    let line = line_of(&src, "cert = \"issuer/issuer.crt\"");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains(&format!("gateway.toml:{line}: issuer: "))
+            && stderr(&out).contains("must be readable by its owner only"),
+        "{}",
         stderr(&out)
     );
 }

@@ -86,7 +86,48 @@ enum TokenCommand {
 }
 
 #[derive(Subcommand, Debug)]
+enum RotateCommand {
+    /// Step 1: write a trust bundle with the old root and the new one (`ca init` made it), and
+    /// print the steps that follow.
+    Bundle {
+        /// The old root's certificate (or the bundle in use).
+        #[arg(long)]
+        old: PathBuf,
+        /// The new root's certificate.
+        #[arg(long)]
+        new: PathBuf,
+        /// Where to write the bundle (the gateway's `[identity] ca` file, typically).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Step 3: which nodes are under the new root yet (exit 0 when all are).
+    Status {
+        /// The running gateway's config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The new root's certificate.
+        #[arg(long)]
+        new: PathBuf,
+    },
+    /// Step 4: write a trust bundle of the new root only.
+    Finish {
+        /// The new root's certificate.
+        #[arg(long)]
+        new: PathBuf,
+        /// Where to write the bundle.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum CaCommand {
+    /// Move the mesh to a new root CA without a failed call: `bundle`, then `status`, then
+    /// `finish` (each prints what to do next).
+    Rotate {
+        #[command(subcommand)]
+        command: RotateCommand,
+    },
     /// Make a site issuer for gateway NAME under the root CA: writes OUT/issuer.crt,
     /// OUT/issuer.key (0600) and OUT/ca.crt (the roots), named in the gateway's `[issuer]`
     /// section. The gateway issues node certificates with it (enrolment, renewal); the root's
@@ -179,7 +220,9 @@ pub fn main() -> ExitCode {
                 Ok(answer) => {
                     if lift {
                         println!(
-                            "revocation of {} lifted: policy version {}",
+                            "revocation of {} lifted: policy version {}; the certificates it had \
+                             stay revoked by serial, so the node comes back with a new one \
+                             (mesh-node enroll, or ca issue)",
                             answer["lifted"].as_str().unwrap_or(&name),
                             answer["version"]
                         );
@@ -243,6 +286,122 @@ pub fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+const ROTATION_STEPS: &str = "\
+The steps of a root rotation (nodes keep serving throughout):
+  1. mesh-gateway ca rotate bundle --old OLD/ca.crt --new NEW/ca.crt --out BUNDLE
+     Point the gateway's [identity] ca at BUNDLE and restart it: every node takes the bundle on
+     its control stream (and trusts both roots).
+  2. mesh-gateway ca issuer --ca NEW --name GW --out GW/issuer-new
+     mesh-gateway ca issue --ca NEW --gateway --name GW --out GW/certs-new
+     Point [issuer] and [identity] cert/key at them (keep ca = BUNDLE) and restart the gateway:
+     renewals now come from the new root; nodes move within one certificate lifetime.
+  3. mesh-gateway ca rotate status --config GW/gateway.toml --new NEW/ca.crt
+     until every node is under the new root (nodes issued by hand: re-issue or enrol them).
+  4. mesh-gateway ca rotate finish --new NEW/ca.crt --out BUNDLE, and restart the gateway: the
+     old root is gone from every node (a node still under it refuses the bundle and says why).
+";
+
+fn read_roots(path: &Path) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, String> {
+    use rustls_pki_types::pem::PemObject;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let roots: Vec<rustls_pki_types::CertificateDer<'static>> =
+        rustls_pki_types::CertificateDer::pem_slice_iter(text.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("{}: not PEM: {e:?}", path.display()))?;
+    if roots.is_empty() {
+        return Err(format!("{}: no certificate", path.display()));
+    }
+    for r in &roots {
+        mesh_node::identity::trust_domain_of_ca(r)
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .ok_or_else(|| format!("{}: a root without spiffe://<trust-domain>", path.display()))?;
+    }
+    Ok(roots)
+}
+
+fn rotate(command: RotateCommand) -> ExitCode {
+    let result: Result<bool, String> = (|| match command {
+        RotateCommand::Bundle { old, new, out } => {
+            let mut roots = read_roots(&old)?;
+            let fresh = read_roots(&new)?;
+            let td = |r: &rustls_pki_types::CertificateDer<'static>| {
+                mesh_node::identity::trust_domain_of_ca(r).ok().flatten()
+            };
+            if td(&roots[0]) != td(&fresh[0]) {
+                return Err(format!(
+                    "the new root is for {:?}, the old one for {:?}: a rotation keeps the trust domain",
+                    td(&fresh[0]),
+                    td(&roots[0])
+                ));
+            }
+            let mut text = std::fs::read_to_string(&old).map_err(|e| e.to_string())?;
+            if fresh.iter().any(|r| !roots.contains(r)) {
+                if !text.ends_with('\n') {
+                    text.push('\n');
+                }
+                text += &std::fs::read_to_string(&new).map_err(|e| e.to_string())?;
+                roots.extend(fresh);
+            }
+            mesh_node::state::write_atomic(&out, text.as_bytes(), 0o644)
+                .map_err(|e| format!("{}: {e}", out.display()))?;
+            println!(
+                "{}: a trust bundle of {} roots\n\n{ROTATION_STEPS}",
+                out.display(),
+                roots.len()
+            );
+            Ok(true)
+        }
+        RotateCommand::Finish { new, out } => {
+            let roots = read_roots(&new)?;
+            let text = std::fs::read_to_string(&new).map_err(|e| e.to_string())?;
+            mesh_node::state::write_atomic(&out, text.as_bytes(), 0o644)
+                .map_err(|e| format!("{}: {e}", out.display()))?;
+            println!(
+                "{}: a trust bundle of the new root only ({} certificate); restart the gateway",
+                out.display(),
+                roots.len()
+            );
+            Ok(true)
+        }
+        RotateCommand::Status { config, new } => {
+            let roots = read_roots(&new)?;
+            let key_id = mesh_node::identity::subject_key_id(&roots[0])
+                .ok_or("the new root has no subject key identifier")?;
+            let nodes =
+                runtime().block_on(admin_request(&config, "GET", "/v1/nodes", String::new()))?;
+            let mut behind = Vec::new();
+            for n in nodes["nodes"].as_array().into_iter().flatten() {
+                let name = n["name"].as_str().unwrap_or("?");
+                let root = n["certificate"]["root"].as_str();
+                let under = root == Some(key_id.as_str());
+                println!("{name:<24} {}", if under { "new root" } else { "old root" });
+                if !under {
+                    behind.push(name.to_owned());
+                }
+            }
+            if behind.is_empty() {
+                println!("every node is under the new root: step 4 (ca rotate finish) is safe");
+                Ok(true)
+            } else {
+                println!(
+                    "{} node(s) not under the new root yet: {}",
+                    behind.len(),
+                    behind.join(", ")
+                );
+                Ok(false)
+            }
+        }
+    })();
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
         }
     }
 }
@@ -364,6 +523,7 @@ fn run(path: &Path) -> ExitCode {
 
 fn ca(command: CaCommand) -> ExitCode {
     let result = match command {
+        CaCommand::Rotate { command } => return rotate(command),
         CaCommand::Init { trust_domain, out } => Ca::generate(&trust_domain).and_then(|ca| {
             ca.save(&out)?;
             println!(

@@ -199,10 +199,13 @@ impl GatewayConfig {
                             "must be between 10 s and a year",
                         )),
                     })?;
-                let grace = i
-                    .grace_s
-                    .as_ref()
-                    .map_or(DEFAULT_GRACE, |v| Duration::from_secs(*v.get_ref()));
+                let grace =
+                    i.grace_s
+                        .as_ref()
+                        .map_or(Ok(DEFAULT_GRACE), |v| match *v.get_ref() {
+                            0..=31_536_000 => Ok(Duration::from_secs(*v.get_ref())),
+                            _ => Err(at.invalid(v, "issuer.grace_s", "must be at most a year")),
+                        })?;
                 let located = |s: &Spanned<String>| Located {
                     value: base.join(s.get_ref()),
                     line: at.line(s.span().start),

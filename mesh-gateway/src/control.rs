@@ -35,6 +35,8 @@ pub(crate) struct ControlPlane {
     pub(crate) trust_domain: String,
     /// The site issuer (enrolment, renewal), if the gateway has one.
     pub(crate) issuing: Option<Arc<Issuing>>,
+    /// The trust bundle every node is sent (the gateway's own CA file), PEM.
+    pub(crate) roots_pem: String,
     registry_changed: watch::Sender<u64>,
     registry_cache: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
 }
@@ -47,8 +49,10 @@ impl ControlPlane {
         audit: Arc<AuditLog>,
         trust_domain: String,
         issuing: Option<Arc<Issuing>>,
+        roots_pem: String,
     ) -> Self {
         ControlPlane {
+            roots_pem,
             trust_domain,
             issuing,
             registry: Mutex::new(registry),
@@ -115,6 +119,7 @@ impl ControlPlane {
                     .iter()
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect(),
+                root: claims.root_key_id.clone(),
             },
         );
         self.metrics()
@@ -135,6 +140,16 @@ impl ControlPlane {
             hello.policy_version
         );
 
+        // The trust bundle first: during a CA rotation it brings the new root before anything
+        // issued under it arrives.
+        let bundle = Down::TrustBundle {
+            roots_pem: self.roots_pem.clone(),
+        };
+        if let Err(e) = write_down(&mut send, &bundle).await {
+            info!("control stream of {name} ended: {e}");
+            self.registry().handle_closed(&name, Instant::now());
+            return;
+        }
         let mut policy_rx = self.policies.subscribe();
         policy_rx.mark_changed();
         let mut registry_rx = self.registry_changed.subscribe();

@@ -101,6 +101,12 @@ impl Gateway {
             audit,
             identity.trust_domain().to_owned(),
             issuing.clone(),
+            std::fs::read_to_string(&config.node.identity.ca.value).map_err(|e| {
+                GatewayError::Io {
+                    path: config.node.identity.ca.value.display().to_string(),
+                    reason: e.to_string(),
+                }
+            })?,
         ));
         let options = NodeOptions {
             gateway: true,
@@ -108,6 +114,7 @@ impl Gateway {
                 mesh_proto::control::CONTROL_SERVICE,
                 Arc::new(ControlService(plane.clone())),
             )],
+            revoked: policies.enforced(),
             enrolment: issuing.map(|i| {
                 Arc::new(crate::ca::issuing::EnrollService(i)) as Arc<dyn mesh_node::EnrollService>
             }),
@@ -154,14 +161,14 @@ impl Gateway {
             let (node, policies) = (node.clone(), policies.clone());
             let mut changes = policies.subscribe();
             let mut stop = node.shutdown_signal();
-            node.set_revoked(crate::policy::enforced(&policies.revoked_list()));
+            node.set_revoked(policies.enforced());
             tokio::spawn(async move {
                 loop {
                     tokio::select! {
                         r = changes.changed() => if r.is_err() { return },
                         _ = stop.changed() => return,
                     }
-                    node.set_revoked(crate::policy::enforced(&policies.revoked_list()));
+                    node.set_revoked(policies.enforced());
                 }
             });
         }

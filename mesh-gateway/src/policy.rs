@@ -56,8 +56,10 @@ const REVOKED_MARKER: &str =
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Revocation {
-    /// The SPIFFE ID revoked (every certificate naming it).
-    pub(crate) id: String,
+    /// The SPIFFE ID revoked (every certificate naming it); none once the identity's revocation
+    /// is lifted, when its old certificates stay revoked by serial.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) id: Option<String>,
     /// Serial numbers of its certificates the gateway had seen, hex.
     #[serde(default)]
     pub(crate) serials: Vec<String>,
@@ -75,20 +77,35 @@ struct RevokedFile {
 }
 
 /// The bundle nodes get: the operator's text, and the deny list after the marker.
-fn compose(operator: &str, revoked: &[Revocation]) -> String {
+fn compose(operator: &str, revoked: &[Revocation]) -> Result<String, String> {
     if revoked.is_empty() {
         if operator.is_empty() {
             // The last revocation lifted, and no policy: the bundle says so (it allows as much
             // as no bundle).
-            return "# no policy; the deny list is empty\n".to_owned();
+            return Ok("# no policy; the deny list is empty\n".to_owned());
         }
-        return operator.to_owned();
+        return Ok(operator.to_owned());
     }
+    // A list that cannot be written is an error, never an empty list.
     let list = toml::to_string(&RevokedFile {
         revoked: revoked.to_vec(),
     })
-    .unwrap_or_default();
-    format!("{operator}\n{REVOKED_MARKER}\n{list}")
+    .map_err(|e| format!("the deny list cannot be written into the bundle: {e}"))?;
+    Ok(format!("{operator}\n{REVOKED_MARKER}\n{list}"))
+}
+
+/// What the operator's part of a bundle must be: a valid bundle without the gateway's marker
+/// line (a bundle copied from `GET /v1/policy` with its deny list would carry the marker).
+fn check_operator(toml: &str, source: &str) -> Result<(), ConfigError> {
+    if toml.lines().any(|l| l.trim_end() == REVOKED_MARKER) {
+        return Err(ConfigError::unplaced(
+            source,
+            "(bundle)",
+            "the bundle holds the gateway's deny-list marker line: send the operator's part \
+             only (the `toml` of GET /v1/policy), the gateway adds the deny list itself",
+        ));
+    }
+    check_bundle(toml, source)
 }
 
 /// The operator's part of a composed bundle, and the deny list written after it.
@@ -121,6 +138,8 @@ pub(crate) struct Policies {
     current: watch::Sender<Option<Bundle>>,
     /// The deny list: kept in `revoked.json`, written into every bundle.
     revoked: std::sync::Mutex<Vec<Revocation>>,
+    /// The deny list of the bundle in force, parsed (by the bundle's hash).
+    enforced: std::sync::Mutex<([u8; 32], Vec<mesh_core::policy::Revoked>)>,
     store: PolicyStore,
     epoch: u64,
     audit: Arc<AuditLog>,
@@ -197,7 +216,7 @@ impl Policies {
         };
         let marker = dir.join("policy-file.sha256");
         if let Some((path, text)) = file {
-            check_bundle(&text, &path.display().to_string())?;
+            check_operator(&text, &path.display().to_string())?;
             let file_hash = mesh_node::state::hex(&bundle_hash(&text));
             let seen = std::fs::read_to_string(&marker).ok();
             let unchanged = seen.as_deref().map(str::trim) == Some(file_hash.as_str());
@@ -215,7 +234,9 @@ impl Policies {
                         c.id.version
                     );
                 }
-                let composed = compose(&text, &revoked);
+                let composed = compose(&text, &revoked).map_err(|e| {
+                    ConfigError::unplaced(&path.display().to_string(), "revoked", e)
+                })?;
                 check_bundle(&composed, &path.display().to_string())?;
                 let bundle = Bundle {
                     id: BundleRef {
@@ -257,7 +278,10 @@ impl Policies {
         // The deny list changed since the bundle was saved (a revocation was kept but the gateway
         // stopped before its bundle was): the next version carries it.
         let operator = current.as_ref().map(|c| c.operator.clone());
-        let composed = compose(operator.as_deref().map_or("", |o| o.as_str()), &revoked);
+        let composed =
+            compose(operator.as_deref().map_or("", |o| o.as_str()), &revoked).map_err(|e| {
+                ConfigError::unplaced(&revoked_path.display().to_string(), "revoked", e)
+            })?;
         if current
             .as_ref()
             .map_or(!revoked.is_empty(), |c| *c.toml != composed)
@@ -280,6 +304,7 @@ impl Policies {
         Ok(Policies {
             current: watch::Sender::new(current),
             revoked: std::sync::Mutex::new(revoked),
+            enforced: std::sync::Mutex::new(([0; 32], Vec::new())),
             store,
             epoch,
             audit,
@@ -304,7 +329,7 @@ impl Policies {
 
     /// What setting `toml` would do, without doing it.
     pub(crate) fn dry_run(&self, toml: &str, source: &str) -> Result<DryRun, ConfigError> {
-        check_bundle(toml, source)?;
+        check_operator(toml, source)?;
         let current = self.current();
         let old = current.as_ref().map_or("", |c| c.operator.as_str());
         let changed = old != toml;
@@ -327,7 +352,7 @@ impl Policies {
         source: &str,
         origin: Origin,
     ) -> Result<u64, ConfigError> {
-        check_bundle(toml, source)?;
+        check_operator(toml, source)?;
         let _one_at_a_time = self.changing.lock().await;
         let current = self.current();
         if let Some(c) = &current
@@ -373,7 +398,7 @@ impl Policies {
             "gateway",
             "revoked",
             vec![
-                ("id".into(), entry.id),
+                ("id".into(), entry.id.unwrap_or_default()),
                 ("serials".into(), entry.serials.join(",")),
                 ("reason".into(), entry.reason),
                 ("version".into(), version.to_string()),
@@ -382,14 +407,19 @@ impl Policies {
         Ok(version)
     }
 
-    /// Lifts the revocation of `id`; `Ok(None)` when it was not revoked.
+    /// Lifts the revocation of identity `id`; `Ok(None)` when it was not revoked. The serials of
+    /// the certificates it had stay revoked: the node comes back with a new certificate (enrolled
+    /// or issued again), never with the one that was revoked.
     pub(crate) async fn unrevoke(&self, id: &str) -> Result<Option<u64>, ConfigError> {
         let _one_at_a_time = self.changing.lock().await;
         let mut list = self.revoked_list();
-        let before = list.len();
-        list.retain(|r| r.id != id);
-        if list.len() == before {
+        let Some(at) = list.iter().position(|r| r.id.as_deref() == Some(id)) else {
             return Ok(None);
+        };
+        if list[at].serials.is_empty() {
+            list.remove(at);
+        } else {
+            list[at].id = None;
         }
         let version = self.keep_and_publish(list, "unrevoke").await?;
         self.audit.record(
@@ -401,6 +431,25 @@ impl Policies {
             ],
         );
         Ok(Some(version))
+    }
+
+    /// The deny list the bundle in force carries, as every node enforces it: the gateway's own
+    /// list and any `[[revoked]]` the operator wrote.
+    pub(crate) fn enforced(&self) -> Vec<mesh_core::policy::Revoked> {
+        let Some(bundle) = self.current() else {
+            return Vec::new();
+        };
+        let mut cache = self.enforced.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.0 != bundle.id.hash {
+            let list = match Policy::parse(&bundle.toml, "bundle") {
+                Ok(p) => p.revoked,
+                // Served bundles were checked; should one not parse, fall back on the gateway's
+                // own list rather than on nothing.
+                Err(_) => enforced(&self.revoked_list()),
+            };
+            *cache = (bundle.id.hash, list);
+        }
+        cache.1.clone()
     }
 
     /// Saves the deny list `list`, then ships it in the next version.
@@ -440,7 +489,8 @@ impl Policies {
         revoked: &[Revocation],
         source: &str,
     ) -> Result<u64, ConfigError> {
-        let composed = compose(&operator, revoked);
+        let composed =
+            compose(&operator, revoked).map_err(|e| ConfigError::unplaced(source, "revoked", e))?;
         check_bundle(&composed, source)?;
         let current = self.current();
         if let Some(c) = &current
@@ -553,10 +603,10 @@ fn save(store: &PolicyStore, bundle: &Bundle) -> std::io::Result<()> {
 }
 
 /// The deny list as a node enforces it.
-pub(crate) fn enforced(list: &[Revocation]) -> Vec<mesh_core::policy::Revoked> {
+fn enforced(list: &[Revocation]) -> Vec<mesh_core::policy::Revoked> {
     list.iter()
         .map(|r| mesh_core::policy::Revoked {
-            id: Some(r.id.clone()),
+            id: r.id.clone(),
             serials: r.serials.clone(),
             reason: Some(r.reason.clone()),
         })
@@ -565,7 +615,11 @@ pub(crate) fn enforced(list: &[Revocation]) -> Vec<mesh_core::policy::Revoked> {
 
 /// Adds `entry` to `list`, merged with an entry for the same identity.
 fn merge(list: &mut Vec<Revocation>, entry: Revocation) {
-    match list.iter_mut().find(|r| r.id == entry.id) {
+    let same = |r: &&mut Revocation| {
+        r.id.is_some() && r.id == entry.id
+            || r.id.is_none() && entry.id.is_none() && r.serials == entry.serials
+    };
+    match list.iter_mut().find(same) {
         Some(held) => {
             for serial in entry.serials {
                 if !held.serials.contains(&serial) {
@@ -709,7 +763,7 @@ mod tests {
 
     fn revocation(name: &str) -> Revocation {
         Revocation {
-            id: format!("spiffe://td/node/{name}"),
+            id: Some(format!("spiffe://td/node/{name}")),
             serials: vec!["ab".into()],
             reason: "test".into(),
             at_unix: 1,
@@ -738,10 +792,26 @@ mod tests {
         let p = Policies::load(&state, Some((&file, v3.into())), audit(dir.path())).expect("load");
         assert_eq!(p.version(), 3);
         assert_eq!(p.revoked_list(), vec![revocation("n7")]);
-        // Lifted: the operator's text alone again.
+        // Lifted: the identity may come back, its revoked certificate may not.
         assert_eq!(p.unrevoke("spiffe://td/node/n7").await, Ok(Some(4)));
-        assert_eq!(*p.current().expect("bundle").toml, v3);
+        let parsed = Policy::parse(&p.current().expect("bundle").toml, "b").expect("valid");
+        assert!(parsed.revocation("spiffe://td/node/n7", "cd").is_none());
+        assert!(parsed.revocation("spiffe://td/node/n7", "ab").is_some());
         assert_eq!(p.unrevoke("spiffe://td/node/n7").await, Ok(None));
+        // An operator's own entry is enforced too, and the marker line is refused in their text.
+        let own = format!("{v3}[[revoked]]\nid = \"spiffe://td/node/n9\"\n");
+        p.set(&own, "p.toml", Origin::File).await.expect("set");
+        assert!(
+            p.enforced()
+                .iter()
+                .any(|r| r.matches("spiffe://td/node/n9", ""))
+        );
+        let copied = p.current().expect("bundle").toml.to_string();
+        let e = p
+            .set(&copied, "PUT", Origin::Api)
+            .await
+            .expect_err("marker");
+        assert!(e.to_string().contains("deny-list marker"), "{e}");
     }
 
     #[tokio::test]

@@ -55,6 +55,8 @@ pub struct CertificateInfo {
     pub not_after: SystemTime,
     /// The labels its issuer certified: the ones authorization and routing use.
     pub labels: Vec<(String, String)>,
+    /// The key identifier of the root it is under, hex.
+    pub root: Option<String>,
 }
 
 /// Every node the gateway knows.

@@ -177,14 +177,24 @@ async fn enroll(gateway: SocketAddr, token: &str, out: &Path, name: Option<&str>
             return ExitCode::FAILURE;
         }
     };
+    // The name the device expects, if it said one (the gateway refuses a token for another, and
+    // this checks what came back).
+    let issued_id = rustls_pki_types::pem::PemObject::from_pem_slice(issued.chain_pem.as_bytes())
+        .ok()
+        .and_then(|c: rustls_pki_types::CertificateDer<'static>| {
+            crate::identity::spiffe_id_of(&c).ok()
+        });
+    if let Some(name) = name
+        && issued_id.as_ref().map(|id| id.node_name().as_str()) != Some(name)
+    {
+        eprintln!(
+            "error: the gateway issued a certificate for another name ({issued_id:?}); nothing written"
+        );
+        return ExitCode::FAILURE;
+    }
     match enroll::save(out, &request.key_pem, &issued) {
         Ok(_) => {
-            let id = rustls_pki_types::pem::PemObject::from_pem_slice(issued.chain_pem.as_bytes())
-                .ok()
-                .and_then(|c: rustls_pki_types::CertificateDer<'static>| {
-                    crate::identity::spiffe_id_of(&c).ok()
-                })
-                .map_or_else(|| "?".to_owned(), |id| id.to_string());
+            let id = issued_id.map_or_else(|| "?".to_owned(), |id| id.to_string());
             println!(
                 "enrolled as {id} in {} ms: {}/node.crt, node.key (0600), ca.crt",
                 started.elapsed().as_millis(),

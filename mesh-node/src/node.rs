@@ -119,6 +119,9 @@ pub struct NodeOptions {
     /// Serves enrolment connections (a gateway with an issuer); none: the ALPN is not offered
     /// and every client must present a certificate.
     pub enrolment: Option<Arc<dyn EnrollService>>,
+    /// A deny list in force from the first connection (a gateway's; nodes take theirs from their
+    /// policy bundle).
+    pub revoked: Vec<mesh_core::policy::Revoked>,
 }
 
 /// A running node. Cheap to clone; all clones are the same node.
@@ -223,6 +226,7 @@ impl Node {
         let shutdown = watch::Sender::new(false);
         let peers = Arc::new(PeerSet::new());
         let policy = Arc::new(PolicyCell::default());
+        policy.set_revoked(options.revoked.clone());
         let telemetry = Arc::new(TelemetrySink::new(
             mesh_core::telemetry::Bounds {
                 max_batches: config.telemetry.backlog,

@@ -98,6 +98,13 @@ pub enum Down {
         /// The node is revoked: no renewal will come.
         revoked: bool,
     },
+    /// The mesh's trust bundle: the roots every node trusts (several during a CA rotation). Sent
+    /// when a control stream opens; a node takes it only if its own certificate still chains to
+    /// it.
+    TrustBundle {
+        /// The roots, PEM.
+        roots_pem: String,
+    },
 }
 
 /// What a node says when its control stream opens.

@@ -27,8 +27,8 @@ pub const MAX_ENROLL_FRAME: usize = 64 * 1024;
 /// The version of this exchange.
 pub const ENROLL_VERSION: u16 = 1;
 
-/// Device to gateway.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Device to gateway. Its `Debug` names the variant only: a token's secret is never printed.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EnrollUp {
     /// The first frame: nothing secret.
     Hello {
@@ -50,6 +50,16 @@ pub enum EnrollUp {
         /// PKCS#10, signed by the expired certificate's key.
         csr_der: Vec<u8>,
     },
+}
+
+impl core::fmt::Debug for EnrollUp {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            EnrollUp::Hello { .. } => "Hello",
+            EnrollUp::Join { .. } => "Join",
+            EnrollUp::Recover { .. } => "Recover",
+        })
+    }
 }
 
 /// Gateway to device.

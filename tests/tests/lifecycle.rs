@@ -46,7 +46,8 @@ async fn a_revoked_node_is_cut_off_by_every_node_within_two_seconds_until_lifted
     let (gw, admin) = NodeProc::start_gateway("gw", &gw_conf);
     let a = NodeProc::start("node-a", &node_conf(&pki, "node-a", gw.quic, ECHO));
     let b = NodeProc::start("node-b", &node_conf(&pki, "node-b", gw.quic, ""));
-    let c = NodeProc::start("node-c", &node_conf(&pki, "node-c", gw.quic, ""));
+    let c_conf = node_conf(&pki, "node-c", gw.quic, "");
+    let c = NodeProc::start("node-c", &c_conf);
     // Everyone reaches everyone (the gateway is a static peer; the registry brings the rest).
     for n in [&a, &b, &c] {
         n.wait_peers(3, UP);
@@ -102,13 +103,27 @@ async fn a_revoked_node_is_cut_off_by_every_node_within_two_seconds_until_lifted
 
     // The gateway restarted keeps the deny list.
     drop(gw);
-    let (gw, _) = NodeProc::start_gateway("gw", &gw_conf);
+    let (gw, admin) = NodeProc::start_gateway("gw", &gw_conf);
     gw.wait_peer("node-a", UP);
     assert!(!has_peer(&gw.status(), "node-c"));
 
-    // Lifted: node-c is back.
+    // Lifted: the identity may come back, with a new certificate only.
     let (ok, out, err) = gateway_cli(&["revoke", "--lift", "node-c"], &gw_conf);
-    assert!(ok, "lift failed: {out}{err}");
+    assert!(
+        ok && out.contains("stay revoked by serial"),
+        "lift failed: {out}{err}"
+    );
+    let (_, policy) = http("GET", admin, "/v1/policy", None, "").await;
+    let policy: serde_json::Value = serde_json::from_str(&policy).expect("json");
+    a.wait_policy(policy["version"].as_u64().expect("version"), UP);
+    assert!(
+        !has_peer(&a.status(), "node-c"),
+        "the revoked certificate came back"
+    );
+    drop(c);
+    std::fs::remove_dir_all(pki.dir.path().join("node-c/certs")).expect("old certs");
+    pki.node_dir("node-c");
+    let _c = NodeProc::start("node-c", &c_conf);
     a.wait_peer("node-c", Duration::from_secs(15));
 }
 
@@ -550,6 +565,8 @@ async fn a_certificate_that_expired_while_the_gateway_was_away_recovers_without_
         gw.quic,
         "",
     );
+    let c = short_lived_node(&pki, &issuer, "node-c", lifetime, gw.quic, "");
+    c.wait_gateway(UP);
     a.wait_gateway(UP);
     b.wait_peer("node-a", UP);
     let pid = a.pid();
@@ -567,8 +584,22 @@ async fn a_certificate_that_expired_while_the_gateway_was_away_recovers_without_
             .as_i64()
             .is_some_and(|l| l <= 0)
     });
-    // The gateway returns: node-a recovers by itself, same process.
+    // node-c is restarted with its expired certificate: it starts, says so, and waits.
+    c.wait_status("expired", UP, |s| {
+        s["certificate_expires_in_s"]
+            .as_i64()
+            .is_some_and(|l| l <= 0)
+    });
+    let c_conf = pki.dir.path().join("node-c/node.toml");
+    drop(c);
+    let c = NodeProc::start("node-c", &c_conf);
+    // The gateway returns: node-a recovers by itself, same process; node-c too.
     let (_gw, _) = NodeProc::start_gateway("gw", &gw_conf);
+    c.wait_status("recovered after a restart", Duration::from_secs(30), |s| {
+        s["certificate_expires_in_s"]
+            .as_i64()
+            .is_some_and(|l| l > 0)
+    });
     let s = a.wait_status("renewed", Duration::from_secs(30), |s| {
         s["certificate_expires_in_s"]
             .as_i64()
@@ -581,4 +612,173 @@ async fn a_certificate_that_expired_while_the_gateway_was_away_recovers_without_
         .await
         .expect("call");
     assert_eq!(code, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_rotation_across_five_nodes_fails_no_call() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let pki = Pki::new();
+    let dir = pki.dir.path().to_owned();
+    let (gw_conf, issuer) = issuing_gateway_and_issuer(&pki, 20);
+    let (gw, _) = NodeProc::start_gateway("gw", &gw_conf);
+    let names = ["node-1", "node-2", "node-3", "node-4", "node-5"];
+    let nodes: Vec<NodeProc> = names
+        .iter()
+        .map(|n| short_lived_node(&pki, &issuer, n, Duration::from_secs(20), gw.quic, ECHO))
+        .collect();
+    for n in &nodes {
+        n.wait_peers(names.len(), UP);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let callers: Vec<_> = nodes
+        .iter()
+        .map(|n| {
+            let (ingress, stop) = (n.ingress(), stop.clone());
+            tokio::spawn(async move {
+                let (mut ok, mut failed) = (0u64, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    match post(ingress, "echo", "say", Bytes::from_static(b"x"), None).await {
+                        Ok((200, _, _)) => ok += 1,
+                        other => failed.push(format!("{other:?}")),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let cli = |args: &[&str]| {
+        let out = Command::new(bin("mesh-gateway"))
+            .args(args)
+            .output()
+            .expect("mesh-gateway runs");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let p = |rel: &str| dir.join(rel).display().to_string();
+    let edit = |from: &str, to: &str| {
+        let src = std::fs::read_to_string(&gw_conf).expect("config");
+        assert!(src.contains(from), "{from} not in {src}");
+        std::fs::write(&gw_conf, src.replace(from, to)).expect("config");
+    };
+    let roots_everywhere = |n: u64| {
+        for node in &nodes {
+            node.wait_status(&format!("trusting {n} roots"), UP, |s| {
+                s["renewal"]["roots"] == n
+            });
+        }
+    };
+    let (ok, out) = cli(&["ca", "init", "--out", &p("new")]);
+    assert!(ok, "{out}");
+
+    // 1. Both roots, everywhere.
+    let (ok, out) = cli(&[
+        "ca",
+        "rotate",
+        "bundle",
+        "--old",
+        &p("gw/certs/ca.crt"),
+        "--new",
+        &p("new/ca.crt"),
+        "--out",
+        &p("gw/bundle.crt"),
+    ]);
+    assert!(ok && out.contains("a trust bundle of 2 roots"), "{out}");
+    edit("ca = \"certs/ca.crt\"", "ca = \"bundle.crt\"");
+    drop(gw);
+    let (gw, _) = NodeProc::start_gateway("gw", &gw_conf);
+    roots_everywhere(2);
+
+    // 2. The gateway issues from the new root; nodes move as they renew.
+    let (ok, out) = cli(&[
+        "ca",
+        "issuer",
+        "--ca",
+        &p("new"),
+        "--name",
+        "gw",
+        "--out",
+        &p("gw/issuer-new"),
+    ]);
+    assert!(ok, "{out}");
+    let (ok, out) = cli(&[
+        "ca",
+        "issue",
+        "--ca",
+        &p("new"),
+        "--gateway",
+        "--name",
+        "gw",
+        "--out",
+        &p("gw/certs-new"),
+    ]);
+    assert!(ok, "{out}");
+    edit("cert = \"certs/node.crt\"", "cert = \"certs-new/node.crt\"");
+    edit("key = \"certs/node.key\"", "key = \"certs-new/node.key\"");
+    edit("issuer/issuer.", "issuer-new/issuer.");
+    drop(gw);
+    let (gw, _) = NodeProc::start_gateway("gw", &gw_conf);
+    let status = || {
+        let out = Command::new(bin("mesh-gateway"))
+            .args(["ca", "rotate", "status", "--config"])
+            .arg(&gw_conf)
+            .args(["--new", &p("new/ca.crt")])
+            .output()
+            .expect("runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (done, out) = status();
+        let moved = out
+            .lines()
+            .filter(|l| l.starts_with("node-") && l.ends_with("new root"))
+            .count();
+        if done && moved == names.len() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not every node moved: {out}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // 3. The old root goes.
+    let (ok, out) = cli(&[
+        "ca",
+        "rotate",
+        "finish",
+        "--new",
+        &p("new/ca.crt"),
+        "--out",
+        &p("gw/bundle.crt"),
+    ]);
+    assert!(ok, "{out}");
+    drop(gw);
+    let (_gw, _) = NodeProc::start_gateway("gw", &gw_conf);
+    roots_everywhere(1);
+
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for c in callers {
+        let (ok, failed) = c.await.expect("caller");
+        assert!(
+            failed.is_empty(),
+            "{} calls failed: {:?}",
+            failed.len(),
+            &failed[..failed.len().min(5)]
+        );
+        total += ok;
+    }
+    eprintln!("{total} calls during the rotation, none failed");
+    for n in &nodes {
+        n.wait_peers(names.len(), UP);
+    }
 }

@@ -87,7 +87,20 @@ pub(crate) struct Issuing {
     tokens: Mutex<TokenFile>,
     policies: Arc<Policies>,
     audit: Arc<AuditLog>,
+    /// Enrolment connections served at once; more are closed at once (no certificate is needed
+    /// to open one).
+    slots: Arc<tokio::sync::Semaphore>,
+    /// Refusals audited in the current second, and that second: anyone can be refused, so the
+    /// audit log is not theirs to fill.
+    refusals: Mutex<(u64, u32)>,
 }
+
+/// Enrolment connections served at once.
+const MAX_ENROLMENTS: usize = 16;
+/// Time an enrolment connection may take in all.
+const ENROLMENT_DEADLINE: Duration = Duration::from_secs(30);
+/// Refusals written to the audit log per second, at most (the rest are counted in the log).
+const AUDITED_REFUSALS_PER_SECOND: u32 = 10;
 
 impl Issuing {
     /// The issuer `ca`, issuing for `lifetime` and renewing up to `grace` after expiry; tokens
@@ -109,7 +122,7 @@ impl Issuing {
         let top = own_chain.last().ok_or("the gateway has no certificate")?;
         let fingerprint = roots
             .iter()
-            .find(|r| issued_by(top, r) || r.as_ref() == top.as_ref())
+            .find(|r| super::signed_by_one_of(top, &[r.to_vec()]))
             .map(mesh_node::identity::enroll::sha256)
             .ok_or("the gateway's certificate does not chain to a root of its CA bundle")?;
         let tokens_path = state_dir.join("tokens.json");
@@ -134,6 +147,8 @@ impl Issuing {
             tokens: Mutex::new(tokens),
             policies,
             audit,
+            slots: Arc::new(tokio::sync::Semaphore::new(MAX_ENROLMENTS)),
+            refusals: Mutex::new((0, 0)),
         })
     }
 
@@ -315,14 +330,34 @@ impl Issuing {
     /// The refusal for a revoked identity or certificate.
     fn revocation_of(&self, id: &SpiffeId, serial: Option<&str>) -> Option<Refusal> {
         let id = id.to_string();
+        // The deny list of the bundle in force: the gateway's own and the operator's entries.
         self.policies
-            .revoked_list()
+            .enforced()
             .into_iter()
-            .find(|r| r.id == id || serial.is_some_and(|s| r.serials.iter().any(|x| x == s)))
+            .find(|r| r.matches(&id, serial.unwrap_or("")))
             .map(|r| Refusal {
-                reason: format!("{id} is revoked ({})", r.reason),
+                reason: format!(
+                    "{id} is revoked ({})",
+                    r.reason.as_deref().unwrap_or("no reason given")
+                ),
                 revoked: true,
             })
+    }
+
+    /// Serves one enrolment connection, within a deadline and a bound on how many at once.
+    async fn serve_bounded(self: Arc<Self>, conn: quinn::Connection) {
+        let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
+            conn.close(1u32.into(), b"busy: try again later");
+            return;
+        };
+        let remote = conn.remote_address();
+        if tokio::time::timeout(ENROLMENT_DEADLINE, self.serve_connection(conn.clone()))
+            .await
+            .is_err()
+        {
+            warn!("enrolment connection from {remote} took too long: closed");
+            conn.close(1u32.into(), b"too slow");
+        }
     }
 
     /// Serves one enrolment connection.
@@ -392,19 +427,21 @@ impl Issuing {
                 }
                 Err(refusal) => {
                     warn!("refused enrolment from {remote} ({id}): {}", refusal.reason);
-                    self.audit.record(
-                        "gateway",
-                        if what == "enrolled" {
-                            "enrolment_refused"
-                        } else {
-                            "recovery_refused"
-                        },
-                        vec![
-                            ("id".into(), id),
-                            ("remote".into(), remote.to_string()),
-                            ("reason".into(), refusal.reason.clone()),
-                        ],
-                    );
+                    if self.audit_refusal() {
+                        self.audit.record(
+                            "gateway",
+                            if what == "enrolled" {
+                                "enrolment_refused"
+                            } else {
+                                "recovery_refused"
+                            },
+                            vec![
+                                ("id".into(), id),
+                                ("remote".into(), remote.to_string()),
+                                ("reason".into(), refusal.reason.clone()),
+                            ],
+                        );
+                    }
                     write(
                         &mut send,
                         &EnrollDown::Refused {
@@ -423,6 +460,28 @@ impl Issuing {
         let _ = send.finish();
         // The device closes once it has read the answer; bounded either way.
         let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+    }
+
+    /// Whether this refusal goes to the audit log (at most so many a second; the first one left
+    /// out of a second says so).
+    fn audit_refusal(&self) -> bool {
+        let mut r = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        let now = unix_now();
+        if r.0 != now {
+            *r = (now, 0);
+        }
+        r.1 += 1;
+        if r.1 == AUDITED_REFUSALS_PER_SECOND + 1 {
+            self.audit.record(
+                "gateway",
+                "enrolment_refusals_not_audited",
+                vec![(
+                    "why".into(),
+                    format!("more than {AUDITED_REFUSALS_PER_SECOND} refusals in a second"),
+                )],
+            );
+        }
+        r.1 <= AUDITED_REFUSALS_PER_SECOND
     }
 
     /// The identity a token's secret was made for, for the audit trail.
@@ -444,7 +503,7 @@ impl mesh_node::EnrollService for EnrollService {
         &self,
         conn: quinn::Connection,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
-        Box::pin(self.0.clone().serve_connection(conn))
+        Box::pin(self.0.clone().serve_bounded(conn))
     }
 }
 
@@ -513,18 +572,6 @@ fn public_key_der(cert: &CertificateDer<'_>) -> Option<Vec<u8>> {
     X509Certificate::from_der(cert.as_ref())
         .ok()
         .map(|(_, c)| c.public_key().raw.to_vec())
-}
-
-/// Whether `cert` names `root` as its issuer.
-fn issued_by(cert: &CertificateDer<'_>, root: &CertificateDer<'_>) -> bool {
-    use x509_parser::prelude::{FromDer, X509Certificate};
-    match (
-        X509Certificate::from_der(cert.as_ref()),
-        X509Certificate::from_der(root.as_ref()),
-    ) {
-        (Ok((_, c)), Ok((_, r))) => c.issuer().as_raw() == r.subject().as_raw(),
-        _ => false,
-    }
 }
 
 async fn read(reader: &mut FrameReader) -> Result<EnrollUp, String> {

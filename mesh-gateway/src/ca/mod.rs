@@ -96,9 +96,13 @@ impl Ca {
         let mut params = CertificateParams::default();
         // One issuer may stand between the root and a node: the site issuer a gateway holds.
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+        // A name of its own, so two roots of one trust domain (a rotation) read apart.
         params.distinguished_name.push(
             DnType::CommonName,
-            format!("Starling mesh CA {trust_domain}"),
+            format!(
+                "Starling mesh CA {trust_domain} {}",
+                mesh_core::token::hex(&random_serial().to_bytes()[..4])
+            ),
         );
         params.subject_alt_names = vec![SanType::URI(
             format!("spiffe://{trust_domain}")
@@ -417,7 +421,7 @@ fn public_key_of(der: &[u8]) -> Vec<u8> {
 }
 
 /// Whether `cert` is signed by one of `roots`.
-fn signed_by_one_of(cert: &[u8], roots: &[Vec<u8>]) -> bool {
+pub(crate) fn signed_by_one_of(cert: &[u8], roots: &[Vec<u8>]) -> bool {
     use x509_parser::prelude::{FromDer, X509Certificate};
     let Ok((_, cert)) = X509Certificate::from_der(cert) else {
         return false;

@@ -50,7 +50,9 @@ pub(super) async fn handle(
                     "version": current.as_ref().map_or(0, |b| b.id.version),
                     "epoch": current.as_ref().map_or(0, |b| b.id.epoch),
                     "hash": current.as_ref().map(|b| hex(&b.id.hash)),
-                    "toml": current.as_ref().map_or("", |b| b.toml.as_str()),
+                    // The operator's part: what a PUT takes back. The deny list the gateway adds
+                    // to it is at /v1/revocations.
+                    "toml": current.as_ref().map_or("", |b| b.operator.as_str()),
                 }),
             )
         }
@@ -194,7 +196,7 @@ async fn post_revocation(api: &Api, req: Request<Incoming>) -> Response<Full<Byt
         .and_then(|n| n.certificate.as_ref().map(|c| vec![c.serial.clone()]))
         .unwrap_or_default();
     let entry = Revocation {
-        id: id.clone(),
+        id: Some(id.clone()),
         serials: serials.clone(),
         reason: if asked.reason.is_empty() {
             "revoked by the operator".to_owned()
@@ -301,17 +303,18 @@ fn node_id(plane: &ControlPlane, name: &str) -> Result<String, String> {
 }
 
 fn revocations(state: &ControlPlane) -> serde_json::Value {
+    // What every node enforces: the gateway's list and the operator's own entries.
     let list: Vec<serde_json::Value> = state
         .policies
-        .revoked_list()
+        .enforced()
         .into_iter()
-        .map(|r| json!({ "id": r.id, "serials": r.serials, "reason": r.reason, "at_unix": r.at_unix }))
+        .map(|r| json!({ "id": r.id, "serials": r.serials, "reason": r.reason }))
         .collect();
     json!({ "revoked": list })
 }
 
 fn nodes(state: &ControlPlane) -> serde_json::Value {
-    let revoked = state.policies.revoked_list();
+    let revoked = state.policies.enforced();
     let registry = state.registry();
     let now = std::time::SystemTime::now();
     let nodes: Vec<serde_json::Value> = registry
@@ -326,11 +329,11 @@ fn nodes(state: &ControlPlane) -> serde_json::Value {
                     "serial": c.serial,
                     "expires_in_s": expires_in_s,
                     "labels": c.labels.iter().cloned().collect::<BTreeMap<_, _>>(),
+                    "root": c.root,
                 })
             });
-            let revoked = revoked
-                .iter()
-                .any(|r| r.id == n.id || n.certificate.as_ref().is_some_and(|c| r.serials.contains(&c.serial)));
+            let serial = n.certificate.as_ref().map_or("", |c| c.serial.as_str());
+            let revoked = revoked.iter().any(|r| r.matches(&n.id, serial));
             json!({
                 "revoked": revoked,
                 "certificate": certificate,

@@ -277,6 +277,22 @@ impl ControlClient {
                 }
                 None
             }
+            Down::TrustBundle { roots_pem } => {
+                let Some(renewer) = self.renewer.clone() else {
+                    debug!("a trust bundle came, and this node renews nothing: ignored");
+                    return None;
+                };
+                let taken = tokio::task::spawn_blocking(move || renewer.set_roots(&roots_pem))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r);
+                match taken {
+                    Ok(true) => info!("took the gateway's new trust bundle"),
+                    Ok(false) => {}
+                    Err(e) => warn!("{e}"),
+                }
+                None
+            }
             Down::RenewRefused { reason, revoked } => {
                 if revoked {
                     tracing::error!(

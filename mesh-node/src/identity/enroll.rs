@@ -232,6 +232,7 @@ async fn exchange(
                 roots_pem,
             } => {
                 check_issued(&chain_pem, key_pem, &anchors).map_err(EnrollError::BadAnswer)?;
+                check_roots(&roots_pem, &anchors).map_err(EnrollError::BadAnswer)?;
                 Ok(Issued {
                     chain_pem,
                     roots_pem,
@@ -340,11 +341,35 @@ fn check_issued(
         .map_err(|e| format!("the certificate is not PEM: {e:?}"))?;
     let (leaf, intermediates) = chain.split_first().ok_or("no certificate")?;
     verify_chain(leaf, intermediates, roots)?;
+    let claims = CertificateClaims::of_chain(&chain).map_err(|e| e.to_string())?;
+    if claims.id.is_gateway() {
+        return Err(format!("the certificate is a gateway's ({})", claims.id));
+    }
     let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
         .map_err(|e| format!("{e:?}"))?;
     rustls::sign::CertifiedKey::from_der(chain, key, &provider())
         .map(|_| ())
         .map_err(|e| format!("the certificate is not for the key made here: {e}"))
+}
+
+/// The bundle to write as `ca.crt` holds the roots checked against, all of one trust domain.
+fn check_roots(roots_pem: &str, anchors: &[CertificateDer<'static>]) -> Result<(), String> {
+    let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(roots_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("the CA bundle is not PEM: {e:?}"))?;
+    if !anchors.iter().all(|a| roots.contains(a)) {
+        return Err(
+            "the CA bundle sent does not hold the root the gateway was checked against".into(),
+        );
+    }
+    let domains: Vec<Option<String>> = roots
+        .iter()
+        .map(|r| trust_domain_of_ca(r).ok().flatten())
+        .collect();
+    if domains.iter().any(|d| d.is_none() || *d != domains[0]) {
+        return Err("the CA bundle mixes trust domains, or holds a root that names none".into());
+    }
+    Ok(())
 }
 
 /// SHA-256 of a certificate's DER: what a join token pins.

@@ -137,6 +137,17 @@ impl Identity {
             .map(|ca| trust_domain_of_ca(ca))
             .transpose()?
             .flatten();
+        // Several roots (a CA rotation) are of one trust domain.
+        for ca in ca_certs.iter().skip(1) {
+            if let Some(other) = trust_domain_of_ca(ca)?
+                && Some(&other) != trust_domain.as_ref()
+            {
+                return Err(TlsError::WrongTrustDomain {
+                    expected: trust_domain.clone().unwrap_or_default(),
+                    found: other,
+                });
+            }
+        }
         let leaf = chain.first().ok_or(TlsError::NoSpiffeId)?;
         let CertificateClaims {
             id,
@@ -154,11 +165,24 @@ impl Identity {
         }
         let provider = provider();
         let parsed = ParsedCertificate::try_from(leaf)?;
+        // Checked at a time the chain was valid: an expired certificate still loads (the node
+        // warns, peers refuse it, and it is recovered through the gateway), but one the CA never
+        // signed does not.
+        let now = std::time::SystemTime::now();
+        let at = if now >= not_after {
+            not_after
+                .checked_sub(std::time::Duration::from_secs(1))
+                .unwrap_or(not_after)
+        } else {
+            now
+        };
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &parsed,
             &roots,
             &chain[1..],
-            UnixTime::now(),
+            UnixTime::since_unix_epoch(
+                at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default(),
+            ),
             provider.signature_verification_algorithms.all,
         )
         .map_err(|e| TlsError::NotSignedByCa(format!("{e}")))?;
@@ -303,6 +327,9 @@ pub struct CertificateClaims {
     pub not_after: std::time::SystemTime,
     /// The leaf's serial number, hex (as the deny list writes it).
     pub serial: String,
+    /// The key identifier of the root the chain leads to (the authority key identifier of its
+    /// topmost certificate), hex: which root a node's certificate is under, during a CA rotation.
+    pub root_key_id: Option<String>,
 }
 
 impl CertificateClaims {
@@ -311,13 +338,17 @@ impl CertificateClaims {
         let (leaf, rest) = chain.split_first().ok_or(TlsError::NoSpiffeId)?;
         let leaf = parse(leaf)?;
         let mut not_after = leaf.validity().not_after.timestamp();
+        let mut root_key_id = authority_key_id(&leaf);
         for cert in rest {
-            not_after = not_after.min(parse(cert)?.validity().not_after.timestamp());
+            let cert = parse(cert)?;
+            not_after = not_after.min(cert.validity().not_after.timestamp());
+            root_key_id = authority_key_id(&cert);
         }
         Ok(CertificateClaims {
             id: spiffe_id_in(&leaf)?,
             labels: labels_in(&leaf)?,
             serial: mesh_core::policy::serial_hex(leaf.raw_serial()),
+            root_key_id,
             not_after: std::time::UNIX_EPOCH
                 + std::time::Duration::from_secs(u64::try_from(not_after).unwrap_or(0)),
         })
@@ -327,6 +358,31 @@ impl CertificateClaims {
     pub fn of_peer(conn: &quinn::Connection) -> Result<Self, TlsError> {
         Self::of_chain(&peer_certs(conn)?)
     }
+}
+
+fn authority_key_id(cert: &x509_parser::prelude::X509Certificate<'_>) -> Option<String> {
+    use x509_parser::prelude::ParsedExtension;
+    cert.extensions()
+        .iter()
+        .find_map(|ext| match ext.parsed_extension() {
+            ParsedExtension::AuthorityKeyIdentifier(aki) => aki
+                .key_identifier
+                .as_ref()
+                .map(|k| mesh_core::token::hex(k.0)),
+            _ => None,
+        })
+}
+
+/// The subject key identifier of a CA certificate, hex.
+pub fn subject_key_id(cert: &CertificateDer<'_>) -> Option<String> {
+    use x509_parser::prelude::ParsedExtension;
+    let cert = parse(cert).ok()?;
+    cert.extensions()
+        .iter()
+        .find_map(|ext| match ext.parsed_extension() {
+            ParsedExtension::SubjectKeyIdentifier(k) => Some(mesh_core::token::hex(k.0)),
+            _ => None,
+        })
 }
 
 fn parse<'a>(

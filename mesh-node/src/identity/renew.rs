@@ -80,6 +80,8 @@ pub struct RenewalStatus {
     pub problem: Option<String>,
     /// The gateway said this identity is revoked.
     pub revoked: bool,
+    /// Roots in the trust bundle (two during a CA rotation).
+    pub roots: usize,
 }
 
 impl Renewer {
@@ -209,8 +211,17 @@ impl Renewer {
         let key =
             PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| format!("{e:?}"))?;
         let identity = Identity::from_parts(chain, key, roots).map_err(|e| e.to_string())?;
-        if identity.id.node_name().as_str() != self.name {
-            return Err(format!("the renewed certificate is for {}", identity.id));
+        let current = self
+            .lock()
+            .chain
+            .first()
+            .and_then(|c| super::spiffe_id_of(c).ok());
+        if current.as_ref() != Some(&identity.id) {
+            return Err(format!(
+                "the renewed certificate is for {}, this node is {}",
+                identity.id,
+                current.map_or_else(|| "?".to_owned(), |c| c.to_string())
+            ));
         }
         self.write_files(chain_pem, (key_pem != old_key).then_some(&key_pem))?;
         (self.apply)(&identity)?;
@@ -219,6 +230,37 @@ impl Renewer {
         state.renewals += 1;
         state.problem = None;
         Ok(())
+    }
+
+    /// Takes the trust bundle the gateway sent (a CA rotation adds or drops a root): only when
+    /// this node's own certificate chains to it and every root is of the mesh's trust domain.
+    /// Writes `ca.crt` and applies it. Returns whether anything changed. Blocking (fsync).
+    pub(crate) fn set_roots(&self, roots_pem: &str) -> Result<bool, String> {
+        let roots: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(roots_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("the trust bundle is not PEM: {e:?}"))?;
+        let (chain, key_pem, held) = {
+            let state = self.lock();
+            (
+                state.chain.clone(),
+                state.key_pem.clone(),
+                state.roots.clone(),
+            )
+        };
+        if roots.is_empty() || roots == held {
+            return Ok(false);
+        }
+        let key =
+            PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| format!("{e:?}"))?;
+        let identity = Identity::from_parts(chain, key, roots).map_err(|e| {
+            format!("refused a trust bundle this node's own certificate does not chain to: {e}")
+        })?;
+        crate::state::write_atomic(&self.files.ca, roots_pem.as_bytes(), 0o644)
+            .map_err(|e| format!("{}: {e}", self.files.ca.display()))?;
+        (self.apply)(&identity)?;
+        self.hold(&identity, key_pem)?;
+        Ok(true)
     }
 
     /// The gateway refused (or the attempt failed): remembered for the status.
@@ -234,6 +276,7 @@ impl Renewer {
             renewals: state.renewals,
             problem: state.problem.as_ref().map(|(p, _)| p.clone()),
             revoked: state.problem.as_ref().is_some_and(|(_, r)| *r),
+            roots: state.roots.len(),
         }
     }
 
@@ -271,16 +314,41 @@ pub fn finish_interrupted_rotation(files: &CredentialFiles) {
     if !next.exists() {
         return;
     }
-    if Identity::load(&files.cert, &next, &files.ca).is_ok() {
-        match std::fs::rename(&next, &files.key) {
+    // The public keys are compared, nothing else: an expired certificate or an unreadable CA
+    // file must not cost the only key that matches the certificate.
+    let matches = (|| {
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+            .ok()?
+            .collect::<Result<_, _>>()
+            .ok()?;
+        let key = PrivateKeyDer::from_pem_file(&next).ok()?;
+        Some(
+            match rustls::sign::CertifiedKey::from_der(chain, key, &super::provider()) {
+                Ok(_) => true,
+                Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+                    false
+                }
+                Err(_) => return None,
+            },
+        )
+    })();
+    match matches {
+        Some(true) => match std::fs::rename(&next, &files.key) {
             Ok(()) => tracing::warn!(
                 "finished a key rotation a stop interrupted: {} is the renewed certificate's key",
                 files.key.display()
             ),
             Err(e) => tracing::error!("cannot finish a key rotation: {}: {e}", next.display()),
+        },
+        // A rotation that never got its certificate.
+        Some(false) => {
+            let _ = std::fs::remove_file(&next);
         }
-    } else {
-        let _ = std::fs::remove_file(&next);
+        None => tracing::warn!(
+            "{} is left alone: it could not be compared with {}",
+            next.display(),
+            files.cert.display()
+        ),
     }
 }
 

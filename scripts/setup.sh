@@ -42,6 +42,7 @@ all   | procps                 | cmd:kill                   | tests send SIGTERM
 all   | systemd                | cmd:systemd-analyze        | tests/tests/bundle.rs verifies the device unit
 all   | prometheus             | cmd:promtool               | promtool checks /metrics; a real Prometheus scrapes the gateway
 all   | tar                    | cmd:tar                    | device bundles
+all   | faketime               | cmd:faketime               | tests/tests/lifecycle.rs starts nodes with their clock in 1970
 EOF
 )
 

@@ -142,10 +142,18 @@ impl ControlPlane {
 
         // The trust bundle first: during a CA rotation it brings the new root before anything
         // issued under it arrives.
+        let time = Down::Time {
+            unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        };
         let bundle = Down::TrustBundle {
             roots_pem: self.roots_pem.clone(),
         };
-        if let Err(e) = write_down(&mut send, &bundle).await {
+        let mut first = Vec::new();
+        mesh_proto::encode_frame_vec(&time, &mut first);
+        mesh_proto::encode_frame_vec(&bundle, &mut first);
+        if let Err(e) = send.write_all(&first).await.map_err(|e| e.to_string()) {
             info!("control stream of {name} ended: {e}");
             self.registry().handle_closed(&name, Instant::now());
             return;

@@ -280,7 +280,7 @@ fn status_json(node: &Node) -> String {
     format!(
         "{{\"name\":{},\"id\":{},\"quic\":{},\"hosted\":[{}],\"peers\":{},\"dial_errors\":[{}],\
          \"refused_handshakes\":{},\"last_refusal\":{},\"connections_admitted\":{},\"peers_lost\":{},\"gateway\":{},\"gateway_sessions\":{},\"policy\":{{\"version\":{},\"epoch\":{},\"hash\":{},\"source\":{},\"problem\":{}}},\
-         \"telemetry\":{{\"pending\":{},\"dropped\":{},\"pending_bytes\":{},\"lost_items\":{}}},\"certificate_expires_in_s\":{},\"revoked\":{},\"renewal\":{{\"renewals\":{},\"problem\":{},\"revoked\":{},\"roots\":{}}}}}",
+         \"telemetry\":{{\"pending\":{},\"dropped\":{},\"pending_bytes\":{},\"lost_items\":{}}},\"certificate_expires_in_s\":{},\"revoked\":{},\"renewal\":{{\"renewals\":{},\"problem\":{},\"revoked\":{},\"roots\":{}}},\"clock\":{}}}",
         json_str(s.id.node_name().as_str()),
         json_str(&s.id.to_string()),
         json_str(&s.quic.to_string()),
@@ -317,6 +317,7 @@ fn status_json(node: &Node) -> String {
             .map_or("null".to_owned(), json_str),
         s.renewal.revoked,
         s.renewal.roots,
+        json_str(s.clock),
     )
 }
 

@@ -42,6 +42,7 @@ pub mod state;
 pub mod testing;
 mod transport;
 pub mod upstream;
+pub mod wallclock;
 pub mod wire;
 
 pub use call::{CallError, CallOptions, CallReceiver, CallSender, CallStream, Reply};

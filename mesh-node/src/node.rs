@@ -57,6 +57,9 @@ pub enum StartError {
     /// The certificate is not for the role this program plays.
     #[error("{0}")]
     Role(String),
+    /// The time floor cannot be read.
+    #[error("{0}")]
+    Clock(String),
 }
 
 /// What a node knows of itself now: [`Node::status`], and `GET /v1/status` on its ingress.
@@ -105,6 +108,8 @@ pub struct NodeStatus {
     pub revoked: Option<String>,
     /// Certificates renewed, and why the last renewal failed.
     pub renewal: RenewalStatus,
+    /// Where its wall-clock time comes from: `system`, `floor`, `gateway` or `unknown`.
+    pub clock: &'static str,
 }
 
 /// How a node is started beyond its config.
@@ -186,6 +191,19 @@ impl Node {
                 "{id} is a gateway's certificate: run it with mesh-gateway, or give this node a \
                  node certificate"
             )));
+        }
+        match crate::wallclock::init(&config.state_dir, identity.not_before) {
+            Ok(crate::wallclock::Basis::System) => {}
+            Ok(crate::wallclock::Basis::Unknown) => warn!(
+                "this device's clock is before its certificate was issued, and it has no time \
+                 floor: it refuses every peer but its gateway until the gateway gives it the time"
+            ),
+            Ok(basis) => warn!(
+                "this device's clock is before its time floor or its certificate's issue: it runs \
+                 on its {} until its gateway gives it the time",
+                basis.as_str()
+            ),
+            Err(e) => return Err(StartError::Clock(e)),
         }
         let expires_in = seconds_until(identity.not_after);
         if expires_in <= 0 {
@@ -343,6 +361,21 @@ impl Node {
                 }
             }
         };
+        {
+            // The time floor: saved every ten minutes (and at shutdown).
+            let mut stop = shutdown.subscribe();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(600));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {
+                            let _ = tokio::task::spawn_blocking(crate::wallclock::save_floor).await;
+                        }
+                        _ = stop.changed() => return,
+                    }
+                }
+            });
+        }
         if let Some(renewer) = &renewer {
             tokio::spawn(crate::identity::renew::watch(
                 renewer.clone(),
@@ -372,8 +405,8 @@ impl Node {
         if !options.gateway {
             if config.gateway.is_none() && config.gateway_name.is_none() {
                 warn!(
-                    "no gateway or gateway_name configured: any mesh member that claims the gateway role \
-                     may send this node policy; pin the gateway in production"
+                    "no gateway or gateway_name configured: any gateway the mesh CA certified may \
+                     send this node policy; name yours (gateway_name) if the site has several"
                 );
             }
             tokio::spawn(control.run());
@@ -474,6 +507,7 @@ impl Node {
                 .as_ref()
                 .map(|r| r.status())
                 .unwrap_or_default(),
+            clock: crate::wallclock::now().1.as_str(),
         }
     }
 
@@ -642,6 +676,7 @@ impl Node {
     /// Hands the gateway what telemetry is left (bounded: 2 s), closes every connection (peers see
     /// the node leave at once) and stops serving.
     pub async fn shutdown(&self) {
+        let _ = tokio::task::spawn_blocking(crate::wallclock::save_floor).await;
         if self.parts.gateway_up.borrow().0.is_some() {
             let flushed = self
                 .parts
@@ -686,7 +721,7 @@ async fn forward(
 
 /// Whole seconds from now until `at`; negative when `at` has passed.
 fn seconds_until(at: std::time::SystemTime) -> i64 {
-    match at.duration_since(std::time::SystemTime::now()) {
+    match at.duration_since(crate::wallclock::time()) {
         Ok(ahead) => i64::try_from(ahead.as_secs()).unwrap_or(i64::MAX),
         Err(past) => -i64::try_from(past.duration().as_secs()).unwrap_or(i64::MAX),
     }

@@ -105,6 +105,12 @@ pub enum Down {
         /// The roots, PEM.
         roots_pem: String,
     },
+    /// The gateway's wall-clock time, sent first on every control stream: a node whose clock is
+    /// obviously wrong (a device without a real-time clock) takes it.
+    Time {
+        /// Milliseconds since the Unix epoch.
+        unix_ms: u64,
+    },
 }
 
 /// What a node says when its control stream opens.

@@ -782,3 +782,92 @@ async fn a_root_rotation_across_five_nodes_fails_no_call() {
         n.wait_peers(names.len(), UP);
     }
 }
+
+/// `env` with libfaketime preloaded: the node's wall clock starts on 2 January 1970 and runs on
+/// (its monotonic clock is left alone); the process keeps its pid.
+fn in_1970() -> Vec<String> {
+    let lib = [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib",
+    ]
+    .iter()
+    .map(|d| Path::new(d).join("faketime/libfaketime.so.1"))
+    .find(|p| p.exists())
+    .expect("libfaketime (Debian package faketime; scripts/setup.sh installs it)");
+    vec![
+        "env".into(),
+        format!("LD_PRELOAD={}", lib.display()),
+        "FAKETIME=@1970-01-02 00:00:00".into(),
+        "DONT_FAKE_MONOTONIC=1".into(),
+        bin("mesh-node").display().to_string(),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_clock_says_1970_joins_on_its_floor_or_its_gateways_time_and_dates_nothing_without()
+ {
+    let pki = Pki::new();
+    let gw_conf = pki.gateway_config("gw", "127.0.0.1:0", "");
+    let (gw, _) = NodeProc::start_gateway("gw", &gw_conf);
+    let peer = NodeProc::start("node-p", &node_conf(&pki, "node-p", gw.quic, ECHO));
+    peer.wait_gateway(UP);
+    let static_peer = format!("[[peers]]\naddr = \"{}\"\n", peer.quic);
+
+    // No floor, its gateway reachable: it checks the gateway as of its certificate, takes its
+    // time, then dates everyone else.
+    let f = NodeProc::start_cmd(
+        "node-f",
+        &in_1970(),
+        &node_conf(&pki, "node-f", gw.quic, ""),
+    );
+    f.wait_status("on its gateway's time", UP, |s| s["clock"] == "gateway");
+    f.wait_peer("node-p", UP);
+    let (code, _, _) = post(f.ingress(), "echo", "say", Bytes::from_static(b"x"), None)
+        .await
+        .expect("call");
+    assert_eq!(code, 200);
+
+    // A floor saved by an earlier run, no gateway: it runs on its floor.
+    let g_conf = pki.config("node-g", &static_peer);
+    let state = pki.dir.path().join("node-g/state");
+    std::fs::create_dir_all(&state).expect("state");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("now")
+        .as_secs();
+    std::fs::write(state.join("time.floor"), format!("{now}\n")).expect("floor");
+    let g = NodeProc::start_cmd("node-g", &in_1970(), &g_conf);
+    g.wait_peer("node-p", UP);
+    assert_eq!(g.status()["clock"], "floor");
+
+    // Neither: it refuses its peer, and says why, rather than trust what it cannot date.
+    let h = NodeProc::start_cmd("node-h", &in_1970(), &pki.config("node-h", &static_peer));
+    let s = h.wait_status("refusing a peer it cannot date", UP, |s| {
+        s["clock"] == "unknown"
+            && s["dial_errors"].as_array().is_some_and(|e| {
+                e.iter().any(|e| {
+                    e.as_str()
+                        .is_some_and(|e| e.contains("cannot tell whether"))
+                })
+            })
+    });
+    assert!(!has_peer(&s, "node-p"), "{s}");
+
+    // A damaged floor: the node does not start.
+    let d_conf = pki.config("node-d", "");
+    let d_state = pki.dir.path().join("node-d/state");
+    std::fs::create_dir_all(&d_state).expect("state");
+    std::fs::write(d_state.join("time.floor"), b"yesterday").expect("floor");
+    let out = Command::new(bin("mesh-node"))
+        .args(["run", "--config"])
+        .arg(&d_conf)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the time floor is damaged"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

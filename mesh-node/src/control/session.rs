@@ -34,9 +34,10 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 /// The node software version, as hellos and policy checks use it.
 pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Which peer a node accepts as its gateway: it must say `gateway` in its hello, and, when
-/// configured, be the peer at the `gateway` address and carry the certified name `gateway_name`.
-/// Without either, any mesh member claiming the role would do (the node warns at start).
+/// Which peer a node accepts as its gateway: its certificate must certify the gateway role
+/// (`spiffe://<td>/gateway/<name>`), and, when configured, it must be the peer at the `gateway`
+/// address and carry the certified name `gateway_name`. Without either, any certified gateway of
+/// the mesh would do (the node says so at start).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct GatewayPin {
     pub(crate) addr: Option<SocketAddr>,
@@ -111,6 +112,7 @@ impl ControlClient {
         let mut out = Vec::new();
         mesh_proto::encode_frame_vec(&RequestHead::new(CONTROL_SERVICE, "session", 0), &mut out);
         mesh_proto::encode_frame_vec(&Up::Hello(self.hello()), &mut out);
+        let hello_sent = std::time::Instant::now();
         send.write_all(&out).await.map_err(|e| e.to_string())?;
         info!(
             "control stream to the gateway at {} is up",
@@ -144,11 +146,11 @@ impl ControlClient {
             let renew_in = self
                 .renewer
                 .as_ref()
-                .map_or(Duration::MAX, |r| r.due_in(std::time::SystemTime::now()));
+                .map_or(Duration::MAX, |r| r.due_in(crate::wallclock::time()));
             tokio::select! {
                 _ = tokio::time::sleep(renew_in.min(Duration::from_secs(3600))), if renew_in != Duration::MAX => {
                     if let Some(renewer) = &self.renewer
-                        && renewer.due_in(std::time::SystemTime::now()).is_zero()
+                        && renewer.due_in(crate::wallclock::time()).is_zero()
                     {
                         match renewer.request() {
                             Ok(csr_der) => {
@@ -162,6 +164,13 @@ impl ControlClient {
                 frame = reader.frame(MAX_CONTROL_FRAME) => {
                     let frame = frame.map_err(|e| e.to_string())?;
                     match mesh_proto::control::decode_down(&frame) {
+                        Ok(Down::Time { unix_ms }) => {
+                            if let Some(what) =
+                                crate::wallclock::adopt_gateway_time(unix_ms, hello_sent.elapsed())
+                            {
+                                warn!("{what}");
+                            }
+                        }
                         Ok(down) => {
                             if let Some(answer) = self.handle_down(down).await {
                                 write_up(&mut send, &answer).await?;
@@ -277,11 +286,10 @@ impl ControlClient {
                 }
                 None
             }
+            // Taken in the session loop, where the round trip is known.
+            Down::Time { .. } => None,
             Down::TrustBundle { roots_pem } => {
-                let Some(renewer) = self.renewer.clone() else {
-                    debug!("a trust bundle came, and this node renews nothing: ignored");
-                    return None;
-                };
+                let renewer = self.renewer.clone()?;
                 let taken = tokio::task::spawn_blocking(move || renewer.set_roots(&roots_pem))
                     .await
                     .map_err(|e| e.to_string())

@@ -94,6 +94,8 @@ pub struct Identity {
     pub labels: Labels,
     /// When its certificate chain stops being valid (the earliest notAfter in it).
     pub not_after: std::time::SystemTime,
+    /// When its certificate became valid.
+    pub not_before: std::time::SystemTime,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     roots: Arc<RootCertStore>,
@@ -153,6 +155,7 @@ impl Identity {
             id,
             labels,
             not_after,
+            not_before,
             ..
         } = CertificateClaims::of_chain(&chain)?;
         if let Some(td) = &trust_domain
@@ -168,11 +171,15 @@ impl Identity {
         // Checked at a time the chain was valid: an expired certificate still loads (the node
         // warns, peers refuse it, and it is recovered through the gateway), but one the CA never
         // signed does not.
-        let now = std::time::SystemTime::now();
+        // A clock in 1970 (a device without a real-time clock) is not the certificate's fault:
+        // the node's wall clock sorts that out (see `wallclock`).
+        let now = crate::wallclock::time();
         let at = if now >= not_after {
             not_after
                 .checked_sub(std::time::Duration::from_secs(1))
                 .unwrap_or(not_after)
+        } else if now < not_before {
+            not_before
         } else {
             now
         };
@@ -194,6 +201,7 @@ impl Identity {
             id,
             labels,
             not_after,
+            not_before,
             chain,
             key,
             roots: Arc::new(roots),
@@ -248,10 +256,13 @@ impl Identity {
             ca_certs: self.ca_certs.clone(),
             trust_domain: self.trust_domain().to_owned(),
         });
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        let mut config = rustls::ServerConfig::builder_with_details(
+            provider,
+            Arc::new(crate::wallclock::MeshTime),
+        )
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(self.chain.clone(), self.key.clone_key())?;
         config.alpn_protocols = vec![mesh_proto::ALPN.to_vec()];
         if enrolment {
             config
@@ -276,11 +287,14 @@ impl Identity {
             provider: provider.clone(),
             trust_domain: self.trust_domain().to_owned(),
         });
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+        let mut config = rustls::ClientConfig::builder_with_details(
+            provider,
+            Arc::new(crate::wallclock::MeshTime),
+        )
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
         config.alpn_protocols = vec![mesh_proto::ALPN.to_vec()];
         config.resumption = rustls::client::Resumption::disabled();
         Ok(config)
@@ -325,6 +339,8 @@ pub struct CertificateClaims {
     pub labels: Labels,
     /// The earliest notAfter of the chain.
     pub not_after: std::time::SystemTime,
+    /// The leaf's notBefore.
+    pub not_before: std::time::SystemTime,
     /// The leaf's serial number, hex (as the deny list writes it).
     pub serial: String,
     /// The key identifier of the root the chain leads to (the authority key identifier of its
@@ -344,7 +360,10 @@ impl CertificateClaims {
             not_after = not_after.min(cert.validity().not_after.timestamp());
             root_key_id = authority_key_id(&cert);
         }
+        let not_before = leaf.validity().not_before.timestamp();
         Ok(CertificateClaims {
+            not_before: std::time::UNIX_EPOCH
+                + std::time::Duration::from_secs(u64::try_from(not_before).unwrap_or(0)),
             id: spiffe_id_in(&leaf)?,
             labels: labels_in(&leaf)?,
             serial: mesh_core::policy::serial_hex(leaf.raw_serial()),

@@ -377,7 +377,7 @@ pub(crate) async fn watch(
     let mut last_gateway = pinned;
     let mut backoff = mesh_core::Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     loop {
-        let now = SystemTime::now();
+        let now = crate::wallclock::time();
         let (not_before, not_after) = {
             let state = renewer.lock();
             (state.not_before, state.not_after)
@@ -396,7 +396,7 @@ pub(crate) async fn watch(
             } else if let Some(addr) = last_gateway {
                 delay = backoff.next_delay(crate::rng::random());
                 recover(&renewer, addr).await;
-                if !renewer.expired(SystemTime::now()) {
+                if !renewer.expired(crate::wallclock::time()) {
                     backoff.reset();
                     delay = check;
                 }

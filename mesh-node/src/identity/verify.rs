@@ -39,6 +39,37 @@ fn check_identity(
     Ok(id)
 }
 
+/// With a clock that dates nothing (see `wallclock`), only a certified gateway is checked, as of
+/// its certificate's notBefore, so that the node can take the time from it; every other peer is
+/// refused. Returns the time to check the chain at.
+fn dated(end_entity: &CertificateDer<'_>, now: UnixTime) -> Result<UnixTime, rustls::Error> {
+    if crate::wallclock::now().1 != crate::wallclock::Basis::Unknown {
+        return Ok(now);
+    }
+    let refuse = |why: String| {
+        tracing::warn!("refusing a peer certificate: {why}");
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(
+            TlsError::BadCertificate(why),
+        ))))
+    };
+    let claims = CertificateClaims::of_chain(std::slice::from_ref(end_entity))
+        .map_err(|e| refuse(e.to_string()))?;
+    if !claims.id.is_gateway() {
+        return Err(refuse(format!(
+            "this node's clock is before its own certificate's notBefore and it has no time \
+             floor nor its gateway's time yet: it cannot tell whether {}'s certificate is valid, \
+             and refuses it rather than trust a certificate it cannot date",
+            claims.id
+        )));
+    }
+    let at = claims
+        .not_before
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        + std::time::Duration::from_secs(1);
+    Ok(UnixTime::since_unix_epoch(at))
+}
+
 /// Enforces the path length constraints webpki leaves unchecked: the mesh CA (and any issuer
 /// under it) says how many CAs may stand between it and a node; a path with more is refused. The
 /// path is followed from the leaf, issuer to subject, through the presented certificates (extra
@@ -124,6 +155,7 @@ impl ServerCertVerifier for MeshServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let now = dated(end_entity, now)?;
         let cert = ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &cert,
@@ -195,6 +227,7 @@ impl ClientCertVerifier for MeshClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
+        let now = dated(end_entity, now)?;
         self.inner
             .verify_client_cert(end_entity, intermediates, now)?;
         check_path_length(end_entity, intermediates, &self.ca_certs)?;

@@ -405,7 +405,7 @@ impl Transport {
         // A certificate is trusted until it expires, not for as long as a connection lasts.
         let until_expiry = certified
             .not_after
-            .duration_since(std::time::SystemTime::now())
+            .duration_since(crate::wallclock::time())
             .unwrap_or_default();
         // A revocation closes the connection as soon as the policy carrying it is in force.
         let revocation = async {

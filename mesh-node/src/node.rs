@@ -276,6 +276,18 @@ impl Node {
         // The saved policy is in force before anything is served.
         let store = PolicyStore::new(&config.state_dir);
         apply_saved_policy(&store, &policy, &telemetry);
+        let gateway_up = Arc::new(watch::Sender::new((None, 0)));
+        let mut reserved = options.reserved.into_iter().collect::<HashMap<_, _>>();
+        if !options.gateway {
+            // Renewals of peers that reach the gateway only through this node.
+            reserved.insert(
+                crate::identity::enroll::RELAY_SERVICE,
+                Arc::new(crate::identity::relay::EnrollRelay {
+                    gateway_up: gateway_up.subscribe(),
+                    slots: Arc::new(tokio::sync::Semaphore::new(4)),
+                }) as Arc<dyn ReservedService>,
+            );
+        }
         let server = Arc::new(Server::new(
             config.name.clone(),
             config.limits.clone(),
@@ -283,7 +295,7 @@ impl Node {
             policy.clone(),
             telemetry.clone(),
             peers.clone(),
-            options.reserved.into_iter().collect::<HashMap<_, _>>(),
+            reserved,
         ));
         let client = Arc::new(Client::new(
             id.clone(),
@@ -332,7 +344,6 @@ impl Node {
         );
         info!("quic listening on {} as {id}", transport.local_addr());
         lock.set("quic", &transport.local_addr().to_string());
-        let gateway_up = Arc::new(watch::Sender::new((None, 0)));
 
         let (updates_tx, updates_rx) = mpsc::unbounded_channel();
         transport.follow(updates_rx);
@@ -381,6 +392,7 @@ impl Node {
                 renewer.clone(),
                 gateway_up.subscribe(),
                 config.gateway,
+                peers.clone(),
                 shutdown.subscribe(),
             ));
         }

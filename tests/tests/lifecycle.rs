@@ -871,3 +871,43 @@ async fn a_node_whose_clock_says_1970_joins_on_its_floor_or_its_gateways_time_an
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_reaches_its_gateway_only_through_a_peer_renews_through_it() {
+    let pki = Pki::new();
+    let (gw_conf, issuer) = issuing_gateway_and_issuer(&pki, 3600);
+    let (gw, _) = NodeProc::start_gateway("gw", &gw_conf);
+    let p = short_lived_node(
+        &pki,
+        &issuer,
+        "node-p",
+        Duration::from_secs(3600),
+        gw.quic,
+        ECHO,
+    );
+    p.wait_gateway(UP);
+    // node-n knows node-p only: no gateway address, no discovery.
+    let dir = pki.node_dir_from(&issuer, "node-n", Duration::from_secs(15));
+    let n = NodeProc::start(
+        "node-n",
+        &pki.write_config(
+            dir,
+            "node-n",
+            &format!("{FAST}[[peers]]\naddr = \"{}\"\n", p.quic),
+        ),
+    );
+    n.wait_peer("node-p", UP);
+    let s = n.wait_status("renewed through node-p", Duration::from_secs(30), |s| {
+        s["renewal"]["renewals"].as_u64() >= Some(1)
+    });
+    assert!(s["gateway"].is_null(), "it had a control stream: {s}");
+    assert!(
+        s["certificate_expires_in_s"].as_i64() > Some(15),
+        "the renewed certificate is the gateway's lifetime: {s}"
+    );
+    // It keeps calling through the renewal and past the old certificate's expiry.
+    let (code, _, _) = post(n.ingress(), "echo", "say", Bytes::from_static(b"x"), None)
+        .await
+        .expect("call");
+    assert_eq!(code, 200);
+}

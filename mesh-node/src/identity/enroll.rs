@@ -168,14 +168,13 @@ pub async fn recover(
     .await
 }
 
-async fn exchange(
+/// An enrolment connection to the gateway at `addr` (ALPN `starling-enroll/1`, no client
+/// certificate; the gateway's chain is checked afterwards, before anything secret is sent), on
+/// an endpoint of its own.
+pub(crate) async fn connect(
     addr: SocketAddr,
-    trust: Trust,
-    up: EnrollUp,
-    key_pem: &str,
-) -> Result<Issued, EnrollError> {
+) -> Result<(quinn::Endpoint, quinn::Connection), EnrollError> {
     let unreachable = |reason: String| EnrollError::Unreachable { addr, reason };
-    let untrusted = |reason: String| EnrollError::Untrusted { addr, reason };
     let bind: SocketAddr = if addr.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
     } else {
@@ -201,53 +200,134 @@ async fn exchange(
         .await
         .map_err(|_| unreachable("no handshake within 10 s".into()))?
         .map_err(|e| unreachable(e.to_string()))?;
+    Ok((endpoint, conn))
+}
+
+async fn exchange(
+    addr: SocketAddr,
+    trust: Trust,
+    up: EnrollUp,
+    key_pem: &str,
+) -> Result<Issued, EnrollError> {
+    let unreachable = |reason: String| EnrollError::Unreachable { addr, reason };
+    let untrusted = |reason: String| EnrollError::Untrusted { addr, reason };
+    let (endpoint, conn) = connect(addr).await?;
     let result = async {
-        let (mut send, recv) = conn
+        let (send, recv) = conn
             .open_bi()
             .await
             .map_err(|e| unreachable(e.to_string()))?;
-        let mut reader = FrameReader::new(recv);
-        write(
-            &mut send,
-            &EnrollUp::Hello {
-                version: ENROLL_VERSION,
+        let gateway_chain = peer_chain(&conn);
+        run(
+            send,
+            FrameReader::new(recv),
+            addr,
+            up,
+            key_pem,
+            |roots_pem| {
+                let chain = gateway_chain
+                    .as_deref()
+                    .ok_or_else(|| untrusted("no certificate".into()))?;
+                let anchors = trusted_roots(&trust, roots_pem).map_err(untrusted)?;
+                check_gateway(chain, &anchors).map_err(untrusted)?;
+                Ok(anchors)
             },
         )
         .await
-        .map_err(unreachable)?;
-        let roots_pem = match read(&mut reader).await.map_err(unreachable)? {
-            EnrollDown::Roots { pem } => pem,
-            EnrollDown::Refused { reason, revoked } => {
-                return Err(EnrollError::Refused { reason, revoked });
-            }
-            other => return Err(EnrollError::BadAnswer(format!("{other:?}"))),
-        };
-        let gateway_chain = peer_chain(&conn).ok_or_else(|| untrusted("no certificate".into()))?;
-        let anchors = trusted_roots(&trust, &roots_pem).map_err(untrusted)?;
-        check_gateway(&gateway_chain, &anchors).map_err(untrusted)?;
-        write(&mut send, &up).await.map_err(unreachable)?;
-        match read(&mut reader).await.map_err(unreachable)? {
-            EnrollDown::Issued {
-                chain_pem,
-                roots_pem,
-            } => {
-                check_issued(&chain_pem, key_pem, &anchors).map_err(EnrollError::BadAnswer)?;
-                check_roots(&roots_pem, &anchors).map_err(EnrollError::BadAnswer)?;
-                Ok(Issued {
-                    chain_pem,
-                    roots_pem,
-                })
-            }
-            EnrollDown::Refused { reason, revoked } => {
-                Err(EnrollError::Refused { reason, revoked })
-            }
-            other => Err(EnrollError::BadAnswer(format!("{other:?}"))),
-        }
     }
     .await;
     conn.close(0u32.into(), b"done");
     endpoint.wait_idle().await;
     result
+}
+
+/// Renews through a peer that relays to the gateway (`_relay_enroll` on an established mesh
+/// connection): the node's gateway is not reachable directly. The peer sees the exchange, so it
+/// carries no secret: the chain and a request signed by the certificate's own key, and what comes
+/// back is checked against the node's roots and key.
+pub(crate) async fn recover_via(
+    peer: &quinn::Connection,
+    roots: Vec<CertificateDer<'static>>,
+    chain: &[CertificateDer<'static>],
+    request: &Request,
+) -> Result<Issued, EnrollError> {
+    let addr = peer.remote_address();
+    let unreachable = |reason: String| EnrollError::Unreachable { addr, reason };
+    let (mut send, recv) = peer
+        .open_bi()
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    let mut head = Vec::new();
+    mesh_proto::encode_frame_vec(
+        &mesh_proto::RequestHead::new(RELAY_SERVICE, "recover", 0),
+        &mut head,
+    );
+    send.write_all(&head)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    let up = EnrollUp::Recover {
+        chain_der: chain.iter().map(|c| c.to_vec()).collect(),
+        csr_der: request.csr_der.clone(),
+    };
+    run(
+        send,
+        FrameReader::new(recv),
+        addr,
+        up,
+        &request.key_pem,
+        |_| Ok(roots.clone()),
+    )
+    .await
+}
+
+/// The reserved service a node relays renewals through.
+pub const RELAY_SERVICE: &str = "_relay_enroll";
+
+/// The exchange after the connection: hello, the roots (checked by `trust`, which answers the
+/// roots to check the answer against), the request, the answer.
+async fn run(
+    mut send: quinn::SendStream,
+    mut reader: FrameReader,
+    addr: SocketAddr,
+    up: EnrollUp,
+    key_pem: &str,
+    trust: impl FnOnce(&str) -> Result<Vec<CertificateDer<'static>>, EnrollError>,
+) -> Result<Issued, EnrollError> {
+    let unreachable = |reason: String| EnrollError::Unreachable { addr, reason };
+    write(
+        &mut send,
+        &EnrollUp::Hello {
+            version: ENROLL_VERSION,
+        },
+    )
+    .await
+    .map_err(unreachable)?;
+    let roots_pem = match read(&mut reader).await.map_err(unreachable)? {
+        EnrollDown::Roots { pem } => pem,
+        EnrollDown::Refused { reason, revoked } => {
+            return Err(EnrollError::Refused { reason, revoked });
+        }
+        other => return Err(EnrollError::BadAnswer(format!("{other:?}"))),
+    };
+    let anchors = trust(&roots_pem)?;
+    write(&mut send, &up).await.map_err(unreachable)?;
+    let answer = match read(&mut reader).await.map_err(unreachable)? {
+        EnrollDown::Issued {
+            chain_pem,
+            roots_pem,
+        } => {
+            check_issued(&chain_pem, key_pem, &anchors).map_err(EnrollError::BadAnswer)?;
+            check_roots(&roots_pem, &anchors).map_err(EnrollError::BadAnswer)?;
+            Ok(Issued {
+                chain_pem,
+                roots_pem,
+            })
+        }
+        EnrollDown::Refused { reason, revoked } => Err(EnrollError::Refused { reason, revoked }),
+        other => Err(EnrollError::BadAnswer(format!("{other:?}"))),
+    };
+    let _ = send.finish();
+    answer
 }
 
 async fn write(send: &mut quinn::SendStream, up: &EnrollUp) -> Result<(), String> {

@@ -372,6 +372,7 @@ pub(crate) async fn watch(
     renewer: std::sync::Arc<Renewer>,
     mut gateway_up: tokio::sync::watch::Receiver<(Option<std::net::SocketAddr>, u64)>,
     pinned: Option<std::net::SocketAddr>,
+    peers: std::sync::Arc<crate::peers::PeerSet>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut last_gateway = pinned;
@@ -406,6 +407,9 @@ pub(crate) async fn watch(
                      it through: set `gateway = \"addr:port\"` in its config"
                 );
             }
+        } else if renewer.due_in(now).is_zero() && gateway_up.borrow().0.is_none() {
+            // Due, and no control stream: through a peer that reaches the gateway.
+            relay(&renewer, &peers).await;
         } else if left < lifetime / 3 {
             let why = renewer
                 .status()
@@ -429,6 +433,58 @@ pub(crate) async fn watch(
             _ = stop.changed() => return,
         }
     }
+}
+
+/// One renewal through a connected peer (`_relay_enroll`), with the current key.
+async fn relay(renewer: &std::sync::Arc<Renewer>, peers: &crate::peers::PeerSet) {
+    let candidates: Vec<quinn::Connection> = peers
+        .all_connections()
+        .into_iter()
+        .filter(|(info, _)| !info.id.is_gateway())
+        .map(|(_, c)| c)
+        .collect();
+    if candidates.is_empty() {
+        return;
+    }
+    let (request, chain, roots) = match renewer.recovery_request() {
+        Ok(r) => r,
+        Err(e) => {
+            renewer.failed(e, false);
+            return;
+        }
+    };
+    for peer in candidates {
+        let via = peer.remote_address();
+        match super::enroll::recover_via(&peer, roots.clone(), &chain, &request).await {
+            Ok(issued) => {
+                let renewer = renewer.clone();
+                let key = request.key_pem.clone();
+                let installed = tokio::task::spawn_blocking(move || {
+                    renewer.install(&issued.chain_pem, Some(key))
+                })
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r);
+                match installed {
+                    Ok(()) => tracing::info!("certificate renewed through the peer at {via}"),
+                    Err(e) => {
+                        tracing::error!("the certificate renewed through {via} cannot be used: {e}")
+                    }
+                }
+                return;
+            }
+            Err(super::enroll::EnrollError::Refused { reason, revoked }) if revoked => {
+                tracing::error!("the gateway refused to renew this node's certificate: {reason}");
+                renewer.failed(reason, true);
+                return;
+            }
+            Err(e) => tracing::debug!("no renewal through {via}: {e}"),
+        }
+    }
+    renewer.failed(
+        "no control stream to the gateway, and no peer could relay the renewal".into(),
+        false,
+    );
 }
 
 /// One recovery attempt through the gateway at `addr`.

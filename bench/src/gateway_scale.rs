@@ -1,7 +1,9 @@
 //! Gateway scale: one real `mesh-gateway` process, and N simulated nodes in this process, each
 //! with its own certificate and its own mutual-TLS QUIC connection, each holding a control stream
 //! and sending a telemetry batch every second. Measured: the gateway's CPU and RSS in steady state,
-//! and how long a policy change takes to be acknowledged by every node.
+//! how long a policy change takes to be acknowledged by every node, and what renewing every
+//! node's certificate costs the gateway (each node renews once over its control stream: the CPU
+//! the burst took above the steady state, per renewal, and spread over a certificate lifetime).
 //!
 //! The simulated nodes speak the real protocol (peer hello, control hello, telemetry, policy acks)
 //! through the real transport; what they skip is serving calls.
@@ -26,7 +28,12 @@ use mesh_proto::{Hello, RequestHead, Role};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+/// The lifetime renewals are spread over in the figure: the issuer's default, 7 days.
+const LIFETIME: Duration = Duration::from_secs(7 * 86_400);
+
 pub struct ScaleFigures {
+    pub renew_cpu_ms: f64,
+    pub renew_all: Duration,
     pub nodes: usize,
     pub cpu_percent: f64,
     pub rss_kib: u64,
@@ -47,12 +54,35 @@ impl Drop for Proc {
 /// Policy arrivals: (version, when) per simulated node.
 type Arrivals = Arc<Mutex<Vec<(u64, Instant)>>>;
 
+/// What makes every simulated node renew once, and how many got their certificate.
+struct Renewals {
+    go: tokio::sync::watch::Sender<bool>,
+    done: std::sync::atomic::AtomicUsize,
+}
+
+impl Default for Renewals {
+    fn default() -> Self {
+        Renewals {
+            go: tokio::sync::watch::Sender::new(false),
+            done: Default::default(),
+        }
+    }
+}
+
 pub fn measure(gateway_bin: &std::path::Path, nodes: usize) -> anyhow::Result<ScaleFigures> {
     let dir = tempfile::tempdir()?;
     let ca = Ca::generate("scale.local")?;
     let gw_dir = dir.path().join("gw");
     ca.issue_gateway("gw", 1)?
         .save(&gw_dir.join("certs"), ca.cert_pem())?;
+    let issuer = ca.issue_issuer("gw", 1)?;
+    std::fs::create_dir_all(gw_dir.join("issuer"))?;
+    mesh_gateway::ca::write_new(
+        &gw_dir.join("issuer/issuer.key"),
+        issuer.key_pem.as_bytes(),
+        0o600,
+    )?;
+    std::fs::write(gw_dir.join("issuer/issuer.crt"), &issuer.cert_pem)?;
     std::fs::write(
         gw_dir.join("policy.toml"),
         "[defaults]\ncall_timeout_ms = 5000\n",
@@ -62,7 +92,8 @@ pub fn measure(gateway_bin: &std::path::Path, nodes: usize) -> anyhow::Result<Sc
         "name = \"gw\"\nlisten = \"127.0.0.1:0\"\ningress = \"off\"\nlog = \"warn,mesh_gateway=info\"\n\
          admin = \"127.0.0.1:0\"\npolicy = \"policy.toml\"\nstate_dir = \"state\"\n\
          [identity]\ncert = \"certs/node.crt\"\nkey = \"certs/node.key\"\nca = \"certs/ca.crt\"\n\
-         [discovery]\nmdns = false\n",
+         [discovery]\nmdns = false\n\
+         [issuer]\ncert = \"issuer/issuer.crt\"\nkey = \"issuer/issuer.key\"\n",
     )?;
     let mut child = Command::new(gateway_bin)
         .args(["run", "--config"])
@@ -102,6 +133,7 @@ pub fn measure(gateway_bin: &std::path::Path, nodes: usize) -> anyhow::Result<Sc
         .enable_all()
         .build()?;
     let arrivals: Arrivals = Arc::default();
+    let renewals: Arc<Renewals> = Arc::default();
     let ca_der = CertificateDer::from_pem_slice(ca.cert_pem().as_bytes())?;
     let endpoint =
         rt.block_on(async { quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")) })?;
@@ -123,7 +155,14 @@ pub fn measure(gateway_bin: &std::path::Path, nodes: usize) -> anyhow::Result<Sc
             client.transport_config(Arc::new(transport));
             let endpoint = endpoint.clone();
             let arrivals = arrivals.clone();
-            pending.spawn(async move { sim_node(endpoint, client, quic, name, arrivals).await });
+            let renewals = renewals.clone();
+            // Made now, so that the renewal burst measures the gateway alone.
+            let csr = mesh_node::identity::enroll::Request::new(Some(&name))
+                .map_err(anyhow::Error::msg)?
+                .csr_der;
+            pending.spawn(async move {
+                sim_node(endpoint, client, quic, name, arrivals, renewals, csr).await
+            });
             if i % 50 == 49 {
                 // Pace the handshakes: fifty, then a breath.
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -206,7 +245,30 @@ pub fn measure(gateway_bin: &std::path::Path, nodes: usize) -> anyhow::Result<Sc
         lat.len()
     );
     let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+
+    // Every node renews once: the gateway's CPU over the burst, less its steady rate.
+    std::thread::sleep(Duration::from_secs(2));
+    let (cpu0, t0) = (cpu_ticks(pid)?, Instant::now());
+    renewals.go.send_replace(true);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while renewals.done.load(std::sync::atomic::Ordering::Relaxed) < nodes {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {} of {nodes} renewals came back",
+            renewals.done.load(std::sync::atomic::Ordering::Relaxed)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let renew_all = t0.elapsed();
+    // Whole ticks: at least the burst's own length at the steady rate is taken off.
+    std::thread::sleep(Duration::from_millis(50));
+    let burst_ms = (cpu_ticks(pid)? - cpu0) as f64 * 10.0;
+    let steady_ms = cpu_percent / 100.0 * t0.elapsed().as_secs_f64() * 1e3;
+    let renew_cpu_ms = ((burst_ms - steady_ms) / nodes as f64).max(0.0);
+
     let figures = ScaleFigures {
+        renew_cpu_ms,
+        renew_all,
         nodes,
         cpu_percent,
         rss_kib,
@@ -225,6 +287,8 @@ async fn sim_node(
     gateway: SocketAddr,
     name: String,
     arrivals: Arrivals,
+    renewals: Arc<Renewals>,
+    csr_der: Vec<u8>,
 ) -> anyhow::Result<()> {
     let conn = endpoint
         .connect_with(client, gateway, "starling.mesh")?
@@ -265,10 +329,22 @@ async fn sim_node(
     let mut reader = FrameReader::new(recv);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut seq = 0;
+    let mut csr = Some(csr_der);
+    let mut go = renewals.go.subscribe();
     loop {
         tokio::select! {
+            r = go.changed(), if csr.is_some() => {
+                r?;
+                let mut out = Vec::new();
+                let csr_der = csr.take().unwrap_or_default();
+                mesh_proto::encode_frame_vec(&Up::Renew { csr_der }, &mut out);
+                send.write_all(&out).await?;
+            }
             frame = reader.frame(MAX_CONTROL_FRAME) => {
                 let down: Down = postcard::from_bytes(&frame?)?;
+                if let Down::Renewed { .. } = down {
+                    renewals.done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 if let Down::Policy { version, epoch, hash, .. } = down {
                     if let Ok(mut a) = arrivals.lock() {
                         a.push((version, Instant::now()));
@@ -347,6 +423,14 @@ impl ScaleFigures {
             self.policy_p99.as_secs_f64() * 1e3,
             self.policy_all.as_secs_f64() * 1e3,
         );
+        println!(
+            "  renewals: every node renewed once in {:.0} ms, {:.2} ms of gateway CPU each; over a \
+             {}-day lifetime that is {:.5}% of one core on average",
+            self.renew_all.as_secs_f64() * 1e3,
+            self.renew_cpu_ms,
+            LIFETIME.as_secs() / 86_400,
+            self.renew_cpu_ms * self.nodes as f64 / LIFETIME.as_secs_f64() / 10.0,
+        );
     }
 
     pub fn json(&self) -> serde_json::Value {
@@ -357,6 +441,10 @@ impl ScaleFigures {
             "policy_p50_ms": self.policy_p50.as_secs_f64() * 1e3,
             "policy_p99_ms": self.policy_p99.as_secs_f64() * 1e3,
             "policy_all_acked_ms": self.policy_all.as_secs_f64() * 1e3,
+            "renewal_gateway_cpu_ms": self.renew_cpu_ms,
+            "renewal_all_ms": self.renew_all.as_secs_f64() * 1e3,
+            "renewal_core_percent_over_7_days":
+                self.renew_cpu_ms * self.nodes as f64 / LIFETIME.as_secs_f64() / 10.0,
         })
     }
 }

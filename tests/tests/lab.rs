@@ -297,3 +297,79 @@ fn the_gateway_admin_api_is_reachable_from_elsewhere_only_when_configured() {
     assert_eq!(gw.admin, Some("0.0.0.0:9480".parse().expect("addr")));
     assert!(tcp_reachable(&lab, 1, &format!("{gw_ip}:9480")));
 }
+
+#[test]
+fn devices_on_other_hosts_enrol_with_join_tokens_and_join() {
+    let lab = Lab::new(3);
+    let pki = Pki::new();
+    pki.issuer("gw");
+    let gw_conf = pki.gateway_config(
+        "gw",
+        "0.0.0.0:7400",
+        "[issuer]\ncert = \"issuer/issuer.crt\"\nkey = \"issuer/issuer.key\"\n",
+    );
+    let mut cmd = lab.exec_prefix(0);
+    cmd.push(bin("mesh-gateway").display().to_string());
+    let _gw = NodeProc::start_cmd("gw", &cmd, &gw_conf);
+    let gateway = format!("{}:7400", lab.hosts[0].ip);
+    let in_host = |i: usize, program: &str, args: &[&str]| {
+        let mut cmd = lab.exec_prefix(i);
+        cmd.push(bin(program).display().to_string());
+        let out = Command::new(&cmd[0])
+            .args(&cmd[1..])
+            .args(args)
+            .output()
+            .expect(program);
+        assert!(
+            out.status.success(),
+            "{program} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for (i, name) in [(1, "dev-1"), (2, "dev-2")] {
+        let printed = in_host(
+            0,
+            "mesh-gateway",
+            &[
+                "token",
+                "create",
+                "--name",
+                name,
+                "--config",
+                gw_conf.to_str().expect("path"),
+            ],
+        );
+        let token = printed.lines().last().expect("token").trim().to_owned();
+        let dir = pki.dir.path().join(name);
+        let certs = dir.join("certs");
+        let said = in_host(
+            i,
+            "mesh-node",
+            &[
+                "enroll",
+                "--gateway",
+                &gateway,
+                "--token",
+                &token,
+                "--out",
+                certs.to_str().expect("path"),
+            ],
+        );
+        assert!(
+            said.contains(&format!("enrolled as spiffe://starling.local/node/{name}")),
+            "{said}"
+        );
+        eprintln!("{name} on host {i}: {}", said.trim());
+        // It joins its gateway with what it wrote.
+        let conf = pki.write_config(dir, name, &format!("gateway = \"{gateway}\"\n"));
+        let src = std::fs::read_to_string(&conf).expect("config");
+        let (top, rest) = src.split_once("[identity]").expect("identity");
+        let gw_line = format!("gateway = \"{gateway}\"\n");
+        let src = format!("{top}{gw_line}[identity]{}", rest.replace(&gw_line, ""))
+            .replace("listen = \"127.0.0.1:0\"", "listen = \"0.0.0.0:7400\"");
+        std::fs::write(&conf, src).expect("config");
+        let node = start(&lab, i, name, &conf);
+        node.wait_gateway(UP);
+    }
+}

@@ -36,6 +36,7 @@ pub mod node;
 mod peers;
 pub mod policy;
 pub mod process;
+mod relay;
 mod rng;
 mod server;
 pub mod state;

@@ -282,7 +282,7 @@ impl Node {
             // Renewals of peers that reach the gateway only through this node.
             reserved.insert(
                 crate::identity::enroll::RELAY_SERVICE,
-                Arc::new(crate::identity::relay::EnrollRelay {
+                Arc::new(crate::relay::EnrollRelay {
                     gateway_up: gateway_up.subscribe(),
                     slots: Arc::new(tokio::sync::Semaphore::new(4)),
                 }) as Arc<dyn ReservedService>,

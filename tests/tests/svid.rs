@@ -44,3 +44,37 @@ print(svid.spiffe_id, len(bundle.x509_authorities))
     );
     assert_eq!(out, "spiffe://starling.local/node/node-a 1");
 }
+
+#[test]
+fn certificates_under_a_site_issuer_and_a_two_root_bundle_are_valid_x509_svids() {
+    let pki = Pki::new();
+    let issuer = pki.issuer("gw");
+    let certs = pki
+        .node_dir_from(&issuer, "node-b", std::time::Duration::from_secs(3600))
+        .join("certs");
+    // A bundle of two roots, as during a rotation.
+    let other = mesh_gateway::ca::Ca::generate("starling.local").expect("second root");
+    let bundle = pki.dir.path().join("bundle.crt");
+    std::fs::write(
+        &bundle,
+        format!("{}{}", pki.ca.cert_pem(), other.cert_pem()),
+    )
+    .expect("bundle");
+    let script = r#"
+import sys
+from spiffe import X509Svid, X509Bundle, TrustDomain
+cert, key, ca = (open(p, 'rb').read() for p in sys.argv[1:4])
+svid = X509Svid.parse(cert, key)
+bundle = X509Bundle.parse(TrustDomain("starling.local"), ca)
+print(svid.spiffe_id, len(svid.cert_chain), len(bundle.x509_authorities))
+"#;
+    let out = python(
+        script,
+        &[
+            certs.join("node.crt").to_str().expect("path"),
+            certs.join("node.key").to_str().expect("path"),
+            bundle.to_str().expect("path"),
+        ],
+    );
+    assert_eq!(out, "spiffe://starling.local/node/node-b 2 2");
+}

@@ -179,6 +179,12 @@ impl Issuing {
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
             .map_err(|_| "no randomness".to_owned())?;
         let expires_unix = unix_now() + ttl.as_secs().max(1);
+        // Certified labels are an operator's decision: the audit log says which.
+        let shown = labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
         let record = TokenRecord {
             hash: hex(&sha256(&secret)),
             name: name.to_owned(),
@@ -202,6 +208,7 @@ impl Issuing {
             "token_created",
             vec![
                 ("id".into(), id.to_string()),
+                ("labels".into(), shown),
                 ("expires_unix".into(), expires_unix.to_string()),
             ],
         );

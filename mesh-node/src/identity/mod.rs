@@ -9,7 +9,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub mod enroll;
-pub(crate) mod relay;
 pub mod renew;
 mod verify;
 

@@ -14,7 +14,7 @@ use mesh_proto::enroll::{EnrollDown, EnrollUp, MAX_ENROLL_FRAME};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::CertificateClaims;
+use crate::identity::CertificateClaims;
 use crate::server::ReservedService;
 use crate::wire::FrameReader;
 
@@ -77,7 +77,7 @@ async fn relay(
     mut reader: FrameReader,
     gateway: SocketAddr,
 ) -> Result<(), String> {
-    let (endpoint, conn) = super::enroll::connect(gateway)
+    let (endpoint, conn) = crate::identity::enroll::connect(gateway)
         .await
         .map_err(|e| e.to_string())?;
     let result = async {

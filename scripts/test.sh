@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, exactly what CI runs: set-up, formatting, clippy, the binaries and the
 # static device builds (the end-to-end, lab, qemu and bundle tests run them), the tests, and the
-# no_std builds of mesh-proto. Lab tests make network namespaces: run as root.
+# no_std builds of mesh-proto and firmware-shim. Lab tests make network namespaces: run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step() { printf '\n==> %s\n' "$*"; }
@@ -32,5 +32,9 @@ cargo check -q --manifest-path mesh-proto/fuzz/Cargo.toml
 step "mesh-proto without std, for microcontrollers"
 cargo build -p mesh-proto --target thumbv7em-none-eabihf
 cargo build -p mesh-proto --target riscv32imc-unknown-none-elf
+# The microcontroller side: Cortex-M0+ (no atomics), Cortex-M4F, RISC-V.
+for target in thumbv6m-none-eabi thumbv7em-none-eabihf riscv32imc-unknown-none-elf; do
+  cargo build -p firmware-shim --target "$target"
+done
 echo
 echo "all checks passed"

@@ -44,6 +44,7 @@ pub mod control;
 pub mod enroll;
 mod frame;
 mod name;
+pub mod serial;
 mod types;
 
 pub use frame::{FrameError, decode_extensible, decode_head, encode_frame, frame_len, varint};

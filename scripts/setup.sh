@@ -43,6 +43,7 @@ all   | systemd                | cmd:systemd-analyze        | tests/tests/bundle
 all   | prometheus             | cmd:promtool               | promtool checks /metrics; a real Prometheus scrapes the gateway
 all   | tar                    | cmd:tar                    | device bundles
 all   | faketime               | cmd:faketime               | tests/tests/lifecycle.rs starts nodes with their clock in 1970
+all   | socat                  | cmd:socat                  | tests/tests/serial.rs wires a node to a microcontroller through a pty pair
 EOF
 )
 

@@ -181,12 +181,14 @@ impl Fixture {
             mesh_node::config::ServiceConfig {
                 name: "echo".parse().map_err(anyhow::Error::msg)?,
                 upstream: mesh_node::upstream::UpstreamSpec::Echo,
+                line: 0,
             },
             mesh_node::config::ServiceConfig {
                 name: "hecho".parse().map_err(anyhow::Error::msg)?,
                 upstream: format!("http://{http_addr}")
                     .parse()
                     .map_err(anyhow::Error::msg)?,
+                line: 0,
             },
         ];
         b_conf.ingress = None;

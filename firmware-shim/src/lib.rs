@@ -281,6 +281,7 @@ fn announce<const RX: usize>(
             firmware: config.firmware,
             services,
             max_in_flight: 1,
+            heartbeat_ms: config.heartbeat_ms,
         },
         scratch,
         line,

@@ -54,6 +54,15 @@ impl Revoked {
 }
 
 impl Policy {
+    /// Whether `method` of `service` is marked idempotent (safe to repeat: a lost request or
+    /// answer may be sent again).
+    pub fn is_idempotent(&self, service: &str, method: &str) -> bool {
+        self.services
+            .iter()
+            .find(|s| s.name.as_str() == service)
+            .is_some_and(|s| s.idempotent.iter().any(|g| crate::authz::glob(g, method)))
+    }
+
     /// The entry that revokes the certificate naming `id` with serial `serial` (hex), if any.
     pub fn revocation(&self, id: &str, serial: &str) -> Option<&Revoked> {
         self.revoked.iter().find(|r| r.matches(id, serial))

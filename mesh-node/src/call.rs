@@ -38,6 +38,9 @@ pub struct CallContext {
     pub trace: Option<TraceContext>,
     /// The caller streams its body (and takes a streamed answer).
     pub streaming: bool,
+    /// The policy marks the method idempotent: an upstream may send it again when a request or
+    /// answer is lost (a serial line).
+    pub idempotent: bool,
 }
 
 /// A callee's answer: a status, a reason for failures, and a body.

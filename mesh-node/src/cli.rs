@@ -126,7 +126,10 @@ pub fn main() -> ExitCode {
             name,
         } => runtime().block_on(enroll(gateway, &token, &out, name.as_deref())),
         Command::CheckConfig { config } => {
-            match NodeConfig::load(&config).and_then(|c| c.load_identity().map(|_| c)) {
+            match NodeConfig::load(&config)
+                .and_then(|c| c.check_devices().map(|()| c))
+                .and_then(|c| c.load_identity().map(|_| c))
+            {
                 Ok(c) => {
                     println!(
                         "{}: ok (node {}, {} services, {} peers)",

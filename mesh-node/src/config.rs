@@ -140,6 +140,8 @@ pub struct ServiceConfig {
     pub name: ServiceName,
     /// Where its calls go.
     pub upstream: UpstreamSpec,
+    /// The line of its `upstream` key.
+    pub line: usize,
 }
 
 /// Bounds and timers; the defaults suit a small device.
@@ -369,7 +371,11 @@ impl NodeConfig {
                 .get_ref()
                 .parse::<UpstreamSpec>()
                 .map_err(|e| at.invalid(&s.upstream, &format!("services[{i}].upstream"), e))?;
-            services.push(ServiceConfig { name, upstream });
+            services.push(ServiceConfig {
+                name,
+                upstream,
+                line: at.line(s.upstream.span().start),
+            });
         }
         if services.len() > mesh_proto::limits::MAX_SERVICES {
             return Err(ConfigError::Invalid {
@@ -422,6 +428,27 @@ impl NodeConfig {
             telemetry: raw.telemetry.validate(&at)?,
             file: file.to_owned(),
         })
+    }
+
+    /// What `check-config` checks beyond the file: the devices of serial upstreams exist (a node
+    /// that runs waits for a device plugged in later; a check says it is missing).
+    pub fn check_devices(&self) -> Result<(), ConfigError> {
+        for (i, s) in self.services.iter().enumerate() {
+            if let UpstreamSpec::Serial { path, .. } = &s.upstream
+                && !path.exists()
+            {
+                return Err(ConfigError::Invalid {
+                    file: self.file.clone(),
+                    line: s.line,
+                    key: format!("services[{i}].upstream"),
+                    message: format!(
+                        "{} does not exist: is the microcontroller plugged in? (the node waits for it)",
+                        path.display()
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Opens the certificate, key and CA this config names and checks them: readable, the key

@@ -267,6 +267,8 @@ impl Node {
             config
                 .services
                 .iter()
+                // A microcontroller's services are hosted while it announces them (below).
+                .filter(|s| !matches!(s.upstream, UpstreamSpec::Serial { .. }))
                 .map(|s| {
                     let upstream = Upstream::new(s.upstream.clone(), config.name.as_str());
                     (s.name.clone(), Arc::new(upstream))
@@ -387,6 +389,7 @@ impl Node {
                 }
             });
         }
+        serve_serial_lines(&config, &hosted, &shutdown);
         if let Some(renewer) = &renewer {
             tokio::spawn(crate::identity::renew::watch(
                 renewer.clone(),
@@ -728,6 +731,63 @@ async fn forward(
             },
             _ = stop.changed() => return,
         }
+    }
+}
+
+/// Opens every serial line the config names, and hosts the services configured on it while the
+/// microcontroller there announces them (a service it announces that the config does not name is
+/// not hosted: the operator decides what a line may serve).
+fn serve_serial_lines(config: &NodeConfig, hosted: &Arc<Hosted>, shutdown: &watch::Sender<bool>) {
+    let mut lines: HashMap<std::path::PathBuf, (u32, Vec<ServiceName>)> = HashMap::new();
+    for s in &config.services {
+        if let UpstreamSpec::Serial { path, baud } = &s.upstream {
+            lines
+                .entry(path.clone())
+                .or_insert_with(|| (*baud, Vec::new()))
+                .1
+                .push(s.name.clone());
+        }
+    }
+    for (path, (baud, names)) in lines {
+        let link = crate::upstream::serial::SerialLink::new(path.clone(), baud);
+        tokio::spawn(link.clone().run(shutdown.subscribe()));
+        let (hosted, mut announced, mut stop) =
+            (hosted.clone(), link.subscribe(), shutdown.subscribe());
+        tokio::spawn(async move {
+            loop {
+                let now = announced.borrow_and_update().clone();
+                for name in &names {
+                    let offered = now
+                        .as_ref()
+                        .is_some_and(|a| a.services.iter().any(|(s, _)| s == name.as_str()));
+                    if offered {
+                        let spec = UpstreamSpec::Serial {
+                            path: path.clone(),
+                            baud,
+                        };
+                        hosted.insert(name.clone(), Upstream::serial(link.clone(), spec));
+                    } else {
+                        hosted.remove(name.as_str());
+                    }
+                }
+                if let Some(a) = &now {
+                    for (service, _) in &a.services {
+                        if !names.iter().any(|n| n.as_str() == service) {
+                            warn!(
+                                "{} on {} offers {service}, which the config does not host on this \
+                                 line: ignored",
+                                a.name,
+                                path.display()
+                            );
+                        }
+                    }
+                }
+                tokio::select! {
+                    r = announced.changed() => if r.is_err() { return },
+                    _ = stop.changed() => return,
+                }
+            }
+        });
     }
 }
 

@@ -222,7 +222,12 @@ impl Server {
                 .min(self.limits.call_timeout.max(Duration::from_secs(3600)))
         };
         let streaming = head.metadata.iter().any(|(k, _)| *k == STREAM_METADATA);
+        let idempotent = self
+            .policy
+            .policy()
+            .is_some_and(|p| p.is_idempotent(service.as_str(), method.as_str()));
         let ctx = CallContext {
+            idempotent,
             caller,
             service,
             method,

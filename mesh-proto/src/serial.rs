@@ -62,6 +62,8 @@ pub enum Frame<'a> {
         services: Vec<ServiceDecl<'a>, MAX_SERVICES>,
         /// Calls it takes at once (the node keeps at most this many in flight).
         max_in_flight: u8,
+        /// How often it sends a heartbeat: the node takes it for gone after three missed.
+        heartbeat_ms: u32,
     },
     /// Node to microcontroller: announce yourself (the node restarted).
     Discover,
@@ -312,6 +314,7 @@ mod tests {
             firmware: "0.1.0",
             services,
             max_in_flight: 2,
+            heartbeat_ms: 1000,
         };
         let mut d = Decoder::<256>::new();
         let mut got = None;

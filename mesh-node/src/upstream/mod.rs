@@ -6,11 +6,15 @@
 //!   ID in `x-starling-caller` and the call's metadata as headers. A 2xx answer is `Ok`; any other
 //!   is `Upstream(code)` with the upstream's body.
 //!
-//! `tcp://` and `serial://` upstreams are named in the design and refused by this build with a
-//! clear error until they land: each will be a module here beside `builtin` and `http`.
+//! - `serial:///dev/ttyUSB0?baud=115200`: a microcontroller running `firmware-shim` on a serial
+//!   line ([`serial`]); the service is hosted while the microcontroller announces it.
+//!
+//! `tcp://` upstreams are named in the design and refused by this build with a clear error until
+//! they land.
 
 mod builtin;
 mod http;
+pub mod serial;
 
 use bytes::Bytes;
 
@@ -32,6 +36,13 @@ pub enum UpstreamSpec {
         authority: String,
         /// Path prefix without a trailing slash, possibly empty.
         prefix: String,
+    },
+    /// `serial:///dev/ttyUSB0?baud=115200`.
+    Serial {
+        /// The device.
+        path: std::path::PathBuf,
+        /// Its rate.
+        baud: u32,
     },
 }
 
@@ -64,9 +75,13 @@ impl std::str::FromStr for UpstreamSpec {
                 },
             });
         }
-        if s.starts_with("tcp://") || s.starts_with("serial://") {
+        if s.starts_with("serial://") {
+            let (path, baud) = serial::parse(s)?;
+            return Ok(UpstreamSpec::Serial { path, baud });
+        }
+        if s.starts_with("tcp://") {
             return Err(format!(
-                "{s:?}: tcp:// and serial:// upstreams are not supported by this build yet"
+                "{s:?}: tcp:// upstreams are not supported by this build yet"
             ));
         }
         Err(format!(
@@ -84,6 +99,9 @@ pub struct Upstream {
 enum Kind {
     Builtin(Builtin),
     Http(HttpUpstream),
+    Serial(std::sync::Arc<serial::SerialLink>),
+    /// A serial upstream made without its link (a node hosts those through their link only).
+    Unlinked,
 }
 
 impl Upstream {
@@ -95,8 +113,17 @@ impl Upstream {
             UpstreamSpec::Http { authority, prefix } => {
                 Kind::Http(HttpUpstream::new(authority.clone(), prefix.clone()))
             }
+            UpstreamSpec::Serial { .. } => Kind::Unlinked,
         };
         Upstream { spec, kind }
+    }
+
+    /// A service of the microcontroller on `link`.
+    pub(crate) fn serial(link: std::sync::Arc<serial::SerialLink>, spec: UpstreamSpec) -> Self {
+        Upstream {
+            spec,
+            kind: Kind::Serial(link),
+        }
     }
 
     /// What this upstream is.
@@ -119,6 +146,11 @@ impl Upstream {
         match &self.kind {
             Kind::Builtin(b) => b.serve(body),
             Kind::Http(h) => h.serve(ctx, body, max_body).await,
+            Kind::Serial(link) => link.call(ctx, body).await,
+            Kind::Unlinked => Reply::error(
+                mesh_proto::Status::Unavailable,
+                "a serial upstream is hosted through its line's link",
+            ),
         }
     }
 }

@@ -1,0 +1,213 @@
+//! A microcontroller on a serial line, on the mesh: a node with a `serial://` upstream on one end
+//! of a pty pair (made by socat, as a USB serial adapter would appear), `firmware-shim` on the
+//! other (the `fake-mcu` test binary: the shim's core on the host; the emulated Cortex-M firmware
+//! comes next).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use starling_tests::{NodeProc, Pki, bin, post};
+
+const UP: Duration = Duration::from_secs(10);
+
+/// Two ptys wired to each other by socat; killed on drop.
+struct PtyPair {
+    socat: Child,
+    node_end: PathBuf,
+    mcu_end: PathBuf,
+}
+
+impl PtyPair {
+    fn new(dir: &Path) -> PtyPair {
+        let (node_end, mcu_end) = (dir.join("tty-node"), dir.join("tty-mcu"));
+        let socat = Command::new("socat")
+            .arg(format!("pty,raw,echo=0,link={}", node_end.display()))
+            .arg(format!("pty,raw,echo=0,link={}", mcu_end.display()))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("socat (Debian package socat; scripts/setup.sh installs it)");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !(node_end.exists() && mcu_end.exists()) {
+            assert!(Instant::now() < deadline, "socat made no pty pair");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        PtyPair {
+            socat,
+            node_end,
+            mcu_end,
+        }
+    }
+}
+
+impl Drop for PtyPair {
+    fn drop(&mut self) {
+        let _ = self.socat.kill();
+        let _ = self.socat.wait();
+    }
+}
+
+/// The fake microcontroller on `device`, heartbeats every 200 ms; killed on drop.
+struct Mcu(Child);
+
+impl Mcu {
+    fn start(device: &Path) -> Mcu {
+        Mcu(Command::new(bin("fake-mcu"))
+            .arg(device)
+            .args(["mcu-1", "200"])
+            .spawn()
+            .expect("fake-mcu"))
+    }
+}
+
+impl Drop for Mcu {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn hosts(status: &serde_json::Value, service: &str) -> bool {
+    status["hosted"]
+        .as_array()
+        .is_some_and(|h| h.iter().any(|s| s == service))
+}
+
+async fn call(
+    ingress: std::net::SocketAddr,
+    service: &str,
+    method: &str,
+    body: &'static [u8],
+) -> (u16, Bytes) {
+    let (code, _, body) = post(
+        ingress,
+        service,
+        method,
+        Bytes::from_static(body),
+        Some(5000),
+    )
+    .await
+    .expect("the ingress answers");
+    (code, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_microcontroller_on_a_serial_line_serves_the_mesh_and_comes_and_goes() {
+    let pki = Pki::new();
+    let pty = PtyPair::new(pki.dir.path());
+    let line = format!("serial://{}?baud=115200", pty.node_end.display());
+    let b_conf = pki.config(
+        "node-b",
+        &format!(
+            "[[services]]\nname = \"sensor\"\nupstream = \"{line}\"\n\
+             [[services]]\nname = \"actuator\"\nupstream = \"{line}\"\n"
+        ),
+    );
+    let b = NodeProc::start("node-b", &b_conf);
+    assert!(
+        !hosts(&b.status(), "sensor"),
+        "hosted before the microcontroller announced"
+    );
+    let mut mcu = Mcu::start(&pty.mcu_end);
+    b.wait_status("hosting the microcontroller's services", UP, |s| {
+        hosts(s, "sensor") && hosts(s, "actuator")
+    });
+    let a = NodeProc::start(
+        "node-a",
+        &pki.config("node-a", &format!("[[peers]]\naddr = \"{}\"\n", b.quic)),
+    );
+    a.wait_status("seeing node-b host sensor", UP, |s| {
+        s["peers"].as_array().is_some_and(|p| {
+            p.iter().any(|p| {
+                p["services"]
+                    .as_array()
+                    .is_some_and(|s| s.iter().any(|s| s == "sensor"))
+            })
+        })
+    });
+
+    // From another node, through the mesh, answered by the microcontroller's handler.
+    let started = Instant::now();
+    for _ in 0..1000 {
+        let (code, body) = call(a.ingress(), "sensor", "read", b"").await;
+        assert_eq!((code, &body[..]), (200, &b"21.5"[..]));
+    }
+    eprintln!(
+        "1000 calls through the serial line in {:?}",
+        started.elapsed()
+    );
+    let (code, body) = call(a.ingress(), "actuator", "set", b"on").await;
+    assert_eq!((code, &body[..]), (200, &b"1:on"[..]));
+    let (code, _) = call(a.ingress(), "sensor", "calibrate", b"").await;
+    assert_eq!(code, 404, "a method the microcontroller does not have");
+
+    // Unplugged: calls answer Unavailable within a second, not at their deadline; its services
+    // leave.
+    drop(mcu);
+    let unplugged = Instant::now();
+    let (code, _) = call(b.ingress(), "sensor", "read", b"").await;
+    assert_eq!(code, 503, "a call to an unplugged microcontroller");
+    assert!(
+        unplugged.elapsed() < Duration::from_secs(1),
+        "Unavailable came after {:?}",
+        unplugged.elapsed()
+    );
+    b.wait_status("withdrawing the services", UP, |s| !hosts(s, "sensor"));
+
+    // Plugged back (a reset microcontroller announces unasked): back, with no node restart.
+    mcu = Mcu::start(&pty.mcu_end);
+    b.wait_status("hosting again", UP, |s| hosts(s, "sensor"));
+    let (code, body) = call(b.ingress(), "sensor", "read", b"").await;
+    assert_eq!((code, &body[..]), (200, &b"21.5"[..]));
+
+    // The node restarted while the microcontroller runs: it asks, and the services are back
+    // within a second.
+    drop(b);
+    let b = NodeProc::start("node-b", &b_conf);
+    let restarted = Instant::now();
+    b.wait_status("hosting after its restart", UP, |s| hosts(s, "sensor"));
+    assert!(
+        restarted.elapsed() < Duration::from_secs(1),
+        "the services came back after {:?}",
+        restarted.elapsed()
+    );
+    let (code, body) = call(b.ingress(), "sensor", "info", b"").await;
+    assert_eq!((code, &body[..]), (200, &b"fake-mcu 0.1.0"[..]));
+    drop(mcu);
+}
+
+#[test]
+fn check_config_names_a_missing_device_and_a_bad_rate() {
+    let pki = Pki::new();
+    let check = |upstream: &str| {
+        let conf = pki.config(
+            &format!("node-{}", upstream.len()),
+            &format!("[[services]]\nname = \"sensor\"\nupstream = \"{upstream}\"\n"),
+        );
+        let src = std::fs::read_to_string(&conf).expect("config");
+        let line = src
+            .lines()
+            .position(|l| l.starts_with("upstream = \"serial"))
+            .expect("line")
+            + 1;
+        let out = Command::new(bin("mesh-node"))
+            .args(["check-config"])
+            .arg(&conf)
+            .output()
+            .expect("mesh-node");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+            format!("{}:{line}: services[0].upstream: ", conf.display()),
+        )
+    };
+    let (code, err, at) = check("serial:///dev/does-not-exist?baud=115200");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains(&at) && err.contains("does not exist"), "{err}");
+    let (code, err, at) = check("serial:///dev/null?baud=12");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains(&at) && err.contains("baud \"12\""), "{err}");
+    let (code, err, _) = check("serial:///dev/null?baud=9600");
+    assert_eq!(code, Some(0), "{err}");
+}

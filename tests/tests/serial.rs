@@ -211,3 +211,165 @@ fn check_config_names_a_missing_device_and_a_bad_rate() {
     let (code, err, _) = check("serial:///dev/null?baud=9600");
     assert_eq!(code, Some(0), "{err}");
 }
+
+/// Passes bytes between two pty ends, spoiling one frame in a hundred each way (a byte dropped,
+/// or three random bytes thrown in); stops when either end closes.
+fn noisy_proxy(a: &Path, b: &Path) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+    use std::io::{Read, Write};
+    let spoiled = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let open = |p: &Path| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(p)
+            .expect("pty")
+    };
+    let (a, b) = (open(a), open(b));
+    for (mut from, mut to, seed) in [
+        (
+            a.try_clone().expect("clone"),
+            b.try_clone().expect("clone"),
+            0x2545_f491_4f6c_dd1du64,
+        ),
+        (b, a, 0x9e37_79b9_7f4a_7c15u64),
+    ] {
+        let spoiled = spoiled.clone();
+        std::thread::spawn(move || {
+            let mut state = seed;
+            let mut random = move || {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state
+            };
+            let mut frame = Vec::new();
+            let mut buf = [0u8; 256];
+            loop {
+                let n = match from.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                for &byte in &buf[..n] {
+                    frame.push(byte);
+                    if byte != 0 {
+                        continue;
+                    }
+                    if random() % 100 == 0 {
+                        spoiled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if random() % 2 == 0 && frame.len() > 1 {
+                            let at = (random() as usize) % (frame.len() - 1);
+                            frame.remove(at);
+                        } else {
+                            let at = (random() as usize) % frame.len();
+                            for _ in 0..3 {
+                                frame.insert(at, random() as u8);
+                            }
+                        }
+                    }
+                    if to.write_all(&frame).is_err() {
+                        return;
+                    }
+                    frame.clear();
+                }
+            }
+        });
+    }
+    spoiled
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_noisy_line_idempotent_calls_all_succeed_and_none_hangs() {
+    let pki = Pki::new();
+    let node_side = PtyPair::new(&pki.dir.path().join("."));
+    let mcu_dir = pki.dir.path().join("mcu");
+    std::fs::create_dir_all(&mcu_dir).expect("dir");
+    let mcu_side = PtyPair::new(&mcu_dir);
+    let spoiled = noisy_proxy(&node_side.mcu_end, &mcu_side.node_end);
+    let _mcu = Mcu::start(&mcu_side.mcu_end);
+    // The policy marks sensor/read idempotent, actuator/set not.
+    let policy = pki.dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "[authorization]\ndefault = \"allow\"\n[[services]]\nname = \"sensor\"\nidempotent = [\"read\"]\n",
+    )
+    .expect("policy");
+    let gw_conf = pki.gateway_config("gw", "127.0.0.1:0", "");
+    let src = std::fs::read_to_string(&gw_conf).expect("config");
+    std::fs::write(
+        &gw_conf,
+        src.replacen(
+            "[identity]",
+            &format!("policy = \"{}\"\n[identity]", policy.display()),
+            1,
+        ),
+    )
+    .expect("config");
+    let (gw, _) = NodeProc::start_gateway("gw", &gw_conf);
+    let line = format!("serial://{}", node_side.node_end.display());
+    let b_conf = pki.config(
+        "node-b",
+        &format!(
+            "[[services]]\nname = \"sensor\"\nupstream = \"{line}\"\n\
+             [[services]]\nname = \"actuator\"\nupstream = \"{line}\"\n"
+        ),
+    );
+    let src = std::fs::read_to_string(&b_conf).expect("config");
+    std::fs::write(
+        &b_conf,
+        src.replacen(
+            "[identity]",
+            &format!("gateway = \"{}\"\n[identity]", gw.quic),
+            1,
+        ),
+    )
+    .expect("config");
+    let b = NodeProc::start("node-b", &b_conf);
+    b.wait_policy(1, UP);
+    b.wait_status("hosting sensor", UP, |s| hosts(s, "sensor"));
+
+    let mut slowest = Duration::ZERO;
+    for i in 0..1000 {
+        let started = Instant::now();
+        let (code, body) = call(b.ingress(), "sensor", "read", b"").await;
+        slowest = slowest.max(started.elapsed());
+        assert_eq!(
+            (code, &body[..]),
+            (200, &b"21.5"[..]),
+            "idempotent call {i}"
+        );
+    }
+    // Not idempotent: never sent twice, so a lost frame costs the call, with a clear status at
+    // its deadline, never later.
+    let (mut ok, mut failed) = (0, 0);
+    for _ in 0..300 {
+        let started = Instant::now();
+        let (code, _, _) = post(
+            b.ingress(),
+            "actuator",
+            "set",
+            Bytes::from_static(b"x"),
+            Some(500),
+        )
+        .await
+        .expect("the ingress answers");
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(1500),
+            "a call hung for {took:?}"
+        );
+        match code {
+            200 => ok += 1,
+            504 | 503 => failed += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    let spoiled = spoiled.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "noisy line: {spoiled} frames spoiled; 1000 idempotent calls all ok (slowest {slowest:?}); \
+         300 others: {ok} ok, {failed} failed clearly"
+    );
+    assert!(
+        spoiled > 0,
+        "the proxy spoiled nothing: the test tested nothing"
+    );
+}

@@ -44,6 +44,7 @@ all   | prometheus             | cmd:promtool               | promtool checks /m
 all   | tar                    | cmd:tar                    | device bundles
 all   | faketime               | cmd:faketime               | tests/tests/lifecycle.rs starts nodes with their clock in 1970
 all   | socat                  | cmd:socat                  | tests/tests/serial.rs wires a node to a microcontroller through a pty pair
+all   | qemu-system-arm        | cmd:qemu-system-arm        | tests/tests/firmware.rs runs the example firmware on an emulated Cortex-M4
 EOF
 )
 

@@ -23,6 +23,9 @@ cargo build --workspace --bins
 step "device builds (static, stripped; the qemu and bundle tests use them)"
 cross/build.sh
 
+step "the example firmware for the emulated Cortex-M4 (tests/tests/firmware.rs runs it under QEMU)"
+(cd firmware/qemu-mps2 && cargo build --release --locked)
+
 step "tests"
 cargo test --workspace
 

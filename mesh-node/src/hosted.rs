@@ -17,13 +17,34 @@ pub(crate) type Services = BTreeMap<ServiceName, Arc<Upstream>>;
 /// The shared, changeable set of hosted services.
 pub(crate) struct Hosted {
     services: watch::Sender<Arc<Services>>,
+    /// Services hosted only while a device offers them (a microcontroller's): while it does not,
+    /// a call for one is Unavailable, not NotFound.
+    intermittent: std::sync::RwLock<std::collections::BTreeSet<ServiceName>>,
 }
 
 impl Hosted {
     pub(crate) fn new(services: Services) -> Self {
         Hosted {
             services: watch::Sender::new(Arc::new(services)),
+            intermittent: Default::default(),
         }
+    }
+
+    /// `service` is hosted only while a device offers it.
+    pub(crate) fn mark_intermittent(&self, service: ServiceName) {
+        self.intermittent
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(service);
+    }
+
+    /// Whether `service` is hosted only while a device offers it.
+    pub(crate) fn is_intermittent(&self, service: &str) -> bool {
+        self.intermittent
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|s| s.as_str() == service)
     }
 
     /// The upstream of `service`, if this node hosts it.

@@ -749,6 +749,9 @@ fn serve_serial_lines(config: &NodeConfig, hosted: &Arc<Hosted>, shutdown: &watc
         }
     }
     for (path, (baud, names)) in lines {
+        for name in &names {
+            hosted.mark_intermittent(name.clone());
+        }
         let link = crate::upstream::serial::SerialLink::new(path.clone(), baud);
         tokio::spawn(link.clone().run(shutdown.subscribe()));
         let (hosted, mut announced, mut stop) =

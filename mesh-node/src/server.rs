@@ -347,6 +347,15 @@ impl Server {
     /// Serves a call for a service this node hosts.
     async fn dispatch(&self, ctx: CallContext, body: Bytes) -> Reply {
         let Some(upstream) = self.hosted.get(ctx.service.as_str()) else {
+            if self.hosted.is_intermittent(ctx.service.as_str()) {
+                return Reply::error(
+                    Status::Unavailable,
+                    format!(
+                        "the device serving {} on node {} is not connected",
+                        ctx.service, self.name
+                    ),
+                );
+            }
             return Reply::error(
                 Status::NotFound,
                 format!(

@@ -246,7 +246,12 @@ impl ControlPlane {
         };
         self.registry().handle_seen(name, Instant::now());
         match up {
-            Up::Hello(_) | Up::Heartbeat => None,
+            Up::Heartbeat => None,
+            Up::Hello(hello) => {
+                self.registry().handle_rehello(name, &hello, Instant::now());
+                self.registry_changed.send_modify(|v| *v += 1);
+                None
+            }
             Up::PolicyAck {
                 version,
                 epoch,

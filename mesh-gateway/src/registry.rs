@@ -103,6 +103,18 @@ impl Registry {
         );
     }
 
+    /// `name` said hello again on its open control stream: what it hosts, where and with which
+    /// labels changed (a microcontroller came or went).
+    pub fn handle_rehello(&mut self, name: &str, hello: &NodeHello, now: Instant) {
+        if let Some(n) = self.nodes.get_mut(name) {
+            n.services = hello.services.clone();
+            n.labels = hello.labels.clone();
+            n.addrs = hello.addrs.clone();
+            n.last_seen = now;
+            n.last_seen_wall = SystemTime::now();
+        }
+    }
+
     /// What the certificate of `name`'s control stream says.
     pub fn set_certificate(&mut self, name: &str, certificate: CertificateInfo) {
         if let Some(n) = self.nodes.get_mut(name) {

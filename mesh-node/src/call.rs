@@ -52,15 +52,28 @@ pub struct Reply {
     pub message: String,
     /// The answer's body (for `Upstream` errors, the upstream's own body).
     pub body: Bytes,
+    /// The leaf that served it (a microcontroller behind the callee node), when one did: calls
+    /// are counted under `<node>/leaf/<name>`.
+    pub leaf: Option<std::sync::Arc<str>>,
 }
 
+/// The response metadata that names the leaf that served a call.
+pub(crate) const LEAF_METADATA: &str = ":leaf";
+
 impl Reply {
+    /// The same reply, served by leaf `name`.
+    pub(crate) fn served_by_leaf(mut self, name: &std::sync::Arc<str>) -> Self {
+        self.leaf = Some(name.clone());
+        self
+    }
+
     /// A successful reply.
     pub fn ok(body: Bytes) -> Self {
         Reply {
             status: Status::Ok,
             message: String::new(),
             body,
+            leaf: None,
         }
     }
 
@@ -70,6 +83,7 @@ impl Reply {
             status,
             message: message.into(),
             body: Bytes::new(),
+            leaf: None,
         }
     }
 

@@ -116,6 +116,11 @@ impl Client {
         let trace = self.trace_for(options);
         let (reply, callee) = self.call_inner(service, method, body, options, trace).await;
         let latency = since(started);
+        // Served by a microcontroller behind the callee: counted under its leaf name.
+        let callee = match &reply.leaf {
+            Some(leaf) if !callee.is_empty() => format!("{callee}/leaf/{leaf}"),
+            _ => callee,
+        };
         // Names that are not names (refused as such) are counted under one series.
         let valid = mesh_proto::validate_name(service)
             .and(mesh_proto::validate_name(method))
@@ -554,9 +559,18 @@ async fn send_call(conn: quinn::Connection, head: Vec<u8>, body: Bytes, max_body
         Err(ReadError::Stream(e)) => return lost(&e),
         Err(e) => return bad("body ", &e),
     };
+    // A leaf named by the callee is a label for counting, checked as a name and nothing more.
+    let leaf = head
+        .metadata
+        .iter()
+        .find(|(k, _)| *k == crate::call::LEAF_METADATA)
+        .map(|(_, v)| *v)
+        .filter(|v| mesh_proto::validate_name(v).is_ok())
+        .map(std::sync::Arc::from);
     Reply {
         status: head.status,
         message: head.message.to_owned(),
         body,
+        leaf,
     }
 }

@@ -334,7 +334,11 @@ impl Server {
             span_id: crate::rng::random().to_le_bytes(),
             parent_span_id: Some(trace.span_id),
             client: false,
-            node: self.name.as_str().to_owned(),
+            // A call a microcontroller served is its span, under the node that vouches for it.
+            node: match &reply.leaf {
+                Some(leaf) => format!("{}/leaf/{leaf}", self.name),
+                None => self.name.as_str().to_owned(),
+            },
             service,
             method,
             start_unix_us: started_wall,
@@ -526,6 +530,9 @@ impl Server {
 
 /// Writes a reply on a call stream.
 async fn write_reply(send: &mut quinn::SendStream, reply: Reply) -> Result<(), quinn::WriteError> {
-    let head = ResponseHead::new(reply.status, &reply.message);
+    let mut head = ResponseHead::new(reply.status, &reply.message);
+    if let Some(leaf) = &reply.leaf {
+        let _ = head.metadata.push((crate::call::LEAF_METADATA, leaf));
+    }
     write_message(send, &head, reply.body).await
 }

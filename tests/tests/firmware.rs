@@ -8,9 +8,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use starling_tests::{NodeProc, Pki, free_udp_port, post};
+use starling_tests::{NodeProc, Pki, eventually, free_udp_port, http, post};
 
 const UP: Duration = Duration::from_secs(10);
+const FAST: &str = "[telemetry]\ninterval_ms = 100\n";
 
 fn firmware() -> PathBuf {
     let elf = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -132,7 +133,7 @@ async fn the_emulated_cortex_m_firmware_serves_the_mesh_through_its_node() {
         ),
     )
     .expect("config");
-    let (gw, _) = NodeProc::start_gateway("gw", &gw_conf);
+    let (gw, admin) = NodeProc::start_gateway("gw", &gw_conf);
     let with_gateway = |conf: PathBuf| {
         let src = std::fs::read_to_string(&conf).expect("config");
         std::fs::write(
@@ -151,7 +152,7 @@ async fn the_emulated_cortex_m_firmware_serves_the_mesh_through_its_node() {
         "node-b",
         &format!(
             "[[services]]\nname = \"sensor\"\nupstream = \"{line}\"\n\
-             [[services]]\nname = \"actuator\"\nupstream = \"{line}\"\n"
+             [[services]]\nname = \"actuator\"\nupstream = \"{line}\"\n{FAST}"
         ),
     ));
     // A fixed port: node-a finds node-b again after node-b restarts.
@@ -169,7 +170,7 @@ async fn the_emulated_cortex_m_firmware_serves_the_mesh_through_its_node() {
     b.wait_status("hosting the firmware's services", UP, |s| {
         hosts(s, "sensor") && hosts(s, "actuator")
     });
-    let peer_b = format!("[[peers]]\naddr = \"{}\"\n", b.quic);
+    let peer_b = format!("[[peers]]\naddr = \"{}\"\n{FAST}", b.quic);
     let a = NodeProc::start("node-a", &with_gateway(pki.config("node-a", &peer_b)));
     let c = NodeProc::start("node-c", &with_gateway(pki.config("node-c", &peer_b)));
     for n in [&a, &c] {
@@ -208,6 +209,30 @@ async fn the_emulated_cortex_m_firmware_serves_the_mesh_through_its_node() {
     // node-c: no rule allows it.
     let (code, _) = call(c.ingress(), "sensor", "read", b"").await;
     assert_eq!(code, 403, "a caller no rule allows");
+    // The gateway counts the calls under the microcontroller's leaf name, and lists its
+    // services as hosted by node-b.
+    let series = "starling_requests_total{service=\"sensor\",method=\"read\",caller=\"node-a\",\
+                  callee=\"node-b/leaf/qemu-mcu\",status=\"ok\"}";
+    let counted = eventually(UP, async || {
+        let (_, text) = http("GET", admin, "/metrics", None, "").await;
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .filter(|n| *n >= 1000)
+    })
+    .await;
+    assert!(
+        counted.is_some(),
+        "the gateway never counted 1000 calls as {series}"
+    );
+    let services = async || http("GET", admin, "/v1/services", None, "").await.1;
+    assert!(
+        services()
+            .await
+            .contains("\"sensor\":[{\"node\":\"node-b\""),
+        "{}",
+        services().await
+    );
 
     // QEMU killed: Unavailable within a second, the services leave.
     drop(qemu);
@@ -220,6 +245,15 @@ async fn the_emulated_cortex_m_firmware_serves_the_mesh_through_its_node() {
         killed.elapsed()
     );
     b.wait_status("withdrawing the services", UP, |s| !hosts(s, "sensor"));
+    let gone = eventually(UP, async || {
+        (!services().await.contains("\"sensor\"")).then_some(())
+    })
+    .await;
+    assert!(
+        gone.is_some(),
+        "the gateway still lists sensor: {}",
+        services().await
+    );
 
     // QEMU again (a new pty behind the same name): back, with no node restart.
     qemu = Qemu::start(&link);

@@ -125,6 +125,9 @@ impl ControlClient {
 
         let mut reader = FrameReader::new(recv);
         let mut sent_up_to = 0u64;
+        // The hosted services change (a microcontroller comes or goes): the gateway hears again.
+        let mut hosted_changes = self.hosted.subscribe();
+        hosted_changes.mark_unchanged();
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         let mut stop = self.shutdown.clone();
         loop {
@@ -182,6 +185,11 @@ impl ControlClient {
                 }
                 _ = new_batch => {}
                 _ = heartbeat.tick() => write_up(&mut send, &Up::Heartbeat).await?,
+                r = hosted_changes.changed() => {
+                    if r.is_ok() {
+                        write_up(&mut send, &Up::Hello(self.hello())).await?;
+                    }
+                }
                 _ = stop.changed() => return Ok(()),
             }
         }

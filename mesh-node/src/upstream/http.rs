@@ -85,6 +85,7 @@ impl HttpUpstream {
                 status: Status::Upstream(code.as_u16()),
                 message: format!("upstream answered HTTP {}", code.as_u16()),
                 body,
+                leaf: None,
             })
         }
     }

@@ -371,9 +371,11 @@ impl SerialLink {
         }
         .await;
         self.lock().pending.remove(&id);
+        let leaf: Arc<str> = Arc::from(announced.name.as_str());
         match result {
-            Ok((Status::Ok, body)) => Reply::ok(body),
-            Ok((status, body)) => Reply::error(status, String::from_utf8_lossy(&body).into_owned()),
+            Ok((Status::Ok, body)) => Reply::ok(body).served_by_leaf(&leaf),
+            Ok((status, body)) => Reply::error(status, String::from_utf8_lossy(&body).into_owned())
+                .served_by_leaf(&leaf),
             Err(reply) => reply,
         }
     }

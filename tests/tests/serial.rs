@@ -373,3 +373,75 @@ async fn on_a_noisy_line_idempotent_calls_all_succeed_and_none_hangs() {
         "the proxy spoiled nothing: the test tested nothing"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_microcontroller_of_another_link_version_is_refused_with_the_reason() {
+    use mesh_proto::serial::{Decoder, Frame, ServiceDecl, encode};
+    use std::io::{Read, Write};
+    let pki = Pki::new();
+    let pty = PtyPair::new(pki.dir.path());
+    let line = format!("serial://{}", pty.node_end.display());
+    let b = NodeProc::start(
+        "node-b",
+        &pki.config(
+            "node-b",
+            &format!("[[services]]\nname = \"sensor\"\nupstream = \"{line}\"\n"),
+        ),
+    );
+    // A microcontroller from the future: it announces link version 99.
+    let mut mcu = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&pty.mcu_end)
+        .expect("pty");
+    let mut services = heapless::Vec::new();
+    let mut methods = heapless::Vec::new();
+    methods.push("read").expect("room");
+    services
+        .push(ServiceDecl {
+            name: "sensor",
+            methods,
+        })
+        .expect("room");
+    let (mut scratch, mut out) = ([0u8; 512], [0u8; 600]);
+    let n = encode(
+        &Frame::Announce {
+            version: 99,
+            name: "future-mcu",
+            firmware: "9.0",
+            services,
+            max_in_flight: 1,
+            heartbeat_ms: 200,
+        },
+        &mut scratch,
+        &mut out,
+    )
+    .expect("encode");
+    mcu.write_all(&out[..n]).expect("write");
+    // The node answers with a refusal that says why; it hosts nothing from it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut reader = mcu.try_clone().expect("clone");
+    std::thread::spawn(move || {
+        let mut decoder = Decoder::<1024>::new();
+        let mut buf = [0u8; 256];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 {
+                return;
+            }
+            decoder.feed(
+                &buf[..n],
+                |f| {
+                    if let Frame::Refuse { reason } = f {
+                        let _ = tx.send(reason.to_owned());
+                    }
+                },
+                |_| {},
+            );
+        }
+    });
+    let reason = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the node refused the announce");
+    assert!(reason.contains("version 1, not 99"), "{reason}");
+    assert!(!hosts(&b.status(), "sensor"));
+}

@@ -12,4 +12,6 @@ features=()
 # The footprint and discovery figures run the size-tuned native build, stripped as on a device.
 cargo build --profile device -q -p mesh-node -p mesh-gateway --bins
 cargo build --release -q -p mesh-bench "${features[@]}"
-exec target/release/mesh-bench "$@"
+target/release/mesh-bench "$@"
+# Flash and RAM of the microcontroller side (the example firmware, with and without the shim).
+scripts/firmware-size.sh

@@ -38,6 +38,7 @@ cargo build -p mesh-proto --target riscv32imc-unknown-none-elf
 # The microcontroller side: Cortex-M0+ (no atomics), Cortex-M4F, RISC-V.
 for target in thumbv6m-none-eabi thumbv7em-none-eabihf riscv32imc-unknown-none-elf; do
   cargo build -p firmware-shim --target "$target"
+  cargo build -p firmware-shim --target "$target" --features psk
 done
 echo
 echo "all checks passed"

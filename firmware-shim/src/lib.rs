@@ -11,7 +11,8 @@
 //!     methods: &[Method { name: "read", handler: read }],
 //! }];
 //! let mut shim = Shim::<256, 128>::new(Config { name: "mcu-1", firmware: "0.1.0",
-//!                                                 services: SERVICES, heartbeat_ms: 1000 });
+//!                                                 services: SERVICES, heartbeat_ms: 1000,
+//!                                                 key: None });
 //! loop { shim.pump(&mut uart, now_ms()); }
 //! ```
 //!
@@ -24,7 +25,8 @@
 
 use heapless::{Deque, Vec};
 use mesh_proto::Status;
-use mesh_proto::serial::{Decoder, MAX_METHODS, MAX_SERVICES, encode};
+pub use mesh_proto::serial::Key;
+use mesh_proto::serial::{Decoder, MAX_METHODS, MAX_SERVICES, encode_keyed};
 pub use mesh_proto::serial::{Dropped, Frame, SERIAL_VERSION, ServiceDecl};
 
 /// A method's handler: the request body in, the reply body written into `out`; the bytes
@@ -57,6 +59,9 @@ pub struct Config {
     pub services: &'static [Service],
     /// A heartbeat every this many milliseconds.
     pub heartbeat_ms: u32,
+    /// The key this microcontroller shares with its node (feature `psk`): every frame is tagged
+    /// with it, and frames without its tag are dropped. None: frames are not authenticated.
+    pub key: Option<&'static Key>,
 }
 
 /// Replies remembered for repeated request ids.
@@ -89,9 +94,13 @@ pub struct Shim<const RX: usize = 256, const B: usize = 128> {
 impl<const RX: usize, const B: usize> Shim<RX, B> {
     /// A shim for `config`.
     pub const fn new(config: Config) -> Self {
+        let decoder = match config.key {
+            Some(key) => Decoder::with_key(*key),
+            None => Decoder::new(),
+        };
         Shim {
             config,
-            decoder: Decoder::new(),
+            decoder,
             replay: Deque::new(),
             body: [0; B],
             scratch: [0; RX],
@@ -102,8 +111,8 @@ impl<const RX: usize, const B: usize> Shim<RX, B> {
         }
     }
 
-    /// Frames dropped since start: too long, garbled, bad checksum, unknown.
-    pub fn dropped(&self) -> [u32; 4] {
+    /// Frames dropped since start: too long, garbled, bad checksum, unknown, unauthenticated.
+    pub fn dropped(&self) -> [u32; 5] {
         self.decoder.dropped
     }
 
@@ -140,6 +149,7 @@ impl<const RX: usize, const B: usize> Shim<RX, B> {
                     if let Some(r) = replay.iter().find(|r| r.id == id) {
                         *replayed += 1;
                         send(
+                            config.key,
                             &Frame::Reply {
                                 id,
                                 status: r.status,
@@ -173,6 +183,7 @@ impl<const RX: usize, const B: usize> Shim<RX, B> {
                         body: Vec::from_slice(&body[..n]).unwrap_or_default(),
                     });
                     send(
+                        config.key,
                         &Frame::Reply {
                             id,
                             status,
@@ -206,6 +217,7 @@ impl<const RX: usize, const B: usize> Shim<RX, B> {
         if due {
             self.last_heartbeat = Some(now_ms);
             send(
+                self.config.key,
                 &Frame::Heartbeat { uptime_ms: now_ms },
                 &mut self.scratch,
                 &mut self.line,
@@ -275,6 +287,7 @@ fn announce<const RX: usize>(
         });
     }
     send(
+        config.key,
         &Frame::Announce {
             version: SERIAL_VERSION,
             name: config.name,
@@ -290,12 +303,13 @@ fn announce<const RX: usize>(
 }
 
 fn send<const RX: usize>(
+    key: Option<&Key>,
     frame: &Frame<'_>,
     scratch: &mut [u8; RX],
     line: &mut [u8; RX],
     tx: &mut impl FnMut(&[u8]),
 ) {
-    if let Ok(n) = encode(frame, scratch, line) {
+    if let Ok(n) = encode_keyed(frame, key, scratch, line) {
         tx(&line[..n]);
     }
 }

@@ -58,6 +58,7 @@ fn shim() -> Shim<256, 64> {
         firmware: "0.1.0",
         services: SERVICES,
         heartbeat_ms: 1000,
+        key: None,
     })
 }
 

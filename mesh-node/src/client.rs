@@ -199,7 +199,11 @@ impl Client {
             );
             return (reply, String::new());
         }
-        if self.hosted.contains(service) {
+        // Hosted here; or hosted here while a device offers it, and no peer hosts it now (then
+        // the server says it is away).
+        if self.hosted.contains(service)
+            || (self.hosted.is_intermittent(service) && !self.peers.has_endpoint(service))
+        {
             let (Ok(service), Ok(method)) =
                 (ServiceName::try_from(service), MethodName::try_from(method))
             else {

@@ -434,18 +434,23 @@ impl NodeConfig {
     /// that runs waits for a device plugged in later; a check says it is missing).
     pub fn check_devices(&self) -> Result<(), ConfigError> {
         for (i, s) in self.services.iter().enumerate() {
-            if let UpstreamSpec::Serial { path, .. } = &s.upstream
-                && !path.exists()
-            {
-                return Err(ConfigError::Invalid {
-                    file: self.file.clone(),
-                    line: s.line,
-                    key: format!("services[{i}].upstream"),
-                    message: format!(
-                        "{} does not exist: is the microcontroller plugged in? (the node waits for it)",
-                        path.display()
-                    ),
-                });
+            let UpstreamSpec::Serial { path, key, .. } = &s.upstream else {
+                continue;
+            };
+            let err = |message: String| ConfigError::Invalid {
+                file: self.file.clone(),
+                line: s.line,
+                key: format!("services[{i}].upstream"),
+                message,
+            };
+            if !path.exists() {
+                return Err(err(format!(
+                    "{} does not exist: is the microcontroller plugged in? (the node waits for it)",
+                    path.display()
+                )));
+            }
+            if let Some(key) = key {
+                crate::upstream::serial::read_key(key).map_err(err)?;
             }
         }
         Ok(())

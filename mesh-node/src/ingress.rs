@@ -280,7 +280,7 @@ fn status_json(node: &Node) -> String {
     format!(
         "{{\"name\":{},\"id\":{},\"quic\":{},\"hosted\":[{}],\"peers\":{},\"dial_errors\":[{}],\
          \"refused_handshakes\":{},\"last_refusal\":{},\"connections_admitted\":{},\"peers_lost\":{},\"gateway\":{},\"gateway_sessions\":{},\"policy\":{{\"version\":{},\"epoch\":{},\"hash\":{},\"source\":{},\"problem\":{}}},\
-         \"telemetry\":{{\"pending\":{},\"dropped\":{},\"pending_bytes\":{},\"lost_items\":{}}},\"certificate_expires_in_s\":{},\"revoked\":{},\"renewal\":{{\"renewals\":{},\"problem\":{},\"revoked\":{},\"roots\":{}}},\"clock\":{}}}",
+         \"telemetry\":{{\"pending\":{},\"dropped\":{},\"pending_bytes\":{},\"lost_items\":{}}},\"certificate_expires_in_s\":{},\"revoked\":{},\"renewal\":{{\"renewals\":{},\"problem\":{},\"revoked\":{},\"roots\":{}}},\"clock\":{},\"serial\":[{}]}}",
         json_str(s.id.node_name().as_str()),
         json_str(&s.id.to_string()),
         json_str(&s.quic.to_string()),
@@ -318,6 +318,16 @@ fn status_json(node: &Node) -> String {
         s.renewal.revoked,
         s.renewal.roots,
         json_str(s.clock),
+        s.serial
+            .iter()
+            .map(|(path, device, d)| format!(
+                "{{\"path\":{},\"device\":{},\"dropped\":{{\"too_long\":{},\"garbled\":{},\"bad_checksum\":{},\"unknown\":{},\"unauthenticated\":{}}}}}",
+                json_str(&path.display().to_string()),
+                device.as_deref().map_or("null".to_owned(), json_str),
+                d[0], d[1], d[2], d[3], d[4]
+            ))
+            .collect::<Vec<_>>()
+            .join(","),
     )
 }
 

@@ -110,6 +110,9 @@ pub struct NodeStatus {
     pub renewal: RenewalStatus,
     /// Where its wall-clock time comes from: `system`, `floor`, `gateway` or `unknown`.
     pub clock: &'static str,
+    /// Its serial lines: the path, the microcontroller on it (if one announced), and the frames
+    /// dropped (too long, garbled, bad checksum, unknown, unauthenticated).
+    pub serial: Vec<(std::path::PathBuf, Option<String>, [u32; 5])>,
 }
 
 /// How a node is started beyond its config.
@@ -151,6 +154,7 @@ struct Parts {
     /// When the certificate in use expires.
     not_after: Arc<std::sync::Mutex<std::time::SystemTime>>,
     renewer: Option<Arc<Renewer>>,
+    serial_lines: Vec<Arc<crate::upstream::serial::SerialLink>>,
 }
 
 impl Node {
@@ -389,7 +393,7 @@ impl Node {
                 }
             });
         }
-        serve_serial_lines(&config, &hosted, &shutdown);
+        let serial_lines = serve_serial_lines(&config, &hosted, &shutdown);
         if let Some(renewer) = &renewer {
             tokio::spawn(crate::identity::renew::watch(
                 renewer.clone(),
@@ -458,6 +462,7 @@ impl Node {
                 lock: std::sync::Mutex::new(lock),
                 not_after,
                 renewer,
+                serial_lines,
             }),
         })
     }
@@ -523,6 +528,7 @@ impl Node {
                 .map(|r| r.status())
                 .unwrap_or_default(),
             clock: crate::wallclock::now().1.as_str(),
+            serial: self.parts.serial_lines.iter().map(|l| l.status()).collect(),
         }
     }
 
@@ -737,22 +743,38 @@ async fn forward(
 /// Opens every serial line the config names, and hosts the services configured on it while the
 /// microcontroller there announces them (a service it announces that the config does not name is
 /// not hosted: the operator decides what a line may serve).
-fn serve_serial_lines(config: &NodeConfig, hosted: &Arc<Hosted>, shutdown: &watch::Sender<bool>) {
-    let mut lines: HashMap<std::path::PathBuf, (u32, Vec<ServiceName>)> = HashMap::new();
+fn serve_serial_lines(
+    config: &NodeConfig,
+    hosted: &Arc<Hosted>,
+    shutdown: &watch::Sender<bool>,
+) -> Vec<Arc<crate::upstream::serial::SerialLink>> {
+    let mut links = Vec::new();
+    type Line = (u32, Option<std::path::PathBuf>, Vec<ServiceName>);
+    let mut lines: HashMap<std::path::PathBuf, Line> = HashMap::new();
     for s in &config.services {
-        if let UpstreamSpec::Serial { path, baud } = &s.upstream {
+        if let UpstreamSpec::Serial { path, baud, key } = &s.upstream {
             lines
                 .entry(path.clone())
-                .or_insert_with(|| (*baud, Vec::new()))
-                .1
+                .or_insert_with(|| (*baud, key.clone(), Vec::new()))
+                .2
                 .push(s.name.clone());
         }
     }
-    for (path, (baud, names)) in lines {
+    for (path, (baud, key_file, names)) in lines {
         for name in &names {
             hosted.mark_intermittent(name.clone());
         }
-        let link = crate::upstream::serial::SerialLink::new(path.clone(), baud);
+        let key = match key_file.as_deref().map(crate::upstream::serial::read_key) {
+            None => None,
+            Some(Ok(key)) => Some(key),
+            Some(Err(e)) => {
+                // Fail closed: a line whose key cannot be read is not opened.
+                tracing::error!("serial line {} is not opened: {e}", path.display());
+                continue;
+            }
+        };
+        let link = crate::upstream::serial::SerialLink::new(path.clone(), baud, key);
+        links.push(link.clone());
         tokio::spawn(link.clone().run(shutdown.subscribe()));
         let (hosted, mut announced, mut stop) =
             (hosted.clone(), link.subscribe(), shutdown.subscribe());
@@ -767,6 +789,7 @@ fn serve_serial_lines(config: &NodeConfig, hosted: &Arc<Hosted>, shutdown: &watc
                         let spec = UpstreamSpec::Serial {
                             path: path.clone(),
                             baud,
+                            key: key_file.clone(),
                         };
                         hosted.insert(name.clone(), Upstream::serial(link.clone(), spec));
                     } else {
@@ -792,6 +815,7 @@ fn serve_serial_lines(config: &NodeConfig, hosted: &Arc<Hosted>, shutdown: &watc
             }
         });
     }
+    links
 }
 
 /// Whole seconds from now until `at`; negative when `at` has passed.

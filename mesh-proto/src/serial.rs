@@ -9,6 +9,11 @@
 //! a frame drops what it has at the next zero and starts clean; the CRC drops a frame whose bits
 //! flipped. [`Decoder`] does both.
 //!
+//! With a pre-shared key (feature `psk`), the content is the frame followed by the first 16 bytes
+//! of HMAC-SHA256(key, frame): a device plugged into another's port cannot speak in its name. A
+//! side with a key drops frames without a good tag; a side without one drops tagged frames; both
+//! count them as [`Dropped::Unauthenticated`].
+//!
 //! The exchange: the microcontroller sends [`Frame::Announce`] when it starts and whenever asked
 //! ([`Frame::Discover`]); the node sends [`Frame::Call`]s, each with a request id, and the
 //! microcontroller answers each with a [`Frame::Reply`] of the same id; both send
@@ -110,12 +115,66 @@ struct Envelope<'a> {
 pub enum EncodeError {
     /// It does not fit the buffer.
     TooBig,
+    /// A key was given and this build has no `psk` feature.
+    NoKeySupport,
 }
+
+/// The first [`TAG_BYTES`] of HMAC-SHA256(`key`, `content`).
+#[cfg(feature = "psk")]
+fn tag(key: &Key, content: &[u8]) -> Option<[u8; TAG_BYTES]> {
+    use hmac::{Mac, SimpleHmac};
+    let mut mac = <SimpleHmac<sha2::Sha256> as Mac>::new_from_slice(key).ok()?;
+    mac.update(content);
+    let full = mac.finalize().into_bytes();
+    let mut out = [0u8; TAG_BYTES];
+    out.copy_from_slice(&full[..TAG_BYTES]);
+    Some(out)
+}
+
+#[cfg(not(feature = "psk"))]
+fn tag(_key: &Key, _content: &[u8]) -> Option<[u8; TAG_BYTES]> {
+    None
+}
+
+/// Compares in constant time.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Bytes of the authentication tag a keyed frame carries.
+pub const TAG_BYTES: usize = 16;
+
+/// A pre-shared key of a serial link (32 bytes).
+pub type Key = [u8; 32];
 
 /// Writes `frame` as it goes on the line (delimiter included) into `out`, using `scratch` (at
 /// least the frame's postcard size); returns the bytes written.
 pub fn encode(frame: &Frame<'_>, scratch: &mut [u8], out: &mut [u8]) -> Result<usize, EncodeError> {
-    let content = postcard::to_slice(frame, scratch).map_err(|_| EncodeError::TooBig)?;
+    encode_keyed(frame, None, scratch, out)
+}
+
+/// [`encode`], with the frame's authentication tag when `key` is given (feature `psk`).
+pub fn encode_keyed(
+    frame: &Frame<'_>,
+    key: Option<&Key>,
+    scratch: &mut [u8],
+    out: &mut [u8],
+) -> Result<usize, EncodeError> {
+    let len = postcard::to_slice(frame, scratch)
+        .map_err(|_| EncodeError::TooBig)?
+        .len();
+    let len = match key {
+        None => len,
+        Some(key) => {
+            let tag = tag(key, &scratch[..len]).ok_or(EncodeError::NoKeySupport)?;
+            scratch
+                .get_mut(len..len + TAG_BYTES)
+                .ok_or(EncodeError::TooBig)?
+                .copy_from_slice(&tag);
+            len + TAG_BYTES
+        }
+    };
+    let content = &scratch[..len];
     let envelope = Envelope {
         crc: CRC.checksum(content).to_le_bytes(),
         content,
@@ -137,16 +196,20 @@ pub enum Dropped {
     BadChecksum,
     /// The checksum matches but the content is no frame this side knows.
     Unknown,
+    /// Without the tag this side's key expects, or tagged when this side has no key.
+    Unauthenticated,
 }
 
 /// Reads frames out of a byte stream: `N` is the longest encoded frame it takes.
 pub struct Decoder<const N: usize> {
     acc: CobsAccumulator<N>,
+    key: Option<Key>,
     /// The checked content of the last frame, kept so the frame can borrow from it.
     content: [u8; N],
     content_len: usize,
-    /// Frames dropped since start, by reason: too long, garbled, bad checksum, unknown.
-    pub dropped: [u32; 4],
+    /// Frames dropped since start, by reason: too long, garbled, bad checksum, unknown,
+    /// unauthenticated.
+    pub dropped: [u32; 5],
 }
 
 impl<const N: usize> Default for Decoder<N> {
@@ -160,10 +223,18 @@ impl<const N: usize> Decoder<N> {
     pub const fn new() -> Self {
         Decoder {
             acc: CobsAccumulator::new(),
+            key: None,
             content: [0; N],
             content_len: 0,
-            dropped: [0; 4],
+            dropped: [0; 5],
         }
+    }
+
+    /// A decoder that takes only frames tagged with `key` (feature `psk`).
+    pub const fn with_key(key: Key) -> Self {
+        let mut d = Self::new();
+        d.key = Some(key);
+        d
     }
 
     /// Feeds `input`; calls `on_frame` with each good frame, in order, and `on_drop` with the
@@ -195,10 +266,23 @@ impl<const N: usize> Decoder<N> {
             input = rest;
             let dropped = match checked {
                 Ok(()) => {
-                    match postcard::from_bytes::<Frame<'_>>(&self.content[..self.content_len]) {
-                        Ok(frame) => {
-                            on_frame(frame);
-                            None
+                    let content = &self.content[..self.content_len];
+                    match postcard::take_from_bytes::<Frame<'_>>(content) {
+                        Ok((frame, rest)) => {
+                            let body = &content[..content.len() - rest.len()];
+                            let genuine = match &self.key {
+                                None => rest.is_empty(),
+                                Some(key) => {
+                                    rest.len() == TAG_BYTES
+                                        && tag(key, body).is_some_and(|t| same(&t, rest))
+                                }
+                            };
+                            if genuine {
+                                on_frame(frame);
+                                None
+                            } else {
+                                Some(Dropped::Unauthenticated)
+                            }
                         }
                         Err(_) => Some(Dropped::Unknown),
                     }
@@ -331,5 +415,36 @@ mod tests {
         let n = line(&call(300, &[1u8; 64])).len();
         std::eprintln!("a call with a 64-byte body is {n} bytes on the line");
         assert!(n <= 64 + 14, "{n} bytes on the line");
+    }
+
+    #[cfg(feature = "psk")]
+    #[test]
+    fn keyed_frames_pass_only_with_the_same_key() {
+        let key = [7u8; 32];
+        let (mut scratch, mut out) = ([0u8; 512], [0u8; 600]);
+        let n = encode_keyed(&call(5, b"hi"), Some(&key), &mut scratch, &mut out).expect("encode");
+        let keyed = out[..n].to_vec();
+        let plain = line(&call(6, b"hi"));
+        let ids = |d: &mut Decoder<256>, bytes: &[u8]| {
+            let (mut ids, mut drops) = (std::vec::Vec::new(), std::vec::Vec::new());
+            d.feed(
+                bytes,
+                |f| {
+                    if let Frame::Call { id, .. } = f {
+                        ids.push(id)
+                    }
+                },
+                |why| drops.push(why),
+            );
+            (ids, drops)
+        };
+        let mut with_key = Decoder::<256>::with_key(key);
+        assert_eq!(ids(&mut with_key, &keyed).0, [5]);
+        assert_eq!(ids(&mut with_key, &plain).1, [Dropped::Unauthenticated]);
+        let mut other_key = Decoder::<256>::with_key([8u8; 32]);
+        assert_eq!(ids(&mut other_key, &keyed).1, [Dropped::Unauthenticated]);
+        let mut no_key = Decoder::<256>::new();
+        assert_eq!(ids(&mut no_key, &keyed).1, [Dropped::Unauthenticated]);
+        assert_eq!(ids(&mut no_key, &plain).0, [6]);
     }
 }

@@ -53,9 +53,15 @@ struct Mcu(Child);
 
 impl Mcu {
     fn start(device: &Path) -> Mcu {
+        Self::start_keyed(device, None)
+    }
+
+    /// With a key shared with its node (64 hex digits).
+    fn start_keyed(device: &Path, key: Option<&str>) -> Mcu {
         Mcu(Command::new(bin("fake-mcu"))
             .arg(device)
             .args(["mcu-1", "200"])
+            .args(key)
             .spawn()
             .expect("fake-mcu"))
     }
@@ -444,4 +450,84 @@ async fn a_microcontroller_of_another_link_version_is_refused_with_the_reason() 
         .expect("the node refused the announce");
     assert!(reason.contains("version 1, not 99"), "{reason}");
     assert!(!hosts(&b.status(), "sensor"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_shared_key_only_the_device_that_holds_it_is_heard() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = Pki::new();
+    let key = "7f".repeat(32);
+    let key_file = pki.dir.path().join("line.key");
+    std::fs::write(&key_file, &key).expect("key");
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let node_with_line = |name: &str, dir: &Path| {
+        let pty = PtyPair::new(dir);
+        let conf = pki.config(
+            name,
+            &format!(
+                "[[services]]\nname = \"sensor\"\nupstream = \"serial://{}?key={}\"\n",
+                pty.node_end.display(),
+                key_file.display()
+            ),
+        );
+        (pty, conf)
+    };
+    let b_dir = pki.dir.path().join("b-line");
+    let c_dir = pki.dir.path().join("c-line");
+    std::fs::create_dir_all(&b_dir).expect("dir");
+    std::fs::create_dir_all(&c_dir).expect("dir");
+    let (b_pty, b_conf) = node_with_line("node-b", &b_dir);
+    let (c_pty, c_conf) = node_with_line("node-c", &c_dir);
+    let b = NodeProc::start("node-b", &b_conf);
+    let c = NodeProc::start("node-c", &c_conf);
+    // The right key on node-b's line; on node-c's, a device with another key, then one with none.
+    let _good = Mcu::start_keyed(&b_pty.mcu_end, Some(&key));
+    let impostor = Mcu::start_keyed(&c_pty.mcu_end, Some(&"01".repeat(32)));
+    b.wait_status("hosting the keyed device's sensor", UP, |s| {
+        hosts(s, "sensor")
+    });
+    let (code, body) = call(b.ingress(), "sensor", "read", b"").await;
+    assert_eq!((code, &body[..]), (200, &b"21.5"[..]));
+    // node-c hears the impostor's announce and heartbeats, drops every one as unauthenticated,
+    // and hosts nothing.
+    let unauthenticated = |s: &serde_json::Value| {
+        s["serial"][0]["dropped"]["unauthenticated"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let s = c.wait_status("dropping the impostor's frames", UP, |s| {
+        unauthenticated(s) >= 5
+    });
+    assert!(
+        !hosts(&s, "sensor") && s["serial"][0]["device"].is_null(),
+        "{s}"
+    );
+    drop(impostor);
+    let before = unauthenticated(&c.status());
+    let _unkeyed = Mcu::start(&c_pty.mcu_end);
+    let s = c.wait_status("dropping an unkeyed device's frames", UP, |s| {
+        unauthenticated(s) >= before + 5
+    });
+    assert!(
+        !hosts(&s, "sensor") && s["serial"][0]["device"].is_null(),
+        "{s}"
+    );
+    let s = b.status();
+    assert_eq!(s["serial"][0]["device"], "mcu-1", "{s}");
+    let (code, _) = call(c.ingress(), "sensor", "read", b"").await;
+    assert_eq!(code, 503);
+
+    // check-config refuses a key file others can read.
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = Command::new(bin("mesh-node"))
+        .arg("check-config")
+        .arg(&b_conf)
+        .output()
+        .expect("mesh-node");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("must be readable by its owner only"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

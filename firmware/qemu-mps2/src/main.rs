@@ -162,6 +162,7 @@ static mut SHIM: Shim<256, 64> = Shim::new(Config {
     firmware: "0.1.0",
     services: SERVICES,
     heartbeat_ms: 200,
+    key: None,
 });
 
 #[entry]

@@ -43,6 +43,8 @@ pub enum UpstreamSpec {
         path: std::path::PathBuf,
         /// Its rate.
         baud: u32,
+        /// The file of the key shared with the microcontroller, if frames are authenticated.
+        key: Option<std::path::PathBuf>,
     },
 }
 
@@ -76,8 +78,8 @@ impl std::str::FromStr for UpstreamSpec {
             });
         }
         if s.starts_with("serial://") {
-            let (path, baud) = serial::parse(s)?;
-            return Ok(UpstreamSpec::Serial { path, baud });
+            let (path, baud, key) = serial::parse(s)?;
+            return Ok(UpstreamSpec::Serial { path, baud, key });
         }
         if s.starts_with("tcp://") {
             return Err(format!(

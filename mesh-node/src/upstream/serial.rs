@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use mesh_proto::Status;
-use mesh_proto::serial::{Decoder, Frame, SERIAL_VERSION, encode, max_encoded};
+use mesh_proto::serial::{Decoder, Dropped, Frame, Key, SERIAL_VERSION, encode_keyed, max_encoded};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Semaphore, oneshot, watch};
 use tracing::{info, warn};
@@ -54,9 +54,14 @@ pub struct Announced {
 pub struct SerialLink {
     path: PathBuf,
     baud: u32,
+    /// The key shared with the microcontroller: frames are tagged with it, and taken only with
+    /// its tag.
+    key: Option<Key>,
     /// What the microcontroller on the line announced, while it is there.
     announced: watch::Sender<Option<Arc<Announced>>>,
     inner: Mutex<Inner>,
+    /// Frames dropped since start: too long, garbled, bad checksum, unknown, unauthenticated.
+    dropped: Mutex<[u32; 5]>,
 }
 
 struct Inner {
@@ -71,10 +76,11 @@ struct Inner {
 
 impl SerialLink {
     /// A link for the line at `path`; [`SerialLink::run`] opens it.
-    pub fn new(path: PathBuf, baud: u32) -> Arc<Self> {
+    pub fn new(path: PathBuf, baud: u32, key: Option<Key>) -> Arc<Self> {
         Arc::new(SerialLink {
             path,
             baud,
+            key,
             announced: watch::Sender::new(None),
             inner: Mutex::new(Inner {
                 writer: None,
@@ -82,7 +88,17 @@ impl SerialLink {
                 next_id: 1,
                 slots: Arc::new(Semaphore::new(1)),
             }),
+            dropped: Mutex::new([0; 5]),
         })
+    }
+
+    /// What the line's status shows: its path, the device on it, and the frames dropped.
+    pub fn status(&self) -> (PathBuf, Option<String>, [u32; 5]) {
+        (
+            self.path.clone(),
+            self.announced.borrow().as_ref().map(|a| a.name.clone()),
+            *self.dropped.lock().unwrap_or_else(|p| p.into_inner()),
+        )
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -148,7 +164,13 @@ impl SerialLink {
         if let Err(e) = self.send(&Frame::Discover).await {
             return e;
         }
-        let mut decoder = Decoder::<MAX_LINE_FRAME>::new();
+        let mut decoder = match self.key {
+            Some(key) => Decoder::<MAX_LINE_FRAME>::with_key(key),
+            None => Decoder::<MAX_LINE_FRAME>::new(),
+        };
+        let mut said_unauthenticated = false;
+        // The counts before this opening of the line; the decoder counts from zero.
+        let base = *self.dropped.lock().unwrap_or_else(|p| p.into_inner());
         let mut buf = [0u8; 256];
         let mut heard = false;
         loop {
@@ -229,8 +251,24 @@ impl SerialLink {
                         _ => {}
                     }
                 },
-                |_| {},
+                |why| {
+                    if why == Dropped::Unauthenticated && !said_unauthenticated {
+                        said_unauthenticated = true;
+                        warn!(
+                            "serial line {}: frames fail authentication ({}): the device on this \
+                             line does not hold this line's key; nothing it says is taken",
+                            self.path.display(),
+                            if self.key.is_some() { "untagged or another key" } else { "tagged, and this line has no key" }
+                        );
+                    }
+                },
             );
+            {
+                let mut dropped = self.dropped.lock().unwrap_or_else(|p| p.into_inner());
+                for ((total, before), now) in dropped.iter_mut().zip(base).zip(decoder.dropped) {
+                    *total = before.saturating_add(now);
+                }
+            }
             if let Some(reason) = refuse
                 && let Err(e) = self.send(&Frame::Refuse { reason: &reason }).await
             {
@@ -274,7 +312,8 @@ impl SerialLink {
     async fn send(&self, frame: &Frame<'_>) -> Result<(), String> {
         let mut scratch = vec![0u8; MAX_LINE_FRAME];
         let mut line = vec![0u8; max_encoded(MAX_LINE_FRAME)];
-        let n = encode(frame, &mut scratch, &mut line).map_err(|e| format!("{e:?}"))?;
+        let n = encode_keyed(frame, self.key.as_ref(), &mut scratch, &mut line)
+            .map_err(|e| format!("{e:?}"))?;
         let writer = self.lock().writer.clone().ok_or("the line is not open")?;
         let mut w = writer.lock().await;
         w.write_all(&line[..n])
@@ -381,8 +420,39 @@ impl SerialLink {
     }
 }
 
-/// Parses `serial:///dev/ttyUSB0?baud=115200` (baud 115200 when not given).
-pub(crate) fn parse(s: &str) -> Result<(PathBuf, u32), String> {
+/// Reads a line's key file: 64 hex digits (32 bytes), readable by its owner only.
+pub fn read_key(path: &std::path::Path) -> Result<Key, String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "{}: the line's key has mode {:04o}: it must be readable by its owner only (chmod 600)",
+                path.display(),
+                mode & 0o777
+            ));
+        }
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = text.trim();
+    let mut key = [0u8; 32];
+    if text.len() != 64 {
+        return Err(format!("{}: a key is 64 hex digits", path.display()));
+    }
+    for (i, byte) in key.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16)
+            .map_err(|_| format!("{}: a key is 64 hex digits", path.display()))?;
+    }
+    Ok(key)
+}
+
+/// Parses `serial:///dev/ttyUSB0?baud=115200&key=/etc/starling/mcu.key` (baud 115200 when not
+/// given; no key: frames are not authenticated).
+pub(crate) fn parse(s: &str) -> Result<(PathBuf, u32, Option<PathBuf>), String> {
     let rest = s.strip_prefix("serial://").ok_or("not serial://")?;
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
     if !path.starts_with('/') {
@@ -391,6 +461,7 @@ pub(crate) fn parse(s: &str) -> Result<(PathBuf, u32), String> {
         ));
     }
     let mut baud = 115_200;
+    let mut key = None;
     for kv in query.split('&').filter(|kv| !kv.is_empty()) {
         match kv.split_once('=') {
             Some(("baud", v)) => {
@@ -402,8 +473,12 @@ pub(crate) fn parse(s: &str) -> Result<(PathBuf, u32), String> {
                         format!("{s:?}: baud {v:?} is not a rate between 300 and 4000000")
                     })?;
             }
-            _ => return Err(format!("{s:?}: unknown option {kv:?} (only baud=N)")),
+            Some(("key", v)) if v.starts_with('/') => key = Some(PathBuf::from(v)),
+            Some(("key", v)) => {
+                return Err(format!("{s:?}: key {v:?}: the key file's absolute path"));
+            }
+            _ => return Err(format!("{s:?}: unknown option {kv:?} (baud=N, key=/path)")),
         }
     }
-    Ok((PathBuf::from(path), baud))
+    Ok((PathBuf::from(path), baud, key))
 }

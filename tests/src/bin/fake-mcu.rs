@@ -1,7 +1,7 @@
 //! A microcontroller for the tests, on the host: `firmware-shim`'s core on a serial device (one
 //! end of a pty pair), serving `sensor` (`read`, `info`) and `actuator` (`set`).
 //!
-//! `fake-mcu <device> [name] [heartbeat_ms]`. `actuator/set` answers how many times it ran, so a
+//! `fake-mcu <device> [name] [heartbeat_ms] [key (64 hex digits)]`. `actuator/set` answers how many times it ran, so a
 //! test sees a handler run twice. The tests kill it as a microcontroller is unplugged.
 
 use std::io::{Read, Write};
@@ -73,6 +73,13 @@ fn main() {
             .into_boxed_str(),
     );
     let heartbeat_ms = args.next().and_then(|h| h.parse().ok()).unwrap_or(200);
+    let key: Option<&'static [u8; 32]> = args.next().map(|hex| {
+        let mut key = [0u8; 32];
+        for (i, byte) in key.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("a key of 64 hex digits");
+        }
+        &*Box::leak(Box::new(key))
+    });
     let line = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -99,6 +106,7 @@ fn main() {
         firmware: "0.1.0",
         services: SERVICES,
         heartbeat_ms,
+        key,
     });
     let started = Instant::now();
     let now = || started.elapsed().as_millis() as u32;

@@ -15,6 +15,7 @@ mod discovery;
 mod footprint;
 mod gateway_scale;
 mod paths;
+mod serial_line;
 mod stats;
 
 use std::path::PathBuf;
@@ -56,6 +57,9 @@ struct Args {
     /// Lab nodes for the discovery figure (network namespaces: needs root); 0 skips it.
     #[arg(long, default_value_t = 10)]
     lab_nodes: usize,
+    /// Calls over a serial line at 115200 baud to firmware-shim (0 skips it; needs socat).
+    #[arg(long, default_value_t = 300)]
+    serial_calls: usize,
     /// Simulated node counts for the gateway-scale figures (comma-separated; empty skips them).
     #[arg(long, default_value = "100,1000", value_delimiter = ',')]
     gateway_nodes: Vec<usize>,
@@ -151,7 +155,16 @@ fn main() -> anyhow::Result<()> {
         discovery,
         scale,
     };
+    let serial = if args.serial_calls > 0 {
+        eprintln!("measuring calls over a serial line");
+        Some(serial_line::measure(115_200, args.serial_calls).context("serial line")?)
+    } else {
+        None
+    };
     report.print();
+    if let Some(serial) = &serial {
+        serial.print();
+    }
     report.save(&args.out)?;
     client_rt.block_on(fixture.shutdown());
     Ok(())

@@ -26,6 +26,9 @@ cross/build.sh
 step "the example firmware for the emulated Cortex-M4 (tests/tests/firmware.rs runs it under QEMU)"
 (cd firmware/qemu-mps2 && cargo build --release --locked)
 
+step "the example firmware for a real board (Raspberry Pi Pico, embassy): it builds"
+(cd firmware/rp2040 && cargo build --release --locked)
+
 step "tests"
 cargo test --workspace
 

@@ -12,6 +12,7 @@
 mod audit;
 pub mod ca;
 pub mod cli;
+pub mod cloud;
 pub mod config;
 mod control;
 pub mod demo;

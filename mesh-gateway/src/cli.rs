@@ -476,6 +476,7 @@ fn load(path: &Path) -> Result<(GatewayConfig, mesh_node::Identity), String> {
 fn check(path: &Path) -> Result<String, String> {
     let (config, _) = load(path)?;
     config.load_issuer().map_err(|e| e.to_string())?;
+    config.check_cloud_files().map_err(|e| e.to_string())?;
     if let Some(policy) = &config.policy {
         let text = mesh_node::config::read_regular_file(&policy.value).map_err(|e| {
             format!(

@@ -21,6 +21,7 @@ pub const GATEWAY_KEYS: &[&str] = &[
     "traces",
     "audit_log",
     "issuer",
+    "cloud",
 ];
 
 /// A gateway's configuration, validated.
@@ -44,6 +45,38 @@ pub struct GatewayConfig {
     pub audit_log: PathBuf,
     /// The site issuer the gateway signs node certificates with (enrolment, renewal), if any.
     pub issuer: Option<IssuerConfig>,
+    /// The bridge to the cloud's MQTT broker, if any.
+    pub cloud: Option<CloudConfig>,
+}
+
+/// The `[cloud]` section: the MQTT broker the site reports to, and the on-disk queue in front
+/// of it.
+#[derive(Debug, Clone)]
+pub struct CloudConfig {
+    /// `host:port` of the broker.
+    pub broker: String,
+    /// TLS (`mqtts://`) or not (`mqtt://`, only with `insecure = true`).
+    pub tls: bool,
+    /// The MQTT client id (default: the gateway's name).
+    pub client_id: String,
+    /// Topics go under this (default: `starling/<trust-domain>/<gateway-name>`, set at start).
+    pub topic_prefix: Option<String>,
+    /// The broker's CA certificate (PEM), if not a public one.
+    pub ca: Option<PathBuf>,
+    /// The client certificate and key (PEM; the key mode 0600), if the broker takes those.
+    pub cert_key: Option<(PathBuf, PathBuf)>,
+    /// A user name and the file of its password (mode 0600), if the broker takes those.
+    pub user_password: Option<(String, PathBuf)>,
+    /// Where the store-and-forward queue lives.
+    pub queue_dir: PathBuf,
+    /// The queue's bound in bytes.
+    pub queue_max_bytes: u64,
+    /// The queue's bound in messages.
+    pub queue_max_messages: u64,
+    /// MQTT keep-alive.
+    pub keep_alive: Duration,
+    /// The line of the section, for errors found later.
+    pub line: usize,
 }
 
 /// The `[issuer]` section: the site issuer `mesh-gateway ca issuer` made, and how long what it
@@ -89,6 +122,26 @@ struct RawGateway {
     traces: Option<Spanned<RawTraces>>,
     audit_log: Option<Spanned<String>>,
     issuer: Option<Spanned<RawIssuer>>,
+    cloud: Option<Spanned<RawCloud>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCloud {
+    broker: Spanned<String>,
+    #[serde(default)]
+    insecure: bool,
+    client_id: Option<Spanned<String>>,
+    topic_prefix: Option<Spanned<String>>,
+    ca: Option<Spanned<String>>,
+    cert: Option<Spanned<String>>,
+    key: Option<Spanned<String>>,
+    username: Option<Spanned<String>>,
+    password_file: Option<Spanned<String>>,
+    queue_dir: Option<Spanned<String>>,
+    queue_max_bytes: Option<Spanned<u64>>,
+    queue_max_messages: Option<Spanned<u64>>,
+    keep_alive_s: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -114,6 +167,58 @@ struct RawTraces {
 }
 
 impl GatewayConfig {
+    /// What `check-config` checks of the `[cloud]` section beyond the file: the certificates it
+    /// names exist, and its secrets (client key, password file) are readable by their owner only.
+    pub fn check_cloud_files(&self) -> Result<(), ConfigError> {
+        let Some(cloud) = &self.cloud else {
+            return Ok(());
+        };
+        let err = |key: &str, message: String| ConfigError::Invalid {
+            file: self.node.file.clone(),
+            line: cloud.line,
+            key: format!("cloud.{key}"),
+            message,
+        };
+        let exists = |key: &str, p: &Path| {
+            std::fs::metadata(p)
+                .map(|_| ())
+                .map_err(|e| err(key, format!("{}: {e}", p.display())))
+        };
+        let private = |key: &str, p: &Path| -> Result<(), ConfigError> {
+            exists(key, p)?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(p)
+                    .map_err(|e| err(key, e.to_string()))?
+                    .permissions()
+                    .mode();
+                if mode & 0o077 != 0 {
+                    return Err(err(
+                        key,
+                        format!(
+                            "{} has mode {:04o}: it must be readable by its owner only (chmod 600)",
+                            p.display(),
+                            mode & 0o777
+                        ),
+                    ));
+                }
+            }
+            Ok(())
+        };
+        if let Some(ca) = &cloud.ca {
+            exists("ca", ca)?;
+        }
+        if let Some((cert, key)) = &cloud.cert_key {
+            exists("cert", cert)?;
+            private("key", key)?;
+        }
+        if let Some((_, file)) = &cloud.user_password {
+            private("password_file", file)?;
+        }
+        Ok(())
+    }
+
     /// Loads the site issuer the `[issuer]` section names, if it names one; errors name the file,
     /// line and key.
     pub fn load_issuer(&self) -> Result<Option<crate::ca::Ca>, ConfigError> {
@@ -218,7 +323,12 @@ impl GatewayConfig {
                 })
             }
         };
+        let cloud = match &raw.cloud {
+            None => None,
+            Some(section) => Some(parse_cloud(section, &at, base, &node)?),
+        };
         Ok(GatewayConfig {
+            cloud,
             issuer,
             node,
             admin,
@@ -246,6 +356,108 @@ impl GatewayConfig {
             ),
         })
     }
+}
+
+/// The `[cloud]` section, checked: every error names the file, the line and the key.
+fn parse_cloud(
+    section: &Spanned<RawCloud>,
+    at: &SourceMap<'_>,
+    base: &Path,
+    node: &NodeConfig,
+) -> Result<CloudConfig, ConfigError> {
+    let c = section.get_ref();
+    let (tls, rest) = if let Some(rest) = c.broker.get_ref().strip_prefix("mqtts://") {
+        (true, rest)
+    } else if let Some(rest) = c.broker.get_ref().strip_prefix("mqtt://") {
+        if !c.insecure {
+            return Err(at.invalid(
+                &c.broker,
+                "cloud.broker",
+                "mqtt:// sends everything in clear text: use mqtts://, or say insecure = true",
+            ));
+        }
+        (false, rest)
+    } else {
+        return Err(at.invalid(
+            &c.broker,
+            "cloud.broker",
+            "expected mqtts://host:port (or mqtt://host:port with insecure = true)",
+        ));
+    };
+    let port_ok = rest
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    if !port_ok {
+        return Err(at.invalid(
+            &c.broker,
+            "cloud.broker",
+            "expected host:port after the scheme",
+        ));
+    }
+    let path = |s: &Spanned<String>| base.join(s.get_ref());
+    let cert_key = match (&c.cert, &c.key) {
+        (Some(cert), Some(key)) => Some((path(cert), path(key))),
+        (None, None) => None,
+        (Some(cert), None) => {
+            return Err(at.invalid(cert, "cloud.key", "a client certificate needs its key"));
+        }
+        (None, Some(key)) => {
+            return Err(at.invalid(key, "cloud.cert", "a client key needs its certificate"));
+        }
+    };
+    let user_password = match (&c.username, &c.password_file) {
+        (Some(user), Some(file)) => Some((user.get_ref().clone(), path(file))),
+        (None, None) => None,
+        (Some(user), None) => {
+            return Err(at.invalid(
+                user,
+                "cloud.password_file",
+                "a user name needs a password_file",
+            ));
+        }
+        (None, Some(file)) => {
+            return Err(at.invalid(file, "cloud.username", "a password_file needs a user name"));
+        }
+    };
+    let client_id = match &c.client_id {
+        Some(id) if id.get_ref().is_empty() || id.get_ref().len() > 128 => {
+            return Err(at.invalid(id, "cloud.client_id", "1 to 128 characters"));
+        }
+        Some(id) => id.get_ref().clone(),
+        None => node.name.as_str().to_owned(),
+    };
+    if let Some(prefix) = &c.topic_prefix {
+        let p = prefix.get_ref();
+        if p.is_empty() || p.contains(['+', '#']) || p.starts_with('/') || p.ends_with('/') {
+            return Err(at.invalid(
+                prefix,
+                "cloud.topic_prefix",
+                "a topic without wildcards (+, #) and without a leading or trailing /",
+            ));
+        }
+    }
+    let positive = |v: &Option<Spanned<u64>>, key: &str, default: u64| match v {
+        Some(n) if *n.get_ref() == 0 => Err(at.invalid(n, key, "must be greater than 0")),
+        Some(n) => Ok(*n.get_ref()),
+        None => Ok(default),
+    };
+    Ok(CloudConfig {
+        broker: rest.to_owned(),
+        tls,
+        client_id,
+        topic_prefix: c.topic_prefix.as_ref().map(|p| p.get_ref().clone()),
+        ca: c.ca.as_ref().map(path),
+        cert_key,
+        user_password,
+        queue_dir: c
+            .queue_dir
+            .as_ref()
+            .map_or_else(|| node.state_dir.join("cloud"), path),
+        queue_max_bytes: positive(&c.queue_max_bytes, "cloud.queue_max_bytes", 256 << 20)?,
+        queue_max_messages: positive(&c.queue_max_messages, "cloud.queue_max_messages", 1_000_000)?,
+        keep_alive: Duration::from_secs(positive(&c.keep_alive_s, "cloud.keep_alive_s", 30)?),
+        line: at.line(section.span().start),
+    })
 }
 
 #[cfg(test)]
@@ -301,5 +513,57 @@ mod tests {
             e.to_string()
                 .starts_with("gw.toml:2: admin: not a key of a node's config")
         );
+    }
+
+    #[test]
+    fn a_cloud_section_is_checked_key_by_key() {
+        let with = |cloud: &str| format!("{GOOD}[cloud]\n{cloud}");
+        let c = GatewayConfig::parse(
+            &with("broker = \"mqtts://broker.example:8883\"\ncert = \"c.crt\"\nkey = \"c.key\"\n"),
+            "gw.toml",
+            Path::new("/etc/starling"),
+        )
+        .expect("valid");
+        let cloud = c.cloud.expect("cloud");
+        assert_eq!(
+            (cloud.broker.as_str(), cloud.tls),
+            ("broker.example:8883", true)
+        );
+        assert_eq!(cloud.client_id, "gw");
+        assert_eq!(cloud.queue_dir, Path::new("/var/lib/starling/cloud"));
+        let error = |cloud: &str| {
+            GatewayConfig::parse(&with(cloud), "gw.toml", Path::new("."))
+                .expect_err(cloud)
+                .to_string()
+        };
+        let e = error("broker = \"mqtt://b:1883\"\n");
+        assert!(
+            e.starts_with("gw.toml:10: cloud.broker: mqtt:// sends everything in clear text"),
+            "{e}"
+        );
+        assert!(
+            GatewayConfig::parse(
+                &with("broker = \"mqtt://b:1883\"\ninsecure = true\n"),
+                "gw.toml",
+                Path::new(".")
+            )
+            .is_ok()
+        );
+        let e = error("broker = \"mqtts://b\"\n");
+        assert!(e.contains("cloud.broker: expected host:port"), "{e}");
+        let e = error("broker = \"mqtts://b:8883\"\ncert = \"c\"\n");
+        assert!(
+            e.contains("cloud.key: a client certificate needs its key"),
+            "{e}"
+        );
+        let e = error("broker = \"mqtts://b:8883\"\ntopic_prefix = \"site/#\"\n");
+        assert!(e.starts_with("gw.toml:11: cloud.topic_prefix"), "{e}");
+        let e = error("broker = \"mqtts://b:8883\"\nqueue_max_bytes = 0\n");
+        assert!(
+            e.contains("cloud.queue_max_bytes: must be greater than 0"),
+            "{e}"
+        );
+        let e = error("broker = \"mqtts://b:8883\"\ncolour = 1\n");
+        assert!(e.contains("colour"), "{e}");
     }
 }

@@ -544,3 +544,45 @@ fn an_admin_address_off_loopback_warns_and_a_shared_token_file_is_refused() {
         stderr(&out)
     );
 }
+
+#[test]
+fn check_config_checks_the_cloud_section_and_its_secrets() {
+    let pki = Pki::new();
+    let dir = pki.dir.path().join("gw");
+    let conf = example_gateway(&pki, &dir);
+    let src = std::fs::read_to_string(&conf).expect("conf");
+    std::fs::write(dir.join("cloud.crt"), "cert").expect("cert");
+    std::fs::write(dir.join("cloud.key"), "key").expect("key");
+    std::fs::set_permissions(
+        dir.join("cloud.key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .expect("chmod");
+    std::fs::write(
+        &conf,
+        format!(
+            "{src}\n[cloud]\nbroker = \"mqtts://broker.example:8883\"\ncert = \"cloud.crt\"\nkey = \"cloud.key\"\n"
+        ),
+    )
+    .expect("conf");
+    let out = run(
+        "mesh-gateway",
+        &["check-config", conf.to_str().expect("path")],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains(": cloud.key: ") && stderr(&out).contains("chmod 600"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::set_permissions(
+        dir.join("cloud.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .expect("chmod");
+    let out = run(
+        "mesh-gateway",
+        &["check-config", conf.to_str().expect("path")],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+}

@@ -210,12 +210,9 @@ impl Client {
                 let reply = Reply::error(Status::InvalidArgument, "bad service or method name");
                 return (reply, String::new());
             };
-            let idempotent = self
-                .policy
-                .policy()
-                .is_some_and(|p| p.is_idempotent(service.as_str(), method.as_str()));
             let ctx = CallContext {
-                idempotent,
+                // The server asks the policy, for an upstream that needs to know.
+                idempotent: false,
                 caller: self.id.clone(),
                 service,
                 method,

@@ -43,8 +43,7 @@ impl Hosted {
         self.intermittent
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .any(|s| s.as_str() == service)
+            .contains(service)
     }
 
     /// The upstream of `service`, if this node hosts it.

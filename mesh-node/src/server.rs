@@ -222,12 +222,9 @@ impl Server {
                 .min(self.limits.call_timeout.max(Duration::from_secs(3600)))
         };
         let streaming = head.metadata.iter().any(|(k, _)| *k == STREAM_METADATA);
-        let idempotent = self
-            .policy
-            .policy()
-            .is_some_and(|p| p.is_idempotent(service.as_str(), method.as_str()));
         let ctx = CallContext {
-            idempotent,
+            // Asked of the policy only for an upstream that resends (see `dispatch`).
+            idempotent: false,
             caller,
             service,
             method,
@@ -368,6 +365,15 @@ impl Server {
                 ),
             );
         };
+        // Only an upstream that may send a call twice (a serial line) needs to know whether the
+        // policy allows it: other calls do not pay for the lookup.
+        let mut ctx = ctx;
+        if upstream.resends() {
+            ctx.idempotent = self
+                .policy
+                .policy()
+                .is_some_and(|p| p.is_idempotent(ctx.service.as_str(), ctx.method.as_str()));
+        }
         if upstream.is_instant() {
             // Builtins answer without waiting on anything: no deadline timer to arm.
             return upstream.serve(&ctx, body, self.limits.max_body_bytes).await;

@@ -820,3 +820,65 @@ pub async fn send_hello(conn: &quinn::Connection, frame: &[u8]) {
     uni.write_all(frame).await.expect("hello");
     uni.finish().expect("finish");
 }
+
+/// Puts top-level `keys` (lines ending in `\n`) before the first table of a test config.
+pub fn prepend(path: &Path, keys: &str) {
+    let src = std::fs::read_to_string(path).expect("config");
+    std::fs::write(
+        path,
+        src.replacen("[identity]", &format!("{keys}[identity]"), 1),
+    )
+    .expect("config");
+}
+
+/// Runs a workspace binary with `args`: whether it succeeded, and its stdout then stderr.
+pub fn run_bin(name: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(bin(name))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Whether a node's status says it hosts `service`.
+pub fn hosts(status: &serde_json::Value, service: &str) -> bool {
+    status["hosted"]
+        .as_array()
+        .is_some_and(|h| h.iter().any(|s| s == service))
+}
+
+/// A call through a node's ingress with a 5 s deadline: its HTTP status and body.
+pub async fn call_ingress(
+    ingress: SocketAddr,
+    service: &str,
+    method: &str,
+    body: &'static [u8],
+) -> (u16, Bytes) {
+    let (code, _, body) = post(
+        ingress,
+        service,
+        method,
+        Bytes::from_static(body),
+        Some(5000),
+    )
+    .await
+    .expect("the ingress answers");
+    (code, body)
+}
+
+/// A child process killed (and reaped) when dropped: an unplugged device, a stopped broker.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

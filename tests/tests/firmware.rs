@@ -4,11 +4,12 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use starling_tests::{NodeProc, Pki, eventually, free_udp_port, http, post};
+use starling_tests::{
+    KillOnDrop, NodeProc, Pki, call_ingress, eventually, free_udp_port, hosts, http, prepend,
+};
 
 const UP: Duration = Duration::from_secs(10);
 const FAST: &str = "[telemetry]\ninterval_ms = 100\n";
@@ -25,7 +26,7 @@ fn firmware() -> PathBuf {
 }
 
 /// QEMU running the firmware, its UART on a pty that `link` points at; killed on drop.
-struct Qemu(Child);
+struct Qemu(#[allow(dead_code)] KillOnDrop);
 
 impl Qemu {
     fn start(link: &Path) -> Qemu {
@@ -73,39 +74,8 @@ impl Qemu {
         let _ = std::fs::remove_file(&tmp);
         std::os::unix::fs::symlink(&pts, &tmp).expect("symlink");
         std::fs::rename(&tmp, link).expect("rename");
-        Qemu(child)
+        Qemu(KillOnDrop(child))
     }
-}
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn hosts(status: &serde_json::Value, service: &str) -> bool {
-    status["hosted"]
-        .as_array()
-        .is_some_and(|h| h.iter().any(|s| s == service))
-}
-
-async fn call(
-    ingress: std::net::SocketAddr,
-    service: &str,
-    method: &str,
-    body: &'static [u8],
-) -> (u16, Bytes) {
-    let (code, _, body) = post(
-        ingress,
-        service,
-        method,
-        Bytes::from_static(body),
-        Some(5000),
-    )
-    .await
-    .expect("the ingress answers");
-    (code, body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -123,28 +93,10 @@ async fn the_emulated_cortex_m_firmware_serves_the_mesh_through_its_node() {
     )
     .expect("policy");
     let gw_conf = pki.gateway_config("gw", "127.0.0.1:0", "");
-    let src = std::fs::read_to_string(&gw_conf).expect("config");
-    std::fs::write(
-        &gw_conf,
-        src.replacen(
-            "[identity]",
-            &format!("policy = \"{}\"\n[identity]", policy.display()),
-            1,
-        ),
-    )
-    .expect("config");
+    prepend(&gw_conf, &format!("policy = \"{}\"\n", policy.display()));
     let (gw, admin) = NodeProc::start_gateway("gw", &gw_conf);
     let with_gateway = |conf: PathBuf| {
-        let src = std::fs::read_to_string(&conf).expect("config");
-        std::fs::write(
-            &conf,
-            src.replacen(
-                "[identity]",
-                &format!("gateway = \"{}\"\n[identity]", gw.quic),
-                1,
-            ),
-        )
-        .expect("config");
+        prepend(&conf, &format!("gateway = \"{}\"\n", gw.quic));
         conf
     };
     let line = format!("serial://{}?baud=115200", link.display());
@@ -187,11 +139,11 @@ async fn the_emulated_cortex_m_firmware_serves_the_mesh_through_its_node() {
     }
 
     // node-a calls node-b: the answer comes from the firmware.
-    let (code, body) = call(a.ingress(), "sensor", "info", b"").await;
+    let (code, body) = call_ingress(a.ingress(), "sensor", "info", b"").await;
     assert_eq!((code, &body[..]), (200, &b"qemu-mps2 cortex-m4 0.1.0"[..]));
     let started = Instant::now();
     for i in 0..1000 {
-        let (code, body) = call(a.ingress(), "sensor", "read", b"").await;
+        let (code, body) = call_ingress(a.ingress(), "sensor", "read", b"").await;
         assert_eq!(code, 200, "call {i}: {body:?}");
         assert!(
             body.starts_with(b"2") && body.len() == 4,
@@ -202,12 +154,12 @@ async fn the_emulated_cortex_m_firmware_serves_the_mesh_through_its_node() {
         "1000 calls to the emulated microcontroller in {:?}",
         started.elapsed()
     );
-    let (code, body) = call(a.ingress(), "actuator", "set", b"42").await;
+    let (code, body) = call_ingress(a.ingress(), "actuator", "set", b"42").await;
     assert_eq!((code, &body[..]), (200, &b"42"[..]));
-    let (code, _) = call(a.ingress(), "actuator", "set", b"420").await;
+    let (code, _) = call_ingress(a.ingress(), "actuator", "set", b"420").await;
     assert_eq!(code, 400, "the firmware refuses a level over 100");
     // node-c: no rule allows it.
-    let (code, _) = call(c.ingress(), "sensor", "read", b"").await;
+    let (code, _) = call_ingress(c.ingress(), "sensor", "read", b"").await;
     assert_eq!(code, 403, "a caller no rule allows");
     // The gateway counts the calls under the microcontroller's leaf name, and lists its
     // services as hosted by node-b.
@@ -237,7 +189,7 @@ async fn the_emulated_cortex_m_firmware_serves_the_mesh_through_its_node() {
     // QEMU killed: Unavailable within a second, the services leave.
     drop(qemu);
     let killed = Instant::now();
-    let (code, _) = call(a.ingress(), "sensor", "read", b"").await;
+    let (code, _) = call_ingress(a.ingress(), "sensor", "read", b"").await;
     assert_eq!(code, 503);
     assert!(
         killed.elapsed() < Duration::from_secs(1),
@@ -258,7 +210,7 @@ async fn the_emulated_cortex_m_firmware_serves_the_mesh_through_its_node() {
     // QEMU again (a new pty behind the same name): back, with no node restart.
     qemu = Qemu::start(&link);
     b.wait_status("hosting again", UP, |s| hosts(s, "sensor"));
-    let (code, _) = call(a.ingress(), "sensor", "read", b"").await;
+    let (code, _) = call_ingress(a.ingress(), "sensor", "read", b"").await;
     assert_eq!(code, 200);
 
     // node-b restarted while the firmware runs: back without a reset of the MCU. Within two
@@ -274,7 +226,7 @@ async fn the_emulated_cortex_m_firmware_serves_the_mesh_through_its_node() {
         restarted.elapsed()
     );
     a.wait_peer("node-b", UP);
-    let (code, body) = call(a.ingress(), "actuator", "set", b"7").await;
+    let (code, body) = call_ingress(a.ingress(), "actuator", "set", b"7").await;
     assert_eq!((code, &body[..]), (200, &b"7"[..]));
     drop(qemu);
 }

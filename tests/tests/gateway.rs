@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use starling_tests::{
-    HttpUpstream, NodeProc, Pki, closed_tcp_port, eventually, free_udp_port, http, post, try_http,
+    HttpUpstream, NodeProc, Pki, closed_tcp_port, eventually, free_udp_port, http, post, prepend,
+    try_http,
 };
 
 const UP: Duration = Duration::from_secs(10);
@@ -69,16 +70,6 @@ fn fixed_gateway_conf(pki: &Pki, policy: Option<&Path>) -> std::path::PathBuf {
         prepend(&conf, &format!("policy = \"{}\"\n", policy.display()));
     }
     conf
-}
-
-/// Puts top-level keys before the first table.
-fn prepend(path: &Path, keys: &str) {
-    let src = std::fs::read_to_string(path).expect("config");
-    std::fs::write(
-        path,
-        src.replacen("[identity]", &format!("{keys}[identity]"), 1),
-    )
-    .expect("config");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

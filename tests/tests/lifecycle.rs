@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rustls_pki_types::pem::PemObject;
-use starling_tests::{NodeProc, Pki, bin, free_udp_port, has_peer, http, post};
+use starling_tests::{NodeProc, Pki, bin, free_udp_port, has_peer, http, post, prepend, run_bin};
 
 const UP: Duration = Duration::from_secs(10);
 const FAST: &str = "[telemetry]\ninterval_ms = 100\n";
@@ -15,12 +15,7 @@ const ECHO: &str = "[[services]]\nname = \"echo\"\nupstream = \"builtin:echo\"\n
 
 fn node_conf(pki: &Pki, name: &str, gw: std::net::SocketAddr, extra: &str) -> std::path::PathBuf {
     let path = pki.config(name, &format!("{extra}{FAST}"));
-    let src = std::fs::read_to_string(&path).expect("config");
-    std::fs::write(
-        &path,
-        src.replacen("[identity]", &format!("gateway = \"{gw}\"\n[identity]"), 1),
-    )
-    .expect("config");
+    prepend(&path, &format!("gateway = \"{gw}\"\n"));
     path
 }
 
@@ -131,20 +126,7 @@ async fn a_revoked_node_is_cut_off_by_every_node_within_two_seconds_until_lifted
 fn a_site_issuer_signs_nodes_under_the_offline_root() {
     let pki = Pki::new();
     let dir = pki.dir.path();
-    let run = |args: &[&str]| {
-        let out = Command::new(bin("mesh-gateway"))
-            .args(args)
-            .output()
-            .expect("mesh-gateway runs");
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
-    };
+    let run = |args: &[&str]| run_bin("mesh-gateway", args);
     let path = |p: &str| dir.join(p).display().to_string();
     let (ok, out) = run(&[
         "ca",
@@ -290,12 +272,7 @@ fn short_lived_node(
 ) -> NodeProc {
     let dir = pki.node_dir_from(issuer, name, lifetime);
     let conf = pki.write_config(dir, name, &format!("{extra}{FAST}"));
-    let src = std::fs::read_to_string(&conf).expect("config");
-    std::fs::write(
-        &conf,
-        src.replacen("[identity]", &format!("gateway = \"{gw}\"\n[identity]"), 1),
-    )
-    .expect("config");
+    prepend(&conf, &format!("gateway = \"{gw}\"\n"));
     NodeProc::start(name, &conf)
 }
 
@@ -379,16 +356,7 @@ async fn a_device_enrols_with_a_one_time_token_and_joins() {
         "node-7",
         &format!("{FAST}[labels]\nzone = \"hall-1\"\n"),
     );
-    let src = std::fs::read_to_string(&conf).expect("config");
-    std::fs::write(
-        &conf,
-        src.replacen(
-            "[identity]",
-            &format!("gateway = \"{}\"\n[identity]", gw.quic),
-            1,
-        ),
-    )
-    .expect("config");
+    prepend(&conf, &format!("gateway = \"{}\"\n", gw.quic));
     let node = NodeProc::start("node-7", &conf);
     node.wait_gateway(UP);
 
@@ -647,20 +615,7 @@ async fn a_root_rotation_across_five_nodes_fails_no_call() {
             })
         })
         .collect();
-    let cli = |args: &[&str]| {
-        let out = Command::new(bin("mesh-gateway"))
-            .args(args)
-            .output()
-            .expect("mesh-gateway runs");
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
-    };
+    let cli = |args: &[&str]| run_bin("mesh-gateway", args);
     let p = |rel: &str| dir.join(rel).display().to_string();
     let edit = |from: &str, to: &str| {
         let src = std::fs::read_to_string(&gw_conf).expect("config");

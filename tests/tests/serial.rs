@@ -4,17 +4,17 @@
 //! comes next).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use starling_tests::{NodeProc, Pki, bin, post};
+use starling_tests::{KillOnDrop, NodeProc, Pki, bin, call_ingress, hosts, post, prepend};
 
 const UP: Duration = Duration::from_secs(10);
 
 /// Two ptys wired to each other by socat; killed on drop.
 struct PtyPair {
-    socat: Child,
+    _socat: KillOnDrop,
     node_end: PathBuf,
     mcu_end: PathBuf,
 }
@@ -34,22 +34,15 @@ impl PtyPair {
             std::thread::sleep(Duration::from_millis(10));
         }
         PtyPair {
-            socat,
+            _socat: KillOnDrop(socat),
             node_end,
             mcu_end,
         }
     }
 }
 
-impl Drop for PtyPair {
-    fn drop(&mut self) {
-        let _ = self.socat.kill();
-        let _ = self.socat.wait();
-    }
-}
-
 /// The fake microcontroller on `device`, heartbeats every 200 ms; killed on drop.
-struct Mcu(Child);
+struct Mcu(#[allow(dead_code)] KillOnDrop);
 
 impl Mcu {
     fn start(device: &Path) -> Mcu {
@@ -58,44 +51,15 @@ impl Mcu {
 
     /// With a key shared with its node (64 hex digits).
     fn start_keyed(device: &Path, key: Option<&str>) -> Mcu {
-        Mcu(Command::new(bin("fake-mcu"))
-            .arg(device)
-            .args(["mcu-1", "200"])
-            .args(key)
-            .spawn()
-            .expect("fake-mcu"))
+        Mcu(KillOnDrop(
+            Command::new(bin("fake-mcu"))
+                .arg(device)
+                .args(["mcu-1", "200"])
+                .args(key)
+                .spawn()
+                .expect("fake-mcu"),
+        ))
     }
-}
-
-impl Drop for Mcu {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn hosts(status: &serde_json::Value, service: &str) -> bool {
-    status["hosted"]
-        .as_array()
-        .is_some_and(|h| h.iter().any(|s| s == service))
-}
-
-async fn call(
-    ingress: std::net::SocketAddr,
-    service: &str,
-    method: &str,
-    body: &'static [u8],
-) -> (u16, Bytes) {
-    let (code, _, body) = post(
-        ingress,
-        service,
-        method,
-        Bytes::from_static(body),
-        Some(5000),
-    )
-    .await
-    .expect("the ingress answers");
-    (code, body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -136,23 +100,23 @@ async fn a_microcontroller_on_a_serial_line_serves_the_mesh_and_comes_and_goes()
     // From another node, through the mesh, answered by the microcontroller's handler.
     let started = Instant::now();
     for _ in 0..1000 {
-        let (code, body) = call(a.ingress(), "sensor", "read", b"").await;
+        let (code, body) = call_ingress(a.ingress(), "sensor", "read", b"").await;
         assert_eq!((code, &body[..]), (200, &b"21.5"[..]));
     }
     eprintln!(
         "1000 calls through the serial line in {:?}",
         started.elapsed()
     );
-    let (code, body) = call(a.ingress(), "actuator", "set", b"on").await;
+    let (code, body) = call_ingress(a.ingress(), "actuator", "set", b"on").await;
     assert_eq!((code, &body[..]), (200, &b"1:on"[..]));
-    let (code, _) = call(a.ingress(), "sensor", "calibrate", b"").await;
+    let (code, _) = call_ingress(a.ingress(), "sensor", "calibrate", b"").await;
     assert_eq!(code, 404, "a method the microcontroller does not have");
 
     // Unplugged: calls answer Unavailable within a second, not at their deadline; its services
     // leave.
     drop(mcu);
     let unplugged = Instant::now();
-    let (code, _) = call(b.ingress(), "sensor", "read", b"").await;
+    let (code, _) = call_ingress(b.ingress(), "sensor", "read", b"").await;
     assert_eq!(code, 503, "a call to an unplugged microcontroller");
     assert!(
         unplugged.elapsed() < Duration::from_secs(1),
@@ -164,7 +128,7 @@ async fn a_microcontroller_on_a_serial_line_serves_the_mesh_and_comes_and_goes()
     // Plugged back (a reset microcontroller announces unasked): back, with no node restart.
     mcu = Mcu::start(&pty.mcu_end);
     b.wait_status("hosting again", UP, |s| hosts(s, "sensor"));
-    let (code, body) = call(b.ingress(), "sensor", "read", b"").await;
+    let (code, body) = call_ingress(b.ingress(), "sensor", "read", b"").await;
     assert_eq!((code, &body[..]), (200, &b"21.5"[..]));
 
     // The node restarted while the microcontroller runs: it asks, and the services are back
@@ -178,7 +142,7 @@ async fn a_microcontroller_on_a_serial_line_serves_the_mesh_and_comes_and_goes()
         "the services came back after {:?}",
         restarted.elapsed()
     );
-    let (code, body) = call(b.ingress(), "sensor", "info", b"").await;
+    let (code, body) = call_ingress(b.ingress(), "sensor", "info", b"").await;
     assert_eq!((code, &body[..]), (200, &b"fake-mcu 0.1.0"[..]));
     drop(mcu);
 }
@@ -300,16 +264,7 @@ async fn on_a_noisy_line_idempotent_calls_all_succeed_and_none_hangs() {
     )
     .expect("policy");
     let gw_conf = pki.gateway_config("gw", "127.0.0.1:0", "");
-    let src = std::fs::read_to_string(&gw_conf).expect("config");
-    std::fs::write(
-        &gw_conf,
-        src.replacen(
-            "[identity]",
-            &format!("policy = \"{}\"\n[identity]", policy.display()),
-            1,
-        ),
-    )
-    .expect("config");
+    prepend(&gw_conf, &format!("policy = \"{}\"\n", policy.display()));
     let (gw, _) = NodeProc::start_gateway("gw", &gw_conf);
     let line = format!("serial://{}", node_side.node_end.display());
     let b_conf = pki.config(
@@ -319,16 +274,7 @@ async fn on_a_noisy_line_idempotent_calls_all_succeed_and_none_hangs() {
              [[services]]\nname = \"actuator\"\nupstream = \"{line}\"\n"
         ),
     );
-    let src = std::fs::read_to_string(&b_conf).expect("config");
-    std::fs::write(
-        &b_conf,
-        src.replacen(
-            "[identity]",
-            &format!("gateway = \"{}\"\n[identity]", gw.quic),
-            1,
-        ),
-    )
-    .expect("config");
+    prepend(&b_conf, &format!("gateway = \"{}\"\n", gw.quic));
     let b = NodeProc::start("node-b", &b_conf);
     b.wait_policy(1, UP);
     b.wait_status("hosting sensor", UP, |s| hosts(s, "sensor"));
@@ -336,7 +282,7 @@ async fn on_a_noisy_line_idempotent_calls_all_succeed_and_none_hangs() {
     let mut slowest = Duration::ZERO;
     for i in 0..1000 {
         let started = Instant::now();
-        let (code, body) = call(b.ingress(), "sensor", "read", b"").await;
+        let (code, body) = call_ingress(b.ingress(), "sensor", "read", b"").await;
         slowest = slowest.max(started.elapsed());
         assert_eq!(
             (code, &body[..]),
@@ -486,7 +432,7 @@ async fn with_a_shared_key_only_the_device_that_holds_it_is_heard() {
     b.wait_status("hosting the keyed device's sensor", UP, |s| {
         hosts(s, "sensor")
     });
-    let (code, body) = call(b.ingress(), "sensor", "read", b"").await;
+    let (code, body) = call_ingress(b.ingress(), "sensor", "read", b"").await;
     assert_eq!((code, &body[..]), (200, &b"21.5"[..]));
     // node-c hears the impostor's announce and heartbeats, drops every one as unauthenticated,
     // and hosts nothing.
@@ -514,7 +460,7 @@ async fn with_a_shared_key_only_the_device_that_holds_it_is_heard() {
     );
     let s = b.status();
     assert_eq!(s["serial"][0]["device"], "mcu-1", "{s}");
-    let (code, _) = call(c.ingress(), "sensor", "read", b"").await;
+    let (code, _) = call_ingress(c.ingress(), "sensor", "read", b"").await;
     assert_eq!(code, 503);
 
     // check-config refuses a key file others can read.

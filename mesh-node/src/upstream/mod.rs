@@ -138,6 +138,12 @@ impl Upstream {
         matches!(self.kind, Kind::Builtin(_))
     }
 
+    /// Whether it may send a call again when a frame or its answer is lost (a serial line): it
+    /// needs [`CallContext::idempotent`].
+    pub(crate) fn resends(&self) -> bool {
+        matches!(self.kind, Kind::Serial(_))
+    }
+
     /// Whether it can take a streamed body chunk by chunk (else the body is gathered first).
     pub(crate) fn streams(&self) -> bool {
         matches!(self.kind, Kind::Builtin(Builtin::Echo))

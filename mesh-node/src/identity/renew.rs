@@ -523,3 +523,75 @@ async fn recover(renewer: &std::sync::Arc<Renewer>, addr: std::net::SocketAddr) 
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CA and two certificates for one node, each with its own key: as before and after a
+    /// rotation. Returns the files (cert holds the new certificate) and the two keys' PEM.
+    fn rotated(dir: &Path) -> (CredentialFiles, String, String) {
+        let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut ca = rcgen::CertificateParams::default();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(1));
+        ca.subject_alt_names = vec![rcgen::SanType::URI(
+            "spiffe://t.test".try_into().expect("uri"),
+        )];
+        let ca_cert = ca.self_signed(&ca_key).expect("ca");
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let leaf = |key: &rcgen::KeyPair| {
+            let mut p = rcgen::CertificateParams::default();
+            p.subject_alt_names = vec![rcgen::SanType::URI(
+                "spiffe://t.test/node/n1".try_into().expect("uri"),
+            )];
+            p.signed_by(key, &issuer).expect("leaf").pem()
+        };
+        let old = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let new = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let files = CredentialFiles {
+            cert: dir.join("node.crt"),
+            key: dir.join("node.key"),
+            ca: dir.join("ca.crt"),
+        };
+        std::fs::write(&files.ca, ca_cert.pem()).expect("ca");
+        // The crash came after the certificate was written and before the key was renamed.
+        std::fs::write(&files.cert, leaf(&new)).expect("cert");
+        std::fs::write(&files.key, old.serialize_pem()).expect("key");
+        (files, old.serialize_pem(), new.serialize_pem())
+    }
+
+    #[test]
+    fn a_rotation_cut_by_a_crash_is_finished_at_the_next_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (files, _, new) = rotated(dir.path());
+        std::fs::write(next_key_path(&files.key), &new).expect("next");
+        finish_interrupted_rotation(&files);
+        assert_eq!(std::fs::read_to_string(&files.key).expect("key"), new);
+        assert!(!next_key_path(&files.key).exists());
+        assert!(Identity::load(&files.cert, &files.key, &files.ca).is_ok());
+    }
+
+    #[test]
+    fn a_rotation_that_never_got_its_certificate_is_undone_and_doubt_keeps_the_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (files, old, new) = rotated(dir.path());
+        // A .next key no certificate certifies: a rotation that never got its certificate.
+        std::fs::write(&files.key, &new).expect("key");
+        let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        std::fs::write(next_key_path(&files.key), other.serialize_pem()).expect("next");
+        finish_interrupted_rotation(&files);
+        assert!(
+            !next_key_path(&files.key).exists(),
+            "a key that matches nothing stayed"
+        );
+        assert_eq!(std::fs::read_to_string(&files.key).expect("key"), new);
+        // A certificate that cannot be read: nothing is removed.
+        std::fs::write(next_key_path(&files.key), &old).expect("next");
+        std::fs::write(&files.cert, b"damaged").expect("cert");
+        finish_interrupted_rotation(&files);
+        assert_eq!(
+            std::fs::read_to_string(next_key_path(&files.key)).expect("kept"),
+            old
+        );
+    }
+}

@@ -29,6 +29,10 @@ pub enum Certified {
     Node,
     /// A site's gateway (`/gateway/<name>`): the only identity a node takes policy from.
     Gateway,
+    /// The site's cloud, through the gateway's bridge (`/cloud/<client-id>`). Never a
+    /// certificate's: only a certified gateway may make a call as this identity, and the callee's
+    /// policy decides what it may call.
+    Cloud,
 }
 
 /// A verified workload identity.
@@ -61,6 +65,29 @@ impl SpiffeId {
             node: name,
             leaf: None,
         })
+    }
+
+    /// The cloud's identity `spiffe://<trust_domain>/cloud/<client_id>` (see [`Certified::Cloud`]).
+    pub fn cloud(trust_domain: &str, client_id: NodeName) -> Result<Self, IdentityError> {
+        check_trust_domain(trust_domain)?;
+        Ok(SpiffeId {
+            trust_domain: trust_domain.to_owned(),
+            role: Certified::Cloud,
+            node: client_id,
+            leaf: None,
+        })
+    }
+
+    /// Parses a cloud identity (`spiffe://td/cloud/<client-id>`), as a gateway names it when it
+    /// calls on the cloud's behalf; [`SpiffeId::parse`] (certificates) never yields one.
+    pub fn parse_cloud(uri: &str) -> Result<Self, IdentityError> {
+        let bad = || IdentityError::BadPath(uri.to_owned());
+        let rest = uri
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| IdentityError::NotSpiffe(uri.to_owned()))?;
+        let (td, path) = rest.split_once('/').ok_or_else(bad)?;
+        let name = path.strip_prefix("cloud/").ok_or_else(bad)?;
+        SpiffeId::cloud(td, NodeName::try_from(name).map_err(|_| bad())?)
     }
 
     /// Parses `spiffe://td/node/name` or `spiffe://td/node/host/leaf/name`.
@@ -120,6 +147,7 @@ impl fmt::Display for SpiffeId {
         let kind = match self.role {
             Certified::Node => "node",
             Certified::Gateway => "gateway",
+            Certified::Cloud => "cloud",
         };
         write!(f, "spiffe://{}/{kind}/{}", self.trust_domain, self.node)?;
         if let Some(leaf) = &self.leaf {
@@ -192,5 +220,17 @@ mod tests {
             SpiffeId::parse("spiffe:///node/a"),
             Err(IdentityError::BadTrustDomain(_))
         ));
+    }
+
+    #[test]
+    fn a_cloud_identity_never_comes_from_a_certificate() {
+        let cloud = SpiffeId::parse_cloud("spiffe://td/cloud/site-7").expect("valid");
+        assert_eq!(cloud.role(), Certified::Cloud);
+        assert_eq!(cloud.to_string(), "spiffe://td/cloud/site-7");
+        assert!(!cloud.is_gateway());
+        // What a certificate names is parsed by `parse`, which has no cloud shape.
+        assert!(SpiffeId::parse("spiffe://td/cloud/site-7").is_err());
+        assert!(SpiffeId::parse_cloud("spiffe://td/node/a").is_err());
+        assert!(SpiffeId::parse_cloud("spiffe://td/cloud/a/b").is_err());
     }
 }

@@ -19,7 +19,13 @@ pub struct CallOptions {
     pub metadata: Vec<(String, String)>,
     /// The trace this call continues (from a `traceparent` header); a new one when `None`.
     pub trace: Option<TraceContext>,
+    /// Make the call as the site's cloud (`spiffe://<td>/cloud/<client-id>`): only a gateway's
+    /// node may, and the callee's policy then decides by that identity, not the gateway's.
+    pub on_behalf_of: Option<SpiffeId>,
 }
+
+/// The request metadata that names the cloud identity a gateway calls for.
+pub(crate) const ON_BEHALF_OF_METADATA: &str = ":on-behalf-of";
 
 /// A call as the callee sees it, after its head was parsed and checked.
 #[derive(Debug, Clone)]

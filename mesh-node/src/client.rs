@@ -68,6 +68,8 @@ struct Plan<'a> {
     /// The route's name (or the service's): what rule counters are kept under.
     rule: &'a str,
     balance: &'a BalanceConfig,
+    /// The cloud identity the call is made for (a gateway's call from its cloud bridge).
+    on_behalf_of: Option<&'a str>,
 }
 
 impl Client {
@@ -185,7 +187,7 @@ impl Client {
             .or_else(|| policy.as_ref().and_then(|p| p.timeout_for(service)))
             .unwrap_or(self.limits.call_timeout);
         let deadline = now() + timeout;
-        if let Err(reply) = check_request(service, method, options) {
+        if let Err(reply) = check_request(&self.id, service, method, options) {
             return (reply, String::new());
         }
         if body.len() > self.limits.max_body_bytes {
@@ -213,7 +215,10 @@ impl Client {
             let ctx = CallContext {
                 // The server asks the policy, for an upstream that needs to know.
                 idempotent: false,
-                caller: self.id.clone(),
+                caller: options
+                    .on_behalf_of
+                    .clone()
+                    .unwrap_or_else(|| self.id.clone()),
                 service,
                 method,
                 metadata: options.metadata.clone(),
@@ -247,6 +252,7 @@ impl Client {
             _ => deadline,
         };
         let default_balance = BalanceConfig::default();
+        let on_behalf_of = options.on_behalf_of.as_ref().map(SpiffeId::to_string);
         let plan = Plan {
             service,
             method,
@@ -255,6 +261,7 @@ impl Client {
             deadline,
             rule: decision.route.map_or(service, |r| r.name.as_str()),
             balance: svc.map_or(&default_balance, |s| &s.balance),
+            on_behalf_of: on_behalf_of.as_deref(),
         };
         let idempotent = svc.is_some_and(|s| s.idempotent.iter().any(|g| glob(g, method)));
         let retry = svc.and_then(|s| s.retry.as_ref()).filter(|_| idempotent);
@@ -327,7 +334,7 @@ impl Client {
         method: &str,
         options: &CallOptions,
     ) -> Result<CallStream, CallError> {
-        check_request(service, method, options).map_err(Reply::into_error)?;
+        check_request(&self.id, service, method, options).map_err(Reply::into_error)?;
         let policy = self.policy.policy();
         let svc = policy.as_ref().and_then(|p| p.service(service));
         let timeout = options
@@ -336,6 +343,7 @@ impl Client {
             .unwrap_or(self.limits.call_timeout);
         let decision = self.route(svc, method, options);
         let default_balance = BalanceConfig::default();
+        let on_behalf_of = options.on_behalf_of.as_ref().map(SpiffeId::to_string);
         let plan = Plan {
             service,
             method,
@@ -344,6 +352,7 @@ impl Client {
             deadline: now() + timeout,
             rule: decision.route.map_or(service, |r| r.name.as_str()),
             balance: svc.map_or(&default_balance, |s| &s.balance),
+            on_behalf_of: on_behalf_of.as_deref(),
         };
         let picked = self
             .pick(&plan, &decision.subset, &[])
@@ -403,6 +412,11 @@ impl Client {
             u32::try_from(left.as_millis()).unwrap_or(u32::MAX).max(1),
         );
         head.trace = Some(plan.trace);
+        if let Some(id) = plan.on_behalf_of {
+            head.metadata
+                .push((crate::call::ON_BEHALF_OF_METADATA, id))
+                .map_err(|_| too_much_metadata())?;
+        }
         for (k, v) in &plan.options.metadata {
             if head.metadata.push((k, v)).is_err() {
                 return Err(too_much_metadata());
@@ -514,7 +528,22 @@ fn too_much_metadata() -> Reply {
 }
 
 /// Names checked, metadata keys that are the mesh's own refused.
-fn check_request(service: &str, method: &str, options: &CallOptions) -> Result<(), Reply> {
+fn check_request(
+    me: &SpiffeId,
+    service: &str,
+    method: &str,
+    options: &CallOptions,
+) -> Result<(), Reply> {
+    if let Some(id) = &options.on_behalf_of
+        && (!me.is_gateway()
+            || id.role() != mesh_core::identity::Certified::Cloud
+            || id.trust_domain() != me.trust_domain())
+    {
+        return Err(Reply::error(
+            Status::PermissionDenied,
+            format!("{me} may not call on behalf of {id}: only a gateway calls for its cloud"),
+        ));
+    }
     if let Err(e) = mesh_proto::validate_name(service).and(mesh_proto::validate_name(method)) {
         return Err(Reply::error(
             Status::InvalidArgument,

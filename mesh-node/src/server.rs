@@ -222,6 +222,14 @@ impl Server {
                 .min(self.limits.call_timeout.max(Duration::from_secs(3600)))
         };
         let streaming = head.metadata.iter().any(|(k, _)| *k == STREAM_METADATA);
+        let caller = match head
+            .metadata
+            .iter()
+            .find(|(k, _)| *k == crate::call::ON_BEHALF_OF_METADATA)
+        {
+            None => caller,
+            Some((_, claimed)) => on_behalf_of(&caller, claimed)?,
+        };
         let ctx = CallContext {
             // Asked of the policy only for an upstream that resends (see `dispatch`).
             idempotent: false,
@@ -531,6 +539,27 @@ impl Server {
             ),
         );
         admission
+    }
+}
+
+/// The identity a call is made for when the caller names one: only a certified gateway may, and
+/// only for its trust domain's cloud; anything else is refused, never taken as the caller.
+fn on_behalf_of(caller: &SpiffeId, claimed: &str) -> Result<SpiffeId, Reply> {
+    let denied = |why: String| Reply::error(Status::PermissionDenied, why);
+    if !caller.is_gateway() {
+        return Err(denied(format!(
+            "{caller} is not a gateway: it may not call on behalf of {claimed:?}"
+        )));
+    }
+    match SpiffeId::parse_cloud(claimed) {
+        Ok(id) if id.trust_domain() == caller.trust_domain() => Ok(id),
+        Ok(id) => Err(denied(format!(
+            "{caller} may not call on behalf of {id}, another trust domain"
+        ))),
+        Err(e) => Err(Reply::error(
+            Status::InvalidArgument,
+            format!("on-behalf-of: {e}"),
+        )),
     }
 }
 

@@ -45,6 +45,7 @@ all   | tar                    | cmd:tar                    | device bundles
 all   | faketime               | cmd:faketime               | tests/tests/lifecycle.rs starts nodes with their clock in 1970
 all   | socat                  | cmd:socat                  | tests/tests/serial.rs wires a node to a microcontroller through a pty pair
 all   | qemu-system-arm        | cmd:qemu-system-arm        | tests/tests/firmware.rs runs the example firmware on an emulated Cortex-M4
+all   | mosquitto              | file:/usr/sbin/mosquitto   | tests/tests/cloud.rs bridges to a real MQTT broker (TLS, client certificates, an ACL)
 EOF
 )
 

@@ -60,6 +60,16 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Bytes from lowercase or uppercase hex; `None` if it is not hex of whole bytes.
+pub fn unhex_vec(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len() / 2)
+        .map(|i| u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect()
+}
+
 fn unhex(s: &str) -> Option<[u8; 32]> {
     if s.len() != 64 {
         return None;

@@ -25,9 +25,19 @@ pub(crate) struct AuditLog {
     lines: Option<SyncSender<String>>,
     writer: Option<std::thread::JoinHandle<()>>,
     lost: Arc<AtomicU64>,
+    /// Where every event also goes (the cloud bridge), if anywhere.
+    also: Option<Forward>,
 }
 
+/// Takes a copy of every audit event, as the JSON object the log line holds.
+pub(crate) type Forward = Box<dyn Fn(&serde_json::Map<String, serde_json::Value>) + Send + Sync>;
+
 impl AuditLog {
+    /// Hands every event to `also` as well (the cloud bridge's `audit` topic).
+    pub(crate) fn forward_to(&mut self, also: Forward) {
+        self.also = Some(also);
+    }
+
     /// Opens (or creates) the log at `path` and starts its writer; without it, events are counted
     /// as lost (said once).
     pub(crate) fn open(path: &Path) -> Self {
@@ -37,6 +47,7 @@ impl AuditLog {
                 lines: None,
                 writer: None,
                 lost,
+                also: None,
             };
         };
         let (tx, rx) = sync_channel::<String>(QUEUE);
@@ -58,6 +69,7 @@ impl AuditLog {
                 lines: Some(tx),
                 writer: Some(writer),
                 lost,
+                also: None,
             },
             Err(e) => {
                 warn!("cannot start the audit writer: {e}; audit events are not kept");
@@ -65,6 +77,7 @@ impl AuditLog {
                     lines: None,
                     writer: None,
                     lost,
+                    also: None,
                 }
             }
         }
@@ -95,6 +108,9 @@ impl AuditLog {
         line.insert("unix_ms".into(), event.unix_ms.into());
         line.insert("node".into(), node.into());
         line.insert("kind".into(), event.kind.clone().into());
+        if let Some(also) = &self.also {
+            also(&line);
+        }
         let text = serde_json::Value::Object(line).to_string();
         let sent = match &self.lines {
             Some(tx) => match tx.try_send(text) {

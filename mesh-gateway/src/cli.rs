@@ -57,11 +57,36 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Operator keys for policy sent from the cloud, and bundles signed with them.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Start a throw-away CA, gateway and three nodes on loopback, make calls, print what happened.
     Demo {
         /// Keep the mesh up after the calls, until Ctrl-C.
         #[arg(long)]
         keep_running: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCommand {
+    /// Make an Ed25519 operator key: `<out>.key` (mode 0600, keep it off the site) and
+    /// `<out>.pub` (name it in the gateway's `[cloud] policy_signers`).
+    Keygen {
+        /// The path of the pair, without extension.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign a policy file for `<prefix>/policy/set`; prints the signed bundle (JSON). It is
+    /// stamped with the time now: a gateway refuses one older than the newest it applied.
+    Sign {
+        /// The operator's private key (`policy keygen`, or `openssl genpkey -algorithm ed25519`).
+        #[arg(long)]
+        key: PathBuf,
+        /// The policy TOML.
+        policy: PathBuf,
     },
 }
 
@@ -277,6 +302,16 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+        Command::Policy { command } => match policy(command) {
+            Ok(out) => {
+                println!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Demo { keep_running } => {
             init_logging("error");
             match runtime().block_on(crate::demo::run(keep_running)) {
@@ -467,6 +502,29 @@ async fn admin_request(
     Ok(value)
 }
 
+fn policy(command: PolicyCommand) -> Result<String, String> {
+    use crate::cloud::signing;
+    match command {
+        PolicyCommand::Keygen { out } => {
+            let id = signing::generate(&out).map_err(|e| e.to_string())?;
+            Ok(format!(
+                "key {id}: private {} (mode 0600), public {}",
+                out.with_extension("key").display(),
+                out.with_extension("pub").display()
+            ))
+        }
+        PolicyCommand::Sign { key, policy } => {
+            let text = mesh_node::config::read_regular_file(&policy)
+                .map_err(|e| format!("{}: {e}", policy.display()))?;
+            mesh_core::policy::Policy::parse(&text, &policy.display().to_string())
+                .map_err(|e| e.to_string())?;
+            let signed =
+                signing::sign(&key, &text, crate::cloud::unix_ms()).map_err(|e| e.to_string())?;
+            serde_json::to_string(&signed).map_err(|e| e.to_string())
+        }
+    }
+}
+
 fn load(path: &Path) -> Result<(GatewayConfig, mesh_node::Identity), String> {
     let config = GatewayConfig::load(path).map_err(|e| e.to_string())?;
     let identity = config.node.load_identity().map_err(|e| e.to_string())?;
@@ -477,6 +535,9 @@ fn check(path: &Path) -> Result<String, String> {
     let (config, _) = load(path)?;
     config.load_issuer().map_err(|e| e.to_string())?;
     config.check_cloud_files().map_err(|e| e.to_string())?;
+    if let Some(cloud) = &config.cloud {
+        crate::cloud::Bridge::load_signers(cloud, &config.node.file)?;
+    }
     if let Some(policy) = &config.policy {
         let text = mesh_node::config::read_regular_file(&policy.value).map_err(|e| {
             format!(

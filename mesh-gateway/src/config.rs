@@ -75,6 +75,18 @@ pub struct CloudConfig {
     pub queue_max_messages: u64,
     /// MQTT keep-alive.
     pub keep_alive: Duration,
+    /// How long a message of each class may wait in the queue (audit, status, registry,
+    /// telemetry; zero: no limit).
+    pub ttl: [Duration; 4],
+    /// Publishes in flight at once, at most (the broker's Receive Maximum lowers it).
+    pub max_inflight: u16,
+    /// Bytes per second the bridge may publish, at most (a metered uplink); `None`: no cap.
+    pub bandwidth: Option<u64>,
+    /// Down messages (policy, calls) larger than this are refused.
+    pub max_message_bytes: usize,
+    /// The operator keys (Ed25519, `PUBLIC KEY` PEM) that may sign a policy sent from the cloud;
+    /// none: policy from the cloud is refused.
+    pub policy_signers: Vec<PathBuf>,
     /// The line of the section, for errors found later.
     pub line: usize,
 }
@@ -142,6 +154,15 @@ struct RawCloud {
     queue_max_bytes: Option<Spanned<u64>>,
     queue_max_messages: Option<Spanned<u64>>,
     keep_alive_s: Option<Spanned<u64>>,
+    ttl_audit_s: Option<Spanned<u64>>,
+    ttl_status_s: Option<Spanned<u64>>,
+    ttl_registry_s: Option<Spanned<u64>>,
+    ttl_telemetry_s: Option<Spanned<u64>>,
+    max_inflight: Option<Spanned<u64>>,
+    bandwidth_bytes_per_s: Option<Spanned<u64>>,
+    max_message_bytes: Option<Spanned<u64>>,
+    #[serde(default)]
+    policy_signers: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -215,6 +236,9 @@ impl GatewayConfig {
         }
         if let Some((_, file)) = &cloud.user_password {
             private("password_file", file)?;
+        }
+        for signer in &cloud.policy_signers {
+            exists("policy_signers", signer)?;
         }
         Ok(())
     }
@@ -420,10 +444,17 @@ fn parse_cloud(
         }
     };
     let client_id = match &c.client_id {
-        Some(id) if id.get_ref().is_empty() || id.get_ref().len() > 128 => {
-            return Err(at.invalid(id, "cloud.client_id", "1 to 128 characters"));
+        Some(id) => {
+            // It names the cloud in the mesh too: spiffe://<td>/cloud/<client_id>.
+            mesh_core::NodeName::try_from(id.get_ref().as_str()).map_err(|e| {
+                at.invalid(
+                    id,
+                    "cloud.client_id",
+                    format!("{e} (it is the cloud's name in the mesh as well)"),
+                )
+            })?;
+            id.get_ref().clone()
         }
-        Some(id) => id.get_ref().clone(),
         None => node.name.as_str().to_owned(),
     };
     if let Some(prefix) = &c.topic_prefix {
@@ -441,6 +472,10 @@ fn parse_cloud(
         Some(n) => Ok(*n.get_ref()),
         None => Ok(default),
     };
+    // Zero: no limit.
+    let ttl = |v: &Option<Spanned<u64>>, default: u64| {
+        Duration::from_secs(v.as_ref().map_or(default, |n| *n.get_ref()))
+    };
     Ok(CloudConfig {
         broker: rest.to_owned(),
         tls,
@@ -456,6 +491,37 @@ fn parse_cloud(
         queue_max_bytes: positive(&c.queue_max_bytes, "cloud.queue_max_bytes", 256 << 20)?,
         queue_max_messages: positive(&c.queue_max_messages, "cloud.queue_max_messages", 1_000_000)?,
         keep_alive: Duration::from_secs(positive(&c.keep_alive_s, "cloud.keep_alive_s", 30)?),
+        ttl: [
+            ttl(&c.ttl_audit_s, 0),
+            ttl(&c.ttl_status_s, 0),
+            ttl(&c.ttl_registry_s, 0),
+            ttl(&c.ttl_telemetry_s, 7 * 86_400),
+        ],
+        max_inflight: match &c.max_inflight {
+            Some(n) if *n.get_ref() == 0 || *n.get_ref() > 1024 => {
+                return Err(at.invalid(n, "cloud.max_inflight", "1 to 1024"));
+            }
+            Some(n) => *n.get_ref() as u16,
+            None => 64,
+        },
+        bandwidth: match &c.bandwidth_bytes_per_s {
+            Some(n) if *n.get_ref() < 1024 => {
+                return Err(at.invalid(
+                    n,
+                    "cloud.bandwidth_bytes_per_s",
+                    "at least 1024 (a message must fit in a few seconds)",
+                ));
+            }
+            other => other.as_ref().map(|n| *n.get_ref()),
+        },
+        max_message_bytes: match &c.max_message_bytes {
+            Some(n) if *n.get_ref() < 1024 || *n.get_ref() > 64 << 20 => {
+                return Err(at.invalid(n, "cloud.max_message_bytes", "1024 to 67108864"));
+            }
+            Some(n) => *n.get_ref() as usize,
+            None => 1 << 20,
+        },
+        policy_signers: c.policy_signers.iter().map(path).collect(),
         line: at.line(section.span().start),
     })
 }

@@ -11,11 +11,12 @@ use mesh_node::ReservedService;
 use mesh_node::identity::CertificateClaims;
 use mesh_node::wire::FrameReader;
 use mesh_proto::control::{BundleRef, Down, MAX_CONTROL_FRAME, Up};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tracing::{info, warn};
 
 use crate::audit::AuditLog;
 use crate::ca::issuing::Issuing;
+use crate::cloud::{Bridge, Class};
 use crate::metrics::Metrics;
 use crate::policy::Policies;
 use crate::registry::{CertificateInfo, Registry};
@@ -39,6 +40,8 @@ pub(crate) struct ControlPlane {
     pub(crate) roots_pem: String,
     registry_changed: watch::Sender<u64>,
     registry_cache: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+    /// The cloud bridge, if the gateway has one: telemetry, node events, policy status.
+    cloud: std::sync::OnceLock<Bridge>,
 }
 
 impl ControlPlane {
@@ -62,7 +65,18 @@ impl ControlPlane {
             audit,
             registry_changed: watch::Sender::new(0),
             registry_cache: Mutex::new(None),
+            cloud: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Reports to `cloud` from now on.
+    pub(crate) fn set_cloud(&self, cloud: Bridge) {
+        let _ = self.cloud.set(cloud);
+    }
+
+    /// The cloud bridge, if any.
+    pub(crate) fn cloud(&self) -> Option<&Bridge> {
+        self.cloud.get()
     }
 
     pub(crate) fn registry(&self) -> MutexGuard<'_, Registry> {
@@ -169,7 +183,16 @@ impl ControlPlane {
             loop {
                 tokio::select! {
                     up = read_up(&mut reader) => {
-                        if let Some(down) = self.handle_up(&name, &claims, up?, sent) {
+                        let (down, committed) = self.handle_up(&name, &claims, up?, sent);
+                        if let Some(committed) = committed {
+                            // The node's batch is acknowledged once the cloud's copy is on
+                            // disk: until then the node keeps it and sends it again.
+                            match tokio::time::timeout(Duration::from_secs(10), committed).await {
+                                Ok(Ok(true)) => {}
+                                _ => return Err("the cloud queue could not take telemetry".into()),
+                            }
+                        }
+                        if let Some(down) = down {
                             write_down(&mut send, &down).await?;
                         }
                     }
@@ -234,7 +257,7 @@ impl ControlPlane {
         claims: &CertificateClaims,
         up: Up,
         sent: Option<BundleRef>,
-    ) -> Option<Down> {
+    ) -> (Option<Down>, Option<oneshot::Receiver<bool>>) {
         // A protocol 1 node answers with the version only: it means the bundle it was sent.
         let named = |version: u64, epoch: u64, hash: [u8; 32]| match sent {
             Some(s) if epoch == 0 && hash == [0; 32] && s.version == version => s,
@@ -245,7 +268,7 @@ impl ControlPlane {
             },
         };
         self.registry().handle_seen(name, Instant::now());
-        match up {
+        let down = match up {
             Up::Heartbeat => None,
             Up::Hello(hello) => {
                 self.registry().handle_rehello(name, &hello, Instant::now());
@@ -259,6 +282,7 @@ impl ControlPlane {
             } => {
                 let bundle = named(version, epoch, hash);
                 self.registry().handle_policy_answer(name, bundle, Ok(()));
+                self.policy_answer_to_cloud(name, bundle, None);
                 None
             }
             Up::PolicyNack {
@@ -269,6 +293,7 @@ impl ControlPlane {
             } => {
                 warn!("node {name} refused policy version {version}: {reason}");
                 let bundle = named(version, epoch, hash);
+                self.policy_answer_to_cloud(name, bundle, Some(&reason));
                 self.registry()
                     .handle_policy_answer(name, bundle, Err(reason));
                 None
@@ -276,7 +301,20 @@ impl ControlPlane {
             Up::Renew { csr_der } => Some(self.renew(claims, &csr_der)),
             Up::Telemetry(batch) => {
                 let seq = batch.seq;
-                if self.metrics().handle_batch(name, &batch) {
+                let (stored, boot) = {
+                    let mut metrics = self.metrics();
+                    (metrics.handle_batch(name, &batch), metrics.boot_id(name))
+                };
+                if stored {
+                    let news = !batch.calls.is_empty() || batch.dropped > 0;
+                    let cloud = self.cloud().filter(|c| c.telemetry_due(name, news));
+                    let committed = cloud.map(|cloud| {
+                        cloud.send_committed(
+                            Class::Telemetry,
+                            "telemetry",
+                            crate::cloud::report::telemetry(name, boot, &batch),
+                        )
+                    });
                     let mut traces = self.traces();
                     for span in batch.spans {
                         traces.add(span);
@@ -285,8 +323,54 @@ impl ControlPlane {
                     for event in &batch.audit {
                         self.audit.write(name, event);
                     }
+                    return (Some(Down::TelemetryAck { seq }), committed);
                 }
                 Some(Down::TelemetryAck { seq })
+            }
+        };
+        (down, None)
+    }
+
+    /// A node's ack (`reason` none) or nack of `bundle`, to the cloud's `policy/status`.
+    fn policy_answer_to_cloud(&self, name: &str, bundle: BundleRef, reason: Option<&str>) {
+        if let Some(cloud) = self.cloud() {
+            cloud.send(
+                Class::Status,
+                "policy/status",
+                crate::cloud::report::policy_answer(name, &bundle, reason),
+            );
+        }
+    }
+
+    /// Reports node events, the registry and policy rollouts to `cloud` until `stop` changes:
+    /// the registry at most once a second, and only when what it says changed.
+    pub(crate) async fn report_to_cloud(&self, cloud: Bridge, mut stop: watch::Receiver<bool>) {
+        let mut registry_rx = self.registry_changed.subscribe();
+        registry_rx.mark_changed();
+        let mut policy_rx = self.policies.subscribe();
+        policy_rx.mark_changed();
+        let mut last = crate::cloud::report::RegistryView::default();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut dirty = false;
+        loop {
+            tokio::select! {
+                r = registry_rx.changed() => { if r.is_err() { return } dirty = true; }
+                r = policy_rx.changed() => {
+                    if r.is_err() { return }
+                    let bundle = policy_rx.borrow_and_update().clone();
+                    if let Some(b) = bundle {
+                        cloud.send(Class::Status, "policy/status", crate::cloud::report::rollout(&b.id));
+                    }
+                }
+                _ = tick.tick(), if dirty => {
+                    dirty = false;
+                    let view = crate::cloud::report::RegistryView::of(&self.registry());
+                    for (suffix, body) in last.changes_to(&view) {
+                        cloud.send(Class::Registry, suffix, body);
+                    }
+                    last = view;
+                }
+                _ = stop.changed() => return,
             }
         }
     }

@@ -15,6 +15,7 @@ use tracing::info;
 
 use crate::audit::AuditLog;
 use crate::ca::issuing::Issuing;
+use crate::cloud::{Bridge, Downlink};
 use crate::config::GatewayConfig;
 use crate::control::{ControlPlane, ControlService};
 use crate::policy::Policies;
@@ -53,7 +54,28 @@ impl Gateway {
     pub async fn start(config: GatewayConfig, identity: Identity) -> Result<Gateway, GatewayError> {
         let token = admin_token(&config.admin_token_file)?;
         let issuer = config.load_issuer()?;
-        let audit = Arc::new(AuditLog::open(&config.audit_log));
+        let cloud = match &config.cloud {
+            Some(c) => Some(
+                Bridge::open(
+                    c,
+                    &config.node.file,
+                    config.node.name.as_str(),
+                    identity.trust_domain(),
+                )
+                .map_err(|reason| GatewayError::Io {
+                    path: format!("{}: [cloud]", config.node.file),
+                    reason,
+                })?,
+            ),
+            None => None,
+        };
+        let mut audit = AuditLog::open(&config.audit_log);
+        if let Some(cloud) = cloud.clone() {
+            audit.forward_to(Box::new(move |event| {
+                cloud.send(crate::cloud::Class::Audit, "audit", event.clone());
+            }));
+        }
+        let audit = Arc::new(audit);
         let policy_file = match &config.policy {
             Some(file) => {
                 let text = mesh_node::config::read_regular_file(&file.value).map_err(|reason| {
@@ -98,7 +120,7 @@ impl Gateway {
             Registry::new(config.down_after, config.remove_after),
             Traces::new(config.max_traces),
             policies.clone(),
-            audit,
+            audit.clone(),
             identity.trust_domain().to_owned(),
             issuing.clone(),
             std::fs::read_to_string(&config.node.identity.ca.value).map_err(|e| {
@@ -155,6 +177,16 @@ impl Gateway {
             let plane = plane.clone();
             let stop = node.shutdown_signal();
             tokio::spawn(async move { plane.sweep_loop(stop).await });
+        }
+        if let Some(cloud) = &cloud {
+            plane.set_cloud(cloud.clone());
+            let downlink = Arc::new(GatewayDownlink {
+                policies: policies.clone(),
+                audit: audit.clone(),
+            });
+            cloud.start(node.clone(), downlink, node.shutdown_signal());
+            let (plane, cloud, stop) = (plane.clone(), cloud.clone(), node.shutdown_signal());
+            tokio::spawn(async move { plane.report_to_cloud(cloud, stop).await });
         }
         // The gateway's own node enforces the deny list it serves.
         {
@@ -215,6 +247,31 @@ impl Gateway {
     /// Stops serving.
     pub async fn shutdown(&self) {
         self.node.shutdown().await;
+    }
+}
+
+/// What the cloud bridge may do to the gateway: apply a signed bundle (as `PUT /v1/policy`
+/// does) and record audit events.
+struct GatewayDownlink {
+    policies: Arc<Policies>,
+    audit: Arc<AuditLog>,
+}
+
+impl Downlink for GatewayDownlink {
+    fn set_policy(
+        &self,
+        toml: String,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, String>> + Send + '_>> {
+        Box::pin(async move {
+            self.policies
+                .set(&toml, "policy from the cloud", crate::policy::Origin::Cloud)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn audit(&self, kind: &str, fields: Vec<(String, String)>) {
+        self.audit.record("gateway", kind, fields);
     }
 }
 

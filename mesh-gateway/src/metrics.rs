@@ -146,6 +146,11 @@ impl Metrics {
         self.calls.values().map(|a| a.count).sum()
     }
 
+    /// The incarnation of `node` whose batches are counted now (0: none yet).
+    pub fn boot_id(&self, node: &str) -> u64 {
+        self.nodes.get(node).map_or(0, |n| n.boot_id)
+    }
+
     /// Telemetry batches `node` lost, over all its incarnations.
     pub fn gap(&self, node: &str) -> u64 {
         self.nodes.get(node).map_or(0, |n| n.gap_before + n.gap_now)

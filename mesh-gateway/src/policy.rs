@@ -34,6 +34,8 @@ pub(crate) enum Origin {
     File,
     /// `PUT /v1/policy`.
     Api,
+    /// A signed bundle from the cloud bridge.
+    Cloud,
 }
 
 /// The bundle in force.
@@ -367,6 +369,7 @@ impl Policies {
         let origin = match origin {
             Origin::File => "file",
             Origin::Api => "api",
+            Origin::Cloud => "cloud",
         };
         self.audit.record(
             "gateway",

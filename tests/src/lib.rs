@@ -18,6 +18,7 @@ use mesh_gateway::ca::{Ca, Issued};
 pub use mesh_node::http::post;
 
 pub mod lab;
+pub mod mqtt;
 
 /// The trust domain the tests use.
 pub const TD: &str = "starling.local";

@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
@@ -34,7 +34,8 @@ pub enum Class {
 }
 
 impl Class {
-    const ALL: [Class; 4] = [
+    /// Every class, most important first.
+    pub const ALL: [Class; 4] = [
         Class::Audit,
         Class::Status,
         Class::Registry,
@@ -74,6 +75,8 @@ pub struct Message {
     pub topic: String,
     /// The payload (JSON).
     pub payload: Vec<u8>,
+    /// The gap ranges it announces: if it is dropped too, they go back to the gap list.
+    pub carries: Vec<(u64, u64)>,
 }
 
 impl Message {
@@ -103,6 +106,22 @@ pub struct QueueStats {
     pub dropped: [u64; 4],
 }
 
+/// Makes a payload from its sequence number and the gap ranges it announces.
+pub type MakePayload<'a> = Box<dyn FnOnce(u64, &[(u64, u64)]) -> Vec<u8> + Send + 'a>;
+
+/// A message to queue: its class, topic and time, and how its payload is made from its sequence
+/// number and the gaps it announces.
+pub struct Pending<'a> {
+    /// Its class.
+    pub class: Class,
+    /// The MQTT topic.
+    pub topic: String,
+    /// When it was made, ms since the Unix epoch.
+    pub now_ms: u64,
+    /// Makes the payload.
+    pub payload: MakePayload<'a>,
+}
+
 /// The on-disk queue.
 pub struct Queue {
     db: Database,
@@ -113,6 +132,8 @@ pub struct Queue {
     bytes: u64,
     next_seq: u64,
     dropped: [u64; 4],
+    /// Drops no message has announced yet.
+    gaps_pending: bool,
 }
 
 fn dropped_key(class: Class) -> &'static str {
@@ -144,6 +165,7 @@ impl Queue {
             bytes: 0,
             next_seq: 1,
             dropped: [0; 4],
+            gaps_pending: false,
         };
         {
             // The tables exist from the first open on.
@@ -172,6 +194,8 @@ impl Queue {
                 .map(|v| v.value()))
         };
         queue.next_seq = get("next_seq")?.unwrap_or(1);
+        let gaps = rx.open_table(GAPS).map_err(|e| fail(e.to_string()))?;
+        queue.gaps_pending = !gaps.is_empty().map_err(|e| fail(e.to_string()))?;
         for class in Class::ALL {
             queue.dropped[class as usize] = get(dropped_key(class))?.unwrap_or(0);
         }
@@ -193,79 +217,88 @@ impl Queue {
         class: Class,
         topic: &str,
         now_ms: u64,
-        payload: impl FnOnce(u64, &[(u64, u64)]) -> Vec<u8>,
+        payload: impl FnOnce(u64, &[(u64, u64)]) -> Vec<u8> + Send,
     ) -> Result<u64, QueueError> {
+        let mut seqs = self.push_many(vec![Pending {
+            class,
+            topic: topic.to_owned(),
+            now_ms,
+            payload: Box::new(payload),
+        }])?;
+        Ok(seqs.pop().unwrap_or_default())
+    }
+
+    /// Queues several messages in one transaction (one write to disk), in order; each carries
+    /// the gaps made before it. Returns their sequence numbers.
+    pub fn push_many(&mut self, items: Vec<Pending<'_>>) -> Result<Vec<u64>, QueueError> {
         let tx = self.db.begin_write().map_err(|e| self.fail(e))?;
-        let seq = self.next_seq;
+        let mut out = Vec::with_capacity(items.len());
         let mut dropped_now: Vec<(Class, u64)> = Vec::new();
-        let message;
+        let mut index = self.index.clone();
+        let mut bytes_held = self.bytes;
+        let mut seq = self.next_seq;
+        // Whether drops wait for a message to announce them.
+        let mut pending = self.gaps_pending;
         {
             let mut gaps = tx.open_table(GAPS).map_err(|e| self.fail(e))?;
-            let held: Vec<(u64, u64)> = gaps
-                .iter()
-                .map_err(|e| self.fail(e))?
-                .filter_map(Result::ok)
-                .map(|(a, b)| (a.value(), b.value()))
-                .collect();
-            message = Message {
-                class,
-                at_ms: now_ms,
-                topic: topic.to_owned(),
-                payload: payload(seq, &held),
-            };
-            for (start, _) in &held {
-                gaps.remove(*start).map_err(|e| self.fail(e))?;
-            }
             let mut messages = tx.open_table(MESSAGES).map_err(|e| self.fail(e))?;
-            let bytes = postcard::to_allocvec(&message).map_err(|e| self.fail(e))?;
-            messages
-                .insert(seq, bytes.as_slice())
-                .map_err(|e| self.fail(e))?;
-            // Over a bound: the oldest of the least important class goes.
-            let mut count = self.index.len() as u64 + 1;
-            let mut total = self.bytes + message.size();
-            let mut order = self.index.keys().copied().collect::<Vec<_>>();
-            order.push((class, seq));
-            order.sort_by_key(|(c, s)| (std::cmp::Reverse(*c), *s));
-            let mut victims = order.into_iter();
-            while count > self.bounds.max_messages || total > self.bounds.max_bytes {
-                let Some((c, s)) = victims.next() else { break };
-                let size = if s == seq {
-                    message.size()
-                } else {
-                    self.index.get(&(c, s)).map_or(0, |(size, _)| *size)
-                };
-                messages.remove(s).map_err(|e| self.fail(e))?;
-                count -= 1;
-                total -= size;
-                dropped_now.push((c, s));
-            }
             let mut meta = tx.open_table(META).map_err(|e| self.fail(e))?;
-            meta.insert("next_seq", seq + 1).map_err(|e| self.fail(e))?;
-            if !dropped_now.is_empty() {
-                for (c, s) in &dropped_now {
-                    add_gap(&mut gaps, *s).map_err(|e| self.fail(e))?;
-                    let key = dropped_key(*c);
-                    let before = meta
-                        .get(key)
-                        .map_err(|e| self.fail(e))?
-                        .map_or(0, |v| v.value());
-                    meta.insert(key, before + 1).map_err(|e| self.fail(e))?;
+            for item in items {
+                let held: Vec<(u64, u64)> = gaps
+                    .iter()
+                    .map_err(|e| self.fail(e))?
+                    .filter_map(Result::ok)
+                    .map(|(a, b)| (a.value(), b.value()))
+                    .collect();
+                let message = Message {
+                    class: item.class,
+                    at_ms: item.now_ms,
+                    topic: item.topic,
+                    payload: (item.payload)(seq, &held),
+                    carries: held.clone(),
+                };
+                for (start, _) in &held {
+                    gaps.remove(*start).map_err(|e| self.fail(e))?;
                 }
+                pending = false;
+                let encoded = postcard::to_allocvec(&message).map_err(|e| self.fail(e))?;
+                messages
+                    .insert(seq, encoded.as_slice())
+                    .map_err(|e| self.fail(e))?;
+                index.insert((message.class, seq), (message.size(), message.at_ms));
+                bytes_held += message.size();
+                // Over a bound: the oldest of the least important class goes.
+                while index.len() as u64 > self.bounds.max_messages
+                    || bytes_held > self.bounds.max_bytes
+                {
+                    // The least important class held, its oldest message.
+                    let Some(&(least, _)) = index.keys().next_back() else {
+                        break;
+                    };
+                    let Some((&(c, s), _)) = index.range((least, 0)..).next() else {
+                        break;
+                    };
+                    let (size, _) = index.remove(&(c, s)).unwrap_or_default();
+                    bytes_held -= size;
+                    drop_message(&mut messages, &mut gaps, &mut meta, c, s)
+                        .map_err(|e| self.fail(e))?;
+                    dropped_now.push((c, s));
+                    pending = true;
+                }
+                out.push(seq);
+                seq += 1;
             }
+            meta.insert("next_seq", seq).map_err(|e| self.fail(e))?;
         }
         tx.commit().map_err(|e| self.fail(e))?;
-        self.next_seq = seq + 1;
-        self.bytes += message.size();
-        self.index
-            .insert((class, seq), (message.size(), message.at_ms));
-        for (c, s) in dropped_now {
-            if let Some((size, _)) = self.index.remove(&(c, s)) {
-                self.bytes -= size;
-            }
+        self.next_seq = seq;
+        self.index = index;
+        self.bytes = bytes_held;
+        self.gaps_pending = pending;
+        for (c, _) in dropped_now {
             self.dropped[c as usize] += 1;
         }
-        Ok(seq)
+        Ok(out)
     }
 
     /// Drops what waited longer than its class may (counted, and kept as gaps).
@@ -288,17 +321,12 @@ impl Queue {
             let mut gaps = tx.open_table(GAPS).map_err(|e| self.fail(e))?;
             let mut meta = tx.open_table(META).map_err(|e| self.fail(e))?;
             for (c, s) in &old {
-                messages.remove(*s).map_err(|e| self.fail(e))?;
-                add_gap(&mut gaps, *s).map_err(|e| self.fail(e))?;
-                let key = dropped_key(*c);
-                let before = meta
-                    .get(key)
-                    .map_err(|e| self.fail(e))?
-                    .map_or(0, |v| v.value());
-                meta.insert(key, before + 1).map_err(|e| self.fail(e))?;
+                drop_message(&mut messages, &mut gaps, &mut meta, *c, *s)
+                    .map_err(|e| self.fail(e))?;
             }
         }
         tx.commit().map_err(|e| self.fail(e))?;
+        self.gaps_pending = true;
         for (c, s) in &old {
             if let Some((size, _)) = self.index.remove(&(*c, *s)) {
                 self.bytes -= size;
@@ -310,10 +338,20 @@ impl Queue {
 
     /// Up to `n` messages to send, in priority order.
     pub fn next(&self, n: usize) -> Result<Vec<(u64, Message)>, QueueError> {
+        self.next_except(n, |_| false)
+    }
+
+    /// Up to `n` messages to send, in priority order, leaving out those `skip` says (the ones
+    /// in flight).
+    pub fn next_except(
+        &self,
+        n: usize,
+        skip: impl Fn(u64) -> bool,
+    ) -> Result<Vec<(u64, Message)>, QueueError> {
         let rx = self.db.begin_read().map_err(|e| self.fail(e))?;
         let messages = rx.open_table(MESSAGES).map_err(|e| self.fail(e))?;
         let mut out = Vec::new();
-        for (_, seq) in self.index.keys().take(n) {
+        for (_, seq) in self.index.keys().filter(|(_, s)| !skip(*s)).take(n) {
             if let Some(bytes) = messages.get(*seq).map_err(|e| self.fail(e))? {
                 let m: Message = postcard::from_bytes(bytes.value()).map_err(|e| self.fail(e))?;
                 out.push((*seq, m));
@@ -324,19 +362,64 @@ impl Queue {
 
     /// The broker acknowledged `seq`: it leaves the queue.
     pub fn ack(&mut self, seq: u64) -> Result<(), QueueError> {
-        let Some(key) = self.index.keys().find(|(_, s)| *s == seq).copied() else {
+        self.ack_many(&[seq])
+    }
+
+    /// The broker acknowledged these: they leave the queue, in one transaction. It is not
+    /// flushed to disk on its own (the next push flushes it): an acknowledgement lost to a power
+    /// cut only makes the message go again, which sequence numbers let a consumer see.
+    pub fn ack_many(&mut self, seqs: &[u64]) -> Result<(), QueueError> {
+        let keys: Vec<(Class, u64)> = seqs
+            .iter()
+            .filter_map(|seq| self.class_of(*seq).map(|c| (c, *seq)))
+            .collect();
+        if keys.is_empty() {
             return Ok(());
-        };
-        let tx = self.db.begin_write().map_err(|e| self.fail(e))?;
-        tx.open_table(MESSAGES)
-            .map_err(|e| self.fail(e))?
-            .remove(seq)
+        }
+        let mut tx = self.db.begin_write().map_err(|e| self.fail(e))?;
+        tx.set_durability(redb::Durability::None)
             .map_err(|e| self.fail(e))?;
+        {
+            let mut messages = tx.open_table(MESSAGES).map_err(|e| self.fail(e))?;
+            for (_, seq) in &keys {
+                messages.remove(*seq).map_err(|e| self.fail(e))?;
+            }
+        }
         tx.commit().map_err(|e| self.fail(e))?;
-        if let Some((size, _)) = self.index.remove(&key) {
-            self.bytes -= size;
+        for key in keys {
+            if let Some((size, _)) = self.index.remove(&key) {
+                self.bytes -= size;
+            }
         }
         Ok(())
+    }
+
+    fn class_of(&self, seq: u64) -> Option<Class> {
+        Class::ALL
+            .into_iter()
+            .find(|c| self.index.contains_key(&(*c, seq)))
+    }
+
+    /// A number the bridge keeps beside the queue (the newest signed policy it applied).
+    pub fn meta(&self, key: &str) -> Result<Option<u64>, QueueError> {
+        let rx = self.db.begin_read().map_err(|e| self.fail(e))?;
+        let meta = rx.open_table(META).map_err(|e| self.fail(e))?;
+        Ok(meta.get(key).map_err(|e| self.fail(e))?.map(|v| v.value()))
+    }
+
+    /// Keeps `value` under `key`, on disk before it returns.
+    pub fn set_meta(&mut self, key: &str, value: u64) -> Result<(), QueueError> {
+        let tx = self.db.begin_write().map_err(|e| self.fail(e))?;
+        tx.open_table(META)
+            .map_err(|e| self.fail(e))?
+            .insert(key, value)
+            .map_err(|e| self.fail(e))?;
+        tx.commit().map_err(|e| self.fail(e))
+    }
+
+    /// Whether drops wait to be announced (by the next message).
+    pub fn gaps_pending(&self) -> bool {
+        self.gaps_pending
     }
 
     /// What it holds and what it dropped.
@@ -350,30 +433,64 @@ impl Queue {
     }
 }
 
-/// Adds `seq` to the gap ranges (start -> end, inclusive), merging with a range it touches.
-fn add_gap(gaps: &mut redb::Table<u64, u64>, seq: u64) -> Result<(), redb::StorageError> {
-    let mut start = seq;
-    let mut end = seq;
-    // A range ending just before: extend it.
+/// Drops message `seq` of `class`: its number, and the gaps it was to announce, go back to the
+/// gap list; the drop is counted.
+fn drop_message(
+    messages: &mut redb::Table<u64, &[u8]>,
+    gaps: &mut redb::Table<u64, u64>,
+    meta: &mut redb::Table<&str, u64>,
+    class: Class,
+    seq: u64,
+) -> Result<(), String> {
+    let carried = match messages.remove(seq).map_err(|e| e.to_string())? {
+        Some(bytes) => {
+            postcard::from_bytes::<Message>(bytes.value())
+                .map_err(|e| format!("message {seq} is damaged: {e}"))?
+                .carries
+        }
+        None => Vec::new(),
+    };
+    for (start, end) in carried {
+        add_range(gaps, start, end).map_err(|e| e.to_string())?;
+    }
+    add_range(gaps, seq, seq).map_err(|e| e.to_string())?;
+    let key = dropped_key(class);
+    let before = meta
+        .get(key)
+        .map_err(|e| e.to_string())?
+        .map_or(0, |v| v.value());
+    meta.insert(key, before + 1).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Adds `start..=end` to the gap ranges (start -> end, inclusive), merged with the ranges it
+/// overlaps or touches.
+fn add_range(
+    gaps: &mut redb::Table<u64, u64>,
+    mut start: u64,
+    mut end: u64,
+) -> Result<(), redb::StorageError> {
+    // A range starting before that reaches it: take it in.
     let before = gaps
-        .range(..=seq)?
+        .range(..start)?
         .next_back()
         .transpose()?
         .map(|(a, b)| (a.value(), b.value()));
     if let Some((a, b)) = before
-        && b + 1 >= seq
+        && b.saturating_add(1) >= start
     {
         start = a;
         end = end.max(b);
         gaps.remove(a)?;
     }
-    // A range starting just after: take it in.
-    let after = gaps
-        .range(seq + 1..=seq + 1)?
-        .next()
-        .transpose()?
-        .map(|(a, b)| (a.value(), b.value()));
-    if let Some((a, b)) = after {
+    // Ranges starting inside it or just after: take them in.
+    loop {
+        let next = gaps
+            .range(start..=end.saturating_add(1))?
+            .next()
+            .transpose()?
+            .map(|(a, b)| (a.value(), b.value()));
+        let Some((a, b)) = next else { break };
         end = end.max(b);
         gaps.remove(a)?;
     }
@@ -479,5 +596,27 @@ mod tests {
         std::fs::write(&file, bytes).expect("damage");
         let e = Queue::open(dir.path(), bounds(100)).err().expect("refused");
         assert!(e.to_string().contains("cloud-queue.redb"), "{e}");
+    }
+
+    #[test]
+    fn a_dropped_message_gives_back_the_gaps_it_was_to_announce() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut q = Queue::open(dir.path(), bounds(2)).expect("open");
+        push(&mut q, Class::Telemetry, 1); // 1
+        push(&mut q, Class::Telemetry, 2); // 2
+        push(&mut q, Class::Telemetry, 3); // 3: drops 1
+        let (_, gaps) = push(&mut q, Class::Telemetry, 4); // 4: carries 1, drops 2
+        assert_eq!(gaps, [(1, 1)]);
+        push(&mut q, Class::Telemetry, 5); // 5: carries 2, drops 3
+        push(&mut q, Class::Telemetry, 6); // 6: carries 3, drops 4, which carried 1
+        // Message 4 announced gap 1 and was dropped: 1 is announced again, with 4.
+        let (_, gaps) = push(&mut q, Class::Audit, 7); // 7: drops 5, which carried 2
+        assert_eq!(gaps, [(1, 1), (4, 4)]);
+        let (_, gaps) = push(&mut q, Class::Audit, 8); // 8: drops 6, which carried 3
+        assert_eq!(gaps, [(2, 2), (5, 5)]);
+        assert!(q.gaps_pending(), "3 and 6 wait for the next message");
+        drop(q);
+        let q = Queue::open(dir.path(), bounds(2)).expect("reopen");
+        assert!(q.gaps_pending(), "known after a restart");
     }
 }

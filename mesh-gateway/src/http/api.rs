@@ -38,10 +38,20 @@ pub(super) async fn handle(
                  # TYPE starling_audit_lost_total counter\nstarling_audit_lost_total {}\n",
                 state.audit.lost()
             ));
+            if let Some(cloud) = state.cloud() {
+                crate::cloud::render_metrics(&cloud.status(), &mut text);
+            }
             respond(200, "text/plain; version=0.0.4", text)
         }
         (Method::GET, "/v1/nodes") => json_response(200, nodes(state)),
         (Method::GET, "/v1/services") => json_response(200, services(state)),
+        (Method::GET, "/v1/cloud") => match state.cloud() {
+            Some(cloud) => json_response(200, json!(cloud.status())),
+            None => json_response(
+                404,
+                json!({ "error": "this gateway has no [cloud] section: it bridges to no broker" }),
+            ),
+        },
         (Method::GET, "/v1/policy") => {
             let current = state.policies.current();
             json_response(
@@ -75,7 +85,7 @@ pub(super) async fn handle(
         (
             _,
             "/metrics" | "/v1/nodes" | "/v1/services" | "/v1/policy" | "/v1/policy/status"
-            | "/v1/traces" | "/v1/revocations" | "/v1/tokens",
+            | "/v1/traces" | "/v1/revocations" | "/v1/tokens" | "/v1/cloud",
         ) => json_response(405, json!({ "error": "method not allowed" })),
         _ => json_response(404, json!({ "error": "no such path" })),
     })

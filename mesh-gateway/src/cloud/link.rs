@@ -1,0 +1,696 @@
+//! The MQTT link (MQTT 5, rumqttc): one session at a time, a fresh client for each, started
+//! again after any failure with a backoff (0.5 s doubling to 30 s), for as long as the gateway
+//! runs.
+//!
+//! Each session: connect with the `offline` status as the will (retained), publish `online`
+//! (retained), subscribe to `policy/set` and `call/#`, then drain the queue: up to the
+//! window (`max_inflight`, lowered to the broker's Receive Maximum) publishes in flight, in the
+//! queue's order, each deleted from the queue only when its PUBACK came. What was in flight when
+//! a session ended goes again in the next one (at least once; `seq` lets a consumer drop
+//! duplicates). The optional bandwidth cap is a token bucket in front of the publishes.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use mesh_core::{NodeName, SpiffeId};
+use mesh_node::{CallOptions, Node};
+use mesh_proto::Status;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{
+    LastWill, Packet, PubAckReason, Publish, PublishProperties, SubscribeReasonCode,
+};
+use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
+use rumqttc::{Outgoing, TlsConfiguration, Transport};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::{Map, Value, json};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::{Bridge, Class, Downlink, Shared, signing, unix_ms};
+use crate::config::CloudConfig;
+
+/// Calls from the cloud served at once, at most; more are answered ResourceExhausted.
+const MAX_CLOUD_CALLS: usize = 64;
+/// The meta key of the newest signed policy applied (its `signed_at_ms`).
+const POLICY_SIGNED_AT: &str = "policy_signed_at_ms";
+
+/// The TLS client config of the link (`None` for `mqtt://`): the broker checked against `ca`
+/// (or the system's roots), the client certificate presented when one is configured.
+pub(crate) fn tls_config(c: &CloudConfig) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
+    if !c.tls {
+        return Ok(None);
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    match &c.ca {
+        Some(ca) => {
+            for cert in CertificateDer::pem_file_iter(ca)
+                .map_err(|e| format!("ca {}: {e}", ca.display()))?
+            {
+                let cert = cert.map_err(|e| format!("ca {}: {e}", ca.display()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("ca {}: {e}", ca.display()))?;
+            }
+            if roots.is_empty() {
+                return Err(format!("ca {}: no certificate in it", ca.display()));
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for cert in found.certs {
+                let _ = roots.add(cert);
+            }
+            if roots.is_empty() {
+                return Err("no ca is set and the system has no CA certificates".into());
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    let config = match &c.cert_key {
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("cert {}: {e}", cert.display()))?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| format!("key {}: {e}", key.display()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("cert and key: {e}"))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Some(Arc::new(config)))
+}
+
+/// `host:port` (the host may be `[v6]`).
+fn host_port(broker: &str) -> Result<(String, u16), String> {
+    let (host, port) = broker
+        .rsplit_once(':')
+        .ok_or_else(|| format!("broker {broker:?}: expected host:port"))?;
+    let port = port
+        .parse()
+        .map_err(|_| format!("broker {broker:?}: bad port"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Ok((host.to_owned(), port))
+}
+
+fn status_payload(shared: &Shared, state: &str) -> Vec<u8> {
+    json!({
+        "state": state,
+        "gateway": shared.gateway,
+        "at_ms": unix_ms(),
+        "version": env!("CARGO_PKG_VERSION"),
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// Runs sessions until `stop` changes.
+pub(crate) async fn run(
+    bridge: Bridge,
+    node: Node,
+    downlink: Arc<dyn Downlink>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let shared = bridge.shared().clone();
+    let calls = Arc::new(Semaphore::new(MAX_CLOUD_CALLS));
+    let mut backoff = Duration::from_millis(500);
+    let mut sessions = 0u64;
+    let mut last_logged = String::new();
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let started = Instant::now();
+        let ended = session(&bridge, &node, &downlink, &calls, &mut stop, &mut sessions).await;
+        shared.stats.connected.store(false, Ordering::Relaxed);
+        shared.stats.inflight.store(0, Ordering::Relaxed);
+        let e = match ended {
+            Ok(()) => return,
+            Err(e) => e,
+        };
+        // Said once per kind of failure, not once per attempt.
+        if e != last_logged {
+            warn!(
+                "cloud link to {}: {e}; trying again (the mesh goes on without it)",
+                shared.config.broker
+            );
+            last_logged = e.clone();
+        }
+        shared.set_error(Some(e));
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = Duration::from_millis(500);
+        }
+        let jitter = backoff.mul_f64(0.8 + 0.4 * (unix_ms() % 1000) as f64 / 1000.0);
+        tokio::select! {
+            _ = tokio::time::sleep(jitter) => {}
+            _ = stop.changed() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Why the event loop failed, in words an operator can act on.
+fn describe(e: &ConnectionError) -> String {
+    match e {
+        ConnectionError::Tls(t) => format!("TLS with the broker failed: {t}"),
+        ConnectionError::ConnectionRefused(code) => {
+            format!("the broker refused the connection: {code:?}")
+        }
+        ConnectionError::Io(io) => format!("cannot reach the broker: {io}"),
+        ConnectionError::Timeout(_) => "the broker did not answer in time".into(),
+        other => other.to_string(),
+    }
+}
+
+/// A publish the link makes outside the queue (a call's answer).
+pub(crate) struct Direct {
+    topic: String,
+    payload: Bytes,
+    properties: PublishProperties,
+}
+
+/// A token bucket: `rate` bytes a second, a burst of one second.
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    /// Takes `n` bytes, or says how long until they may go.
+    fn take(&mut self, n: usize) -> Option<Duration> {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.rate);
+        self.last = now;
+        let need = (n as f64).min(self.rate);
+        if self.tokens >= need {
+            self.tokens -= n as f64;
+            None
+        } else {
+            Some(Duration::from_secs_f64((need - self.tokens) / self.rate))
+        }
+    }
+}
+
+#[allow(clippy::too_many_lines)]
+async fn session(
+    bridge: &Bridge,
+    node: &Node,
+    downlink: &Arc<dyn Downlink>,
+    calls: &Arc<Semaphore>,
+    stop: &mut watch::Receiver<bool>,
+    sessions: &mut u64,
+) -> Result<(), String> {
+    let shared = bridge.shared().clone();
+    let c = &shared.config;
+    let (host, port) = host_port(&c.broker)?;
+    let status_topic = shared.topic("status");
+    let mut options = MqttOptions::new(c.client_id.clone(), host, port);
+    options
+        .set_keep_alive(c.keep_alive)
+        .set_clean_start(true)
+        .set_connection_timeout(10)
+        .set_outgoing_inflight_upper_limit(c.max_inflight)
+        // Down messages up to twice the bound are read and refused with a reason; larger
+        // ones the broker does not deliver.
+        .set_max_packet_size(Some(
+            u32::try_from(c.max_message_bytes * 2 + 65_536).unwrap_or(u32::MAX),
+        ))
+        .set_last_will(LastWill::new(
+            status_topic.clone(),
+            status_payload(&shared, "offline"),
+            QoS::AtLeastOnce,
+            true,
+            None,
+        ));
+    if let Some((user, file)) = &c.user_password {
+        let password = std::fs::read_to_string(file)
+            .map_err(|e| format!("password_file {}: {e}", file.display()))?;
+        options.set_credentials(user.clone(), password.trim_end().to_owned());
+    }
+    if let Some(tls) = tls_config(c)? {
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+    }
+    let (client, mut eventloop) = AsyncClient::new(options, usize::from(c.max_inflight) + 64);
+    // The event loop runs on a task of its own and hands its events over a channel, so this
+    // loop may wait on several things at once without cancelling it halfway.
+    let (events_tx, mut events) = mpsc::channel(256);
+    let pump = tokio::spawn(async move {
+        loop {
+            let event = eventloop.poll().await;
+            let failed = event.is_err();
+            if events_tx.send(event).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    let _pump = AbortOnDrop(pump);
+    let connack = match tokio::time::timeout(Duration::from_secs(15), events.recv()).await {
+        Ok(Some(Ok(Event::Incoming(Packet::ConnAck(ack))))) => ack,
+        Ok(Some(Ok(other))) => return Err(format!("expected CONNACK, got {other:?}")),
+        Ok(Some(Err(e))) => return Err(describe(&e)),
+        Ok(None) => return Err("the MQTT event loop ended".into()),
+        Err(_) => return Err("no CONNACK from the broker within 15 s".into()),
+    };
+    let receive_max = connack
+        .properties
+        .as_ref()
+        .and_then(|p| p.receive_max)
+        .unwrap_or(u16::MAX);
+    let window = usize::from(c.max_inflight.min(receive_max));
+    let stats = &shared.stats;
+    stats.connected.store(true, Ordering::Relaxed);
+    stats
+        .receive_max
+        .store(u64::from(receive_max), Ordering::Relaxed);
+    if *sessions > 0 {
+        stats.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+    *sessions += 1;
+    shared.set_error(None);
+    info!(
+        "cloud link up: {} as {} (window {window}, {} queued)",
+        c.broker,
+        c.client_id,
+        shared.queue().stats().messages
+    );
+
+    // What each publish is: Some(seq) for a queued message, None for one that is not.
+    let mut fifo: VecDeque<Option<u64>> = VecDeque::new();
+    let mut by_pkid: HashMap<u16, u64> = HashMap::new();
+    let mut inflight: BTreeSet<u64> = BTreeSet::new();
+    let mut acked: Vec<u64> = Vec::new();
+    let mut bucket = c.bandwidth.map(|rate| Bucket {
+        rate: rate as f64,
+        tokens: rate as f64,
+        last: Instant::now(),
+    });
+    let mut bandwidth_wait: Option<Instant> = None;
+    let mut gaps_note_sent = false;
+
+    let publish = |fifo: &mut VecDeque<Option<u64>>,
+                   topic: String,
+                   payload: Bytes,
+                   retain: bool,
+                   properties: Option<PublishProperties>,
+                   seq: Option<u64>|
+     -> bool {
+        let sent = match properties {
+            Some(p) => {
+                client.try_publish_with_properties(topic, QoS::AtLeastOnce, retain, payload, p)
+            }
+            None => client.try_publish(topic, QoS::AtLeastOnce, retain, payload),
+        };
+        if sent.is_ok() {
+            fifo.push_back(seq);
+        }
+        sent.is_ok()
+    };
+    publish(
+        &mut fifo,
+        status_topic.clone(),
+        status_payload(&shared, "online").into(),
+        true,
+        None,
+        None,
+    );
+    // `call/#`, not `call/+/+`: a malformed call topic is seen, and refused with a reason.
+    for topic in [shared.topic("policy/set"), shared.topic("call/#")] {
+        client
+            .try_subscribe(topic, QoS::AtLeastOnce)
+            .map_err(|e| e.to_string())?;
+    }
+
+    let (direct_tx, mut direct_rx) = mpsc::channel::<Direct>(256);
+    let mut flush_tick = tokio::time::interval(Duration::from_millis(50));
+    let mut expire_tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Some(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
+                    if let Some(Some(seq)) = fifo.pop_front() {
+                        by_pkid.insert(pkid, seq);
+                    }
+                }
+                Some(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
+                    if let Some(seq) = by_pkid.remove(&ack.pkid) {
+                        match ack.reason {
+                            PubAckReason::Success | PubAckReason::NoMatchingSubscribers => {
+                                acked.push(seq);
+                            }
+                            reason => {
+                                return Err(format!(
+                                    "the broker refused message {seq}: {reason:?} (is the \
+                                     gateway allowed to publish under {}?)",
+                                    shared.prefix
+                                ));
+                            }
+                        }
+                    } else if !matches!(
+                        ack.reason,
+                        PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+                    ) {
+                        warn!("the broker refused a reply or status message: {:?}", ack.reason);
+                    }
+                }
+                Some(Ok(Event::Incoming(Packet::SubAck(ack)))) => {
+                    if let Some(bad) = ack
+                        .return_codes
+                        .iter()
+                        .find(|r| !matches!(r, SubscribeReasonCode::Success(_)))
+                    {
+                        let e = format!(
+                            "the broker refused a subscription under {}: {bad:?}; nothing \
+                             from the cloud reaches the site",
+                            shared.prefix
+                        );
+                        warn!("{e}");
+                        shared.set_error(Some(e));
+                    }
+                }
+                Some(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                    let down = DownContext {
+                        bridge: bridge.clone(),
+                        node: node.clone(),
+                        downlink: downlink.clone(),
+                        direct: direct_tx.clone(),
+                        calls: calls.clone(),
+                    };
+                    tokio::spawn(down.handle(p));
+                }
+                Some(Ok(Event::Incoming(Packet::Disconnect(d)))) => {
+                    return Err(format!("the broker ended the session: {:?}", d.reason_code));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(describe(&e)),
+                None => return Err("the MQTT event loop ended".into()),
+            },
+            Some(d) = direct_rx.recv() => {
+                if !publish(&mut fifo, d.topic, d.payload, false, Some(d.properties), None) {
+                    warn!("a reply to the cloud could not be sent: the link is saturated");
+                }
+            }
+            () = shared.wake.notified() => {}
+            _ = flush_tick.tick() => {}
+            _ = expire_tick.tick() => {
+                let mut q = shared.queue();
+                if let Err(e) = q.expire(unix_ms()) {
+                    warn!("{e}");
+                }
+            }
+            () = sleep_until(bandwidth_wait), if bandwidth_wait.is_some() => {
+                bandwidth_wait = None;
+            }
+            _ = stop.changed() => {
+                // A clean goodbye: the broker does not send the will, so say it ourselves.
+                publish(
+                    &mut fifo,
+                    status_topic,
+                    status_payload(&shared, "offline").into(),
+                    true,
+                    None,
+                    None,
+                );
+                let _ = client.try_disconnect();
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    while let Some(Ok(_)) = events.recv().await {}
+                })
+                .await;
+                flush(&shared, &mut acked, &mut inflight)?;
+                return Ok(());
+            }
+        }
+        if !acked.is_empty() {
+            flush(&shared, &mut acked, &mut inflight)?;
+        }
+        let (gaps_pending, held) = {
+            let q = shared.queue();
+            (q.gaps_pending(), q.stats().messages)
+        };
+        if held > 0 || !gaps_pending {
+            gaps_note_sent = false;
+        } else if inflight.is_empty() && !gaps_note_sent {
+            // Drops no message announced, and nothing left to carry them: say it on its own.
+            bridge.send(Class::Status, "gaps", Map::new());
+            gaps_note_sent = true;
+        }
+        if bandwidth_wait.is_none() {
+            // Fill the window from the queue, in its order.
+            let free = window.saturating_sub(inflight.len());
+            if free > 0 {
+                let next = shared
+                    .queue()
+                    .next_except(free, |s| inflight.contains(&s))
+                    .map_err(|e| e.to_string())?;
+                for (seq, m) in next {
+                    if let Some(wait) = bucket.as_mut().and_then(|b| b.take(m.payload.len())) {
+                        bandwidth_wait = Some(Instant::now() + wait);
+                        break;
+                    }
+                    if !publish(&mut fifo, m.topic, m.payload.into(), false, None, Some(seq)) {
+                        break;
+                    }
+                    inflight.insert(seq);
+                }
+            }
+        }
+        stats
+            .inflight
+            .store(inflight.len() as u64, Ordering::Relaxed);
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Deletes what the broker acknowledged from the queue.
+fn flush(
+    shared: &Shared,
+    acked: &mut Vec<u64>,
+    inflight: &mut BTreeSet<u64>,
+) -> Result<(), String> {
+    if acked.is_empty() {
+        return Ok(());
+    }
+    shared.queue().ack_many(acked).map_err(|e| e.to_string())?;
+    shared
+        .stats
+        .published
+        .fetch_add(acked.len() as u64, Ordering::Relaxed);
+    for seq in acked.drain(..) {
+        inflight.remove(&seq);
+    }
+    Ok(())
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What a message from the cloud is handled with.
+struct DownContext {
+    bridge: Bridge,
+    node: Node,
+    downlink: Arc<dyn Downlink>,
+    direct: mpsc::Sender<Direct>,
+    calls: Arc<Semaphore>,
+}
+
+impl DownContext {
+    async fn handle(self, p: Publish) {
+        let shared = self.bridge.shared().clone();
+        let topic = String::from_utf8_lossy(&p.topic).into_owned();
+        let properties = p.properties.clone().unwrap_or_default();
+        let max = shared.config.max_message_bytes;
+        let rest = topic
+            .strip_prefix(&shared.prefix)
+            .and_then(|r| r.strip_prefix('/'))
+            .unwrap_or("");
+        let oversized = (p.payload.len() > max).then(|| {
+            format!(
+                "{} bytes: larger than the gateway's max_message_bytes ({max})",
+                p.payload.len()
+            )
+        });
+        if rest == "policy/set" {
+            let result = match oversized {
+                Some(reason) => Err(reason),
+                None => self.policy(&p.payload).await,
+            };
+            let mut status = Map::new();
+            status.insert("source".into(), "cloud".into());
+            match result {
+                Ok(fields) => {
+                    status.insert("kind".into(), "accepted".into());
+                    status.extend(fields);
+                }
+                Err(reason) => {
+                    shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    warn!("refused a policy bundle from the cloud: {reason}");
+                    self.downlink.audit(
+                        "cloud_policy_refused",
+                        vec![("reason".into(), reason.clone())],
+                    );
+                    status.insert("kind".into(), "refused".into());
+                    status.insert("reason".into(), reason.into());
+                }
+            }
+            self.bridge.send(Class::Status, "policy/status", status);
+            return;
+        }
+        let call = rest
+            .strip_prefix("call/")
+            .and_then(|r| r.split_once('/'))
+            .filter(|(s, m)| !s.is_empty() && !m.is_empty() && !m.contains('/'));
+        let Some((service, method)) = call else {
+            self.refuse(&topic, "not a topic the gateway takes messages on".into());
+            return;
+        };
+        let reply_to = properties
+            .response_topic
+            .clone()
+            .filter(|t| !t.is_empty() && !t.contains(['+', '#']));
+        let Some(reply_to) = reply_to else {
+            self.refuse(
+                &topic,
+                "a call needs an MQTT 5 response topic (without wildcards) to answer on".into(),
+            );
+            return;
+        };
+        let (status, message, body) = match oversized {
+            Some(reason) => {
+                self.refuse(&topic, reason.clone());
+                (Status::InvalidArgument, reason, Bytes::new())
+            }
+            None => self.call(service, method, p.payload, &properties).await,
+        };
+        let mut answer = PublishProperties {
+            correlation_data: properties.correlation_data.clone(),
+            ..PublishProperties::default()
+        };
+        answer
+            .user_properties
+            .push(("status".into(), status.as_str().into()));
+        if !message.is_empty() {
+            answer.user_properties.push(("message".into(), message));
+        }
+        let direct = Direct {
+            topic: reply_to,
+            payload: body,
+            properties: answer,
+        };
+        if self.direct.send(direct).await.is_err() {
+            warn!("the answer to a cloud call to {service}.{method} was lost: the link went down");
+        }
+    }
+
+    /// A message refused: counted, said on `refused` and in the audit log.
+    fn refuse(&self, topic: &str, reason: String) {
+        let shared = self.bridge.shared();
+        shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+        warn!("refused a message from the cloud on {topic}: {reason}");
+        self.downlink.audit(
+            "cloud_refused",
+            vec![
+                ("topic".into(), topic.to_owned()),
+                ("reason".into(), reason.clone()),
+            ],
+        );
+        let mut body = Map::new();
+        body.insert("topic".into(), topic.into());
+        body.insert("reason".into(), reason.into());
+        self.bridge.send(Class::Status, "refused", body);
+    }
+
+    /// A signed bundle: verified, checked against replays, applied.
+    async fn policy(&self, payload: &[u8]) -> Result<Map<String, Value>, String> {
+        let shared = self.bridge.shared();
+        let (signed, signer) =
+            signing::verify(payload, &shared.signers).map_err(|e| e.to_string())?;
+        // One bundle at a time: the replay check and the apply are one step.
+        let _one = shared.policy_lock.lock().await;
+        let newest = shared
+            .queue()
+            .meta(POLICY_SIGNED_AT)
+            .map_err(|e| e.to_string())?
+            .unwrap_or(0);
+        if signed.signed_at_ms <= newest {
+            return Err(format!(
+                "replayed or out of order: signed at {} ms, not after the newest bundle applied \
+                 from the cloud (signed at {newest} ms)",
+                signed.signed_at_ms
+            ));
+        }
+        let version = self.downlink.set_policy(signed.policy).await?;
+        shared
+            .queue()
+            .set_meta(POLICY_SIGNED_AT, signed.signed_at_ms)
+            .map_err(|e| e.to_string())?;
+        info!(
+            "applied policy version {version} from the cloud, signed by key {}",
+            signer.id
+        );
+        let mut fields = Map::new();
+        fields.insert("version".into(), version.into());
+        fields.insert("signed_at_ms".into(), signed.signed_at_ms.into());
+        fields.insert("key".into(), signer.id.clone().into());
+        Ok(fields)
+    }
+
+    /// A call into the mesh as the cloud's identity.
+    async fn call(
+        &self,
+        service: &str,
+        method: &str,
+        body: Bytes,
+        properties: &PublishProperties,
+    ) -> (Status, String, Bytes) {
+        let shared = self.bridge.shared();
+        let Ok(_permit) = self.calls.clone().try_acquire_owned() else {
+            return (
+                Status::ResourceExhausted,
+                format!("more than {MAX_CLOUD_CALLS} calls from the cloud at once"),
+                Bytes::new(),
+            );
+        };
+        let id = NodeName::try_from(shared.config.client_id.as_str())
+            .map_err(|e| e.to_string())
+            .and_then(|n| SpiffeId::cloud(&shared.trust_domain, n).map_err(|e| e.to_string()));
+        let id = match id {
+            Ok(id) => id,
+            Err(e) => return (Status::Internal, e, Bytes::new()),
+        };
+        let timeout = properties
+            .user_properties
+            .iter()
+            .find(|(k, _)| k == "timeout_ms")
+            .and_then(|(_, v)| v.parse::<u64>().ok())
+            .map(|ms| Duration::from_millis(ms.clamp(1, 300_000)));
+        let options = CallOptions {
+            timeout,
+            on_behalf_of: Some(id),
+            ..CallOptions::default()
+        };
+        let reply = self.node.call_with(service, method, body, &options).await;
+        (reply.status, reply.message, reply.body)
+    }
+}

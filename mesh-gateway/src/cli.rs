@@ -67,6 +67,10 @@ enum Command {
         /// Keep the mesh up after the calls, until Ctrl-C.
         #[arg(long)]
         keep_running: bool,
+        /// Bridge the site to a local mosquitto (TLS, client certificates, an ACL) and show
+        /// what the cloud receives, a signed policy sent down and a call from the cloud.
+        #[arg(long)]
+        cloud: bool,
     },
 }
 
@@ -312,9 +316,12 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Demo { keep_running } => {
+        Command::Demo {
+            keep_running,
+            cloud,
+        } => {
             init_logging("error");
-            match runtime().block_on(crate::demo::run(keep_running)) {
+            match runtime().block_on(crate::demo::run(keep_running, cloud)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: demo failed: {e:#}");

@@ -16,6 +16,9 @@ use mesh_node::http::post;
 use mesh_node::{Node, NodeConfig};
 
 use crate::ca::Ca;
+use crate::cloud::local::{Broker, Received, Subscriber};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
 
 const TRUST_DOMAIN: &str = "starling.local";
 
@@ -27,11 +30,17 @@ type Plan = (
 );
 
 /// Runs the demo; prints to stdout. `keep_running` waits for Ctrl-C before tearing down.
-pub async fn run(keep_running: bool) -> anyhow::Result<()> {
+/// With `cloud`, the gateway is bridged to a local mosquitto and the demo shows the cloud's side.
+pub async fn run(keep_running: bool, cloud: bool) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new()
         .prefix("starling-demo-")
         .tempdir()?;
     let root = dir.path();
+    let cloud = if cloud {
+        Some(CloudSide::start(root).await?)
+    } else {
+        None
+    };
     let ca = Ca::generate(TRUST_DOMAIN)?;
     ca.save(&root.join("ca"))?;
     println!(
@@ -39,8 +48,14 @@ pub async fn run(keep_running: bool) -> anyhow::Result<()> {
         root.display()
     );
     println!("  CA         spiffe://{TRUST_DOMAIN}   (ca/ca.crt, key mode 0600)");
+    if let Some(cloud) = &cloud {
+        println!(
+            "  broker     mosquitto {}  (TLS, client certificates, an ACL: the site may publish only under {PREFIX})",
+            cloud.broker.url()
+        );
+    }
 
-    let gateway = start_gateway(root, &ca).await?;
+    let gateway = start_gateway(root, &ca, cloud.as_ref()).await?;
     let gw = gateway.node().clone();
     println!(
         "  gateway    {}  quic {}  admin http://{}  policy version {}",
@@ -197,6 +212,10 @@ pub async fn run(keep_running: bool) -> anyhow::Result<()> {
         println!("  {line}");
     }
 
+    if let Some(cloud) = &cloud {
+        cloud.show(gateway.total_calls()).await?;
+    }
+
     if keep_running {
         println!("\nThe mesh stays up. Try:");
         println!("  curl -s --data hi http://{ingress}/v1/call/echo/say");
@@ -215,7 +234,11 @@ pub async fn run(keep_running: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn start_gateway(root: &Path, ca: &Ca) -> anyhow::Result<crate::Gateway> {
+async fn start_gateway(
+    root: &Path,
+    ca: &Ca,
+    cloud: Option<&CloudSide>,
+) -> anyhow::Result<crate::Gateway> {
     let dir = root.join("gateway");
     ca.issue_gateway("gateway", 1)?
         .save(&dir.join("certs"), ca.cert_pem())?;
@@ -227,6 +250,10 @@ async fn start_gateway(root: &Path, ca: &Ca) -> anyhow::Result<crate::Gateway> {
                 admin = \"127.0.0.1:0\"\npolicy = \"policy.toml\"\nstate_dir = \"state\"\n\
                 [identity]\ncert = \"certs/node.crt\"\nkey = \"certs/node.key\"\nca = \"certs/ca.crt\"\n\
                 [discovery]\nmdns = false\n[labels]\nzone = \"hall-0\"\n";
+    let mut toml = toml.to_owned();
+    if let Some(cloud) = cloud {
+        toml.push_str(&cloud.section()?);
+    }
     let path = dir.join("gateway.toml");
     std::fs::write(&path, toml)?;
     let config = crate::GatewayConfig::load(&path)?;
@@ -303,4 +330,158 @@ fn node_of(health: &[u8]) -> String {
         .and_then(|rest| rest.split('"').next())
         .unwrap_or("?")
         .to_owned()
+}
+
+/// The cloud's side of `demo --cloud`: a local mosquitto and an application subscribed to
+/// everything the site sends, holding the operator key that signs policy.
+struct CloudSide {
+    broker: Broker,
+    app: Subscriber,
+    root: std::path::PathBuf,
+}
+
+/// The gateway's MQTT client id: its name, so also its CN and ACL user.
+const SITE: &str = "gateway";
+const PREFIX: &str = "starling/starling.local/gateway";
+
+impl CloudSide {
+    async fn start(root: &Path) -> anyhow::Result<CloudSide> {
+        anyhow::ensure!(
+            crate::cloud::local::mosquitto().is_some(),
+            "--cloud needs mosquitto (apt-get install mosquitto, or scripts/setup.sh)"
+        );
+        let broker = Broker::start(&root.join("broker"), SITE, PREFIX, "cloud-app")
+            .map_err(anyhow::Error::msg)?;
+        let (crt, key) = broker
+            .pki
+            .issue("cloud-app", false)
+            .map_err(anyhow::Error::msg)?;
+        let app = Subscriber::connect(&broker, "cloud-app", (&crt, &key), &format!("{PREFIX}/#"))
+            .await
+            .map_err(anyhow::Error::msg)?;
+        crate::cloud::signing::generate(&root.join("operator")).map_err(anyhow::Error::msg)?;
+        Ok(CloudSide {
+            broker,
+            app,
+            root: root.to_owned(),
+        })
+    }
+
+    /// The gateway's `[cloud]` section.
+    fn section(&self) -> anyhow::Result<String> {
+        let (crt, key) = self
+            .broker
+            .pki
+            .issue(SITE, false)
+            .map_err(anyhow::Error::msg)?;
+        Ok(format!(
+            "[cloud]\nbroker = \"{}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
+             policy_signers = [\"{}\"]\n",
+            self.broker.url(),
+            self.broker.pki.ca().display(),
+            crt.display(),
+            key.display(),
+            self.root.join("operator.pub").display()
+        ))
+    }
+
+    /// Waits until `pred` holds for what the cloud received (10 s at most).
+    async fn wait(&self, pred: impl Fn(&[Received]) -> bool) -> anyhow::Result<Vec<Received>> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let seen = self.app.seen();
+            if pred(&seen) {
+                return Ok(seen);
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the cloud did not see it within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Prints what the cloud received, sends a signed policy down and makes a call from the
+    /// cloud.
+    async fn show(&self, made: u64) -> anyhow::Result<()> {
+        let calls = |seen: &[Received]| -> u64 {
+            seen.iter()
+                .filter(|m| m.topic.ends_with("/telemetry"))
+                .flat_map(|m| m.json()["calls"].as_array().cloned().unwrap_or_default())
+                .filter_map(|c| c["count"].as_u64())
+                .sum()
+        };
+        let seen = self.wait(|s| calls(s) >= made).await?;
+        println!(
+            "\nThe cloud's side (subscribed to {PREFIX}/#), every message with its sequence number:"
+        );
+        let mut topics: std::collections::BTreeMap<&str, usize> = Default::default();
+        for m in &seen {
+            *topics.entry(m.topic.as_str()).or_default() += 1;
+        }
+        for (topic, n) in topics {
+            println!("  {topic:<48} {n} messages");
+        }
+        println!(
+            "  calls counted in the cloud's telemetry: {} (the gateway counted {made})",
+            calls(&seen)
+        );
+
+        let policy = "[defaults]\ncall_timeout_ms = 4000\n";
+        let signed = crate::cloud::signing::sign(
+            &self.root.join("operator.key"),
+            policy,
+            crate::cloud::unix_ms(),
+        )
+        .map_err(anyhow::Error::msg)?;
+        self.app
+            .client
+            .publish(
+                format!("{PREFIX}/policy/set"),
+                QoS::AtLeastOnce,
+                false,
+                serde_json::to_vec(&signed)?,
+            )
+            .await?;
+        let acked = |s: &[Received]| {
+            s.iter()
+                .filter(|m| m.topic.ends_with("/policy/status") && m.json()["kind"] == "ack")
+                .filter(|m| m.json()["version"] == 2)
+                .count()
+        };
+        let seen = self.wait(|s| acked(s) >= 3).await?;
+        println!(
+            "  a policy signed by the operator key, published on {PREFIX}/policy/set: version 2, acked by {} nodes",
+            acked(&seen)
+        );
+        let mut properties = PublishProperties {
+            response_topic: Some(format!("{PREFIX}/reply/demo")),
+            correlation_data: Some(Bytes::from_static(b"demo-1")),
+            ..PublishProperties::default()
+        };
+        properties
+            .user_properties
+            .push(("timeout_ms".into(), "2000".into()));
+        self.app
+            .client
+            .publish_with_properties(
+                format!("{PREFIX}/call/echo/say"),
+                QoS::AtLeastOnce,
+                false,
+                &b"hello from the cloud"[..],
+                properties,
+            )
+            .await?;
+        let seen = self
+            .wait(|s| s.iter().any(|m| m.topic.ends_with("/reply/demo")))
+            .await?;
+        if let Some(answer) = seen.iter().find(|m| m.topic.ends_with("/reply/demo")) {
+            println!(
+                "  a call from the cloud to echo.say, as spiffe://{TRUST_DOMAIN}/cloud/{SITE}: {} {:?}",
+                answer.user_property("status").unwrap_or_default(),
+                String::from_utf8_lossy(&answer.payload)
+            );
+        }
+        Ok(())
+    }
 }

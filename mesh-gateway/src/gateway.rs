@@ -15,7 +15,7 @@ use tracing::info;
 
 use crate::audit::AuditLog;
 use crate::ca::issuing::Issuing;
-use crate::cloud::{Bridge, Downlink};
+use crate::cloud::{BoxFuture, Bridge, Downlink};
 use crate::config::GatewayConfig;
 use crate::control::{ControlPlane, ControlService};
 use crate::policy::Policies;
@@ -183,8 +183,9 @@ impl Gateway {
             let downlink = Arc::new(GatewayDownlink {
                 policies: policies.clone(),
                 audit: audit.clone(),
+                node: node.clone(),
             });
-            cloud.start(node.clone(), downlink, node.shutdown_signal());
+            cloud.start(downlink, node.shutdown_signal());
             let (plane, cloud, stop) = (plane.clone(), cloud.clone(), node.shutdown_signal());
             tokio::spawn(async move { plane.report_to_cloud(cloud, stop).await });
         }
@@ -251,22 +252,33 @@ impl Gateway {
 }
 
 /// What the cloud bridge may do to the gateway: apply a signed bundle (as `PUT /v1/policy`
-/// does) and record audit events.
+/// does), make calls into the mesh as the cloud, record audit events.
 struct GatewayDownlink {
     policies: Arc<Policies>,
     audit: Arc<AuditLog>,
+    node: Node,
 }
 
 impl Downlink for GatewayDownlink {
-    fn set_policy(
-        &self,
-        toml: String,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, String>> + Send + '_>> {
+    fn set_policy(&self, toml: String) -> BoxFuture<'_, Result<u64, String>> {
         Box::pin(async move {
             self.policies
                 .set(&toml, "policy from the cloud", crate::policy::Origin::Cloud)
                 .await
                 .map_err(|e| e.to_string())
+        })
+    }
+
+    fn call(
+        &self,
+        service: String,
+        method: String,
+        body: bytes::Bytes,
+        options: mesh_node::CallOptions,
+    ) -> BoxFuture<'_, (mesh_proto::Status, String, bytes::Bytes)> {
+        Box::pin(async move {
+            let reply = self.node.call_with(&service, &method, body, &options).await;
+            (reply.status, reply.message, reply.body)
         })
     }
 

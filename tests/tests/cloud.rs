@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use starling_tests::mqtt::{
-    Broker, CloudApp, PREFIX, Received, SITE, missing_seqs, telemetry_counts,
+    Broker, CloudApp, PREFIX, Received, SITE, broker, missing_seqs, telemetry_counts,
 };
 use starling_tests::{NodeProc, Pki, call_ingress, eventually, http, prepend, run_bin};
 
@@ -36,7 +36,7 @@ fn node_conf(pki: &Pki, name: &str, gw: SocketAddr, extra: &str) -> PathBuf {
 /// Gateway `name` bridged to `broker` as [`SITE`] (its client certificate issued by the
 /// broker's CA), serving [`POLICY`]; `cloud_extra` goes into its `[cloud]` section.
 fn cloud_gateway(pki: &Pki, broker: &Broker, name: &str, cloud_extra: &str) -> PathBuf {
-    let (crt, key) = broker.pki.issue(SITE, false);
+    let (crt, key) = broker.pki.issue(SITE, false).expect("issue");
     let policy = pki.dir.path().join(format!("{name}-policy.toml"));
     std::fs::write(&policy, POLICY).expect("policy");
     let conf = pki.gateway_config(
@@ -143,7 +143,7 @@ fn reply<'a>(seen: &'a [Received], correlation: &str) -> Option<&'a Received> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cloud_gets_exact_telemetry_over_tls_and_calls_in_as_the_policy_allows() {
     let pki = Pki::new();
-    let broker = Broker::start(&pki.dir.path().join("broker"));
+    let broker = broker(&pki.dir.path().join("broker"));
     let app = CloudApp::connect(&broker, "app-1").await;
     let (gw, admin) = NodeProc::start_gateway("gw", &cloud_gateway(&pki, &broker, "gw", ""));
     let a = NodeProc::start("node-a", &node_conf(&pki, "node-a", gw.quic, ECHO));
@@ -291,7 +291,7 @@ async fn the_cloud_gets_exact_telemetry_over_tls_and_calls_in_as_the_policy_allo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_down_for_30_seconds_during_1000_calls_loses_nothing() {
     let pki = Pki::new();
-    let mut broker = Broker::start(&pki.dir.path().join("broker"));
+    let mut broker = broker(&pki.dir.path().join("broker"));
     let app = CloudApp::connect(&broker, "app-1").await;
     let (gw, admin) = NodeProc::start_gateway("gw", &cloud_gateway(&pki, &broker, "gw", ""));
     let _a = NodeProc::start("node-a", &node_conf(&pki, "node-a", gw.quic, ECHO));
@@ -329,7 +329,7 @@ async fn a_broker_down_for_30_seconds_during_1000_calls_loses_nothing() {
     tokio::time::sleep(Duration::from_secs(30)).await;
     let held = cloud_status(admin).await;
     assert!(held["queue_messages"].as_u64() > Some(0), "{held}");
-    broker.restart();
+    broker.restart().expect("the broker restarts");
     calls.await.expect("the calls");
     assert_eq!(done.load(Ordering::Relaxed), 1000);
 
@@ -366,7 +366,7 @@ async fn a_broker_down_for_30_seconds_during_1000_calls_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_killed_with_messages_queued_delivers_them_after_its_restart() {
     let pki = Pki::new();
-    let mut broker = Broker::start(&pki.dir.path().join("broker"));
+    let mut broker = broker(&pki.dir.path().join("broker"));
     let app = CloudApp::connect(&broker, "app-1").await;
     broker.stop();
     let listen = format!("127.0.0.1:{}", starling_tests::free_udp_port());
@@ -394,7 +394,7 @@ async fn a_gateway_killed_with_messages_queued_delivers_them_after_its_restart()
     assert!(queued["queue_messages"].as_u64() > Some(3), "{queued}");
     // A power cut: no goodbye, nothing flushed but what was committed.
     gw.kill();
-    broker.restart();
+    broker.restart().expect("the broker restarts");
     let (_gw, _) = NodeProc::start_gateway("gw", &conf);
     let seen = app
         .wait_until(
@@ -425,7 +425,7 @@ async fn a_gateway_killed_with_messages_queued_delivers_them_after_its_restart()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_its_bound_the_queue_drops_telemetry_and_the_cloud_is_told_the_gap() {
     let pki = Pki::new();
-    let mut broker = Broker::start(&pki.dir.path().join("broker"));
+    let mut broker = broker(&pki.dir.path().join("broker"));
     let app = CloudApp::connect(&broker, "app-1").await;
     broker.stop();
     let conf = cloud_gateway(&pki, &broker, "gw", "queue_max_messages = 10\n");
@@ -443,7 +443,7 @@ async fn past_its_bound_the_queue_drops_telemetry_and_the_cloud_is_told_the_gap(
     .expect("telemetry dropped past the bound");
     let status = cloud_status(admin).await;
     assert!(status["queue_messages"].as_u64() <= Some(10), "{status}");
-    broker.restart();
+    broker.restart().expect("the broker restarts");
     let seen = app
         .wait_until("a gap announced", Duration::from_secs(20), |s| {
             s.iter().any(|m| m.json()["gaps"].is_array())
@@ -470,7 +470,7 @@ async fn past_its_bound_the_queue_drops_telemetry_and_the_cloud_is_told_the_gap(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signed_policy_from_the_cloud_reaches_every_node_and_bad_ones_are_refused() {
     let pki = Pki::new();
-    let broker = Broker::start(&pki.dir.path().join("broker"));
+    let broker = broker(&pki.dir.path().join("broker"));
     let app = CloudApp::connect(&broker, "app-1").await;
     let keys = pki.dir.path().join("keys");
     std::fs::create_dir_all(&keys).expect("keys");
@@ -581,8 +581,9 @@ fn path(p: &Path) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_broker_certificate_a_wrong_client_key_or_no_broker_leave_the_mesh_working() {
     let pki = Pki::new();
-    let broker = Broker::start(&pki.dir.path().join("broker"));
-    let stranger = starling_tests::mqtt::BrokerPki::new(&pki.dir.path().join("stranger"), "x");
+    let broker = broker(&pki.dir.path().join("broker"));
+    let stranger = starling_tests::mqtt::BrokerPki::new(&pki.dir.path().join("stranger"), "x")
+        .expect("a stranger CA");
 
     // The gateway trusts another CA than the broker's.
     let wrong_ca = cloud_gateway(&pki, &broker, "gw1", "");
@@ -592,7 +593,7 @@ async fn a_wrong_broker_certificate_a_wrong_client_key_or_no_broker_leave_the_me
     std::fs::write(&wrong_ca, src).expect("conf");
     // The gateway's client certificate is not one the broker's CA issued.
     let wrong_key = cloud_gateway(&pki, &broker, "gw2", "");
-    stranger.issue(SITE, false);
+    stranger.issue(SITE, false).expect("issue");
     let src = std::fs::read_to_string(&wrong_key)
         .expect("conf")
         .replace(&path(&broker.pki.dir), &path(&stranger.dir))

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use mesh_core::{NodeName, SpiffeId};
-use mesh_node::{CallOptions, Node};
+use mesh_node::CallOptions;
 use mesh_proto::Status;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{
@@ -117,7 +117,6 @@ fn status_payload(shared: &Shared, state: &str) -> Vec<u8> {
 /// Runs sessions until `stop` changes.
 pub(crate) async fn run(
     bridge: Bridge,
-    node: Node,
     downlink: Arc<dyn Downlink>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -131,7 +130,7 @@ pub(crate) async fn run(
             return;
         }
         let started = Instant::now();
-        let ended = session(&bridge, &node, &downlink, &calls, &mut stop, &mut sessions).await;
+        let ended = session(&bridge, &downlink, &calls, &mut stop, &mut sessions).await;
         shared.stats.connected.store(false, Ordering::Relaxed);
         shared.stats.inflight.store(0, Ordering::Relaxed);
         let e = match ended {
@@ -206,7 +205,6 @@ impl Bucket {
 #[allow(clippy::too_many_lines)]
 async fn session(
     bridge: &Bridge,
-    node: &Node,
     downlink: &Arc<dyn Downlink>,
     calls: &Arc<Semaphore>,
     stop: &mut watch::Receiver<bool>,
@@ -382,7 +380,6 @@ async fn session(
                 Some(Ok(Event::Incoming(Packet::Publish(p)))) => {
                     let down = DownContext {
                         bridge: bridge.clone(),
-                        node: node.clone(),
                         downlink: downlink.clone(),
                         direct: direct_tx.clone(),
                         calls: calls.clone(),
@@ -509,7 +506,6 @@ impl Drop for AbortOnDrop {
 /// What a message from the cloud is handled with.
 struct DownContext {
     bridge: Bridge,
-    node: Node,
     downlink: Arc<dyn Downlink>,
     direct: mpsc::Sender<Direct>,
     calls: Arc<Semaphore>,
@@ -690,7 +686,8 @@ impl DownContext {
             on_behalf_of: Some(id),
             ..CallOptions::default()
         };
-        let reply = self.node.call_with(service, method, body, &options).await;
-        (reply.status, reply.message, reply.body)
+        self.downlink
+            .call(service.to_owned(), method.to_owned(), body, options)
+            .await
     }
 }

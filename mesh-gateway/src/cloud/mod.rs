@@ -21,6 +21,7 @@
 //! ([`signing`]); `call/<service>/<method>` makes a call into the mesh as
 //! `spiffe://<td>/cloud/<client-id>` and publishes the answer to the MQTT 5 response topic.
 
+pub mod local;
 pub mod queue;
 pub mod report;
 pub mod signing;
@@ -33,7 +34,6 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use mesh_node::Node;
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 use tokio::sync::{Notify, oneshot, watch};
@@ -52,13 +52,22 @@ const WRITE_BATCH: usize = 1024;
 /// What the bridge asks of the rest of the gateway for messages from the cloud.
 pub trait Downlink: Send + Sync + 'static {
     /// Validates and applies a policy bundle, as `PUT /v1/policy` does; its version.
-    fn set_policy(
+    fn set_policy(&self, toml: String) -> BoxFuture<'_, Result<u64, String>>;
+    /// Makes a call into the mesh (as the cloud: `options.on_behalf_of`); its status, message
+    /// and body.
+    fn call(
         &self,
-        toml: String,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, String>> + Send + '_>>;
+        service: String,
+        method: String,
+        body: bytes::Bytes,
+        options: mesh_node::CallOptions,
+    ) -> BoxFuture<'_, (mesh_proto::Status, String, bytes::Bytes)>;
     /// Records an audit event.
     fn audit(&self, kind: &str, fields: Vec<(String, String)>);
 }
+
+/// A boxed future, as [`Downlink`] returns them.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 /// Milliseconds since the Unix epoch.
 pub fn unix_ms() -> u64 {
@@ -227,9 +236,9 @@ impl Bridge {
     }
 
     /// Starts the link to the broker; it reconnects on its own until `stop` changes.
-    pub fn start(&self, node: Node, downlink: Arc<dyn Downlink>, stop: watch::Receiver<bool>) {
+    pub fn start(&self, downlink: Arc<dyn Downlink>, stop: watch::Receiver<bool>) {
         let bridge = self.clone();
-        tokio::spawn(link::run(bridge, node, downlink, stop));
+        tokio::spawn(link::run(bridge, downlink, stop));
     }
 
     pub(crate) fn shared(&self) -> &Arc<Shared> {

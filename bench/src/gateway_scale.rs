@@ -32,6 +32,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 const LIFETIME: Duration = Duration::from_secs(7 * 86_400);
 
 pub struct ScaleFigures {
+    /// The gateway was bridged to a local mosquitto (every batch went up to the cloud).
+    pub cloud: bool,
     pub renew_cpu_ms: f64,
     pub renew_all: Duration,
     pub nodes: usize,
@@ -69,7 +71,12 @@ impl Default for Renewals {
     }
 }
 
-pub fn measure(gateway_bin: &std::path::Path, nodes: usize) -> anyhow::Result<ScaleFigures> {
+/// With `cloud`, the gateway is bridged to that broker (as the site `gw`).
+pub fn measure(
+    gateway_bin: &std::path::Path,
+    nodes: usize,
+    cloud: Option<&mesh_gateway::cloud::local::Broker>,
+) -> anyhow::Result<ScaleFigures> {
     let dir = tempfile::tempdir()?;
     let ca = Ca::generate("scale.local")?;
     let gw_dir = dir.path().join("gw");
@@ -87,14 +94,23 @@ pub fn measure(gateway_bin: &std::path::Path, nodes: usize) -> anyhow::Result<Sc
         gw_dir.join("policy.toml"),
         "[defaults]\ncall_timeout_ms = 5000\n",
     )?;
-    std::fs::write(
-        gw_dir.join("gateway.toml"),
-        "name = \"gw\"\nlisten = \"127.0.0.1:0\"\ningress = \"off\"\nlog = \"warn,mesh_gateway=info\"\n\
+    let mut toml = "name = \"gw\"\nlisten = \"127.0.0.1:0\"\ningress = \"off\"\nlog = \"warn,mesh_gateway=info\"\n\
          admin = \"127.0.0.1:0\"\npolicy = \"policy.toml\"\nstate_dir = \"state\"\n\
          [identity]\ncert = \"certs/node.crt\"\nkey = \"certs/node.key\"\nca = \"certs/ca.crt\"\n\
          [discovery]\nmdns = false\n\
-         [issuer]\ncert = \"issuer/issuer.crt\"\nkey = \"issuer/issuer.key\"\n",
-    )?;
+         [issuer]\ncert = \"issuer/issuer.crt\"\nkey = \"issuer/issuer.key\"\n"
+        .to_owned();
+    if let Some(broker) = cloud {
+        let (crt, key) = broker.pki.issue("gw", false).map_err(anyhow::Error::msg)?;
+        toml.push_str(&format!(
+            "[cloud]\nbroker = \"{}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            broker.url(),
+            broker.pki.ca().display(),
+            crt.display(),
+            key.display()
+        ));
+    }
+    std::fs::write(gw_dir.join("gateway.toml"), toml)?;
     let mut child = Command::new(gateway_bin)
         .args(["run", "--config"])
         .arg(gw_dir.join("gateway.toml"))
@@ -106,12 +122,40 @@ pub fn measure(gateway_bin: &std::path::Path, nodes: usize) -> anyhow::Result<Sc
     let stderr = child.stderr.take().context("stderr")?;
     let pid = child.id();
     let _gw = Proc(child);
-    // Drain the gateway's log so it never blocks on a full pipe.
+    // Drain the gateway's log so it never blocks on a full pipe; its last lines are kept for
+    // an error.
+    let log: Arc<Mutex<std::collections::VecDeque<String>>> = Arc::default();
+    let tail = log.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            drop(line);
+            if let Ok(mut t) = tail.lock() {
+                if t.len() == 20 {
+                    t.pop_front();
+                }
+                t.push_back(line);
+            }
         }
     });
+    let result = run(pid, &gw_dir, &ca, nodes, cloud.is_some());
+    result.map_err(|e| {
+        let lines = log
+            .lock()
+            .map(|l| l.iter().cloned().collect::<Vec<_>>().join("\n"));
+        e.context(format!(
+            "the gateway's last log lines:\n{}",
+            lines.unwrap_or_default()
+        ))
+    })
+}
+
+/// The measurement, with the gateway `pid` running in `gw_dir`.
+fn run(
+    pid: u32,
+    gw_dir: &std::path::Path,
+    ca: &Ca,
+    nodes: usize,
+    cloud: bool,
+) -> anyhow::Result<ScaleFigures> {
     // Where it listens: its lock file says, once bound.
     let deadline = Instant::now() + Duration::from_secs(20);
     let (quic, admin) = loop {
@@ -267,6 +311,7 @@ pub fn measure(gateway_bin: &std::path::Path, nodes: usize) -> anyhow::Result<Sc
     let renew_cpu_ms = ((burst_ms - steady_ms) / nodes as f64).max(0.0);
 
     let figures = ScaleFigures {
+        cloud,
         renew_cpu_ms,
         renew_all,
         nodes,
@@ -413,10 +458,15 @@ fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
 impl ScaleFigures {
     pub fn print(&self) {
         println!(
-            "\ngateway with {} simulated nodes (telemetry 1/s each, real mTLS QUIC, simulated in one process):\n  \
+            "\ngateway with {} simulated nodes{} (telemetry 1/s each, real mTLS QUIC, simulated in one process):\n  \
              gateway CPU {:.1}% of one core, RSS {:.1} MiB; policy change: p50 {:.0} ms, p99 {:.0} ms to reach a node, \
              {:.0} ms until the gateway saw every ack",
             self.nodes,
+            if self.cloud {
+                ", bridged to a local mosquitto"
+            } else {
+                ""
+            },
             self.cpu_percent,
             self.rss_kib as f64 / 1024.0,
             self.policy_p50.as_secs_f64() * 1e3,
@@ -436,6 +486,7 @@ impl ScaleFigures {
     pub fn json(&self) -> serde_json::Value {
         serde_json::json!({
             "nodes": self.nodes,
+            "cloud": self.cloud,
             "gateway_cpu_percent": self.cpu_percent,
             "gateway_rss_kib": self.rss_kib,
             "policy_p50_ms": self.policy_p50.as_secs_f64() * 1e3,

@@ -11,6 +11,7 @@
 //!
 //! `scripts/bench.sh` runs it; results go to `bench-results/` as JSON and to stdout as a table.
 
+mod cloud_bridge;
 mod discovery;
 mod footprint;
 mod gateway_scale;
@@ -63,6 +64,10 @@ struct Args {
     /// Simulated node counts for the gateway-scale figures (comma-separated; empty skips them).
     #[arg(long, default_value = "100,1000", value_delimiter = ',')]
     gateway_nodes: Vec<usize>,
+    /// Messages of the cloud bridge's backlog figure (one hour of 100 nodes: 72000); 0 skips
+    /// the cloud figures, which need mosquitto.
+    #[arg(long, default_value_t = 72_000)]
+    cloud_backlog: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -146,14 +151,39 @@ fn main() -> anyhow::Result<()> {
     let gateway_bin = footprint::native_node().with_file_name("mesh-gateway");
     for n in args.gateway_nodes.iter().copied().filter(|n| *n > 0) {
         eprintln!("measuring a gateway with {n} simulated nodes");
-        scale.push(gateway_scale::measure(&gateway_bin, n).context("gateway scale")?);
+        scale.push(gateway_scale::measure(&gateway_bin, n, None).context("gateway scale")?);
     }
+    let mosquitto = mesh_gateway::cloud::local::mosquitto().is_some();
+    let cloud = if args.cloud_backlog == 0 {
+        None
+    } else if !mosquitto {
+        eprintln!("skipping the cloud bridge figures: mosquitto is not installed");
+        None
+    } else {
+        eprintln!("measuring a gateway with 100 simulated nodes bridged to a local mosquitto");
+        let dir = tempfile::tempdir()?;
+        let broker = mesh_gateway::cloud::local::Broker::start(
+            dir.path(),
+            "gw",
+            "starling/scale.local/gw",
+            "cloud-app",
+        )
+        .map_err(anyhow::Error::msg)?;
+        scale.push(gateway_scale::measure(&gateway_bin, 100, Some(&broker)).context("bridged")?);
+        drop(broker);
+        eprintln!(
+            "measuring the cloud bridge's queue and a backlog of {}",
+            args.cloud_backlog
+        );
+        Some(cloud_bridge::measure(args.cloud_backlog).context("cloud bridge")?)
+    };
     let report = stats::Report {
         rows,
         handshake,
         footprint,
         discovery,
         scale,
+        cloud,
     };
     let serial = if args.serial_calls > 0 {
         eprintln!("measuring calls over a serial line");

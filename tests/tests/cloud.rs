@@ -263,6 +263,30 @@ async fn the_cloud_gets_exact_telemetry_over_tls_and_calls_in_as_the_policy_allo
             && refused.iter().any(|r| r.contains("response topic"))
     })
     .await;
+    // An oversized one is refused with the reason, on its response topic too.
+    app.publish(
+        "call/echo/say",
+        vec![b'x'; 1536 * 1024],
+        call_properties("c4"),
+    )
+    .await;
+    let seen = app
+        .wait_until("the oversized call refused", UP, |s| {
+            reply(s, "c4").is_some()
+        })
+        .await;
+    let answer = reply(&seen, "c4").expect("answer");
+    assert_eq!(
+        answer.user_property("status").as_deref(),
+        Some("invalid_argument")
+    );
+    assert!(
+        answer
+            .user_property("message")
+            .is_some_and(|m| m.contains("max_message_bytes")),
+        "{:?}",
+        answer.user_property("message")
+    );
     let (code, _) = call_ingress(b.ingress(), "echo", "say", b"still").await;
     assert_eq!(code, 200);
 
@@ -281,7 +305,7 @@ async fn the_cloud_gets_exact_telemetry_over_tls_and_calls_in_as_the_policy_allo
     assert_eq!(missing_seqs(&seen).1, Vec::<u64>::new());
     let status = cloud_status(admin).await;
     assert_eq!(status["connected"], true, "{status}");
-    assert_eq!(status["refused"], 2, "{status}");
+    assert_eq!(status["refused"], 3, "{status}");
     let text = metrics(admin).await;
     assert_eq!(metric(&text, "starling_cloud_connected"), Some(1.0));
     assert!(metric(&text, "starling_cloud_published_total") > Some(5.0));

@@ -315,6 +315,81 @@ async fn a_forged_caller_header_never_reaches_an_upstream() {
     assert_eq!(seen[0].body_len, 4);
 }
 
+/// Calls `api.read` on `conn` with `:on-behalf-of = claimed`; the answer's status and message.
+async fn call_on_behalf_of(conn: &quinn::Connection, claimed: &str) -> (Status, String) {
+    let mut head = RequestHead::new("api", "read", 5000);
+    head.metadata
+        .push((":on-behalf-of", claimed))
+        .expect("room");
+    let (mut send, recv) = conn.open_bi().await.expect("stream");
+    write_message(&mut send, &head, Bytes::from_static(b"body"))
+        .await
+        .expect("write");
+    let mut reader = FrameReader::new(recv);
+    let head_bytes = reader.frame(MAX_HEAD_BYTES).await.expect("answer");
+    let answer: ResponseHead = decode_head(&head_bytes).expect("head");
+    (answer.status, answer.message.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_certified_gateway_may_call_on_behalf_of_its_cloud() {
+    let upstream = HttpUpstream::start(Duration::ZERO).await;
+    let pki = Pki::new();
+    let svc = format!(
+        "[[services]]\nname = \"api\"\nupstream = \"http://{}\"\n",
+        upstream.addr
+    );
+    let b = NodeProc::start("node-b", &pki.config("node-b", &svc));
+    let cloud = format!("spiffe://{}/cloud/site-7", starling_tests::TD);
+
+    // A node claims to speak for the cloud: refused, and the upstream never hears of it.
+    let (conn, _endpoint) = connect_as(&pki, "forger", b.quic).await;
+    send_hello(
+        &conn,
+        &hello_frame("forger", mesh_proto::PROTOCOL_VERSION, &[]),
+    )
+    .await;
+    b.wait_peer("forger", UP);
+    let (status, message) = call_on_behalf_of(&conn, &cloud).await;
+    assert_eq!(status, Status::PermissionDenied, "{message}");
+    assert!(message.contains("not a gateway"), "{message}");
+    assert!(upstream.seen().is_empty());
+
+    // The gateway may, for its own trust domain's cloud only; the upstream sees the cloud.
+    let certs = pki.gateway_dir("gw").join("certs");
+    let read = |f: &str| std::fs::read_to_string(certs.join(f)).expect("cert");
+    let (endpoint, config) = raw_client(&[&read("node.crt")], &read("node.key"));
+    let conn = endpoint
+        .connect_with(config, b.quic, "starling.mesh")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    send_hello(&conn, &hello_frame("gw", mesh_proto::PROTOCOL_VERSION, &[])).await;
+    let (status, message) = call_on_behalf_of(&conn, "spiffe://other.domain/cloud/site-7").await;
+    assert_eq!(status, Status::PermissionDenied, "{message}");
+    let (status, message) = call_on_behalf_of(
+        &conn,
+        &format!("spiffe://{}/node/node-a", starling_tests::TD),
+    )
+    .await;
+    assert_eq!(
+        status,
+        Status::InvalidArgument,
+        "a node is not the cloud: {message}"
+    );
+    let (status, message) = call_on_behalf_of(&conn, &cloud).await;
+    assert_eq!(status, Status::Ok, "{message}");
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1);
+    let caller: Vec<&str> = seen[0]
+        .headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("x-starling-caller"))
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(caller, [cloud.as_str()]);
+}
+
 /// `n` connections to `addr` that each send half a request line and then nothing.
 fn slowloris(addr: SocketAddr, n: usize) -> Vec<std::net::TcpStream> {
     (0..n)

@@ -266,6 +266,8 @@ impl Subscriber {
             .set_keep_alive(Duration::from_secs(5))
             .set_clean_start(false)
             .set_session_expiry_interval(Some(3600))
+            // rumqttc takes 10 KiB by default; a site's registry can be larger.
+            .set_max_packet_size(Some(64 << 20))
             .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
                 Arc::new(tls),
             )));
@@ -356,4 +358,15 @@ pub fn client_tls(
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
         .map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn issues_twice() {
+        let dir = tempfile::tempdir().expect("dir");
+        let pki = super::BrokerPki::new(&dir.path().join("pki"), "x").expect("ca");
+        pki.issue("gw", false).expect("once");
+        pki.issue("gw", false).expect("twice");
+    }
 }

@@ -417,6 +417,16 @@ impl Queue {
         tx.commit().map_err(|e| self.fail(e))
     }
 
+    /// Messages held.
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Whether it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
     /// Whether drops wait to be announced (by the next message).
     pub fn gaps_pending(&self) -> bool {
         self.gaps_pending
@@ -427,7 +437,12 @@ impl Queue {
         QueueStats {
             messages: self.index.len() as u64,
             bytes: self.bytes,
-            oldest_at_ms: self.index.values().map(|(_, at)| *at).min(),
+            // Within a class, the lowest sequence number is the oldest.
+            oldest_at_ms: Class::ALL
+                .iter()
+                .filter_map(|c| self.index.range((*c, 0)..=(*c, u64::MAX)).next())
+                .map(|(_, (_, at))| *at)
+                .min(),
             dropped: self.dropped,
         }
     }

@@ -87,8 +87,30 @@ pub struct CloudConfig {
     /// The operator keys (Ed25519, `PUBLIC KEY` PEM) that may sign a policy sent from the cloud;
     /// none: policy from the cloud is refused.
     pub policy_signers: Vec<PathBuf>,
+    /// The MQTT version: `None` tries 5 and falls back to 3.1.1 when the broker does not speak
+    /// it.
+    pub protocol: Option<MqttVersion>,
     /// The line of the section, for errors found later.
     pub line: usize,
+}
+
+/// Which MQTT the cloud bridge speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MqttVersion {
+    /// MQTT 5.
+    V5,
+    /// MQTT 3.1.1.
+    V311,
+}
+
+impl MqttVersion {
+    /// `5` or `3.1.1`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MqttVersion::V5 => "5",
+            MqttVersion::V311 => "3.1.1",
+        }
+    }
 }
 
 /// The `[issuer]` section: the site issuer `mesh-gateway ca issuer` made, and how long what it
@@ -163,6 +185,7 @@ struct RawCloud {
     max_message_bytes: Option<Spanned<u64>>,
     #[serde(default)]
     policy_signers: Vec<Spanned<String>>,
+    protocol: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -522,6 +545,17 @@ fn parse_cloud(
             None => 1 << 20,
         },
         policy_signers: c.policy_signers.iter().map(path).collect(),
+        protocol: match &c.protocol {
+            None => None,
+            Some(p) => match p.get_ref().as_str() {
+                "auto" => None,
+                "5" => Some(MqttVersion::V5),
+                "3.1.1" => Some(MqttVersion::V311),
+                _ => {
+                    return Err(at.invalid(p, "cloud.protocol", "\"auto\", \"5\" or \"3.1.1\""));
+                }
+            },
+        },
         line: at.line(section.span().start),
     })
 }

@@ -658,3 +658,124 @@ async fn a_wrong_broker_certificate_a_wrong_client_key_or_no_broker_leave_the_me
     // The broker saw the bad client and refused it.
     assert!(!broker.log().is_empty());
 }
+
+/// Reads an MQTT CONNECT from `s` and returns its protocol level (4: 3.1.1, 5: MQTT 5).
+async fn connect_level(s: &mut tokio::net::TcpStream) -> u8 {
+    use tokio::io::AsyncReadExt;
+    let first = s.read_u8().await.expect("fixed header");
+    assert_eq!(first >> 4, 1, "a CONNECT first");
+    let (mut len, mut shift) = (0usize, 0);
+    loop {
+        let b = s.read_u8().await.expect("length");
+        len |= usize::from(b & 0x7f) << shift;
+        shift += 7;
+        if b & 0x80 == 0 {
+            break;
+        }
+    }
+    let mut body = vec![0; len];
+    s.read_exact(&mut body).await.expect("body");
+    assert_eq!(&body[..6], b"\x00\x04MQTT");
+    body[6]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_speaks_only_3_1_1_is_answered_in_3_1_1() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A broker of the MQTT 3.1.1 era: an MQTT 5 CONNECT gets "unacceptable protocol version".
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let pki = Pki::new();
+    let conf = pki.gateway_config(
+        "gw",
+        "127.0.0.1:0",
+        &format!(
+            "[cloud]\nbroker = \"mqtt://127.0.0.1:{port}\"\ninsecure = true\nclient_id = \"{SITE}\"\n"
+        ),
+    );
+    let (_gw, admin) = NodeProc::start_gateway("gw", &conf);
+    let accept = async {
+        let (s, _) = tokio::time::timeout(UP, listener.accept())
+            .await
+            .expect("the gateway connects")
+            .expect("accept");
+        s
+    };
+    let mut first = accept.await;
+    assert_eq!(connect_level(&mut first).await, 5, "MQTT 5 first");
+    first
+        .write_all(&[0x20, 0x02, 0x00, 0x01])
+        .await
+        .expect("refuse");
+    drop(first);
+    let (mut second, _) = tokio::time::timeout(UP, listener.accept())
+        .await
+        .expect("the gateway tries again")
+        .expect("accept");
+    assert_eq!(connect_level(&mut second).await, 4, "then 3.1.1");
+    second
+        .write_all(&[0x20, 0x02, 0x00, 0x00])
+        .await
+        .expect("accept");
+    // Whatever it sends now is taken and dropped.
+    let drain = tokio::spawn(async move {
+        let mut buf = [0u8; 4096];
+        while matches!(second.read(&mut buf).await, Ok(n) if n > 0) {}
+    });
+    let status = eventually(UP, || async {
+        let s = cloud_status(admin).await;
+        (s["connected"] == true).then_some(s)
+    })
+    .await
+    .expect("connected");
+    assert_eq!(status["protocol"], "3.1.1", "{status}");
+    drain.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_mqtt_3_1_1_calls_from_the_cloud_are_answered_by_their_id() {
+    let pki = Pki::new();
+    let broker = broker(&pki.dir.path().join("broker"));
+    let app = CloudApp::connect(&broker, "app-1").await;
+    let conf = cloud_gateway(&pki, &broker, "gw", "protocol = \"3.1.1\"\n");
+    let (gw, admin) = NodeProc::start_gateway("gw", &conf);
+    let _a = NodeProc::start("node-a", &node_conf(&pki, "node-a", gw.quic, ECHO));
+    let b = NodeProc::start("node-b", &node_conf(&pki, "node-b", gw.quic, ""));
+    b.wait_peer("node-a", UP);
+    for _ in 0..20 {
+        let (code, _) = call_ingress(b.ingress(), "echo", "say", b"x").await;
+        assert_eq!(code, 200);
+    }
+    app.wait_until("the 20 calls", UP, |s| {
+        telemetry_counts(s).get(&key("echo", "say", "ok")) == Some(&20)
+    })
+    .await;
+    assert_eq!(cloud_status(admin).await["protocol"], "3.1.1");
+    app.publish(
+        "call/echo/say/r-1",
+        b"by id".to_vec(),
+        PublishProperties::default(),
+    )
+    .await;
+    app.publish(
+        "call/echo/secret/r-2",
+        b"x".to_vec(),
+        PublishProperties::default(),
+    )
+    .await;
+    let seen = app
+        .wait_until("both answers", UP, |s| {
+            s.iter()
+                .any(|m| m.topic == format!("{PREFIX}/reply/r-1/ok"))
+                && s.iter()
+                    .any(|m| m.topic == format!("{PREFIX}/reply/r-2/permission_denied"))
+        })
+        .await;
+    let ok = seen
+        .iter()
+        .find(|m| m.topic == format!("{PREFIX}/reply/r-1/ok"))
+        .expect("answer");
+    assert_eq!(&ok.payload[..], b"by id");
+}

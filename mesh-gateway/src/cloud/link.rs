@@ -18,12 +18,7 @@ use bytes::Bytes;
 use mesh_core::{NodeName, SpiffeId};
 use mesh_node::CallOptions;
 use mesh_proto::Status;
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{
-    LastWill, Packet, PubAckReason, Publish, PublishProperties, SubscribeReasonCode,
-};
-use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
-use rumqttc::{Outgoing, TlsConfiguration, Transport};
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Map, Value, json};
@@ -31,6 +26,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use super::mqtt::{self, Failure, LinkEvent, Protocol};
 use super::{Bridge, Class, Downlink, Shared, signing, unix_ms};
 use crate::config::CloudConfig;
 
@@ -92,7 +88,7 @@ pub(crate) fn tls_config(c: &CloudConfig) -> Result<Option<Arc<rustls::ClientCon
 }
 
 /// `host:port` (the host may be `[v6]`).
-fn host_port(broker: &str) -> Result<(String, u16), String> {
+pub(crate) fn host_port(broker: &str) -> Result<(String, u16), String> {
     let (host, port) = broker
         .rsplit_once(':')
         .ok_or_else(|| format!("broker {broker:?}: expected host:port"))?;
@@ -125,17 +121,46 @@ pub(crate) async fn run(
     let mut backoff = Duration::from_millis(500);
     let mut sessions = 0u64;
     let mut last_logged = String::new();
+    // MQTT 5 unless the config says otherwise, or the broker turns out not to speak it. In
+    // "auto", 3.1.1 is kept once a session with it came up; until then a 3.1.1 attempt that
+    // fails sends the next one back to 5 (the failure may have been something else).
+    let auto = shared.config.protocol.is_none();
+    let mut protocol = shared.config.protocol.unwrap_or(Protocol::V5);
+    let mut settled = !auto;
     loop {
         if *stop.borrow() {
             return;
         }
         let started = Instant::now();
-        let ended = session(&bridge, &downlink, &calls, &mut stop, &mut sessions).await;
-        shared.stats.connected.store(false, Ordering::Relaxed);
+        let ended = session(
+            &bridge,
+            &downlink,
+            &calls,
+            &mut stop,
+            &mut sessions,
+            protocol,
+        )
+        .await;
+        let came_up = shared.stats.connected.swap(false, Ordering::Relaxed);
         shared.stats.inflight.store(0, Ordering::Relaxed);
+        if came_up {
+            settled = true;
+        }
+        if !settled && protocol == Protocol::V311 && ended.is_err() {
+            protocol = Protocol::V5;
+        }
         let e = match ended {
             Ok(()) => return,
-            Err(e) => e,
+            Err(Failure { reason, try_311 }) if try_311 && protocol == Protocol::V5 && !settled => {
+                warn!(
+                    "cloud link to {}: {reason}; the broker may not speak MQTT 5: trying 3.1.1 \
+                     (set protocol = \"5\" or \"3.1.1\" in [cloud] to choose)",
+                    shared.config.broker
+                );
+                protocol = Protocol::V311;
+                continue;
+            }
+            Err(e) => e.reason,
         };
         // Said once per kind of failure, not once per attempt.
         if e != last_logged {
@@ -155,19 +180,6 @@ pub(crate) async fn run(
             _ = stop.changed() => return,
         }
         backoff = (backoff * 2).min(Duration::from_secs(30));
-    }
-}
-
-/// Why the event loop failed, in words an operator can act on.
-fn describe(e: &ConnectionError) -> String {
-    match e {
-        ConnectionError::Tls(t) => format!("TLS with the broker failed: {t}"),
-        ConnectionError::ConnectionRefused(code) => {
-            format!("the broker refused the connection: {code:?}")
-        }
-        ConnectionError::Io(io) => format!("cannot reach the broker: {io}"),
-        ConnectionError::Timeout(_) => "the broker did not answer in time".into(),
-        other => other.to_string(),
     }
 }
 
@@ -208,79 +220,44 @@ async fn session(
     calls: &Arc<Semaphore>,
     stop: &mut watch::Receiver<bool>,
     sessions: &mut u64,
-) -> Result<(), String> {
+    protocol: Protocol,
+) -> Result<(), Failure> {
     let shared = bridge.shared().clone();
     let c = &shared.config;
-    let (host, port) = host_port(&c.broker)?;
     let status_topic = shared.topic("status");
-    let mut options = MqttOptions::new(c.client_id.clone(), host, port);
-    options
-        .set_keep_alive(c.keep_alive)
-        .set_clean_start(true)
-        .set_connection_timeout(10)
-        .set_outgoing_inflight_upper_limit(c.max_inflight)
-        // Down messages up to twice the bound are read and refused with a reason; larger
-        // ones the broker does not deliver.
-        .set_max_packet_size(Some(
-            u32::try_from(c.max_message_bytes * 2 + 65_536).unwrap_or(u32::MAX),
-        ))
-        .set_last_will(LastWill::new(
-            status_topic.clone(),
-            status_payload(&shared, "offline"),
-            QoS::AtLeastOnce,
-            true,
-            None,
-        ));
-    if let Some((user, file)) = &c.user_password {
-        let password = std::fs::read_to_string(file)
-            .map_err(|e| format!("password_file {}: {e}", file.display()))?;
-        options.set_credentials(user.clone(), password.trim_end().to_owned());
-    }
-    if let Some(tls) = tls_config(c)? {
-        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
-    }
-    let (client, mut eventloop) = AsyncClient::new(options, usize::from(c.max_inflight) + 64);
-    // The event loop runs on a task of its own and hands its events over a channel, so this
-    // loop may wait on several things at once without cancelling it halfway.
-    let (events_tx, mut events) = mpsc::channel(256);
-    let pump = tokio::spawn(async move {
-        loop {
-            let event = eventloop.poll().await;
-            let failed = event.is_err();
-            if events_tx.send(event).await.is_err() || failed {
-                return;
-            }
-        }
-    });
-    let _pump = AbortOnDrop(pump);
-    let connack = match tokio::time::timeout(Duration::from_secs(15), events.recv()).await {
-        Ok(Some(Ok(Event::Incoming(Packet::ConnAck(ack))))) => ack,
-        Ok(Some(Ok(other))) => return Err(format!("expected CONNACK, got {other:?}")),
-        Ok(Some(Err(e))) => return Err(describe(&e)),
-        Ok(None) => return Err("the MQTT event loop ended".into()),
-        Err(_) => return Err("no CONNACK from the broker within 15 s".into()),
+    let (client, mut events, _pump) =
+        mqtt::connect(&shared, protocol, status_payload(&shared, "offline")).map_err(plain)?;
+    let receive_max = match tokio::time::timeout(mqtt::CONNECT_TIMEOUT, events.recv()).await {
+        Ok(Some(Ok(LinkEvent::Connected { receive_max }))) => receive_max,
+        Ok(Some(Ok(other))) => return Err(plain(format!("expected CONNACK, got {other:?}"))),
+        Ok(Some(Err(e))) => return Err(e),
+        Ok(None) => return Err(plain("the MQTT event loop ended")),
+        Err(_) => return Err(plain("no CONNACK from the broker within 15 s")),
     };
-    let receive_max = connack
-        .properties
-        .as_ref()
-        .and_then(|p| p.receive_max)
-        .unwrap_or(u16::MAX);
     let window = usize::from(c.max_inflight.min(receive_max));
     let stats = &shared.stats;
     stats.connected.store(true, Ordering::Relaxed);
     stats
         .receive_max
         .store(u64::from(receive_max), Ordering::Relaxed);
+    stats.protocol.store(
+        match protocol {
+            Protocol::V5 => 5,
+            Protocol::V311 => 4,
+        },
+        Ordering::Relaxed,
+    );
     if *sessions > 0 {
         stats.reconnects.fetch_add(1, Ordering::Relaxed);
     }
     *sessions += 1;
     shared.set_error(None);
     info!(
-        "cloud link up: {} as {} (window {window}, {} queued)",
+        "cloud link up: {} as {} over MQTT {} (window {window}, {} queued)",
         c.broker,
         c.client_id,
-        shared.queue().stats().messages
+        protocol.as_str(),
+        shared.queue().len()
     );
 
     // What each publish is: Some(seq) for a queued message, None for one that is not.
@@ -305,16 +282,11 @@ async fn session(
                    properties: Option<PublishProperties>,
                    seq: Option<u64>|
      -> bool {
-        let sent = match properties {
-            Some(p) => {
-                client.try_publish_with_properties(topic, QoS::AtLeastOnce, retain, payload, p)
-            }
-            None => client.try_publish(topic, QoS::AtLeastOnce, retain, payload),
-        };
-        if sent.is_ok() {
+        let sent = client.publish(topic, payload, retain, properties);
+        if sent {
             fifo.push_back(seq);
         }
-        sent.is_ok()
+        sent
     };
     publish(
         &mut fifo,
@@ -326,9 +298,7 @@ async fn session(
     );
     // `call/#`, not `call/+/+`: a malformed call topic is seen, and refused with a reason.
     for topic in [shared.topic("policy/set"), shared.topic("call/#")] {
-        client
-            .try_subscribe(topic, QoS::AtLeastOnce)
-            .map_err(|e| e.to_string())?;
+        client.subscribe(topic).map_err(plain)?;
     }
 
     let (direct_tx, mut direct_rx) = mpsc::channel::<Direct>(256);
@@ -338,62 +308,53 @@ async fn session(
         loop {
             tokio::select! {
                 event = events.recv() => match event {
-                    Some(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
+                    Some(Ok(LinkEvent::Sent(pkid))) => {
                         if let Some(Some(seq)) = fifo.pop_front() {
                             by_pkid.insert(pkid, seq);
                         }
                     }
-                    Some(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
-                        if let Some(seq) = by_pkid.remove(&ack.pkid) {
-                            match ack.reason {
-                                PubAckReason::Success | PubAckReason::NoMatchingSubscribers => {
-                                    inflight.remove(&seq);
-                                    acked.insert(seq);
-                                }
-                                reason => {
-                                    return Err(format!(
-                                        "the broker refused message {seq}: {reason:?} (is the \
-                                         gateway allowed to publish under {}?)",
-                                        shared.prefix
-                                    ));
-                                }
+                    Some(Ok(LinkEvent::Acked { pkid, refused })) => {
+                        match (by_pkid.remove(&pkid), refused) {
+                            (Some(seq), None) => {
+                                inflight.remove(&seq);
+                                acked.insert(seq);
                             }
-                        } else if !matches!(
-                            ack.reason,
-                            PubAckReason::Success | PubAckReason::NoMatchingSubscribers
-                        ) {
-                            warn!("the broker refused a reply or status message: {:?}", ack.reason);
+                            (Some(seq), Some(reason)) => {
+                                return Err(format!(
+                                    "the broker refused message {seq}: {reason} (is the \
+                                     gateway allowed to publish under {}?)",
+                                    shared.prefix
+                                ));
+                            }
+                            (None, Some(reason)) => {
+                                warn!("the broker refused a reply or status message: {reason}");
+                            }
+                            (None, None) => {}
                         }
                     }
-                    Some(Ok(Event::Incoming(Packet::SubAck(ack)))) => {
-                        if let Some(bad) = ack
-                            .return_codes
-                            .iter()
-                            .find(|r| !matches!(r, SubscribeReasonCode::Success(_)))
-                        {
-                            let e = format!(
-                                "the broker refused a subscription under {}: {bad:?}; nothing \
-                                 from the cloud reaches the site",
-                                shared.prefix
-                            );
-                            warn!("{e}");
-                            shared.set_error(Some(e));
-                        }
+                    Some(Ok(LinkEvent::SubscriptionRefused(why))) => {
+                        let e = format!(
+                            "the broker refused a subscription under {}: {why}; nothing \
+                             from the cloud reaches the site",
+                            shared.prefix
+                        );
+                        warn!("{e}");
+                        shared.set_error(Some(e));
                     }
-                    Some(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                    Some(Ok(LinkEvent::Message { topic, payload, properties })) => {
                         let down = DownContext {
                             bridge: bridge.clone(),
                             downlink: downlink.clone(),
                             direct: direct_tx.clone(),
                             calls: calls.clone(),
                         };
-                        tokio::spawn(down.handle(p));
+                        tokio::spawn(down.handle(topic, payload, properties.unwrap_or_default()));
                     }
-                    Some(Ok(Event::Incoming(Packet::Disconnect(d)))) => {
-                        return Err(format!("the broker ended the session: {:?}", d.reason_code));
+                    Some(Ok(LinkEvent::Disconnected(why))) => {
+                        return Err(format!("the broker ended the session: {why}"));
                     }
                     Some(Ok(_)) => {}
-                    Some(Err(e)) => return Err(describe(&e)),
+                    Some(Err(e)) => return Err(e.reason),
                     None => return Err("the MQTT event loop ended".into()),
                 },
                 Some(d) = direct_rx.recv() => {
@@ -435,7 +396,7 @@ async fn session(
                         None,
                         None,
                     );
-                    let _ = client.try_disconnect();
+                    client.disconnect();
                     let _ = tokio::time::timeout(Duration::from_secs(1), async {
                         while let Some(Ok(_)) = events.recv().await {}
                     })
@@ -477,8 +438,16 @@ async fn session(
     }
     .await;
     // Whatever ended the session, what the broker acknowledged leaves the queue.
-    flush(&shared, &mut acked)?;
-    outcome
+    flush(&shared, &mut acked).map_err(plain)?;
+    outcome.map_err(plain)
+}
+
+/// A failure that says nothing of the protocol version.
+fn plain(reason: impl Into<String>) -> Failure {
+    Failure {
+        reason: reason.into(),
+        try_311: false,
+    }
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -502,12 +471,12 @@ fn flush(shared: &Shared, acked: &mut BTreeSet<u64>) -> Result<(), String> {
     Ok(())
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+/// Where a call's answer goes.
+enum Reply {
+    /// The MQTT 5 response topic.
+    Topic(String),
+    /// `<prefix>/reply/<id>/<status>`.
+    Id(String),
 }
 
 /// What a message from the cloud is handled with.
@@ -519,25 +488,23 @@ struct DownContext {
 }
 
 impl DownContext {
-    async fn handle(self, p: Publish) {
+    async fn handle(self, topic: String, payload: Bytes, properties: PublishProperties) {
         let shared = self.bridge.shared().clone();
-        let topic = String::from_utf8_lossy(&p.topic).into_owned();
-        let properties = p.properties.clone().unwrap_or_default();
         let max = shared.config.max_message_bytes;
         let rest = topic
             .strip_prefix(&shared.prefix)
             .and_then(|r| r.strip_prefix('/'))
             .unwrap_or("");
-        let oversized = (p.payload.len() > max).then(|| {
+        let oversized = (payload.len() > max).then(|| {
             format!(
                 "{} bytes: larger than the gateway's max_message_bytes ({max})",
-                p.payload.len()
+                payload.len()
             )
         });
         if rest == "policy/set" {
             let result = match oversized {
                 Some(reason) => Err(reason),
-                None => self.policy(&p.payload).await,
+                None => self.policy(&payload).await,
             };
             let mut status = Map::new();
             status.insert("source".into(), "cloud".into());
@@ -560,46 +527,70 @@ impl DownContext {
             self.bridge.send(Class::Status, "policy/status", status);
             return;
         }
-        let call = rest
-            .strip_prefix("call/")
-            .and_then(|r| r.split_once('/'))
-            .filter(|(s, m)| !s.is_empty() && !m.is_empty() && !m.contains('/'));
-        let Some((service, method)) = call else {
+        // `call/<service>/<method>` answered on the MQTT 5 response topic, or
+        // `call/<service>/<method>/<id>` answered on `reply/<id>/<status>` (any MQTT version).
+        let parts: Vec<&str> = rest.split('/').collect();
+        let (service, method, id) = match parts.as_slice() {
+            ["call", s, m] => (*s, *m, None),
+            ["call", s, m, id] => (*s, *m, Some(*id)),
+            _ => ("", "", None),
+        };
+        if service.is_empty() || method.is_empty() || id.is_some_and(str::is_empty) {
             self.refuse(&topic, "not a topic the gateway takes messages on".into());
             return;
-        };
-        let reply_to = properties
+        }
+        let response_topic = properties
             .response_topic
             .clone()
             .filter(|t| !t.is_empty() && !t.contains(['+', '#']));
-        let Some(reply_to) = reply_to else {
-            self.refuse(
-                &topic,
-                "a call needs an MQTT 5 response topic (without wildcards) to answer on".into(),
-            );
-            return;
+        let reply_to = match (response_topic, id) {
+            (Some(t), _) => Reply::Topic(t),
+            (None, Some(id)) => Reply::Id(id.to_owned()),
+            (None, None) => {
+                self.refuse(
+                    &topic,
+                    "a call needs an MQTT 5 response topic (without wildcards) or an id to \
+                     answer on (call/<service>/<method>/<id>)"
+                        .into(),
+                );
+                return;
+            }
         };
         let (status, message, body) = match oversized {
             Some(reason) => {
                 self.refuse(&topic, reason.clone());
                 (Status::InvalidArgument, reason, Bytes::new())
             }
-            None => self.call(service, method, p.payload, &properties).await,
+            None => self.call(service, method, payload, &properties).await,
         };
-        let mut answer = PublishProperties {
-            correlation_data: properties.correlation_data.clone(),
-            ..PublishProperties::default()
-        };
-        answer
-            .user_properties
-            .push(("status".into(), status.as_str().into()));
-        if !message.is_empty() {
-            answer.user_properties.push(("message".into(), message));
-        }
-        let direct = Direct {
-            topic: reply_to,
-            payload: body,
-            properties: answer,
+        let direct = match reply_to {
+            Reply::Topic(topic) => {
+                let mut answer = PublishProperties {
+                    correlation_data: properties.correlation_data.clone(),
+                    ..PublishProperties::default()
+                };
+                answer
+                    .user_properties
+                    .push(("status".into(), status.as_str().into()));
+                if !message.is_empty() {
+                    answer.user_properties.push(("message".into(), message));
+                }
+                Direct {
+                    topic,
+                    payload: body,
+                    properties: answer,
+                }
+            }
+            // The status in the topic; the body, or the error's message, as the payload.
+            Reply::Id(id) => Direct {
+                topic: shared.topic(&format!("reply/{id}/{}", status.as_str())),
+                payload: if status == Status::Ok {
+                    body
+                } else {
+                    Bytes::from(message)
+                },
+                properties: PublishProperties::default(),
+            },
         };
         if self.direct.send(direct).await.is_err() {
             warn!("the answer to a cloud call to {service}.{method} was lost: the link went down");

@@ -27,6 +27,7 @@ pub mod report;
 pub mod signing;
 
 mod link;
+pub mod mqtt;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -86,6 +87,8 @@ pub(crate) struct LinkStats {
     pub(crate) unqueued: AtomicU64,
     pub(crate) receive_max: AtomicU64,
     pub(crate) inflight: AtomicU64,
+    /// The MQTT version of the session (5, or 4 for 3.1.1; 0: none yet).
+    pub(crate) protocol: AtomicU64,
     pub(crate) last_error: Mutex<Option<String>>,
 }
 
@@ -120,6 +123,8 @@ pub struct CloudStatus {
     pub receive_maximum: u64,
     /// Publishes waiting for the broker's acknowledgement.
     pub inflight: u64,
+    /// The MQTT version of the last session: `5` or `3.1.1` (empty: none yet).
+    pub protocol: String,
     /// Why the last session failed or ended, if it did.
     pub last_error: Option<String>,
 }
@@ -334,6 +339,11 @@ impl Bridge {
             dropped_unqueued: s.stats.unqueued.load(Ordering::Relaxed),
             receive_maximum: s.stats.receive_max.load(Ordering::Relaxed),
             inflight: s.stats.inflight.load(Ordering::Relaxed),
+            protocol: match s.stats.protocol.load(Ordering::Relaxed) {
+                5 => "5".into(),
+                4 => "3.1.1".into(),
+                _ => String::new(),
+            },
             last_error: s
                 .stats
                 .last_error

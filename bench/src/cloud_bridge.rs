@@ -143,6 +143,7 @@ pub fn measure(backlog: usize) -> anyhow::Result<CloudFigures> {
         bandwidth: None,
         max_message_bytes: 1 << 20,
         policy_signers: Vec::new(),
+        protocol: None,
         line: 0,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

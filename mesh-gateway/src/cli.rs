@@ -543,7 +543,7 @@ fn check(path: &Path) -> Result<String, String> {
     config.load_issuer().map_err(|e| e.to_string())?;
     config.check_cloud_files().map_err(|e| e.to_string())?;
     if let Some(cloud) = &config.cloud {
-        crate::cloud::Bridge::load_signers(cloud, &config.node.file)?;
+        crate::cloud::Bridge::check(cloud, &config.node.file)?;
     }
     if let Some(policy) = &config.policy {
         let text = mesh_node::config::read_regular_file(&policy.value).map_err(|e| {

@@ -658,6 +658,32 @@ mod tests {
         );
         let e = error("broker = \"mqtts://b:8883\"\ntopic_prefix = \"site/#\"\n");
         assert!(e.starts_with("gw.toml:11: cloud.topic_prefix"), "{e}");
+        let e = error("broker = \"mqtts://b:8883\"\nprotocol = \"4\"\n");
+        assert!(
+            e.starts_with("gw.toml:11: cloud.protocol: \"auto\", \"5\" or \"3.1.1\""),
+            "{e}"
+        );
+        let e = error("broker = \"mqtts://b:8883\"\nmax_inflight = 0\n");
+        assert!(
+            e.starts_with("gw.toml:11: cloud.max_inflight: 1 to 1024"),
+            "{e}"
+        );
+        let e = error("broker = \"mqtts://b:8883\"\nbandwidth_bytes_per_s = 10\n");
+        assert!(
+            e.contains("cloud.bandwidth_bytes_per_s: at least 1024"),
+            "{e}"
+        );
+        let e = error("broker = \"mqtts://b:8883\"\nclient_id = \"a/b\"\n");
+        assert!(e.starts_with("gw.toml:11: cloud.client_id"), "{e}");
+        let c = GatewayConfig::parse(
+            &with("broker = \"mqtts://b:8883\"\nprotocol = \"3.1.1\"\nttl_audit_s = 60\n"),
+            "gw.toml",
+            Path::new("."),
+        )
+        .expect("valid");
+        let cloud = c.cloud.expect("cloud");
+        assert_eq!(cloud.protocol, Some(MqttVersion::V311));
+        assert_eq!(cloud.ttl[0], Duration::from_secs(60));
         let e = error("broker = \"mqtts://b:8883\"\nqueue_max_bytes = 0\n");
         assert!(
             e.contains("cloud.queue_max_bytes: must be greater than 0"),

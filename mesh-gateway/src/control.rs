@@ -186,11 +186,10 @@ impl ControlPlane {
                         let (down, committed) = self.handle_up(&name, &claims, up?, sent);
                         if let Some(committed) = committed {
                             // The node's batch is acknowledged once the cloud's copy is on
-                            // disk: until then the node keeps it and sends it again.
-                            match tokio::time::timeout(Duration::from_secs(10), committed).await {
-                                Ok(Ok(true)) => {}
-                                _ => return Err("the cloud queue could not take telemetry".into()),
-                            }
+                            // disk. A queue that cannot be written does not stop the mesh:
+                            // what it lost is counted (dropped_total{kind="unqueued"}) and
+                            // told to the cloud with the next message.
+                            let _ = tokio::time::timeout(Duration::from_secs(10), committed).await;
                         }
                         if let Some(down) = down {
                             write_down(&mut send, &down).await?;

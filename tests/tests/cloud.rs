@@ -306,6 +306,29 @@ async fn the_cloud_gets_exact_telemetry_over_tls_and_calls_in_as_the_policy_allo
     let status = cloud_status(admin).await;
     assert_eq!(status["connected"], true, "{status}");
     assert_eq!(status["refused"], 3, "{status}");
+
+    // A flood of junk is counted, but reported (queue, audit, log) only ten times a second:
+    // it cannot push the site's telemetry out of the queue.
+    for i in 0..200 {
+        app.publish(
+            &format!("call/junk{i}"),
+            b"x".to_vec(),
+            PublishProperties::default(),
+        )
+        .await;
+    }
+    let status = eventually(UP, || async {
+        let s = cloud_status(admin).await;
+        (s["refused"] == 203).then_some(s)
+    })
+    .await
+    .expect("every refusal counted");
+    let reported = app
+        .seen()
+        .iter()
+        .filter(|m| m.topic == format!("{PREFIX}/refused"))
+        .count();
+    assert!(reported < 100, "{reported} of 200 reported: {status}");
     let text = metrics(admin).await;
     assert_eq!(metric(&text, "starling_cloud_connected"), Some(1.0));
     assert!(metric(&text, "starling_cloud_published_total") > Some(5.0));
@@ -516,6 +539,18 @@ async fn a_signed_policy_from_the_cloud_reaches_every_node_and_bad_ones_are_refu
     );
     let (ok, out) = run_bin("mesh-gateway", &["check-config", &path(&conf)]);
     assert!(ok, "{out}");
+    // A signer that is not an Ed25519 public key is a config error, with its line.
+    let bad = conf.with_file_name("bad-signer.toml");
+    let src = std::fs::read_to_string(&conf)
+        .expect("conf")
+        .replace(&path(&keys.join("op.pub")), &path(&broker.pki.ca()));
+    std::fs::write(&bad, src).expect("conf");
+    let (ok, out) = run_bin("mesh-gateway", &["check-config", &path(&bad)]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("cloud.policy_signers") && out.contains("PUBLIC KEY"),
+        "{out}"
+    );
     let (gw, _admin) = NodeProc::start_gateway("gw", &conf);
     let a = NodeProc::start("node-a", &node_conf(&pki, "node-a", gw.quic, ECHO));
     let b = NodeProc::start("node-b", &node_conf(&pki, "node-b", gw.quic, ""));

@@ -32,6 +32,10 @@ use crate::config::CloudConfig;
 
 /// Calls from the cloud served at once, at most; more are answered ResourceExhausted.
 const MAX_CLOUD_CALLS: usize = 64;
+/// Refusals of messages from the cloud reported (queued, audited, logged) a second, at most.
+pub(crate) const REFUSALS_PER_SECOND: u64 = 10;
+/// Bundles from the cloud being checked or waiting to be applied, at most; more are refused.
+pub(crate) const POLICY_BACKLOG: usize = 8;
 /// The meta key of the newest signed policy applied (its `signed_at_ms`).
 const POLICY_SIGNED_AT: &str = "policy_signed_at_ms";
 
@@ -502,9 +506,13 @@ impl DownContext {
             )
         });
         if rest == "policy/set" {
-            let result = match oversized {
-                Some(reason) => Err(reason),
-                None => self.policy(&payload).await,
+            let permit = shared.policy_backlog.clone().try_acquire_owned();
+            let result = match (oversized, permit) {
+                (Some(reason), _) => Err(reason),
+                (None, Err(_)) => Err(format!(
+                    "{POLICY_BACKLOG} bundles are waiting already: send it again later"
+                )),
+                (None, Ok(_permit)) => self.policy(&payload).await,
             };
             let mut status = Map::new();
             status.insert("source".into(), "cloud".into());
@@ -515,6 +523,9 @@ impl DownContext {
                 }
                 Err(reason) => {
                     shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    let Some(unsaid) = shared.refusal_budget() else {
+                        return;
+                    };
                     warn!("refused a policy bundle from the cloud: {reason}");
                     self.downlink.audit(
                         "cloud_policy_refused",
@@ -522,6 +533,9 @@ impl DownContext {
                     );
                     status.insert("kind".into(), "refused".into());
                     status.insert("reason".into(), reason.into());
+                    if unsaid > 0 {
+                        status.insert("not_reported_before".into(), unsaid.into());
+                    }
                 }
             }
             self.bridge.send(Class::Status, "policy/status", status);
@@ -597,10 +611,15 @@ impl DownContext {
         }
     }
 
-    /// A message refused: counted, said on `refused` and in the audit log.
+    /// A message refused: counted; said on `refused` and in the audit log at most
+    /// [`REFUSALS_PER_SECOND`] times a second (a flood of junk on the broker must not push the
+    /// site's telemetry out of the queue), with how many were not said since.
     fn refuse(&self, topic: &str, reason: String) {
         let shared = self.bridge.shared();
         shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+        let Some(unsaid) = shared.refusal_budget() else {
+            return;
+        };
         warn!("refused a message from the cloud on {topic}: {reason}");
         self.downlink.audit(
             "cloud_refused",
@@ -612,6 +631,9 @@ impl DownContext {
         let mut body = Map::new();
         body.insert("topic".into(), topic.into());
         body.insert("reason".into(), reason.into());
+        if unsaid > 0 {
+            body.insert("not_reported_before".into(), unsaid.into());
+        }
         self.bridge.send(Class::Status, "refused", body);
     }
 

@@ -117,7 +117,7 @@ impl Broker {
             dir.join("mosquitto.conf"),
             format!(
                 "user root\npersistence true\npersistence_location {data}/\nautosave_interval 1\n\
-                 max_queued_messages 0\nmax_inflight_messages 0\nlog_dest stderr\n\
+                 max_queued_messages 0\nmax_inflight_messages 0\nlog_dest stderr\nset_tcp_nodelay true\n\
                  listener {port} 127.0.0.1\nallow_anonymous false\nrequire_certificate true\n\
                  use_identity_as_username true\ncafile {ca}\ncertfile {crt}\nkeyfile {key}\n\
                  acl_file {acl}\n",

@@ -149,6 +149,10 @@ pub(crate) struct Shared {
     pub(crate) wake: Notify,
     /// Signed bundles are handled one at a time.
     pub(crate) policy_lock: tokio::sync::Mutex<()>,
+    /// Bundles being checked or waiting for the lock.
+    pub(crate) policy_backlog: Arc<tokio::sync::Semaphore>,
+    /// Refusals reported in the current second (`(second, reported, not reported)`).
+    refusals: Mutex<(u64, u64, u64)>,
     pub(crate) stats: LinkStats,
     /// When each node's telemetry last went up (ms): a batch without calls goes at most once
     /// a minute, for its resource figures.
@@ -162,6 +166,23 @@ impl Shared {
 
     pub(crate) fn topic(&self, suffix: &str) -> String {
         format!("{}/{suffix}", self.prefix)
+    }
+
+    /// Whether a refusal may be reported now (at most `REFUSALS_PER_SECOND` a second): if so,
+    /// how many were not reported since the last one that was.
+    pub(crate) fn refusal_budget(&self) -> Option<u64> {
+        let second = unix_ms() / 1000;
+        let mut r = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        if r.0 != second {
+            r.0 = second;
+            r.1 = 0;
+        }
+        if r.1 >= link::REFUSALS_PER_SECOND {
+            r.2 += 1;
+            return None;
+        }
+        r.1 += 1;
+        Some(std::mem::take(&mut r.2))
     }
 
     pub(crate) fn set_error(&self, e: Option<String>) {
@@ -191,6 +212,13 @@ impl Bridge {
                     .map_err(|e| format!("{file}:{}: cloud.policy_signers: {e}", config.line))
             })
             .collect()
+    }
+
+    /// What `check-config` checks of the section: the signers' keys and the TLS files read.
+    pub fn check(config: &CloudConfig, file: &str) -> Result<(), String> {
+        Self::load_signers(config, file)?;
+        link::tls_config(config).map_err(|e| format!("{file}:{}: [cloud]: {e}", config.line))?;
+        Ok(())
     }
 
     /// Opens the queue and starts its writer; the link starts with [`Bridge::start`]. A queue
@@ -228,6 +256,8 @@ impl Bridge {
             queue: Mutex::new(queue),
             wake: Notify::new(),
             policy_lock: tokio::sync::Mutex::new(()),
+            policy_backlog: Arc::new(tokio::sync::Semaphore::new(link::POLICY_BACKLOG)),
+            refusals: Mutex::new((0, 0, 0)),
             last_telemetry: Mutex::new(std::collections::HashMap::new()),
             stats: LinkStats::default(),
         });

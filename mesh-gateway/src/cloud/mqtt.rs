@@ -133,6 +133,11 @@ pub(crate) fn connect(
     let max_packet = c.max_message_bytes * 2 + 65_536;
     let capacity = usize::from(c.max_inflight) + 64;
     let (tx, events) = mpsc::channel(256);
+    // No Nagle: a PUBACK held back 40 ms by it (and the broker's delayed ACK) would cap the
+    // drain at a window per 40 ms.
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    network.set_connection_timeout(10);
     match protocol {
         Protocol::V5 => {
             let mut options =
@@ -140,7 +145,7 @@ pub(crate) fn connect(
             options
                 .set_keep_alive(c.keep_alive)
                 .set_clean_start(true)
-                .set_connection_timeout(10)
+                .set_network_options(network)
                 .set_outgoing_inflight_upper_limit(c.max_inflight)
                 .set_max_packet_size(Some(u32::try_from(max_packet).unwrap_or(u32::MAX)))
                 .set_last_will(LastWill::new(
@@ -188,6 +193,7 @@ pub(crate) fn connect(
                 options.set_transport(t);
             }
             let (client, mut eventloop) = rumqttc::AsyncClient::new(options, capacity);
+            eventloop.set_network_options(network);
             let pump = tokio::spawn(async move {
                 loop {
                     let event = eventloop.poll().await.map(v311_event).map_err(|e| Failure {

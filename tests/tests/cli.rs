@@ -580,6 +580,31 @@ fn check_config_checks_the_cloud_section_and_its_secrets() {
         std::fs::Permissions::from_mode(0o600),
     )
     .expect("chmod");
+    // Private now, but not a key: said with the file.
+    let out = run(
+        "mesh-gateway",
+        &["check-config", conf.to_str().expect("path")],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("[cloud]: key ") && stderr(&out).contains("cloud.key"),
+        "{}",
+        stderr(&out)
+    );
+    // A real certificate and key (and the broker's CA): good.
+    let broker_ca =
+        mesh_gateway::cloud::local::BrokerPki::new(&dir.join("broker-ca"), "ca").expect("ca");
+    let (crt, key) = broker_ca.issue("gw", false).expect("issue");
+    std::fs::copy(&crt, dir.join("cloud.crt")).expect("cert");
+    std::fs::write(dir.join("cloud.key"), std::fs::read(&key).expect("key")).expect("key");
+    let src = std::fs::read_to_string(&conf).expect("conf").replace(
+        "key = \"cloud.key\"\n",
+        &format!(
+            "key = \"cloud.key\"\nca = \"{}\"\n",
+            broker_ca.ca().display()
+        ),
+    );
+    std::fs::write(&conf, src).expect("conf");
     let out = run(
         "mesh-gateway",
         &["check-config", conf.to_str().expect("path")],

@@ -144,6 +144,7 @@ pub fn measure(backlog: usize) -> anyhow::Result<CloudFigures> {
         max_message_bytes: 1 << 20,
         policy_signers: Vec::new(),
         protocol: None,
+        batch_interval: Duration::ZERO,
         line: 0,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -161,11 +162,9 @@ pub fn measure(backlog: usize) -> anyhow::Result<CloudFigures> {
         // is waiting in one transaction.
         let node = i % 100;
         let body = telemetry(node, (i / 100) as u64 + 1);
+        let committed = bridge.send_telemetry(body);
         if i % 1000 == 999 {
-            rt.block_on(bridge.send_committed(Class::Telemetry, "telemetry", body))
-                .context("queued")?;
-        } else {
-            bridge.send(Class::Telemetry, "telemetry", body);
+            rt.block_on(committed).context("queued")?;
         }
     }
     let deadline = Instant::now() + Duration::from_secs(60);

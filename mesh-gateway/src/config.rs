@@ -87,6 +87,8 @@ pub struct CloudConfig {
     /// The operator keys (Ed25519, `PUBLIC KEY` PEM) that may sign a policy sent from the cloud;
     /// none: policy from the cloud is refused.
     pub policy_signers: Vec<PathBuf>,
+    /// Telemetry batches of this long go up as one message (zero: each as it comes).
+    pub batch_interval: Duration,
     /// The MQTT version: `None` tries 5 and falls back to 3.1.1 when the broker does not speak
     /// it.
     pub protocol: Option<MqttVersion>,
@@ -186,6 +188,7 @@ struct RawCloud {
     #[serde(default)]
     policy_signers: Vec<Spanned<String>>,
     protocol: Option<Spanned<String>>,
+    batch_interval_ms: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -545,6 +548,13 @@ fn parse_cloud(
             None => 1 << 20,
         },
         policy_signers: c.policy_signers.iter().map(path).collect(),
+        batch_interval: match &c.batch_interval_ms {
+            Some(n) if *n.get_ref() > 600_000 => {
+                return Err(at.invalid(n, "cloud.batch_interval_ms", "0 to 600000 (ten minutes)"));
+            }
+            Some(n) => Duration::from_millis(*n.get_ref()),
+            None => Duration::ZERO,
+        },
         protocol: match &c.protocol {
             None => None,
             Some(p) => match p.get_ref().as_str() {

@@ -179,19 +179,24 @@ impl ControlPlane {
         let mut registry_tick = tokio::time::interval(REGISTRY_PUSH_EVERY);
         // What the node holds: a bundle is sent when it is not that one.
         let mut sent = hello.policy;
+        // Telemetry acks waiting for the cloud queue, in order.
+        let mut held_acks: std::collections::VecDeque<(Down, oneshot::Receiver<bool>)> =
+            std::collections::VecDeque::new();
         let result: Result<(), String> = async {
             loop {
                 tokio::select! {
                     up = read_up(&mut reader) => {
-                        let (down, committed) = self.handle_up(&name, &claims, up?, sent);
-                        if let Some(committed) = committed {
+                        match self.handle_up(&name, &claims, up?, sent) {
                             // The node's batch is acknowledged once the cloud's copy is on
-                            // disk. A queue that cannot be written does not stop the mesh:
-                            // what it lost is counted (dropped_total{kind="unqueued"}) and
-                            // told to the cloud with the next message.
-                            let _ = tokio::time::timeout(Duration::from_secs(10), committed).await;
+                            // disk (or could not be written: that loss is counted and told to
+                            // the cloud); meanwhile the session goes on.
+                            (Some(down), Some(committed)) => held_acks.push_back((down, committed)),
+                            (Some(down), None) => write_down(&mut send, &down).await?,
+                            (None, _) => {}
                         }
-                        if let Some(down) = down {
+                    }
+                    () = first_committed(&mut held_acks), if !held_acks.is_empty() => {
+                        if let Some((down, _)) = held_acks.pop_front() {
                             write_down(&mut send, &down).await?;
                         }
                     }
@@ -308,11 +313,7 @@ impl ControlPlane {
                     let news = !batch.calls.is_empty() || batch.dropped > 0;
                     let cloud = self.cloud().filter(|c| c.telemetry_due(name, news));
                     let committed = cloud.map(|cloud| {
-                        cloud.send_committed(
-                            Class::Telemetry,
-                            "telemetry",
-                            crate::cloud::report::telemetry(name, boot, &batch),
-                        )
+                        cloud.send_telemetry(crate::cloud::report::telemetry(name, boot, &batch))
                     });
                     let mut traces = self.traces();
                     for span in batch.spans {
@@ -426,6 +427,13 @@ impl ReservedService for ControlService {
         reader: FrameReader,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
         Box::pin(self.0.clone().session(caller, remote, send, reader))
+    }
+}
+
+/// Waits until the first held ack's batch is on disk (or could not be written).
+async fn first_committed(held: &mut std::collections::VecDeque<(Down, oneshot::Receiver<bool>)>) {
+    if let Some((_, committed)) = held.front_mut() {
+        let _ = committed.await;
     }
 }
 

@@ -407,7 +407,8 @@ impl CloudSide {
         let calls = |seen: &[Received]| -> u64 {
             seen.iter()
                 .filter(|m| m.topic.ends_with("/telemetry"))
-                .flat_map(|m| m.json()["calls"].as_array().cloned().unwrap_or_default())
+                .flat_map(|m| m.json()["batches"].as_array().cloned().unwrap_or_default())
+                .flat_map(|b| b["calls"].as_array().cloned().unwrap_or_default())
                 .filter_map(|c| c["count"].as_u64())
                 .sum()
         };

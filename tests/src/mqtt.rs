@@ -118,11 +118,11 @@ pub fn telemetry_counts(
 ) -> std::collections::BTreeMap<(String, String, String), u64> {
     let mut out = std::collections::BTreeMap::new();
     let mut counted = std::collections::BTreeSet::new();
-    for m in seen
+    let batches = seen
         .iter()
         .filter(|m| m.topic == format!("{PREFIX}/telemetry"))
-    {
-        let v = m.json();
+        .flat_map(|m| m.json()["batches"].as_array().cloned().expect("batches"));
+    for v in batches {
         // At least once: a batch seen twice (the same message again, or the node's resend of a
         // batch a gateway took but died before acknowledging) is counted once.
         let batch = (

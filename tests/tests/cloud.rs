@@ -814,3 +814,44 @@ async fn over_mqtt_3_1_1_calls_from_the_cloud_are_answered_by_their_id() {
         .expect("answer");
     assert_eq!(&ok.payload[..], b"by id");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_batch_interval_the_nodes_batches_go_up_together_and_still_exactly() {
+    let pki = Pki::new();
+    let broker = broker(&pki.dir.path().join("broker"));
+    let app = CloudApp::connect(&broker, "app-1").await;
+    let conf = cloud_gateway(&pki, &broker, "gw", "batch_interval_ms = 1000\n");
+    let (gw, admin) = NodeProc::start_gateway("gw", &conf);
+    let _a = NodeProc::start("node-a", &node_conf(&pki, "node-a", gw.quic, ECHO));
+    let b = NodeProc::start("node-b", &node_conf(&pki, "node-b", gw.quic, ECHO));
+    b.wait_peer("node-a", UP);
+    for _ in 0..30 {
+        let (code, _) = call_ingress(b.ingress(), "echo", "say", b"x").await;
+        assert_eq!(code, 200);
+    }
+    let counts = eventually(UP, || async {
+        let m = request_counts(&metrics(admin).await);
+        (m.get(&key("echo", "say", "ok")) == Some(&30)).then_some(m)
+    })
+    .await
+    .expect("counted");
+    let seen = app
+        .wait_until("telemetry equal to /metrics", UP, |s| {
+            telemetry_counts(s) == counts
+        })
+        .await;
+    // Both nodes send a batch every 100 ms: a second's worth goes up as one message.
+    let sizes: Vec<usize> = seen
+        .iter()
+        .filter(|m| m.topic == format!("{PREFIX}/telemetry"))
+        .map(|m| m.json()["batches"].as_array().map_or(0, Vec::len))
+        .collect();
+    assert!(sizes.iter().any(|n| *n >= 2), "{sizes:?}");
+    let nodes: std::collections::BTreeSet<String> = seen
+        .iter()
+        .filter(|m| m.topic == format!("{PREFIX}/telemetry"))
+        .flat_map(|m| m.json()["batches"].as_array().cloned().unwrap_or_default())
+        .filter_map(|b| b["node"].as_str().map(str::to_owned))
+        .collect();
+    assert!(nodes.contains("node-b"), "{nodes:?}");
+}

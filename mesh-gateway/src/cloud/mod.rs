@@ -134,8 +134,17 @@ struct Item {
     topic: String,
     body: Map<String, Value>,
     at_ms: u64,
-    committed: Option<oneshot::Sender<bool>>,
+    /// Told when it is on disk (`true`) or could not be written.
+    committed: Vec<oneshot::Sender<bool>>,
+    /// A node's telemetry batch: it goes up in a `telemetry` message's `batches`, with the
+    /// others of the batch interval.
+    telemetry: bool,
 }
+
+/// Telemetry batches that go up in one message, at most.
+const MAX_BATCHES_PER_MESSAGE: usize = 1000;
+/// ... and their estimated bytes, at most.
+const MAX_BATCHES_BYTES: usize = 256 * 1024;
 
 /// Shared by the handle, the writer thread and the link.
 pub(crate) struct Shared {
@@ -282,19 +291,15 @@ impl Bridge {
 
     /// Queues `body` for `<prefix>/<suffix>`.
     pub fn send(&self, class: Class, suffix: &str, body: Map<String, Value>) {
-        self.enqueue(class, suffix, body, None);
+        self.enqueue(class, suffix, body, None, false);
     }
 
-    /// Queues `body` for `<prefix>/<suffix>`; the answer says when it is on disk (`true`) or
-    /// could not be written (`false`).
-    pub fn send_committed(
-        &self,
-        class: Class,
-        suffix: &str,
-        body: Map<String, Value>,
-    ) -> oneshot::Receiver<bool> {
+    /// Queues a node's telemetry batch (see [`report::telemetry`]); it goes up in a `telemetry`
+    /// message with the other batches of the batch interval. The answer says when it is on
+    /// disk (`true`) or could not be written (`false`).
+    pub fn send_telemetry(&self, batch: Map<String, Value>) -> oneshot::Receiver<bool> {
         let (tx, rx) = oneshot::channel();
-        self.enqueue(class, suffix, body, Some(tx));
+        self.enqueue(Class::Telemetry, "telemetry", batch, Some(tx), true);
         rx
     }
 
@@ -304,13 +309,15 @@ impl Bridge {
         suffix: &str,
         body: Map<String, Value>,
         committed: Option<oneshot::Sender<bool>>,
+        telemetry: bool,
     ) {
         let item = Item {
             class,
             topic: self.shared.topic(suffix),
             body,
             at_ms: unix_ms(),
-            committed,
+            committed: committed.into_iter().collect(),
+            telemetry,
         };
         match self.writer.try_send(item) {
             Ok(()) => {}
@@ -318,7 +325,7 @@ impl Bridge {
                 if self.shared.stats.unqueued.fetch_add(1, Ordering::Relaxed) == 0 {
                     warn!("the cloud queue's writer is behind: messages are lost (counted)");
                 }
-                if let Some(tx) = item.committed {
+                for tx in item.committed {
                     let _ = tx.send(false);
                 }
             }
@@ -389,69 +396,160 @@ impl Bridge {
     }
 }
 
+/// Telemetry batches held for the batch interval.
+#[derive(Default)]
+struct Held {
+    items: Vec<Item>,
+    since: Option<std::time::Instant>,
+    bytes: usize,
+}
+
+impl Held {
+    fn add(&mut self, item: Item) {
+        // About what the batch takes in JSON: its head, and each call series.
+        let calls = item
+            .body
+            .get("calls")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len);
+        self.bytes += 200 + 180 * calls;
+        self.since.get_or_insert_with(std::time::Instant::now);
+        self.items.push(item);
+    }
+
+    fn due(&self, interval: Duration) -> bool {
+        self.since.is_some_and(|s| s.elapsed() >= interval)
+            || self.items.len() >= MAX_BATCHES_PER_MESSAGE
+            || self.bytes >= MAX_BATCHES_BYTES
+    }
+
+    /// One `telemetry` message with every batch held.
+    fn take(&mut self) -> Option<Item> {
+        let items = std::mem::take(&mut self.items);
+        self.since = None;
+        self.bytes = 0;
+        merge(items)
+    }
+}
+
+/// Telemetry batches as one `telemetry` message: `{"batches": [...]}`.
+fn merge(items: Vec<Item>) -> Option<Item> {
+    let first = items.first()?;
+    let (class, topic, at_ms) = (first.class, first.topic.clone(), first.at_ms);
+    let mut batches = Vec::with_capacity(items.len());
+    let mut committed = Vec::with_capacity(items.len());
+    for item in items {
+        batches.push(Value::Object(item.body));
+        committed.extend(item.committed);
+    }
+    let mut body = Map::new();
+    body.insert("batches".into(), Value::Array(batches));
+    Some(Item {
+        class,
+        topic,
+        body,
+        at_ms,
+        committed,
+        telemetry: true,
+    })
+}
+
 /// The writer thread: takes what is waiting (up to [`WRITE_BATCH`]) and writes it in one
-/// transaction, until every handle is gone.
+/// transaction, until every handle is gone. Telemetry batches wait for the batch interval (if
+/// any) and go up together.
 fn write_loop(shared: &Shared, items: &Receiver<Item>) {
+    let interval = shared.config.batch_interval;
     let mut failing = false;
-    while let Ok(first) = items.recv() {
-        let mut batch = vec![first];
-        while batch.len() < WRITE_BATCH {
-            match items.try_recv() {
-                Ok(item) => batch.push(item),
-                Err(_) => break,
-            }
-        }
-        let lost = shared.stats.unqueued.load(Ordering::Relaxed);
-        let mut done = Vec::with_capacity(batch.len());
-        let pending: Vec<Pending<'_>> = batch
-            .into_iter()
-            .map(|item| {
-                done.push(item.committed);
-                let gateway = shared.gateway.clone();
-                let mut body = item.body;
-                Pending {
-                    class: item.class,
-                    topic: item.topic,
-                    now_ms: item.at_ms,
-                    payload: Box::new(move |seq, gaps| {
-                        // The gateway's own keys last: nothing in the body overwrites them.
-                        body.insert("seq".into(), seq.into());
-                        body.insert("at_ms".into(), item.at_ms.into());
-                        body.insert("gateway".into(), gateway.into());
-                        if !gaps.is_empty() {
-                            body.insert("gaps".into(), json!(gaps));
-                        }
-                        if lost > 0 {
-                            body.insert("lost_unqueued".into(), lost.into());
-                        }
-                        serde_json::to_vec(&Value::Object(body)).unwrap_or_default()
-                    }),
+    let mut held = Held::default();
+    loop {
+        let first = match held.since {
+            Some(since) => {
+                let due = (since + interval).saturating_duration_since(std::time::Instant::now());
+                match items.recv_timeout(due) {
+                    Ok(item) => Some(item),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                        write(shared, held.take().into_iter().collect(), &mut failing);
+                        return;
+                    }
                 }
-            })
-            .collect();
-        let n = pending.len() as u64;
-        let written = shared.queue().push_many(pending);
-        let ok = match written {
-            Ok(_) => {
-                if failing {
-                    warn!("the cloud queue is written again");
-                    failing = false;
-                }
-                shared.wake.notify_one();
-                true
             }
-            Err(e) => {
-                shared.stats.unqueued.fetch_add(n, Ordering::Relaxed);
-                if !failing {
-                    warn!("{e}: messages for the cloud are lost (counted)");
-                    failing = true;
-                }
-                false
-            }
+            None => match items.recv() {
+                Ok(item) => Some(item),
+                Err(_) => return,
+            },
         };
-        for tx in done.into_iter().flatten() {
-            let _ = tx.send(ok);
+        let mut batch = Vec::new();
+        let more = std::iter::from_fn(|| items.try_recv().ok()).take(WRITE_BATCH);
+        for item in first.into_iter().chain(more) {
+            if item.telemetry && !interval.is_zero() {
+                held.add(item);
+            } else if item.telemetry {
+                batch.extend(merge(vec![item]));
+            } else {
+                batch.push(item);
+            }
         }
+        if held.due(interval) {
+            batch.extend(held.take());
+        }
+        if !batch.is_empty() {
+            write(shared, batch, &mut failing);
+        }
+    }
+}
+
+/// Writes `batch` to the queue in one transaction and tells each item's waiters.
+fn write(shared: &Shared, batch: Vec<Item>, failing: &mut bool) {
+    let lost = shared.stats.unqueued.load(Ordering::Relaxed);
+    let mut done = Vec::with_capacity(batch.len());
+    let pending: Vec<Pending<'_>> = batch
+        .into_iter()
+        .map(|item| {
+            done.push(item.committed);
+            let gateway = shared.gateway.clone();
+            let mut body = item.body;
+            Pending {
+                class: item.class,
+                topic: item.topic,
+                now_ms: item.at_ms,
+                payload: Box::new(move |seq, gaps| {
+                    // The gateway's own keys last: nothing in the body overwrites them.
+                    body.insert("seq".into(), seq.into());
+                    body.insert("at_ms".into(), item.at_ms.into());
+                    body.insert("gateway".into(), gateway.into());
+                    if !gaps.is_empty() {
+                        body.insert("gaps".into(), json!(gaps));
+                    }
+                    if lost > 0 {
+                        body.insert("lost_unqueued".into(), lost.into());
+                    }
+                    serde_json::to_vec(&Value::Object(body)).unwrap_or_default()
+                }),
+            }
+        })
+        .collect();
+    let n = pending.len() as u64;
+    let ok = match shared.queue().push_many(pending) {
+        Ok(_) => {
+            if *failing {
+                warn!("the cloud queue is written again");
+                *failing = false;
+            }
+            shared.wake.notify_one();
+            true
+        }
+        Err(e) => {
+            shared.stats.unqueued.fetch_add(n, Ordering::Relaxed);
+            if !*failing {
+                warn!("{e}: messages for the cloud are lost (counted)");
+                *failing = true;
+            }
+            false
+        }
+    };
+    for tx in done.into_iter().flatten() {
+        let _ = tx.send(ok);
     }
 }
 

@@ -248,6 +248,26 @@ async fn the_cloud_gets_exact_telemetry_over_tls_and_calls_in_as_the_policy_allo
         answer.user_property("message")
     );
 
+    // The site publishes under its prefix only (the broker's ACL says so too): an answer asked
+    // for elsewhere is refused, and the session goes on.
+    let mut outside = call_properties("c5");
+    outside.response_topic = Some("elsewhere/reply".into());
+    app.publish("call/echo/say", b"leak".to_vec(), outside)
+        .await;
+    app.publish("call/echo/say", b"in".to_vec(), call_properties("c6"))
+        .await;
+    app.wait_until("the answer to c6 and the refusal of c5", UP, |s| {
+        reply(s, "c6").is_some()
+            && s.iter().any(|m| {
+                m.topic == format!("{PREFIX}/refused")
+                    && m.json()["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains("\"elsewhere/reply\""))
+            })
+    })
+    .await;
+    assert_eq!(cloud_status(admin).await["reconnects"], 0);
+
     // Malformed calls are refused with a reason; nothing else breaks.
     app.publish("call/echo", b"x".to_vec(), call_properties("c3"))
         .await;
@@ -260,7 +280,9 @@ async fn the_cloud_gets_exact_telemetry_over_tls_and_calls_in_as_the_policy_allo
             .map(|m| m.json()["reason"].as_str().unwrap_or("").to_owned())
             .collect();
         refused.iter().any(|r| r.contains("not a topic"))
-            && refused.iter().any(|r| r.contains("response topic"))
+            && refused
+                .iter()
+                .any(|r| r.contains("response topic or an id"))
     })
     .await;
     // An oversized one is refused with the reason, on its response topic too.
@@ -305,7 +327,7 @@ async fn the_cloud_gets_exact_telemetry_over_tls_and_calls_in_as_the_policy_allo
     assert_eq!(missing_seqs(&seen).1, Vec::<u64>::new());
     let status = cloud_status(admin).await;
     assert_eq!(status["connected"], true, "{status}");
-    assert_eq!(status["refused"], 3, "{status}");
+    assert_eq!(status["refused"], 4, "{status}");
 
     // A flood of junk is counted, but reported (queue, audit, log) only ten times a second:
     // it cannot push the site's telemetry out of the queue.
@@ -319,7 +341,7 @@ async fn the_cloud_gets_exact_telemetry_over_tls_and_calls_in_as_the_policy_allo
     }
     let status = eventually(UP, || async {
         let s = cloud_status(admin).await;
-        (s["refused"] == 203).then_some(s)
+        (s["refused"] == 204).then_some(s)
     })
     .await
     .expect("every refusal counted");

@@ -553,18 +553,30 @@ impl DownContext {
             self.refuse(&topic, "not a topic the gateway takes messages on".into());
             return;
         }
-        let response_topic = properties
-            .response_topic
-            .clone()
-            .filter(|t| !t.is_empty() && !t.contains(['+', '#']));
+        // The site publishes under its prefix only (the broker's ACL says so too, and a broker
+        // may end the session of a client that publishes elsewhere).
+        let response_topic = match &properties.response_topic {
+            Some(t) if !t.starts_with(&format!("{}/", shared.prefix)) || t.contains(['+', '#']) => {
+                self.refuse(
+                    &topic,
+                    format!(
+                        "response topic {t:?}: answers go under {}/ (where the site may publish), \
+                         without wildcards",
+                        shared.prefix
+                    ),
+                );
+                return;
+            }
+            other => other.clone(),
+        };
         let reply_to = match (response_topic, id) {
             (Some(t), _) => Reply::Topic(t),
             (None, Some(id)) => Reply::Id(id.to_owned()),
             (None, None) => {
                 self.refuse(
                     &topic,
-                    "a call needs an MQTT 5 response topic (without wildcards) or an id to \
-                     answer on (call/<service>/<method>/<id>)"
+                    "a call needs an MQTT 5 response topic or an id to answer on \
+                     (call/<service>/<method>/<id>)"
                         .into(),
                 );
                 return;

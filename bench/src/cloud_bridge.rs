@@ -152,8 +152,8 @@ pub fn measure(backlog: usize) -> anyhow::Result<CloudFigures> {
         .enable_all()
         .build()?;
     let _guard = rt.enter();
-    let bridge =
-        Bridge::open(&config, "bench.toml", "gw", "bench.local").map_err(anyhow::Error::msg)?;
+    let bridge = Bridge::open(&config, "bench.toml", "gw", "bench.local", dir.path())
+        .map_err(anyhow::Error::msg)?;
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     bridge.start(Arc::new(NoDownlink), stop);
     let t = Instant::now();

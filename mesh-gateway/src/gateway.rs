@@ -61,6 +61,7 @@ impl Gateway {
                     &config.node.file,
                     config.node.name.as_str(),
                     identity.trust_domain(),
+                    &config.node.state_dir.join("gateway"),
                 )
                 .map_err(|reason| GatewayError::Io {
                     path: format!("{}: [cloud]", config.node.file),

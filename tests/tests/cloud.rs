@@ -620,6 +620,7 @@ async fn a_signed_policy_from_the_cloud_reaches_every_node_and_bad_ones_are_refu
     b.wait_policy(2, UP);
 
     // Refused, each with its reason: not a bundle, unsigned, signed by a stranger, replayed.
+    let replayed = signed.clone();
     let mut unsigned: serde_json::Value =
         serde_json::from_slice(&sign("op.key", &v2)).expect("json");
     unsigned["signature"] = "".into();
@@ -628,7 +629,7 @@ async fn a_signed_policy_from_the_cloud_reaches_every_node_and_bad_ones_are_refu
         b"{ not json".to_vec(),
         serde_json::to_vec(&unsigned).expect("json"),
         stranger,
-        signed,
+        signed.clone(),
     ] {
         app.publish("policy/set", bad, PublishProperties::default())
             .await;
@@ -653,6 +654,21 @@ async fn a_signed_policy_from_the_cloud_reaches_every_node_and_bad_ones_are_refu
     }
     // None of them changed anything.
     assert_eq!(a.status()["policy"]["version"], 2);
+
+    // The floor outlives the gateway: after a restart the bundle is still a replay.
+    drop((a, b));
+    gw.stop();
+    let (_gw, _) = NodeProc::start_gateway("gw", &conf);
+    app.publish("policy/set", replayed, PublishProperties::default())
+        .await;
+    app.wait_until("the replay refused after a restart", UP, |s| {
+        status(s, "refused")
+            .iter()
+            .filter(|v| v["reason"].as_str().is_some_and(|r| r.contains("replayed")))
+            .count()
+            == 2
+    })
+    .await;
 }
 
 fn path(p: &Path) -> String {

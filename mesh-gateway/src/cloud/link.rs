@@ -36,8 +36,6 @@ const MAX_CLOUD_CALLS: usize = 64;
 pub(crate) const REFUSALS_PER_SECOND: u64 = 10;
 /// Bundles from the cloud being checked or waiting to be applied, at most; more are refused.
 pub(crate) const POLICY_BACKLOG: usize = 8;
-/// The meta key of the newest signed policy applied (its `signed_at_ms`).
-const POLICY_SIGNED_AT: &str = "policy_signed_at_ms";
 
 /// The TLS client config of the link (`None` for `mqtt://`): the broker checked against `ca`
 /// (or the system's roots), the client certificate presented when one is configured.
@@ -656,11 +654,7 @@ impl DownContext {
             signing::verify(payload, &shared.signers).map_err(|e| e.to_string())?;
         // One bundle at a time: the replay check and the apply are one step.
         let _one = shared.policy_lock.lock().await;
-        let newest = shared
-            .queue()
-            .meta(POLICY_SIGNED_AT)
-            .map_err(|e| e.to_string())?
-            .unwrap_or(0);
+        let newest = shared.floor.read().map_err(|e| e.to_string())?;
         if signed.signed_at_ms <= newest {
             return Err(format!(
                 "replayed or out of order: signed at {} ms, not after the newest bundle applied \
@@ -668,11 +662,14 @@ impl DownContext {
                 signed.signed_at_ms
             ));
         }
-        let version = self.downlink.set_policy(signed.policy).await?;
-        shared
-            .queue()
-            .set_meta(POLICY_SIGNED_AT, signed.signed_at_ms)
+        // The floor first: a crash after it cannot let this bundle be replayed later.
+        let floor_to = signed.signed_at_ms;
+        let floor = shared.clone();
+        tokio::task::spawn_blocking(move || floor.floor.raise(floor_to))
+            .await
+            .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
+        let version = self.downlink.set_policy(signed.policy).await?;
         info!(
             "applied policy version {version} from the cloud, signed by key {}",
             signer.id

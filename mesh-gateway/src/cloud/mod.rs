@@ -158,6 +158,8 @@ pub(crate) struct Shared {
     pub(crate) wake: Notify,
     /// Signed bundles are handled one at a time.
     pub(crate) policy_lock: tokio::sync::Mutex<()>,
+    /// The newest signing time applied (replays are refused).
+    pub(crate) floor: signing::ReplayFloor,
     /// Bundles being checked or waiting for the lock.
     pub(crate) policy_backlog: Arc<tokio::sync::Semaphore>,
     /// Refusals reported in the current second (`(second, reported, not reported)`).
@@ -232,11 +234,14 @@ impl Bridge {
 
     /// Opens the queue and starts its writer; the link starts with [`Bridge::start`]. A queue
     /// that cannot be read, or a key file that cannot, is an error.
+    /// `state_dir` is the gateway's policy state folder: the replay floor of signed bundles is
+    /// kept there, with the policy it guards.
     pub fn open(
         config: &CloudConfig,
         file: &str,
         gateway: &str,
         trust_domain: &str,
+        state_dir: &std::path::Path,
     ) -> Result<Bridge, String> {
         let signers = Self::load_signers(config, file)?;
         // The TLS files are read now: a missing or unreadable one is a config error at start,
@@ -265,6 +270,7 @@ impl Bridge {
             queue: Mutex::new(queue),
             wake: Notify::new(),
             policy_lock: tokio::sync::Mutex::new(()),
+            floor: signing::ReplayFloor::new(state_dir.join("cloud-policy-floor")),
             policy_backlog: Arc::new(tokio::sync::Semaphore::new(link::POLICY_BACKLOG)),
             refusals: Mutex::new((0, 0, 0)),
             last_telemetry: Mutex::new(std::collections::HashMap::new()),

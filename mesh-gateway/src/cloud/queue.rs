@@ -400,23 +400,6 @@ impl Queue {
             .find(|c| self.index.contains_key(&(*c, seq)))
     }
 
-    /// A number the bridge keeps beside the queue (the newest signed policy it applied).
-    pub fn meta(&self, key: &str) -> Result<Option<u64>, QueueError> {
-        let rx = self.db.begin_read().map_err(|e| self.fail(e))?;
-        let meta = rx.open_table(META).map_err(|e| self.fail(e))?;
-        Ok(meta.get(key).map_err(|e| self.fail(e))?.map(|v| v.value()))
-    }
-
-    /// Keeps `value` under `key`, on disk before it returns.
-    pub fn set_meta(&mut self, key: &str, value: u64) -> Result<(), QueueError> {
-        let tx = self.db.begin_write().map_err(|e| self.fail(e))?;
-        tx.open_table(META)
-            .map_err(|e| self.fail(e))?
-            .insert(key, value)
-            .map_err(|e| self.fail(e))?;
-        tx.commit().map_err(|e| self.fail(e))
-    }
-
     /// Messages held.
     pub fn len(&self) -> usize {
         self.index.len()

@@ -176,6 +176,52 @@ pub fn verify<'s>(
     Ok((signed, signer))
 }
 
+/// The newest `signed_at_ms` applied from the cloud, kept with the gateway's policy state: a
+/// bundle signed no later is a replay. A floor file that cannot be read is an error (every
+/// bundle is refused, with the reason), never a floor of zero.
+pub struct ReplayFloor {
+    path: PathBuf,
+}
+
+const FLOOR_FORMAT: &str = "starling-policy-floor/1";
+
+impl ReplayFloor {
+    /// The floor kept at `path`.
+    pub fn new(path: PathBuf) -> ReplayFloor {
+        ReplayFloor { path }
+    }
+
+    /// The floor: 0 when no bundle came from the cloud yet.
+    pub fn read(&self) -> Result<u64, SigningError> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(err(format!("{}: {e}", self.path.display()))),
+        };
+        text.strip_prefix(FLOOR_FORMAT)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|rest| rest.strip_suffix('\n'))
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| {
+                err(format!(
+                    "{} is damaged: bundles from the cloud are refused until it is repaired \
+                     (it holds the newest signing time applied, which stops replays)",
+                    self.path.display()
+                ))
+            })
+    }
+
+    /// Raises the floor to `signed_at_ms`, on disk before it returns.
+    pub fn raise(&self, signed_at_ms: u64) -> Result<(), SigningError> {
+        mesh_node::state::write_atomic(
+            &self.path,
+            format!("{FLOOR_FORMAT} {signed_at_ms}\n").as_bytes(),
+            0o600,
+        )
+        .map_err(|e| err(format!("{}: {e}", self.path.display())))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,5 +266,19 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn the_replay_floor_survives_a_restart_and_a_damaged_one_refuses() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let floor = ReplayFloor::new(dir.path().join("floor"));
+        assert_eq!(floor.read(), Ok(0));
+        floor.raise(42).expect("raise");
+        assert_eq!(ReplayFloor::new(dir.path().join("floor")).read(), Ok(42));
+        std::fs::write(dir.path().join("floor"), "starling-policy-floor/1 4x\n").expect("damage");
+        let e = floor.read().expect_err("damaged");
+        assert!(e.0.contains("is damaged"), "{e}");
+        std::fs::write(dir.path().join("floor"), "").expect("empty");
+        assert!(floor.read().is_err(), "an empty floor is not zero");
     }
 }

@@ -142,6 +142,7 @@ pub fn measure(backlog: usize) -> anyhow::Result<CloudFigures> {
         max_inflight: 64,
         bandwidth: None,
         max_message_bytes: 1 << 20,
+        max_publish_bytes: 128 * 1024,
         policy_signers: Vec::new(),
         protocol: None,
         batch_interval: Duration::ZERO,

@@ -89,6 +89,10 @@ enum PolicyCommand {
         /// The operator's private key (`policy keygen`, or `openssl genpkey -algorithm ed25519`).
         #[arg(long)]
         key: PathBuf,
+        /// The site it is for: its `[cloud] topic_prefix` (default `starling/<td>/<gateway>`),
+        /// or `*` for every site (then it can be brought to any of them).
+        #[arg(long)]
+        site: String,
         /// The policy TOML.
         policy: PathBuf,
     },
@@ -520,13 +524,13 @@ fn policy(command: PolicyCommand) -> Result<String, String> {
                 out.with_extension("pub").display()
             ))
         }
-        PolicyCommand::Sign { key, policy } => {
+        PolicyCommand::Sign { key, site, policy } => {
             let text = mesh_node::config::read_regular_file(&policy)
                 .map_err(|e| format!("{}: {e}", policy.display()))?;
             mesh_core::policy::Policy::parse(&text, &policy.display().to_string())
                 .map_err(|e| e.to_string())?;
-            let signed =
-                signing::sign(&key, &text, crate::cloud::unix_ms()).map_err(|e| e.to_string())?;
+            let signed = signing::sign(&key, &site, &text, crate::cloud::unix_ms())
+                .map_err(|e| e.to_string())?;
             serde_json::to_string(&signed).map_err(|e| e.to_string())
         }
     }

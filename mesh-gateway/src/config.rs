@@ -84,6 +84,9 @@ pub struct CloudConfig {
     pub bandwidth: Option<u64>,
     /// Down messages (policy, calls) larger than this are refused.
     pub max_message_bytes: usize,
+    /// What one message up may take, at most (AWS IoT Core takes 128 KiB): telemetry and the
+    /// registry are split to fit, anything else larger is dropped as a counted gap.
+    pub max_publish_bytes: usize,
     /// The operator keys (Ed25519, `PUBLIC KEY` PEM) that may sign a policy sent from the cloud;
     /// none: policy from the cloud is refused.
     pub policy_signers: Vec<PathBuf>,
@@ -185,6 +188,7 @@ struct RawCloud {
     max_inflight: Option<Spanned<u64>>,
     bandwidth_bytes_per_s: Option<Spanned<u64>>,
     max_message_bytes: Option<Spanned<u64>>,
+    max_publish_bytes: Option<Spanned<u64>>,
     #[serde(default)]
     policy_signers: Vec<Spanned<String>>,
     protocol: Option<Spanned<String>>,
@@ -434,6 +438,14 @@ fn parse_cloud(
             "expected mqtts://host:port (or mqtt://host:port with insecure = true)",
         ));
     };
+    if rest.contains(['@', '/', '?']) {
+        return Err(at.invalid(
+            &c.broker,
+            "cloud.broker",
+            "expected scheme://host:port only (a user and password go in username and \
+             password_file, never in the address: it is shown and logged)",
+        ));
+    }
     let port_ok = rest
         .rsplit_once(':')
         .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
@@ -546,6 +558,13 @@ fn parse_cloud(
             }
             Some(n) => *n.get_ref() as usize,
             None => 1 << 20,
+        },
+        max_publish_bytes: match &c.max_publish_bytes {
+            Some(n) if *n.get_ref() < 16_384 || *n.get_ref() > 256 << 20 => {
+                return Err(at.invalid(n, "cloud.max_publish_bytes", "16384 to 268435456"));
+            }
+            Some(n) => *n.get_ref() as usize,
+            None => 128 * 1024,
         },
         policy_signers: c.policy_signers.iter().map(path).collect(),
         batch_interval: match &c.batch_interval_ms {

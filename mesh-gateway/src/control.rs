@@ -180,8 +180,7 @@ impl ControlPlane {
         // What the node holds: a bundle is sent when it is not that one.
         let mut sent = hello.policy;
         // Telemetry acks waiting for the cloud queue, in order.
-        let mut held_acks: std::collections::VecDeque<(Down, oneshot::Receiver<bool>)> =
-            std::collections::VecDeque::new();
+        let mut held_acks: HeldAcks = std::collections::VecDeque::new();
         let result: Result<(), String> = async {
             loop {
                 tokio::select! {
@@ -189,8 +188,16 @@ impl ControlPlane {
                         match self.handle_up(&name, &claims, up?, sent) {
                             // The node's batch is acknowledged once the cloud's copy is on
                             // disk (or could not be written: that loss is counted and told to
-                            // the cloud); meanwhile the session goes on.
-                            (Some(down), Some(committed)) => held_acks.push_back((down, committed)),
+                            // the cloud); meanwhile the session goes on. Acks are cumulative
+                            // for the node: a later one waits behind a held one.
+                            (Some(down), Some(committed)) => {
+                                held_acks.push_back((down, Some(committed)));
+                            }
+                            (Some(down @ Down::TelemetryAck { .. }), None)
+                                if !held_acks.is_empty() =>
+                            {
+                                held_acks.push_back((down, None));
+                            }
                             (Some(down), None) => write_down(&mut send, &down).await?,
                             (None, _) => {}
                         }
@@ -310,7 +317,13 @@ impl ControlPlane {
                     (metrics.handle_batch(name, &batch), metrics.boot_id(name))
                 };
                 if stored {
-                    let news = !batch.calls.is_empty() || batch.dropped > 0;
+                    // The audit events first: the writer takes items in order, so once the
+                    // batch's telemetry is on disk, so are they, and the ack waits for it.
+                    for event in &batch.audit {
+                        self.audit.write(name, event);
+                    }
+                    let news =
+                        !batch.calls.is_empty() || batch.dropped > 0 || !batch.audit.is_empty();
                     let cloud = self.cloud().filter(|c| c.telemetry_due(name, news));
                     let committed = cloud.map(|cloud| {
                         cloud.send_telemetry(crate::cloud::report::telemetry(name, boot, &batch))
@@ -320,9 +333,6 @@ impl ControlPlane {
                         traces.add(span);
                     }
                     drop(traces);
-                    for event in &batch.audit {
-                        self.audit.write(name, event);
-                    }
                     return (Some(Down::TelemetryAck { seq }), committed);
                 }
                 Some(Down::TelemetryAck { seq })
@@ -365,7 +375,7 @@ impl ControlPlane {
                 _ = tick.tick(), if dirty => {
                     dirty = false;
                     let view = crate::cloud::report::RegistryView::of(&self.registry());
-                    for (suffix, body) in last.changes_to(&view) {
+                    for (suffix, body) in last.changes_to(&view, cloud.max_publish_bytes()) {
                         cloud.send(Class::Registry, suffix, body);
                     }
                     last = view;
@@ -430,9 +440,12 @@ impl ReservedService for ControlService {
     }
 }
 
-/// Waits until the first held ack's batch is on disk (or could not be written).
-async fn first_committed(held: &mut std::collections::VecDeque<(Down, oneshot::Receiver<bool>)>) {
-    if let Some((_, committed)) = held.front_mut() {
+/// Telemetry acks waiting for the cloud queue (`Some`), or behind one that does (`None`).
+type HeldAcks = std::collections::VecDeque<(Down, Option<oneshot::Receiver<bool>>)>;
+
+/// Waits until the first held ack may go: its batch is on disk (or could not be written).
+async fn first_committed(held: &mut HeldAcks) {
+    if let Some((_, Some(committed))) = held.front_mut() {
         let _ = committed.await;
     }
 }

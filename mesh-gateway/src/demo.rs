@@ -431,6 +431,7 @@ impl CloudSide {
         let policy = "[defaults]\ncall_timeout_ms = 4000\n";
         let signed = crate::cloud::signing::sign(
             &self.root.join("operator.key"),
+            PREFIX,
             policy,
             crate::cloud::unix_ms(),
         )

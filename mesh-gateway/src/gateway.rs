@@ -73,7 +73,8 @@ impl Gateway {
         let mut audit = AuditLog::open(&config.audit_log);
         if let Some(cloud) = cloud.clone() {
             audit.forward_to(Box::new(move |event| {
-                cloud.send(crate::cloud::Class::Audit, "audit", event.clone());
+                let event = crate::cloud::report::audit_for_cloud(event);
+                cloud.send(crate::cloud::Class::Audit, "audit", event);
             }));
         }
         let audit = Arc::new(audit);

@@ -129,6 +129,7 @@ pub fn telemetry_counts(
             v["node"].as_str().expect("node").to_owned(),
             v["node_boot"].as_u64().expect("node_boot"),
             v["node_seq"].as_u64().expect("node_seq"),
+            v["part"].as_u64().unwrap_or(1),
         );
         if !counted.insert(batch) {
             continue;

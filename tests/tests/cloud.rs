@@ -515,7 +515,8 @@ async fn past_its_bound_the_queue_drops_telemetry_and_the_cloud_is_told_the_gap(
     broker.restart().expect("the broker restarts");
     let seen = app
         .wait_until("a gap announced", Duration::from_secs(20), |s| {
-            s.iter().any(|m| m.json()["gaps"].is_array())
+            s.iter()
+                .any(|m| m.json()["gaps"].as_array().is_some_and(|g| !g.is_empty()))
         })
         .await;
     let seen = app
@@ -589,6 +590,8 @@ async fn a_signed_policy_from_the_cloud_reaches_every_node_and_bad_ones_are_refu
                 "sign",
                 "--key",
                 &path(&keys.join(key)),
+                "--site",
+                PREFIX,
                 &path(&file),
             ],
         );
@@ -625,32 +628,54 @@ async fn a_signed_policy_from_the_cloud_reaches_every_node_and_bad_ones_are_refu
         serde_json::from_slice(&sign("op.key", &v2)).expect("json");
     unsigned["signature"] = "".into();
     let stranger = sign("other.key", &format!("{v2}# v3\n"));
+    let elsewhere = {
+        let file = pki.dir.path().join("elsewhere.toml");
+        std::fs::write(&file, format!("{v2}# v4\n")).expect("policy");
+        let (ok, out) = run_bin(
+            "mesh-gateway",
+            &[
+                "policy",
+                "sign",
+                "--key",
+                &path(&keys.join("op.key")),
+                "--site",
+                "starling/site-8",
+                &path(&file),
+            ],
+        );
+        assert!(ok, "{out}");
+        out.trim().as_bytes().to_vec()
+    };
     for bad in [
         b"{ not json".to_vec(),
         serde_json::to_vec(&unsigned).expect("json"),
         stranger,
+        elsewhere,
         signed.clone(),
     ] {
         app.publish("policy/set", bad, PublishProperties::default())
             .await;
     }
     let seen = app
-        .wait_until("four refusals", UP, |s| status(s, "refused").len() == 4)
+        .wait_until("five refusals", UP, |s| status(s, "refused").len() == 5)
         .await;
     let reasons: Vec<String> = status(&seen, "refused")
         .iter()
         .map(|v| v["reason"].as_str().unwrap_or("").to_owned())
         .collect();
-    for (i, want) in [
+    // Each with its own reason (they are checked concurrently: in any order).
+    for want in [
         "not a signed policy bundle",
         "does not verify",
         "not one of the gateway's policy_signers",
+        "signed for site \"starling/site-8\"",
         "replayed",
-    ]
-    .iter()
-    .enumerate()
-    {
-        assert!(reasons[i].contains(want), "{i}: {reasons:?}");
+    ] {
+        assert_eq!(
+            reasons.iter().filter(|r| r.contains(want)).count(),
+            1,
+            "{want}: {reasons:?}"
+        );
     }
     // None of them changed anything.
     assert_eq!(a.status()["policy"]["version"], 2);
@@ -658,7 +683,16 @@ async fn a_signed_policy_from_the_cloud_reaches_every_node_and_bad_ones_are_refu
     // The floor outlives the gateway: after a restart the bundle is still a replay.
     drop((a, b));
     gw.stop();
+    let onlines = |s: &[Received]| {
+        s.iter()
+            .filter(|m| m.topic == format!("{PREFIX}/status") && m.json()["state"] == "online")
+            .count()
+    };
+    let before = onlines(&app.seen());
     let (_gw, _) = NodeProc::start_gateway("gw", &conf);
+    // Once it says it is online, it takes commands.
+    app.wait_until("the restarted gateway online", UP, |s| onlines(s) > before)
+        .await;
     app.publish("policy/set", replayed, PublishProperties::default())
         .await;
     app.wait_until("the replay refused after a restart", UP, |s| {

@@ -26,7 +26,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::mqtt::{self, Failure, LinkEvent, Protocol};
+use super::mqtt::{self, Failure, LinkEvent, Protocol, Refusal};
 use super::{Bridge, Class, Downlink, Shared, signing, unix_ms};
 use crate::config::CloudConfig;
 
@@ -229,13 +229,22 @@ async fn session(
     let status_topic = shared.topic("status");
     let (client, mut events, _pump) =
         mqtt::connect(&shared, protocol, status_payload(&shared, "offline")).map_err(plain)?;
-    let receive_max = match tokio::time::timeout(mqtt::CONNECT_TIMEOUT, events.recv()).await {
-        Ok(Some(Ok(LinkEvent::Connected { receive_max }))) => receive_max,
-        Ok(Some(Ok(other))) => return Err(plain(format!("expected CONNACK, got {other:?}"))),
-        Ok(Some(Err(e))) => return Err(e),
-        Ok(None) => return Err(plain("the MQTT event loop ended")),
-        Err(_) => return Err(plain("no CONNACK from the broker within 15 s")),
-    };
+    let (receive_max, publish_limit) =
+        match tokio::time::timeout(mqtt::CONNECT_TIMEOUT, events.recv()).await {
+            Ok(Some(Ok(LinkEvent::Connected {
+                receive_max,
+                max_packet,
+            }))) => {
+                // What one publish may take: our bound, and the broker's when it says one.
+                let limit =
+                    max_packet.map_or(c.max_publish_bytes, |m| c.max_publish_bytes.min(m as usize));
+                (receive_max, limit)
+            }
+            Ok(Some(Ok(other))) => return Err(plain(format!("expected CONNACK, got {other:?}"))),
+            Ok(Some(Err(e))) => return Err(e),
+            Ok(None) => return Err(plain("the MQTT event loop ended")),
+            Err(_) => return Err(plain("no CONNACK from the broker within 15 s")),
+        };
     let window = usize::from(c.max_inflight.min(receive_max));
     let stats = &shared.stats;
     stats.connected.store(true, Ordering::Relaxed);
@@ -290,6 +299,12 @@ async fn session(
         }
         sent
     };
+    // `call/#`, not `call/+/+`: a malformed call topic is seen, and refused with a reason.
+    for topic in [shared.topic("policy/set"), shared.topic("call/#")] {
+        client.subscribe(topic).map_err(plain)?;
+    }
+    // After the subscriptions: the broker takes a client's packets in order, so once the cloud
+    // sees `online`, the site takes commands.
     publish(
         &mut fifo,
         status_topic.clone(),
@@ -298,10 +313,6 @@ async fn session(
         None,
         None,
     );
-    // `call/#`, not `call/+/+`: a malformed call topic is seen, and refused with a reason.
-    for topic in [shared.topic("policy/set"), shared.topic("call/#")] {
-        client.subscribe(topic).map_err(plain)?;
-    }
 
     let (direct_tx, mut direct_rx) = mpsc::channel::<Direct>(256);
     let mut flush_tick = tokio::time::interval(Duration::from_millis(50));
@@ -321,7 +332,18 @@ async fn session(
                                 inflight.remove(&seq);
                                 acked.insert(seq);
                             }
-                            (Some(seq), Some(reason)) => {
+                            (Some(seq), Some(Refusal::Message(reason))) => {
+                                inflight.remove(&seq);
+                                warn!(
+                                    "the broker refused message {seq} ({reason}): dropped, \
+                                     counted and announced as a gap"
+                                );
+                                shared
+                                    .queue()
+                                    .drop_unsendable(seq)
+                                    .map_err(|e| e.to_string())?;
+                            }
+                            (Some(seq), Some(Refusal::Session(reason))) => {
                                 return Err(format!(
                                     "the broker refused message {seq}: {reason} (is the \
                                      gateway allowed to publish under {}?)",
@@ -329,7 +351,7 @@ async fn session(
                                 ));
                             }
                             (None, Some(reason)) => {
-                                warn!("the broker refused a reply or status message: {reason}");
+                                warn!("the broker refused a reply or status message: {reason:?}");
                             }
                             (None, None) => {}
                         }
@@ -343,14 +365,19 @@ async fn session(
                         warn!("{e}");
                         shared.set_error(Some(e));
                     }
-                    Some(Ok(LinkEvent::Message { topic, payload, properties })) => {
+                    Some(Ok(LinkEvent::Message { topic, payload, properties, retained })) => {
                         let down = DownContext {
                             bridge: bridge.clone(),
                             downlink: downlink.clone(),
                             direct: direct_tx.clone(),
                             calls: calls.clone(),
                         };
-                        tokio::spawn(down.handle(topic, payload, properties.unwrap_or_default()));
+                        tokio::spawn(down.handle(
+                            topic,
+                            payload,
+                            properties.unwrap_or_default(),
+                            retained,
+                        ));
                     }
                     Some(Ok(LinkEvent::Disconnected(why))) => {
                         return Err(format!("the broker ended the session: {why}"));
@@ -419,6 +446,21 @@ async fn session(
                         .next_except(free, |s| inflight.contains(&s) || acked.contains(&s))
                         .map_err(|e| e.to_string())?;
                     for (seq, m) in next {
+                        // Larger than a publish may be: it would never go, and would hold up
+                        // everything behind it.
+                        if m.payload.len() + m.topic.len() + 16 > publish_limit {
+                            warn!(
+                                "message {seq} on {} is {} bytes, over what a publish may \
+                                 take ({publish_limit}): dropped, counted and announced as a gap",
+                                m.topic,
+                                m.payload.len()
+                            );
+                            shared
+                                .queue()
+                                .drop_unsendable(seq)
+                                .map_err(|e| e.to_string())?;
+                            continue;
+                        }
                         if let Some(wait) = bucket
                             .as_mut()
                             .and_then(|b| b.take(m.payload.len(), Instant::now()))
@@ -490,8 +532,23 @@ struct DownContext {
 }
 
 impl DownContext {
-    async fn handle(self, topic: String, payload: Bytes, properties: PublishProperties) {
+    async fn handle(
+        self,
+        topic: String,
+        payload: Bytes,
+        properties: PublishProperties,
+        retained: bool,
+    ) {
         let shared = self.bridge.shared().clone();
+        if retained {
+            // A retained command would run again at every reconnect.
+            self.refuse(
+                &topic,
+                "a retained message: commands are taken only as they are sent, never retained"
+                    .into(),
+            );
+            return;
+        }
         let max = shared.config.max_message_bytes;
         let rest = topic
             .strip_prefix(&shared.prefix)
@@ -554,12 +611,15 @@ impl DownContext {
         // The site publishes under its prefix only (the broker's ACL says so too, and a broker
         // may end the session of a client that publishes elsewhere).
         let response_topic = match &properties.response_topic {
-            Some(t) if !t.starts_with(&format!("{}/", shared.prefix)) || t.contains(['+', '#']) => {
+            Some(t)
+                if !t.starts_with(&format!("{}/reply/", shared.prefix))
+                    || t.contains(['+', '#']) =>
+            {
                 self.refuse(
                     &topic,
                     format!(
-                        "response topic {t:?}: answers go under {}/ (where the site may publish), \
-                         without wildcards",
+                        "response topic {t:?}: answers go under {}/reply/ (where the site may \
+                         publish, and not on its own topics), without wildcards",
                         shared.prefix
                     ),
                 );
@@ -650,8 +710,8 @@ impl DownContext {
     /// A signed bundle: verified, checked against replays, applied.
     async fn policy(&self, payload: &[u8]) -> Result<Map<String, Value>, String> {
         let shared = self.bridge.shared();
-        let (signed, signer) =
-            signing::verify(payload, &shared.signers).map_err(|e| e.to_string())?;
+        let (signed, signer) = signing::verify(payload, &shared.signers, &shared.prefix, unix_ms())
+            .map_err(|e| e.to_string())?;
         // One bundle at a time: the replay check and the apply are one step.
         let _one = shared.policy_lock.lock().await;
         let newest = shared.floor.read().map_err(|e| e.to_string())?;

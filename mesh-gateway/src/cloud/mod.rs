@@ -141,10 +141,8 @@ struct Item {
     telemetry: bool,
 }
 
-/// Telemetry batches that go up in one message, at most.
+/// Telemetry batches that go up in one message, at most (and within `max_publish_bytes`).
 const MAX_BATCHES_PER_MESSAGE: usize = 1000;
-/// ... and their estimated bytes, at most.
-const MAX_BATCHES_BYTES: usize = 256 * 1024;
 
 /// Shared by the handle, the writer thread and the link.
 pub(crate) struct Shared {
@@ -357,6 +355,11 @@ impl Bridge {
         due
     }
 
+    /// What one message up may take, at most.
+    pub fn max_publish_bytes(&self) -> usize {
+        self.shared.config.max_publish_bytes
+    }
+
     /// The bridge's state now.
     pub fn status(&self) -> CloudStatus {
         let s = &self.shared;
@@ -411,22 +414,20 @@ struct Held {
 }
 
 impl Held {
-    fn add(&mut self, item: Item) {
-        // About what the batch takes in JSON: its head, and each call series.
-        let calls = item
-            .body
-            .get("calls")
-            .and_then(Value::as_array)
-            .map_or(0, Vec::len);
-        self.bytes += 200 + 180 * calls;
+    /// Holds `item` (`size` bytes of JSON); if it would not fit with what is held, what is held
+    /// comes back first, as one message.
+    fn add(&mut self, item: Item, size: usize, limit: usize) -> Option<Item> {
+        let full = !self.items.is_empty()
+            && (self.bytes + size + 2048 > limit || self.items.len() >= MAX_BATCHES_PER_MESSAGE);
+        let out = if full { self.take() } else { None };
+        self.bytes += size + 1;
         self.since.get_or_insert_with(std::time::Instant::now);
         self.items.push(item);
+        out
     }
 
     fn due(&self, interval: Duration) -> bool {
         self.since.is_some_and(|s| s.elapsed() >= interval)
-            || self.items.len() >= MAX_BATCHES_PER_MESSAGE
-            || self.bytes >= MAX_BATCHES_BYTES
     }
 
     /// One `telemetry` message with every batch held.
@@ -436,6 +437,37 @@ impl Held {
         self.bytes = 0;
         merge(items)
     }
+}
+
+/// A telemetry item in parts that each fit a publish (the waiters go with the last part).
+fn split_telemetry(item: Item, limit: usize) -> Vec<Item> {
+    let Item {
+        class,
+        topic,
+        body,
+        at_ms,
+        committed,
+        telemetry,
+    } = item;
+    let parts = report::split_batch(body, limit);
+    let n = parts.len();
+    let mut committed = Some(committed);
+    parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, body)| Item {
+            class,
+            topic: topic.clone(),
+            body,
+            at_ms,
+            committed: if i + 1 == n {
+                committed.take().unwrap_or_default()
+            } else {
+                Vec::new()
+            },
+            telemetry,
+        })
+        .collect()
 }
 
 /// Telemetry batches as one `telemetry` message: `{"batches": [...]}`.
@@ -465,6 +497,7 @@ fn merge(items: Vec<Item>) -> Option<Item> {
 /// any) and go up together.
 fn write_loop(shared: &Shared, items: &Receiver<Item>) {
     let interval = shared.config.batch_interval;
+    let limit = shared.config.max_publish_bytes;
     let mut failing = false;
     let mut held = Held::default();
     loop {
@@ -488,12 +521,19 @@ fn write_loop(shared: &Shared, items: &Receiver<Item>) {
         let mut batch = Vec::new();
         let more = std::iter::from_fn(|| items.try_recv().ok()).take(WRITE_BATCH);
         for item in first.into_iter().chain(more) {
-            if item.telemetry && !interval.is_zero() {
-                held.add(item);
-            } else if item.telemetry {
-                batch.extend(merge(vec![item]));
-            } else {
+            if !item.telemetry {
                 batch.push(item);
+                continue;
+            }
+            // A batch too large for one publish goes in parts; each part waits for the
+            // interval with the others, or goes on its own.
+            for part in split_telemetry(item, limit) {
+                if interval.is_zero() {
+                    batch.extend(merge(vec![part]));
+                } else {
+                    let size = Value::Object(part.body.clone()).to_string().len();
+                    batch.extend(held.add(part, size, limit));
+                }
             }
         }
         if held.due(interval) {
@@ -524,12 +564,9 @@ fn write(shared: &Shared, batch: Vec<Item>, failing: &mut bool) {
                     body.insert("seq".into(), seq.into());
                     body.insert("at_ms".into(), item.at_ms.into());
                     body.insert("gateway".into(), gateway.into());
-                    if !gaps.is_empty() {
-                        body.insert("gaps".into(), json!(gaps));
-                    }
-                    if lost > 0 {
-                        body.insert("lost_unqueued".into(), lost.into());
-                    }
+                    // Always written: a node's audit fields cannot stand in for them.
+                    body.insert("gaps".into(), json!(gaps));
+                    body.insert("lost_unqueued".into(), lost.into());
                     serde_json::to_vec(&Value::Object(body)).unwrap_or_default()
                 }),
             }

@@ -20,12 +20,16 @@ pub use crate::config::MqttVersion as Protocol;
 /// What the session reports, the same for both versions.
 #[derive(Debug)]
 pub(crate) enum LinkEvent {
-    /// The broker took the connection; how many QoS 1 publishes it takes unacknowledged.
-    Connected { receive_max: u16 },
+    /// The broker took the connection: how many QoS 1 publishes it takes unacknowledged, and
+    /// the largest packet it takes (MQTT 5 says; 3.1.1 does not).
+    Connected {
+        receive_max: u16,
+        max_packet: Option<u32>,
+    },
     /// A publish went out with this packet id.
     Sent(u16),
-    /// The broker acknowledged packet `pkid`, or refused it (`Err(reason)`, MQTT 5 only).
-    Acked { pkid: u16, refused: Option<String> },
+    /// The broker acknowledged packet `pkid`, or refused it (MQTT 5 only).
+    Acked { pkid: u16, refused: Option<Refusal> },
     /// The broker refused a subscription.
     SubscriptionRefused(String),
     /// A message for the site.
@@ -33,11 +37,22 @@ pub(crate) enum LinkEvent {
         topic: String,
         payload: Bytes,
         properties: Option<PublishProperties>,
+        /// It came with the retain flag (a retained message, sent on subscribing).
+        retained: bool,
     },
     /// The broker ended the session.
     Disconnected(String),
     /// Anything else (pings, the acks of subscriptions).
     Other,
+}
+
+/// Why the broker refused a publish.
+#[derive(Debug)]
+pub(crate) enum Refusal {
+    /// Something about this message (its payload, its size).
+    Message(String),
+    /// Something about the session or the broker's rules (not authorised, over quota).
+    Session(String),
 }
 
 /// Why the session failed, and whether an MQTT 3.1.1 broker could be why.
@@ -179,7 +194,8 @@ pub(crate) fn connect(
                 .set_keep_alive(c.keep_alive)
                 .set_clean_session(true)
                 .set_inflight(c.max_inflight)
-                .set_max_packet_size(max_packet, max_packet)
+                // In: down messages (see above); out: what the site publishes, at most.
+                .set_max_packet_size(max_packet, c.max_publish_bytes + 65_536)
                 .set_last_will(rumqttc::LastWill::new(
                     status_topic,
                     will,
@@ -220,13 +236,20 @@ fn v5_event(event: rumqttc::v5::Event) -> LinkEvent {
                 .as_ref()
                 .and_then(|p| p.receive_max)
                 .unwrap_or(u16::MAX),
+            max_packet: ack.properties.as_ref().and_then(|p| p.max_packet_size),
         },
         Event::Outgoing(Outgoing::Publish(pkid)) => LinkEvent::Sent(pkid),
         Event::Incoming(Packet::PubAck(ack)) => LinkEvent::Acked {
             pkid: ack.pkid,
             refused: match ack.reason {
                 PubAckReason::Success | PubAckReason::NoMatchingSubscribers => None,
-                reason => Some(format!("{reason:?}")),
+                // About this message, not the session: it is dropped (a counted gap), so it
+                // cannot hold up everything behind it.
+                reason @ (PubAckReason::PayloadFormatInvalid
+                | PubAckReason::ImplementationSpecificError
+                | PubAckReason::UnspecifiedError) => Some(Refusal::Message(format!("{reason:?}"))),
+                // About the session or the broker's rules: the messages stay, the link backs off.
+                reason => Some(Refusal::Session(format!("{reason:?}"))),
             },
         },
         Event::Incoming(Packet::SubAck(ack)) => match ack
@@ -241,6 +264,7 @@ fn v5_event(event: rumqttc::v5::Event) -> LinkEvent {
             topic: String::from_utf8_lossy(&p.topic).into_owned(),
             payload: p.payload,
             properties: p.properties,
+            retained: p.retain,
         },
         Event::Incoming(Packet::Disconnect(d)) => {
             LinkEvent::Disconnected(format!("{:?}", d.reason_code))
@@ -254,6 +278,7 @@ fn v311_event(event: rumqttc::Event) -> LinkEvent {
     match event {
         Event::Incoming(Packet::ConnAck(_)) => LinkEvent::Connected {
             receive_max: u16::MAX,
+            max_packet: None,
         },
         Event::Outgoing(Outgoing::Publish(pkid)) => LinkEvent::Sent(pkid),
         Event::Incoming(Packet::PubAck(ack)) => LinkEvent::Acked {
@@ -275,6 +300,7 @@ fn v311_event(event: rumqttc::Event) -> LinkEvent {
             topic: p.topic,
             payload: p.payload,
             properties: None,
+            retained: p.retain,
         },
         Event::Incoming(Packet::Disconnect) => LinkEvent::Disconnected("DISCONNECT".into()),
         _ => LinkEvent::Other,

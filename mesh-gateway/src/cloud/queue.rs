@@ -301,6 +301,29 @@ impl Queue {
         Ok(out)
     }
 
+    /// Drops message `seq`, which can never be sent (too large, or its payload refused by the
+    /// broker): counted with its class and announced as a gap, like any drop.
+    pub fn drop_unsendable(&mut self, seq: u64) -> Result<(), QueueError> {
+        let Some(class) = self.class_of(seq) else {
+            return Ok(());
+        };
+        let tx = self.db.begin_write().map_err(|e| self.fail(e))?;
+        {
+            let mut messages = tx.open_table(MESSAGES).map_err(|e| self.fail(e))?;
+            let mut gaps = tx.open_table(GAPS).map_err(|e| self.fail(e))?;
+            let mut meta = tx.open_table(META).map_err(|e| self.fail(e))?;
+            drop_message(&mut messages, &mut gaps, &mut meta, class, seq)
+                .map_err(|e| self.fail(e))?;
+        }
+        tx.commit().map_err(|e| self.fail(e))?;
+        self.gaps_pending = true;
+        if let Some((size, _)) = self.index.remove(&(class, seq)) {
+            self.bytes -= size;
+        }
+        self.dropped[class as usize] += 1;
+        Ok(())
+    }
+
     /// Drops what waited longer than its class may (counted, and kept as gaps).
     pub fn expire(&mut self, now_ms: u64) -> Result<u64, QueueError> {
         let old: Vec<(Class, u64)> = self
@@ -616,5 +639,20 @@ mod tests {
         drop(q);
         let q = Queue::open(dir.path(), bounds(2)).expect("reopen");
         assert!(q.gaps_pending(), "known after a restart");
+    }
+
+    #[test]
+    fn a_message_that_can_never_go_is_dropped_as_a_counted_gap() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut q = Queue::open(dir.path(), bounds(100)).expect("open");
+        push(&mut q, Class::Audit, 1); // 1
+        push(&mut q, Class::Audit, 2); // 2
+        q.drop_unsendable(1).expect("drop");
+        assert_eq!(q.stats().dropped[Class::Audit as usize], 1);
+        assert!(q.gaps_pending());
+        let (_, gaps) = push(&mut q, Class::Audit, 3);
+        assert_eq!(gaps, [(1, 1)]);
+        let held: Vec<u64> = q.next(10).expect("next").iter().map(|(s, _)| *s).collect();
+        assert_eq!(held, [2, 3]);
     }
 }

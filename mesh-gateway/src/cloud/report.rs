@@ -126,8 +126,12 @@ impl RegistryView {
 
     /// The messages that tell the cloud how `self` became `next`: a `nodes` event for each
     /// node that came up, went down or was removed, then the whole `registry` if anything in it
-    /// changed.
-    pub fn changes_to(&self, next: &RegistryView) -> Vec<(&'static str, Map<String, Value>)> {
+    /// changed, in pages (`page`, `pages`) of at most about `max_bytes`.
+    pub fn changes_to(
+        &self,
+        next: &RegistryView,
+        max_bytes: usize,
+    ) -> Vec<(&'static str, Map<String, Value>)> {
         let mut out = Vec::new();
         for (name, up) in &next.up {
             if self.up.get(name) != Some(up) {
@@ -140,10 +144,83 @@ impl RegistryView {
         }
         if self.nodes != next.nodes {
             let nodes: Vec<Value> = next.nodes.values().cloned().collect();
-            out.push(("registry", object(json!({ "nodes": nodes }))));
+            let pages = split(nodes, max_bytes);
+            let n = pages.len();
+            for (i, page) in pages.into_iter().enumerate() {
+                out.push((
+                    "registry",
+                    object(json!({ "nodes": page, "page": i + 1, "pages": n })),
+                ));
+            }
         }
         out
     }
+}
+
+/// `items` in runs whose JSON takes at most about `max_bytes` each (at least one item a run).
+pub fn split(items: Vec<Value>, max_bytes: usize) -> Vec<Vec<Value>> {
+    let budget = max_bytes.saturating_sub(2048).max(1024);
+    let mut out: Vec<Vec<Value>> = vec![Vec::new()];
+    let mut used = 0;
+    for item in items {
+        let size = item.to_string().len() + 1;
+        if used + size > budget && out.last().is_some_and(|run| !run.is_empty()) {
+            out.push(Vec::new());
+            used = 0;
+        }
+        used += size;
+        if let Some(run) = out.last_mut() {
+            run.push(item);
+        }
+    }
+    out
+}
+
+/// A telemetry batch in parts (`part`, `parts`, the calls split between them) whose JSON takes
+/// at most about `max_bytes` each; one part when it fits.
+pub fn split_batch(batch: Map<String, Value>, max_bytes: usize) -> Vec<Map<String, Value>> {
+    if Value::Object(batch.clone()).to_string().len() + 2048 <= max_bytes {
+        return vec![batch];
+    }
+    let mut head = batch;
+    let calls = match head.remove("calls") {
+        Some(Value::Array(calls)) => calls,
+        _ => Vec::new(),
+    };
+    let runs = split(calls, max_bytes);
+    let n = runs.len();
+    runs.into_iter()
+        .enumerate()
+        .map(|(i, run)| {
+            let mut part = head.clone();
+            part.insert("calls".into(), Value::Array(run));
+            part.insert("part".into(), (i + 1).into());
+            part.insert("parts".into(), n.into());
+            part
+        })
+        .collect()
+}
+
+/// An audit event as the cloud gets it: at most 64 fields of at most 1 KiB each (a node's
+/// event may be larger; the audit log keeps it whole).
+pub fn audit_for_cloud(event: &Map<String, Value>) -> Map<String, Value> {
+    event
+        .iter()
+        .take(64)
+        .map(|(k, v)| {
+            let v = match v {
+                Value::String(text) if text.len() > 1024 => {
+                    let mut end = 1024;
+                    while !text.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    Value::String(format!("{}...", &text[..end]))
+                }
+                other => other.clone(),
+            };
+            (k.chars().take(128).collect(), v)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -162,5 +239,37 @@ mod tests {
         let last = buckets.len() - 1;
         buckets[last] = 1000;
         assert_eq!(quantile_us(&buckets, 0.99), None, "past the last bound");
+    }
+
+    #[test]
+    fn big_batches_and_registries_are_split_to_fit_a_publish() {
+        let calls: Vec<Value> = (0..2000)
+            .map(|i| json!({"service": format!("svc-{i}"), "count": 1}))
+            .collect();
+        let mut batch = Map::new();
+        batch.insert("node".into(), "n".into());
+        batch.insert("calls".into(), Value::Array(calls));
+        let parts = split_batch(batch.clone(), 16 * 1024);
+        assert!(parts.len() > 1);
+        let total: usize = parts
+            .iter()
+            .map(|p| p["calls"].as_array().map_or(0, Vec::len))
+            .sum();
+        assert_eq!(total, 2000, "no call lost in the split");
+        for p in &parts {
+            assert!(Value::Object(p.clone()).to_string().len() <= 16 * 1024);
+            assert_eq!(p["node"], "n");
+            assert_eq!(p["parts"], parts.len());
+        }
+        assert_eq!(split_batch(batch, 1 << 20).len(), 1, "fits: one part");
+        let event: Map<String, Value> = (0..100)
+            .map(|i| (format!("k{i}"), Value::String("x".repeat(5000))))
+            .collect();
+        let cut = audit_for_cloud(&event);
+        assert_eq!(cut.len(), 64);
+        assert!(
+            cut.values()
+                .all(|v| v.as_str().is_some_and(|s| s.len() <= 1027))
+        );
     }
 }

@@ -96,6 +96,9 @@ pub fn generate(out: &Path) -> Result<String, SigningError> {
 pub struct SignedPolicy {
     /// [`FORMAT`].
     pub format: String,
+    /// The site it is for: the site's topic prefix, or `*` for every site (then whoever can
+    /// publish to another site's `policy/set` may bring it there too: that is what it is for).
+    pub site: String,
     /// When it was signed (ms since the Unix epoch): a bundle signed no later than the newest
     /// one applied is a replay.
     pub signed_at_ms: u64,
@@ -103,21 +106,32 @@ pub struct SignedPolicy {
     pub policy: String,
     /// The signer's key id.
     pub key: String,
-    /// Ed25519 over the format, the time and the policy, hex.
+    /// Ed25519 over the format, the site, the time and the policy, hex.
     pub signature: String,
 }
 
 /// What the signature covers.
-fn signed_bytes(signed_at_ms: u64, policy: &str) -> Vec<u8> {
-    format!("{FORMAT}\n{signed_at_ms}\n{policy}").into_bytes()
+fn signed_bytes(site: &str, signed_at_ms: u64, policy: &str) -> Vec<u8> {
+    format!("{FORMAT}\n{site}\n{signed_at_ms}\n{policy}").into_bytes()
 }
 
-/// Signs `policy` with the private key in `key_path` at `signed_at_ms`.
+/// How far ahead of the gateway's clock a bundle's signing time may be: more, and one bundle
+/// would block every later one until that time.
+pub const MAX_CLOCK_AHEAD_MS: u64 = 5 * 60 * 1000;
+
+/// Signs `policy` for `site` (a topic prefix, or `*`) with the private key in `key_path` at
+/// `signed_at_ms`.
 pub fn sign(
     key_path: &Path,
+    site: &str,
     policy: &str,
     signed_at_ms: u64,
 ) -> Result<SignedPolicy, SigningError> {
+    if site.is_empty() || site.contains(['\n', '+', '#']) {
+        return Err(err(format!(
+            "site {site:?}: the site's topic prefix, or * for every site"
+        )));
+    }
     let der = PrivateKeyDer::from_pem_file(key_path).map_err(|e| {
         err(format!(
             "{}: not a PRIVATE KEY PEM: {e}",
@@ -126,9 +140,10 @@ pub fn sign(
     })?;
     let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der.secret_der())
         .map_err(|e| err(format!("{}: not an Ed25519 key: {e}", key_path.display())))?;
-    let signature = pair.sign(&signed_bytes(signed_at_ms, policy));
+    let signature = pair.sign(&signed_bytes(site, signed_at_ms, policy));
     Ok(SignedPolicy {
         format: FORMAT.into(),
+        site: site.to_owned(),
         signed_at_ms,
         policy: policy.to_owned(),
         key: key_id(pair.public_key().as_ref()),
@@ -136,10 +151,13 @@ pub fn sign(
     })
 }
 
-/// Checks a signed bundle (the JSON bytes) against the operator keys; returns it and the signer.
+/// Checks a signed bundle (the JSON bytes) against the operator keys, for site `site` (its
+/// topic prefix) at `now_ms`; returns it and the signer.
 pub fn verify<'s>(
     bytes: &[u8],
     signers: &'s [Signer],
+    site: &str,
+    now_ms: u64,
 ) -> Result<(SignedPolicy, &'s Signer), SigningError> {
     let signed: SignedPolicy = serde_json::from_slice(bytes)
         .map_err(|e| err(format!("not a signed policy bundle: {e}")))?;
@@ -164,7 +182,7 @@ pub fn verify<'s>(
         .ok_or_else(|| err("the signature is not hex"))?;
     UnparsedPublicKey::new(&ED25519, signer.key)
         .verify(
-            &signed_bytes(signed.signed_at_ms, &signed.policy),
+            &signed_bytes(&signed.site, signed.signed_at_ms, &signed.policy),
             &signature,
         )
         .map_err(|_| {
@@ -173,6 +191,18 @@ pub fn verify<'s>(
                 signer.id
             ))
         })?;
+    if signed.site != site && signed.site != "*" {
+        return Err(err(format!(
+            "signed for site {:?}, not this one ({site:?})",
+            signed.site
+        )));
+    }
+    if signed.signed_at_ms > now_ms.saturating_add(MAX_CLOCK_AHEAD_MS) {
+        return Err(err(format!(
+            "signed at {} ms, more than five minutes after this gateway's clock ({now_ms} ms)",
+            signed.signed_at_ms
+        )));
+    }
     Ok((signed, signer))
 }
 
@@ -233,9 +263,9 @@ mod tests {
         let other = generate(&dir.path().join("other")).expect("generate");
         assert_ne!(id, other);
         let signers = [load_public(&dir.path().join("op.pub")).expect("load")];
-        let signed = sign(&dir.path().join("op.key"), "[authz]\n", 5).expect("sign");
+        let signed = sign(&dir.path().join("op.key"), "s/7", "[authz]\n", 5).expect("sign");
         let bytes = serde_json::to_vec(&signed).expect("json");
-        let (ok, by) = verify(&bytes, &signers).expect("verifies");
+        let (ok, by) = verify(&bytes, &signers, "s/7", 10).expect("verifies");
         assert_eq!(ok.policy, "[authz]\n");
         assert_eq!(ok.signed_at_ms, 5);
         assert_eq!(by.id, id);
@@ -243,21 +273,40 @@ mod tests {
         let json = |s: &SignedPolicy| serde_json::to_vec(s).expect("json");
         let mut changed = signed.clone();
         changed.policy.push_str("default = \"allow\"\n");
-        let e = verify(&json(&changed), &signers).expect_err("changed");
+        let e = verify(&json(&changed), &signers, "s/7", 10).expect_err("changed");
         assert!(e.0.contains("does not verify"), "{e}");
         let mut later = signed.clone();
         later.signed_at_ms += 1;
         assert!(
-            verify(&json(&later), &signers).is_err(),
+            verify(&json(&later), &signers, "s/7", 10).is_err(),
             "the time is signed"
         );
+        let mut moved = signed.clone();
+        moved.site = "s/8".into();
+        assert!(
+            verify(&json(&moved), &signers, "s/8", 10).is_err(),
+            "the site is signed"
+        );
+        let e = verify(&bytes, &signers, "s/8", 10).expect_err("another site");
+        assert!(e.0.contains("signed for site"), "{e}");
+        let everywhere = sign(&dir.path().join("op.key"), "*", "[authz]\n", 5).expect("sign");
+        assert!(verify(&json(&everywhere), &signers, "s/8", 10).is_ok());
+        let ahead = sign(
+            &dir.path().join("op.key"),
+            "s/7",
+            "[authz]\n",
+            10 + MAX_CLOCK_AHEAD_MS + 1,
+        )
+        .expect("sign");
+        let e = verify(&json(&ahead), &signers, "s/7", 10).expect_err("ahead");
+        assert!(e.0.contains("five minutes"), "{e}");
 
-        let stranger = sign(&dir.path().join("other.key"), "[authz]\n", 5).expect("sign");
-        let e = verify(&json(&stranger), &signers).expect_err("key");
+        let stranger = sign(&dir.path().join("other.key"), "s/7", "[authz]\n", 5).expect("sign");
+        let e = verify(&json(&stranger), &signers, "s/7", 10).expect_err("key");
         assert!(e.0.contains("not one of"), "{e}");
-        let e = verify(b"{", &signers).expect_err("json");
+        let e = verify(b"{", &signers, "s/7", 10).expect_err("json");
         assert!(e.0.contains("not a signed"), "{e}");
-        let e = verify(&bytes, &[]).expect_err("none");
+        let e = verify(&bytes, &[], "s/7", 10).expect_err("none");
         assert!(e.0.contains("no policy_signers"), "{e}");
         // The private key is its owner's only.
         use std::os::unix::fs::PermissionsExt;

@@ -428,7 +428,10 @@ impl CloudSide {
             calls(&seen)
         );
 
-        let policy = "[defaults]\ncall_timeout_ms = 4000\n";
+        // Calls from the cloud stay off until a rule names the cloud.
+        let policy = "[defaults]\ncall_timeout_ms = 4000\n\
+                      [[authorization.rules]]\nname = \"the-cloud-may-echo\"\neffect = \"allow\"\n\
+                      callers = [\"spiffe://starling.local/cloud/gateway\"]\nservices = [\"echo\"]\n";
         let signed = crate::cloud::signing::sign(
             &self.root.join("operator.key"),
             PREFIX,

@@ -186,6 +186,7 @@ impl Gateway {
                 policies: policies.clone(),
                 audit: audit.clone(),
                 node: node.clone(),
+                cloud_named: std::sync::Mutex::new(None),
             });
             cloud.start(downlink, node.shutdown_signal());
             let (plane, cloud, stop) = (plane.clone(), cloud.clone(), node.shutdown_signal());
@@ -259,6 +260,41 @@ struct GatewayDownlink {
     policies: Arc<Policies>,
     audit: Arc<AuditLog>,
     node: Node,
+    /// For the bundle (by its hash): whether an allow rule names a cloud caller.
+    cloud_named: std::sync::Mutex<Option<([u8; 32], bool)>>,
+}
+
+impl GatewayDownlink {
+    /// Whether the policy in force has an allow rule that names the cloud as a caller
+    /// (`spiffe://<td>/cloud/...`, not a glob that merely matches it). Until one does, calls
+    /// from the cloud are off: turning on `[cloud]` on a site with a permissive policy does not
+    /// open every service to whoever can publish on the broker.
+    fn cloud_named(&self) -> bool {
+        let Some(bundle) = self.policies.current() else {
+            return false;
+        };
+        let mut cached = self.cloud_named.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((hash, named)) = *cached
+            && hash == bundle.id.hash
+        {
+            return named;
+        }
+        {
+            let named =
+                mesh_core::policy::Policy::parse(&bundle.operator, "bundle").is_ok_and(|p| {
+                    p.authz.rules.iter().any(|r| {
+                        r.effect == mesh_core::authz::Effect::Allow
+                            && r.callers.iter().any(|c| {
+                                c.strip_prefix("spiffe://")
+                                    .and_then(|rest| rest.split_once('/'))
+                                    .is_some_and(|(_, path)| path.starts_with("cloud/"))
+                            })
+                    })
+                });
+            *cached = Some((bundle.id.hash, named));
+            named
+        }
+    }
 }
 
 impl Downlink for GatewayDownlink {
@@ -279,6 +315,15 @@ impl Downlink for GatewayDownlink {
         options: mesh_node::CallOptions,
     ) -> BoxFuture<'_, (mesh_proto::Status, String, bytes::Bytes)> {
         Box::pin(async move {
+            if !self.cloud_named() {
+                return (
+                    mesh_proto::Status::PermissionDenied,
+                    "calls from the cloud are off: no allow rule of the policy names the cloud \
+                     as a caller (callers = [\"spiffe://<trust-domain>/cloud/<client_id>\"])"
+                        .into(),
+                    bytes::Bytes::new(),
+                );
+            }
             let reply = self.node.call_with(&service, &method, body, &options).await;
             (reply.status, reply.message, reply.body)
         })

@@ -351,6 +351,34 @@ async fn the_cloud_gets_exact_telemetry_over_tls_and_calls_in_as_the_policy_allo
         .filter(|m| m.topic == format!("{PREFIX}/refused"))
         .count();
     assert!(reported < 100, "{reported} of 200 reported: {status}");
+    // A policy that names no cloud caller turns calls from the cloud off, though its default
+    // allows every caller: the broker is not an authority.
+    let policy = pki.dir.path().join("gw-policy.toml");
+    std::fs::write(&policy, "[authorization]\ndefault = \"allow\"\n").expect("policy");
+    eventually(UP, || async {
+        let (_, text) = http("GET", admin, "/v1/policy", None, "").await;
+        (!text.contains("cloud-says")).then_some(())
+    })
+    .await
+    .expect("the new policy in force");
+    app.publish("call/echo/say", b"x".to_vec(), call_properties("c7"))
+        .await;
+    let seen = app
+        .wait_until("the answer to c7", UP, |s| reply(s, "c7").is_some())
+        .await;
+    let answer = reply(&seen, "c7").expect("answer");
+    assert_eq!(
+        answer.user_property("status").as_deref(),
+        Some("permission_denied")
+    );
+    assert!(
+        answer
+            .user_property("message")
+            .is_some_and(|m| m.contains("calls from the cloud are off")),
+        "{:?}",
+        answer.user_property("message")
+    );
+
     let text = metrics(admin).await;
     assert_eq!(metric(&text, "starling_cloud_connected"), Some(1.0));
     assert!(metric(&text, "starling_cloud_published_total") > Some(5.0));

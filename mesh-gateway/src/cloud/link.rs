@@ -316,7 +316,6 @@ async fn session(
 
     let (direct_tx, mut direct_rx) = mpsc::channel::<Direct>(256);
     let mut flush_tick = tokio::time::interval(Duration::from_millis(50));
-    let mut expire_tick = tokio::time::interval(Duration::from_secs(10));
     let outcome = async {
         loop {
             tokio::select! {
@@ -404,12 +403,6 @@ async fn session(
                         // Drops no message announced, and nothing left to carry them: say it alone.
                         bridge.send(Class::Status, "gaps", Map::new());
                         gaps_note_sent = true;
-                    }
-                }
-                _ = expire_tick.tick() => {
-                    let mut q = shared.queue();
-                    if let Err(e) = q.expire(unix_ms()) {
-                        warn!("{e}");
                     }
                 }
                 () = sleep_until(bandwidth_wait), if bandwidth_wait.is_some() => {

@@ -47,6 +47,8 @@ use crate::config::CloudConfig;
 
 /// Messages waiting for the queue's writer, at most; past it they are counted as lost.
 const WRITER_BACKLOG: usize = 65_536;
+/// How often messages past their time to live are dropped.
+const EXPIRE_EVERY: Duration = Duration::from_secs(10);
 /// Messages the writer puts in one transaction (one write to disk), at most.
 const WRITE_BATCH: usize = 1024;
 
@@ -259,6 +261,7 @@ impl Bridge {
             .topic_prefix
             .clone()
             .unwrap_or_else(|| format!("starling/{trust_domain}/{gateway}"));
+        let unqueued_before = queue.unqueued();
         let shared = Arc::new(Shared {
             config: config.clone(),
             prefix,
@@ -272,7 +275,10 @@ impl Bridge {
             policy_backlog: Arc::new(tokio::sync::Semaphore::new(link::POLICY_BACKLOG)),
             refusals: Mutex::new((0, 0, 0)),
             last_telemetry: Mutex::new(std::collections::HashMap::new()),
-            stats: LinkStats::default(),
+            stats: LinkStats {
+                unqueued: AtomicU64::new(unqueued_before),
+                ..LinkStats::default()
+            },
         });
         let (writer, items) = sync_channel(WRITER_BACKLOG);
         let for_writer = shared.clone();
@@ -500,24 +506,28 @@ fn write_loop(shared: &Shared, items: &Receiver<Item>) {
     let limit = shared.config.max_publish_bytes;
     let mut failing = false;
     let mut held = Held::default();
+    // Messages past their time to live go here too, broker or no broker, off the runtime.
+    let mut next_expiry = std::time::Instant::now() + EXPIRE_EVERY;
     loop {
-        let first = match held.since {
-            Some(since) => {
-                let due = (since + interval).saturating_duration_since(std::time::Instant::now());
-                match items.recv_timeout(due) {
-                    Ok(item) => Some(item),
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
-                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                        write(shared, held.take().into_iter().collect(), &mut failing);
-                        return;
-                    }
-                }
-            }
-            None => match items.recv() {
-                Ok(item) => Some(item),
-                Err(_) => return,
-            },
+        let until = match held.since {
+            Some(since) => (since + interval).min(next_expiry),
+            None => next_expiry,
         };
+        let wait = until.saturating_duration_since(std::time::Instant::now());
+        let first = match items.recv_timeout(wait) {
+            Ok(item) => Some(item),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                write(shared, held.take().into_iter().collect(), &mut failing);
+                return;
+            }
+        };
+        if std::time::Instant::now() >= next_expiry {
+            next_expiry = std::time::Instant::now() + EXPIRE_EVERY;
+            if let Err(e) = shared.queue().expire(unix_ms()) {
+                warn!("{e}");
+            }
+        }
         let mut batch = Vec::new();
         let more = std::iter::from_fn(|| items.try_recv().ok()).take(WRITE_BATCH);
         for item in first.into_iter().chain(more) {
@@ -548,12 +558,14 @@ fn write_loop(shared: &Shared, items: &Receiver<Item>) {
 /// Writes `batch` to the queue in one transaction and tells each item's waiters.
 fn write(shared: &Shared, batch: Vec<Item>, failing: &mut bool) {
     let lost = shared.stats.unqueued.load(Ordering::Relaxed);
+    let stream = format!("{:016x}", shared.queue().stream());
     let mut done = Vec::with_capacity(batch.len());
     let pending: Vec<Pending<'_>> = batch
         .into_iter()
         .map(|item| {
             done.push(item.committed);
             let gateway = shared.gateway.clone();
+            let stream = stream.clone();
             let mut body = item.body;
             Pending {
                 class: item.class,
@@ -561,6 +573,7 @@ fn write(shared: &Shared, batch: Vec<Item>, failing: &mut bool) {
                 now_ms: item.at_ms,
                 payload: Box::new(move |seq, gaps| {
                     // The gateway's own keys last: nothing in the body overwrites them.
+                    body.insert("stream".into(), stream.into());
                     body.insert("seq".into(), seq.into());
                     body.insert("at_ms".into(), item.at_ms.into());
                     body.insert("gateway".into(), gateway.into());
@@ -573,7 +586,11 @@ fn write(shared: &Shared, batch: Vec<Item>, failing: &mut bool) {
         })
         .collect();
     let n = pending.len() as u64;
-    let ok = match shared.queue().push_many(pending) {
+    let mut queue = shared.queue();
+    queue.set_unqueued(lost);
+    let written = queue.push_many(pending);
+    drop(queue);
+    let ok = match written {
         Ok(_) => {
             if *failing {
                 warn!("the cloud queue is written again");

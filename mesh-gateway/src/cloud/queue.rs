@@ -124,7 +124,11 @@ pub struct Pending<'a> {
 
 /// The on-disk queue.
 pub struct Queue {
-    db: Database,
+    /// `None` only while it is reopened.
+    db: Option<Database>,
+    /// A write failed: redb refuses everything after an I/O error until the file is opened
+    /// again, so the next operation reopens it (and reloads what it holds) first.
+    broken: bool,
     path: PathBuf,
     bounds: Bounds,
     /// What is held, by (class, sequence): its size and when it was queued.
@@ -134,6 +138,11 @@ pub struct Queue {
     dropped: [u64; 4],
     /// Drops no message has announced yet.
     gaps_pending: bool,
+    /// This queue's stream: its sequence numbers are this stream's.
+    stream: u64,
+    /// Messages lost before they reached the queue (it could not be written), since it was
+    /// made: kept with the next write, so a restart does not forget them.
+    unqueued: u64,
 }
 
 fn dropped_key(class: Class) -> &'static str {
@@ -158,7 +167,8 @@ impl Queue {
         let db =
             Database::create(&path).map_err(|e| fail(format!("damaged or unreadable: {e}")))?;
         let mut queue = Queue {
-            db,
+            db: Some(db),
+            broken: false,
             path: path.clone(),
             bounds,
             index: BTreeMap::new(),
@@ -166,24 +176,57 @@ impl Queue {
             next_seq: 1,
             dropped: [0; 4],
             gaps_pending: false,
+            stream: 0,
+            unqueued: 0,
         };
         {
             // The tables exist from the first open on.
-            let tx = queue.db.begin_write().map_err(|e| fail(e.to_string()))?;
+            let tx = queue.db()?.begin_write().map_err(|e| fail(e.to_string()))?;
             tx.open_table(MESSAGES).map_err(|e| fail(e.to_string()))?;
             tx.open_table(GAPS).map_err(|e| fail(e.to_string()))?;
-            tx.open_table(META).map_err(|e| fail(e.to_string()))?;
+            {
+                // The stream: made once with the queue, so a consumer tells a new queue's
+                // sequence numbers (from 1 again) from the old one's.
+                let mut meta = tx.open_table(META).map_err(|e| fail(e.to_string()))?;
+                if meta
+                    .get("stream")
+                    .map_err(|e| fail(e.to_string()))?
+                    .is_none()
+                {
+                    let mut bytes = [0u8; 8];
+                    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+                        .map_err(|_| fail("no randomness for the stream id".into()))?;
+                    meta.insert("stream", u64::from_le_bytes(bytes) >> 1)
+                        .map_err(|e| fail(e.to_string()))?;
+                }
+            }
             tx.commit().map_err(|e| fail(e.to_string()))?;
         }
-        let rx = queue.db.begin_read().map_err(|e| fail(e.to_string()))?;
+        queue.load()?;
+        Ok(queue)
+    }
+
+    /// Reads what the file holds: the index of messages, their bytes, the counters.
+    fn load(&mut self) -> Result<(), QueueError> {
+        let path = self.path.clone();
+        let fail = |reason: String| QueueError {
+            path: path.clone(),
+            reason,
+        };
+        self.index.clear();
+        self.bytes = 0;
+        let db = self
+            .db
+            .as_ref()
+            .ok_or_else(|| fail("the queue is closed".into()))?;
+        let rx = db.begin_read().map_err(|e| fail(e.to_string()))?;
         let messages = rx.open_table(MESSAGES).map_err(|e| fail(e.to_string()))?;
         for item in messages.iter().map_err(|e| fail(e.to_string()))? {
             let (seq, bytes) = item.map_err(|e| fail(e.to_string()))?;
             let m: Message = postcard::from_bytes(bytes.value())
                 .map_err(|e| fail(format!("message {} is damaged: {e}", seq.value())))?;
-            queue.bytes += m.size();
-            queue
-                .index
+            self.bytes += m.size();
+            self.index
                 .insert((m.class, seq.value()), (m.size(), m.at_ms));
         }
         let meta = rx.open_table(META).map_err(|e| fail(e.to_string()))?;
@@ -193,13 +236,43 @@ impl Queue {
                 .map_err(|e| fail(e.to_string()))?
                 .map(|v| v.value()))
         };
-        queue.next_seq = get("next_seq")?.unwrap_or(1);
+        self.next_seq = get("next_seq")?.unwrap_or(1);
+        self.stream = get("stream")?.ok_or_else(|| fail("no stream id".into()))?;
+        self.unqueued = get("unqueued")?.unwrap_or(0);
         let gaps = rx.open_table(GAPS).map_err(|e| fail(e.to_string()))?;
-        queue.gaps_pending = !gaps.is_empty().map_err(|e| fail(e.to_string()))?;
+        self.gaps_pending = !gaps.is_empty().map_err(|e| fail(e.to_string()))?;
         for class in Class::ALL {
-            queue.dropped[class as usize] = get(dropped_key(class))?.unwrap_or(0);
+            self.dropped[class as usize] = get(dropped_key(class))?.unwrap_or(0);
         }
-        Ok(queue)
+        Ok(())
+    }
+
+    fn db(&self) -> Result<&Database, QueueError> {
+        self.db
+            .as_ref()
+            .ok_or_else(|| self.fail("the queue is closed"))
+    }
+
+    /// Opens the file again after a failed write (and reloads), if one failed.
+    fn ready(&mut self) -> Result<(), QueueError> {
+        if !self.broken {
+            return Ok(());
+        }
+        self.db = None;
+        let db = Database::create(&self.path).map_err(|e| self.fail(e))?;
+        self.db = Some(db);
+        self.load()?;
+        self.broken = false;
+        tracing::warn!("the cloud queue {} is open again", self.path.display());
+        Ok(())
+    }
+
+    /// Marks the queue broken when `r` failed: the next operation reopens it.
+    fn watch<T>(&mut self, r: Result<T, QueueError>) -> Result<T, QueueError> {
+        if r.is_err() {
+            self.broken = true;
+        }
+        r
     }
 
     fn fail(&self, e: impl std::fmt::Display) -> QueueError {
@@ -231,22 +304,39 @@ impl Queue {
     /// Queues several messages in one transaction (one write to disk), in order; each carries
     /// the gaps made before it. Returns their sequence numbers.
     pub fn push_many(&mut self, items: Vec<Pending<'_>>) -> Result<Vec<u64>, QueueError> {
-        let tx = self.db.begin_write().map_err(|e| self.fail(e))?;
+        self.ready()?;
+        let r = self.push_in_place(items);
+        self.watch(r)
+    }
+
+    /// [`Queue::push_many`] on the index in place: if it fails, the queue is marked broken and
+    /// the next operation reloads the index from the file (the transaction never committed).
+    fn push_in_place(&mut self, items: Vec<Pending<'_>>) -> Result<Vec<u64>, QueueError> {
+        let path = self.path.clone();
+        let fail = |e: String| QueueError {
+            path: path.clone(),
+            reason: e,
+        };
+        let db = match &self.db {
+            Some(db) => db,
+            None => return Err(fail("the queue is closed".into())),
+        };
+        let tx = db.begin_write().map_err(|e| fail(e.to_string()))?;
         let mut out = Vec::with_capacity(items.len());
         let mut dropped_now: Vec<(Class, u64)> = Vec::new();
-        let mut index = self.index.clone();
+        let index = &mut self.index;
         let mut bytes_held = self.bytes;
         let mut seq = self.next_seq;
         // Whether drops wait for a message to announce them.
         let mut pending = self.gaps_pending;
         {
-            let mut gaps = tx.open_table(GAPS).map_err(|e| self.fail(e))?;
-            let mut messages = tx.open_table(MESSAGES).map_err(|e| self.fail(e))?;
-            let mut meta = tx.open_table(META).map_err(|e| self.fail(e))?;
+            let mut gaps = tx.open_table(GAPS).map_err(|e| fail(e.to_string()))?;
+            let mut messages = tx.open_table(MESSAGES).map_err(|e| fail(e.to_string()))?;
+            let mut meta = tx.open_table(META).map_err(|e| fail(e.to_string()))?;
             for item in items {
                 let held: Vec<(u64, u64)> = gaps
                     .iter()
-                    .map_err(|e| self.fail(e))?
+                    .map_err(|e| fail(e.to_string()))?
                     .filter_map(Result::ok)
                     .map(|(a, b)| (a.value(), b.value()))
                     .collect();
@@ -258,13 +348,13 @@ impl Queue {
                     carries: held.clone(),
                 };
                 for (start, _) in &held {
-                    gaps.remove(*start).map_err(|e| self.fail(e))?;
+                    gaps.remove(*start).map_err(|e| fail(e.to_string()))?;
                 }
                 pending = false;
-                let encoded = postcard::to_allocvec(&message).map_err(|e| self.fail(e))?;
+                let encoded = postcard::to_allocvec(&message).map_err(|e| fail(e.to_string()))?;
                 messages
                     .insert(seq, encoded.as_slice())
-                    .map_err(|e| self.fail(e))?;
+                    .map_err(|e| fail(e.to_string()))?;
                 index.insert((message.class, seq), (message.size(), message.at_ms));
                 bytes_held += message.size();
                 // Over a bound: the oldest of the least important class goes.
@@ -281,18 +371,20 @@ impl Queue {
                     let (size, _) = index.remove(&(c, s)).unwrap_or_default();
                     bytes_held -= size;
                     drop_message(&mut messages, &mut gaps, &mut meta, c, s)
-                        .map_err(|e| self.fail(e))?;
+                        .map_err(|e| fail(e.to_string()))?;
                     dropped_now.push((c, s));
                     pending = true;
                 }
                 out.push(seq);
                 seq += 1;
             }
-            meta.insert("next_seq", seq).map_err(|e| self.fail(e))?;
+            meta.insert("next_seq", seq)
+                .map_err(|e| fail(e.to_string()))?;
+            meta.insert("unqueued", self.unqueued)
+                .map_err(|e| fail(e.to_string()))?;
         }
-        tx.commit().map_err(|e| self.fail(e))?;
+        tx.commit().map_err(|e| fail(e.to_string()))?;
         self.next_seq = seq;
-        self.index = index;
         self.bytes = bytes_held;
         self.gaps_pending = pending;
         for (c, _) in dropped_now {
@@ -304,10 +396,16 @@ impl Queue {
     /// Drops message `seq`, which can never be sent (too large, or its payload refused by the
     /// broker): counted with its class and announced as a gap, like any drop.
     pub fn drop_unsendable(&mut self, seq: u64) -> Result<(), QueueError> {
+        self.ready()?;
+        let r = self.drop_unsendable_in(seq);
+        self.watch(r)
+    }
+
+    fn drop_unsendable_in(&mut self, seq: u64) -> Result<(), QueueError> {
         let Some(class) = self.class_of(seq) else {
             return Ok(());
         };
-        let tx = self.db.begin_write().map_err(|e| self.fail(e))?;
+        let tx = self.db()?.begin_write().map_err(|e| self.fail(e))?;
         {
             let mut messages = tx.open_table(MESSAGES).map_err(|e| self.fail(e))?;
             let mut gaps = tx.open_table(GAPS).map_err(|e| self.fail(e))?;
@@ -326,6 +424,12 @@ impl Queue {
 
     /// Drops what waited longer than its class may (counted, and kept as gaps).
     pub fn expire(&mut self, now_ms: u64) -> Result<u64, QueueError> {
+        self.ready()?;
+        let r = self.expire_in(now_ms);
+        self.watch(r)
+    }
+
+    fn expire_in(&mut self, now_ms: u64) -> Result<u64, QueueError> {
         let old: Vec<(Class, u64)> = self
             .index
             .iter()
@@ -338,7 +442,7 @@ impl Queue {
         if old.is_empty() {
             return Ok(0);
         }
-        let tx = self.db.begin_write().map_err(|e| self.fail(e))?;
+        let tx = self.db()?.begin_write().map_err(|e| self.fail(e))?;
         {
             let mut messages = tx.open_table(MESSAGES).map_err(|e| self.fail(e))?;
             let mut gaps = tx.open_table(GAPS).map_err(|e| self.fail(e))?;
@@ -371,7 +475,7 @@ impl Queue {
         n: usize,
         skip: impl Fn(u64) -> bool,
     ) -> Result<Vec<(u64, Message)>, QueueError> {
-        let rx = self.db.begin_read().map_err(|e| self.fail(e))?;
+        let rx = self.db()?.begin_read().map_err(|e| self.fail(e))?;
         let messages = rx.open_table(MESSAGES).map_err(|e| self.fail(e))?;
         let mut out = Vec::new();
         for (_, seq) in self.index.keys().filter(|(_, s)| !skip(*s)).take(n) {
@@ -392,6 +496,12 @@ impl Queue {
     /// flushed to disk on its own (the next push flushes it): an acknowledgement lost to a power
     /// cut only makes the message go again, which sequence numbers let a consumer see.
     pub fn ack_many(&mut self, seqs: &[u64]) -> Result<(), QueueError> {
+        self.ready()?;
+        let r = self.ack_many_in(seqs);
+        self.watch(r)
+    }
+
+    fn ack_many_in(&mut self, seqs: &[u64]) -> Result<(), QueueError> {
         let keys: Vec<(Class, u64)> = seqs
             .iter()
             .filter_map(|seq| self.class_of(*seq).map(|c| (c, *seq)))
@@ -399,7 +509,7 @@ impl Queue {
         if keys.is_empty() {
             return Ok(());
         }
-        let mut tx = self.db.begin_write().map_err(|e| self.fail(e))?;
+        let mut tx = self.db()?.begin_write().map_err(|e| self.fail(e))?;
         tx.set_durability(redb::Durability::None)
             .map_err(|e| self.fail(e))?;
         {
@@ -421,6 +531,21 @@ impl Queue {
         Class::ALL
             .into_iter()
             .find(|c| self.index.contains_key(&(*c, seq)))
+    }
+
+    /// Messages lost before they reached the queue, since it was made.
+    pub fn unqueued(&self) -> u64 {
+        self.unqueued
+    }
+
+    /// Raises that count to `n` (kept with the next write).
+    pub fn set_unqueued(&mut self, n: u64) {
+        self.unqueued = self.unqueued.max(n);
+    }
+
+    /// The stream id, made with the queue: sequence numbers are unique within it.
+    pub fn stream(&self) -> u64 {
+        self.stream
     }
 
     /// Messages held.
@@ -654,5 +779,35 @@ mod tests {
         assert_eq!(gaps, [(1, 1)]);
         let held: Vec<u64> = q.next(10).expect("next").iter().map(|(s, _)| *s).collect();
         assert_eq!(held, [2, 3]);
+    }
+
+    #[test]
+    fn after_a_failed_write_the_file_is_opened_again_and_what_it_holds_reloaded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut q = Queue::open(dir.path(), bounds(100)).expect("open");
+        push(&mut q, Class::Audit, 1);
+        let stream = q.stream();
+        // As after an I/O error (redb then refuses everything until the file is reopened).
+        q.broken = true;
+        q.index.clear();
+        let (seq, _) = push(&mut q, Class::Audit, 2);
+        assert_eq!(seq, 2);
+        assert!(!q.broken);
+        assert_eq!(q.len(), 2, "the index came back from the file");
+        // The stream and the count of messages lost before the queue outlive a reopen.
+        q.set_unqueued(5);
+        push(&mut q, Class::Audit, 3);
+        drop(q);
+        let q = Queue::open(dir.path(), bounds(100)).expect("reopen");
+        assert_eq!(q.stream(), stream);
+        assert_eq!(q.unqueued(), 5);
+        // A new queue is a new stream.
+        let other = tempfile::tempdir().expect("tempdir");
+        assert_ne!(
+            Queue::open(other.path(), bounds(100))
+                .expect("open")
+                .stream(),
+            stream
+        );
     }
 }

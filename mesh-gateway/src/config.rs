@@ -89,7 +89,7 @@ pub struct CloudConfig {
     pub max_publish_bytes: usize,
     /// The operator keys (Ed25519, `PUBLIC KEY` PEM) that may sign a policy sent from the cloud;
     /// none: policy from the cloud is refused.
-    pub policy_signers: Vec<PathBuf>,
+    pub policy_signers: Vec<Located<PathBuf>>,
     /// Telemetry batches of this long go up as one message (zero: each as it comes).
     pub batch_interval: Duration,
     /// The MQTT version: `None` tries 5 and falls back to 3.1.1 when the broker does not speak
@@ -268,7 +268,12 @@ impl GatewayConfig {
             private("password_file", file)?;
         }
         for signer in &cloud.policy_signers {
-            exists("policy_signers", signer)?;
+            std::fs::metadata(&signer.value).map_err(|e| ConfigError::Invalid {
+                file: self.node.file.clone(),
+                line: signer.line,
+                key: "cloud.policy_signers".into(),
+                message: format!("{}: {e}", signer.value.display()),
+            })?;
         }
         Ok(())
     }
@@ -511,8 +516,12 @@ fn parse_cloud(
         None => Ok(default),
     };
     // Zero: no limit.
-    let ttl = |v: &Option<Spanned<u64>>, default: u64| {
-        Duration::from_secs(v.as_ref().map_or(default, |n| *n.get_ref()))
+    let ttl = |v: &Option<Spanned<u64>>, key: &str, default: u64| match v {
+        Some(n) if *n.get_ref() > 10 * 365 * 86_400 => {
+            Err(at.invalid(n, key, "at most 315360000 (ten years; 0 is no limit)"))
+        }
+        Some(n) => Ok(Duration::from_secs(*n.get_ref())),
+        None => Ok(Duration::from_secs(default)),
     };
     Ok(CloudConfig {
         broker: rest.to_owned(),
@@ -530,10 +539,10 @@ fn parse_cloud(
         queue_max_messages: positive(&c.queue_max_messages, "cloud.queue_max_messages", 1_000_000)?,
         keep_alive: Duration::from_secs(positive(&c.keep_alive_s, "cloud.keep_alive_s", 30)?),
         ttl: [
-            ttl(&c.ttl_audit_s, 0),
-            ttl(&c.ttl_status_s, 0),
-            ttl(&c.ttl_registry_s, 0),
-            ttl(&c.ttl_telemetry_s, 7 * 86_400),
+            ttl(&c.ttl_audit_s, "cloud.ttl_audit_s", 0)?,
+            ttl(&c.ttl_status_s, "cloud.ttl_status_s", 0)?,
+            ttl(&c.ttl_registry_s, "cloud.ttl_registry_s", 0)?,
+            ttl(&c.ttl_telemetry_s, "cloud.ttl_telemetry_s", 7 * 86_400)?,
         ],
         max_inflight: match &c.max_inflight {
             Some(n) if *n.get_ref() == 0 || *n.get_ref() > 1024 => {
@@ -566,7 +575,14 @@ fn parse_cloud(
             Some(n) => *n.get_ref() as usize,
             None => 128 * 1024,
         },
-        policy_signers: c.policy_signers.iter().map(path).collect(),
+        policy_signers: c
+            .policy_signers
+            .iter()
+            .map(|p| Located {
+                value: path(p),
+                line: at.line(p.span().start),
+            })
+            .collect(),
         batch_interval: match &c.batch_interval_ms {
             Some(n) if *n.get_ref() > 600_000 => {
                 return Err(at.invalid(n, "cloud.batch_interval_ms", "0 to 600000 (ten minutes)"));

@@ -703,8 +703,19 @@ impl DownContext {
     /// A signed bundle: verified, checked against replays, applied.
     async fn policy(&self, payload: &[u8]) -> Result<Map<String, Value>, String> {
         let shared = self.bridge.shared();
-        let (signed, signer) = signing::verify(payload, &shared.signers, &shared.prefix, unix_ms())
-            .map_err(|e| e.to_string())?;
+        // JSON and Ed25519 over up to max_message_bytes: off the runtime thread.
+        let (bytes, signers, site) = (
+            payload.to_vec(),
+            shared.signers.clone(),
+            shared.prefix.clone(),
+        );
+        let (signed, signer) = tokio::task::spawn_blocking(move || {
+            signing::verify(&bytes, &signers, &site, unix_ms())
+                .map(|(signed, signer)| (signed, signer.clone()))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
         // One bundle at a time: the replay check and the apply are one step.
         let _one = shared.policy_lock.lock().await;
         let newest = shared.floor.read().map_err(|e| e.to_string())?;

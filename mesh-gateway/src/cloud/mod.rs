@@ -219,8 +219,8 @@ impl Bridge {
             .policy_signers
             .iter()
             .map(|p| {
-                signing::load_public(p)
-                    .map_err(|e| format!("{file}:{}: cloud.policy_signers: {e}", config.line))
+                signing::load_public(&p.value)
+                    .map_err(|e| format!("{file}:{}: cloud.policy_signers: {e}", p.line))
             })
             .collect()
     }

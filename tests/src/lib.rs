@@ -883,3 +883,37 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// Sums `starling_requests_total` by (service, method, status).
+pub fn request_counts(metrics: &str) -> std::collections::BTreeMap<(String, String, String), u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("starling_requests_total{"))
+    {
+        let (labels, value) = line.rsplit_once(' ').expect("value");
+        let label = |k: &str| {
+            labels
+                .split(&format!("{k}=\""))
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .expect("label")
+                .to_owned()
+        };
+        *out.entry((label("service"), label("method"), label("status")))
+            .or_default() += value.parse::<u64>().expect("count");
+    }
+    out
+}
+
+/// A (service, method, status) key of [`request_counts`].
+pub fn key(s: &str, m: &str, st: &str) -> (String, String, String) {
+    (s.into(), m.into(), st.into())
+}
+
+/// A gateway's `/metrics` text (status 200 asserted).
+pub async fn metrics(admin: SocketAddr) -> String {
+    let (code, text) = http("GET", admin, "/metrics", None, "").await;
+    assert_eq!(code, 200);
+    text
+}

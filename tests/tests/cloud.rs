@@ -14,7 +14,9 @@ use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use starling_tests::mqtt::{
     Broker, CloudApp, PREFIX, Received, SITE, broker, missing_seqs, telemetry_counts,
 };
-use starling_tests::{NodeProc, Pki, call_ingress, eventually, http, prepend, run_bin};
+use starling_tests::{
+    NodeProc, Pki, call_ingress, eventually, http, key, metrics, prepend, request_counts, run_bin,
+};
 
 const UP: Duration = Duration::from_secs(10);
 const FAST: &str = "[telemetry]\ninterval_ms = 100\n";
@@ -55,34 +57,6 @@ fn cloud_gateway(pki: &Pki, broker: &Broker, name: &str, cloud_extra: &str) -> P
     conf
 }
 
-async fn metrics(admin: SocketAddr) -> String {
-    let (code, text) = http("GET", admin, "/metrics", None, "").await;
-    assert_eq!(code, 200);
-    text
-}
-
-/// `starling_requests_total` summed by (service, method, status).
-fn request_counts(metrics: &str) -> BTreeMap<(String, String, String), u64> {
-    let mut out = BTreeMap::new();
-    for line in metrics
-        .lines()
-        .filter(|l| l.starts_with("starling_requests_total{"))
-    {
-        let (labels, value) = line.rsplit_once(' ').expect("value");
-        let label = |k: &str| {
-            labels
-                .split(&format!("{k}=\""))
-                .nth(1)
-                .and_then(|r| r.split('"').next())
-                .expect("label")
-                .to_owned()
-        };
-        *out.entry((label("service"), label("method"), label("status")))
-            .or_default() += value.parse::<u64>().expect("count");
-    }
-    out
-}
-
 /// The value of an unlabeled (or fully labeled) series in Prometheus text.
 fn metric(metrics: &str, series: &str) -> Option<f64> {
     metrics.lines().find_map(|l| {
@@ -96,10 +70,6 @@ async fn cloud_status(admin: SocketAddr) -> serde_json::Value {
     let (code, text) = http("GET", admin, "/v1/cloud", None, "").await;
     assert_eq!(code, 200, "{text}");
     serde_json::from_str(&text).expect("json")
-}
-
-fn key(s: &str, m: &str, st: &str) -> (String, String, String) {
-    (s.into(), m.into(), st.into())
 }
 
 /// Each topic's messages arrive in sequence order (first arrivals; resends may repeat one).
@@ -128,6 +98,16 @@ fn call_properties(correlation: &str) -> PublishProperties {
         correlation_data: Some(Bytes::copy_from_slice(correlation.as_bytes())),
         ..PublishProperties::default()
     }
+}
+
+/// An answer with `status`, its message saying `words`.
+fn assert_refused(answer: &Received, status: &str, words: &str) {
+    assert_eq!(answer.user_property("status").as_deref(), Some(status));
+    let message = answer.user_property("message");
+    assert!(
+        message.as_deref().is_some_and(|m| m.contains(words)),
+        "{message:?}"
+    );
 }
 
 fn reply<'a>(seen: &'a [Received], correlation: &str) -> Option<&'a Received> {
@@ -297,17 +277,10 @@ async fn the_cloud_gets_exact_telemetry_over_tls_and_calls_in_as_the_policy_allo
             reply(s, "c4").is_some()
         })
         .await;
-    let answer = reply(&seen, "c4").expect("answer");
-    assert_eq!(
-        answer.user_property("status").as_deref(),
-        Some("invalid_argument")
-    );
-    assert!(
-        answer
-            .user_property("message")
-            .is_some_and(|m| m.contains("max_message_bytes")),
-        "{:?}",
-        answer.user_property("message")
+    assert_refused(
+        reply(&seen, "c4").expect("answer"),
+        "invalid_argument",
+        "max_message_bytes",
     );
     let (code, _) = call_ingress(b.ingress(), "echo", "say", b"still").await;
     assert_eq!(code, 200);
@@ -366,17 +339,10 @@ async fn the_cloud_gets_exact_telemetry_over_tls_and_calls_in_as_the_policy_allo
     let seen = app
         .wait_until("the answer to c7", UP, |s| reply(s, "c7").is_some())
         .await;
-    let answer = reply(&seen, "c7").expect("answer");
-    assert_eq!(
-        answer.user_property("status").as_deref(),
-        Some("permission_denied")
-    );
-    assert!(
-        answer
-            .user_property("message")
-            .is_some_and(|m| m.contains("calls from the cloud are off")),
-        "{:?}",
-        answer.user_property("message")
+    assert_refused(
+        reply(&seen, "c7").expect("answer"),
+        "permission_denied",
+        "calls from the cloud are off",
     );
 
     let text = metrics(admin).await;

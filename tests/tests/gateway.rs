@@ -9,44 +9,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use starling_tests::{
-    HttpUpstream, NodeProc, Pki, closed_tcp_port, eventually, free_udp_port, http, post, prepend,
-    try_http,
+    HttpUpstream, NodeProc, Pki, closed_tcp_port, eventually, free_udp_port, http, key, metrics,
+    post, prepend, request_counts, try_http,
 };
 
 const UP: Duration = Duration::from_secs(10);
 const FAST: &str = "[telemetry]\ninterval_ms = 100\n";
-
-/// Sums `starling_requests_total` by (service, method, status).
-fn request_counts(metrics: &str) -> BTreeMap<(String, String, String), u64> {
-    let mut out = BTreeMap::new();
-    for line in metrics
-        .lines()
-        .filter(|l| l.starts_with("starling_requests_total{"))
-    {
-        let (labels, value) = line.rsplit_once(' ').expect("value");
-        let label = |k: &str| {
-            labels
-                .split(&format!("{k}=\""))
-                .nth(1)
-                .and_then(|r| r.split('"').next())
-                .expect("label")
-                .to_owned()
-        };
-        *out.entry((label("service"), label("method"), label("status")))
-            .or_default() += value.parse::<u64>().expect("count");
-    }
-    out
-}
-
-fn key(s: &str, m: &str, st: &str) -> (String, String, String) {
-    (s.into(), m.into(), st.into())
-}
-
-async fn metrics(admin: SocketAddr) -> String {
-    let (code, text) = http("GET", admin, "/metrics", None, "").await;
-    assert_eq!(code, 200);
-    text
-}
 
 fn node_conf(pki: &Pki, name: &str, gw: SocketAddr, extra: &str) -> std::path::PathBuf {
     let path = pki.config(name, &format!("{extra}{FAST}"));

@@ -568,25 +568,13 @@ impl DownContext {
                 Ok(fields) => {
                     status.insert("kind".into(), "accepted".into());
                     status.extend(fields);
+                    self.bridge.send(Class::Status, "policy/status", status);
                 }
                 Err(reason) => {
-                    shared.stats.refused.fetch_add(1, Ordering::Relaxed);
-                    let Some(unsaid) = shared.refusal_budget() else {
-                        return;
-                    };
-                    warn!("refused a policy bundle from the cloud: {reason}");
-                    self.downlink.audit(
-                        "cloud_policy_refused",
-                        vec![("reason".into(), reason.clone())],
-                    );
                     status.insert("kind".into(), "refused".into());
-                    status.insert("reason".into(), reason.into());
-                    if unsaid > 0 {
-                        status.insert("not_reported_before".into(), unsaid.into());
-                    }
+                    self.report_refusal("policy/status", status, &topic, reason);
                 }
             }
-            self.bridge.send(Class::Status, "policy/status", status);
             return;
         }
         // `call/<service>/<method>` answered on the MQTT 5 response topic, or
@@ -678,6 +666,20 @@ impl DownContext {
     /// [`REFUSALS_PER_SECOND`] times a second (a flood of junk on the broker must not push the
     /// site's telemetry out of the queue), with how many were not said since.
     fn refuse(&self, topic: &str, reason: String) {
+        let mut body = Map::new();
+        body.insert("topic".into(), topic.into());
+        self.report_refusal("refused", body, topic, reason);
+    }
+
+    /// Counts a refusal of a message on `topic` and, within the budget, logs and audits it and
+    /// queues `body` with the reason on `<prefix>/<suffix>`.
+    fn report_refusal(
+        &self,
+        suffix: &str,
+        mut body: Map<String, Value>,
+        topic: &str,
+        reason: String,
+    ) {
         let shared = self.bridge.shared();
         shared.stats.refused.fetch_add(1, Ordering::Relaxed);
         let Some(unsaid) = shared.refusal_budget() else {
@@ -691,13 +693,11 @@ impl DownContext {
                 ("reason".into(), reason.clone()),
             ],
         );
-        let mut body = Map::new();
-        body.insert("topic".into(), topic.into());
         body.insert("reason".into(), reason.into());
         if unsaid > 0 {
             body.insert("not_reported_before".into(), unsaid.into());
         }
-        self.bridge.send(Class::Status, "refused", body);
+        self.bridge.send(Class::Status, suffix, body);
     }
 
     /// A signed bundle: verified, checked against replays, applied.

@@ -323,11 +323,6 @@ impl Subscriber {
     pub fn seen(&self) -> Vec<Received> {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
-
-    /// How many messages were received so far.
-    pub fn count(&self) -> usize {
-        self.seen.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
 }
 
 impl Drop for Subscriber {

@@ -541,7 +541,7 @@ fn write_loop(shared: &Shared, items: &Receiver<Item>) {
                 if interval.is_zero() {
                     batch.extend(merge(vec![part]));
                 } else {
-                    let size = Value::Object(part.body.clone()).to_string().len();
+                    let size = report::json_len(&part.body);
                     batch.extend(held.add(part, size, limit));
                 }
             }
@@ -558,7 +558,8 @@ fn write_loop(shared: &Shared, items: &Receiver<Item>) {
 /// Writes `batch` to the queue in one transaction and tells each item's waiters.
 fn write(shared: &Shared, batch: Vec<Item>, failing: &mut bool) {
     let lost = shared.stats.unqueued.load(Ordering::Relaxed);
-    let stream = format!("{:016x}", shared.queue().stream());
+    let mut queue = shared.queue();
+    let stream = format!("{:016x}", queue.stream());
     let mut done = Vec::with_capacity(batch.len());
     let pending: Vec<Pending<'_>> = batch
         .into_iter()
@@ -586,7 +587,6 @@ fn write(shared: &Shared, batch: Vec<Item>, failing: &mut bool) {
         })
         .collect();
     let n = pending.len() as u64;
-    let mut queue = shared.queue();
     queue.set_unqueued(lost);
     let written = queue.push_many(pending);
     drop(queue);

@@ -1,5 +1,5 @@
 //! The MQTT link (MQTT 5, rumqttc): one session at a time, a fresh client for each, started
-//! again after any failure with a backoff (0.5 s doubling to 30 s), for as long as the gateway
+//! again after any failure with a backoff (0.5 s doubling to 15 s), for as long as the gateway
 //! runs.
 //!
 //! Each session: connect with the `offline` status as the will (retained), publish `online`
@@ -30,6 +30,9 @@ use super::mqtt::{self, Failure, LinkEvent, Protocol, Refusal};
 use super::{Bridge, Class, Downlink, Shared, signing, unix_ms};
 use crate::config::CloudConfig;
 
+/// The longest wait between attempts to reach the broker: a broker back from an outage is
+/// used again within this long.
+const MAX_BACKOFF: Duration = Duration::from_secs(15);
 /// Calls from the cloud served at once, at most; more are answered ResourceExhausted.
 const MAX_CLOUD_CALLS: usize = 64;
 /// Refusals of messages from the cloud reported (queued, audited, logged) a second, at most.
@@ -181,7 +184,7 @@ pub(crate) async fn run(
             _ = tokio::time::sleep(jitter) => {}
             _ = stop.changed() => return,
         }
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 

@@ -9,8 +9,7 @@ step() { printf '\n==> %s\n' "$*"; }
 export CARGO_INCREMENTAL=0
 
 # The build needs about 3 GB under target/ (2.1 GB measured on a clean clone: the crates, the test
-# binaries, the device builds): say so
-# before a linker dies of a full disk halfway through.
+# binaries, the device builds): say so before a linker dies of a full disk halfway through.
 avail_kb=$(df -Pk . | awk 'NR==2 {print $4}')
 if [ "${avail_kb:-0}" -lt $((4 * 1024 * 1024)) ]; then
   echo "warning: only $((avail_kb / 1024)) MB free on $(df -P . | awk 'NR==2 {print $6}'); the suite needs about 3 GB" >&2

@@ -46,6 +46,7 @@ all   | faketime               | cmd:faketime               | tests/tests/lifecy
 all   | socat                  | cmd:socat                  | tests/tests/serial.rs wires a node to a microcontroller through a pty pair
 all   | qemu-system-arm        | cmd:qemu-system-arm        | tests/tests/firmware.rs runs the example firmware on an emulated Cortex-M4
 all   | mosquitto              | file:/usr/sbin/mosquitto   | tests/tests/cloud.rs bridges to a real MQTT broker (TLS, client certificates, an ACL)
+all   | mosquitto-clients      | cmd:mosquitto_pub          | tests/tests/tcp.rs: mosquitto_pub and mosquitto_sub talk to a broker through a TCP forward
 EOF
 )
 

@@ -79,6 +79,7 @@ fn telemetry(node: usize, seq: u64) -> serde_json::Map<String, serde_json::Value
         rules: Vec::new(),
         folded: 0,
         lost_items: 0,
+        tcp: vec![],
     };
     report::telemetry(&format!("sim-{node}"), 7, &batch)
 }

@@ -422,6 +422,7 @@ async fn sim_node(
                     rules: vec![],
                     folded: 0,
                     lost_items: 0,
+                    tcp: vec![],
                 });
                 let mut out = Vec::new();
                 mesh_proto::encode_frame_vec(&batch, &mut out);

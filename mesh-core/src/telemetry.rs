@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use mesh_proto::Status;
 use mesh_proto::control::{
-    AuditEvent, CallStats, LATENCY_BUCKETS_US, Resources, RuleCount, Span, TelemetryBatch,
+    AuditEvent, CallStats, LATENCY_BUCKETS_US, Resources, RuleCount, Span, TCP_DURATION_BUCKETS_S,
+    TcpStats, TelemetryBatch,
 };
 
 type Key = (String, String, String, String, Status);
@@ -90,6 +91,26 @@ pub struct Telemetry {
     services: std::collections::HashSet<u64>,
     folded: u64,
     rules: BTreeMap<String, BTreeMap<&'static str, u64>>,
+    /// TCP forward counters since the last batch, by (listen, service).
+    tcp: BTreeMap<(String, String), TcpStats>,
+}
+
+/// Something that happened to a connection of a TCP forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpEvent {
+    /// A tunnel was opened for it.
+    Opened,
+    /// It was refused (no endpoint, denied, rate limited, the upstream unreachable).
+    Refused,
+    /// Bytes crossed since the last report.
+    Bytes {
+        /// From the local client to the service.
+        to_service: u64,
+        /// From the service to the local client.
+        from_service: u64,
+    },
+    /// It ended after this long.
+    Closed(Duration),
 }
 
 impl Telemetry {
@@ -123,6 +144,52 @@ impl Telemetry {
             services: std::collections::HashSet::new(),
             folded: 0,
             rules: BTreeMap::new(),
+            tcp: BTreeMap::new(),
+        }
+    }
+
+    /// Counts `event` for the TCP forward on `listen` to `service`. Forwards come from the
+    /// config, so their number is small; past the series bound they are counted as one.
+    pub fn record_tcp(&mut self, listen: &str, service: &str, event: TcpEvent) {
+        let stats = match self.tcp.get_mut(&(listen.to_owned(), service.to_owned())) {
+            Some(stats) => stats,
+            None => {
+                let key = if self.tcp.len() < self.bounds.max_series {
+                    (listen.to_owned(), service.to_owned())
+                } else {
+                    (OTHER_METHOD.to_owned(), OTHER_METHOD.to_owned())
+                };
+                self.tcp.entry(key.clone()).or_insert_with(|| TcpStats {
+                    listen: key.0,
+                    service: key.1,
+                    buckets: vec![0; TCP_DURATION_BUCKETS_S.len() + 1],
+                    ..TcpStats::default()
+                })
+            }
+        };
+        match event {
+            TcpEvent::Opened => stats.opened += 1,
+            TcpEvent::Refused => stats.refused += 1,
+            TcpEvent::Bytes {
+                to_service,
+                from_service,
+            } => {
+                stats.bytes_to_service += to_service;
+                stats.bytes_from_service += from_service;
+            }
+            TcpEvent::Closed(duration) => {
+                stats.closed += 1;
+                stats.duration_ms = stats
+                    .duration_ms
+                    .saturating_add(duration.as_millis().try_into().unwrap_or(u64::MAX));
+                let bucket = TCP_DURATION_BUCKETS_S
+                    .iter()
+                    .position(|&b| duration <= Duration::from_secs(b))
+                    .unwrap_or(TCP_DURATION_BUCKETS_S.len());
+                if let Some(b) = stats.buckets.get_mut(bucket) {
+                    *b += 1;
+                }
+            }
         }
     }
 
@@ -294,6 +361,7 @@ impl Telemetry {
                 .collect(),
             folded: self.folded,
             lost_items: self.lost_items,
+            tcp: std::mem::take(&mut self.tcp).into_values().collect(),
         };
         let size = encoded_size(&batch);
         self.backlog_bytes += size;
@@ -451,6 +519,33 @@ mod tests {
             .find(|c| c.status == Status::NotFound)
             .expect("nf");
         assert_eq!((nf.count, nf.buckets[0], nf.callee.as_str()), (1, 1, ""));
+    }
+
+    #[test]
+    fn tcp_forwards_are_counted_per_listen_and_service_and_cut_as_deltas() {
+        let mut t = Telemetry::new(10);
+        t.record_tcp("127.0.0.1:1502", "plc", TcpEvent::Opened);
+        t.record_tcp("127.0.0.1:1502", "plc", TcpEvent::Refused);
+        t.record_tcp(
+            "127.0.0.1:1502",
+            "plc",
+            TcpEvent::Bytes {
+                to_service: 10,
+                from_service: 20,
+            },
+        );
+        t.record_tcp("127.0.0.1:1502", "plc", TcpEvent::Closed(ms(1500)));
+        t.cut(Resources::default());
+        let batch = t.pending().next().expect("a batch");
+        assert_eq!(batch.tcp.len(), 1);
+        let s = &batch.tcp[0];
+        assert_eq!((s.opened, s.refused, s.closed), (1, 1, 1));
+        assert_eq!((s.bytes_to_service, s.bytes_from_service), (10, 20));
+        assert_eq!(s.duration_ms, 1500);
+        // 1.5 s falls in the second bucket (<= 10 s).
+        assert_eq!(s.buckets[..3], [0, 1, 0]);
+        t.cut(Resources::default());
+        assert!(t.pending().nth(1).expect("a second batch").tcp.is_empty());
     }
 
     #[test]

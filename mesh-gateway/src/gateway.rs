@@ -155,6 +155,18 @@ impl Gateway {
             info!("ingress listening on http://{bound}");
             node.record_address("ingress", bound);
         }
+        for forward in &config.node.forwards {
+            let listen = forward.listen;
+            mesh_node::forward::serve(node.clone(), forward.clone())
+                .await
+                .map_err(|e| GatewayError::Io {
+                    path: format!(
+                        "{}: line {}: forward on {listen}",
+                        config.node.file, forward.line
+                    ),
+                    reason: format!("cannot listen: {e}"),
+                })?;
+        }
         let admin = crate::http::serve(
             plane.clone(),
             token,

@@ -14,7 +14,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use mesh_proto::control::{BundleRef, LATENCY_BUCKETS_US, Resources, TelemetryBatch};
+use mesh_proto::control::{
+    BundleRef, LATENCY_BUCKETS_US, Resources, TCP_DURATION_BUCKETS_S, TcpStats, TelemetryBatch,
+};
 
 use crate::registry::Registry;
 
@@ -55,6 +57,8 @@ pub struct Metrics {
     calls: BTreeMap<Key, Acc>,
     nodes: BTreeMap<String, PerNode>,
     rules: BTreeMap<(String, String, String), u64>,
+    /// TCP forwards, by (node, listen, service): the sums of their deltas.
+    tcp: BTreeMap<(String, String, String), TcpStats>,
 }
 
 impl Metrics {
@@ -104,6 +108,34 @@ impl Metrics {
                 (node.to_owned(), other.clone(), other)
             };
             *self.rules.entry(key).or_default() += r.count;
+        }
+        for t in &batch.tcp {
+            let key = (node.to_owned(), t.listen.clone(), t.service.clone());
+            // Forwards come from a node's config; one that reports more gets a bounded count.
+            let per_node = self
+                .tcp
+                .range((node.to_owned(), String::new(), String::new())..)
+                .take_while(|((n, _, _), _)| n == node)
+                .count();
+            let key = if self.tcp.contains_key(&key) || per_node < MAX_SERIES_PER_NODE {
+                key
+            } else {
+                let other = mesh_core::telemetry::OTHER_METHOD.to_owned();
+                (node.to_owned(), other.clone(), other)
+            };
+            let acc = self.tcp.entry(key).or_insert_with(|| TcpStats {
+                buckets: vec![0; TCP_DURATION_BUCKETS_S.len() + 1],
+                ..TcpStats::default()
+            });
+            acc.opened += t.opened;
+            acc.closed += t.closed;
+            acc.refused += t.refused;
+            acc.bytes_to_service += t.bytes_to_service;
+            acc.bytes_from_service += t.bytes_from_service;
+            acc.duration_ms = acc.duration_ms.saturating_add(t.duration_ms);
+            for (a, b) in acc.buckets.iter_mut().zip(&t.buckets) {
+                *a += b;
+            }
         }
         for c in &batch.calls {
             let pair = (c.service.clone(), c.method.clone());
@@ -369,6 +401,7 @@ impl Metrics {
                 esc(action)
             );
         }
+        self.render_tcp(&mut out);
         gauge(
             &mut out,
             "starling_telemetry_gap_total",
@@ -412,6 +445,77 @@ impl Metrics {
             );
         }
         out
+    }
+}
+
+impl Metrics {
+    /// The TCP forward series: connections by event, bytes by direction, durations.
+    fn render_tcp(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP starling_tcp_connections_total Connections of a node's TCP forwards: opened (a tunnel to an endpoint), closed, refused (no endpoint, denied, rate limited, upstream unreachable).\n\
+             # TYPE starling_tcp_connections_total counter"
+        );
+        let labels = |(node, listen, service): &(String, String, String)| {
+            format!(
+                "node=\"{}\",listen=\"{}\",service=\"{}\"",
+                esc(node),
+                esc(listen),
+                esc(service)
+            )
+        };
+        for (key, t) in &self.tcp {
+            let l = labels(key);
+            for (event, n) in [
+                ("opened", t.opened),
+                ("closed", t.closed),
+                ("refused", t.refused),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "starling_tcp_connections_total{{{l},event=\"{event}\"}} {n}"
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP starling_tcp_bytes_total Bytes carried by a node's TCP forwards: to_service (from the local client) and from_service.\n\
+             # TYPE starling_tcp_bytes_total counter"
+        );
+        for (key, t) in &self.tcp {
+            let l = labels(key);
+            let _ = writeln!(
+                out,
+                "starling_tcp_bytes_total{{{l},direction=\"to_service\"}} {}\n\
+                 starling_tcp_bytes_total{{{l},direction=\"from_service\"}} {}",
+                t.bytes_to_service, t.bytes_from_service
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP starling_tcp_connection_duration_seconds How long the connections of a node's TCP forwards lasted.\n\
+             # TYPE starling_tcp_connection_duration_seconds histogram"
+        );
+        for (key, t) in &self.tcp {
+            let l = labels(key);
+            let mut cumulative = 0;
+            for (i, bound) in TCP_DURATION_BUCKETS_S.iter().enumerate() {
+                cumulative += t.buckets.get(i).copied().unwrap_or(0);
+                let _ = writeln!(
+                    out,
+                    "starling_tcp_connection_duration_seconds_bucket{{{l},le=\"{bound}\"}} {cumulative}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "starling_tcp_connection_duration_seconds_bucket{{{l},le=\"+Inf\"}} {}\n\
+                 starling_tcp_connection_duration_seconds_sum{{{l}}} {}\n\
+                 starling_tcp_connection_duration_seconds_count{{{l}}} {}",
+                t.closed,
+                t.duration_ms as f64 / 1e3,
+                t.closed
+            );
+        }
     }
 }
 
@@ -461,6 +565,7 @@ mod tests {
             rules: vec![],
             folded: 0,
             lost_items: 0,
+            tcp: vec![],
         }
     }
 
@@ -505,6 +610,46 @@ mod tests {
         );
         assert!(text.contains("method=\"_other\""), "{text}");
         assert!(text.contains("starling_telemetry_folded_total{node=\"a\"} 10\n"));
+    }
+
+    #[test]
+    fn tcp_forwards_are_summed_per_node_listen_and_service() {
+        let mut m = Metrics::new();
+        let mut b = batch(1, 1);
+        let mut buckets = vec![0; TCP_DURATION_BUCKETS_S.len() + 1];
+        buckets[1] = 2;
+        b.tcp = vec![TcpStats {
+            listen: "127.0.0.1:1502".into(),
+            service: "plc".into(),
+            opened: 2,
+            closed: 2,
+            refused: 1,
+            bytes_to_service: 100,
+            bytes_from_service: 300,
+            duration_ms: 5000,
+            buckets,
+        }];
+        m.handle_batch("a", &b);
+        b.seq = 2;
+        m.handle_batch("a", &b);
+        let reg = Registry::new(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(2),
+        );
+        let text = m.render(&reg, None);
+        let l = "node=\"a\",listen=\"127.0.0.1:1502\",service=\"plc\"";
+        for line in [
+            format!("starling_tcp_connections_total{{{l},event=\"opened\"}} 4\n"),
+            format!("starling_tcp_connections_total{{{l},event=\"refused\"}} 2\n"),
+            format!("starling_tcp_bytes_total{{{l},direction=\"to_service\"}} 200\n"),
+            format!("starling_tcp_bytes_total{{{l},direction=\"from_service\"}} 600\n"),
+            format!("starling_tcp_connection_duration_seconds_bucket{{{l},le=\"1\"}} 0\n"),
+            format!("starling_tcp_connection_duration_seconds_bucket{{{l},le=\"10\"}} 4\n"),
+            format!("starling_tcp_connection_duration_seconds_sum{{{l}}} 10\n"),
+            format!("starling_tcp_connection_duration_seconds_count{{{l}}} 4\n"),
+        ] {
+            assert!(text.contains(&line), "no {line} in\n{text}");
+        }
     }
 
     #[test]

@@ -158,35 +158,85 @@ pub fn http_status(status: Status) -> u16 {
 /// answer's head and its body in chunks. Memory stays bounded by one chunk each way, whatever the
 /// size of what crosses. Made by [`Node::call_stream`](crate::Node::call_stream); never retried.
 /// To send and receive at once (an echo, a tunnel), [`CallStream::split`] it.
+///
+/// Time: with a timeout in its [`CallOptions`], the whole call must end within it (a deadline, as
+/// in gRPC); without one, there is no total deadline, and each step (a chunk sent, the answer's
+/// head, a chunk received) must make progress within the node's `call_timeout`, so a transfer
+/// takes as long as its size needs and a stalled one ends.
 pub struct CallStream {
     sender: CallSender,
     receiver: CallReceiver,
 }
 
-/// The sending half of a [`CallStream`].
+/// How long a streamed call may take.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StreamTime {
+    /// The whole call, when the caller set a timeout.
+    pub(crate) deadline: Option<tokio::time::Instant>,
+    /// Each step.
+    pub(crate) step: Duration,
+}
+
+impl StreamTime {
+    /// Runs one step within the time left.
+    pub(crate) async fn step<T>(
+        &self,
+        f: impl std::future::Future<Output = T>,
+    ) -> Result<T, CallError> {
+        let limit = tokio::time::Instant::now() + self.step;
+        let until = self.deadline.map_or(limit, |d| d.min(limit));
+        tokio::time::timeout_at(until, f).await.map_err(|_| {
+            if self.deadline.is_some_and(|d| d <= limit) {
+                deadline_passed()
+            } else {
+                CallError::new(
+                    Status::DeadlineExceeded,
+                    format!("the streamed call made no progress for {:?}", self.step),
+                )
+            }
+        })
+    }
+}
+
+/// The sending half of a [`CallStream`]. Dropped without [`CallSender::finish`], it resets the
+/// stream: the callee never takes a body cut short for a whole one.
 pub struct CallSender {
-    send: quinn::SendStream,
-    deadline: tokio::time::Instant,
+    send: Option<quinn::SendStream>,
+    time: StreamTime,
+    /// Bytes sent so far, and the bound on them (`max_body_bytes`, when set).
+    sent: u64,
+    max: Option<u64>,
 }
 
 /// The receiving half of a [`CallStream`].
 pub struct CallReceiver {
     reader: FrameReader,
     head: Option<(Status, String)>,
-    deadline: tokio::time::Instant,
+    time: StreamTime,
+    received: u64,
+    max: Option<u64>,
 }
 
 impl CallStream {
-    pub(crate) fn new(send: quinn::SendStream, recv: quinn::RecvStream, deadline: Instant) -> Self {
+    pub(crate) fn new(
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        time: StreamTime,
+        max: Option<u64>,
+    ) -> Self {
         CallStream {
             sender: CallSender {
-                send,
-                deadline: deadline.into(),
+                send: Some(send),
+                time,
+                sent: 0,
+                max,
             },
             receiver: CallReceiver {
                 reader: FrameReader::new(recv),
                 head: None,
-                deadline: deadline.into(),
+                time,
+                received: 0,
+                max,
             },
         }
     }
@@ -220,21 +270,56 @@ impl CallStream {
 impl CallSender {
     /// Sends the next chunk of the request body.
     pub async fn send(&mut self, chunk: Bytes) -> Result<(), CallError> {
-        let write = write_chunk(&mut self.send, chunk);
-        match tokio::time::timeout_at(self.deadline, write).await {
+        self.sent += chunk.len() as u64;
+        if let Some(max) = self.max
+            && self.sent > max
+        {
+            self.reset();
+            return Err(CallError::new(
+                Status::ResourceExhausted,
+                format!(
+                    "the request body exceeds the bound of {max} bytes (limits.max_body_bytes)"
+                ),
+            ));
+        }
+        let Some(send) = self.send.as_mut() else {
+            return Err(CallError::new(
+                Status::InvalidArgument,
+                "the request body was ended already",
+            ));
+        };
+        match self.time.step(write_chunk(send, chunk)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(CallError::new(
                 Status::Unavailable,
                 format!("the callee stopped reading: {e}"),
             )),
-            Err(_) => Err(deadline_passed()),
+            Err(e) => {
+                self.reset();
+                Err(e)
+            }
         }
     }
 
     /// Ends the request body.
     pub fn finish(&mut self) {
         // Already finished or reset by the callee: the answer says why.
-        let _ = self.send.finish();
+        if let Some(mut send) = self.send.take() {
+            let _ = send.finish();
+        }
+    }
+
+    /// Abandons the request body: the callee sees the stream reset, not a shorter body.
+    pub fn reset(&mut self) {
+        if let Some(mut send) = self.send.take() {
+            let _ = send.reset(0u32.into());
+        }
+    }
+}
+
+impl Drop for CallSender {
+    fn drop(&mut self) {
+        self.reset();
     }
 }
 
@@ -244,11 +329,9 @@ impl CallReceiver {
         if let Some(head) = &self.head {
             return Ok(head.clone());
         }
-        let read = self.reader.frame(MAX_HEAD_BYTES);
-        let bytes = match tokio::time::timeout_at(self.deadline, read).await {
-            Ok(Ok(b)) => b,
-            Ok(Err(e)) => return Err(read_failed(&e)),
-            Err(_) => return Err(deadline_passed()),
+        let bytes = match self.time.step(self.reader.frame(MAX_HEAD_BYTES)).await? {
+            Ok(b) => b,
+            Err(e) => return Err(read_failed(&e)),
         };
         let head: ResponseHead<'_> = decode_head(&bytes).map_err(|e| {
             CallError::new(Status::Internal, format!("bad answer head from peer: {e}"))
@@ -261,12 +344,26 @@ impl CallReceiver {
     /// The next chunk of the answer's body, or `None` at its end.
     pub async fn recv(&mut self) -> Result<Option<Bytes>, CallError> {
         self.status().await?;
-        let read = self.reader.next_frame(MAX_CHUNK_BYTES);
-        match tokio::time::timeout_at(self.deadline, read).await {
-            Ok(Ok(chunk)) => Ok(chunk),
-            Ok(Err(e)) => Err(read_failed(&e)),
-            Err(_) => Err(deadline_passed()),
+        let chunk = match self
+            .time
+            .step(self.reader.next_frame(MAX_CHUNK_BYTES))
+            .await?
+        {
+            Ok(chunk) => chunk,
+            Err(e) => return Err(read_failed(&e)),
+        };
+        if let Some(c) = &chunk {
+            self.received += c.len() as u64;
+            if let Some(max) = self.max
+                && self.received > max
+            {
+                return Err(CallError::new(
+                    Status::Internal,
+                    format!("the answer exceeds the bound of {max} bytes (limits.max_body_bytes)"),
+                ));
+            }
         }
+        Ok(chunk)
     }
 }
 

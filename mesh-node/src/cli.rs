@@ -29,6 +29,26 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Carry connections to a local TCP port to a `tcp://` service of the mesh, until Ctrl-C: a
+    /// node of its own (identity, peers, gateway and discovery from --config) that hosts nothing,
+    /// runs no ingress and serves only this forward.
+    Forward {
+        /// The config file of the node to run (its services, ingress and forwards are ignored).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The service to reach.
+        #[arg(long)]
+        service: String,
+        /// Where to accept connections (loopback unless --allow-remote).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// Accept connections from other hosts (plain TCP on the local network).
+        #[arg(long)]
+        allow_remote: bool,
+        /// Close a connection idle for this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        idle_timeout_s: u64,
+    },
     /// Call SERVICE METHOD through a node's local ingress and print the answer's body.
     Call {
         /// The service.
@@ -89,6 +109,36 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config } => run(&config),
+        Command::Forward {
+            config,
+            service,
+            listen,
+            allow_remote,
+            idle_timeout_s,
+        } => {
+            let service = match mesh_core::ServiceName::try_from(service.as_str()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: --service: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if !listen.ip().is_loopback() && !allow_remote {
+                eprintln!(
+                    "error: --listen {listen}: a forward listens on loopback; the hop to it is \
+                     plain TCP. Add --allow-remote to accept other hosts"
+                );
+                return ExitCode::from(2);
+            }
+            if idle_timeout_s == 0 {
+                eprintln!("error: --idle-timeout-s must be greater than 0");
+                return ExitCode::from(2);
+            }
+            let mut forward = crate::config::ForwardConfig::new(listen, service);
+            forward.allow_remote = allow_remote;
+            forward.idle_timeout = std::time::Duration::from_secs(idle_timeout_s);
+            run_with(&config, Some(forward))
+        }
         Command::Call {
             service,
             method,
@@ -249,7 +299,12 @@ fn read_body(path: &Path) -> std::io::Result<Bytes> {
 }
 
 fn run(path: &Path) -> ExitCode {
-    let config = match NodeConfig::load(path) {
+    run_with(path, None)
+}
+
+/// Runs the node of `path` until a signal; with `only_forward`, as `mesh-node forward` does.
+fn run_with(path: &Path, only_forward: Option<crate::config::ForwardConfig>) -> ExitCode {
+    let mut config = match NodeConfig::load(path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -263,9 +318,15 @@ fn run(path: &Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(forward) = only_forward {
+        config.services.clear();
+        config.ingress = None;
+        config.forwards = vec![forward];
+    }
     init_logging(&config.log);
     runtime().block_on(async move {
         let ingress = config.ingress;
+        let forwards = config.forwards.clone();
         let node = match Node::start(config, identity).await {
             Ok(n) => n,
             Err(e) => {
@@ -281,6 +342,21 @@ fn run(path: &Path) -> ExitCode {
                 }
                 Err(e) => {
                     tracing::error!("cannot start: ingress: cannot listen on {addr}: {e}");
+                    node.shutdown().await;
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        for forward in forwards {
+            let (listen, line) = (forward.listen, forward.line);
+            match crate::forward::serve(node.clone(), forward).await {
+                // Where a technician's client connects (the port may have been picked).
+                Ok(bound) if line == 0 => println!("forwarding {bound}"),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(
+                        "cannot start: the forward on {listen} (line {line}) cannot listen: {e}"
+                    );
                     node.shutdown().await;
                     return ExitCode::FAILURE;
                 }

@@ -20,7 +20,10 @@ use mesh_core::route::{self, Subset};
 use mesh_core::{MethodName, NodeName, ServiceName, SpiffeId};
 use mesh_proto::control::Span;
 use mesh_proto::limits::MAX_HEAD_BYTES;
-use mesh_proto::{RequestHead, ResponseHead, STREAM_METADATA, Status, TraceContext, decode_head};
+use mesh_proto::{
+    RequestHead, ResponseHead, STREAM_METADATA, Status, TUNNEL_METADATA, TUNNEL_METHOD,
+    TraceContext, decode_head,
+};
 use tracing::{debug, warn};
 
 use crate::call::{CallContext, CallError, CallOptions, CallStream, Reply};
@@ -337,10 +340,17 @@ impl Client {
         check_request(&self.id, service, method, options).map_err(Reply::into_error)?;
         let policy = self.policy.policy();
         let svc = policy.as_ref().and_then(|p| p.service(service));
-        let timeout = options
-            .timeout
-            .or_else(|| policy.as_ref().and_then(|p| p.timeout_for(service)))
+        // A timeout the caller set bounds the whole call; otherwise each step of it (see
+        // `CallStream`), and the callee hears of no deadline (0).
+        let step = policy
+            .as_ref()
+            .and_then(|p| p.timeout_for(service))
             .unwrap_or(self.limits.call_timeout);
+        let time = crate::call::StreamTime {
+            deadline: options.timeout.map(|t| (now() + t).into()),
+            step,
+        };
+        let timeout = options.timeout.unwrap_or(step);
         let decision = self.route(svc, method, options);
         let default_balance = BalanceConfig::default();
         let on_behalf_of = options.on_behalf_of.as_ref().map(SpiffeId::to_string);
@@ -367,6 +377,9 @@ impl Client {
             ));
         }
         let mut head = self.head(&plan, timeout).map_err(Reply::into_error)?;
+        if options.timeout.is_none() {
+            head.deadline_ms = 0;
+        }
         head.metadata
             .push((STREAM_METADATA, "1"))
             .map_err(|_| too_much_metadata().into_error())?;
@@ -376,7 +389,176 @@ impl Client {
         write_head(&mut send, &head).await.map_err(|e| {
             CallError::new(Status::Unavailable, format!("connection to peer lost: {e}"))
         })?;
-        Ok(CallStream::new(send, recv, plan.deadline))
+        Ok(CallStream::new(
+            send,
+            recv,
+            time,
+            self.limits.max_stream_bytes,
+        ))
+    }
+
+    /// Opens a TCP tunnel to an endpoint of `service` (method `connect`), picked like a call's
+    /// (route, zone, balancer, breaker). An endpoint that cannot open it (its upstream refuses,
+    /// it is unreachable, it speaks an older protocol) is counted against its breaker and the next
+    /// one is tried, up to three; a refusal by policy is final. The opening is counted as a call
+    /// of method `connect`.
+    pub(crate) async fn open_tunnel(&self, service: &str) -> Result<OpenTunnel, Reply> {
+        let started = now();
+        let (result, callee) = self.open_tunnel_inner(service).await;
+        let status = result.as_ref().map_or_else(|r| r.status, |_| Status::Ok);
+        let service = if mesh_proto::validate_name(service).is_ok() {
+            service
+        } else {
+            "_invalid"
+        };
+        self.telemetry.record_call(
+            service,
+            TUNNEL_METHOD,
+            self.name.as_str(),
+            &callee,
+            status,
+            since(started),
+        );
+        result
+    }
+
+    async fn open_tunnel_inner(&self, service: &str) -> (Result<OpenTunnel, Reply>, String) {
+        let options = CallOptions::default();
+        if let Err(reply) = check_request(&self.id, service, TUNNEL_METHOD, &options) {
+            return (Err(reply), String::new());
+        }
+        if self.hosted.contains(service) {
+            let reply = Reply::error(
+                Status::InvalidArgument,
+                format!(
+                    "service {service} is hosted on this node ({}): connect to its upstream directly",
+                    self.name
+                ),
+            );
+            return (Err(reply), String::new());
+        }
+        let policy = self.policy.policy();
+        let svc = policy.as_ref().and_then(|p| p.service(service));
+        let timeout = policy
+            .as_ref()
+            .and_then(|p| p.timeout_for(service))
+            .unwrap_or(self.limits.call_timeout);
+        let decision = self.route(svc, TUNNEL_METHOD, &options);
+        let default_balance = BalanceConfig::default();
+        let plan = Plan {
+            service,
+            method: TUNNEL_METHOD,
+            options: &options,
+            trace: self.trace_for(&options),
+            deadline: now() + timeout,
+            rule: decision.route.map_or(service, |r| r.name.as_str()),
+            balance: svc.map_or(&default_balance, |s| &s.balance),
+            on_behalf_of: None,
+        };
+        let mut tried: Vec<u64> = Vec::new();
+        let mut last = (
+            Reply::error(Status::Unavailable, "no endpoint"),
+            String::new(),
+        );
+        for _ in 0..3 {
+            let picked = match self.pick(&plan, &decision.subset, &tried) {
+                Ok(p) => p,
+                // Every endpoint tried: the last one's answer says why.
+                Err(_) if !tried.is_empty() => break,
+                Err(reply) => return (Err(reply), String::new()),
+            };
+            if tried.contains(&picked.key) {
+                // Every endpoint was tried.
+                break;
+            }
+            if !tried.is_empty() {
+                // Failed over to another endpoint.
+                self.telemetry.record_rule(plan.rule, "retried");
+            }
+            tried.push(picked.key);
+            if picked.protocol < 3 {
+                last = (
+                    Reply::error(
+                        Status::Unavailable,
+                        format!(
+                            "{} speaks protocol {}, which has no TCP tunnels",
+                            picked.callee, picked.protocol
+                        ),
+                    ),
+                    picked.callee,
+                );
+                continue;
+            }
+            let started = now();
+            let left = plan.deadline.saturating_duration_since(started);
+            let opened = tokio::time::timeout(left, self.open_tunnel_on(&plan, picked.conn)).await;
+            let opened = opened.unwrap_or_else(|_| {
+                Err(Reply::error(
+                    Status::DeadlineExceeded,
+                    format!("{service} did not open the tunnel within {timeout:?}"),
+                ))
+            });
+            let status = opened.as_ref().map_or_else(|r| r.status, |_| Status::Ok);
+            self.finish(&plan, picked.key, &picked.callee, since(started), status);
+            match opened {
+                Ok((send, recv, leftover)) => {
+                    let tunnel = OpenTunnel {
+                        send,
+                        recv,
+                        leftover,
+                    };
+                    return (Ok(tunnel), picked.callee);
+                }
+                // The endpoint could not: another may.
+                Err(reply) if reply.status.is_failure() => {
+                    warn!(
+                        "{} could not open a tunnel to {service}: {}",
+                        picked.callee, reply.message
+                    );
+                    last = (reply, picked.callee);
+                }
+                Err(reply) => return (Err(reply), picked.callee),
+            }
+        }
+        (Err(last.0), last.1)
+    }
+
+    /// Opens the tunnel's stream on `conn` and reads the callee's answer head.
+    async fn open_tunnel_on(
+        &self,
+        plan: &Plan<'_>,
+        conn: quinn::Connection,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream, Bytes), Reply> {
+        let lost = |e: &dyn std::fmt::Display| {
+            Reply::error(Status::Unavailable, format!("connection to peer lost: {e}"))
+        };
+        let left = plan.deadline.saturating_duration_since(now());
+        let mut head = self.head(plan, left)?;
+        head.metadata
+            .push((TUNNEL_METADATA, "1"))
+            .map_err(|_| too_much_metadata())?;
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
+        write_head(&mut send, &head).await.map_err(|e| lost(&e))?;
+        let mut reader = FrameReader::new(recv);
+        let head_bytes = match reader.frame(MAX_HEAD_BYTES).await {
+            Ok(b) => b,
+            Err(ReadError::Stream(e)) => return Err(lost(&e)),
+            Err(e) => {
+                return Err(Reply::error(
+                    Status::Internal,
+                    format!("bad answer from peer: {e}"),
+                ));
+            }
+        };
+        let answer: ResponseHead = decode_head(&head_bytes).map_err(|e| {
+            Reply::error(Status::Internal, format!("bad answer head from peer: {e}"))
+        })?;
+        if answer.status != Status::Ok {
+            let _ = send.reset(0u32.into());
+            return Err(Reply::error(answer.status, answer.message));
+        }
+        let (recv, leftover) = reader.into_raw();
+        Ok((send, recv, leftover))
     }
 
     /// Calls made and retries spent under the retry budget of `service`: `(calls, retries)`.
@@ -515,6 +697,13 @@ impl Client {
         mesh_proto::encode_frame_vec(&head, &mut encoded);
         send_call(conn, encoded, body, self.limits.max_body_bytes).await
     }
+}
+
+/// A TCP tunnel opened to an endpoint: its stream, and what arrived past the answer's head.
+pub(crate) struct OpenTunnel {
+    pub(crate) send: quinn::SendStream,
+    pub(crate) recv: quinn::RecvStream,
+    pub(crate) leftover: Bytes,
 }
 
 fn too_much_metadata() -> Reply {

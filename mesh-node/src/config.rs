@@ -35,6 +35,7 @@ pub const NODE_KEYS: &[&str] = &[
     "gateway_name",
     "state_dir",
     "telemetry",
+    "forwards",
 ];
 
 /// A node's configuration, validated.
@@ -68,8 +69,43 @@ pub struct NodeConfig {
     pub state_dir: PathBuf,
     /// Telemetry timers and bounds.
     pub telemetry: TelemetrySettings,
+    /// Local TCP ports whose connections are carried to a service (`[[forwards]]`).
+    pub forwards: Vec<ForwardConfig>,
     /// The file this came from, for error messages.
     pub file: String,
+}
+
+/// A TCP forward: connections accepted on `listen` are carried to an endpoint of `service` (a
+/// `tcp://` service on another node), one QUIC stream each.
+#[derive(Debug, Clone)]
+pub struct ForwardConfig {
+    /// Where to accept connections; loopback unless `allow_remote`.
+    pub listen: SocketAddr,
+    /// The service to reach.
+    pub service: ServiceName,
+    /// Accept connections from other hosts (plain TCP on the site's network: the mesh protects
+    /// the hop between nodes, not this one).
+    pub allow_remote: bool,
+    /// A connection with no bytes either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// Connections open at once; more are refused (and counted).
+    pub max_connections: usize,
+    /// The line of its `listen` key, 0 when it did not come from a file.
+    pub line: usize,
+}
+
+impl ForwardConfig {
+    /// A loopback forward with the default bounds.
+    pub fn new(listen: SocketAddr, service: ServiceName) -> Self {
+        ForwardConfig {
+            listen,
+            service,
+            allow_remote: false,
+            idle_timeout: Duration::from_secs(3600),
+            max_connections: 256,
+            line: 0,
+        }
+    }
 }
 
 /// Telemetry timers and bounds.
@@ -147,8 +183,11 @@ pub struct ServiceConfig {
 /// Bounds and timers; the defaults suit a small device.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Largest request or response body.
+    /// Largest request or response body of a call (held whole in memory).
     pub max_body_bytes: usize,
+    /// Largest total of a streamed body (never held whole): `max_body_bytes` when the config sets
+    /// it, else none.
+    pub max_stream_bytes: Option<u64>,
     /// Calls in flight on one connection from one peer.
     pub max_concurrent_calls: u32,
     /// Deadline of a call that names none.
@@ -163,18 +202,23 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// Bounds of the local HTTP servers (the ingress, and a gateway's admin API).
     pub ingress: crate::http::HttpLimits,
+    /// A tunnel to a TCP service this node hosts is closed after this long with no bytes either
+    /// way.
+    pub tcp_idle_timeout: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_body_bytes: mesh_proto::limits::DEFAULT_MAX_BODY_BYTES,
+            max_stream_bytes: None,
             max_concurrent_calls: 256,
             call_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(3),
             keep_alive: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(2),
             ingress: crate::http::HttpLimits::default(),
+            tcp_idle_timeout: Duration::from_secs(3600),
         }
     }
 }
@@ -207,6 +251,18 @@ struct RawConfig {
     state_dir: Option<String>,
     #[serde(default)]
     telemetry: RawTelemetry,
+    #[serde(default)]
+    forwards: Vec<RawForward>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForward {
+    listen: Spanned<String>,
+    service: Spanned<String>,
+    allow_remote: Option<bool>,
+    idle_timeout_ms: Option<Spanned<u64>>,
+    max_connections: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -260,6 +316,7 @@ struct RawLimits {
     ingress_header_timeout_ms: Option<Spanned<u64>>,
     ingress_body_timeout_ms: Option<Spanned<u64>>,
     ingress_max_buffered_bytes: Option<Spanned<u64>>,
+    tcp_idle_timeout_ms: Option<Spanned<u64>>,
 }
 
 impl NodeConfig {
@@ -395,6 +452,7 @@ impl NodeConfig {
             .map(|(i, p)| parse_addr(&p.addr, &at, &format!("peers[{i}].addr")))
             .collect::<Result<Vec<_>, _>>()?;
         let limits = raw.limits.validate(&at)?;
+        let forwards = parse_forwards(&raw.forwards, &at)?;
         Ok(NodeConfig {
             name,
             listen,
@@ -426,6 +484,7 @@ impl NodeConfig {
                     .unwrap_or_else(|| PathBuf::from("/var/lib/starling")),
             },
             telemetry: raw.telemetry.validate(&at)?,
+            forwards,
             file: file.to_owned(),
         })
     }
@@ -586,6 +645,53 @@ impl RawTelemetry {
     }
 }
 
+/// The `[[forwards]]`: addresses valid, loopback unless `allow_remote`, no address twice.
+fn parse_forwards(
+    raw: &[RawForward],
+    at: &SourceMap<'_>,
+) -> Result<Vec<ForwardConfig>, ConfigError> {
+    let mut forwards: Vec<ForwardConfig> = Vec::new();
+    for (i, f) in raw.iter().enumerate() {
+        let key = |k: &str| format!("forwards[{i}].{k}");
+        let listen = parse_addr(&f.listen, at, &key("listen"))?;
+        let allow_remote = f.allow_remote.unwrap_or(false);
+        if !listen.ip().is_loopback() && !allow_remote {
+            return Err(at.invalid(
+                &f.listen,
+                &key("listen"),
+                "a forward listens on loopback (127.0.0.1 or ::1): the connection to it is plain \
+                 TCP. To accept other hosts, set allow_remote = true",
+            ));
+        }
+        if listen.port() != 0 && forwards.iter().any(|o| o.listen == listen) {
+            return Err(at.invalid(
+                &f.listen,
+                &key("listen"),
+                format!("{listen} is the listen address of another forward"),
+            ));
+        }
+        let service = ServiceName::try_from(f.service.get_ref().as_str())
+            .map_err(|e| at.invalid(&f.service, &key("service"), e))?;
+        let mut forward = ForwardConfig::new(listen, service);
+        forward.allow_remote = allow_remote;
+        forward.line = at.line(f.listen.span().start);
+        if let Some(v) = &f.idle_timeout_ms {
+            if *v.get_ref() == 0 {
+                return Err(at.invalid(v, &key("idle_timeout_ms"), "must be greater than 0"));
+            }
+            forward.idle_timeout = Duration::from_millis(*v.get_ref());
+        }
+        if let Some(v) = &f.max_connections {
+            if *v.get_ref() == 0 || *v.get_ref() > 65_536 {
+                return Err(at.invalid(v, &key("max_connections"), "must be between 1 and 65536"));
+            }
+            forward.max_connections = *v.get_ref() as usize;
+        }
+        forwards.push(forward);
+    }
+    Ok(forwards)
+}
+
 #[cfg(unix)]
 fn check_key_mode(path: &Path) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
@@ -622,6 +728,7 @@ impl RawLimits {
             }
         };
         let limits = Limits {
+            max_stream_bytes: self.max_body_bytes.as_ref().map(|s| *s.get_ref()),
             max_body_bytes: match &self.max_body_bytes {
                 None => d.max_body_bytes,
                 Some(s) if *s.get_ref() == 0 || *s.get_ref() > 256 * 1024 * 1024 => {
@@ -694,6 +801,11 @@ impl RawLimits {
                     None => d.ingress.max_buffered_bytes,
                 },
             },
+            tcp_idle_timeout: ms(
+                &self.tcp_idle_timeout_ms,
+                "limits.tcp_idle_timeout_ms",
+                d.tcp_idle_timeout,
+            )?,
         };
         if limits.idle_timeout <= limits.keep_alive {
             let span = self

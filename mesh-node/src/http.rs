@@ -120,40 +120,103 @@ impl BudgetGuard {
 }
 
 /// A response body that gives its bytes back to a [`ByteBudget`] only once it is written (or the
-/// client goes): a client that stops reading holds its share, and new requests see it.
+/// client goes): a client that stops reading holds its share, and new requests see it. Or a body
+/// streamed from a channel (a streamed call's answer), which holds no budget: its memory is the
+/// channel's few chunks.
 #[derive(Debug)]
 pub struct GuardedBody {
-    inner: Full<Bytes>,
+    inner: Inner,
     _guard: Option<BudgetGuard>,
+}
+
+#[derive(Debug)]
+enum Inner {
+    Full(Full<Bytes>),
+    Streamed(ChannelBody),
 }
 
 impl GuardedBody {
     /// `body`, holding `guard` until it is sent.
     pub fn new(body: Bytes, guard: Option<BudgetGuard>) -> Self {
         GuardedBody {
-            inner: Full::new(body),
+            inner: Inner::Full(Full::new(body)),
             _guard: guard,
+        }
+    }
+
+    /// A body streamed from `body`'s channel.
+    pub fn streamed(body: ChannelBody) -> Self {
+        GuardedBody {
+            inner: Inner::Streamed(body),
+            _guard: None,
         }
     }
 }
 
 impl hyper::body::Body for GuardedBody {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = std::io::Error;
 
     fn poll_frame(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        match &mut self.get_mut().inner {
+            Inner::Full(full) => std::pin::Pin::new(full)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(|e: Infallible| match e {}))),
+            Inner::Streamed(body) => std::pin::Pin::new(body).poll_frame(cx),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Inner::Full(full) => full.is_end_stream(),
+            Inner::Streamed(_) => false,
+        }
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Inner::Full(full) => full.size_hint(),
+            Inner::Streamed(_) => hyper::body::SizeHint::default(),
+        }
+    }
+}
+
+/// Chunks a streamed body holds at most between its producer and its reader.
+pub const CHANNEL_CHUNKS: usize = 4;
+
+/// An HTTP body fed chunk by chunk through a bounded channel: what a streamed call carries to and
+/// from HTTP. An error sent into it aborts the body (the other side sees it cut, never complete).
+#[derive(Debug)]
+pub struct ChannelBody {
+    rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+}
+
+impl ChannelBody {
+    /// A body and the sender that feeds it (at most [`CHANNEL_CHUNKS`] chunks ahead).
+    pub fn channel() -> (
+        tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+        Self,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::channel(CHANNEL_CHUNKS);
+        (tx, ChannelBody { rx })
+    }
+}
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        self.get_mut()
+            .rx
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| c.map(hyper::body::Frame::data)))
     }
 }
 

@@ -2,7 +2,12 @@
 //!
 //! - `POST /v1/call/<service>/<method>`: the request body is the call's body; the answer's body
 //!   is the reply's. Statuses map to HTTP (see [`http_status`]); every answer carries
-//!   `x-starling-status`, and a failure's body is its reason. Optional request headers:
+//!   `x-starling-status`, and a failure's body is its reason. A body sent chunked, or longer than
+//!   [`STREAM_THRESHOLD`], or any request with `x-starling-stream: 1`, is a streamed call: the
+//!   body goes through the node chunk by chunk as it arrives and the answer comes back chunked as
+//!   the callee sends it, so neither is held whole (`limits.max_body_bytes` bounds such a body's
+//!   total only when the config sets it). An answer that fails after its head was sent is cut
+//!   off (no final chunk), never ended as if whole. Optional request headers:
 //!   `x-starling-timeout-ms` (the call's deadline), `traceparent` (W3C trace context: the call
 //!   joins that trace, sampled as its flags say) and any other `x-...` header, passed on as call
 //!   metadata.
@@ -25,8 +30,16 @@ use hyper::{Method, Request, Response};
 use mesh_proto::Status;
 
 use crate::call::{CallOptions, Reply, http_status};
-use crate::http::{BudgetGuard, ByteBudget, GuardedBody, json, json_str, plain, serve_http};
+use crate::http::{
+    BudgetGuard, ByteBudget, ChannelBody, GuardedBody, json, json_str, plain, serve_http,
+};
 use crate::node::Node;
+
+/// A request body longer than this (by its `content-length`) is streamed, not buffered.
+pub const STREAM_THRESHOLD: usize = 1024 * 1024;
+
+/// Bytes of a streamed call's failure body shown to the client.
+const MAX_ERROR_BODY: usize = 64 * 1024;
 
 /// Binds the ingress of `node` on `addr` and serves it in the background until the node shuts
 /// down, within the node's `[limits]` for the ingress; returns the bound address.
@@ -61,6 +74,9 @@ async fn handle(
     let (reply, guard) = match (req.method(), parts.as_slice()) {
         (&Method::POST, ["v1", "call", service, method]) => {
             let (service, method) = ((*service).to_owned(), (*method).to_owned());
+            if streamed(&req) {
+                return Ok(call_streamed(&ingress, req, &service, &method).await);
+            }
             call(&ingress, req, &service, &method).await
         }
         (&Method::GET, ["v1", "health"]) => return Ok(text(200, "ok")),
@@ -164,6 +180,157 @@ async fn call(
     let reply = node.call_with(service, method, body, &options).await;
     guard.hold(reply.body.len());
     (reply, Some(guard))
+}
+
+/// Whether a call request is streamed: chunked, longer than [`STREAM_THRESHOLD`], or asked for.
+fn streamed(req: &Request<Incoming>) -> bool {
+    let headers = req.headers();
+    let asked = headers
+        .get("x-starling-stream")
+        .is_some_and(|v| v.as_bytes() == b"1");
+    let declared = headers
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let chunked = headers
+        .get(hyper::header::TRANSFER_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+    asked || chunked || declared.is_some_and(|len| len > STREAM_THRESHOLD)
+}
+
+/// A streamed call: the request body goes up as it arrives, the answer comes back as it comes,
+/// each through a channel of a few chunks (a client that stops reading stops the callee, through
+/// QUIC's flow control, and is cut off after `limits.ingress_body_timeout_ms`).
+async fn call_streamed(
+    ingress: &Ingress,
+    req: Request<Incoming>,
+    service: &str,
+    method: &str,
+) -> Response<GuardedBody> {
+    let node = &ingress.node;
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let (Some(max), Some(len)) = (node.config().limits.max_stream_bytes, declared)
+        && len > max
+    {
+        let why = format!(
+            "request body of {len} bytes exceeds the bound of {max} bytes (limits.max_body_bytes)"
+        );
+        return reply_response(Reply::error(Status::ResourceExhausted, why), None);
+    }
+    let options = match call_options(&req) {
+        Ok(o) => o,
+        Err(reply) => return reply_response(reply, None),
+    };
+    let stream = match node.call_stream(service, method, &options).await {
+        Ok(s) => s,
+        Err(e) => return reply_response(error_reply(e), None),
+    };
+    let (mut up, mut down) = stream.split();
+    let mut body = req.into_body();
+    let body_timeout = ingress.body_timeout;
+    let upload = tokio::spawn(async move {
+        loop {
+            let frame = match tokio::time::timeout(body_timeout, body.frame()).await {
+                Ok(None) => {
+                    up.finish();
+                    return Ok(());
+                }
+                Ok(Some(Ok(frame))) => frame,
+                Ok(Some(Err(e))) => {
+                    return Err(Reply::error(
+                        Status::InvalidArgument,
+                        format!("request body: {e}"),
+                    ));
+                }
+                Err(_) => {
+                    return Err(Reply::error(
+                        Status::DeadlineExceeded,
+                        format!(
+                            "the request body stalled for {} ms (limits.ingress_body_timeout_ms)",
+                            body_timeout.as_millis()
+                        ),
+                    ));
+                }
+            };
+            if let Ok(data) = frame.into_data() {
+                up.send(data).await.map_err(error_reply)?;
+            }
+        }
+        // `up` dropped unfinished on every error: the callee sees the stream reset.
+    });
+    let head = down.status().await;
+    match head {
+        Ok((Status::Ok, _)) => {
+            let (tx, rx) = ChannelBody::channel();
+            tokio::spawn(async move {
+                loop {
+                    match down.recv().await {
+                        Ok(Some(chunk)) => {
+                            if tx.send(Ok(chunk)).await.is_err() {
+                                // The client left: dropping `down` stops the callee.
+                                return;
+                            }
+                        }
+                        Ok(None) => return,
+                        Err(e) => {
+                            let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                            return;
+                        }
+                    }
+                }
+            });
+            Response::builder()
+                .status(200)
+                .header("x-starling-status", Status::Ok.as_str())
+                .body(GuardedBody::streamed(rx))
+                .unwrap_or_else(|_| text(500, "could not build the answer"))
+        }
+        other => {
+            // When the upload failed, its reason is the answer (the callee only saw a reset).
+            if upload.is_finished() {
+                if let Ok(Err(reply)) = upload.await {
+                    return reply_response(reply, None);
+                }
+            } else {
+                upload.abort();
+            }
+            let reply = match other {
+                Ok((status, message)) => {
+                    // A failure's body (an upstream's error page), up to a bound.
+                    let mut body = bytes::BytesMut::new();
+                    while body.len() < MAX_ERROR_BODY {
+                        match down.recv().await {
+                            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                            _ => break,
+                        }
+                    }
+                    body.truncate(MAX_ERROR_BODY);
+                    Reply {
+                        status,
+                        message,
+                        body: body.freeze(),
+                        leaf: None,
+                    }
+                }
+                Err(e) => error_reply(e),
+            };
+            reply_response(reply, None)
+        }
+    }
+}
+
+fn error_reply(e: crate::CallError) -> Reply {
+    Reply {
+        status: e.status,
+        message: e.message,
+        body: e.body,
+        leaf: None,
+    }
 }
 
 enum BodyError {

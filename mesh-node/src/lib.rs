@@ -16,7 +16,7 @@
 //! Where things live (see docs/ARCHITECTURE.md): [`node`] composes the parts; `transport` owns
 //! the QUIC endpoint and connections; `client` is the caller's side of a call, `server` the
 //! callee's; [`upstream`] is where a hosted service's calls go; [`ingress`] is the loopback HTTP
-//! door for apps; [`control`] is the link to the gateway; [`identity`] the certificate and its
+//! door for apps; [`forward`] carries local TCP connections to `tcp://` services; [`control`] is the link to the gateway; [`identity`] the certificate and its
 //! checks. The decisions (which endpoint, may this caller call, back-off) live in `mesh-core`; this
 //! crate is the shell that does the I/O around them.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -28,6 +28,7 @@ mod clock;
 pub mod config;
 pub mod control;
 pub mod discovery;
+pub mod forward;
 mod hosted;
 pub mod http;
 pub mod identity;

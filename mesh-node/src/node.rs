@@ -629,6 +629,16 @@ impl Node {
             .await
     }
 
+    /// The caller side of this node's calls.
+    pub(crate) fn client(&self) -> &Client {
+        &self.parts.client
+    }
+
+    /// This node's telemetry.
+    pub(crate) fn telemetry(&self) -> &TelemetrySink {
+        &self.parts.telemetry
+    }
+
     /// Hosts `service` on this node from now on (or replaces its upstream); peers learn of it at
     /// once.
     pub fn host(&self, service: ServiceName, upstream: UpstreamSpec) {

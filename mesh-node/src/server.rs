@@ -17,7 +17,9 @@ use mesh_core::limits::TokenBucket;
 use mesh_core::{MethodName, NodeName, ServiceName, SpiffeId};
 use mesh_proto::control::Span;
 use mesh_proto::limits::MAX_HEAD_BYTES;
-use mesh_proto::{RequestHead, ResponseHead, STREAM_METADATA, Status, decode_head};
+use mesh_proto::{
+    RequestHead, ResponseHead, STREAM_METADATA, Status, TUNNEL_METADATA, TUNNEL_METHOD, decode_head,
+};
 use tracing::{debug, warn};
 
 use crate::call::{CallContext, Reply};
@@ -28,7 +30,7 @@ use crate::hosted::Hosted;
 use crate::identity::CertificateClaims;
 use crate::peers::PeerSet;
 use crate::policy::{Policy, PolicyCell};
-use crate::wire::{FrameReader, MAX_CHUNK_BYTES, write_chunk, write_head, write_message};
+use crate::wire::{FrameReader, write_head, write_message};
 
 /// Serves the streams of a reserved service (`_control` on a gateway). The request head was read
 /// already; the handler owns the stream from here.
@@ -75,7 +77,9 @@ struct Admission {
 
 /// What a stream carries.
 enum Incoming {
-    Call(Box<CallContext>),
+    /// A call; a TCP tunnel when the first flag says so; with no deadline from the caller when
+    /// the second does (a streamed call: each step is bounded instead).
+    Call(Box<CallContext>, bool, bool),
     Reserved(Arc<dyn ReservedService>),
 }
 
@@ -133,7 +137,7 @@ impl Server {
         let read =
             tokio::time::timeout_at(deadline, self.read_head(caller.clone(), &mut reader)).await;
         let reply = match read {
-            Ok(Ok(Incoming::Call(ctx))) => {
+            Ok(Ok(Incoming::Call(ctx, tunnel, no_deadline))) => {
                 // Admitted before its body is read: a caller the policy refuses never gets a
                 // body buffered.
                 let labels = || self.peers.labels_of(&caller).unwrap_or_default();
@@ -145,8 +149,12 @@ impl Server {
                         }
                         return;
                     }
+                    Ok(()) if tunnel => {
+                        return self.serve_tunnel(*ctx, send, reader).await;
+                    }
                     Ok(()) if ctx.streaming => {
-                        return self.serve_streamed(*ctx, send, reader).await;
+                        let deadline = (!no_deadline).then_some(ctx.deadline);
+                        return self.serve_streamed(*ctx, deadline, send, reader).await;
                     }
                     Ok(()) => {
                         let body = tokio::time::timeout_at(
@@ -222,6 +230,16 @@ impl Server {
                 .min(self.limits.call_timeout.max(Duration::from_secs(3600)))
         };
         let streaming = head.metadata.iter().any(|(k, _)| *k == STREAM_METADATA);
+        let no_deadline = streaming && head.deadline_ms == 0;
+        let tunnel = head.metadata.iter().any(|(k, _)| *k == TUNNEL_METADATA);
+        if tunnel && (streaming || head.method != TUNNEL_METHOD) {
+            return Err(Reply::error(
+                Status::InvalidArgument,
+                format!(
+                    "a TCP tunnel is opened with method {TUNNEL_METHOD} and is not a streamed call"
+                ),
+            ));
+        }
         let caller = match head
             .metadata
             .iter()
@@ -249,7 +267,74 @@ impl Server {
             trace: head.trace,
             streaming,
         };
-        Ok(Incoming::Call(Box::new(ctx)))
+        Ok(Incoming::Call(Box::new(ctx), tunnel, no_deadline))
+    }
+
+    /// Serves a TCP tunnel (admitted already): connects to the service's TCP upstream and carries
+    /// bytes both ways until both sides close, one aborts, or the tunnel is idle; or answers why
+    /// not (`Unavailable` when the upstream refuses: the caller counts it against this endpoint).
+    async fn serve_tunnel(
+        &self,
+        ctx: CallContext,
+        mut send: quinn::SendStream,
+        reader: FrameReader,
+    ) {
+        use crate::upstream::tcp;
+        let service = ctx.service.as_str();
+        let upstream = self.hosted.get(service);
+        let reply = match upstream.as_deref().map(|u| u.tcp_authority()) {
+            None => Reply::error(
+                Status::NotFound,
+                format!("service {service} is not hosted on node {}", self.name),
+            ),
+            Some(None) => Reply::error(
+                Status::InvalidArgument,
+                format!(
+                    "service {service} on node {} is not a TCP service: call it instead",
+                    self.name
+                ),
+            ),
+            Some(Some(authority)) => {
+                let left = ctx
+                    .deadline
+                    .saturating_duration_since(now())
+                    .min(self.limits.connect_timeout);
+                match tcp::connect(authority, left).await {
+                    Ok(stream) => {
+                        if let Err(e) =
+                            write_head(&mut send, &ResponseHead::new(Status::Ok, "")).await
+                        {
+                            debug!("tunnel to {service}: the caller left: {e}");
+                            return;
+                        }
+                        let (recv, leftover) = reader.into_raw();
+                        let ended = tcp::pump(
+                            stream,
+                            send,
+                            recv,
+                            leftover,
+                            self.limits.tcp_idle_timeout,
+                            tcp::End::Upstream,
+                            |_, _| {},
+                        )
+                        .await;
+                        debug!("tunnel from {} to {service} ended: {ended:?}", ctx.caller);
+                        return;
+                    }
+                    Err(e) => Reply::error(
+                        Status::Unavailable,
+                        format!(
+                            "the upstream of {service} on node {} refused: {e}",
+                            self.name
+                        ),
+                    ),
+                }
+            }
+        };
+        let _ = reader.into_inner().stop(0u32.into());
+        if let Err(e) = write_reply(&mut send, reply).await {
+            debug!("could not write a reply: {e}");
+        }
     }
 
     /// A call made on this node for a service it hosts: admitted and served without the network.
@@ -267,56 +352,49 @@ impl Server {
 
     /// Serves a streamed call: an upstream that streams gets the body chunk by chunk and answers
     /// the same way; any other gets the body gathered (up to the body bound) and answers once.
+    /// Without a deadline from the caller, each step must make progress within `call_timeout`.
     async fn serve_streamed(
         &self,
-        ctx: CallContext,
+        mut ctx: CallContext,
+        deadline: Option<std::time::Instant>,
         mut send: quinn::SendStream,
         mut reader: FrameReader,
     ) {
-        let deadline = tokio::time::Instant::from_std(ctx.deadline);
+        let time = crate::call::StreamTime {
+            deadline: deadline.map(Into::into),
+            step: self.limits.call_timeout,
+        };
         let upstream = self.hosted.get(ctx.service.as_str());
         let reply = match upstream {
             Some(up) if up.streams() => {
-                let pump = async {
-                    let write = |e: quinn::WriteError| format!("writing: {e}");
-                    write_head(&mut send, &ResponseHead::new(Status::Ok, ""))
-                        .await
-                        .map_err(write)?;
-                    while let Some(chunk) = reader
-                        .next_frame(MAX_CHUNK_BYTES)
-                        .await
-                        .map_err(|e| format!("reading: {e}"))?
-                    {
-                        write_chunk(&mut send, chunk).await.map_err(write)?;
-                    }
-                    let _ = send.finish();
-                    Ok::<_, String>(())
-                };
-                match tokio::time::timeout_at(deadline, pump).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => debug!("streamed call to {} ended: {e}", ctx.service),
-                    Err(_) => {
-                        let _ = send.reset(0u32.into());
-                    }
+                let max = self.limits.max_stream_bytes;
+                match up
+                    .serve_streamed(&ctx, time, &mut send, &mut reader, max)
+                    .await
+                {
+                    Ok(()) => return,
+                    Err(reply) => reply,
                 }
-                return;
             }
             _ => {
-                let gathered = tokio::time::timeout_at(
-                    deadline,
-                    reader.collect_chunks(self.limits.max_body_bytes),
-                )
-                .await;
+                let gathered = time
+                    .step(reader.collect_chunks(self.limits.max_body_bytes))
+                    .await;
                 match gathered {
-                    Ok(Ok(body)) => self.dispatch_traced(ctx, body).await,
+                    Ok(Ok(body)) => {
+                        if deadline.is_none() {
+                            ctx.deadline = now() + self.limits.call_timeout;
+                        }
+                        self.dispatch_traced(ctx, body).await
+                    }
                     Ok(Err(e)) => Reply::error(Status::InvalidArgument, format!("request: {e}")),
-                    Err(_) => Reply::error(
-                        Status::DeadlineExceeded,
-                        "the streamed body did not arrive within the deadline",
-                    ),
+                    Err(e) => Reply::error(Status::DeadlineExceeded, e.message),
                 }
             }
         };
+        if reply.status == Status::InvalidArgument {
+            let _ = reader.into_inner().stop(0u32.into());
+        }
         if let Err(e) = write_reply(&mut send, reply).await {
             debug!("could not write a reply: {e}");
         }

@@ -176,6 +176,14 @@ impl FrameReader {
     pub fn into_inner(self) -> quinn::RecvStream {
         self.recv
     }
+
+    /// Gives back the stream and the bytes already read past the last whole frame: after a
+    /// tunnel's heads, the stream's raw bytes start with those. Called between frames (after
+    /// [`FrameReader::frame`] returned), never inside one.
+    pub fn into_raw(self) -> (quinn::RecvStream, Bytes) {
+        debug_assert!(self.partial.is_none(), "into_raw inside a frame");
+        (self.recv, self.buf)
+    }
 }
 
 /// Encodes `head` and `body` as two frames and writes them, then ends the stream.

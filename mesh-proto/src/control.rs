@@ -192,6 +192,36 @@ pub struct TelemetryBatch {
     /// Sampled spans and audit events dropped (a batch was full, or the backlog's byte bound was
     /// reached), since start.
     pub lost_items: u64,
+    /// TCP forward counters, as deltas (protocol 3; empty from older nodes).
+    pub tcp: Vec<TcpStats>,
+}
+
+/// Upper bounds (seconds) of the TCP connection duration buckets; a last, implicit bucket holds
+/// everything longer.
+pub const TCP_DURATION_BUCKETS_S: [u64; 8] = [1, 10, 60, 300, 900, 3600, 14_400, 86_400];
+
+/// The connections of one TCP forward (a listen address and the service it reaches), as deltas.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TcpStats {
+    /// The forward's listen address.
+    pub listen: String,
+    /// The service it forwards to.
+    pub service: String,
+    /// Connections carried (a tunnel opened to an endpoint).
+    pub opened: u64,
+    /// Connections that ended (opened ones only).
+    pub closed: u64,
+    /// Connections refused: no endpoint, denied, over a rate limit, the upstream unreachable.
+    pub refused: u64,
+    /// Bytes from the local client to the service.
+    pub bytes_to_service: u64,
+    /// Bytes from the service to the local client.
+    pub bytes_from_service: u64,
+    /// Summed duration of the connections that ended, milliseconds.
+    pub duration_ms: u64,
+    /// Ended connections per duration bucket ([`TCP_DURATION_BUCKETS_S`], then one for longer),
+    /// not cumulative.
+    pub buckets: Vec<u64>,
 }
 
 /// How often a policy rule decided one way since the previous batch.
@@ -273,14 +303,72 @@ pub struct AuditEvent {
     pub fields: Vec<(String, String)>,
 }
 
-/// Decodes a frame a node sent: the current shape, or the shape protocol 1 nodes send (their
-/// missing fields read as unknown: boot id 0, no bundle reference, zero counts).
+/// Decodes a frame a node sent: the current shape, the telemetry batch of protocol 2 nodes (no
+/// TCP counters), or the shape protocol 1 nodes send (their missing fields read as unknown: boot
+/// id 0, no bundle reference, zero counts).
 pub fn decode_up(bytes: &[u8]) -> Result<Up, postcard::Error> {
     postcard::from_bytes::<Up>(bytes).or_else(|e| {
+        if bytes.first() == Some(&TELEMETRY_TAG)
+            && let Ok(b) = postcard::from_bytes::<(u8, v2::TelemetryBatch)>(bytes)
+        {
+            return Ok(Up::Telemetry(b.1.into()));
+        }
         postcard::from_bytes::<v1::Up>(bytes)
             .map(Up::from)
             .map_err(|_| e)
     })
+}
+
+/// The postcard tag of [`Up::Telemetry`].
+const TELEMETRY_TAG: u8 = 4;
+
+/// The telemetry batch of protocol 2, before TCP counters.
+pub mod v2 {
+    use alloc::vec::Vec;
+
+    use serde::{Deserialize, Serialize};
+
+    use super::{AuditEvent, CallStats, Resources, RuleCount, Span};
+
+    /// A batch, protocol 2.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct TelemetryBatch {
+        /// Its number.
+        pub seq: u64,
+        /// Batches dropped.
+        pub dropped: u64,
+        /// Counters.
+        pub calls: Vec<CallStats>,
+        /// Resource use.
+        pub resources: Resources,
+        /// Spans.
+        pub spans: Vec<Span>,
+        /// Audit events.
+        pub audit: Vec<AuditEvent>,
+        /// Rule counts.
+        pub rules: Vec<RuleCount>,
+        /// Calls folded.
+        pub folded: u64,
+        /// Items lost.
+        pub lost_items: u64,
+    }
+
+    impl From<TelemetryBatch> for super::TelemetryBatch {
+        fn from(b: TelemetryBatch) -> Self {
+            super::TelemetryBatch {
+                seq: b.seq,
+                dropped: b.dropped,
+                calls: b.calls,
+                resources: b.resources,
+                spans: b.spans,
+                audit: b.audit,
+                rules: b.rules,
+                folded: b.folded,
+                lost_items: b.lost_items,
+                tcp: Vec::new(),
+            }
+        }
+    }
 }
 
 /// Decodes a frame a gateway sent: the current shape, or the shape a protocol 1 gateway sends (a
@@ -422,6 +510,7 @@ impl From<v1::Up> for Up {
                 rules: b.rules,
                 folded: 0,
                 lost_items: 0,
+                tcp: Vec::new(),
             }),
         }
     }
@@ -609,6 +698,17 @@ mod tests {
             }],
             folded: 6,
             lost_items: 8,
+            tcp: vec![TcpStats {
+                listen: "l".into(),
+                service: "s".into(),
+                opened: 1,
+                closed: 2,
+                refused: 3,
+                bytes_to_service: 4,
+                bytes_from_service: 5,
+                duration_ms: 6,
+                buckets: vec![7],
+            }],
         });
         assert_eq!(
             bytes(&batch),
@@ -620,9 +720,26 @@ mod tests {
                 1, 9, 1, b'k', 0, // one audit event
                 1, 1, b'r', 1, b'a', 4, // one rule count
                 6, 8, // folded, lost items
+                1, 1, b'l', 1, b's', 1, 2, 3, 4, 5, 6, 1, 7, // one TCP forward
             ]
         );
         let back: Up = postcard::from_bytes(&bytes(&batch)).expect("decode");
         assert_eq!(back, batch);
+    }
+
+    #[test]
+    fn a_protocol_2_batch_reads_with_no_tcp_counters_and_keeps_its_other_fields() {
+        let Up::Telemetry(mut current) = decode_up(&[
+            4, 1, 0, 0, 1, 2, 3, 0, 0, 0, 6, 8, // seq 1 .. folded 6, lost items 8, no TCP
+        ])
+        .expect("a protocol 2 batch decodes") else {
+            panic!("not telemetry")
+        };
+        assert_eq!((current.folded, current.lost_items), (6, 8));
+        assert!(current.tcp.is_empty());
+        // The current shape round-trips, TCP counters included.
+        current.tcp.push(TcpStats::default());
+        let encoded = bytes(&Up::Telemetry(current.clone()));
+        assert_eq!(decode_up(&encoded).expect("decode"), Up::Telemetry(current));
     }
 }

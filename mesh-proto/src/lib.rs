@@ -62,7 +62,10 @@ pub use types::{
 /// - 2: streamed calls (a request flagged with [`STREAM_METADATA`] carries its body as any number
 ///   of frames until the stream ends, and is answered the same way); a node sends a new hello on a
 ///   new unidirectional stream when its hosted services change.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// - 3: TCP tunnels (a request flagged with [`TUNNEL_METADATA`], method [`TUNNEL_METHOD`]: after
+///   the answer's head, the stream carries the connection's raw bytes both ways, and each side's
+///   end of stream is that side's half-close); telemetry batches carry TCP forward counters.
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The oldest protocol version a node still speaks; a peer below it is refused with a reason.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
@@ -70,6 +73,13 @@ pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// The metadata entry that marks a streamed call (protocol 2). Metadata keys starting with `:` are
 /// the mesh's own: a node refuses them from apps and never passes them to an upstream.
 pub const STREAM_METADATA: &str = ":stream";
+
+/// The metadata entry that marks a TCP tunnel (protocol 3): one TCP connection carried on the
+/// stream, as raw bytes after the heads.
+pub const TUNNEL_METADATA: &str = ":tunnel";
+
+/// The method a TCP tunnel is opened with: what authorization rules and rate limits name.
+pub const TUNNEL_METHOD: &str = "connect";
 
 /// The ALPN every Starling QUIC connection negotiates.
 pub const ALPN: &[u8] = b"starling/1";

@@ -308,7 +308,10 @@ impl NodeProc {
             .args(&prefix[1..])
             .args(["run", "--config"])
             .arg(config)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("STARLING_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -44,26 +44,24 @@ async fn calls_cross_the_memory_network() {
     assert_eq!(a.peers()[0].protocol, mesh_proto::PROTOCOL_VERSION);
 }
 
-/// A streamed call carries 16 MiB through a node whose body bound is 1 MiB: nothing is buffered
-/// whole, chunk by chunk both ways.
+/// A streamed call carries 16 MiB, four times the default body bound: nothing is buffered whole,
+/// chunk by chunk both ways (and no deadline ends it while it makes progress).
 #[tokio::test]
 async fn a_streamed_call_carries_more_than_the_body_bound_chunk_by_chunk() {
     let (net, pki) = (MemoryNetwork::new(), Pki::new());
-    let small = "[limits]\nmax_body_bytes = 1048576\n";
-    let b = node(&net, &pki, "node-b", &format!("{ECHO}{small}"));
-    let a = node(&net, &pki, "node-a", &format!("{}{small}", peer(&b)));
+    let b = node(&net, &pki, "node-b", ECHO);
+    let a = node(&net, &pki, "node-a", &peer(&b));
     assert!(a.wait_for_service("echo", UP).await);
 
     // The unary shape refuses it: the bound holds.
-    let too_big = starling_tests::random_bytes(2 * 1024 * 1024, 1);
+    let too_big = starling_tests::random_bytes(5 * 1024 * 1024, 1);
     let refused = a.call("echo", "say", too_big).await.expect_err("bound");
     assert_eq!(refused.status, Status::InvalidArgument);
 
-    let options = CallOptions {
-        timeout: Some(Duration::from_secs(60)),
-        ..CallOptions::default()
-    };
-    let call = a.call_stream("echo", "say", &options).await.expect("open");
+    let call = a
+        .call_stream("echo", "say", &CallOptions::default())
+        .await
+        .expect("open");
     let (mut up, mut down) = call.split();
     let total = 16 * 1024 * 1024;
     let chunk = starling_tests::random_bytes(256 * 1024, 7);
@@ -92,6 +90,74 @@ async fn a_streamed_call_carries_more_than_the_body_bound_chunk_by_chunk() {
     };
     let ((), received) = tokio::join!(sender, receiver);
     assert_eq!(received, total);
+}
+
+/// `limits.max_body_bytes`, when a config sets it, bounds a streamed body's total too: on the
+/// caller (its send past the bound fails, and the callee sees a reset, not a shorter body) and on
+/// the callee (it resets a stream that brings more, whatever the caller allows).
+#[tokio::test]
+async fn a_set_body_bound_bounds_streamed_totals_on_both_sides() {
+    let (net, pki) = (MemoryNetwork::new(), Pki::new());
+    let small = "[limits]\nmax_body_bytes = 1048576\n";
+    let b = node(&net, &pki, "node-b", &format!("{ECHO}{small}"));
+    let a = node(&net, &pki, "node-a", &format!("{}{small}", peer(&b)));
+    let c = node(&net, &pki, "node-c", &peer(&b));
+    assert!(a.wait_for_service("echo", UP).await);
+    assert!(c.wait_for_service("echo", UP).await);
+    let chunk = starling_tests::random_bytes(256 * 1024, 9);
+
+    let call = a
+        .call_stream("echo", "say", &CallOptions::default())
+        .await
+        .expect("open");
+    let (mut up, mut down) = call.split();
+    let drain = tokio::spawn(async move { while let Ok(Some(_)) = down.recv().await {} });
+    let mut refused = None;
+    for _ in 0..8 {
+        if let Err(e) = up.send(chunk.clone()).await {
+            refused = Some(e);
+            break;
+        }
+    }
+    let refused = refused.expect("the caller's bound held");
+    assert_eq!(refused.status, Status::ResourceExhausted);
+    assert!(
+        refused.message.contains("max_body_bytes"),
+        "{}",
+        refused.message
+    );
+    let _ = drain.await;
+
+    // node-c sets no bound; node-b does, and cuts the stream past it.
+    let call = c
+        .call_stream("echo", "say", &CallOptions::default())
+        .await
+        .expect("open");
+    let (mut up, mut down) = call.split();
+    let sender = async {
+        for _ in 0..8 {
+            if up.send(chunk.clone()).await.is_err() {
+                return;
+            }
+        }
+        up.finish();
+    };
+    let receiver = async {
+        let mut received = 0;
+        loop {
+            match down.recv().await {
+                Ok(Some(part)) => received += part.len(),
+                Ok(None) => return Ok(received),
+                Err(e) => return Err((received, e)),
+            }
+        }
+    };
+    let ((), answer) = tokio::join!(sender, receiver);
+    let (received, _) = answer.expect_err("the callee's bound cut the stream");
+    assert!(
+        received <= 1024 * 1024,
+        "{received} bytes echoed past the bound"
+    );
 }
 
 /// Hosted services are one value that changes at runtime: peers learn of a new service and of

@@ -8,17 +8,19 @@
 //!
 //! - `serial:///dev/ttyUSB0?baud=115200`: a microcontroller running `firmware-shim` on a serial
 //!   line ([`serial`]); the service is hosted while the microcontroller announces it.
-//!
-//! `tcp://` upstreams are named in the design and refused by this build with a clear error until
-//! they land.
+//! - `tcp://host:port`: a service that speaks its own protocol over TCP, reached through TCP
+//!   forwards on the calling nodes, one tunnel per connection (`tcp`).
 
 mod builtin;
 mod http;
 pub mod serial;
+pub(crate) mod tcp;
 
 use bytes::Bytes;
+use mesh_proto::{ResponseHead, Status};
 
-use crate::call::{CallContext, Reply};
+use crate::call::{CallContext, Reply, StreamTime};
+use crate::wire::{FrameReader, MAX_CHUNK_BYTES, write_chunk, write_head};
 
 pub(crate) use builtin::Builtin;
 use http::HttpUpstream;
@@ -45,6 +47,11 @@ pub enum UpstreamSpec {
         baud: u32,
         /// The file of the key shared with the microcontroller, if frames are authenticated.
         key: Option<std::path::PathBuf>,
+    },
+    /// `tcp://host:port`.
+    Tcp {
+        /// `host:port`.
+        authority: String,
     },
 }
 
@@ -82,12 +89,11 @@ impl std::str::FromStr for UpstreamSpec {
             return Ok(UpstreamSpec::Serial { path, baud, key });
         }
         if s.starts_with("tcp://") {
-            return Err(format!(
-                "{s:?}: tcp:// upstreams are not supported by this build yet"
-            ));
+            return tcp::parse(s).map(|authority| UpstreamSpec::Tcp { authority });
         }
         Err(format!(
-            "{s:?} is not an upstream; use http://host:port, builtin:echo or builtin:health"
+            "{s:?} is not an upstream; use http://host:port, tcp://host:port, \
+             serial:///dev/<tty>, builtin:echo or builtin:health"
         ))
     }
 }
@@ -104,6 +110,8 @@ enum Kind {
     Serial(std::sync::Arc<serial::SerialLink>),
     /// A serial upstream made without its link (a node hosts those through their link only).
     Unlinked,
+    /// A TCP service: reached through tunnels, never by calls.
+    Tcp(String),
 }
 
 impl Upstream {
@@ -116,6 +124,7 @@ impl Upstream {
                 Kind::Http(HttpUpstream::new(authority.clone(), prefix.clone()))
             }
             UpstreamSpec::Serial { .. } => Kind::Unlinked,
+            UpstreamSpec::Tcp { authority } => Kind::Tcp(authority.clone()),
         };
         Upstream { spec, kind }
     }
@@ -146,7 +155,70 @@ impl Upstream {
 
     /// Whether it can take a streamed body chunk by chunk (else the body is gathered first).
     pub(crate) fn streams(&self) -> bool {
-        matches!(self.kind, Kind::Builtin(Builtin::Echo))
+        matches!(self.kind, Kind::Builtin(Builtin::Echo) | Kind::Http(_))
+    }
+
+    /// Serves a streamed call chunk by chunk (an upstream that [`streams`](Self::streams)); `Err`
+    /// is the reply to write when nothing was written yet.
+    pub(crate) async fn serve_streamed(
+        &self,
+        ctx: &CallContext,
+        time: StreamTime,
+        send: &mut quinn::SendStream,
+        reader: &mut FrameReader,
+        max: Option<u64>,
+    ) -> Result<(), Reply> {
+        match &self.kind {
+            Kind::Http(h) => h.serve_streamed(ctx, time, send, reader, max).await,
+            // The echo answers each chunk as it comes.
+            _ => {
+                let write = |e: quinn::WriteError| {
+                    Reply::error(Status::Unavailable, format!("the caller left: {e}"))
+                };
+                write_head(send, &ResponseHead::new(Status::Ok, ""))
+                    .await
+                    .map_err(write)?;
+                let mut total = 0u64;
+                loop {
+                    let chunk = match time.step(reader.next_frame(MAX_CHUNK_BYTES)).await {
+                        Ok(Ok(Some(chunk))) => chunk,
+                        Ok(Ok(None)) => break,
+                        Ok(Err(e)) => {
+                            tracing::debug!("streamed call to {} ended: {e}", ctx.service);
+                            let _ = send.reset(0u32.into());
+                            return Ok(());
+                        }
+                        Err(e) => {
+                            tracing::debug!(
+                                "streamed call to {} ended: {}",
+                                ctx.service,
+                                e.message
+                            );
+                            let _ = send.reset(0u32.into());
+                            return Ok(());
+                        }
+                    };
+                    total += chunk.len() as u64;
+                    if max.is_some_and(|max| total > max) {
+                        let _ = send.reset(0u32.into());
+                        return Ok(());
+                    }
+                    if write_chunk(send, chunk).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                let _ = send.finish();
+                Ok(())
+            }
+        }
+    }
+
+    /// The `host:port` of a TCP service.
+    pub(crate) fn tcp_authority(&self) -> Option<&str> {
+        match &self.kind {
+            Kind::Tcp(authority) => Some(authority),
+            _ => None,
+        }
     }
 
     /// Serves one call. The caller applies the deadline.
@@ -158,6 +230,14 @@ impl Upstream {
             Kind::Unlinked => Reply::error(
                 mesh_proto::Status::Unavailable,
                 "a serial upstream is hosted through its line's link",
+            ),
+            Kind::Tcp(authority) => Reply::error(
+                mesh_proto::Status::InvalidArgument,
+                format!(
+                    "{} is a TCP service (tcp://{authority}): reach it through a TCP forward \
+                     ([[forwards]] in the node's config, or `mesh-node forward`), not by calls",
+                    ctx.service
+                ),
             ),
         }
     }
@@ -185,9 +265,11 @@ mod tests {
             })
         );
         assert!("http://nohost".parse::<UpstreamSpec>().is_err());
-        let e = "tcp://127.0.0.1:502"
-            .parse::<UpstreamSpec>()
-            .expect_err("later");
-        assert!(e.contains("not supported"), "{e}");
+        assert_eq!(
+            "tcp://127.0.0.1:502".parse(),
+            Ok(UpstreamSpec::Tcp {
+                authority: "127.0.0.1:502".into()
+            })
+        );
     }
 }

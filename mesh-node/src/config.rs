@@ -950,6 +950,58 @@ addr = "127.0.0.1:7401"
     }
 
     #[test]
+    fn forwards_parse_and_their_errors_name_line_and_key() {
+        let forwards = "[[forwards]]\nlisten = \"127.0.0.1:1502\"\nservice = \"plc\"\n\
+                        idle_timeout_ms = 60000\n\
+                        [[forwards]]\nlisten = \"0.0.0.0:2222\"\nservice = \"ssh\"\nallow_remote = true\n";
+        let c = parse(&format!("{GOOD}{forwards}")).expect("valid");
+        assert_eq!(c.forwards.len(), 2);
+        let (plc, ssh) = (&c.forwards[0], &c.forwards[1]);
+        assert_eq!(plc.listen, "127.0.0.1:1502".parse().expect("addr"));
+        assert_eq!(plc.service.as_str(), "plc");
+        assert_eq!(plc.idle_timeout, Duration::from_secs(60));
+        assert_eq!(
+            (plc.line, plc.max_connections, plc.allow_remote),
+            (17, 256, false)
+        );
+        assert!(ssh.allow_remote);
+
+        // Another host's connections only when asked for.
+        let remote = "[[forwards]]\nlisten = \"0.0.0.0:1502\"\nservice = \"plc\"\n";
+        let (line, key, m) = invalid(&format!("{GOOD}{remote}"));
+        assert_eq!((line, key.as_str()), (17, "forwards[0].listen"));
+        assert!(m.contains("allow_remote"), "{m}");
+        let twice = "[[forwards]]\nlisten = \"127.0.0.1:1502\"\nservice = \"a\"\n\
+                     [[forwards]]\nlisten = \"127.0.0.1:1502\"\nservice = \"b\"\n";
+        let (line, key, _) = invalid(&format!("{GOOD}{twice}"));
+        assert_eq!((line, key.as_str()), (20, "forwards[1].listen"));
+        let bad_name = "[[forwards]]\nlisten = \"127.0.0.1:1502\"\nservice = \"p l c\"\n";
+        let (line, key, _) = invalid(&format!("{GOOD}{bad_name}"));
+        assert_eq!((line, key.as_str()), (18, "forwards[0].service"));
+        let zero =
+            "[[forwards]]\nlisten = \"127.0.0.1:1502\"\nservice = \"plc\"\nidle_timeout_ms = 0\n";
+        let (line, key, _) = invalid(&format!("{GOOD}{zero}"));
+        assert_eq!((line, key.as_str()), (19, "forwards[0].idle_timeout_ms"));
+        let unknown = "[[forwards]]\nlisten = \"127.0.0.1:1502\"\nservice = \"plc\"\nport = 1\n";
+        let (line, key, _) = invalid(&format!("{GOOD}{unknown}"));
+        assert_eq!((line, key.as_str()), (19, "forwards.port"));
+    }
+
+    #[test]
+    fn a_tcp_upstream_names_line_and_key_when_bad() {
+        let (line, key, m) = invalid(&GOOD.replace("builtin:echo", "tcp://127.0.0.1"));
+        assert_eq!((line, key.as_str()), (13, "services[0].upstream"));
+        assert!(m.contains("tcp://127.0.0.1:502"), "{m}");
+        let c = parse(&GOOD.replace("builtin:echo", "tcp://127.0.0.1:502")).expect("valid");
+        assert_eq!(
+            c.services[0].upstream,
+            UpstreamSpec::Tcp {
+                authority: "127.0.0.1:502".into()
+            }
+        );
+    }
+
+    #[test]
     fn missing_key_is_named() {
         let (_, key, message) = invalid(&GOOD.replace("ca = \"certs/ca.crt\"\n", ""));
         assert_eq!(key, "identity.ca");

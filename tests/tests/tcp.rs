@@ -423,7 +423,7 @@ fn tcp_metrics_text(admin: SocketAddr) -> String {
     starling_tests::http_get_blocking(admin, "/metrics")
         .unwrap_or_else(|e| e)
         .lines()
-        .filter(|l| l.contains("tcp") || l.contains("connect"))
+        .filter(|l| l.contains("tcp") || l.contains("connect") || l.contains("rule_total"))
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -508,17 +508,16 @@ async fn an_upstream_that_refuses_trips_the_breaker_and_the_forward_fails_over()
     let (gw, admin) = gateway(&pki, ALLOW);
     let echo = echo_upstream().await;
     let dead = SocketAddr::from(([127, 0, 0, 1], closed_tcp_port()));
-    let good = NodeProc::start(
-        "good",
-        &node_conf(&pki, "good", gw.quic, &tcp_service("plc", echo)),
-    );
-    let bad = NodeProc::start(
-        "bad",
-        &node_conf(&pki, "bad", gw.quic, &tcp_service("plc", dead)),
-    );
+    let zoned = |name: &str, zone: &str, extra: &str| {
+        let path = pki.labeled_config(name, &[("zone", zone)], &format!("{extra}{FAST}"));
+        prepend(&path, &format!("gateway = \"{}\"\n", gw.quic));
+        path
+    };
+    let good = NodeProc::start("good", &zoned("good", "hall-2", &tcp_service("plc", echo)));
+    let bad = NodeProc::start("bad", &zoned("bad", "hall-1", &tcp_service("plc", dead)));
     let a = NodeProc::start(
         "node-a",
-        &node_conf(&pki, "node-a", gw.quic, &forward_to("plc", &[&good, &bad])),
+        &zoned("node-a", "hall-1", &forward_to("plc", &[&good, &bad])),
     );
     wait_endpoints(&a, "plc", 2);
     let fwd = forward_addr(&a, "plc");
@@ -543,7 +542,12 @@ async fn an_upstream_that_refuses_trips_the_breaker_and_the_forward_fails_over()
         (ejected >= 1.0).then_some(text)
     })
     .await
-    .expect("the bad endpoint was ejected");
+    .unwrap_or_else(|| {
+        panic!(
+            "the bad endpoint was never ejected:\n{}",
+            tcp_metrics_text(admin)
+        )
+    });
     // Every failed opening was counted against the bad endpoint, and retried elsewhere.
     let retried = metric(
         &text,
@@ -796,4 +800,73 @@ async fn a_gigabyte_streams_through_the_ingress_in_bounded_memory() {
         "the stalled client's call was never torn down"
     );
     drop(slow);
+}
+
+/// `mesh-node forward`: a technician's one-off node that carries a local port to a service until
+/// Ctrl-C; it refuses to listen beyond loopback unless told to, with a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_node_forward_carries_a_technicians_connection_until_ctrl_c() {
+    let pki = Pki::new();
+    let echo = echo_upstream().await;
+    let b = NodeProc::start("node-b", &pki.config("node-b", &tcp_service("plc", echo)));
+    let tech = pki.config("tech", &format!("[[peers]]\naddr = \"{}\"\n", b.quic));
+    let tech = tech.display().to_string();
+
+    let (ok, out) = starling_tests::run_bin(
+        "mesh-node",
+        &[
+            "forward",
+            "--config",
+            &tech,
+            "--service",
+            "plc",
+            "--listen",
+            "0.0.0.0:0",
+        ],
+    );
+    assert!(!ok);
+    assert!(out.contains("--allow-remote"), "{out}");
+
+    let mut child = tokio::process::Command::new(starling_tests::bin("mesh-node"))
+        .args(["forward", "--config", &tech, "--service", "plc"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("mesh-node forward");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = tokio::io::BufReader::new(stdout);
+    let mut line = String::new();
+    tokio::time::timeout(
+        UP,
+        tokio::io::AsyncBufReadExt::read_line(&mut lines, &mut line),
+    )
+    .await
+    .expect("it says where it listens")
+    .expect("read");
+    let addr: SocketAddr = line
+        .trim()
+        .strip_prefix("forwarding ")
+        .unwrap_or_else(|| panic!("{line:?}"))
+        .parse()
+        .expect("address");
+    // Once the technician's node has found node-b, a connection goes through.
+    let echoed = eventually(UP, async || {
+        let mut conn = TcpStream::connect(addr).await.ok()?;
+        conn.write_all(b"status?").await.ok()?;
+        conn.shutdown().await.ok()?;
+        let mut back = Vec::new();
+        conn.read_to_end(&mut back).await.ok()?;
+        (back == b"status?").then_some(())
+    })
+    .await;
+    assert!(echoed.is_some(), "the forward never carried a connection");
+    let pid = child.id().expect("pid").to_string();
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status();
+    let status = tokio::time::timeout(UP, child.wait())
+        .await
+        .expect("it stops on Ctrl-C")
+        .expect("wait");
+    assert!(status.success(), "{status}");
 }

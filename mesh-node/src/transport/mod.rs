@@ -526,6 +526,10 @@ pub(crate) fn quic_configs(
     quic_configs_with(identity, limits, false)
 }
 
+/// Bytes a peer may send on one connection that this node has not read yet, over all its
+/// streams.
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 8 * 1024 * 1024;
+
 /// [`quic_configs`]; with `enrolment`, the server also takes enrolment connections.
 pub(crate) fn quic_configs_with(
     identity: &Identity,
@@ -534,6 +538,10 @@ pub(crate) fn quic_configs_with(
 ) -> Result<(quinn::ServerConfig, quinn::ClientConfig), BindError> {
     let mut transport = quinn::TransportConfig::default();
     transport
+        // quinn bounds each stream's unread data (1.25 MB) but not a connection's: a peer with
+        // 256 streams into a slow upstream (TCP tunnels) could make this node hold 320 MB. Bounded
+        // per connection instead; one stream still gets its whole window.
+        .receive_window(CONNECTION_RECEIVE_WINDOW.into())
         .keep_alive_interval(Some(limits.keep_alive))
         .max_idle_timeout(limits.idle_timeout.try_into().ok())
         .max_concurrent_bidi_streams(limits.max_concurrent_calls.into())

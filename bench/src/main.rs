@@ -7,7 +7,8 @@
 //!
 //! Paths: raw UDP echo (the floor), raw quinn with mutual TLS and one bidirectional stream per call
 //! (the transport's own cost), a Starling call through the Rust API, a Starling call through the
-//! local HTTP ingress to an HTTP upstream, and (feature `zenoh`) zenoh get/queryable.
+//! local HTTP ingress to an HTTP upstream, and (feature `zenoh`) zenoh get/queryable. TCP through a
+//! forward next to direct TCP and raw quinn (`tcp_forward`).
 //!
 //! `scripts/bench.sh` runs it; results go to `bench-results/` as JSON and to stdout as a table.
 
@@ -18,6 +19,7 @@ mod gateway_scale;
 mod paths;
 mod serial_line;
 mod stats;
+mod tcp_forward;
 
 use std::path::PathBuf;
 
@@ -68,6 +70,9 @@ struct Args {
     /// the cloud figures, which need mosquitto.
     #[arg(long, default_value_t = 72_000)]
     cloud_backlog: usize,
+    /// Interleaved rounds of the TCP forward figures (64 MiB upload, round trips); 0 skips them.
+    #[arg(long, default_value_t = 3)]
+    tcp_rounds: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -135,6 +140,16 @@ fn main() -> anyhow::Result<()> {
     }
     eprintln!("measuring handshakes");
     let handshake = client_rt.block_on(fixture.handshakes(args.handshakes))?;
+    let tcp = if args.tcp_rounds == 0 {
+        None
+    } else {
+        eprintln!("measuring TCP through a forward, directly and over raw quinn");
+        Some(
+            client_rt
+                .block_on(tcp_forward::measure(args.tcp_rounds))
+                .context("tcp forward")?,
+        )
+    };
     let footprint = if args.no_footprint {
         None
     } else {
@@ -184,6 +199,7 @@ fn main() -> anyhow::Result<()> {
         discovery,
         scale,
         cloud,
+        tcp,
     };
     let serial = if args.serial_calls > 0 {
         eprintln!("measuring calls over a serial line");

@@ -77,37 +77,10 @@ pub struct Fixture {
 
 impl Fixture {
     pub async fn start() -> anyhow::Result<Fixture> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("server".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("server runtime");
-                tx.send(rt.handle().clone()).expect("handle");
-                rt.block_on(std::future::pending::<()>());
-            })?;
-        let server = rx.recv()?;
-
+        let server = server_thread()?;
         let dir = tempfile::tempdir()?;
         let ca = Ca::generate("bench.local")?;
-        let identity = |name: &str| -> anyhow::Result<(NodeConfig, Identity)> {
-            let nd = dir.path().join(name);
-            ca.issue_node(name, 1)?
-                .save(&nd.join("certs"), ca.cert_pem())?;
-            let path = nd.join("node.toml");
-            std::fs::write(
-                &path,
-                format!(
-                    "name = \"{name}\"\nlisten = \"127.0.0.1:0\"\ningress = \"127.0.0.1:0\"\nlog = \"warn\"\nstate_dir = \"state\"\n\
-                     [identity]\ncert = \"certs/node.crt\"\nkey = \"certs/node.key\"\nca = \"certs/ca.crt\"\n[discovery]\nmdns = false\n"
-                ),
-            )?;
-            let config = NodeConfig::load(&path)?;
-            let id = config.load_identity()?;
-            Ok((config, id))
-        };
+        let identity = |name: &str| node_config(dir.path(), &ca, name);
 
         // Raw UDP echo server.
         let udp_sock = server
@@ -344,6 +317,46 @@ impl Fixture {
         let _ = self.server.spawn(async move { b.shutdown().await }).await;
         self.quinn_client.close(0u32.into(), b"");
     }
+}
+
+/// A thread with a single-threaded runtime of its own (the "server" side of every path, as on a
+/// device); returns its handle.
+pub fn server_thread() -> anyhow::Result<tokio::runtime::Handle> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("server".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("server runtime");
+            tx.send(rt.handle().clone()).expect("handle");
+            rt.block_on(std::future::pending::<()>());
+        })?;
+    Ok(rx.recv()?)
+}
+
+/// A node `name` of the mesh of `ca`, its folder under `dir`: its config (loopback, no mDNS) and
+/// its identity.
+pub fn node_config(
+    dir: &std::path::Path,
+    ca: &Ca,
+    name: &str,
+) -> anyhow::Result<(NodeConfig, Identity)> {
+    let nd = dir.join(name);
+    ca.issue_node(name, 1)?
+        .save(&nd.join("certs"), ca.cert_pem())?;
+    let path = nd.join("node.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "name = \"{name}\"\nlisten = \"127.0.0.1:0\"\ningress = \"127.0.0.1:0\"\nlog = \"warn\"\nstate_dir = \"state\"\n\
+             [identity]\ncert = \"certs/node.crt\"\nkey = \"certs/node.key\"\nca = \"certs/ca.crt\"\n[discovery]\nmdns = false\n"
+        ),
+    )?;
+    let config = NodeConfig::load(&path)?;
+    let id = config.load_identity()?;
+    Ok((config, id))
 }
 
 /// The largest payload a path carries: 4 MiB, the node's default body bound.

@@ -83,6 +83,7 @@ pub struct Report {
     pub discovery: Option<crate::discovery::DiscoveryFigures>,
     pub scale: Vec<crate::gateway_scale::ScaleFigures>,
     pub cloud: Option<crate::cloud_bridge::CloudFigures>,
+    pub tcp: Option<crate::tcp_forward::TcpFigures>,
 }
 
 fn us(d: Duration) -> f64 {
@@ -183,6 +184,9 @@ impl Report {
         }
         if let Some(c) = &self.cloud {
             c.print();
+        }
+        if let Some(t) = &self.tcp {
+            t.print();
         }
         println!("\ngoals (ratios from this run):");
         for (goal, ok, detail) in self.goals() {
@@ -321,6 +325,7 @@ impl Report {
             "discovery": self.discovery.as_ref().map(crate::discovery::DiscoveryFigures::json),
             "gateway_scale": self.scale.iter().map(crate::gateway_scale::ScaleFigures::json).collect::<Vec<_>>(),
             "cloud_bridge": self.cloud.as_ref().map(crate::cloud_bridge::CloudFigures::json),
+            "tcp_forward": self.tcp.as_ref().map(crate::tcp_forward::TcpFigures::json),
             "goals": goals,
         });
         let latest = dir.join("latest.json");

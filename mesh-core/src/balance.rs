@@ -189,6 +189,14 @@ impl<K: Clone + Eq + Hash> Balancer<K> {
         })
     }
 
+    /// Gives back the slot of a call to `k` that ended with no outcome to learn from (its caller
+    /// gave up on it before any answer).
+    pub fn cancel(&mut self, k: &K) {
+        if let Some(state) = self.states.get_mut(k) {
+            state.in_flight = state.in_flight.saturating_sub(1);
+        }
+    }
+
     /// Records the end of a call to `k` picked by [`Balancer::pick`].
     pub fn finish(&mut self, k: &K, latency: Duration, ok: bool, now: Instant) -> Outcome {
         let config = self.config.clone();
@@ -256,6 +264,29 @@ mod tests {
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         *seed >> 33
+    }
+
+    #[test]
+    fn a_cancelled_call_gives_its_slot_back_and_teaches_nothing() {
+        let t0 = Instant::now();
+        let mut b: Balancer<u32> = Balancer::new(BalanceConfig {
+            max_in_flight: 1,
+            ..BalanceConfig::default()
+        });
+        let one = [1u32];
+        let candidates = || one.iter().map(|k| (*k, None::<&str>)).collect::<Vec<_>>();
+        assert_eq!(b.pick(&candidates(), None, t0, 1, 2), Some(1));
+        assert_eq!(
+            b.pick(&candidates(), None, t0, 1, 2),
+            None,
+            "the slot is taken"
+        );
+        b.cancel(&1);
+        assert_eq!(
+            b.pick(&candidates(), None, t0, 1, 2),
+            Some(1),
+            "the slot came back"
+        );
     }
 
     #[test]

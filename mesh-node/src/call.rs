@@ -215,6 +215,20 @@ pub struct CallReceiver {
     time: StreamTime,
     received: u64,
     max: Option<u64>,
+    /// Told once how the call went: the answer's status when its head arrives, or `None` when the
+    /// receiver is dropped before it (the call is counted, and its endpoint's slot given back).
+    on_head: Option<HeadHook>,
+}
+
+/// What a streamed call reports when its answer's head arrives (or never does).
+pub(crate) type HeadHook = Box<dyn FnOnce(Option<Status>) + Send>;
+
+impl Drop for CallReceiver {
+    fn drop(&mut self) {
+        if let Some(hook) = self.on_head.take() {
+            hook(None);
+        }
+    }
 }
 
 impl CallStream {
@@ -223,6 +237,7 @@ impl CallStream {
         recv: quinn::RecvStream,
         time: StreamTime,
         max: Option<u64>,
+        on_head: Option<HeadHook>,
     ) -> Self {
         CallStream {
             sender: CallSender {
@@ -237,6 +252,7 @@ impl CallStream {
                 time,
                 received: 0,
                 max,
+                on_head,
             },
         }
     }
@@ -329,14 +345,19 @@ impl CallReceiver {
         if let Some(head) = &self.head {
             return Ok(head.clone());
         }
-        let bytes = match self.time.step(self.reader.frame(MAX_HEAD_BYTES)).await? {
-            Ok(b) => b,
-            Err(e) => return Err(read_failed(&e)),
+        let head = match self.time.step(self.reader.frame(MAX_HEAD_BYTES)).await {
+            Ok(Ok(bytes)) => decode_head::<ResponseHead<'_>>(&bytes)
+                .map(|h| (h.status, h.message.to_owned()))
+                .map_err(|e| {
+                    CallError::new(Status::Internal, format!("bad answer head from peer: {e}"))
+                }),
+            Ok(Err(e)) => Err(read_failed(&e)),
+            Err(e) => Err(e),
         };
-        let head: ResponseHead<'_> = decode_head(&bytes).map_err(|e| {
-            CallError::new(Status::Internal, format!("bad answer head from peer: {e}"))
-        })?;
-        let head = (head.status, head.message.to_owned());
+        if let Some(hook) = self.on_head.take() {
+            hook(Some(head.as_ref().map_or_else(|e| e.status, |h| h.0)));
+        }
+        let head = head?;
         self.head = Some(head.clone());
         Ok(head)
     }

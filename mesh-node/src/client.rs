@@ -364,37 +364,91 @@ impl Client {
             balance: svc.map_or(&default_balance, |s| &s.balance),
             on_behalf_of: on_behalf_of.as_deref(),
         };
-        let picked = self
-            .pick(&plan, &decision.subset, &[])
-            .map_err(Reply::into_error)?;
+        let started = now();
+        let picked = match self.pick(&plan, &decision.subset, &[]) {
+            Ok(p) => p,
+            Err(reply) => {
+                self.record_stream(&plan, "", reply.status, started);
+                return Err(reply.into_error());
+            }
+        };
+        // Until the answer's head hands the call to the hook, a failure is counted here.
+        let failed = |e: CallError| {
+            self.finish(&plan, picked.key, &picked.callee, since(started), e.status);
+            self.record_stream(&plan, &picked.callee, e.status, started);
+            e
+        };
         if picked.protocol < 2 {
-            return Err(CallError::new(
+            return Err(failed(CallError::new(
                 Status::Unavailable,
                 format!(
                     "{} speaks protocol {}, which has no streamed calls",
                     picked.callee, picked.protocol
                 ),
-            ));
+            )));
         }
-        let mut head = self.head(&plan, timeout).map_err(Reply::into_error)?;
+        let mut head = self
+            .head(&plan, timeout)
+            .map_err(|r| failed(r.into_error()))?;
         if options.timeout.is_none() {
             head.deadline_ms = 0;
         }
         head.metadata
             .push((STREAM_METADATA, "1"))
-            .map_err(|_| too_much_metadata().into_error())?;
-        let (mut send, recv) = picked.conn.open_bi().await.map_err(|e| {
+            .map_err(|_| failed(too_much_metadata().into_error()))?;
+        let lost = |e: &dyn std::fmt::Display| {
             CallError::new(Status::Unavailable, format!("connection to peer lost: {e}"))
-        })?;
-        write_head(&mut send, &head).await.map_err(|e| {
-            CallError::new(Status::Unavailable, format!("connection to peer lost: {e}"))
-        })?;
+        };
+        let (mut send, recv) = picked.conn.open_bi().await.map_err(|e| failed(lost(&e)))?;
+        write_head(&mut send, &head)
+            .await
+            .map_err(|e| failed(lost(&e)))?;
+        // The call is counted, and its endpoint's breaker and latency fed, when the answer's head
+        // arrives; a stream dropped before that gives its slot back.
+        let hook = {
+            let (telemetry, state) = (self.telemetry.clone(), self.state.clone());
+            let (service, method, caller) = (
+                service.to_owned(),
+                method.to_owned(),
+                self.name.as_str().to_owned(),
+            );
+            let (callee, key) = (picked.callee.clone(), picked.key);
+            Box::new(move |status: Option<Status>| {
+                let latency = since(started);
+                let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+                let balancer = state.balancers.get_mut(&service);
+                let Some(status) = status else {
+                    if let Some(b) = balancer {
+                        b.cancel(&key);
+                    }
+                    return;
+                };
+                if let Some(b) = balancer {
+                    b.finish(&key, latency, !status.is_failure(), now());
+                }
+                drop(state);
+                telemetry.record_call(&service, &method, &caller, &callee, status, latency);
+            }) as crate::call::HeadHook
+        };
         Ok(CallStream::new(
             send,
             recv,
             time,
             self.limits.max_stream_bytes,
+            Some(hook),
         ))
+    }
+
+    /// Counts a streamed call that failed before its answer's head.
+    fn record_stream(&self, plan: &Plan<'_>, callee: &str, status: Status, started: Instant) {
+        self.telemetry.record_call(
+            plan.service,
+            plan.method,
+            self.name.as_str(),
+            callee,
+            status,
+            since(started),
+        );
     }
 
     /// Opens a TCP tunnel to an endpoint of `service` (method `connect`), picked like a call's
@@ -477,6 +531,13 @@ impl Client {
             }
             tried.push(picked.key);
             if picked.protocol < 3 {
+                self.finish(
+                    &plan,
+                    picked.key,
+                    &picked.callee,
+                    Duration::ZERO,
+                    Status::Unavailable,
+                );
                 last = (
                     Reply::error(
                         Status::Unavailable,

@@ -90,6 +90,22 @@ async fn a_streamed_call_carries_more_than_the_body_bound_chunk_by_chunk() {
     };
     let ((), received) = tokio::join!(sender, receiver);
     assert_eq!(received, total);
+    // The streamed call is counted like any other, with its callee and status.
+    let counted: u64 = a
+        .telemetry_now()
+        .iter()
+        .flat_map(|b| &b.calls)
+        .filter(|c| {
+            (
+                c.service.as_str(),
+                c.method.as_str(),
+                c.callee.as_str(),
+                c.status,
+            ) == ("echo", "say", "node-b", Status::Ok)
+        })
+        .map(|c| c.count)
+        .sum();
+    assert_eq!(counted, 1, "the streamed call was not counted");
 }
 
 /// `limits.max_body_bytes`, when a config sets it, bounds a streamed body's total too: on the

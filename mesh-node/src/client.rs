@@ -338,6 +338,16 @@ impl Client {
         options: &CallOptions,
     ) -> Result<CallStream, CallError> {
         check_request(&self.id, service, method, options).map_err(Reply::into_error)?;
+        if self.hosted.contains(service) {
+            return Err(CallError::new(
+                Status::InvalidArgument,
+                format!(
+                    "service {service} is hosted on this node ({}): streamed calls cross the \
+                     mesh; call it with the body whole",
+                    self.name
+                ),
+            ));
+        }
         let policy = self.policy.policy();
         let svc = policy.as_ref().and_then(|p| p.service(service));
         // A timeout the caller set bounds the whole call; otherwise each step of it (see

@@ -6,7 +6,8 @@
 //!   [`STREAM_THRESHOLD`], or any request with `x-starling-stream: 1`, is a streamed call: the
 //!   body goes through the node chunk by chunk as it arrives and the answer comes back chunked as
 //!   the callee sends it, so neither is held whole (`limits.max_body_bytes` bounds such a body's
-//!   total only when the config sets it). An answer that fails after its head was sent is cut
+//!   total only when the config sets it). A service this node hosts itself is called with the
+//!   body buffered, within `limits.max_body_bytes`. An answer that fails after its head was sent is cut
 //!   off (no final chunk), never ended as if whole. Optional request headers:
 //!   `x-starling-timeout-ms` (the call's deadline), `traceparent` (W3C trace context: the call
 //!   joins that trace, sampled as its flags say) and any other `x-...` header, passed on as call
@@ -74,7 +75,8 @@ async fn handle(
     let (reply, guard) = match (req.method(), parts.as_slice()) {
         (&Method::POST, ["v1", "call", service, method]) => {
             let (service, method) = ((*service).to_owned(), (*method).to_owned());
-            if streamed(&req) {
+            // A service this node hosts itself takes the buffered path (within the body bound).
+            if streamed(&req) && !node.hosts(&service) {
                 return Ok(call_streamed(&ingress, req, &service, &method).await);
             }
             call(&ingress, req, &service, &method).await

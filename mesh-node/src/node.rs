@@ -629,6 +629,11 @@ impl Node {
             .await
     }
 
+    /// Whether this node hosts `service` now.
+    pub fn hosts(&self, service: &str) -> bool {
+        self.parts.hosted.contains(service)
+    }
+
     /// The caller side of this node's calls.
     pub(crate) fn client(&self) -> &Client {
         &self.parts.client

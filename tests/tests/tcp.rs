@@ -870,3 +870,62 @@ async fn mesh_node_forward_carries_a_technicians_connection_until_ctrl_c() {
         .expect("wait");
     assert!(status.success(), "{status}");
 }
+
+/// A rate limit on the service counts connections: past its burst, a caller's next connection is
+/// closed at once and counted as refused, and the limit's rule counts it as rate limited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_a_rate_limit_are_refused() {
+    let pki = Pki::new();
+    let (gw, admin) = gateway(
+        &pki,
+        &format!(
+            "{ALLOW}[[rate_limits]]\nname = \"plc-connections\"\nservice = \"plc\"\n\
+             per_second = 0.01\nburst = 2\n"
+        ),
+    );
+    let echo = echo_upstream().await;
+    let b = NodeProc::start(
+        "node-b",
+        &node_conf(&pki, "node-b", gw.quic, &tcp_service("plc", echo)),
+    );
+    let a = NodeProc::start(
+        "node-a",
+        &node_conf(&pki, "node-a", gw.quic, &forward_to("plc", &[&b])),
+    );
+    b.wait_policy(1, UP);
+    wait_endpoints(&a, "plc", 1);
+    let fwd = forward_addr(&a, "plc");
+    let mut carried = 0;
+    for _ in 0..3 {
+        let mut conn = TcpStream::connect(fwd).await.expect("connect");
+        conn.write_all(b"x").await.expect("write");
+        let _ = conn.shutdown().await;
+        let mut back = Vec::new();
+        let _ = tokio::time::timeout(UP, conn.read_to_end(&mut back))
+            .await
+            .expect("closed or answered at once");
+        if back == b"x" {
+            carried += 1;
+        }
+    }
+    assert_eq!(carried, 2, "the burst is two connections");
+    let l = "node=\"node-a\",listen=\"127.0.0.1:0\",service=\"plc\"";
+    let text = eventually(UP, async || {
+        let text = metrics(admin).await;
+        let refused = metric(
+            &text,
+            &format!("starling_tcp_connections_total{{{l},event=\"refused\"}}"),
+        )?;
+        (refused == 1.0).then_some(text)
+    })
+    .await
+    .expect("the third connection is counted as refused");
+    assert_eq!(
+        metric(
+            &text,
+            "starling_policy_rule_total{node=\"node-b\",rule=\"plc-connections\",action=\"rate_limited\"}"
+        ),
+        Some(1.0)
+    );
+    assert!(text.contains("service=\"plc\",method=\"connect\",caller=\"node-a\",callee=\"node-b\",status=\"resource_exhausted\""));
+}

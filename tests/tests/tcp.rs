@@ -94,6 +94,21 @@ async fn echo_upstream() -> SocketAddr {
     addr
 }
 
+/// node-b hosting `plc` (a TCP echo server) and node-a forwarding a loopback port to it, both
+/// reporting to gateway `gw`.
+async fn plc_pair(pki: &Pki, gw: &NodeProc) -> (NodeProc, NodeProc) {
+    let echo = echo_upstream().await;
+    let b = NodeProc::start(
+        "node-b",
+        &node_conf(pki, "node-b", gw.quic, &tcp_service("plc", echo)),
+    );
+    let a = NodeProc::start(
+        "node-a",
+        &node_conf(pki, "node-a", gw.quic, &forward_to("plc", &[&b])),
+    );
+    (b, a)
+}
+
 /// A server that reads a whole request up to the client's half-close, then answers with its
 /// length and the bytes reversed, and closes: it only answers if the half-close crossed.
 async fn reverse_upstream() -> SocketAddr {
@@ -194,6 +209,34 @@ fn plain_mosquitto(dir: &Path) -> (KillOnDrop, SocketAddr) {
     (KillOnDrop(child), addr)
 }
 
+/// Runs `mosquitto_pub` or `mosquitto_sub` (QoS 1, topic plant/line1/image) against the broker
+/// behind `port`; asserts it succeeded and returns what it printed.
+async fn mosquitto_client(bin: &str, port: &str, args: &[&str]) -> std::process::Output {
+    let out = tokio::process::Command::new(bin)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            port,
+            "-q",
+            "1",
+            "-t",
+            "plant/line1/image",
+        ])
+        .args(args)
+        .output()
+        .await
+        .unwrap_or_else(|e| {
+            panic!("{bin} runs (scripts/setup.sh installs mosquitto-clients): {e}")
+        });
+    assert!(
+        out.status.success(),
+        "{bin} through the forward: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// MQTT through the mesh: `mosquitto_pub` publishes a retained binary message through node-a's
 /// forward, node-b's tunnel and a real mosquitto, and `mosquitto_sub` reads it back the same way;
 /// the bytes arrive intact. Then a half-close crosses both ways: a server that answers only after
@@ -230,48 +273,9 @@ async fn mqtt_through_a_forward_and_half_close_both_ways() {
     let file = pki.dir.path().join("payload.bin");
     std::fs::write(&file, &payload).expect("payload");
     let port = fwd.port().to_string();
-    let published = tokio::process::Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-q",
-            "1",
-            "-r",
-            "-t",
-            "plant/line1/image",
-        ])
-        .arg("-f")
-        .arg(&file)
-        .output()
-        .await
-        .expect("mosquitto_pub runs (scripts/setup.sh installs mosquitto-clients)");
-    assert!(
-        published.status.success(),
-        "mosquitto_pub through the forward: {}",
-        String::from_utf8_lossy(&published.stderr)
-    );
-    let received = tokio::process::Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-q",
-            "1",
-            "-t",
-            "plant/line1/image",
-        ])
-        .args(["-C", "1", "-N", "-W", "10"])
-        .output()
-        .await
-        .expect("mosquitto_sub runs");
-    assert!(
-        received.status.success(),
-        "mosquitto_sub through the forward: {}",
-        String::from_utf8_lossy(&received.stderr)
-    );
+    let file = file.display().to_string();
+    mosquitto_client("mosquitto_pub", &port, &["-r", "-f", &file]).await;
+    let received = mosquitto_client("mosquitto_sub", &port, &["-C", "1", "-N", "-W", "10"]).await;
     assert_eq!(received.stdout.len(), payload.len());
     assert!(
         received.stdout == payload[..],
@@ -314,15 +318,7 @@ async fn a_hundred_concurrent_connections_move_a_mebibyte_each_way_in_bounded_me
     const SIZE: usize = 1024 * 1024;
     let pki = Pki::new();
     let (gw, admin) = gateway(&pki, ALLOW);
-    let echo = echo_upstream().await;
-    let b = NodeProc::start(
-        "node-b",
-        &node_conf(&pki, "node-b", gw.quic, &tcp_service("plc", echo)),
-    );
-    let a = NodeProc::start(
-        "node-a",
-        &node_conf(&pki, "node-a", gw.quic, &forward_to("plc", &[&b])),
-    );
+    let (b, a) = plc_pair(&pki, &gw).await;
     wait_endpoints(&a, "plc", 1);
     let fwd = forward_addr(&a, "plc");
     // Warm up (the connection between the nodes, first allocations), then measure from there.
@@ -439,15 +435,7 @@ async fn a_denied_caller_is_cut_off_at_once_and_audited() {
          [[authorization.rules]]\nname = \"no-plc-for-node-a\"\neffect = \"deny\"\n\
          callers = [\"spiffe://starling.local/node/node-a\"]\nservices = [\"plc\"]\n",
     );
-    let echo = echo_upstream().await;
-    let b = NodeProc::start(
-        "node-b",
-        &node_conf(&pki, "node-b", gw.quic, &tcp_service("plc", echo)),
-    );
-    let a = NodeProc::start(
-        "node-a",
-        &node_conf(&pki, "node-a", gw.quic, &forward_to("plc", &[&b])),
-    );
+    let (b, a) = plc_pair(&pki, &gw).await;
     b.wait_policy(1, UP);
     wait_endpoints(&a, "plc", 1);
 
@@ -883,15 +871,7 @@ async fn connections_past_a_rate_limit_are_refused() {
              per_second = 0.01\nburst = 2\n"
         ),
     );
-    let echo = echo_upstream().await;
-    let b = NodeProc::start(
-        "node-b",
-        &node_conf(&pki, "node-b", gw.quic, &tcp_service("plc", echo)),
-    );
-    let a = NodeProc::start(
-        "node-a",
-        &node_conf(&pki, "node-a", gw.quic, &forward_to("plc", &[&b])),
-    );
+    let (b, a) = plc_pair(&pki, &gw).await;
     b.wait_policy(1, UP);
     wait_endpoints(&a, "plc", 1);
     let fwd = forward_addr(&a, "plc");

@@ -127,14 +127,15 @@ impl Metrics {
                 buckets: vec![0; TCP_DURATION_BUCKETS_S.len() + 1],
                 ..TcpStats::default()
             });
-            acc.opened += t.opened;
-            acc.closed += t.closed;
-            acc.refused += t.refused;
-            acc.bytes_to_service += t.bytes_to_service;
-            acc.bytes_from_service += t.bytes_from_service;
+            // A node's numbers are input: sums saturate rather than overflow.
+            acc.opened = acc.opened.saturating_add(t.opened);
+            acc.closed = acc.closed.saturating_add(t.closed);
+            acc.refused = acc.refused.saturating_add(t.refused);
+            acc.bytes_to_service = acc.bytes_to_service.saturating_add(t.bytes_to_service);
+            acc.bytes_from_service = acc.bytes_from_service.saturating_add(t.bytes_from_service);
             acc.duration_ms = acc.duration_ms.saturating_add(t.duration_ms);
             for (a, b) in acc.buckets.iter_mut().zip(&t.buckets) {
-                *a += b;
+                *a = a.saturating_add(*b);
             }
         }
         for c in &batch.calls {
@@ -498,9 +499,12 @@ impl Metrics {
         );
         for (key, t) in &self.tcp {
             let l = labels(key);
-            let mut cumulative = 0;
+            // The histogram's total is its buckets' (the last one included), so it is monotonic
+            // whatever a node reports.
+            let all = t.buckets.iter().fold(0u64, |a, b| a.saturating_add(*b));
+            let mut cumulative: u64 = 0;
             for (i, bound) in TCP_DURATION_BUCKETS_S.iter().enumerate() {
-                cumulative += t.buckets.get(i).copied().unwrap_or(0);
+                cumulative = cumulative.saturating_add(t.buckets.get(i).copied().unwrap_or(0));
                 let _ = writeln!(
                     out,
                     "starling_tcp_connection_duration_seconds_bucket{{{l},le=\"{bound}\"}} {cumulative}"
@@ -508,12 +512,10 @@ impl Metrics {
             }
             let _ = writeln!(
                 out,
-                "starling_tcp_connection_duration_seconds_bucket{{{l},le=\"+Inf\"}} {}\n\
+                "starling_tcp_connection_duration_seconds_bucket{{{l},le=\"+Inf\"}} {all}\n\
                  starling_tcp_connection_duration_seconds_sum{{{l}}} {}\n\
-                 starling_tcp_connection_duration_seconds_count{{{l}}} {}",
-                t.closed,
+                 starling_tcp_connection_duration_seconds_count{{{l}}} {all}",
                 t.duration_ms as f64 / 1e3,
-                t.closed
             );
         }
     }

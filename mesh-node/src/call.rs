@@ -160,9 +160,9 @@ pub fn http_status(status: Status) -> u16 {
 /// To send and receive at once (an echo, a tunnel), [`CallStream::split`] it.
 ///
 /// Time: with a timeout in its [`CallOptions`], the whole call must end within it (a deadline, as
-/// in gRPC); without one, there is no total deadline, and each step (a chunk sent, the answer's
-/// head, a chunk received) must make progress within the node's `call_timeout`, so a transfer
-/// takes as long as its size needs and a stalled one ends.
+/// in gRPC), however long each step takes; without one, there is no total deadline, and each step
+/// (a chunk sent, the answer's head, a chunk received) must make progress within the node's
+/// `call_timeout`, so a transfer takes as long as its size needs and a stalled one ends.
 pub struct CallStream {
     sender: CallSender,
     receiver: CallReceiver,
@@ -183,18 +183,18 @@ impl StreamTime {
         &self,
         f: impl std::future::Future<Output = T>,
     ) -> Result<T, CallError> {
-        let limit = tokio::time::Instant::now() + self.step;
-        let until = self.deadline.map_or(limit, |d| d.min(limit));
-        tokio::time::timeout_at(until, f).await.map_err(|_| {
-            if self.deadline.is_some_and(|d| d <= limit) {
-                deadline_passed()
-            } else {
+        match self.deadline {
+            // The caller's deadline bounds the whole call, and nothing else does.
+            Some(deadline) => tokio::time::timeout_at(deadline, f)
+                .await
+                .map_err(|_| deadline_passed()),
+            None => tokio::time::timeout(self.step, f).await.map_err(|_| {
                 CallError::new(
                     Status::DeadlineExceeded,
                     format!("the streamed call made no progress for {:?}", self.step),
                 )
-            }
-        })
+            }),
+        }
     }
 }
 

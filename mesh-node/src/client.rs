@@ -532,7 +532,8 @@ impl Client {
                 Err(reply) => return (Err(reply), String::new()),
             };
             if tried.contains(&picked.key) {
-                // Every endpoint was tried.
+                // Every endpoint was tried: this pick is not made.
+                self.cancel(service, picked.key);
                 break;
             }
             if !tried.is_empty() {
@@ -541,13 +542,8 @@ impl Client {
             }
             tried.push(picked.key);
             if picked.protocol < 3 {
-                self.finish(
-                    &plan,
-                    picked.key,
-                    &picked.callee,
-                    Duration::ZERO,
-                    Status::Unavailable,
-                );
+                // Not a failure of the endpoint: it cannot carry tunnels at all.
+                self.cancel(service, picked.key);
                 last = (
                     Reply::error(
                         Status::Unavailable,
@@ -594,6 +590,13 @@ impl Client {
         (Err(last.0), last.1)
     }
 
+    /// Gives back the balancer slot of a pick that was not used.
+    fn cancel(&self, service: &str, key: u64) {
+        if let Some(b) = self.state().balancers.get_mut(service) {
+            b.cancel(&key);
+        }
+    }
+
     /// Opens the tunnel's stream on `conn` and reads the callee's answer head.
     async fn open_tunnel_on(
         &self,
@@ -608,8 +611,14 @@ impl Client {
         head.metadata
             .push((TUNNEL_METADATA, "1"))
             .map_err(|_| too_much_metadata())?;
-        let (mut send, recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
-        write_head(&mut send, &head).await.map_err(|e| lost(&e))?;
+        let (send, recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
+        // Reset, not finished, if this ends (an error, the deadline) before the tunnel is handed
+        // on: the callee must not take it for a client that half-closed.
+        let mut send = crate::upstream::tcp::SendHalf(Some(send));
+        let Some(stream) = send.0.as_mut() else {
+            return Err(lost(&"no stream"));
+        };
+        write_head(stream, &head).await.map_err(|e| lost(&e))?;
         let mut reader = FrameReader::new(recv);
         let head_bytes = match reader.frame(MAX_HEAD_BYTES).await {
             Ok(b) => b,
@@ -625,10 +634,10 @@ impl Client {
             Reply::error(Status::Internal, format!("bad answer head from peer: {e}"))
         })?;
         if answer.status != Status::Ok {
-            let _ = send.reset(0u32.into());
             return Err(Reply::error(answer.status, answer.message));
         }
         let (recv, leftover) = reader.into_raw();
+        let send = send.keep().ok_or_else(|| lost(&"no stream"))?;
         Ok((send, recv, leftover))
     }
 

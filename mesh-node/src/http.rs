@@ -187,21 +187,25 @@ impl hyper::body::Body for GuardedBody {
 /// Chunks a streamed body holds at most between its producer and its reader.
 pub const CHANNEL_CHUNKS: usize = 4;
 
+/// What feeds a [`ChannelBody`]: chunks (`Ok(Some(chunk))`), then `Ok(None)` for the end. An error,
+/// or the sender dropped before the end, cuts the body short.
+pub type BodySender = tokio::sync::mpsc::Sender<Result<Option<Bytes>, std::io::Error>>;
+
 /// An HTTP body fed chunk by chunk through a bounded channel: what a streamed call carries to and
-/// from HTTP. An error sent into it aborts the body (the other side sees it cut, never complete).
+/// from HTTP. It ends cleanly only when told so: a producer that fails or goes away before the end
+/// cuts the body with an error, so the other side sees it cut (a chunked body without its last
+/// chunk, a connection closed), never whole.
 #[derive(Debug)]
 pub struct ChannelBody {
-    rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    rx: tokio::sync::mpsc::Receiver<Result<Option<Bytes>, std::io::Error>>,
+    done: bool,
 }
 
 impl ChannelBody {
     /// A body and the sender that feeds it (at most [`CHANNEL_CHUNKS`] chunks ahead).
-    pub fn channel() -> (
-        tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
-        Self,
-    ) {
+    pub fn channel() -> (BodySender, Self) {
         let (tx, rx) = tokio::sync::mpsc::channel(CHANNEL_CHUNKS);
-        (tx, ChannelBody { rx })
+        (tx, ChannelBody { rx, done: false })
     }
 }
 
@@ -213,18 +217,59 @@ impl hyper::body::Body for ChannelBody {
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
-        self.get_mut()
-            .rx
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|c| c.map(hyper::body::Frame::data)))
+        use std::task::Poll;
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        match this.rx.poll_recv(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(Some(chunk)))) => {
+                Poll::Ready(Some(Ok(hyper::body::Frame::data(chunk))))
+            }
+            Poll::Ready(Some(Ok(None))) => {
+                this.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.done = true;
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => {
+                this.done = true;
+                Poll::Ready(Some(Err(std::io::Error::other("the body was cut short"))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
     }
 }
 
-impl Drop for BudgetGuard {
-    fn drop(&mut self) {
-        self.budget
-            .used
-            .fetch_sub(self.bytes, std::sync::atomic::Ordering::AcqRel);
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn a_channel_body_ends_only_when_told_and_a_vanished_producer_cuts_it() {
+        let (tx, body) = ChannelBody::channel();
+        tx.send(Ok(Some(Bytes::from_static(b"ab"))))
+            .await
+            .expect("send");
+        tx.send(Ok(None)).await.expect("send");
+        drop(tx);
+        let whole = body.collect().await.expect("a whole body").to_bytes();
+        assert_eq!(whole, Bytes::from_static(b"ab"));
+
+        let (tx, body) = ChannelBody::channel();
+        tx.send(Ok(Some(Bytes::from_static(b"ab"))))
+            .await
+            .expect("send");
+        drop(tx);
+        let cut = body.collect().await.expect_err("cut short");
+        assert!(cut.to_string().contains("cut short"), "{cut}");
     }
 }
 

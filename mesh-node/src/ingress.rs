@@ -273,12 +273,15 @@ async fn call_streamed(
                 loop {
                     match down.recv().await {
                         Ok(Some(chunk)) => {
-                            if tx.send(Ok(chunk)).await.is_err() {
+                            if tx.send(Ok(Some(chunk))).await.is_err() {
                                 // The client left: dropping `down` stops the callee.
                                 return;
                             }
                         }
-                        Ok(None) => return,
+                        Ok(None) => {
+                            let _ = tx.send(Ok(None)).await;
+                            return;
+                        }
                         Err(e) => {
                             let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
                             return;

@@ -116,10 +116,20 @@ impl Server {
         claims: Arc<CertificateClaims>,
     ) {
         let remote = conn.remote_address();
+        // Tunnels may stay open for hours: they take at most half of the connection's streams,
+        // so calls always have the other half.
+        let tunnels = Arc::new(tokio::sync::Semaphore::new(
+            (self.limits.max_concurrent_calls as usize / 2).max(1),
+        ));
         while let Ok((send, recv)) = conn.accept_bi().await {
             let server = self.clone();
             let claims = claims.clone();
-            tokio::spawn(async move { server.serve_stream(claims, remote, send, recv).await });
+            let tunnels = tunnels.clone();
+            tokio::spawn(async move {
+                server
+                    .serve_stream(claims, remote, send, recv, tunnels)
+                    .await
+            });
         }
     }
 
@@ -130,6 +140,7 @@ impl Server {
         remote: SocketAddr,
         mut send: quinn::SendStream,
         recv: quinn::RecvStream,
+        tunnels: Arc<tokio::sync::Semaphore>,
     ) {
         let caller = claims.id.clone();
         let mut reader = FrameReader::new(recv);
@@ -150,7 +161,7 @@ impl Server {
                         return;
                     }
                     Ok(()) if tunnel => {
-                        return self.serve_tunnel(*ctx, send, reader).await;
+                        return self.serve_tunnel(*ctx, send, reader, tunnels).await;
                     }
                     Ok(()) if ctx.streaming => {
                         let deadline = (!no_deadline).then_some(ctx.deadline);
@@ -278,11 +289,22 @@ impl Server {
         ctx: CallContext,
         mut send: quinn::SendStream,
         reader: FrameReader,
+        tunnels: Arc<tokio::sync::Semaphore>,
     ) {
         use crate::upstream::tcp;
         let service = ctx.service.as_str();
         let upstream = self.hosted.get(service);
+        let permit = tunnels.try_acquire_owned();
         let reply = match upstream.as_deref().map(|u| u.tcp_authority()) {
+            Some(Some(_)) if permit.is_err() => Reply::error(
+                Status::ResourceExhausted,
+                format!(
+                    "node {} carries at most {} tunnels from one peer (half of \
+                     limits.max_concurrent_calls; calls keep the other half)",
+                    self.name,
+                    (self.limits.max_concurrent_calls / 2).max(1)
+                ),
+            ),
             None => Reply::error(
                 Status::NotFound,
                 format!("service {service} is not hosted on node {}", self.name),

@@ -909,3 +909,85 @@ async fn connections_past_a_rate_limit_are_refused() {
     );
     assert!(text.contains("service=\"plc\",method=\"connect\",caller=\"node-a\",callee=\"node-b\",status=\"resource_exhausted\""));
 }
+
+/// An upstream that aborts its connection (a TCP reset mid-answer) resets the client's too: the
+/// client never takes the cut answer for a whole one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_upstream_connection_resets_the_client() {
+    let pki = Pki::new();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let upstream = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut byte = [0u8; 1];
+            let _ = stream.read_exact(&mut byte).await;
+            let _ = stream.write_all(b"half an answ").await;
+            let _ = stream.set_zero_linger();
+            drop(stream);
+        }
+    });
+    let b = NodeProc::start(
+        "node-b",
+        &pki.config("node-b", &tcp_service("plc", upstream)),
+    );
+    let a = NodeProc::start("node-a", &pki.config("node-a", &forward_to("plc", &[&b])));
+    wait_endpoints(&a, "plc", 1);
+    let mut conn = TcpStream::connect(forward_addr(&a, "plc"))
+        .await
+        .expect("connect");
+    conn.write_all(b"?").await.expect("write");
+    let mut got = Vec::new();
+    let end = tokio::time::timeout(UP, conn.read_to_end(&mut got))
+        .await
+        .expect("the connection ended");
+    assert!(
+        end.is_err(),
+        "the cut answer ended like a whole one ({} bytes, then a clean end)",
+        got.len()
+    );
+}
+
+/// Tunnels take at most half of a peer connection's streams: past that, a connection is refused
+/// at once and calls between the same two nodes still go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_leave_half_the_streams_to_calls() {
+    let pki = Pki::new();
+    let echo = echo_upstream().await;
+    let b = NodeProc::start(
+        "node-b",
+        &pki.config(
+            "node-b",
+            &format!(
+                "{}[[services]]\nname = \"echo\"\nupstream = \"builtin:echo\"\n\
+                 [limits]\nmax_concurrent_calls = 4\n",
+                tcp_service("plc", echo)
+            ),
+        ),
+    );
+    let a = NodeProc::start("node-a", &pki.config("node-a", &forward_to("plc", &[&b])));
+    wait_endpoints(&a, "plc", 1);
+    let fwd = forward_addr(&a, "plc");
+    // Two tunnels held open (half of 4), each shown to work.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut conn = TcpStream::connect(fwd).await.expect("connect");
+        conn.write_all(b"ping").await.expect("write");
+        let mut back = [0u8; 4];
+        tokio::time::timeout(UP, conn.read_exact(&mut back))
+            .await
+            .expect("echoed")
+            .expect("read");
+        held.push(conn);
+    }
+    let mut third = TcpStream::connect(fwd).await.expect("connect");
+    let _ = third.write_all(b"ping").await;
+    let mut buf = [0u8; 4];
+    let read = tokio::time::timeout(UP, third.read(&mut buf))
+        .await
+        .expect("closed at once");
+    assert!(matches!(read, Ok(0) | Err(_)), "a third tunnel: {read:?}");
+    let (code, body) =
+        starling_tests::call_ingress(a.ingress(), "echo", "say", b"still here").await;
+    assert_eq!((code, &body[..]), (200, &b"still here"[..]));
+    drop(held);
+}

@@ -136,7 +136,9 @@ impl HttpUpstream {
                     }
                 };
                 let Some(chunk) = frame else {
-                    // The body ended: dropping the sender ends the upstream's.
+                    // The body ended, and so does the upstream's (only when told: a sender
+                    // dropped before this cuts it).
+                    let _ = time.step(tx.send(Ok(None))).await;
                     return Ok(());
                 };
                 total += chunk.len() as u64;
@@ -149,19 +151,30 @@ impl HttpUpstream {
                     let _ = tx.send(abort(&why)).await;
                     return Err(why);
                 }
-                if tx.send(Ok(chunk)).await.is_err() {
+                match time.step(tx.send(Ok(Some(chunk)))).await {
+                    Ok(Ok(())) => {}
                     // The upstream answered without reading the rest.
-                    return Ok(());
+                    Ok(Err(_)) => return Ok(()),
+                    Err(e) => return Err(e.message),
                 }
             }
         };
         let exchange = async {
-            let resp = sender.send_request(req).await.map_err(|e| {
-                Reply::error(
-                    Status::Unavailable,
-                    format!("upstream http://{authority} failed: {e}"),
-                )
-            })?;
+            let resp = time
+                .step(sender.send_request(req))
+                .await
+                .map_err(|e| {
+                    Reply::error(
+                        Status::DeadlineExceeded,
+                        format!("upstream http://{authority}: {}", e.message),
+                    )
+                })?
+                .map_err(|e| {
+                    Reply::error(
+                        Status::Unavailable,
+                        format!("upstream http://{authority} failed: {e}"),
+                    )
+                })?;
             let code = resp.status();
             let head = if code.is_success() {
                 ResponseHead::new(Status::Ok, "")
@@ -189,7 +202,10 @@ impl HttpUpstream {
                     }
                     Some(Ok(frame)) => {
                         if let Ok(data) = frame.into_data() {
-                            write_chunk(send, data).await.map_err(|e| lost(&e))?;
+                            time.step(write_chunk(send, data))
+                                .await
+                                .map_err(|e| Reply::error(Status::DeadlineExceeded, e.message))?
+                                .map_err(|e| lost(&e))?;
                         }
                     }
                 }

@@ -203,8 +203,15 @@ impl Upstream {
                         let _ = send.reset(0u32.into());
                         return Ok(());
                     }
-                    if write_chunk(send, chunk).await.is_err() {
-                        return Ok(());
+                    match time.step(write_chunk(send, chunk)).await {
+                        Ok(Ok(())) => {}
+                        // The caller left.
+                        Ok(Err(_)) => return Ok(()),
+                        // The caller stopped reading.
+                        Err(_) => {
+                            let _ = send.reset(0u32.into());
+                            return Ok(());
+                        }
                     }
                 }
                 let _ = send.finish();

@@ -9,10 +9,13 @@
 //!
 //! Half-close is preserved end to end: a side that shuts down its writing half ends its QUIC send
 //! stream (FIN), and the far side shuts down the writing half of its TCP connection; bytes still
-//! flow the other way until that side closes too. An abort (a TCP reset, a QUIC stream reset)
-//! resets the other side. A connection with no bytes either way for the idle timeout is closed on
-//! both sides. Memory per connection is one read buffer each way (64 KiB) plus what QUIC's flow
-//! control lets through: a slow reader on either side slows the writer, it never grows a buffer.
+//! flow the other way until that side closes too. An abort on either side (a TCP reset, a QUIC
+//! stream reset, a failed write) resets the other (a QUIC stream reset, a TCP RST), so no side
+//! takes a connection cut short for a whole one. A connection with no bytes either way for the idle
+//! timeout is closed on both sides (the hosting node's `limits.tcp_idle_timeout_ms` and the
+//! forward's `idle_timeout_ms`: the shorter wins). Memory per connection is one read buffer each
+//! way (64 KiB) plus what QUIC's flow control lets through: a slow reader on either side slows the
+//! writer, it never grows a buffer.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -82,9 +85,14 @@ pub(crate) enum Ended {
 
 /// A QUIC send stream that is reset when dropped unless it was finished: dropping a quinn stream
 /// would finish it, and a far side must not take an abort for a clean half-close.
-struct SendHalf(Option<quinn::SendStream>);
+pub(crate) struct SendHalf(pub(crate) Option<quinn::SendStream>);
 
 impl SendHalf {
+    /// The stream, no longer reset on drop.
+    pub(crate) fn keep(mut self) -> Option<quinn::SendStream> {
+        self.0.take()
+    }
+
     fn get(&mut self) -> Option<&mut quinn::SendStream> {
         self.0.as_mut()
     }
@@ -186,9 +194,6 @@ pub(crate) async fn pump(
             touch();
         }
     };
-    let mut quic_to_tcp = std::pin::pin!(quic_to_tcp);
-    let mut tcp_to_quic = std::pin::pin!(tcp_to_quic);
-    let (mut in_done, mut out_done) = (false, false);
     let check = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
     let mut tick = tokio::time::interval(check);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -201,29 +206,42 @@ pub(crate) async fn pump(
             (reported_to, reported_from) = (to, from);
         }
     };
-    let ended = loop {
-        tokio::select! {
-            r = &mut quic_to_tcp, if !in_done => match r {
-                Ok(()) => in_done = true,
-                Err(e) => break Ended::Aborted(e),
-            },
-            r = &mut tcp_to_quic, if !out_done => match r {
-                Ok(()) => out_done = true,
-                Err(e) => break Ended::Aborted(e),
-            },
-            _ = tick.tick() => {
-                flush(&flow);
-                let last = Duration::from_millis(flow.last_ms.load(Ordering::Relaxed));
-                if started.elapsed().saturating_sub(last) >= idle {
-                    break Ended::Idle;
+    let ended = {
+        let mut quic_to_tcp = std::pin::pin!(quic_to_tcp);
+        let mut tcp_to_quic = std::pin::pin!(tcp_to_quic);
+        let (mut in_done, mut out_done) = (false, false);
+        loop {
+            tokio::select! {
+                r = &mut quic_to_tcp, if !in_done => match r {
+                    Ok(()) => in_done = true,
+                    Err(e) => break Ended::Aborted(e),
+                },
+                r = &mut tcp_to_quic, if !out_done => match r {
+                    Ok(()) => out_done = true,
+                    Err(e) => break Ended::Aborted(e),
+                },
+                _ = tick.tick() => {
+                    flush(&flow);
+                    let last = Duration::from_millis(flow.last_ms.load(Ordering::Relaxed));
+                    if started.elapsed().saturating_sub(last) >= idle {
+                        break Ended::Idle;
+                    }
                 }
             }
+            if in_done && out_done {
+                break Ended::Closed;
+            }
         }
-        if in_done && out_done {
-            break Ended::Closed;
-        }
+        // The halves dropped here reset the QUIC side (`SendHalf`) and stop its reading.
     };
     flush(&flow);
+    if matches!(ended, Ended::Aborted(_)) {
+        // The TCP side too is reset, not closed: a peer must not take a connection cut short
+        // for a whole one (dropping the write half would send a FIN).
+        if let Ok(stream) = tcp_read.reunite(tcp_write) {
+            let _ = stream.set_zero_linger();
+        }
+    }
     ended
 }
 

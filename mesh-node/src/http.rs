@@ -247,32 +247,6 @@ impl hyper::body::Body for ChannelBody {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use http_body_util::BodyExt;
-
-    #[tokio::test]
-    async fn a_channel_body_ends_only_when_told_and_a_vanished_producer_cuts_it() {
-        let (tx, body) = ChannelBody::channel();
-        tx.send(Ok(Some(Bytes::from_static(b"ab"))))
-            .await
-            .expect("send");
-        tx.send(Ok(None)).await.expect("send");
-        drop(tx);
-        let whole = body.collect().await.expect("a whole body").to_bytes();
-        assert_eq!(whole, Bytes::from_static(b"ab"));
-
-        let (tx, body) = ChannelBody::channel();
-        tx.send(Ok(Some(Bytes::from_static(b"ab"))))
-            .await
-            .expect("send");
-        drop(tx);
-        let cut = body.collect().await.expect_err("cut short");
-        assert!(cut.to_string().contains("cut short"), "{cut}");
-    }
-}
-
 /// Binds `addr` and serves HTTP/1.1 with `handler`, within `limits`, until `stop` changes;
 /// returns the bound address.
 pub async fn serve_http<F, Fut, B>(
@@ -536,4 +510,30 @@ pub fn json_str(s: &str) -> String {
     }
     out.push('"');
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn a_channel_body_ends_only_when_told_and_a_vanished_producer_cuts_it() {
+        let (tx, body) = ChannelBody::channel();
+        tx.send(Ok(Some(Bytes::from_static(b"ab"))))
+            .await
+            .expect("send");
+        tx.send(Ok(None)).await.expect("send");
+        drop(tx);
+        let whole = body.collect().await.expect("a whole body").to_bytes();
+        assert_eq!(whole, Bytes::from_static(b"ab"));
+
+        let (tx, body) = ChannelBody::channel();
+        tx.send(Ok(Some(Bytes::from_static(b"ab"))))
+            .await
+            .expect("send");
+        drop(tx);
+        let cut = body.collect().await.expect_err("cut short");
+        assert!(cut.to_string().contains("cut short"), "{cut}");
+    }
 }

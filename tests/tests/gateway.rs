@@ -152,6 +152,103 @@ async fn metrics_hold_exact_counts_and_prometheus_agrees() {
     })
     .await;
     assert_eq!(value.as_deref(), Some("30"), "PromQL {query}");
+
+    // The rules in configs/prometheus evaluate against the gateway's real series without error.
+    let rules = eventually(Duration::from_secs(30), async || {
+        let (code, body) = try_http("GET", prom.addr, "/api/v1/rules", None, "")
+            .await
+            .ok()?;
+        let json: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let rules: Vec<serde_json::Value> = json["data"]["groups"]
+            .as_array()?
+            .iter()
+            .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+            .collect();
+        let evaluated = rules.iter().all(|r| {
+            r["lastEvaluation"]
+                .as_str()
+                .is_some_and(|t| !t.starts_with("0001"))
+        });
+        (code == 200 && !rules.is_empty() && evaluated).then_some(rules)
+    })
+    .await
+    .expect("Prometheus loaded and evaluated the rules");
+    for r in &rules {
+        assert_eq!(r["health"], "ok", "rule {}: {}", r["name"], r["lastError"]);
+    }
+    assert!(
+        rules
+            .iter()
+            .any(|r| r["name"] == "starling:requests:rate1m"),
+        "{rules:?}"
+    );
+
+    // Every PromQL expression of the Grafana dashboard is accepted by this Prometheus.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("configs/grafana/starling.json")).expect("dashboard"),
+    )
+    .expect("the Grafana dashboard is JSON");
+    let mut exprs = Vec::new();
+    collect_exprs(&dashboard["panels"], &mut exprs);
+    assert!(exprs.len() >= 20, "only {} expressions", exprs.len());
+    for expr in &exprs {
+        let query = expr
+            .replace("$__rate_interval", "1m")
+            .replace("$job", "starling")
+            .replace("$instance", ".*")
+            .replace("$node", ".*")
+            .replace("$service", ".*");
+        let path = format!("/api/v1/query?query={}", urlencode(&query));
+        let (code, body) = try_http("GET", prom.addr, &path, None, "")
+            .await
+            .expect("Prometheus answers");
+        assert_eq!(code, 200, "{query}: {body}");
+        let json: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(json["status"], "success", "{query}: {body}");
+    }
+}
+
+/// The repository's root.
+fn repo() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Every `expr` string under `value`.
+fn collect_exprs(value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            if let Some(serde_json::Value::String(e)) = map.get("expr") {
+                out.push(e.clone());
+            }
+            map.values().for_each(|v| collect_exprs(v, out));
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| collect_exprs(v, out)),
+        _ => {}
+    }
+}
+
+/// The alert and recording rules pass `promtool check rules` and their unit tests (`promtool test
+/// rules`: every alert firing and not firing on made-up series).
+#[test]
+fn the_prometheus_rules_check_and_pass_their_unit_tests() {
+    let dir = repo().join("configs/prometheus");
+    for args in [
+        ["check", "rules", "starling-rules.yml"],
+        ["test", "rules", "starling-rules.test.yml"],
+    ] {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("promtool (scripts/setup.sh installs prometheus)");
+        assert!(
+            out.status.success(),
+            "promtool {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 struct Prometheus {
@@ -167,7 +264,9 @@ impl Prometheus {
         std::fs::write(
             &config,
             format!(
-                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: starling\n    static_configs:\n      - targets: ['{target}']\n"
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - '{}'\n\
+                 scrape_configs:\n  - job_name: starling\n    static_configs:\n      - targets: ['{target}']\n",
+                repo().join("configs/prometheus/starling-rules.yml").display()
             ),
         )
         .expect("config");

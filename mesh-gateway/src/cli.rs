@@ -324,7 +324,7 @@ pub fn main() -> ExitCode {
             keep_running,
             cloud,
         } => {
-            init_logging("error");
+            init_logging("error", mesh_node::process::LogFormat::Text);
             match runtime().block_on(crate::demo::run(keep_running, cloud)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -578,7 +578,7 @@ fn run(path: &Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&config.node.log);
+    init_logging(&config.node.log, config.node.log_format);
     runtime().block_on(async move {
         let gateway = match crate::Gateway::start(config, identity).await {
             Ok(g) => g,

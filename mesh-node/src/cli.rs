@@ -323,7 +323,7 @@ fn run_with(path: &Path, only_forward: Option<crate::config::ForwardConfig>) -> 
         config.ingress = None;
         config.forwards = vec![forward];
     }
-    init_logging(&config.log);
+    init_logging(&config.log, config.log_format);
     runtime().block_on(async move {
         let ingress = config.ingress;
         let forwards = config.forwards.clone();

@@ -30,6 +30,7 @@ pub const NODE_KEYS: &[&str] = &[
     "peers",
     "limits",
     "log",
+    "log_format",
     "discovery",
     "gateway",
     "gateway_name",
@@ -61,6 +62,8 @@ pub struct NodeConfig {
     pub limits: Limits,
     /// The log filter (`info`, `debug`, `mesh_node=debug,quinn=warn`).
     pub log: String,
+    /// How log lines are written: plain text (the default) or JSON.
+    pub log_format: crate::process::LogFormat,
     /// The gateway to keep a control stream to (also dialled as a peer); else one found by mDNS.
     pub gateway: Option<SocketAddr>,
     /// The certified node name the gateway must have; any name when `None`.
@@ -244,6 +247,8 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     log: Option<String>,
+    #[serde(default)]
+    log_format: Option<Spanned<String>>,
     #[serde(default)]
     discovery: RawDiscovery,
     gateway: Option<Spanned<String>>,
@@ -464,6 +469,16 @@ impl NodeConfig {
             mdns: raw.discovery.mdns.unwrap_or(true),
             limits,
             log: raw.log.clone().unwrap_or_else(|| "info".into()),
+            log_format: raw
+                .log_format
+                .as_ref()
+                .map(|f| {
+                    f.get_ref()
+                        .parse()
+                        .map_err(|e| at.invalid(f, "log_format", e))
+                })
+                .transpose()?
+                .unwrap_or_default(),
             gateway: raw
                 .gateway
                 .as_ref()

@@ -15,17 +15,54 @@ pub fn runtime() -> tokio::runtime::Runtime {
     }
 }
 
-/// Installs the log subscriber: `RUST_LOG` if set, else `filter`; logs go to stderr.
-pub fn init_logging(filter: &str) {
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Plain text, one event a line: with a timestamp on a terminal or in a file, without one
+    /// under systemd (journald stamps every line itself), never with colour codes outside a
+    /// terminal.
+    #[default]
+    Text,
+    /// One JSON object a line, with stable keys: `timestamp` (RFC 3339, UTC), `level`, `fields`
+    /// (`message` and the event's own fields), and `spans` when inside one.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("{s:?}: the log format is \"text\" or \"json\"")),
+        }
+    }
+}
+
+/// Installs the log subscriber: `RUST_LOG` if set, else `filter`; logs go to stderr in `format`.
+pub fn init_logging(filter: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => {
+            let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            // systemd sets JOURNAL_STREAM for a service whose output goes to the journal.
+            let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+            let builder = builder.with_ansi(terminal);
+            if journald && !terminal {
+                builder.without_time().try_init()
+            } else {
+                builder.try_init()
+            }
+        }
+    };
 }
 
 /// Waits for SIGINT or SIGTERM.

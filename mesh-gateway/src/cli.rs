@@ -1,4 +1,5 @@
-//! The `mesh-gateway` command line. Exit codes: 0 success, 1 failure, 2 bad input.
+//! The `mesh-gateway` command line. Exit codes: 0 success, 1 failure (for `status` and `nodes`:
+//! something wrong), 2 bad input, 3 (`status`, `nodes`) the gateway cannot be reached.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -10,6 +11,33 @@ use mesh_node::process::{init_logging, runtime, wait_for_signal};
 use crate::config::GatewayConfig;
 
 use crate::ca::Ca;
+
+/// Which gateway a read-only command asks: its config file, or its admin address.
+#[derive(clap::Args, Debug)]
+#[group(required = true, multiple = false)]
+struct AdminArgs {
+    /// The gateway's config file (its admin address and token file).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The gateway's admin API, `http://127.0.0.1:9480`.
+    #[arg(long)]
+    admin: Option<String>,
+    /// The admin token's file, with --admin (needed when the admin API is not on loopback).
+    #[arg(long, requires = "admin")]
+    token_file: Option<PathBuf>,
+}
+
+impl AdminArgs {
+    fn admin(&self) -> Result<crate::status::Admin, String> {
+        match (&self.config, &self.admin) {
+            (Some(config), _) => crate::status::Admin::from_config(config),
+            (None, Some(url)) => crate::status::Admin::from_url(url, self.token_file.as_deref()),
+            (None, None) => {
+                Err("name the gateway: --config <gateway.toml> or --admin <url>".into())
+            }
+        }
+    }
+}
 
 /// The Starling gateway: mesh CA, control plane, demo.
 #[derive(Parser, Debug)]
@@ -31,6 +59,26 @@ enum Command {
         /// The gateway's config file.
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// The site on one screen, what is wrong first: nodes down, policy refused, certificates
+    /// about to expire, services without an endpoint, the cloud link; then nodes, the policy's
+    /// rollout, services with their calls and failures. Exit 0 nothing wrong, 1 something wrong,
+    /// 2 bad arguments, 3 the gateway cannot be reached.
+    Status {
+        #[command(flatten)]
+        target: AdminArgs,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The nodes: up or down, version, policy, certificate expiry, last seen. Exit 1 if one is
+    /// down (2 bad arguments, 3 the gateway cannot be reached).
+    Nodes {
+        #[command(flatten)]
+        target: AdminArgs,
+        /// Print them as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Check a gateway config file, the credentials and the policy it names; exit 0 or 2.
     CheckConfig {
@@ -224,6 +272,12 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Ca { command } => ca(command),
         Command::Run { config } => run(&config),
+        Command::Status { target, json } => {
+            runtime().block_on(crate::status::run(target.admin(), json, false))
+        }
+        Command::Nodes { target, json } => {
+            runtime().block_on(crate::status::run(target.admin(), json, true))
+        }
         Command::CheckConfig { config } => match check(&config) {
             Ok(summary) => {
                 println!("{}: ok ({summary})", config.display());

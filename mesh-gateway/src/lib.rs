@@ -21,6 +21,7 @@ mod http;
 pub mod metrics;
 mod policy;
 pub mod registry;
+pub mod status;
 pub mod traces;
 
 pub use config::GatewayConfig;

@@ -75,3 +75,117 @@ fn json_logs_are_one_object_a_line_with_stable_keys() {
         "{out}"
     );
 }
+
+/// Runs `mesh-gateway <args>`: its exit code and stdout (stderr after it).
+fn gateway_cli(args: &[&str]) -> (i32, String) {
+    let out = Command::new(bin("mesh-gateway"))
+        .args(args)
+        .output()
+        .expect("mesh-gateway");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// `mesh-gateway status` and `nodes`: exit 0 with every node listed while all is well; exit 1
+/// naming the node when one is down, and naming the node and its reason when a policy is refused;
+/// exit 3 when the gateway cannot be reached. `--config` and `--admin` find the same gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_says_what_is_wrong_first_and_exits_accordingly() {
+    use starling_tests::{NodeProc, eventually, http};
+    const UP: Duration = Duration::from_secs(10);
+    let pki = Pki::new();
+    let gw_conf = pki.gateway_config(
+        "gw",
+        "127.0.0.1:0",
+        "[telemetry]\ninterval_ms = 100\n[registry]\ndown_after_ms = 500\n",
+    );
+    let (gw, admin) = NodeProc::start_gateway("gw", &gw_conf);
+    let node = |name: &str, extra: &str| {
+        let path = pki.config(name, extra);
+        prepend(&path, &format!("gateway = \"{}\"\n", gw.quic));
+        NodeProc::start(name, &path)
+    };
+    let _a = node(
+        "node-a",
+        "[[services]]\nname = \"echo\"\nupstream = \"builtin:echo\"\n",
+    );
+    let b = node("node-b", "");
+    let all_up = eventually(UP, async || {
+        let (_, body) = http("GET", admin, "/v1/nodes", None, "").await;
+        let json: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let nodes = json["nodes"].as_array()?;
+        (nodes.len() == 2 && nodes.iter().all(|n| n["up"] == true)).then_some(())
+    })
+    .await;
+    assert!(all_up.is_some(), "the nodes never joined");
+    let config = gw_conf.display().to_string();
+    let url = format!("http://{admin}");
+
+    let (code, out) = gateway_cli(&["status", "--config", &config]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("OK: nothing wrong"), "{out}");
+    assert!(
+        out.contains("node-a") && out.contains("node-b") && out.contains("echo"),
+        "{out}"
+    );
+    let (code, out) = gateway_cli(&["nodes", "--admin", &url, "--json"]);
+    assert_eq!(code, 0, "{out}");
+    let listed: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON");
+    assert_eq!(listed["nodes"].as_array().map(Vec::len), Some(2), "{out}");
+
+    // node-b dies: status says so first, and fails.
+    b.kill();
+    let down = eventually(UP, async || {
+        let (code, out) = gateway_cli(&["status", "--admin", &url]);
+        (code == 1).then_some(out)
+    })
+    .await
+    .expect("status never saw node-b down");
+    assert!(
+        down.starts_with("WRONG: 1 problem(s)\n  x node node-b is down"),
+        "{down}"
+    );
+    let (code, out) = gateway_cli(&["nodes", "--config", &config]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("DOWN"), "{out}");
+
+    // A bundle node-a cannot apply: status names it and the reason.
+    let token = pki.admin_token("gw");
+    let (code, _) = http(
+        "PUT",
+        admin,
+        "/v1/policy",
+        Some(&token),
+        "min_node_version = \"99.0.0\"\n",
+    )
+    .await;
+    assert_eq!(code, 200);
+    let nack = eventually(UP, async || {
+        let (code, out) = gateway_cli(&["status", "--config", &config, "--json"]);
+        let report: serde_json::Value = serde_json::from_str(out.trim()).ok()?;
+        let said = report["problems"].as_array()?.iter().any(|p| {
+            p.as_str()
+                .is_some_and(|p| p.contains("node node-a refused the policy"))
+        });
+        (code == 1 && said).then_some(report)
+    })
+    .await
+    .expect("status never named the refused policy");
+    assert_eq!(nack["healthy"], false);
+
+    // No gateway there: exit 3.
+    let (code, out) = gateway_cli(&[
+        "status",
+        "--admin",
+        &format!("http://127.0.0.1:{}", starling_tests::closed_tcp_port()),
+    ]);
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("cannot reach"), "{out}");
+    drop(gw);
+}

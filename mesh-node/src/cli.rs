@@ -93,7 +93,9 @@ enum Command {
         #[arg(long)]
         name: Option<String>,
     },
-    /// Show a running node's own view (peers, gateway link, policy), read from its ingress.
+    /// Show a running node's own view (what is wrong first; its gateway link, policy, certificate,
+    /// services and peers), read from its ingress. Exit 0 nothing wrong, 1 something wrong, 3 the
+    /// node cannot be reached.
     Status {
         /// The node's ingress.
         #[arg(long, default_value = "127.0.0.1:7480")]
@@ -271,21 +273,146 @@ async fn status(ingress: SocketAddr, json: bool) -> ExitCode {
                 "error: the node at {ingress} answered HTTP {code}: {}",
                 String::from_utf8_lossy(&body)
             );
-            return ExitCode::FAILURE;
+            return ExitCode::from(3);
         }
         Err(e) => {
             eprintln!("error: cannot reach the node's ingress at {ingress}: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(3);
         }
     };
+    let Ok(status) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        eprintln!("error: the node at {ingress} answered something that is not its status");
+        return ExitCode::from(3);
+    };
+    let problems = status_problems(&status);
     if json {
         use std::io::Write;
         let _ = std::io::stdout().write_all(&body);
         println!();
     } else {
-        println!("{}", String::from_utf8_lossy(&body));
+        print!("{}", render_status(&status, &problems));
     }
-    ExitCode::SUCCESS
+    if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// What is wrong with a node, from its `/v1/status`.
+fn status_problems(s: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    if s["policy"]["source"] == "damaged" {
+        out.push(format!(
+            "its saved policy is damaged ({}): it refuses every call until its gateway sends a good one",
+            s["policy"]["problem"].as_str().unwrap_or("?")
+        ));
+    }
+    if let Some(why) = s["revoked"].as_str() {
+        out.push(format!("a peer says its certificate is revoked: {why}"));
+    }
+    match s["certificate_expires_in_s"].as_i64() {
+        Some(e) if e <= 0 => out.push(format!(
+            "its certificate expired {} h ago: every peer refuses it",
+            -e / 3600
+        )),
+        Some(e) if e < 12 * 3600 => out.push(format!(
+            "its certificate expires in {} h: renewal is failing ({})",
+            e / 3600,
+            s["renewal"]["problem"]
+                .as_str()
+                .unwrap_or("no reason given")
+        )),
+        _ => {}
+    }
+    if s["gateway"].is_null() && s["gateway_sessions"].as_u64().unwrap_or(0) > 0 {
+        out.push("it lost its gateway (it keeps serving under its saved policy)".into());
+    }
+    if let Some(errors) = s["dial_errors"].as_array() {
+        for e in errors.iter().filter_map(|e| e.as_str()) {
+            out.push(format!("a configured peer cannot be reached: {e}"));
+        }
+    }
+    out
+}
+
+/// A node's status as one screen of text, what is wrong first.
+fn render_status(s: &serde_json::Value, problems: &[String]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    if problems.is_empty() {
+        out.push_str("OK: nothing wrong\n");
+    } else {
+        let _ = writeln!(out, "WRONG: {} problem(s)", problems.len());
+        for p in problems {
+            let _ = writeln!(out, "  x {p}");
+        }
+    }
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
+    let _ = writeln!(
+        out,
+        "\nnode {} ({}), QUIC on {}",
+        text(&s["name"]),
+        text(&s["id"]),
+        text(&s["quic"])
+    );
+    let _ = writeln!(
+        out,
+        "gateway: {}",
+        s["gateway"]
+            .as_str()
+            .map_or("not connected".to_owned(), |g| format!("connected to {g}"))
+    );
+    let _ = writeln!(
+        out,
+        "policy: version {} ({}){}",
+        s["policy"]["version"],
+        text(&s["policy"]["source"]),
+        s["policy"]["problem"]
+            .as_str()
+            .map_or(String::new(), |p| format!(": {p}"))
+    );
+    let _ = writeln!(
+        out,
+        "certificate: expires in {} h, renewed {} times",
+        s["certificate_expires_in_s"].as_i64().unwrap_or(0) / 3600,
+        s["renewal"]["renewals"]
+    );
+    let hosted: Vec<String> = s["hosted"]
+        .as_array()
+        .map(|h| h.iter().map(text).collect())
+        .unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "hosts: {}",
+        if hosted.is_empty() {
+            "-".into()
+        } else {
+            hosted.join(", ")
+        }
+    );
+    let peers = s["peers"].as_array().cloned().unwrap_or_default();
+    let _ = writeln!(out, "peers: {}", peers.len());
+    for p in &peers {
+        let services: Vec<String> = p["services"]
+            .as_array()
+            .map(|v| v.iter().map(text).collect())
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  {:<20} {:<8} {:<22} {}",
+            text(&p["name"]),
+            text(&p["role"]),
+            text(&p["addr"]),
+            services.join(", ")
+        );
+    }
+    let _ = writeln!(
+        out,
+        "telemetry: {} batches waiting for the gateway, {} dropped",
+        s["telemetry"]["pending"], s["telemetry"]["dropped"]
+    );
+    out
 }
 
 fn read_body(path: &Path) -> std::io::Result<Bytes> {

@@ -189,3 +189,73 @@ async fn status_says_what_is_wrong_first_and_exits_accordingly() {
     assert!(out.contains("cannot reach"), "{out}");
     drop(gw);
 }
+
+/// `mesh-node status`: a node's own view on one screen, what is wrong first: exit 0 while it has
+/// its gateway, 1 once it lost it (saying so), 3 when the node cannot be reached; `--json` is the
+/// node's status as it answers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_node_status_says_what_is_wrong_first() {
+    use starling_tests::NodeProc;
+    const UP: Duration = Duration::from_secs(10);
+    let pki = Pki::new();
+    let (gw, _admin) = NodeProc::start_gateway("gw", &pki.gateway_config("gw", "127.0.0.1:0", ""));
+    let path = pki.config(
+        "node-a",
+        "[[services]]\nname = \"echo\"\nupstream = \"builtin:echo\"\n",
+    );
+    prepend(&path, &format!("gateway = \"{}\"\n", gw.quic));
+    let a = NodeProc::start("node-a", &path);
+    a.wait_gateway(UP);
+    let ingress = a.ingress().to_string();
+    let node_status = |extra: &[&str]| {
+        let out = Command::new(bin("mesh-node"))
+            .args(["status", "--ingress", &ingress])
+            .args(extra)
+            .output()
+            .expect("mesh-node status");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = node_status(&[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("OK: nothing wrong"), "{out}");
+    assert!(
+        out.contains("gateway: connected to") && out.contains("hosts: echo"),
+        "{out}"
+    );
+    let (code, out) = node_status(&["--json"]);
+    assert_eq!(code, 0);
+    let json: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON");
+    assert_eq!(json["name"], "node-a");
+
+    gw.kill();
+    let deadline = Instant::now() + UP;
+    let lost = loop {
+        let (code, out) = node_status(&[]);
+        if code == 1 {
+            break out;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status never saw the gateway go: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        lost.starts_with("WRONG: 1 problem(s)\n  x it lost its gateway"),
+        "{lost}"
+    );
+
+    let (code, _) = Command::new(bin("mesh-node"))
+        .args([
+            "status",
+            "--ingress",
+            &format!("127.0.0.1:{}", starling_tests::closed_tcp_port()),
+        ])
+        .output()
+        .map(|o| (o.status.code().unwrap_or(-1), ()))
+        .expect("mesh-node status");
+    assert_eq!(code, 3);
+}

@@ -33,6 +33,17 @@ z /etc/starling/certs 0750 root starling -
 z /etc/starling/certs/node.key 0600 starling starling -
 TMP
 chmod 0644 "$r/usr/lib/sysusers.d/starling.conf" "$r/usr/lib/tmpfiles.d/starling.conf"
+# The serial lines the node's config names are the only devices the service may open.
+dropin="$r/etc/systemd/system/starling-node.service.d"
+install -d -m 0755 "$dropin"
+devices=$(sed -n 's|^[^#]*upstream *= *"serial://\(/dev/[^?"]*\).*|\1|p' "$here/etc/starling/node.toml" | sort -u)
+{
+  echo "# Written by install.sh: the serial devices /etc/starling/node.toml names."
+  echo "[Service]"
+  for d in $devices; do echo "DeviceAllow=$d rw"; done
+  [ -z "$devices" ] || echo "SupplementaryGroups=dialout"
+} > "$dropin/devices.conf"
+chmod 0644 "$dropin/devices.conf"
 install -d -m 0755 "$r/etc/systemd/system/multi-user.target.wants"
 ln -sf ../starling-node.service "$r/etc/systemd/system/multi-user.target.wants/starling-node.service"
 
@@ -44,8 +55,10 @@ if [ "$root" = / ]; then
   /usr/local/bin/mesh-node check-config /etc/starling/node.toml
   if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     systemctl daemon-reload
-    systemctl enable --now starling-node.service
-    echo "starling-node.service enabled and started"
+    systemctl enable starling-node.service
+    # A re-install or an upgrade restarts a running node on the new binary and unit.
+    systemctl restart starling-node.service
+    echo "starling-node.service enabled and (re)started"
   fi
 else
   echo "installed into $root; the starling user and file owners are set at first boot"

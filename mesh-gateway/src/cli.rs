@@ -641,8 +641,10 @@ fn run(path: &Path) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        mesh_node::process::notify_ready_and_watch();
         wait_for_signal().await;
         tracing::info!("shutting down");
+        mesh_node::process::notify("STOPPING=1");
         gateway.shutdown().await;
         ExitCode::SUCCESS
     })

@@ -489,8 +489,10 @@ fn run_with(path: &Path, only_forward: Option<crate::config::ForwardConfig>) -> 
                 }
             }
         }
+        crate::process::notify_ready_and_watch();
         wait_for_signal().await;
         tracing::info!("shutting down");
+        crate::process::notify("STOPPING=1");
         node.shutdown().await;
         ExitCode::SUCCESS
     })

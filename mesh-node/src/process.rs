@@ -65,6 +65,64 @@ pub fn init_logging(filter: &str, format: LogFormat) {
     };
 }
 
+/// Tells the service manager `state` (`READY=1`, `WATCHDOG=1`, `STOPPING=1`) over systemd's
+/// notification protocol, when it asked for it (`NOTIFY_SOCKET`); false when not asked or the
+/// message could not be sent.
+pub fn notify(state: &str) -> bool {
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
+        return false;
+    };
+    send_notification(&socket, state).is_ok()
+}
+
+#[cfg(target_os = "linux")]
+fn send_notification(socket: &std::ffi::OsStr, state: &str) -> std::io::Result<()> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let sock = UnixDatagram::unbound()?;
+    let bytes = socket.as_bytes();
+    // A name starting with '@' is in the abstract namespace.
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name)?,
+        None => SocketAddr::from_pathname(std::path::Path::new(socket))?,
+    };
+    sock.send_to_addr(state.as_bytes(), &addr).map(|_| ())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn send_notification(_socket: &std::ffi::OsStr, _state: &str) -> std::io::Result<()> {
+    Err(std::io::ErrorKind::Unsupported.into())
+}
+
+/// Says `READY=1` and, when the service manager watches this process (`WATCHDOG_USEC`, for this
+/// pid), says `WATCHDOG=1` every half of its interval from the runtime's own thread: a runtime that
+/// hangs stops the pings, and systemd restarts the node.
+pub fn notify_ready_and_watch() {
+    if !notify("READY=1") {
+        return;
+    }
+    let for_us = std::env::var("WATCHDOG_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        .is_none_or(|pid| pid == std::process::id());
+    let Some(usec) = std::env::var("WATCHDOG_USEC")
+        .ok()
+        .and_then(|u| u.parse::<u64>().ok())
+        .filter(|u| *u > 0 && for_us)
+    else {
+        return;
+    };
+    let every = std::time::Duration::from_micros(usec / 2);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            notify("WATCHDOG=1");
+        }
+    });
+}
+
 /// Waits for SIGINT or SIGTERM.
 pub async fn wait_for_signal() {
     #[cfg(unix)]

@@ -138,5 +138,67 @@ fn bundle_installs_into_a_scratch_root() {
             "systemd-analyze verify: {}",
             String::from_utf8_lossy(&verify.stderr)
         );
+        // Hardened: systemd's own exposure score at 2.5 or less (a plain unit scores 9.6, ours
+        // was 6.0).
+        let security = Command::new("systemd-analyze")
+            .args(["security", "--offline=true", "--no-pager"])
+            .arg(&copy)
+            .output()
+            .expect("systemd-analyze");
+        let report = String::from_utf8_lossy(&security.stdout);
+        let score: f64 = report
+            .lines()
+            .find_map(|l| l.split("starling-node.service: ").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no score in: {report}"));
+        assert!(score <= 2.5, "exposure {score}:\n{report}");
     }
+    for line in [
+        "Type=notify",
+        "WatchdogSec=",
+        "UMask=0077",
+        "DevicePolicy=closed",
+        "SystemCallFilter=@system-service",
+    ] {
+        assert!(unit.contains(line), "unit lacks {line:?}");
+    }
+    let devices = std::fs::read_to_string(
+        root.join("etc/systemd/system/starling-node.service.d/devices.conf"),
+    )
+    .expect("the devices drop-in");
+    assert!(
+        devices.contains("[Service]") && !devices.contains("DeviceAllow"),
+        "{devices}"
+    );
+
+    // A node with a microcontroller on a serial line may open that line and nothing else.
+    let toml = unpack.join("starling-dev-1/etc/starling/node.toml");
+    let mut src = std::fs::read_to_string(&toml).expect("node.toml");
+    src.push_str(
+        "[[services]]\nname = \"pump\"\nupstream = \"serial:///dev/ttyACM0?baud=115200\"\n\
+         [[services]]\nname = \"valve\"\nupstream = \"serial:///dev/ttyACM0?baud=115200\"\n",
+    );
+    std::fs::write(&toml, src).expect("node.toml");
+    let root2 = pki.dir.path().join("sdcard2");
+    std::fs::create_dir(&root2).expect("mkdir");
+    let installed = Command::new(unpack.join("starling-dev-1/install.sh"))
+        .arg("--root")
+        .arg(&root2)
+        .output()
+        .expect("install.sh");
+    assert!(installed.status.success());
+    let devices = std::fs::read_to_string(
+        root2.join("etc/systemd/system/starling-node.service.d/devices.conf"),
+    )
+    .expect("the devices drop-in");
+    assert_eq!(
+        devices
+            .lines()
+            .filter(|l| l.starts_with("DeviceAllow="))
+            .collect::<Vec<_>>(),
+        ["DeviceAllow=/dev/ttyACM0 rw"],
+        "{devices}"
+    );
+    assert!(devices.contains("SupplementaryGroups=dialout"), "{devices}");
 }

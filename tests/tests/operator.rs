@@ -259,3 +259,62 @@ async fn mesh_node_status_says_what_is_wrong_first() {
         .expect("mesh-node status");
     assert_eq!(code, 3);
 }
+
+/// Under systemd (`Type=notify`, `WatchdogSec`): a node says READY=1 once it serves, WATCHDOG=1
+/// every half of the watchdog interval while its runtime runs, and STOPPING=1 when told to stop.
+/// The test plays systemd's part on a Unix datagram socket of its own.
+#[test]
+fn a_node_speaks_systemds_notification_protocol() {
+    use std::os::unix::net::UnixDatagram;
+    let pki = Pki::new();
+    let config = pki.config("node-a", "");
+    let socket_path = pki.dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).expect("bind");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let child = Command::new(bin("mesh-node"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "200000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mesh-node");
+    let mut child = starling_tests::KillOnDrop(child);
+    let mut buf = [0u8; 256];
+    let mut next = || {
+        let n = socket.recv(&mut buf).expect("a notification within 10 s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(next(), "READY=1");
+    // It was ready only once it listened.
+    let lock =
+        mesh_node::state::read_lock_file(&pki.dir.path().join("node-a/state")).expect("lock file");
+    assert!(
+        lock.contains_key("quic") && lock.contains_key("ingress"),
+        "{lock:?}"
+    );
+    let started = Instant::now();
+    for _ in 0..3 {
+        assert_eq!(next(), "WATCHDOG=1");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "three pings took {:?} (every 100 ms asked)",
+        started.elapsed()
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status();
+    let stopping = loop {
+        let msg = next();
+        if msg != "WATCHDOG=1" {
+            break msg;
+        }
+    };
+    assert_eq!(stopping, "STOPPING=1");
+    let status = child.0.wait().expect("wait");
+    assert!(status.success(), "{status}");
+}

@@ -124,6 +124,30 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum PolicyCommand {
+    /// The bundles the running gateway accepted, newest first: version, when, from where, by
+    /// whom, hash.
+    History {
+        #[command(flatten)]
+        target: AdminArgs,
+    },
+    /// What changed from version A to version B (lines removed `-`, added `+`), from the
+    /// gateway's policy history.
+    Diff {
+        /// The older version.
+        a: u64,
+        /// The newer version.
+        b: u64,
+        #[command(flatten)]
+        target: AdminArgs,
+    },
+    /// Make the policy of VERSION (from the history) the one in force again: it becomes the next
+    /// version, pushed to every node like any change. Needs the admin token.
+    Rollback {
+        /// The version to go back to.
+        version: u64,
+        #[command(flatten)]
+        target: AdminArgs,
+    },
     /// Make an Ed25519 operator key: `<out>.key` (mode 0600, keep it off the site) and
     /// `<out>.pub` (name it in the gateway's `[cloud] policy_signers`).
     Keygen {
@@ -570,6 +594,59 @@ async fn admin_request(
 fn policy(command: PolicyCommand) -> Result<String, String> {
     use crate::cloud::signing;
     match command {
+        PolicyCommand::History { target } => {
+            let admin = target.admin()?;
+            let history = runtime().block_on(admin.get_json("/v1/policy/history"))?;
+            let mut out = format!(
+                "{:>8}  {:<20}  {:<10}  {:<30}  {}",
+                "version", "accepted (UTC)", "source", "author", "hash"
+            );
+            for e in history["entries"].as_array().into_iter().flatten() {
+                out.push_str(&format!(
+                    "\n{:>8}  {:<20}  {:<10}  {:<30}  {}",
+                    e["version"].as_u64().unwrap_or(0),
+                    crate::status::utc(e["at_unix"].as_u64().unwrap_or(0)),
+                    e["source"].as_str().unwrap_or("?"),
+                    e["author"].as_str().unwrap_or("?"),
+                    e["hash"].as_str().map_or("?", |h| &h[..h.len().min(16)]),
+                ));
+            }
+            Ok(out)
+        }
+        PolicyCommand::Diff { a, b, target } => {
+            let admin = target.admin()?;
+            let text = |v: u64| -> Result<String, String> {
+                let entry =
+                    runtime().block_on(admin.get_json(&format!("/v1/policy/history/{v}")))?;
+                Ok(entry["policy"].as_str().unwrap_or("").to_owned())
+            };
+            let (old, new) = (text(a)?, text(b)?);
+            let mut out = format!("--- version {a}\n+++ version {b}");
+            for line in crate::policy_history::diff(&old, &new) {
+                out.push('\n');
+                out.push_str(&line);
+            }
+            Ok(out)
+        }
+        PolicyCommand::Rollback { version, target } => {
+            let admin = target.admin()?;
+            let rt = runtime();
+            let entry = rt.block_on(admin.get_json(&format!("/v1/policy/history/{version}")))?;
+            let text = entry["policy"].as_str().unwrap_or("").to_owned();
+            let (code, body) =
+                rt.block_on(admin.request("PUT", "/v1/policy", bytes::Bytes::from(text)))?;
+            let answer: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            if code != 200 {
+                return Err(format!(
+                    "the gateway refused the rollback (HTTP {code}): {}",
+                    answer["error"].as_str().unwrap_or("")
+                ));
+            }
+            Ok(format!(
+                "the policy of version {version} is in force again as version {}",
+                answer["version"]
+            ))
+        }
         PolicyCommand::Keygen { out } => {
             let id = signing::generate(&out).map_err(|e| e.to_string())?;
             Ok(format!(

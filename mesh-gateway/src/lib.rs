@@ -20,6 +20,7 @@ pub mod gateway;
 mod http;
 pub mod metrics;
 mod policy;
+pub mod policy_history;
 pub mod registry;
 pub mod status;
 pub mod traces;

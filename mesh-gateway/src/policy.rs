@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::audit::AuditLog;
+use crate::policy_history::{Entry, History};
 
 /// Largest bundle the gateway accepts: well under a control frame, so every node can take it.
 pub const MAX_BUNDLE_BYTES: usize = 512 * 1024;
@@ -147,6 +148,8 @@ pub(crate) struct Policies {
     audit: Arc<AuditLog>,
     /// One change at a time, saved in version order.
     changing: tokio::sync::Mutex<()>,
+    /// Every accepted bundle, bounded.
+    history: std::sync::Mutex<History>,
 }
 
 impl Policies {
@@ -158,6 +161,7 @@ impl Policies {
         audit: Arc<AuditLog>,
     ) -> Result<Self, ConfigError> {
         let store = PolicyStore::new(dir);
+        let file_path = file.as_ref().map(|(p, _)| p.display().to_string());
         let saved = match store.load() {
             Ok(saved) => saved,
             Err(damaged) => {
@@ -303,7 +307,19 @@ impl Policies {
             })?;
             current = Some(bundle);
         }
-        Ok(Policies {
+        let history = match History::load(dir) {
+            Ok(h) => h,
+            Err((h, why)) => {
+                warn!("the policy history: {why}");
+                audit.record(
+                    "gateway",
+                    "policy_history_damaged",
+                    vec![("reason".into(), why)],
+                );
+                h
+            }
+        };
+        let policies = Policies {
             current: watch::Sender::new(current),
             revoked: std::sync::Mutex::new(revoked),
             enforced: std::sync::Mutex::new(([0; 32], Vec::new())),
@@ -311,7 +327,49 @@ impl Policies {
             epoch,
             audit,
             changing: tokio::sync::Mutex::new(()),
-        })
+            history: std::sync::Mutex::new(history),
+        };
+        // A bundle made at start (the file changed while the gateway was down), or kept from
+        // before the history existed.
+        if let Some(bundle) = policies.current()
+            && !policies
+                .history_lock()
+                .has(bundle.id.epoch, bundle.id.version)
+        {
+            let author = file_path.unwrap_or_else(|| "policy kept in the state folder".into());
+            let bytes = policies
+                .history_lock()
+                .record(entry_of(&bundle, "file", &author));
+            let path = policies.history_lock().path().to_owned();
+            if let Err(e) = History::save(&path, &bytes) {
+                warn!("cannot keep the policy history in {}: {e}", path.display());
+            }
+        }
+        Ok(policies)
+    }
+
+    fn history_lock(&self) -> std::sync::MutexGuard<'_, History> {
+        self.history.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The accepted bundles kept, newest first.
+    pub(crate) fn history(&self) -> Vec<Entry> {
+        self.history_lock().entries().cloned().collect()
+    }
+
+    /// Keeps `bundle` in the history (written on the blocking pool; a failure is logged, never a
+    /// refusal: the history informs, it does not decide).
+    async fn remember(&self, bundle: &Bundle, source: &str, author: &str) {
+        let (path, bytes) = {
+            let mut history = self.history_lock();
+            let bytes = history.record(entry_of(bundle, source, author));
+            (history.path().to_owned(), bytes)
+        };
+        let shown = path.display().to_string();
+        let saved = tokio::task::spawn_blocking(move || History::save(&path, &bytes)).await;
+        if let Err(e) = saved.map_err(std::io::Error::other).and_then(|r| r) {
+            warn!("cannot keep the policy history in {shown}: {e}");
+        }
     }
 
     /// The bundle now.
@@ -354,6 +412,22 @@ impl Policies {
         source: &str,
         origin: Origin,
     ) -> Result<u64, ConfigError> {
+        let author = match origin {
+            Origin::File => source.to_owned(),
+            Origin::Api => "admin token".to_owned(),
+            Origin::Cloud => "cloud (signed by an operator key)".to_owned(),
+        };
+        self.set_by(toml, source, origin, &author).await
+    }
+
+    /// [`Policies::set`], saying who sent it (for the history).
+    pub(crate) async fn set_by(
+        &self,
+        toml: &str,
+        source: &str,
+        origin: Origin,
+        author: &str,
+    ) -> Result<u64, ConfigError> {
         check_operator(toml, source)?;
         let _one_at_a_time = self.changing.lock().await;
         let current = self.current();
@@ -363,14 +437,19 @@ impl Policies {
             return Ok(c.id.version);
         }
         let revoked = self.revoked_list();
-        let version = self
-            .publish(Arc::new(toml.to_owned()), &revoked, source)
-            .await?;
         let origin = match origin {
             Origin::File => "file",
             Origin::Api => "api",
             Origin::Cloud => "cloud",
         };
+        let version = self
+            .publish(
+                Arc::new(toml.to_owned()),
+                &revoked,
+                source,
+                (origin, author),
+            )
+            .await?;
         self.audit.record(
             "gateway",
             "policy_accepted",
@@ -481,7 +560,13 @@ impl Policies {
         let operator = self
             .current()
             .map_or_else(|| Arc::new(String::new()), |c| c.operator);
-        self.publish(operator, &list, source).await
+        self.publish(
+            operator,
+            &list,
+            source,
+            ("revocation", "mesh-gateway revoke"),
+        )
+        .await
     }
 
     /// Makes `operator` with `revoked` the next version: saved (on the blocking pool), then
@@ -491,6 +576,7 @@ impl Policies {
         operator: Arc<String>,
         revoked: &[Revocation],
         source: &str,
+        (kind, author): (&str, &str),
     ) -> Result<u64, ConfigError> {
         let composed =
             compose(&operator, revoked).map_err(|e| ConfigError::unplaced(source, "revoked", e))?;
@@ -527,6 +613,7 @@ impl Policies {
                 ),
             ));
         }
+        self.remember(&bundle, kind, author).await;
         self.current.send_replace(Some(bundle));
         Ok(version)
     }
@@ -647,6 +734,21 @@ fn new_epoch() -> u64 {
         bytes = now.to_le_bytes();
     }
     u64::from_le_bytes(bytes).max(1)
+}
+
+/// The history's entry of `bundle`, accepted now.
+fn entry_of(bundle: &Bundle, source: &str, author: &str) -> Entry {
+    Entry {
+        version: bundle.id.version,
+        epoch: bundle.id.epoch,
+        hash: mesh_node::state::hex(&bundle.id.hash),
+        at_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        source: source.to_owned(),
+        author: author.to_owned(),
+        policy: bundle.operator.as_str().to_owned(),
+    }
 }
 
 /// Lines of `new` not in `old`, and of `old` not in `new` (a summary, not a patch).

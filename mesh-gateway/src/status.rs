@@ -67,23 +67,30 @@ impl Admin {
         Ok(Admin { addr, token })
     }
 
-    /// `GET path`: the answer's status and body.
-    async fn get(&self, path: &str) -> Result<(u16, bytes::Bytes), String> {
+    /// `method path` with `body`, the token when known: the answer's status and body.
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: bytes::Bytes,
+    ) -> Result<(u16, bytes::Bytes), String> {
         let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
         let headers: Vec<(&str, &str)> = auth
             .as_deref()
             .map(|a| vec![("authorization", a)])
             .unwrap_or_default();
-        let (code, _, body) =
-            mesh_node::http::request("GET", self.addr, path, &headers, bytes::Bytes::new())
-                .await
-                .map_err(|e| {
-                    format!("cannot reach the gateway's admin API at {}: {e}", self.addr)
-                })?;
+        let (code, _, body) = mesh_node::http::request(method, self.addr, path, &headers, body)
+            .await
+            .map_err(|e| format!("cannot reach the gateway's admin API at {}: {e}", self.addr))?;
         Ok((code, body))
     }
 
-    async fn get_json(&self, path: &str) -> Result<Value, String> {
+    async fn get(&self, path: &str) -> Result<(u16, bytes::Bytes), String> {
+        self.request("GET", path, bytes::Bytes::new()).await
+    }
+
+    /// `GET path`, whose answer must be a 200 with JSON.
+    pub async fn get_json(&self, path: &str) -> Result<Value, String> {
         let (code, body) = self.get(path).await?;
         if code != 200 {
             return Err(format!(
@@ -93,6 +100,27 @@ impl Admin {
         }
         serde_json::from_slice(&body).map_err(|e| format!("GET {path}: {e}"))
     }
+}
+
+/// `at_unix` as `YYYY-MM-DD HH:MM:SS` (UTC).
+pub fn utc(at_unix: u64) -> String {
+    let (days, secs) = (at_unix / 86_400, at_unix % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
 }
 
 /// What `status` reports: read once from the API.
@@ -398,6 +426,13 @@ pub async fn run(admin: Result<Admin, String>, json_out: bool, nodes_only: bool)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00");
+        assert_eq!(utc(1_795_737_600), "2026-11-27 00:00:00");
+        assert_eq!(utc(951_782_400 + 86_399), "2000-02-29 23:59:59");
+    }
 
     #[test]
     fn a_down_node_a_nack_and_a_service_without_endpoints_come_first() {

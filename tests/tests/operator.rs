@@ -318,3 +318,78 @@ fn a_node_speaks_systemds_notification_protocol() {
     let status = child.0.wait().expect("wait");
     assert!(status.success(), "{status}");
 }
+
+/// Policy history: every accepted bundle is kept with its source and author, across restarts;
+/// `policy diff` shows what changed between two versions and `policy rollback` puts an old one in
+/// force again as the next version, which the nodes take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_history_diff_and_rollback() {
+    use starling_tests::{NodeProc, http};
+    const UP: Duration = Duration::from_secs(10);
+    let pki = Pki::new();
+    let file = pki.dir.path().join("policy.toml");
+    let v1 = "[authorization]\ndefault = \"allow\"\n";
+    std::fs::write(&file, v1).expect("policy");
+    let conf = pki.gateway_config("gw", "127.0.0.1:0", "");
+    prepend(&conf, &format!("policy = \"{}\"\n", file.display()));
+    let (gw, admin) = NodeProc::start_gateway("gw", &conf);
+    let node = pki.config("node-a", "");
+    prepend(&node, &format!("gateway = \"{}\"\n", gw.quic));
+    let a = NodeProc::start("node-a", &node);
+    a.wait_policy(1, UP);
+    let token = pki.admin_token("gw");
+    let v2 = "[authorization]\ndefault = \"deny\"\n";
+    let (code, _) = http("PUT", admin, "/v1/policy", Some(&token), v2).await;
+    assert_eq!(code, 200);
+    a.wait_policy(2, UP);
+
+    let config = conf.display().to_string();
+    let (code, out) = gateway_cli(&["policy", "history", "--config", &config]);
+    assert_eq!(code, 0, "{out}");
+    let rows: Vec<&str> = out.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    assert!(
+        rows[0].trim_start().starts_with("2 ")
+            && rows[0].contains("api")
+            && rows[0].contains("admin token"),
+        "{out}"
+    );
+    assert!(
+        rows[1].trim_start().starts_with("1 ")
+            && rows[1].contains("file")
+            && rows[1].contains("policy.toml"),
+        "{out}"
+    );
+
+    let (code, out) = gateway_cli(&["policy", "diff", "1", "2", "--config", &config]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out.trim_end(),
+        "--- version 1\n+++ version 2\n  [authorization]\n- default = \"allow\"\n+ default = \"deny\""
+    );
+
+    let (code, out) = gateway_cli(&["policy", "rollback", "1", "--config", &config]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("in force again as version 3"), "{out}");
+    a.wait_policy(3, UP);
+    let (_, body) = http("GET", admin, "/v1/policy", None, "").await;
+    let current: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(current["toml"], v1);
+
+    // Kept across a restart of the gateway.
+    let state = pki.dir.path().join("gw/state/gateway");
+    drop(gw);
+    let (_gw, admin) = NodeProc::start_gateway("gw", &conf);
+    let (_, body) = http("GET", admin, "/v1/policy/history", None, "").await;
+    let history: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let versions: Vec<u64> = history["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|e| e["version"].as_u64())
+        .collect();
+    assert_eq!(versions, [3, 2, 1]);
+    assert!(state.join("policy-history.json").exists());
+    let (code, _) = http("GET", admin, "/v1/policy/history/9", None, "").await;
+    assert_eq!(code, 404);
+}

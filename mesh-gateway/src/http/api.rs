@@ -68,6 +68,38 @@ pub(super) async fn handle(
         }
         (Method::PUT, "/v1/policy") => put_policy(&api, req, &query).await,
         (Method::GET, "/v1/policy/status") => json_response(200, policy_status(state)),
+        (Method::GET, "/v1/policy/history") => {
+            // Newest first, without the texts (GET /v1/policy/history/<version> has one).
+            let entries: Vec<serde_json::Value> = state
+                .policies
+                .history()
+                .iter()
+                .map(|e| {
+                    json!({
+                        "version": e.version, "epoch": e.epoch, "hash": e.hash,
+                        "at_unix": e.at_unix, "source": e.source, "author": e.author,
+                        "bytes": e.policy.len(),
+                    })
+                })
+                .collect();
+            json_response(200, json!({ "entries": entries }))
+        }
+        (Method::GET, p) if p.starts_with("/v1/policy/history/") => {
+            let wanted = p["/v1/policy/history/".len()..].parse::<u64>().ok();
+            match wanted.and_then(|v| {
+                state
+                    .policies
+                    .history()
+                    .into_iter()
+                    .find(|e| e.version == v)
+            }) {
+                Some(e) => json_response(200, json!(e)),
+                None => json_response(
+                    404,
+                    json!({ "error": format!("no version {} in the policy history (GET /v1/policy/history lists them)", &p["/v1/policy/history/".len()..]) }),
+                ),
+            }
+        }
         (Method::GET, "/v1/revocations") => json_response(200, revocations(state)),
         (Method::POST, "/v1/tokens") => post_token(&api, req).await,
         (Method::POST, "/v1/revocations") => post_revocation(&api, req).await,
@@ -85,7 +117,7 @@ pub(super) async fn handle(
         (
             _,
             "/metrics" | "/v1/nodes" | "/v1/services" | "/v1/policy" | "/v1/policy/status"
-            | "/v1/traces" | "/v1/revocations" | "/v1/tokens" | "/v1/cloud",
+            | "/v1/policy/history" | "/v1/traces" | "/v1/revocations" | "/v1/tokens" | "/v1/cloud",
         ) => json_response(405, json!({ "error": "method not allowed" })),
         _ => json_response(404, json!({ "error": "no such path" })),
     })

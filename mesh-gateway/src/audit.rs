@@ -27,7 +27,12 @@ pub(crate) struct AuditLog {
     lost: Arc<AtomicU64>,
     /// Where every event also goes (the cloud bridge), if anywhere.
     also: Option<Forward>,
+    /// The latest events, newest last (for the dashboard).
+    recent: std::sync::Mutex<std::collections::VecDeque<serde_json::Value>>,
 }
+
+/// Events kept in memory for the dashboard.
+const RECENT: usize = 100;
 
 /// Takes a copy of every audit event, as the JSON object the log line holds.
 pub(crate) type Forward = Box<dyn Fn(&serde_json::Map<String, serde_json::Value>) + Send + Sync>;
@@ -48,6 +53,7 @@ impl AuditLog {
                 writer: None,
                 lost,
                 also: None,
+                recent: Default::default(),
             };
         };
         let (tx, rx) = sync_channel::<String>(QUEUE);
@@ -70,6 +76,7 @@ impl AuditLog {
                 writer: Some(writer),
                 lost,
                 also: None,
+                recent: Default::default(),
             },
             Err(e) => {
                 warn!("cannot start the audit writer: {e}; audit events are not kept");
@@ -78,6 +85,7 @@ impl AuditLog {
                     writer: None,
                     lost,
                     also: None,
+                    recent: Default::default(),
                 }
             }
         }
@@ -111,7 +119,15 @@ impl AuditLog {
         if let Some(also) = &self.also {
             also(&line);
         }
-        let text = serde_json::Value::Object(line).to_string();
+        let value = serde_json::Value::Object(line);
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            if recent.len() == RECENT {
+                recent.pop_front();
+            }
+            recent.push_back(value.clone());
+        }
+        let text = value.to_string();
         let sent = match &self.lines {
             Some(tx) => match tx.try_send(text) {
                 Ok(()) => true,
@@ -122,6 +138,12 @@ impl AuditLog {
         if !sent {
             self.lost.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// The latest `limit` events (at most 100), newest first.
+    pub(crate) fn recent(&self, limit: usize) -> Vec<serde_json::Value> {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.iter().rev().take(limit).cloned().collect()
     }
 
     /// Lines that could not be written, since start.

@@ -174,6 +174,28 @@ impl Metrics {
         true
     }
 
+    /// Calls so far by service and by (caller, callee): counts, failures and latency buckets.
+    pub fn aggregates(&self) -> Aggregates {
+        let mut out = Aggregates::default();
+        for ((service, _, caller, callee, status), acc) in &self.calls {
+            let failed = if failed_status(status) { acc.count } else { 0 };
+            for agg in [
+                out.services.entry(service.clone()).or_default(),
+                out.edges
+                    .entry((caller.clone(), callee.clone()))
+                    .or_default(),
+            ] {
+                agg.add(acc.count, failed, &acc.buckets);
+            }
+        }
+        out
+    }
+
+    /// What `node` last said of its resource use.
+    pub fn resources(&self, node: &str) -> Option<Resources> {
+        self.nodes.get(node).map(|n| n.resources)
+    }
+
     /// Total calls stored, for tests and the demo.
     pub fn total_calls(&self) -> u64 {
         self.calls.values().map(|a| a.count).sum()
@@ -447,6 +469,88 @@ impl Metrics {
         }
         out
     }
+}
+
+/// Whether a call status (as the metrics name it) is a failure: `mesh_proto::Status::is_failure`,
+/// with every upstream error (the series do not keep the upstream's code).
+pub fn failed_status(status: &str) -> bool {
+    matches!(
+        status,
+        "unavailable" | "internal" | "deadline_exceeded" | "upstream"
+    )
+}
+
+/// Calls added up: how many, how many failed, per latency bucket.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Agg {
+    /// Calls.
+    pub count: u64,
+    /// Failed calls.
+    pub failed: u64,
+    /// Calls per latency bucket ([`LATENCY_BUCKETS_US`], then one for slower).
+    pub buckets: Vec<u64>,
+}
+
+impl Agg {
+    fn add(&mut self, count: u64, failed: u64, buckets: &[u64]) {
+        self.count = self.count.saturating_add(count);
+        self.failed = self.failed.saturating_add(failed);
+        if self.buckets.len() < buckets.len() {
+            self.buckets.resize(buckets.len(), 0);
+        }
+        for (a, b) in self.buckets.iter_mut().zip(buckets) {
+            *a = a.saturating_add(*b);
+        }
+    }
+
+    /// What was added since `earlier` (the same series, counted before).
+    pub fn since(&self, earlier: Option<&Agg>) -> Agg {
+        let Some(e) = earlier else {
+            return self.clone();
+        };
+        Agg {
+            count: self.count.saturating_sub(e.count),
+            failed: self.failed.saturating_sub(e.failed),
+            buckets: self
+                .buckets
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b.saturating_sub(e.buckets.get(i).copied().unwrap_or(0)))
+                .collect(),
+        }
+    }
+
+    /// The latency quantile `q` (0..1) in seconds: the upper bound of the bucket it falls in
+    /// (the slowest bucket's lower bound when it falls past the last bound); none without calls.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let total: u64 = self.buckets.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let wanted = (q * total as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            seen += b;
+            if seen >= wanted {
+                let bound = LATENCY_BUCKETS_US
+                    .get(i)
+                    .or(LATENCY_BUCKETS_US.last())
+                    .copied()
+                    .unwrap_or(0);
+                return Some(bound as f64 / 1e6);
+            }
+        }
+        None
+    }
+}
+
+/// Calls by service and by (caller, callee).
+#[derive(Debug, Clone, Default)]
+pub struct Aggregates {
+    /// By service.
+    pub services: BTreeMap<String, Agg>,
+    /// By (caller, callee); the callee is empty when no endpoint took the call.
+    pub edges: BTreeMap<(String, String), Agg>,
 }
 
 impl Metrics {

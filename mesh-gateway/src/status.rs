@@ -167,14 +167,7 @@ fn sums_by(metrics: &str, name: &str, label: &str) -> BTreeMap<String, Vec<(Stri
     out
 }
 
-/// The statuses that count as failed calls (`mesh_proto::Status::is_failure`, with every upstream
-/// error: the metric does not keep its code).
-fn failed(status: &str) -> bool {
-    matches!(
-        status,
-        "unavailable" | "internal" | "deadline_exceeded" | "upstream"
-    )
-}
+use crate::metrics::failed_status as failed;
 
 /// The report, from the API's answers: problems first, then the fleet.
 pub fn report(

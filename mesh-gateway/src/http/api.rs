@@ -21,6 +21,30 @@ pub(super) async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let state = &*api.plane;
+    // The dashboard's page holds no data: a browser loads it without the token, and its requests
+    // for data carry it.
+    if req.method() == Method::GET {
+        use super::dashboard;
+        let asset = match req.uri().path() {
+            "/" => Some(("text/html; charset=utf-8", dashboard::HTML)),
+            "/dashboard.js" => Some(("text/javascript; charset=utf-8", dashboard::SCRIPT)),
+            "/dashboard.css" => Some(("text/css; charset=utf-8", dashboard::STYLE)),
+            _ => None,
+        };
+        if let Some((content_type, body)) = asset {
+            let mut resp = respond(200, content_type, body.to_owned());
+            let headers = resp.headers_mut();
+            headers.insert(
+                hyper::header::CONTENT_SECURITY_POLICY,
+                hyper::header::HeaderValue::from_static(dashboard::CSP),
+            );
+            headers.insert(
+                hyper::header::X_CONTENT_TYPE_OPTIONS,
+                hyper::header::HeaderValue::from_static("nosniff"),
+            );
+            return Ok(resp);
+        }
+    }
     if api.reads_need_token && !authorized(&api, &req) {
         return Ok(json_response(
             401,
@@ -44,6 +68,9 @@ pub(super) async fn handle(
             respond(200, "text/plain; version=0.0.4", text)
         }
         (Method::GET, "/v1/nodes") => json_response(200, nodes(state)),
+        (Method::GET, "/v1/overview") => {
+            json_response(200, super::dashboard::overview(state, &api.snapshots))
+        }
         (Method::GET, "/v1/services") => json_response(200, services(state)),
         (Method::GET, "/v1/cloud") => match state.cloud() {
             Some(cloud) => json_response(200, json!(cloud.status())),

@@ -2,6 +2,9 @@
 //!
 //! | method and path | what |
 //! |---|---|
+//! | `GET /` | the fleet dashboard (its page, script and style need no token; its data does off loopback) |
+//! | `GET /v1/overview` | what the dashboard shows: nodes, calls between them, services, rollout, audit, traces |
+//! | `GET /v1/policy/history` | accepted bundles, newest first (`/v1/policy/history/<version>`: one, with its text) |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /v1/nodes` | the registry |
 //! | `GET /v1/services` | each service and the nodes hosting it |
@@ -14,9 +17,10 @@
 //! | `DELETE /v1/revocations/<name>` | lift a revocation (bearer token) |
 //!
 //! On loopback, reads are open (to whoever can reach the address); every change needs
-//! `Authorization: Bearer <token>`. On any other address, every request needs it. The dashboard comes next, as a module beside `api`.
+//! `Authorization: Bearer <token>`. On any other address, every request needs it.
 
 mod api;
+mod dashboard;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,6 +38,8 @@ struct Api {
     reads_need_token: bool,
     /// Time a client has to send a bundle.
     body_timeout: std::time::Duration,
+    /// The dashboard's snapshots of the call counters.
+    snapshots: Arc<dashboard::Snapshots>,
 }
 
 /// Binds the admin API on `addr` and serves it until `stop` changes; returns the bound address.
@@ -49,6 +55,7 @@ pub(crate) async fn serve(
         token: token.into(),
         reads_need_token: !addr.ip().is_loopback(),
         body_timeout: limits.body_timeout,
+        snapshots: Arc::default(),
     };
     mesh_node::http::serve_http(addr, limits, stop, move |req| api::handle(api.clone(), req)).await
 }

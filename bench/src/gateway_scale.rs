@@ -42,6 +42,17 @@ pub struct ScaleFigures {
     pub policy_p50: Duration,
     pub policy_p99: Duration,
     pub policy_all: Duration,
+    pub dashboard: Dashboard,
+}
+
+/// What one browser watching the dashboard costs.
+pub struct Dashboard {
+    /// Gateway CPU added while the overview is polled every 2 s, % of a core.
+    pub cpu_percent: f64,
+    /// The page, its script and style.
+    pub page_bytes: usize,
+    /// One overview answer.
+    pub overview_bytes: usize,
 }
 
 struct Proc(Child);
@@ -242,6 +253,28 @@ fn run(
     let cpu_percent = (cpu_ticks(pid)? - cpu0) as f64 / 100.0 / t0.elapsed().as_secs_f64() * 100.0;
     let rss_kib = crate::footprint::rss_of(pid).map_or(0, |(rss, _)| rss);
 
+    // One browser watching the dashboard: its page once, then the overview every 2 s.
+    let mut page_bytes = 0;
+    for path in ["/", "/dashboard.js", "/dashboard.css"] {
+        let (_, body) = rt.block_on(admin_call("GET", admin, path, None, ""))?;
+        page_bytes += body.len();
+    }
+    let (cpu0, t0) = (cpu_ticks(pid)?, Instant::now());
+    let mut overview_bytes = 0;
+    for _ in 0..5 {
+        let (code, body) = rt.block_on(admin_call("GET", admin, "/v1/overview", None, ""))?;
+        anyhow::ensure!(code == 200, "the overview answered {code}");
+        overview_bytes = body.len();
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let watched_percent =
+        (cpu_ticks(pid)? - cpu0) as f64 / 100.0 / t0.elapsed().as_secs_f64() * 100.0;
+    let dashboard = Dashboard {
+        cpu_percent: (watched_percent - cpu_percent).max(0.0),
+        page_bytes,
+        overview_bytes,
+    };
+
     // A policy change: time until each node has it, and until the gateway sees every ack.
     arrivals
         .lock()
@@ -320,6 +353,7 @@ fn run(
         policy_p50: pct(0.5),
         policy_p99: pct(0.99),
         policy_all,
+        dashboard,
     };
     rt.shutdown_background();
     Ok(figures)
@@ -475,6 +509,12 @@ impl ScaleFigures {
             self.policy_all.as_secs_f64() * 1e3,
         );
         println!(
+            "  dashboard watched by one browser: +{:.2}% of a core; page {:.1} KB, each 2 s poll {:.1} KB",
+            self.dashboard.cpu_percent,
+            self.dashboard.page_bytes as f64 / 1e3,
+            self.dashboard.overview_bytes as f64 / 1e3,
+        );
+        println!(
             "  renewals: every node renewed once in {:.0} ms, {:.2} ms of gateway CPU each; over a \
              {}-day lifetime that is {:.5}% of one core on average",
             self.renew_all.as_secs_f64() * 1e3,
@@ -493,6 +533,9 @@ impl ScaleFigures {
             "policy_p50_ms": self.policy_p50.as_secs_f64() * 1e3,
             "policy_p99_ms": self.policy_p99.as_secs_f64() * 1e3,
             "policy_all_acked_ms": self.policy_all.as_secs_f64() * 1e3,
+            "dashboard_cpu_percent": self.dashboard.cpu_percent,
+            "dashboard_page_bytes": self.dashboard.page_bytes,
+            "dashboard_overview_bytes": self.dashboard.overview_bytes,
             "renewal_gateway_cpu_ms": self.renew_cpu_ms,
             "renewal_all_ms": self.renew_all.as_secs_f64() * 1e3,
             "renewal_core_percent_over_7_days":

@@ -138,16 +138,13 @@ pub(super) fn overview(state: &ControlPlane, snapshots: &Snapshots) -> Value {
                 "name": n.name,
                 "up": n.up,
                 "version": n.version,
-                "role": n.role,
                 "policy_version": n.policy_version,
-                "policy_hash": n.policy.map(|b| mesh_node::state::hex(&b.hash)),
                 "policy_current": current_bundle.is_some() && n.policy == current_bundle,
                 "policy_error": n.policy_error,
                 "certificate_expires_in_s": expires,
                 "rss_bytes": res.map(|r| r.rss_bytes),
                 "cpu_seconds": res.map(|r| r.cpu_ms as f64 / 1e3),
                 "last_seen_s": wall_ms.saturating_sub(seen) / 1000,
-                "services": n.services,
             })
         })
         .collect();

@@ -920,3 +920,21 @@ pub async fn metrics(admin: SocketAddr) -> String {
     assert_eq!(code, 200);
     text
 }
+
+/// A gateway that hears telemetry every 100 ms and calls a node down 500 ms after its control
+/// stream ends (`extra` appended); its process and admin address.
+pub fn quick_gateway(pki: &Pki, extra: &str) -> (NodeProc, SocketAddr) {
+    let conf = pki.gateway_config(
+        "gw",
+        "127.0.0.1:0",
+        &format!("{extra}[telemetry]\ninterval_ms = 100\n[registry]\ndown_after_ms = 500\n"),
+    );
+    NodeProc::start_gateway("gw", &conf)
+}
+
+/// Node `name` of gateway `gw`, reporting every 100 ms, configured with `extra`.
+pub fn gateway_node(pki: &Pki, gw: &NodeProc, name: &str, extra: &str) -> NodeProc {
+    let path = pki.config(name, &format!("{extra}[telemetry]\ninterval_ms = 100\n"));
+    prepend(&path, &format!("gateway = \"{}\"\n", gw.quic));
+    NodeProc::start(name, &path)
+}

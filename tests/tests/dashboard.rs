@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::{Value, json};
-use starling_tests::{NodeProc, Pki, closed_tcp_port, post, prepend};
+use starling_tests::{Pki, closed_tcp_port, post};
 use tungstenite::{Message, WebSocket, stream::MaybeTlsStream};
 
 const UP: Duration = Duration::from_secs(20);
@@ -218,17 +218,8 @@ fn artifacts() -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_the_fleet_live_in_a_real_browser() {
     let pki = Pki::new();
-    let gw_conf = pki.gateway_config(
-        "gw",
-        "127.0.0.1:0",
-        "[telemetry]\ninterval_ms = 100\n[registry]\ndown_after_ms = 500\n",
-    );
-    let (gw, admin) = NodeProc::start_gateway("gw", &gw_conf);
-    let node = |name: &str, extra: &str| {
-        let path = pki.config(name, &format!("{extra}[telemetry]\ninterval_ms = 100\n"));
-        prepend(&path, &format!("gateway = \"{}\"\n", gw.quic));
-        NodeProc::start(name, &path)
-    };
+    let (gw, admin) = starling_tests::quick_gateway(&pki, "");
+    let node = |name: &str, extra: &str| starling_tests::gateway_node(&pki, &gw, name, extra);
     let a = node(
         "node-a",
         "[[services]]\nname = \"echo\"\nupstream = \"builtin:echo\"\n",

@@ -97,20 +97,12 @@ fn gateway_cli(args: &[&str]) -> (i32, String) {
 /// exit 3 when the gateway cannot be reached. `--config` and `--admin` find the same gateway.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_says_what_is_wrong_first_and_exits_accordingly() {
-    use starling_tests::{NodeProc, eventually, http};
+    use starling_tests::{eventually, http};
     const UP: Duration = Duration::from_secs(10);
     let pki = Pki::new();
-    let gw_conf = pki.gateway_config(
-        "gw",
-        "127.0.0.1:0",
-        "[telemetry]\ninterval_ms = 100\n[registry]\ndown_after_ms = 500\n",
-    );
-    let (gw, admin) = NodeProc::start_gateway("gw", &gw_conf);
-    let node = |name: &str, extra: &str| {
-        let path = pki.config(name, extra);
-        prepend(&path, &format!("gateway = \"{}\"\n", gw.quic));
-        NodeProc::start(name, &path)
-    };
+    let (gw, admin) = starling_tests::quick_gateway(&pki, "");
+    let gw_conf = pki.dir.path().join("gw/node.toml");
+    let node = |name: &str, extra: &str| starling_tests::gateway_node(&pki, &gw, name, extra);
     let _a = node(
         "node-a",
         "[[services]]\nname = \"echo\"\nupstream = \"builtin:echo\"\n",

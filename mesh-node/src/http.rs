@@ -247,6 +247,14 @@ impl hyper::body::Body for ChannelBody {
     }
 }
 
+impl Drop for BudgetGuard {
+    fn drop(&mut self) {
+        self.budget
+            .used
+            .fetch_sub(self.bytes, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// Binds `addr` and serves HTTP/1.1 with `handler`, within `limits`, until `stop` changes;
 /// returns the bound address.
 pub async fn serve_http<F, Fut, B>(

@@ -140,6 +140,14 @@ enum PolicyCommand {
         #[command(flatten)]
         target: AdminArgs,
     },
+    /// What FILE would change if the running gateway took it (a dry run: nothing changes): the
+    /// version it would get and the diff against the policy in force; exit 1 if it is refused.
+    DryRun {
+        /// The policy TOML.
+        file: PathBuf,
+        #[command(flatten)]
+        target: AdminArgs,
+    },
     /// Make the policy of VERSION (from the history) the one in force again: it becomes the next
     /// version, pushed to every node like any change. Needs the admin token.
     Rollback {
@@ -625,6 +633,35 @@ fn policy(command: PolicyCommand) -> Result<String, String> {
             for line in crate::policy_history::diff(&old, &new) {
                 out.push('\n');
                 out.push_str(&line);
+            }
+            Ok(out)
+        }
+        PolicyCommand::DryRun { file, target } => {
+            let admin = target.admin()?;
+            let text = mesh_node::config::read_regular_file(&file)
+                .map_err(|e| format!("{}: {e}", file.display()))?;
+            let (code, body) = runtime().block_on(admin.request(
+                "PUT",
+                "/v1/policy?dry_run=1",
+                bytes::Bytes::from(text),
+            ))?;
+            let run: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            if code != 200 {
+                return Err(format!(
+                    "the gateway would refuse it: {}",
+                    run["error"].as_str().unwrap_or("")
+                ));
+            }
+            if run["changed"] != true {
+                return Ok(format!(
+                    "no change: it is the policy in force (version {})",
+                    run["version"]
+                ));
+            }
+            let mut out = format!("it would be version {}:", run["version"]);
+            for line in run["diff"].as_array().into_iter().flatten() {
+                out.push('\n');
+                out.push_str(line.as_str().unwrap_or(""));
             }
             Ok(out)
         }

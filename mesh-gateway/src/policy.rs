@@ -134,6 +134,8 @@ pub(crate) struct DryRun {
     /// Lines the bundle adds, and removes, against the one in force.
     pub(crate) added: Vec<String>,
     pub(crate) removed: Vec<String>,
+    /// The change as an ordered line diff (`  ` kept, `- ` removed, `+ ` added).
+    pub(crate) diff: Vec<String>,
 }
 
 /// The gateway's policy versions.
@@ -400,6 +402,7 @@ impl Policies {
             changed,
             added,
             removed,
+            diff: crate::policy_history::diff(old, toml),
         })
     }
 

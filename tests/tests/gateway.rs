@@ -1193,6 +1193,14 @@ async fn empty_and_oversized_bundles_are_refused_and_a_dry_run_changes_nothing()
     );
     assert_eq!(run["added"][0], "call_timeout_ms = 250");
     assert_eq!(run["removed"][0], "call_timeout_ms = 4000");
+    assert_eq!(
+        run["diff"],
+        serde_json::json!([
+            "  [defaults]",
+            "- call_timeout_ms = 4000",
+            "+ call_timeout_ms = 250"
+        ])
+    );
     let (_, body) = http("GET", admin, "/v1/policy", None, "").await;
     let current: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(current["version"], 1);

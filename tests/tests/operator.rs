@@ -360,6 +360,16 @@ async fn policy_history_diff_and_rollback() {
         "--- version 1\n+++ version 2\n  [authorization]\n- default = \"allow\"\n+ default = \"deny\""
     );
 
+    // A dry run of a file against the policy in force: the diff, and nothing changes.
+    let candidate = pki.dir.path().join("candidate.toml");
+    std::fs::write(&candidate, "[authorization]\ndefault = \"allow\"\n").expect("candidate");
+    let candidate = candidate.display().to_string();
+    let (code, out) = gateway_cli(&["policy", "dry-run", &candidate, "--config", &config]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out.trim_end(),
+        "it would be version 3:\n  [authorization]\n- default = \"deny\"\n+ default = \"allow\""
+    );
     let (code, out) = gateway_cli(&["policy", "rollback", "1", "--config", &config]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("in force again as version 3"), "{out}");

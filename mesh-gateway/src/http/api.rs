@@ -181,6 +181,7 @@ async fn put_policy(api: &Api, req: Request<Incoming>, query: &str) -> Response<
                     "version": run.version,
                     "added": run.added,
                     "removed": run.removed,
+                    "diff": run.diff,
                 }),
             ),
             Err(e) => json_response(400, json!({ "dry_run": true, "error": e.to_string() })),

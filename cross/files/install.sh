@@ -29,19 +29,31 @@ cat > "$r/usr/lib/tmpfiles.d/starling.conf" <<'TMP'
 d /var/lib/starling 0750 starling starling -
 z /etc/starling 0750 root starling -
 z /etc/starling/node.toml 0640 root starling -
-z /etc/starling/certs 0750 root starling -
+z /etc/starling/certs 0750 starling starling -
+z /etc/starling/certs/node.crt 0644 starling starling -
+z /etc/starling/certs/ca.crt 0644 starling starling -
 z /etc/starling/certs/node.key 0600 starling starling -
 TMP
 chmod 0644 "$r/usr/lib/sysusers.d/starling.conf" "$r/usr/lib/tmpfiles.d/starling.conf"
 # The serial lines the node's config names are the only devices the service may open.
 dropin="$r/etc/systemd/system/starling-node.service.d"
 install -d -m 0755 "$dropin"
-devices=$(sed -n 's|^[^#]*upstream *= *"serial://\(/dev/[^?"]*\).*|\1|p' "$here/etc/starling/node.toml" | sort -u)
+devices=$(sed 's/^[[:space:]]*#.*//' "$here/etc/starling/node.toml" | grep -o "serial://[^?\"' ]*" | sed 's|^serial://||' | sort -u)
+dialout_known() {
+  if [ "$root" = / ]; then getent group dialout >/dev/null 2>&1; else grep -q '^dialout:' "$r/etc/group" 2>/dev/null; fi
+}
 {
-  echo "# Written by install.sh: the serial devices /etc/starling/node.toml names."
+  echo "# Written by install.sh: the kinds of serial line /etc/starling/node.toml names."
   echo "[Service]"
-  for d in $devices; do echo "DeviceAllow=$d rw"; done
-  [ -z "$devices" ] || echo "SupplementaryGroups=dialout"
+  for d in $devices; do
+    name=${d##*/}
+    case "$d" in
+      # /dev/ttyUSB0 -> char-ttyUSB: the class, so that a device plugged in later is allowed.
+      /dev/tty*) echo "DeviceAllow=char-$(printf '%s' "$name" | sed 's/[0-9]*$//') rw" ;;
+      *) echo "DeviceAllow=$d rw" ;;
+    esac
+  done | sort -u
+  if [ -n "$devices" ] && dialout_known; then echo "SupplementaryGroups=dialout"; fi
 } > "$dropin/devices.conf"
 chmod 0644 "$dropin/devices.conf"
 install -d -m 0755 "$r/etc/systemd/system/multi-user.target.wants"
@@ -50,8 +62,10 @@ ln -sf ../starling-node.service "$r/etc/systemd/system/multi-user.target.wants/s
 if [ "$root" = / ]; then
   id starling >/dev/null 2>&1 || useradd --system --home-dir /var/lib/starling --no-create-home \
     --shell /usr/sbin/nologin starling
-  chgrp starling /etc/starling /etc/starling/node.toml /etc/starling/certs
-  chown starling:starling /etc/starling/certs/node.key
+  chgrp starling /etc/starling /etc/starling/node.toml
+  # The node renews its certificate in place: the folder and its files are its own.
+  chown starling:starling /etc/starling/certs /etc/starling/certs/node.key \
+    /etc/starling/certs/node.crt /etc/starling/certs/ca.crt
   /usr/local/bin/mesh-node check-config /etc/starling/node.toml
   if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     systemctl daemon-reload

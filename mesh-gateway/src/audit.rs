@@ -34,6 +34,9 @@ pub(crate) struct AuditLog {
 /// Events kept in memory for the dashboard.
 const RECENT: usize = 100;
 
+/// Largest event kept whole for the dashboard (as JSON); a longer one is kept as a short form.
+const RECENT_EVENT_BYTES: usize = 2048;
+
 /// Takes a copy of every audit event, as the JSON object the log line holds.
 pub(crate) type Forward = Box<dyn Fn(&serde_json::Map<String, serde_json::Value>) + Send + Sync>;
 
@@ -120,14 +123,23 @@ impl AuditLog {
             also(&line);
         }
         let value = serde_json::Value::Object(line);
+        let text = value.to_string();
         {
+            // A node's event can be large: the dashboard keeps a short form of a long one.
+            let kept = if text.len() <= RECENT_EVENT_BYTES {
+                value
+            } else {
+                serde_json::json!({
+                    "unix_ms": value["unix_ms"], "node": value["node"], "kind": value["kind"],
+                    "truncated": format!("{} bytes, in the audit log", text.len()),
+                })
+            };
             let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
             if recent.len() == RECENT {
                 recent.pop_front();
             }
-            recent.push_back(value.clone());
+            recent.push_back(kept);
         }
-        let text = value.to_string();
         let sent = match &self.lines {
             Some(tx) => match tx.try_send(text) {
                 Ok(()) => true,
@@ -219,5 +231,39 @@ mod tests {
         assert_eq!(line["node"], "node-a");
         assert_eq!(line["kind"], "denied");
         assert_eq!(line["caller"], "x");
+    }
+
+    #[test]
+    fn the_dashboards_ring_is_bounded_in_events_and_bytes_the_log_keeps_everything() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path);
+        let huge = AuditEvent {
+            unix_ms: 1,
+            kind: "denied".into(),
+            fields: vec![("reason".into(), "x".repeat(100_000))],
+        };
+        log.write("node-a", &huge);
+        for i in 0..150 {
+            log.record(
+                "gw",
+                "policy_accepted",
+                vec![("version".into(), i.to_string())],
+            );
+        }
+        let recent = log.recent(1000);
+        assert_eq!(recent.len(), RECENT);
+        assert_eq!(recent[0]["version"], "149");
+        let log2 = AuditLog::open(&dir.path().join("other.jsonl"));
+        log2.write("node-a", &huge);
+        let kept = &log2.recent(1)[0];
+        assert!(kept["truncated"].is_string(), "{kept}");
+        assert!(kept.to_string().len() < RECENT_EVENT_BYTES);
+        drop((log, log2));
+        let text = std::fs::read_to_string(&path).expect("log");
+        assert!(
+            text.lines().next().is_some_and(|l| l.len() > 100_000),
+            "the log keeps it whole"
+        );
     }
 }

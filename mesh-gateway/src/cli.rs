@@ -606,17 +606,19 @@ fn policy(command: PolicyCommand) -> Result<String, String> {
             let admin = target.admin()?;
             let history = runtime().block_on(admin.get_json("/v1/policy/history"))?;
             let mut out = format!(
-                "{:>8}  {:<20}  {:<10}  {:<30}  {}",
+                "{:>8}  {:<20}  {:<10}  {:<30}  {:<16}  epoch",
                 "version", "accepted (UTC)", "source", "author", "hash"
             );
             for e in history["entries"].as_array().into_iter().flatten() {
+                let hash: String = e["hash"].as_str().unwrap_or("?").chars().take(16).collect();
                 out.push_str(&format!(
-                    "\n{:>8}  {:<20}  {:<10}  {:<30}  {}",
+                    "\n{:>8}  {:<20}  {:<10}  {:<30}  {:<16}  {}",
                     e["version"].as_u64().unwrap_or(0),
                     crate::status::utc(e["at_unix"].as_u64().unwrap_or(0)),
-                    e["source"].as_str().unwrap_or("?"),
-                    e["author"].as_str().unwrap_or("?"),
-                    e["hash"].as_str().map_or("?", |h| &h[..h.len().min(16)]),
+                    crate::status::printable(e["source"].as_str().unwrap_or("?")),
+                    crate::status::printable(e["author"].as_str().unwrap_or("?")),
+                    hash,
+                    e["epoch"].as_u64().unwrap_or(0),
                 ));
             }
             Ok(out)

@@ -523,14 +523,14 @@ impl Agg {
     /// The latency quantile `q` (0..1) in seconds: the upper bound of the bucket it falls in
     /// (the slowest bucket's lower bound when it falls past the last bound); none without calls.
     pub fn quantile(&self, q: f64) -> Option<f64> {
-        let total: u64 = self.buckets.iter().sum();
+        let total = self.buckets.iter().fold(0u64, |a, b| a.saturating_add(*b));
         if total == 0 {
             return None;
         }
         let wanted = (q * total as f64).ceil().max(1.0) as u64;
-        let mut seen = 0;
+        let mut seen: u64 = 0;
         for (i, b) in self.buckets.iter().enumerate() {
-            seen += b;
+            seen = seen.saturating_add(*b);
             if seen >= wanted {
                 let bound = LATENCY_BUCKETS_US
                     .get(i)

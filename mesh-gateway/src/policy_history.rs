@@ -130,20 +130,53 @@ impl History {
 }
 
 /// A line diff of `old` to `new`: lines kept (`  `), removed (`- `) and added (`+ `), in order
-/// (longest common subsequence). Past a size where that costs too much, the lines only in one or
-/// the other, removed first.
+/// (longest common subsequence of what differs between a shared start and end). Past a size where
+/// that costs too much (4 million cells), the lines only in one or the other, removed first.
 pub fn diff(old: &str, new: &str) -> Vec<String> {
-    let a: Vec<&str> = old.lines().collect();
-    let b: Vec<&str> = new.lines().collect();
-    if a.len().saturating_mul(b.len()) > 4_000_000 {
+    let (old_lines, new_lines): (Vec<&str>, Vec<&str>) =
+        (old.lines().collect(), new.lines().collect());
+    // The lines both share at the start and at the end cost nothing to match.
+    let prefix = old_lines
+        .iter()
+        .zip(&new_lines)
+        .take_while(|(a, b)| a == b)
+        .count();
+    let suffix = old_lines[prefix..]
+        .iter()
+        .rev()
+        .zip(new_lines[prefix..].iter().rev())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let a = &old_lines[prefix..old_lines.len() - suffix];
+    let b = &new_lines[prefix..new_lines.len() - suffix];
+    let mut out: Vec<String> = old_lines[..prefix]
+        .iter()
+        .map(|l| format!("  {l}"))
+        .collect();
+    out.extend(middle(a, b));
+    out.extend(
+        old_lines[old_lines.len() - suffix..]
+            .iter()
+            .map(|l| format!("  {l}")),
+    );
+    out
+}
+
+/// The diff of what differs between the shared start and end.
+fn middle(a: &[&str], b: &[&str]) -> Vec<String> {
+    if (a.len() + 1).saturating_mul(b.len() + 1) > 4_000_000 {
+        let (in_a, in_b): (
+            std::collections::HashSet<&str>,
+            std::collections::HashSet<&str>,
+        ) = (a.iter().copied().collect(), b.iter().copied().collect());
         let mut out: Vec<String> = a
             .iter()
-            .filter(|l| !b.contains(l))
+            .filter(|l| !in_b.contains(*l))
             .map(|l| format!("- {l}"))
             .collect();
         out.extend(
             b.iter()
-                .filter(|l| !a.contains(l))
+                .filter(|l| !in_a.contains(*l))
                 .map(|l| format!("+ {l}")),
         );
         return out;
@@ -218,6 +251,23 @@ mod tests {
         assert!(why.contains("damaged"), "{why}");
         assert_eq!(fresh.entries().count(), 0);
         assert!(dir.path().join("policy-history.json.damaged").exists());
+    }
+
+    #[test]
+    fn a_big_diff_stays_cheap() {
+        // Large texts sharing most lines: only the middle is matched line by line.
+        let shared: String = (0..20_000).map(|i| format!("k{i} = {i}\n")).collect();
+        let old = format!("{shared}x = 1\n{shared}");
+        let new = format!("{shared}x = 2\n{shared}");
+        let d = diff(&old, &new);
+        assert_eq!(d.len(), 40_002);
+        assert_eq!(d[20_000..20_002], ["- x = 1", "+ x = 2"]);
+        // Nothing shared and too big to match: the lines only in one or the other.
+        let a: String = (0..3000).map(|i| format!("a{i}\n")).collect();
+        let b: String = (0..3000).map(|i| format!("b{i}\n")).collect();
+        let d = diff(&a, &b);
+        assert_eq!(d.len(), 6000);
+        assert!(d[0].starts_with("- a0") && d[3000].starts_with("+ b0"));
     }
 
     #[test]

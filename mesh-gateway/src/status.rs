@@ -289,6 +289,13 @@ pub fn report(
     })
 }
 
+/// `s` without control characters (a node's words reach an operator's terminal).
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
 /// The report as one screen of text.
 pub fn render(r: &Value) -> String {
     use std::fmt::Write as _;
@@ -299,7 +306,7 @@ pub fn render(r: &Value) -> String {
     } else {
         let _ = writeln!(out, "WRONG: {} problem(s)", problems.len());
         for p in &problems {
-            let _ = writeln!(out, "  x {}", p.as_str().unwrap_or(""));
+            let _ = writeln!(out, "  x {}", printable(p.as_str().unwrap_or("")));
         }
     }
     let nodes = r["nodes"].as_array().cloned().unwrap_or_default();

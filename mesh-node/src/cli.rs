@@ -325,6 +325,9 @@ fn status_problems(s: &serde_json::Value) -> Vec<String> {
         )),
         _ => {}
     }
+    if let Some(why) = s["renewal"]["problem"].as_str() {
+        out.push(format!("its last certificate renewal failed: {why}"));
+    }
     if s["gateway"].is_null() && s["gateway_sessions"].as_u64().unwrap_or(0) > 0 {
         out.push("it lost its gateway (it keeps serving under its saved policy)".into());
     }
@@ -345,7 +348,11 @@ fn render_status(s: &serde_json::Value, problems: &[String]) -> String {
     } else {
         let _ = writeln!(out, "WRONG: {} problem(s)", problems.len());
         for p in problems {
-            let _ = writeln!(out, "  x {p}");
+            let printable: String = p
+                .chars()
+                .map(|c| if c.is_control() { '?' } else { c })
+                .collect();
+            let _ = writeln!(out, "  x {printable}");
         }
     }
     let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();

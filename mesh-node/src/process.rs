@@ -113,7 +113,7 @@ pub fn notify_ready_and_watch() {
     else {
         return;
     };
-    let every = std::time::Duration::from_micros(usec / 2);
+    let every = std::time::Duration::from_micros(usec / 2).max(std::time::Duration::from_millis(1));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         loop {

@@ -106,6 +106,9 @@ fn bundle_installs_into_a_scratch_root() {
     let tmpfiles =
         std::fs::read_to_string(root.join("usr/lib/tmpfiles.d/starling.conf")).expect("tmpfiles");
     assert!(tmpfiles.contains("z /etc/starling/certs/node.key 0600 starling starling"));
+    // Renewal writes the new certificate in place: the folder is the node's, and writable.
+    assert!(tmpfiles.contains("z /etc/starling/certs 0750 starling starling"));
+    assert!(unit.contains("ReadWritePaths=/etc/starling/certs"));
 
     // The installed config and credentials are what a node accepts.
     let check = Command::new(starling_tests::bin("mesh-node"))
@@ -197,8 +200,9 @@ fn bundle_installs_into_a_scratch_root() {
             .lines()
             .filter(|l| l.starts_with("DeviceAllow="))
             .collect::<Vec<_>>(),
-        ["DeviceAllow=/dev/ttyACM0 rw"],
+        ["DeviceAllow=char-ttyACM rw"],
         "{devices}"
     );
-    assert!(devices.contains("SupplementaryGroups=dialout"), "{devices}");
+    // The scratch root has no group file: no dialout group to join (the unit would not start).
+    assert!(!devices.contains("SupplementaryGroups"), "{devices}");
 }

@@ -232,7 +232,7 @@ impl ControlClient {
         }
         // Bound to every interface: name the addresses this host has, from its routes.
         let mut addrs = Vec::new();
-        if let Ok(text) = std::fs::read_to_string("/proc/net/fib_trie") {
+        if let Ok(text) = std::fs::read_to_string("/proc/self/net/fib_trie") {
             let mut last = None;
             for line in text.lines() {
                 let line = line.trim();

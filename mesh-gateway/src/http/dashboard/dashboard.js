@@ -100,7 +100,10 @@ function drawPolicy(o) {
 
 function drawAudit(o) {
   fill(document.getElementById("audit"), o.audit.map((a) => {
-    const when = new Date(a.unix_ms).toISOString().replace("T", " ").slice(0, 19);
+    // A node's clock (or a node) may say anything: a time out of range is shown as it came.
+    const t = Number(a.unix_ms);
+    const when = Number.isFinite(t) && Math.abs(t) < 8.64e15
+      ? new Date(t).toISOString().replace("T", " ").slice(0, 19) : String(a.unix_ms);
     const rest = Object.entries(a).filter(([k]) => !["unix_ms", "node", "kind"].includes(k))
       .map(([k, v]) => k + "=" + v).join(" ");
     return el("li", {}, when + " " + a.node + " " + a.kind + " " + rest);

@@ -556,38 +556,24 @@ fn parse_duration(text: &str) -> Option<u64> {
     n.checked_mul(scale).filter(|s| *s > 0)
 }
 
-/// One request to the admin API of the gateway running with config `path`: its bound address
-/// from the lock file in its state folder (the configured one if it is not running), its token
-/// from the token file. Answers the JSON body of a 200, or the error.
+/// One request to the admin API of the gateway running with config `path` (found as
+/// [`crate::status::Admin::from_config`] finds it), with its token. Answers the JSON body of a 200,
+/// or the error.
 async fn admin_request(
     path: &Path,
     method: &str,
     uri: &str,
     body: String,
 ) -> Result<serde_json::Value, String> {
-    let config = GatewayConfig::load(path).map_err(|e| e.to_string())?;
-    let addr = mesh_node::state::read_lock_file(&config.node.state_dir)
-        .and_then(|entries| entries.get("admin").and_then(|a| a.parse().ok()))
-        .unwrap_or(config.admin);
-    let token = std::fs::read_to_string(&config.admin_token_file).map_err(|e| {
-        format!(
-            "{}: the admin token: {e}",
+    let admin = crate::status::Admin::from_config(path)?;
+    if admin.token.is_none() {
+        let config = GatewayConfig::load(path).map_err(|e| e.to_string())?;
+        return Err(format!(
+            "{}: the admin token cannot be read",
             config.admin_token_file.display()
-        )
-    })?;
-    let auth = format!("Bearer {}", token.trim());
-    let (code, _, answer) = mesh_node::http::request(
-        method,
-        addr,
-        uri,
-        &[
-            ("authorization", auth.as_str()),
-            ("content-type", "application/json"),
-        ],
-        bytes::Bytes::from(body),
-    )
-    .await
-    .map_err(|e| format!("cannot reach the gateway's admin API at {addr}: {e}"))?;
+        ));
+    }
+    let (code, answer) = admin.request(method, uri, bytes::Bytes::from(body)).await?;
     let value: serde_json::Value = serde_json::from_slice(&answer)
         .unwrap_or_else(|_| serde_json::json!({ "error": String::from_utf8_lossy(&answer) }));
     if code != 200 {

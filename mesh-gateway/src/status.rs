@@ -289,12 +289,7 @@ pub fn report(
     })
 }
 
-/// `s` without control characters (a node's words reach an operator's terminal).
-pub fn printable(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
-}
+pub use mesh_node::process::printable;
 
 /// The report as one screen of text.
 pub fn render(r: &Value) -> String {

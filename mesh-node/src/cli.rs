@@ -348,11 +348,7 @@ fn render_status(s: &serde_json::Value, problems: &[String]) -> String {
     } else {
         let _ = writeln!(out, "WRONG: {} problem(s)", problems.len());
         for p in problems {
-            let printable: String = p
-                .chars()
-                .map(|c| if c.is_control() { '?' } else { c })
-                .collect();
-            let _ = writeln!(out, "  x {printable}");
+            let _ = writeln!(out, "  x {}", crate::process::printable(p));
         }
     }
     let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();

@@ -123,6 +123,14 @@ pub fn notify_ready_and_watch() {
     });
 }
 
+/// `s` with control characters shown as `?`: words from a peer or a node on an operator's
+/// terminal.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
 /// Waits for SIGINT or SIGTERM.
 pub async fn wait_for_signal() {
     #[cfg(unix)]

@@ -83,9 +83,9 @@ pub(super) fn overview(state: &ControlPlane, snapshots: &Snapshots) -> Value {
     let (current, resources) = {
         let metrics = state.metrics();
         let registry = state.registry();
-        let resources: Vec<(String, Option<mesh_proto::control::Resources>)> = registry
+        let resources: std::collections::HashMap<String, mesh_proto::control::Resources> = registry
             .nodes()
-            .map(|n| (n.name.clone(), metrics.resources(&n.name)))
+            .filter_map(|n| Some((n.name.clone(), metrics.resources(&n.name)?)))
             .collect();
         (metrics.aggregates(), resources)
     };
@@ -120,10 +120,7 @@ pub(super) fn overview(state: &ControlPlane, snapshots: &Snapshots) -> Value {
     let nodes: Vec<Value> = registry
         .nodes()
         .map(|n| {
-            let res = resources
-                .iter()
-                .find(|(name, _)| *name == n.name)
-                .and_then(|(_, r)| *r);
+            let res = resources.get(&n.name);
             let expires = n.certificate.as_ref().map(|c| {
                 match c.not_after.duration_since(std::time::SystemTime::now()) {
                     Ok(d) => d.as_secs() as i64,

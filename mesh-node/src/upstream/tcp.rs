@@ -17,7 +17,6 @@
 //! way (64 KiB) plus what QUIC's flow control lets through: a slow reader on either side slows the
 //! writer, it never grows a buffer.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -125,7 +124,7 @@ pub(crate) async fn pump(
     end: End,
     mut report: impl FnMut(u64, u64),
 ) -> Ended {
-    let flow = Arc::new(Flow::default());
+    let flow = Flow::default();
     let started = Instant::now();
     let (mut tcp_read, mut tcp_write) = tcp.into_split();
     // What comes in from QUIC goes out to TCP, and the other way round.

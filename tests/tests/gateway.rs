@@ -260,13 +260,24 @@ impl Prometheus {
     fn start(pki: &Pki, target: SocketAddr) -> Prometheus {
         let dir = pki.dir.path().join("prometheus");
         std::fs::create_dir_all(&dir).expect("dir");
+        // The recording group evaluates once a minute; Prometheus starts each group at an offset
+        // hashed from its name and file path, so the first evaluation may come a minute after
+        // start. The test evaluates the same rules every second instead.
+        let shipped = std::fs::read_to_string(repo().join("configs/prometheus/starling-rules.yml"))
+            .expect("rules");
+        assert!(
+            shipped.contains("interval: 1m"),
+            "the rules' group interval moved"
+        );
+        let rules = dir.join("starling-rules.yml");
+        std::fs::write(&rules, shipped.replace("interval: 1m", "interval: 1s")).expect("rules");
         let config = dir.join("prometheus.yml");
         std::fs::write(
             &config,
             format!(
                 "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - '{}'\n\
                  scrape_configs:\n  - job_name: starling\n    static_configs:\n      - targets: ['{target}']\n",
-                repo().join("configs/prometheus/starling-rules.yml").display()
+                rules.display()
             ),
         )
         .expect("config");

@@ -705,6 +705,10 @@ fn check(path: &Path) -> Result<String, String> {
     if let Some(cloud) = &config.cloud {
         crate::cloud::Bridge::check(cloud, &config.node.file)?;
     }
+    config.check_otlp_files().map_err(|e| e.to_string())?;
+    if let Some(otlp) = &config.otlp {
+        crate::otlp::Exporter::check(otlp, &config.node.file)?;
+    }
     if let Some(policy) = &config.policy {
         let text = mesh_node::config::read_regular_file(&policy.value).map_err(|e| {
             format!(

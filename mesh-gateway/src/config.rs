@@ -22,6 +22,7 @@ pub const GATEWAY_KEYS: &[&str] = &[
     "audit_log",
     "issuer",
     "cloud",
+    "otlp",
 ];
 
 /// A gateway's configuration, validated.
@@ -47,6 +48,52 @@ pub struct GatewayConfig {
     pub issuer: Option<IssuerConfig>,
     /// The bridge to the cloud's MQTT broker, if any.
     pub cloud: Option<CloudConfig>,
+    /// The OpenTelemetry collector the gateway exports spans to, if any.
+    pub otlp: Option<OtlpConfig>,
+}
+
+/// How spans reach the collector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    /// OTLP/HTTP with protobuf bodies (`POST <endpoint>/v1/traces`), the OTLP default.
+    HttpProtobuf,
+    /// OTLP/gRPC (`TraceService/Export`).
+    Grpc,
+}
+
+/// The `[otlp]` section: the collector that gets the spans nodes send the gateway.
+#[derive(Debug, Clone)]
+pub struct OtlpConfig {
+    /// HTTP/protobuf or gRPC.
+    pub protocol: OtlpProtocol,
+    /// `https://` (true) or `http://`.
+    pub tls: bool,
+    /// The collector's host (a name or an address; brackets removed from IPv6).
+    pub host: String,
+    /// Its port.
+    pub port: u16,
+    /// The HTTP path spans are posted to (`/v1/traces` unless the endpoint names one).
+    pub path: String,
+    /// The endpoint as written, for messages.
+    pub endpoint: String,
+    /// The collector's CA certificate (PEM), if not one of the system's.
+    pub ca: Option<PathBuf>,
+    /// A client certificate and key (PEM; the key mode 0600), if the collector takes those.
+    pub cert_key: Option<(PathBuf, PathBuf)>,
+    /// Headers added to every export (lower-case names).
+    pub headers: Vec<(String, String)>,
+    /// A file (mode 0600) whose content is the `Authorization` header's value.
+    pub authorization_file: Option<PathBuf>,
+    /// A batch goes out this long after its first span at the latest.
+    pub batch_interval: Duration,
+    /// Spans in one export at most.
+    pub max_batch_spans: usize,
+    /// Spans waiting at most; past it the oldest are dropped (counted).
+    pub max_queue_spans: usize,
+    /// One export attempt's bound.
+    pub timeout: Duration,
+    /// The section's line.
+    pub line: usize,
 }
 
 /// The `[cloud]` section: the MQTT broker the site reports to, and the on-disk queue in front
@@ -162,6 +209,26 @@ struct RawGateway {
     audit_log: Option<Spanned<String>>,
     issuer: Option<Spanned<RawIssuer>>,
     cloud: Option<Spanned<RawCloud>>,
+    otlp: Option<Spanned<RawOtlp>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOtlp {
+    endpoint: Spanned<String>,
+    protocol: Option<Spanned<String>>,
+    #[serde(default)]
+    insecure: bool,
+    ca: Option<Spanned<String>>,
+    cert: Option<Spanned<String>>,
+    key: Option<Spanned<String>>,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, Spanned<String>>,
+    authorization_file: Option<Spanned<String>>,
+    batch_interval_ms: Option<Spanned<u64>>,
+    max_batch_spans: Option<Spanned<u64>>,
+    max_queue_spans: Option<Spanned<u64>>,
+    timeout_ms: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -224,10 +291,53 @@ impl GatewayConfig {
         let Some(cloud) = &self.cloud else {
             return Ok(());
         };
+        let password = cloud.user_password.as_ref().map(|(_, f)| f.as_path());
+        self.check_files(
+            "cloud",
+            cloud.line,
+            cloud.ca.as_deref(),
+            cloud.cert_key.as_ref(),
+            ("password_file", password),
+        )?;
+        for signer in &cloud.policy_signers {
+            std::fs::metadata(&signer.value).map_err(|e| ConfigError::Invalid {
+                file: self.node.file.clone(),
+                line: signer.line,
+                key: "cloud.policy_signers".into(),
+                message: format!("{}: {e}", signer.value.display()),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The same of the `[otlp]` section (its CA, client certificate and key, authorization
+    /// file); the gateway checks it at start too.
+    pub fn check_otlp_files(&self) -> Result<(), ConfigError> {
+        let Some(otlp) = &self.otlp else {
+            return Ok(());
+        };
+        self.check_files(
+            "otlp",
+            otlp.line,
+            otlp.ca.as_deref(),
+            otlp.cert_key.as_ref(),
+            ("authorization_file", otlp.authorization_file.as_deref()),
+        )
+    }
+
+    /// A section's files: `ca` and `cert` exist, `key` and the secret are its owner's only.
+    fn check_files(
+        &self,
+        section: &str,
+        line: usize,
+        ca: Option<&Path>,
+        cert_key: Option<&(PathBuf, PathBuf)>,
+        (secret_key, secret): (&str, Option<&Path>),
+    ) -> Result<(), ConfigError> {
         let err = |key: &str, message: String| ConfigError::Invalid {
             file: self.node.file.clone(),
-            line: cloud.line,
-            key: format!("cloud.{key}"),
+            line,
+            key: format!("{section}.{key}"),
             message,
         };
         let exists = |key: &str, p: &Path| {
@@ -257,23 +367,15 @@ impl GatewayConfig {
             }
             Ok(())
         };
-        if let Some(ca) = &cloud.ca {
+        if let Some(ca) = ca {
             exists("ca", ca)?;
         }
-        if let Some((cert, key)) = &cloud.cert_key {
+        if let Some((cert, key)) = cert_key {
             exists("cert", cert)?;
             private("key", key)?;
         }
-        if let Some((_, file)) = &cloud.user_password {
-            private("password_file", file)?;
-        }
-        for signer in &cloud.policy_signers {
-            std::fs::metadata(&signer.value).map_err(|e| ConfigError::Invalid {
-                file: self.node.file.clone(),
-                line: signer.line,
-                key: "cloud.policy_signers".into(),
-                message: format!("{}: {e}", signer.value.display()),
-            })?;
+        if let Some(file) = secret {
+            private(secret_key, file)?;
         }
         Ok(())
     }
@@ -386,8 +488,13 @@ impl GatewayConfig {
             None => None,
             Some(section) => Some(parse_cloud(section, &at, base, &node)?),
         };
+        let otlp = match &raw.otlp {
+            None => None,
+            Some(section) => Some(parse_otlp(section, &at, base)?),
+        };
         Ok(GatewayConfig {
             cloud,
+            otlp,
             issuer,
             node,
             admin,
@@ -415,6 +522,189 @@ impl GatewayConfig {
             ),
         })
     }
+}
+
+/// The `[otlp]` section, checked: every error names the file, the line and the key.
+fn parse_otlp(
+    section: &Spanned<RawOtlp>,
+    at: &SourceMap<'_>,
+    base: &Path,
+) -> Result<OtlpConfig, ConfigError> {
+    let o = section.get_ref();
+    let endpoint = o.endpoint.get_ref();
+    let bad = |message: &str| at.invalid(&o.endpoint, "otlp.endpoint", message);
+    let (tls, rest) = if let Some(rest) = endpoint.strip_prefix("https://") {
+        (true, rest)
+    } else if let Some(rest) = endpoint.strip_prefix("http://") {
+        (false, rest)
+    } else {
+        return Err(bad("expected https://host:port (or http://host:port)"));
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    if authority.contains('@') || path.contains(['?', '#']) {
+        return Err(bad(
+            "expected scheme://host[:port][/path] only (credentials go in authorization_file, \
+             never in the address: it is shown and logged)",
+        ));
+    }
+    let default_port = if tls { 443 } else { 80 };
+    let port_of = |p: &str| {
+        p.parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| bad("bad port"))
+    };
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (host, after) = v6.split_once(']').ok_or_else(|| bad("no closing ]"))?;
+        match after {
+            "" => (host, default_port),
+            _ => match after.strip_prefix(':') {
+                Some(p) => (host, port_of(p)?),
+                None => return Err(bad("expected :port after the ]")),
+            },
+        }
+    } else {
+        match authority.split_once(':') {
+            None => (authority, default_port),
+            Some((_, p)) if p.contains(':') => {
+                return Err(bad("an IPv6 address goes in brackets: [::1]:4318"));
+            }
+            Some((host, p)) => (host, port_of(p)?),
+        }
+    };
+    if host.is_empty() {
+        return Err(bad("no host"));
+    }
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !tls && !loopback && !o.insecure {
+        return Err(bad(
+            "http:// sends spans in clear text off this machine: use https://, or say \
+             insecure = true",
+        ));
+    }
+    let protocol = match o.protocol.as_ref().map(|p| p.get_ref().as_str()) {
+        None | Some("http/protobuf") => OtlpProtocol::HttpProtobuf,
+        Some("grpc") => OtlpProtocol::Grpc,
+        Some(_) => {
+            let p = o.protocol.as_ref().expect("matched Some");
+            return Err(at.invalid(p, "otlp.protocol", "\"http/protobuf\" or \"grpc\""));
+        }
+    };
+    if protocol == OtlpProtocol::Grpc && !path.is_empty() && path != "/" {
+        return Err(bad("a gRPC endpoint has no path: scheme://host:port"));
+    }
+    let path = match path {
+        "" | "/" => "/v1/traces".to_owned(),
+        p => p.to_owned(),
+    };
+    let file = |s: &Spanned<String>| base.join(s.get_ref());
+    let cert_key = match (&o.cert, &o.key) {
+        (Some(cert), Some(key)) => Some((file(cert), file(key))),
+        (None, None) => None,
+        (Some(cert), None) => {
+            return Err(at.invalid(cert, "otlp.key", "a client certificate needs its key"));
+        }
+        (None, Some(key)) => {
+            return Err(at.invalid(key, "otlp.cert", "a client key needs its certificate"));
+        }
+    };
+    if !tls && let Some(s) = o.ca.as_ref().or(o.cert.as_ref()) {
+        return Err(at.invalid(
+            s,
+            "otlp.endpoint",
+            "ca, cert and key need an https:// endpoint",
+        ));
+    }
+    let mut headers = Vec::new();
+    for (name, value) in &o.headers {
+        let key = format!("otlp.headers.{name}");
+        let lower = name.to_ascii_lowercase();
+        if hyper::header::HeaderName::from_bytes(lower.as_bytes()).is_err() {
+            return Err(at.invalid(value, &key, "not a valid header name"));
+        }
+        if [
+            "authorization",
+            "content-type",
+            "content-length",
+            "host",
+            "te",
+            "connection",
+            "transfer-encoding",
+        ]
+        .contains(&lower.as_str())
+            || lower.starts_with("grpc-")
+        {
+            return Err(at.invalid(
+                value,
+                &key,
+                "set by the exporter (an Authorization value goes in authorization_file)",
+            ));
+        }
+        if hyper::header::HeaderValue::from_str(value.get_ref()).is_err() {
+            return Err(at.invalid(value, &key, "not a valid header value"));
+        }
+        headers.push((lower, value.get_ref().clone()));
+    }
+    let within = |v: &Option<Spanned<u64>>,
+                  key: &str,
+                  range: std::ops::RangeInclusive<u64>,
+                  default: u64| match v {
+        Some(n) if !range.contains(n.get_ref()) => {
+            Err(at.invalid(n, key, format!("{} to {}", range.start(), range.end())))
+        }
+        Some(n) => Ok(*n.get_ref()),
+        None => Ok(default),
+    };
+    let max_batch_spans = within(&o.max_batch_spans, "otlp.max_batch_spans", 1..=65_536, 512)?;
+    let max_queue_spans = within(
+        &o.max_queue_spans,
+        "otlp.max_queue_spans",
+        1..=1_000_000,
+        4096,
+    )?;
+    if max_queue_spans < max_batch_spans {
+        let at_key = o.max_queue_spans.as_ref().or(o.max_batch_spans.as_ref());
+        if let Some(n) = at_key {
+            return Err(at.invalid(
+                n,
+                "otlp.max_queue_spans",
+                "must be at least max_batch_spans",
+            ));
+        }
+    }
+    Ok(OtlpConfig {
+        protocol,
+        tls,
+        host: host.to_owned(),
+        port,
+        path,
+        endpoint: endpoint.clone(),
+        ca: o.ca.as_ref().map(file),
+        cert_key,
+        headers,
+        authorization_file: o.authorization_file.as_ref().map(file),
+        batch_interval: Duration::from_millis(within(
+            &o.batch_interval_ms,
+            "otlp.batch_interval_ms",
+            1..=600_000,
+            5000,
+        )?),
+        max_batch_spans: max_batch_spans as usize,
+        max_queue_spans: max_queue_spans as usize,
+        timeout: Duration::from_millis(within(
+            &o.timeout_ms,
+            "otlp.timeout_ms",
+            100..=600_000,
+            10_000,
+        )?),
+        line: at.line(section.span().start),
+    })
 }
 
 /// The `[cloud]` section, checked: every error names the file, the line and the key.
@@ -658,6 +948,90 @@ mod tests {
             e.to_string()
                 .starts_with("gw.toml:2: admin: not a key of a node's config")
         );
+    }
+
+    #[test]
+    fn an_otlp_section_is_checked_key_by_key() {
+        let with = |otlp: &str| format!("{GOOD}[otlp]\n{otlp}");
+        let parse = |otlp: &str| GatewayConfig::parse(&with(otlp), "gw.toml", Path::new("/etc/s"));
+        let c = parse("endpoint = \"http://127.0.0.1:4318\"\n").expect("valid");
+        let o = c.otlp.expect("otlp");
+        assert_eq!(
+            (o.protocol, o.tls, o.host.as_str(), o.port, o.path.as_str()),
+            (
+                OtlpProtocol::HttpProtobuf,
+                false,
+                "127.0.0.1",
+                4318,
+                "/v1/traces"
+            )
+        );
+        assert_eq!((o.max_batch_spans, o.max_queue_spans), (512, 4096));
+        let o = parse(
+            "endpoint = \"https://[2001:db8::1]\"\nprotocol = \"grpc\"\nca = \"ca.crt\"\n\
+             headers = { X-Scope-OrgID = \"site-7\" }\nauthorization_file = \"otlp.token\"\n",
+        )
+        .expect("valid")
+        .otlp
+        .expect("otlp");
+        assert_eq!((o.host.as_str(), o.port), ("2001:db8::1", 443));
+        assert_eq!(
+            o.headers,
+            [("x-scope-orgid".to_owned(), "site-7".to_owned())]
+        );
+        assert_eq!(o.ca.as_deref(), Some(Path::new("/etc/s/ca.crt")));
+        let o = parse("endpoint = \"https://tempo.example/otlp/v1/traces\"\n")
+            .expect("valid")
+            .otlp
+            .expect("otlp");
+        assert_eq!(o.path, "/otlp/v1/traces");
+
+        let error = |otlp: &str| parse(otlp).expect_err(otlp).to_string();
+        let e = error("endpoint = \"http://collector.example:4318\"\n");
+        assert!(
+            e.starts_with("gw.toml:10: otlp.endpoint: http:// sends spans in clear text"),
+            "{e}"
+        );
+        assert!(parse("endpoint = \"http://collector.example:4318\"\ninsecure = true\n").is_ok());
+        let e = error("endpoint = \"https://user:pw@collector.example\"\n");
+        assert!(e.contains("credentials go in authorization_file"), "{e}");
+        let e = error("endpoint = \"grpc://127.0.0.1:4317\"\n");
+        assert!(
+            e.contains("otlp.endpoint: expected https://host:port"),
+            "{e}"
+        );
+        let e = error("endpoint = \"http://127.0.0.1:4317/x\"\nprotocol = \"grpc\"\n");
+        assert!(e.contains("a gRPC endpoint has no path"), "{e}");
+        let e = error("endpoint = \"http://127.0.0.1:0\"\n");
+        assert!(e.contains("otlp.endpoint: bad port"), "{e}");
+        let e = error("endpoint = \"http://::1:4318\"\n");
+        assert!(e.contains("goes in brackets"), "{e}");
+        let e = error("endpoint = \"http://127.0.0.1:4318\"\nprotocol = \"json\"\n");
+        assert!(e.starts_with("gw.toml:11: otlp.protocol"), "{e}");
+        let e =
+            error("endpoint = \"http://127.0.0.1:4318\"\nheaders = { Authorization = \"x\" }\n");
+        assert!(
+            e.contains("otlp.headers.Authorization: set by the exporter"),
+            "{e}"
+        );
+        let e = error("endpoint = \"http://127.0.0.1:4318\"\nca = \"ca.crt\"\n");
+        assert!(e.contains("need an https:// endpoint"), "{e}");
+        let e = error("endpoint = \"https://127.0.0.1:4318\"\ncert = \"c.crt\"\n");
+        assert!(
+            e.contains("otlp.key: a client certificate needs its key"),
+            "{e}"
+        );
+        let e = error("endpoint = \"http://127.0.0.1:4318\"\nmax_batch_spans = 0\n");
+        assert!(e.contains("otlp.max_batch_spans: 1 to 65536"), "{e}");
+        let e = error(
+            "endpoint = \"http://127.0.0.1:4318\"\nmax_batch_spans = 100\nmax_queue_spans = 10\n",
+        );
+        assert!(
+            e.contains("otlp.max_queue_spans: must be at least max_batch_spans"),
+            "{e}"
+        );
+        let e = error("endpoint = \"http://127.0.0.1:4318\"\ncolour = 1\n");
+        assert!(e.contains("colour"), "{e}");
     }
 
     #[test]

@@ -42,6 +42,8 @@ pub(crate) struct ControlPlane {
     registry_cache: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
     /// The cloud bridge, if the gateway has one: telemetry, node events, policy status.
     cloud: std::sync::OnceLock<Bridge>,
+    /// The OTLP exporter, if the gateway has one: every span nodes send.
+    otlp: std::sync::OnceLock<crate::otlp::Exporter>,
 }
 
 impl ControlPlane {
@@ -66,6 +68,7 @@ impl ControlPlane {
             registry_changed: watch::Sender::new(0),
             registry_cache: Mutex::new(None),
             cloud: std::sync::OnceLock::new(),
+            otlp: std::sync::OnceLock::new(),
         }
     }
 
@@ -77,6 +80,16 @@ impl ControlPlane {
     /// The cloud bridge, if any.
     pub(crate) fn cloud(&self) -> Option<&Bridge> {
         self.cloud.get()
+    }
+
+    /// Exports spans through `exporter` from now on.
+    pub(crate) fn set_otlp(&self, exporter: crate::otlp::Exporter) {
+        let _ = self.otlp.set(exporter);
+    }
+
+    /// The OTLP exporter, if any.
+    pub(crate) fn otlp(&self) -> Option<&crate::otlp::Exporter> {
+        self.otlp.get()
     }
 
     pub(crate) fn registry(&self) -> MutexGuard<'_, Registry> {
@@ -328,8 +341,16 @@ impl ControlPlane {
                     let committed = cloud.map(|cloud| {
                         cloud.send_telemetry(crate::cloud::report::telemetry(name, boot, &batch))
                     });
+                    let otlp = self.otlp();
                     let mut traces = self.traces();
-                    for span in batch.spans {
+                    for mut span in batch.spans {
+                        // Which node recorded a span is what its certificate says.
+                        if span.node != name {
+                            span.node = name.to_owned();
+                        }
+                        if let Some(otlp) = otlp {
+                            otlp.push(span.clone());
+                        }
                         traces.add(span);
                     }
                     drop(traces);

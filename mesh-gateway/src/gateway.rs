@@ -70,6 +70,17 @@ impl Gateway {
             ),
             None => None,
         };
+        config.check_otlp_files()?;
+        let otlp = match &config.otlp {
+            Some(o) => Some(
+                crate::otlp::Exporter::new(o, config.node.name.as_str(), identity.trust_domain())
+                    .map_err(|reason| GatewayError::Io {
+                    path: format!("{}:{}: [otlp]", config.node.file, o.line),
+                    reason,
+                })?,
+            ),
+            None => None,
+        };
         let mut audit = AuditLog::open(&config.audit_log);
         if let Some(cloud) = cloud.clone() {
             audit.forward_to(Box::new(move |event| {
@@ -191,6 +202,10 @@ impl Gateway {
             let plane = plane.clone();
             let stop = node.shutdown_signal();
             tokio::spawn(async move { plane.sweep_loop(stop).await });
+        }
+        if let Some(otlp) = otlp {
+            otlp.start(node.shutdown_signal());
+            plane.set_otlp(otlp);
         }
         if let Some(cloud) = &cloud {
             plane.set_cloud(cloud.clone());

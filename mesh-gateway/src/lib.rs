@@ -19,10 +19,12 @@ pub mod demo;
 pub mod gateway;
 mod http;
 pub mod metrics;
+pub mod otlp;
 mod policy;
 pub mod policy_history;
 pub mod registry;
 pub mod status;
+mod tls;
 pub mod traces;
 
 pub use config::GatewayConfig;

@@ -19,8 +19,6 @@ use mesh_core::{NodeName, SpiffeId};
 use mesh_node::CallOptions;
 use mesh_proto::Status;
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Map, Value, json};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::Instant;
@@ -46,50 +44,7 @@ pub(crate) fn tls_config(c: &CloudConfig) -> Result<Option<Arc<rustls::ClientCon
     if !c.tls {
         return Ok(None);
     }
-    let mut roots = rustls::RootCertStore::empty();
-    match &c.ca {
-        Some(ca) => {
-            for cert in CertificateDer::pem_file_iter(ca)
-                .map_err(|e| format!("ca {}: {e}", ca.display()))?
-            {
-                let cert = cert.map_err(|e| format!("ca {}: {e}", ca.display()))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("ca {}: {e}", ca.display()))?;
-            }
-            if roots.is_empty() {
-                return Err(format!("ca {}: no certificate in it", ca.display()));
-            }
-        }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            for cert in found.certs {
-                let _ = roots.add(cert);
-            }
-            if roots.is_empty() {
-                return Err("no ca is set and the system has no CA certificates".into());
-            }
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots);
-    let config = match &c.cert_key {
-        Some((cert, key)) => {
-            let chain = CertificateDer::pem_file_iter(cert)
-                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| format!("cert {}: {e}", cert.display()))?;
-            let key = PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| format!("key {}: {e}", key.display()))?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| format!("cert and key: {e}"))?
-        }
-        None => builder.with_no_client_auth(),
-    };
-    Ok(Some(Arc::new(config)))
+    crate::tls::client_config(c.ca.as_deref(), c.cert_key.as_ref()).map(|c| Some(Arc::new(c)))
 }
 
 /// `host:port` (the host may be `[v6]`).

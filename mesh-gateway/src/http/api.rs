@@ -65,6 +65,9 @@ pub(super) async fn handle(
             if let Some(cloud) = state.cloud() {
                 crate::cloud::render_metrics(&cloud.status(), &mut text);
             }
+            if let Some(otlp) = state.otlp() {
+                crate::otlp::render_metrics(&otlp.status(), &mut text);
+            }
             respond(200, "text/plain; version=0.0.4", text)
         }
         (Method::GET, "/v1/nodes") => json_response(200, nodes(state)),

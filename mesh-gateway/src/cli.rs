@@ -105,6 +105,12 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Named admin tokens for people and tools, so the policy history and audit log say who
+    /// changed what (managed with the gateway's own token, from its config).
+    AdminToken {
+        #[command(subcommand)]
+        command: AdminTokenCommand,
+    },
     /// Operator keys for policy sent from the cloud, and bundles signed with them.
     Policy {
         #[command(subcommand)]
@@ -193,6 +199,34 @@ enum TokenCommand {
         #[arg(long, default_value = "1h")]
         ttl: String,
         /// The running gateway's config file (for its admin address and token).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AdminTokenCommand {
+    /// Make an admin token named NAME and print it (last line, shown once: only its hash is kept).
+    Create {
+        /// Who will use it: `alice`, `ci` (a-z, 0-9, '.', '_', '-').
+        #[arg(long)]
+        name: String,
+        /// The running gateway's config file (for its admin address and own token).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// List the named admin tokens.
+    List {
+        /// The running gateway's config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Revoke the admin token named NAME: it stops working at once.
+    Revoke {
+        /// Its name.
+        #[arg(long)]
+        name: String,
+        /// The running gateway's config file.
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -388,6 +422,54 @@ pub fn main() -> ExitCode {
                         answer["expires_unix"]
                     );
                     println!("{}", answer["token"].as_str().unwrap_or(""));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::AdminToken { command } => {
+            let (config, method, uri, body) = match &command {
+                AdminTokenCommand::Create { name, config } => (
+                    config,
+                    "POST",
+                    "/v1/admin-tokens".to_owned(),
+                    serde_json::json!({ "name": name }).to_string(),
+                ),
+                AdminTokenCommand::List { config } => {
+                    (config, "GET", "/v1/admin-tokens".to_owned(), String::new())
+                }
+                AdminTokenCommand::Revoke { name, config } => (
+                    config,
+                    "DELETE",
+                    format!("/v1/admin-tokens/{name}"),
+                    String::new(),
+                ),
+            };
+            match runtime().block_on(admin_request(config, method, &uri, body)) {
+                Ok(answer) => {
+                    match command {
+                        AdminTokenCommand::Create { name, .. } => {
+                            println!("admin token for {name} (shown once):");
+                            println!("{}", answer["token"].as_str().unwrap_or(""));
+                        }
+                        AdminTokenCommand::List { .. } => {
+                            if let Some(why) = answer["damaged"].as_str() {
+                                println!("named tokens are off: {why}");
+                            }
+                            for t in answer["tokens"].as_array().into_iter().flatten() {
+                                println!(
+                                    "{:<24} created {} by {}",
+                                    t["name"].as_str().unwrap_or(""),
+                                    crate::status::utc(t["created_unix"].as_u64().unwrap_or(0)),
+                                    t["created_by"].as_str().unwrap_or("")
+                                );
+                            }
+                        }
+                        AdminTokenCommand::Revoke { name, .. } => println!("revoked {name}"),
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

@@ -178,9 +178,28 @@ impl Gateway {
                     reason: format!("cannot listen: {e}"),
                 })?;
         }
+        let tokens = Arc::new(crate::admin_tokens::AdminTokens::open(
+            token,
+            &config
+                .node
+                .state_dir
+                .join("gateway")
+                .join("admin-tokens.json"),
+        ));
+        if let Some(why) = tokens.damaged() {
+            tracing::error!(
+                "named admin tokens are off: {why} (the gateway's own token still works; fix or \
+                 remove the file)"
+            );
+            audit.record(
+                "gateway",
+                "admin_tokens_damaged",
+                vec![("reason".into(), why)],
+            );
+        }
         let admin = crate::http::serve(
             plane.clone(),
-            token,
+            tokens,
             config.admin,
             &config.node.limits.ingress,
             node.shutdown_signal(),

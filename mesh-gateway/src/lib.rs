@@ -9,6 +9,7 @@
 //! what the control plane keeps; [`ca`] certificates.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod admin_tokens;
 mod audit;
 pub mod ca;
 pub mod cli;

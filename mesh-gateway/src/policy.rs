@@ -417,7 +417,7 @@ impl Policies {
     ) -> Result<u64, ConfigError> {
         let author = match origin {
             Origin::File => source.to_owned(),
-            Origin::Api => "admin token".to_owned(),
+            Origin::Api => crate::admin_tokens::LOCAL.to_owned(),
             Origin::Cloud => "cloud (signed by an operator key)".to_owned(),
         };
         self.set_by(toml, source, origin, &author).await
@@ -459,6 +459,7 @@ impl Policies {
             vec![
                 ("version".into(), version.to_string()),
                 ("source".into(), origin.into()),
+                ("author".into(), author.to_owned()),
             ],
         );
         Ok(version)
@@ -474,11 +475,11 @@ impl Policies {
 
     /// Puts `entry` on the deny list (merged with an entry for the same identity) and ships it
     /// in the next bundle version; the list is saved first.
-    pub(crate) async fn revoke(&self, entry: Revocation) -> Result<u64, ConfigError> {
+    pub(crate) async fn revoke(&self, entry: Revocation, by: &str) -> Result<u64, ConfigError> {
         let _one_at_a_time = self.changing.lock().await;
         let mut list = self.revoked_list();
         merge(&mut list, entry.clone());
-        let version = self.keep_and_publish(list, "revoke").await?;
+        let version = self.keep_and_publish(list, "revoke", by).await?;
         self.audit.record(
             "gateway",
             "revoked",
@@ -487,6 +488,7 @@ impl Policies {
                 ("serials".into(), entry.serials.join(",")),
                 ("reason".into(), entry.reason),
                 ("version".into(), version.to_string()),
+                ("by".into(), by.to_owned()),
             ],
         );
         Ok(version)
@@ -495,7 +497,7 @@ impl Policies {
     /// Lifts the revocation of identity `id`; `Ok(None)` when it was not revoked. The serials of
     /// the certificates it had stay revoked: the node comes back with a new certificate (enrolled
     /// or issued again), never with the one that was revoked.
-    pub(crate) async fn unrevoke(&self, id: &str) -> Result<Option<u64>, ConfigError> {
+    pub(crate) async fn unrevoke(&self, id: &str, by: &str) -> Result<Option<u64>, ConfigError> {
         let _one_at_a_time = self.changing.lock().await;
         let mut list = self.revoked_list();
         let Some(at) = list.iter().position(|r| r.id.as_deref() == Some(id)) else {
@@ -506,13 +508,14 @@ impl Policies {
         } else {
             list[at].id = None;
         }
-        let version = self.keep_and_publish(list, "unrevoke").await?;
+        let version = self.keep_and_publish(list, "unrevoke", by).await?;
         self.audit.record(
             "gateway",
             "revocation_lifted",
             vec![
                 ("id".into(), id.to_owned()),
                 ("version".into(), version.to_string()),
+                ("by".into(), by.to_owned()),
             ],
         );
         Ok(Some(version))
@@ -537,11 +540,12 @@ impl Policies {
         cache.1.clone()
     }
 
-    /// Saves the deny list `list`, then ships it in the next version.
+    /// Saves the deny list `list`, then ships it in the next version (`by` its author).
     async fn keep_and_publish(
         &self,
         list: Vec<Revocation>,
         source: &str,
+        by: &str,
     ) -> Result<u64, ConfigError> {
         let path = self.store.dir().join("revoked.json");
         let bytes = serde_json::to_vec_pretty(&RevokedFile {
@@ -563,13 +567,8 @@ impl Policies {
         let operator = self
             .current()
             .map_or_else(|| Arc::new(String::new()), |c| c.operator);
-        self.publish(
-            operator,
-            &list,
-            source,
-            ("revocation", "mesh-gateway revoke"),
-        )
-        .await
+        self.publish(operator, &list, source, ("revocation", by))
+            .await
     }
 
     /// Makes `operator` with `revoked` the next version: saved (on the blocking pool), then
@@ -885,7 +884,7 @@ mod tests {
         let file = dir.path().join("p.toml");
         let v1 = "[defaults]\ncall_timeout_ms = 100\n";
         let p = Policies::load(&state, Some((&file, v1.into())), audit(dir.path())).expect("load");
-        assert_eq!(p.revoke(revocation("n7")).await, Ok(2));
+        assert_eq!(p.revoke(revocation("n7"), "local").await, Ok(2));
         let b = p.current().expect("bundle");
         assert_eq!(*b.operator, v1);
         let parsed = Policy::parse(&b.toml, "bundle").expect("valid");
@@ -901,11 +900,14 @@ mod tests {
         assert_eq!(p.version(), 3);
         assert_eq!(p.revoked_list(), vec![revocation("n7")]);
         // Lifted: the identity may come back, its revoked certificate may not.
-        assert_eq!(p.unrevoke("spiffe://td/node/n7").await, Ok(Some(4)));
+        assert_eq!(
+            p.unrevoke("spiffe://td/node/n7", "local").await,
+            Ok(Some(4))
+        );
         let parsed = Policy::parse(&p.current().expect("bundle").toml, "b").expect("valid");
         assert!(parsed.revocation("spiffe://td/node/n7", "cd").is_none());
         assert!(parsed.revocation("spiffe://td/node/n7", "ab").is_some());
-        assert_eq!(p.unrevoke("spiffe://td/node/n7").await, Ok(None));
+        assert_eq!(p.unrevoke("spiffe://td/node/n7", "local").await, Ok(None));
         // An operator's own entry is enforced too, and the marker line is refused in their text.
         let own = format!("{v3}[[revoked]]\nid = \"spiffe://td/node/n9\"\n");
         p.set(&own, "p.toml", Origin::File).await.expect("set");
@@ -927,7 +929,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let state = dir.path().join("state");
         let p = Policies::load(&state, None, audit(dir.path())).expect("load");
-        p.revoke(revocation("n7")).await.expect("revoke");
+        p.revoke(revocation("n7"), "local").await.expect("revoke");
         drop(p);
         std::fs::write(state.join("revoked.json"), b"{ damaged").expect("damage");
         let e = Policies::load(&state, None, audit(dir.path()))

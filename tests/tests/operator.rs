@@ -329,13 +329,34 @@ async fn policy_history_diff_and_rollback() {
     prepend(&node, &format!("gateway = \"{}\"\n", gw.quic));
     let a = NodeProc::start("node-a", &node);
     a.wait_policy(1, UP);
-    let token = pki.admin_token("gw");
+    // A named admin token for Alice: the history and the audit log say it was her.
+    let config = conf.display().to_string();
+    let (code, out) = gateway_cli(&[
+        "admin-token",
+        "create",
+        "--name",
+        "alice",
+        "--config",
+        &config,
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let alice = out.lines().last().expect("token").trim().to_owned();
+    assert!(alice.starts_with("sgt_"), "{out}");
     let v2 = "[authorization]\ndefault = \"deny\"\n";
-    let (code, _) = http("PUT", admin, "/v1/policy", Some(&token), v2).await;
+    let (code, _) = http("PUT", admin, "/v1/policy", Some(&alice), v2).await;
     assert_eq!(code, 200);
     a.wait_policy(2, UP);
+    // A named token manages no tokens: it cannot make itself a successor.
+    let (code, _) = http(
+        "POST",
+        admin,
+        "/v1/admin-tokens",
+        Some(&alice),
+        r#"{"name":"mallory"}"#,
+    )
+    .await;
+    assert_eq!(code, 403);
 
-    let config = conf.display().to_string();
     let (code, out) = gateway_cli(&["policy", "history", "--config", &config]);
     assert_eq!(code, 0, "{out}");
     let rows: Vec<&str> = out.lines().skip(1).collect();
@@ -343,8 +364,21 @@ async fn policy_history_diff_and_rollback() {
     assert!(
         rows[0].trim_start().starts_with("2 ")
             && rows[0].contains("api")
-            && rows[0].contains("admin token"),
+            && rows[0].contains("alice"),
         "{out}"
+    );
+    let audit = std::fs::read_to_string(pki.dir.path().join("gw/audit.jsonl")).expect("audit log");
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("policy_accepted") && l.contains("\"alice\"")),
+        "{audit}"
+    );
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("admin_token_created") && l.contains("\"alice\"")),
+        "{audit}"
     );
     assert!(
         rows[1].trim_start().starts_with("1 ")
@@ -394,4 +428,29 @@ async fn policy_history_diff_and_rollback() {
     assert!(state.join("policy-history.json").exists());
     let (code, _) = http("GET", admin, "/v1/policy/history/9", None, "").await;
     assert_eq!(code, 404);
+
+    // Alice's token survived the restart (as a hash: the file does not hold it); once revoked it
+    // stops working at once.
+    let kept = std::fs::read_to_string(state.join("admin-tokens.json")).expect("tokens file");
+    assert!(kept.contains("alice") && !kept.contains(&alice), "{kept}");
+    let dry_run = async || {
+        http("PUT", admin, "/v1/policy?dry_run=1", Some(&alice), v1)
+            .await
+            .0
+    };
+    assert_eq!(dry_run().await, 200);
+    let (code, out) = gateway_cli(&["admin-token", "list", "--config", &config]);
+    assert!(code == 0 && out.contains("alice"), "{out}");
+    let (code, out) = gateway_cli(&[
+        "admin-token",
+        "revoke",
+        "--name",
+        "alice",
+        "--config",
+        &config,
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(dry_run().await, 401);
+    let (code, out) = gateway_cli(&["admin-token", "list", "--config", &config]);
+    assert!(code == 0 && !out.contains("alice"), "{out}");
 }

@@ -132,6 +132,12 @@ pub(super) async fn handle(
         }
         (Method::GET, "/v1/revocations") => json_response(200, revocations(state)),
         (Method::POST, "/v1/tokens") => post_token(&api, req).await,
+        (Method::GET, "/v1/admin-tokens") => local_only(&api, &req, "GET /v1/admin-tokens")
+            .unwrap_or_else(|| json_response(200, api.tokens.list())),
+        (Method::POST, "/v1/admin-tokens") => post_admin_token(&api, req).await,
+        (Method::DELETE, p) if p.starts_with("/v1/admin-tokens/") => {
+            delete_admin_token(&api, &req, &p["/v1/admin-tokens/".len()..])
+        }
         (Method::POST, "/v1/revocations") => post_revocation(&api, req).await,
         (Method::DELETE, p) if p.starts_with("/v1/revocations/") => {
             delete_revocation(&api, &req, &p["/v1/revocations/".len()..]).await
@@ -147,19 +153,20 @@ pub(super) async fn handle(
         (
             _,
             "/metrics" | "/v1/nodes" | "/v1/services" | "/v1/policy" | "/v1/policy/status"
-            | "/v1/policy/history" | "/v1/traces" | "/v1/revocations" | "/v1/tokens" | "/v1/cloud",
+            | "/v1/policy/history" | "/v1/traces" | "/v1/revocations" | "/v1/tokens" | "/v1/cloud"
+            | "/v1/admin-tokens",
         ) => json_response(405, json!({ "error": "method not allowed" })),
         _ => json_response(404, json!({ "error": "no such path" })),
     })
 }
 
 async fn put_policy(api: &Api, req: Request<Incoming>, query: &str) -> Response<Full<Bytes>> {
-    if !authorized(api, &req) {
+    let Some(who) = caller(api, &req) else {
         return json_response(
             401,
             json!({ "error": "PUT /v1/policy needs Authorization: Bearer <admin token>" }),
         );
-    }
+    };
     let body = match read_body(api, req, MAX_BUNDLE_BYTES, "the bundle").await {
         Ok(body) => body,
         Err(refused) => return refused,
@@ -193,7 +200,7 @@ async fn put_policy(api: &Api, req: Request<Incoming>, query: &str) -> Response<
     match api
         .plane
         .policies
-        .set(text, "PUT /v1/policy", Origin::Api)
+        .set_by(text, "PUT /v1/policy", Origin::Api, &who)
         .await
     {
         Ok(version) => json_response(200, json!({ "version": version })),
@@ -231,12 +238,12 @@ async fn read_body(
 /// `POST /v1/revocations` `{"name": "node-7", "reason": "..."}`: revokes the node's identity
 /// (and the serial of the certificate the gateway saw it use).
 async fn post_revocation(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    if !authorized(api, &req) {
+    let Some(who) = caller(api, &req) else {
         return json_response(
             401,
             json!({ "error": "POST /v1/revocations needs Authorization: Bearer <admin token>" }),
         );
-    }
+    };
     let body = match read_body(api, req, 4096, "the revocation").await {
         Ok(body) => body,
         Err(refused) => return refused,
@@ -280,7 +287,7 @@ async fn post_revocation(api: &Api, req: Request<Incoming>) -> Response<Full<Byt
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
     };
-    match api.plane.policies.revoke(entry).await {
+    match api.plane.policies.revoke(entry, &who).await {
         Ok(version) => json_response(
             200,
             json!({ "revoked": id, "serials": serials, "version": version }),
@@ -349,20 +356,100 @@ async fn delete_revocation(
     req: &Request<Incoming>,
     name: &str,
 ) -> Response<Full<Bytes>> {
-    if !authorized(api, req) {
+    let Some(who) = caller(api, req) else {
         return json_response(
             401,
             json!({ "error": "DELETE /v1/revocations needs Authorization: Bearer <admin token>" }),
         );
-    }
+    };
     let id = match node_id(&api.plane, name) {
         Ok(id) => id,
         Err(e) => return json_response(400, json!({ "error": e })),
     };
-    match api.plane.policies.unrevoke(&id).await {
+    match api.plane.policies.unrevoke(&id, &who).await {
         Ok(Some(version)) => json_response(200, json!({ "lifted": id, "version": version })),
         Ok(None) => json_response(404, json!({ "error": format!("{id} is not revoked") })),
         Err(e) => json_response(500, json!({ "error": e.to_string() })),
+    }
+}
+
+/// Admin tokens are managed with the gateway's own token only (its `admin_token_file`, on its
+/// disk): a named token cannot make more tokens, nor outlive its own revocation through them.
+fn local_only(api: &Api, req: &Request<Incoming>, what: &str) -> Option<Response<Full<Bytes>>> {
+    match caller(api, req).as_deref() {
+        Some(crate::admin_tokens::LOCAL) => None,
+        Some(_) => Some(json_response(
+            403,
+            json!({ "error": format!("{what} takes the gateway's own token (its admin_token_file), not a named one") }),
+        )),
+        None => Some(json_response(
+            401,
+            json!({ "error": format!("{what} needs Authorization: Bearer <the gateway's own admin token>") }),
+        )),
+    }
+}
+
+/// `POST /v1/admin-tokens` `{"name": "alice"}`: a named admin token, answered once.
+async fn post_admin_token(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Some(refused) = local_only(api, &req, "POST /v1/admin-tokens") {
+        return refused;
+    }
+    let body = match read_body(api, req, 1024, "the token request").await {
+        Ok(body) => body,
+        Err(refused) => return refused,
+    };
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Asked {
+        name: String,
+    }
+    let asked: Asked = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => {
+            return json_response(
+                400,
+                json!({ "error": format!("expected {{\"name\": \"alice\"}}: {e}") }),
+            );
+        }
+    };
+    match api.tokens.create(&asked.name, crate::admin_tokens::LOCAL) {
+        Ok(token) => {
+            api.plane.audit.record(
+                "gateway",
+                "admin_token_created",
+                vec![
+                    ("name".into(), asked.name.clone()),
+                    ("by".into(), crate::admin_tokens::LOCAL.into()),
+                ],
+            );
+            json_response(200, json!({ "name": asked.name, "token": token }))
+        }
+        Err(e) => json_response(400, json!({ "error": e })),
+    }
+}
+
+/// `DELETE /v1/admin-tokens/<name>`: the named token stops working at once.
+fn delete_admin_token(api: &Api, req: &Request<Incoming>, name: &str) -> Response<Full<Bytes>> {
+    if let Some(refused) = local_only(api, req, "DELETE /v1/admin-tokens") {
+        return refused;
+    }
+    match api.tokens.revoke(name) {
+        Ok(true) => {
+            api.plane.audit.record(
+                "gateway",
+                "admin_token_revoked",
+                vec![
+                    ("name".into(), name.to_owned()),
+                    ("by".into(), crate::admin_tokens::LOCAL.into()),
+                ],
+            );
+            json_response(200, json!({ "revoked": name }))
+        }
+        Ok(false) => json_response(
+            404,
+            json!({ "error": format!("no admin token named {:?}", mesh_node::process::printable(name)) }),
+        ),
+        Err(e) => json_response(500, json!({ "error": e })),
     }
 }
 
@@ -475,15 +562,16 @@ fn json_response(code: u16, value: serde_json::Value) -> Response<Full<Bytes>> {
     respond(code, "application/json", value.to_string())
 }
 
-/// Whether the request carries the admin token.
-fn authorized(api: &Api, req: &Request<Incoming>) -> bool {
+/// Who the request's admin token names (`local`, or a named token's name), if it carries one.
+fn caller(api: &Api, req: &Request<Incoming>) -> Option<String> {
     req.headers()
         .get(hyper::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| constant_time_eq(t.trim().as_bytes(), api.token.as_bytes()))
+        .and_then(|t| api.tokens.who(t.trim()))
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Whether the request carries an admin token.
+fn authorized(api: &Api, req: &Request<Incoming>) -> bool {
+    caller(api, req).is_some()
 }

@@ -33,7 +33,7 @@ use crate::control::ControlPlane;
 #[derive(Clone)]
 struct Api {
     plane: Arc<ControlPlane>,
-    token: Arc<str>,
+    tokens: Arc<crate::admin_tokens::AdminTokens>,
     /// Off loopback, reads need the token too.
     reads_need_token: bool,
     /// Time a client has to send a bundle.
@@ -45,14 +45,14 @@ struct Api {
 /// Binds the admin API on `addr` and serves it until `stop` changes; returns the bound address.
 pub(crate) async fn serve(
     plane: Arc<ControlPlane>,
-    token: String,
+    tokens: Arc<crate::admin_tokens::AdminTokens>,
     addr: SocketAddr,
     limits: &mesh_node::http::HttpLimits,
     stop: watch::Receiver<bool>,
 ) -> std::io::Result<SocketAddr> {
     let api = Api {
         plane,
-        token: token.into(),
+        tokens,
         reads_need_token: !addr.ip().is_loopback(),
         body_timeout: limits.body_timeout,
         snapshots: Arc::default(),

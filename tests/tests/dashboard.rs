@@ -214,7 +214,8 @@ fn artifacts() -> PathBuf {
 /// A gateway and three nodes: node-c calls `echo` on node-a (it answers) and `broken` on node-b
 /// (its upstream refuses). The dashboard shows the three nodes, the edges with their counts, the
 /// failing service's error share; node-b killed turns down on the page without a reload; the page
-/// asks for nothing outside the gateway; a screenshot is kept as a test artefact.
+/// asks for nothing outside the gateway; on a phone-wide screen nothing is wider than the screen;
+/// screenshots (desktop and phone) are kept as test artefacts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_the_fleet_live_in_a_real_browser() {
     let pki = Pki::new();
@@ -291,6 +292,24 @@ async fn the_dashboard_shows_the_fleet_live_in_a_real_browser() {
         reloads_before
     );
     browser.screenshot(&artifacts().join("dashboard.png"));
+
+    // On a phone in the plant (360 CSS pixels wide, touch): one column, nothing wider than the
+    // screen (wide tables scroll inside their own box), the nodes still readable.
+    browser.call(
+        "Emulation.setDeviceMetricsOverride",
+        json!({ "width": 360, "height": 780, "deviceScaleFactor": 2, "mobile": true }),
+    );
+    browser.wait_for(
+        "a page no wider than a phone's screen",
+        "window.innerWidth === 360 && document.documentElement.scrollWidth <= 360 \
+         && [...document.querySelectorAll('main > section')].every(s => s.getBoundingClientRect().right <= 360)",
+    );
+    browser.wait_for(
+        "the nodes on a phone",
+        "document.querySelectorAll('#nodes tbody tr').length === 3 \
+         && document.querySelector('#nodes').getBoundingClientRect().width > 0",
+    );
+    browser.screenshot(&artifacts().join("dashboard-phone.png"));
 
     // Nothing but the gateway.
     let elsewhere: Vec<&String> = browser

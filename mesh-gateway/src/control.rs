@@ -24,6 +24,10 @@ use crate::traces::Traces;
 
 /// How often, at most, each node is sent the registry when it changed.
 const REGISTRY_PUSH_EVERY: Duration = Duration::from_secs(2);
+/// Encoded frames, shared by the sessions that send them.
+type Frame = Arc<Vec<u8>>;
+/// A registry frame's size, about, at most (a quarter of what a control frame may be).
+const REGISTRY_FRAME_BYTES: usize = MAX_CONTROL_FRAME / 4;
 
 /// What the control plane holds: registry, aggregated telemetry, traces; and the policy it pushes.
 pub(crate) struct ControlPlane {
@@ -39,7 +43,13 @@ pub(crate) struct ControlPlane {
     /// The trust bundle every node is sent (the gateway's own CA file), PEM.
     pub(crate) roots_pem: String,
     registry_changed: watch::Sender<u64>,
-    registry_cache: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+    /// The registry revision every session is to catch up with: set at most every
+    /// [`REGISTRY_PUSH_EVERY`], so that sessions send the same delta, encoded once.
+    registry_push: watch::Sender<u64>,
+    /// The whole registry as a frame: its revision, when it was made, the frame.
+    registry_full: Mutex<Option<(u64, Instant, Frame)>>,
+    /// Deltas to the current revision, by the revision they start from.
+    registry_deltas: Mutex<(u64, std::collections::HashMap<u64, Frame>)>,
     /// The cloud bridge, if the gateway has one: telemetry, node events, policy status.
     cloud: std::sync::OnceLock<Bridge>,
     /// The OTLP exporter, if the gateway has one: every span nodes send.
@@ -66,7 +76,9 @@ impl ControlPlane {
             policies,
             audit,
             registry_changed: watch::Sender::new(0),
-            registry_cache: Mutex::new(None),
+            registry_push: watch::Sender::new(0),
+            registry_full: Mutex::new(None),
+            registry_deltas: Mutex::default(),
             cloud: std::sync::OnceLock::new(),
             otlp: std::sync::OnceLock::new(),
         }
@@ -104,16 +116,26 @@ impl ControlPlane {
         lock(&self.traces)
     }
 
-    /// Marks down and removes silent nodes, every 250 ms until `stop` changes.
+    /// Marks down and removes silent nodes, every 250 ms until `stop` changes; and at most every
+    /// [`REGISTRY_PUSH_EVERY`], has every session send what changed in the registry.
     pub(crate) async fn sweep_loop(&self, mut stop: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut pushed = Instant::now();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = stop.changed() => return,
             }
-            if self.registry().sweep(Instant::now()) {
+            let (changed, revision) = {
+                let mut registry = self.registry();
+                (registry.sweep(Instant::now()), registry.revision())
+            };
+            if changed {
                 self.registry_changed.send_modify(|v| *v += 1);
+            }
+            if pushed.elapsed() >= REGISTRY_PUSH_EVERY && *self.registry_push.borrow() != revision {
+                pushed = Instant::now();
+                self.registry_push.send_replace(revision);
             }
         }
     }
@@ -134,6 +156,14 @@ impl ControlPlane {
                 return;
             }
         };
+        if let Err(over) = crate::registry::check_hello(&hello) {
+            warn!(
+                "control stream from {caller} at {remote} refused: its hello says too much: {over}"
+            );
+            self.audit
+                .record(&name, "hello_refused", vec![("reason".into(), over)]);
+            return;
+        }
         self.registry()
             .handle_hello(&name, &caller.to_string(), &hello, Instant::now());
         self.registry().set_certificate(
@@ -187,9 +217,14 @@ impl ControlPlane {
         }
         let mut policy_rx = self.policies.subscribe();
         policy_rx.mark_changed();
-        let mut registry_rx = self.registry_changed.subscribe();
-        let mut registry_dirty = true;
-        let mut registry_tick = tokio::time::interval(REGISTRY_PUSH_EVERY);
+        // The whole registry first, then what changed, as the pushes come.
+        let mut registry_rx = self.registry_push.subscribe();
+        let (frame, mut registry_sent) = self.registry_frame();
+        if let Err(e) = send.write_all(&frame).await.map_err(|e| e.to_string()) {
+            info!("control stream of {name} ended: {e}");
+            self.registry().handle_closed(&name, Instant::now());
+            return;
+        }
         // What the node holds: a bundle is sent when it is not that one.
         let mut sent = hello.policy;
         // Telemetry acks waiting for the cloud queue, in order.
@@ -237,15 +272,15 @@ impl ControlPlane {
                         }
                     }
                     r = registry_rx.changed() => {
+                        // At most one registry push per node per period, however busy the
+                        // fleet: the entries that changed since this node's last one, encoded
+                        // once for every node that had the same.
                         r.map_err(|e| e.to_string())?;
-                        registry_dirty = true;
-                    }
-                    _ = registry_tick.tick(), if registry_dirty => {
-                        // At most one registry push per node per period, however busy the fleet,
-                        // encoded once for all nodes.
-                        registry_dirty = false;
-                        let frame = self.registry_frame();
-                        send.write_all(&frame).await.map_err(|e| e.to_string())?;
+                        let (frame, revision) = self.registry_delta(registry_sent);
+                        registry_sent = revision;
+                        if let Some(frame) = frame {
+                            send.write_all(&frame).await.map_err(|e| e.to_string())?;
+                        }
                     }
                 }
             }
@@ -258,20 +293,58 @@ impl ControlPlane {
         self.registry_changed.send_modify(|v| *v += 1);
     }
 
-    /// The registry as one encoded `Down::Registry` frame, re-encoded only after a change.
-    fn registry_frame(&self) -> Arc<Vec<u8>> {
-        let epoch = *self.registry_changed.borrow();
-        let mut cached = lock(&self.registry_cache);
-        if let Some((e, frame)) = cached.as_ref()
-            && *e == epoch
+    /// The whole registry as one `Down::Registry` frame, and its revision. The frame is made
+    /// again at most every [`REGISTRY_PUSH_EVERY`] (a fleet joining changes it all the time): a
+    /// session that gets an older one catches up with the next delta.
+    fn registry_frame(&self) -> (Arc<Vec<u8>>, u64) {
+        let mut cached = lock(&self.registry_full);
+        if let Some((revision, made, frame)) = cached.as_ref()
+            && (made.elapsed() < REGISTRY_PUSH_EVERY || *revision == self.registry().revision())
         {
-            return frame.clone();
+            return (frame.clone(), *revision);
         }
-        let mut out = Vec::new();
-        mesh_proto::encode_frame_vec(&Down::Registry(self.registry().entries()), &mut out);
-        let frame = Arc::new(out);
-        *cached = Some((epoch, frame.clone()));
-        frame
+        let (entries, revision) = {
+            let registry = self.registry();
+            (registry.entries(), registry.revision())
+        };
+        let frame = Arc::new(registry_frames(entries));
+        *cached = Some((revision, Instant::now(), frame.clone()));
+        (frame, revision)
+    }
+
+    /// What changed since revision `from`, as a `Down::Registry` frame of those entries only
+    /// (nodes add what they are sent), and the revision it brings a node to; `None` when
+    /// nothing changed. The whole registry when the changes since `from` are not all
+    /// remembered.
+    fn registry_delta(&self, from: u64) -> (Option<Arc<Vec<u8>>>, u64) {
+        let mut deltas = lock(&self.registry_deltas);
+        let (changed, revision) = {
+            let registry = self.registry();
+            let revision = registry.revision();
+            if revision == from {
+                return (None, from);
+            }
+            if deltas.0 == revision
+                && let Some(frame) = deltas.1.get(&from)
+            {
+                return (Some(frame.clone()), revision);
+            }
+            (registry.changed_since(from), revision)
+        };
+        let Some(entries) = changed else {
+            drop(deltas);
+            let (frame, revision) = self.registry_frame();
+            return (Some(frame), revision);
+        };
+        let frame = Arc::new(registry_frames(entries));
+        if deltas.0 != revision {
+            *deltas = (revision, std::collections::HashMap::new());
+        }
+        // Bounded: sessions share a few starting points (the last push, the last whole frame).
+        if deltas.1.len() < 64 {
+            deltas.1.insert(from, frame.clone());
+        }
+        (Some(frame), revision)
     }
 
     /// Handles one frame from node `name`, which was last sent bundle `sent`.
@@ -295,6 +368,12 @@ impl ControlPlane {
         let down = match up {
             Up::Heartbeat => None,
             Up::Hello(hello) => {
+                if let Err(over) = crate::registry::check_hello(&hello) {
+                    warn!("node {name} said hello again with too much, ignored: {over}");
+                    self.audit
+                        .record(name, "hello_refused", vec![("reason".into(), over)]);
+                    return (None, None);
+                }
                 self.registry().handle_rehello(name, &hello, Instant::now());
                 self.registry_changed.send_modify(|v| *v += 1);
                 None
@@ -471,6 +550,38 @@ async fn first_committed(held: &mut HeldAcks) {
     }
 }
 
+/// Registry entries as `Down::Registry` frames of at most about [`REGISTRY_FRAME_BYTES`]
+/// each (nodes add what each frame says), so that no frame nears [`MAX_CONTROL_FRAME`] however
+/// large the fleet.
+fn registry_frames(entries: Vec<mesh_proto::control::RegistryEntry>) -> Vec<u8> {
+    // An entry's encoding is its strings plus a length byte or two for each, a few more bytes.
+    fn size(e: &mesh_proto::control::RegistryEntry) -> usize {
+        let strings = e
+            .addrs
+            .iter()
+            .chain(&e.services)
+            .chain(std::iter::once(&e.name));
+        let labels = e.labels.iter().flat_map(|(k, v)| [k, v]);
+        strings.chain(labels).map(|s| s.len() + 3).sum::<usize>() + 16
+    }
+    let mut out = Vec::new();
+    let mut chunk = Vec::new();
+    let mut bytes = 0;
+    for e in entries {
+        let n = size(&e);
+        if bytes + n > REGISTRY_FRAME_BYTES && !chunk.is_empty() {
+            mesh_proto::encode_frame_vec(&Down::Registry(std::mem::take(&mut chunk)), &mut out);
+            bytes = 0;
+        }
+        bytes += n;
+        chunk.push(e);
+    }
+    if !chunk.is_empty() || out.is_empty() {
+        mesh_proto::encode_frame_vec(&Down::Registry(chunk), &mut out);
+    }
+    out
+}
+
 async fn read_up(reader: &mut FrameReader) -> Result<Up, String> {
     let frame = reader
         .frame(MAX_CONTROL_FRAME)
@@ -488,4 +599,45 @@ async fn write_down(send: &mut quinn::SendStream, down: &Down) -> Result<(), Str
 /// Locks a mutex; a panic while it was held (a bug) does not stop the gateway from serving.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_proto::control::RegistryEntry;
+
+    #[test]
+    fn a_large_registry_goes_in_frames_a_node_takes() {
+        let entries: Vec<RegistryEntry> = (0..20_000)
+            .map(|i| RegistryEntry {
+                name: format!("node-{i:05}"),
+                addrs: vec!["198.18.0.2:7400".into(), "[fd00::2]:7400".into()],
+                services: vec!["plc".into(), "modbus".into(), "health".into()],
+                labels: vec![("zone".into(), "hall-1".into())],
+                up: true,
+            })
+            .collect();
+        let bytes = registry_frames(entries.clone());
+        let mut rest = &bytes[..];
+        let mut got = Vec::new();
+        let mut frames = 0;
+        while !rest.is_empty() {
+            let (len, header) = mesh_proto::frame_len(rest, MAX_CONTROL_FRAME)
+                .expect("a frame within the bound")
+                .expect("a whole frame");
+            assert!(len <= REGISTRY_FRAME_BYTES + 4096, "a frame of {len} bytes");
+            let Down::Registry(part) =
+                postcard::from_bytes(&rest[header..header + len]).expect("decodes")
+            else {
+                panic!("not a registry frame");
+            };
+            got.extend(part);
+            rest = &rest[header + len..];
+            frames += 1;
+        }
+        assert!(frames > 1);
+        assert_eq!(got, entries);
+        // Nothing to say is still one (empty) frame.
+        assert!(!registry_frames(Vec::new()).is_empty());
+    }
 }

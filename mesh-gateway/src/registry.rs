@@ -59,12 +59,53 @@ pub struct CertificateInfo {
     pub root: Option<String>,
 }
 
+/// What a node's hello may say of itself, at most: its entry goes to every node, so one node
+/// must not be able to make the registry too large for the others' frames.
+pub const MAX_HELLO_ADDRS: usize = 16;
+/// Services a node may say it hosts.
+pub const MAX_HELLO_SERVICES: usize = 256;
+/// Labels a node may say it has.
+pub const MAX_HELLO_LABELS: usize = 32;
+/// Bytes of any one string of a hello (a name, an address, a label key or value, the version).
+pub const MAX_HELLO_STRING: usize = 128;
+
+/// Whether a hello stays within the bounds above; if not, what is over.
+pub fn check_hello(hello: &NodeHello) -> Result<(), String> {
+    let over = |what: &str, n: usize, max: usize| {
+        if n > max {
+            Err(format!("{n} {what} (at most {max})"))
+        } else {
+            Ok(())
+        }
+    };
+    over("addresses", hello.addrs.len(), MAX_HELLO_ADDRS)?;
+    over("services", hello.services.len(), MAX_HELLO_SERVICES)?;
+    over("labels", hello.labels.len(), MAX_HELLO_LABELS)?;
+    let longest = hello
+        .addrs
+        .iter()
+        .chain(&hello.services)
+        .chain(hello.labels.iter().flat_map(|(k, v)| [k, v]))
+        .chain(std::iter::once(&hello.software_version))
+        .map(String::len)
+        .max()
+        .unwrap_or(0);
+    over("bytes in one string", longest, MAX_HELLO_STRING)
+}
+
+/// Changes remembered for deltas; a node further behind is sent the whole registry.
+const MAX_CHANGES: usize = 65_536;
+
 /// Every node the gateway knows.
 #[derive(Debug)]
 pub struct Registry {
     nodes: BTreeMap<String, NodeRecord>,
     down_after: Duration,
     remove_after: Duration,
+    /// One more at each change of what nodes are sent (an entry added, changed or removed).
+    revision: u64,
+    /// The node each revision changed, oldest first, at most [`MAX_CHANGES`].
+    changes: std::collections::VecDeque<(u64, String)>,
 }
 
 impl Registry {
@@ -74,7 +115,57 @@ impl Registry {
             nodes: BTreeMap::new(),
             down_after,
             remove_after: remove_after.max(down_after),
+            revision: 0,
+            changes: std::collections::VecDeque::new(),
         }
+    }
+
+    /// Notes that what nodes are sent of `name` changed.
+    fn touch(&mut self, name: &str) {
+        self.revision += 1;
+        if self.changes.len() == MAX_CHANGES {
+            self.changes.pop_front();
+        }
+        self.changes.push_back((self.revision, name.to_owned()));
+    }
+
+    /// The revision of what nodes are sent: it grows with every change.
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// The entries that changed after revision `rev` (a removed node as down, with nothing
+    /// else), or `None` when the changes since then are no longer all remembered (send
+    /// [`Registry::entries`]).
+    pub fn changed_since(&self, rev: u64) -> Option<Vec<RegistryEntry>> {
+        if rev >= self.revision {
+            return Some(Vec::new());
+        }
+        let oldest = self.changes.front()?.0;
+        if rev + 1 < oldest {
+            return None;
+        }
+        let start = self.changes.partition_point(|(r, _)| *r <= rev);
+        let names: std::collections::BTreeSet<&str> = self
+            .changes
+            .range(start..)
+            .map(|(_, n)| n.as_str())
+            .collect();
+        Some(
+            names
+                .into_iter()
+                .map(|name| match self.nodes.get(name) {
+                    Some(n) => entry(n),
+                    None => RegistryEntry {
+                        name: name.to_owned(),
+                        addrs: Vec::new(),
+                        services: Vec::new(),
+                        labels: Vec::new(),
+                        up: false,
+                    },
+                })
+                .collect(),
+        )
     }
 
     /// A node opened its control stream and said hello.
@@ -101,6 +192,7 @@ impl Registry {
                 certificate: None,
             },
         );
+        self.touch(name);
     }
 
     /// `name` said hello again on its open control stream: what it hosts, where and with which
@@ -112,6 +204,7 @@ impl Registry {
             n.addrs = hello.addrs.clone();
             n.last_seen = now;
             n.last_seen_wall = SystemTime::now();
+            self.touch(name);
         }
     }
 
@@ -162,24 +255,27 @@ impl Registry {
 
     /// Marks down and removes nodes by their timers; returns whether anything changed.
     pub fn sweep(&mut self, now: Instant) -> bool {
-        let mut changed = false;
+        let mut changed = Vec::new();
         let (down_after, remove_after) = (self.down_after, self.remove_after);
-        self.nodes.retain(|_, n| {
+        self.nodes.retain(|name, n| {
             if n.sessions > 0 {
                 return true;
             }
             let idle = now.saturating_duration_since(n.last_seen);
             if idle >= remove_after {
-                changed = true;
+                changed.push(name.clone());
                 return false;
             }
             if n.up && idle >= down_after {
                 n.up = false;
-                changed = true;
+                changed.push(name.clone());
             }
             true
         });
-        changed
+        for name in &changed {
+            self.touch(name);
+        }
+        !changed.is_empty()
     }
 
     /// Every node, by name.
@@ -194,16 +290,17 @@ impl Registry {
 
     /// The registry as nodes receive it.
     pub fn entries(&self) -> Vec<RegistryEntry> {
-        self.nodes
-            .values()
-            .map(|n| RegistryEntry {
-                name: n.name.clone(),
-                addrs: n.addrs.clone(),
-                services: n.services.clone(),
-                labels: n.labels.clone(),
-                up: n.up,
-            })
-            .collect()
+        self.nodes.values().map(entry).collect()
+    }
+}
+
+fn entry(n: &NodeRecord) -> RegistryEntry {
+    RegistryEntry {
+        name: n.name.clone(),
+        addrs: n.addrs.clone(),
+        services: n.services.clone(),
+        labels: n.labels.clone(),
+        up: n.up,
     }
 }
 
@@ -260,5 +357,58 @@ mod tests {
         assert_eq!(n.policy_version, 3);
         assert_eq!(n.policy_error.as_deref(), Some("version 4: too old"));
         assert_eq!(r.entries()[0].services, ["echo"]);
+    }
+
+    #[test]
+    fn deltas_carry_what_changed_since_a_revision() {
+        let mut r = Registry::new(Duration::from_secs(5), Duration::from_secs(60));
+        let t0 = Instant::now();
+        r.handle_hello("a", "id-a", &hello(), t0);
+        let after_a = r.revision();
+        r.handle_hello("b", "id-b", &hello(), t0);
+        r.handle_hello("c", "id-c", &hello(), t0);
+        let names =
+            |v: Vec<RegistryEntry>| v.into_iter().map(|e| (e.name, e.up)).collect::<Vec<_>>();
+        assert_eq!(
+            names(r.changed_since(after_a).expect("remembered")),
+            [("b".to_owned(), true), ("c".to_owned(), true)]
+        );
+        assert_eq!(r.changed_since(r.revision()), Some(vec![]));
+        // Closing a stream changes nothing nodes see; going down and away does.
+        let now = r.revision();
+        r.handle_closed("b", t0);
+        assert_eq!(r.revision(), now);
+        r.sweep(t0 + Duration::from_secs(6));
+        assert_eq!(
+            names(r.changed_since(now).expect("remembered")),
+            [("b".to_owned(), false)]
+        );
+        let down = r.revision();
+        r.sweep(t0 + Duration::from_secs(61));
+        assert!(r.get("b").is_none());
+        assert_eq!(
+            names(r.changed_since(down).expect("remembered")),
+            [("b".to_owned(), false)]
+        );
+        // A revision older than what is remembered: the whole registry instead.
+        for i in 0..MAX_CHANGES {
+            r.handle_rehello("a", &hello(), t0 + Duration::from_millis(i as u64));
+        }
+        assert_eq!(r.changed_since(after_a), None);
+        assert_eq!(r.changed_since(r.revision() - 1).map(|v| v.len()), Some(1));
+    }
+
+    #[test]
+    fn a_hello_beyond_its_bounds_is_named() {
+        assert_eq!(check_hello(&hello()), Ok(()));
+        let mut h = hello();
+        h.services = (0..=MAX_HELLO_SERVICES).map(|i| format!("s{i}")).collect();
+        assert_eq!(check_hello(&h), Err("257 services (at most 256)".into()));
+        let mut h = hello();
+        h.labels = vec![("zone".into(), "x".repeat(129))];
+        assert_eq!(
+            check_hello(&h),
+            Err("129 bytes in one string (at most 128)".into())
+        );
     }
 }

@@ -570,3 +570,63 @@ fn each_program_runs_only_with_a_certificate_of_its_role() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// One member cannot make the registry too large for every other node's frames: a hello that
+/// lists more than the gateway takes (here 300 services) ends that control stream with an audit
+/// event, the member is not listed, and the other nodes keep their control streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_too_large_for_the_registry_is_refused() {
+    use mesh_proto::control::{CONTROL_SERVICE, NodeHello, Up};
+    let pki = Pki::new();
+    let (gw, admin) = starling_tests::quick_gateway(&pki, "");
+    let a = starling_tests::gateway_node(&pki, &gw, "node-a", "");
+    a.wait_gateway(UP);
+
+    let (conn, _endpoint) = connect_as(&pki, "bloat", gw.quic).await;
+    send_hello(
+        &conn,
+        &hello_frame("bloat", mesh_proto::PROTOCOL_VERSION, &[]),
+    )
+    .await;
+    let (mut send, mut recv) = conn.open_bi().await.expect("control stream");
+    let mut out = Vec::new();
+    mesh_proto::encode_frame_vec(&RequestHead::new(CONTROL_SERVICE, "session", 0), &mut out);
+    mesh_proto::encode_frame_vec(
+        &Up::Hello(NodeHello {
+            protocol_version: mesh_proto::PROTOCOL_VERSION,
+            software_version: "0.1.0".into(),
+            labels: vec![],
+            services: (0..300).map(|i| format!("{i:0>100}")).collect(),
+            addrs: vec![],
+            policy_version: 0,
+            next_seq: 1,
+            boot_id: 7,
+            lost_at_restart: 0,
+            policy: None,
+            policy_damaged: false,
+        }),
+        &mut out,
+    );
+    send.write_all(&out).await.expect("hello");
+    // The gateway ends the stream (a finish or a reset, either ends the read).
+    let ended = tokio::time::timeout(UP, recv.read_to_end(4 << 20)).await;
+    assert!(
+        ended.is_ok(),
+        "the gateway kept the oversized hello's stream open"
+    );
+
+    let audit = pki.dir.path().join("gw/audit.jsonl");
+    let refused = starling_tests::eventually(UP, async || {
+        let text = std::fs::read_to_string(&audit).ok()?;
+        text.lines()
+            .find(|l| l.contains("hello_refused") && l.contains("bloat"))
+            .map(str::to_owned)
+    })
+    .await;
+    let refused = refused.expect("an audit event for the refused hello");
+    assert!(refused.contains("300 services"), "{refused}");
+    let (_, nodes) = starling_tests::http("GET", admin, "/v1/nodes", None, "").await;
+    assert!(!nodes.contains("bloat"), "{nodes}");
+    assert!(nodes.contains("node-a"), "{nodes}");
+    assert!(!a.status()["gateway"].is_null(), "{}", a.status());
+}

@@ -17,12 +17,17 @@ use serde::{Deserialize, Serialize};
 pub const LOCAL: &str = "local";
 /// Named tokens kept at most.
 const MAX_TOKENS: usize = 256;
+/// The file's size at most (256 tokens take about 40 KB).
+const MAX_FILE_BYTES: u64 = 1 << 20;
 
 /// The tokens the admin API takes.
 pub struct AdminTokens {
     local: String,
     path: PathBuf,
     state: Mutex<State>,
+    /// Held by a change while it writes the file (the state's lock is not, so requests are not
+    /// held up by a write).
+    writing: Mutex<()>,
 }
 
 struct State {
@@ -52,11 +57,7 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 }
 
 fn sha256_hex(token: &str) -> String {
-    ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    mesh_node::state::hex(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -89,7 +90,18 @@ impl AdminTokens {
     /// The local token and the named ones kept at `path`. A damaged file is reported by
     /// [`AdminTokens::damaged`], and turns the named tokens off.
     pub fn open(local: String, path: &Path) -> Self {
-        let state = match std::fs::read(path) {
+        let read = std::fs::File::open(path).and_then(|f| {
+            use std::io::Read;
+            let mut bytes = Vec::new();
+            f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes)?;
+            if bytes.len() as u64 > MAX_FILE_BYTES {
+                return Err(std::io::Error::other(format!(
+                    "larger than {MAX_FILE_BYTES} bytes"
+                )));
+            }
+            Ok(bytes)
+        });
+        let state = match read {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => State {
                 named: Vec::new(),
                 damaged: None,
@@ -113,6 +125,7 @@ impl AdminTokens {
             local,
             path: path.to_owned(),
             state: Mutex::new(state),
+            writing: Mutex::new(()),
         }
     }
 
@@ -126,9 +139,26 @@ impl AdminTokens {
         }
         for (i, t) in file.tokens.iter().enumerate() {
             check_name(&t.name).map_err(|e| format!("token {i}: {e}"))?;
-            if t.sha256.len() != 64 || !t.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(format!("token {:?}: sha256 is not 64 hex digits", t.name));
+            if t.sha256.len() != 64
+                || !t
+                    .sha256
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                return Err(format!(
+                    "token {:?}: sha256 is not 64 lower-case hex digits",
+                    t.name
+                ));
             }
+            check_name(&t.created_by)
+                .or_else(|e| {
+                    if t.created_by == LOCAL {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })
+                .map_err(|e| format!("token {:?}: created_by {e}", t.name))?;
             if file.tokens[..i].iter().any(|o| o.name == t.name) {
                 return Err(format!("token {:?} is listed twice", t.name));
             }
@@ -161,27 +191,28 @@ impl AdminTokens {
     /// Makes a token named `name`; returns it (shown once: only its hash is kept).
     pub fn create(&self, name: &str, by: &str) -> Result<String, String> {
         check_name(name)?;
-        let mut state = lock(&self.state);
-        if let Some(why) = &state.damaged {
-            return Err(format!(
-                "the named tokens' file is damaged ({why}): fix or remove it first"
-            ));
-        }
-        if state.named.iter().any(|t| t.name == name) {
-            return Err(format!("a token named {name:?} exists: revoke it first"));
-        }
-        if state.named.len() >= MAX_TOKENS {
-            return Err(format!(
-                "{MAX_TOKENS} named tokens exist: revoke some first"
-            ));
-        }
+        let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut named = {
+            let state = lock(&self.state);
+            if let Some(why) = &state.damaged {
+                return Err(format!(
+                    "the named tokens' file is damaged ({why}): fix or remove it first"
+                ));
+            }
+            if state.named.iter().any(|t| t.name == name) {
+                return Err(format!("a token named {name:?} exists: revoke it first"));
+            }
+            if state.named.len() >= MAX_TOKENS {
+                return Err(format!(
+                    "{MAX_TOKENS} named tokens exist: revoke some first"
+                ));
+            }
+            state.named.clone()
+        };
         let mut bytes = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
             .map_err(|_| "no randomness".to_owned())?;
-        let token: String = std::iter::once("sgt_".to_owned())
-            .chain(bytes.iter().map(|b| format!("{b:02x}")))
-            .collect();
-        let mut named = state.named.clone();
+        let token = format!("sgt_{}", mesh_node::state::hex(&bytes));
         named.push(Named {
             name: name.to_owned(),
             sha256: sha256_hex(&token),
@@ -191,29 +222,32 @@ impl AdminTokens {
             created_by: by.to_owned(),
         });
         self.save(&named)?;
-        state.named = named;
+        lock(&self.state).named = named;
         Ok(token)
     }
 
     /// Revokes the token named `name`; false if there is none.
     pub fn revoke(&self, name: &str) -> Result<bool, String> {
-        let mut state = lock(&self.state);
-        if let Some(why) = &state.damaged {
-            return Err(format!(
-                "the named tokens' file is damaged ({why}): fix or remove it first"
-            ));
-        }
-        if !state.named.iter().any(|t| t.name == name) {
-            return Ok(false);
-        }
-        let named: Vec<Named> = state
-            .named
-            .iter()
-            .filter(|t| t.name != name)
-            .cloned()
-            .collect();
+        let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        let named: Vec<Named> = {
+            let state = lock(&self.state);
+            if let Some(why) = &state.damaged {
+                return Err(format!(
+                    "the named tokens' file is damaged ({why}): fix or remove it first"
+                ));
+            }
+            if !state.named.iter().any(|t| t.name == name) {
+                return Ok(false);
+            }
+            state
+                .named
+                .iter()
+                .filter(|t| t.name != name)
+                .cloned()
+                .collect()
+        };
         self.save(&named)?;
-        state.named = named;
+        lock(&self.state).named = named;
         Ok(true)
     }
 

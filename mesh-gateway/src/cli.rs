@@ -457,14 +457,17 @@ pub fn main() -> ExitCode {
                         }
                         AdminTokenCommand::List { .. } => {
                             if let Some(why) = answer["damaged"].as_str() {
-                                println!("named tokens are off: {why}");
+                                println!("named tokens are off: {}", crate::status::printable(why));
                             }
                             for t in answer["tokens"].as_array().into_iter().flatten() {
+                                let text = |v: &serde_json::Value| {
+                                    crate::status::printable(v.as_str().unwrap_or(""))
+                                };
                                 println!(
                                     "{:<24} created {} by {}",
-                                    t["name"].as_str().unwrap_or(""),
+                                    text(&t["name"]),
                                     crate::status::utc(t["created_unix"].as_u64().unwrap_or(0)),
-                                    t["created_by"].as_str().unwrap_or("")
+                                    text(&t["created_by"])
                                 );
                             }
                         }

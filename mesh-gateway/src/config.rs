@@ -84,6 +84,8 @@ pub struct OtlpConfig {
     pub headers: Vec<(String, String)>,
     /// A file (mode 0600) whose content is the `Authorization` header's value.
     pub authorization_file: Option<PathBuf>,
+    /// A file (mode 0600) of `name: value` lines: headers that carry secrets (API keys).
+    pub headers_file: Option<PathBuf>,
     /// A batch goes out this long after its first span at the latest.
     pub batch_interval: Duration,
     /// Spans in one export at most.
@@ -225,6 +227,7 @@ struct RawOtlp {
     #[serde(default)]
     headers: std::collections::BTreeMap<String, Spanned<String>>,
     authorization_file: Option<Spanned<String>>,
+    headers_file: Option<Spanned<String>>,
     batch_interval_ms: Option<Spanned<u64>>,
     max_batch_spans: Option<Spanned<u64>>,
     max_queue_spans: Option<Spanned<u64>>,
@@ -297,7 +300,7 @@ impl GatewayConfig {
             cloud.line,
             cloud.ca.as_deref(),
             cloud.cert_key.as_ref(),
-            ("password_file", password),
+            &[("password_file", password)],
         )?;
         for signer in &cloud.policy_signers {
             std::fs::metadata(&signer.value).map_err(|e| ConfigError::Invalid {
@@ -310,8 +313,8 @@ impl GatewayConfig {
         Ok(())
     }
 
-    /// The same of the `[otlp]` section (its CA, client certificate and key, authorization
-    /// file); the gateway checks it at start too.
+    /// The same of the `[otlp]` section (its CA, client certificate and key, authorization and
+    /// headers files); the gateway checks it at start too.
     pub fn check_otlp_files(&self) -> Result<(), ConfigError> {
         let Some(otlp) = &self.otlp else {
             return Ok(());
@@ -321,18 +324,21 @@ impl GatewayConfig {
             otlp.line,
             otlp.ca.as_deref(),
             otlp.cert_key.as_ref(),
-            ("authorization_file", otlp.authorization_file.as_deref()),
+            &[
+                ("authorization_file", otlp.authorization_file.as_deref()),
+                ("headers_file", otlp.headers_file.as_deref()),
+            ],
         )
     }
 
-    /// A section's files: `ca` and `cert` exist, `key` and the secret are its owner's only.
+    /// A section's files: `ca` and `cert` exist, `key` and the secrets are their owner's only.
     fn check_files(
         &self,
         section: &str,
         line: usize,
         ca: Option<&Path>,
         cert_key: Option<&(PathBuf, PathBuf)>,
-        (secret_key, secret): (&str, Option<&Path>),
+        secrets: &[(&str, Option<&Path>)],
     ) -> Result<(), ConfigError> {
         let err = |key: &str, message: String| ConfigError::Invalid {
             file: self.node.file.clone(),
@@ -374,8 +380,10 @@ impl GatewayConfig {
             exists("cert", cert)?;
             private("key", key)?;
         }
-        if let Some(file) = secret {
-            private(secret_key, file)?;
+        for (key, file) in secrets {
+            if let Some(file) = file {
+                private(key, file)?;
+            }
         }
         Ok(())
     }
@@ -524,6 +532,35 @@ impl GatewayConfig {
     }
 }
 
+/// Whether `name` may be set by an operator on every OTLP export: a valid header name that the
+/// exporter or HTTP itself does not own (an `Authorization` value goes in `authorization_file`).
+pub fn check_otlp_header(name: &str) -> Result<(), String> {
+    let lower = name.to_ascii_lowercase();
+    if hyper::header::HeaderName::from_bytes(lower.as_bytes()).is_err() {
+        return Err("not a valid header name".into());
+    }
+    let owned = [
+        "authorization",
+        "content-type",
+        "content-length",
+        "content-encoding",
+        "host",
+        "te",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+    ];
+    if owned.contains(&lower.as_str()) || lower.starts_with("grpc-") {
+        return Err(
+            "set by the exporter or HTTP itself (an Authorization value goes in authorization_file)"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
 /// The `[otlp]` section, checked: every error names the file, the line and the key.
 fn parse_otlp(
     section: &Spanned<RawOtlp>,
@@ -575,6 +612,13 @@ fn parse_otlp(
             Some((host, p)) => (host, port_of(p)?),
         }
     };
+    if hyper::http::uri::Authority::try_from(authority).is_err()
+        || (!path.is_empty() && hyper::http::uri::PathAndQuery::try_from(path).is_err())
+    {
+        return Err(bad(
+            "not a valid URL (a host, a port, a path without spaces)",
+        ));
+    }
     if host.is_empty() {
         return Err(bad("no host"));
     }
@@ -624,32 +668,11 @@ fn parse_otlp(
     let mut headers = Vec::new();
     for (name, value) in &o.headers {
         let key = format!("otlp.headers.{name}");
-        let lower = name.to_ascii_lowercase();
-        if hyper::header::HeaderName::from_bytes(lower.as_bytes()).is_err() {
-            return Err(at.invalid(value, &key, "not a valid header name"));
-        }
-        if [
-            "authorization",
-            "content-type",
-            "content-length",
-            "host",
-            "te",
-            "connection",
-            "transfer-encoding",
-        ]
-        .contains(&lower.as_str())
-            || lower.starts_with("grpc-")
-        {
-            return Err(at.invalid(
-                value,
-                &key,
-                "set by the exporter (an Authorization value goes in authorization_file)",
-            ));
-        }
+        check_otlp_header(name).map_err(|e| at.invalid(value, &key, e))?;
         if hyper::header::HeaderValue::from_str(value.get_ref()).is_err() {
             return Err(at.invalid(value, &key, "not a valid header value"));
         }
-        headers.push((lower, value.get_ref().clone()));
+        headers.push((name.to_ascii_lowercase(), value.get_ref().clone()));
     }
     let within = |v: &Option<Spanned<u64>>,
                   key: &str,
@@ -661,7 +684,9 @@ fn parse_otlp(
         Some(n) => Ok(*n.get_ref()),
         None => Ok(default),
     };
-    let max_batch_spans = within(&o.max_batch_spans, "otlp.max_batch_spans", 1..=65_536, 512)?;
+    // At most 4096: with a span's names bounded, a request stays under the 4 MiB a gRPC collector
+    // takes by default.
+    let max_batch_spans = within(&o.max_batch_spans, "otlp.max_batch_spans", 1..=4096, 512)?;
     let max_queue_spans = within(
         &o.max_queue_spans,
         "otlp.max_queue_spans",
@@ -689,6 +714,7 @@ fn parse_otlp(
         cert_key,
         headers,
         authorization_file: o.authorization_file.as_ref().map(file),
+        headers_file: o.headers_file.as_ref().map(file),
         batch_interval: Duration::from_millis(within(
             &o.batch_interval_ms,
             "otlp.batch_interval_ms",
@@ -1022,7 +1048,7 @@ mod tests {
             "{e}"
         );
         let e = error("endpoint = \"http://127.0.0.1:4318\"\nmax_batch_spans = 0\n");
-        assert!(e.contains("otlp.max_batch_spans: 1 to 65536"), "{e}");
+        assert!(e.contains("otlp.max_batch_spans: 1 to 4096"), "{e}");
         let e = error(
             "endpoint = \"http://127.0.0.1:4318\"\nmax_batch_spans = 100\nmax_queue_spans = 10\n",
         );
@@ -1030,6 +1056,10 @@ mod tests {
             e.contains("otlp.max_queue_spans: must be at least max_batch_spans"),
             "{e}"
         );
+        let e = error("endpoint = \"https://c.example/v1/my traces\"\n");
+        assert!(e.contains("otlp.endpoint: not a valid URL"), "{e}");
+        let e = error("endpoint = \"https://c.example/\"\nheaders = { Keep-Alive = \"1\" }\n");
+        assert!(e.contains("set by the exporter or HTTP itself"), "{e}");
         let e = error("endpoint = \"http://127.0.0.1:4318\"\ncolour = 1\n");
         assert!(e.contains("colour"), "{e}");
     }

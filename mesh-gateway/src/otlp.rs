@@ -50,6 +50,11 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// The most of a collector's answer read.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
+/// A span's service, method and node names at most: with `max_batch_spans` at most 4096, a
+/// request stays under the 4 MiB a gRPC collector takes by default.
+const MAX_NAME_BYTES: usize = 256;
+/// What of a collector's message goes into a log line.
+const MAX_LOGGED_CHARS: usize = 200;
 
 /// The exporter: a bounded queue in front of one task that batches and sends.
 #[derive(Clone)]
@@ -104,7 +109,9 @@ impl Exporter {
     /// What `check-config` checks beyond the file: the TLS config and the authorization file
     /// load. Errors name the file and the section.
     pub fn check(config: &OtlpConfig, file: &str) -> Result<(), String> {
-        Transport::new(config)
+        // What Transport::new reads, without making a client (a gRPC channel needs a runtime).
+        Target::new(config, b"h2")
+            .and_then(|_| headers(config))
             .map(drop)
             .map_err(|e| format!("{file}:{}: [otlp]: {e}", config.line))
     }
@@ -142,11 +149,21 @@ impl Exporter {
     }
 
     /// Queues a span; the oldest goes (counted) when the queue is full.
-    pub fn push(&self, span: Span) {
-        if span.trace_id == [0; 16] || span.span_id == [0; 8] {
-            // W3C: all-zero ids are invalid, and a collector may refuse the whole batch for one.
+    pub fn push(&self, mut span: Span) {
+        // W3C: all-zero ids are invalid, and a collector may refuse the whole batch for one. Names
+        // are bounded so that the queue and a request are bounded in bytes too, whatever a node
+        // sends.
+        if span.trace_id == [0; 16]
+            || span.span_id == [0; 8]
+            || span.service.len() > MAX_NAME_BYTES
+            || span.method.len() > MAX_NAME_BYTES
+            || span.node.len() > MAX_NAME_BYTES
+        {
             self.shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
             return;
+        }
+        if span.parent_span_id == Some([0; 8]) {
+            span.parent_span_id = None;
         }
         let len = {
             let mut queue = lock(&self.shared.queue);
@@ -224,7 +241,7 @@ async fn run(shared: Arc<Shared>, mut transport: Transport, mut stop: watch::Rec
                         warn!(
                             "the collector at {} rejected {rejected} of {n} spans: {}",
                             config.endpoint,
-                            mesh_node::process::printable(&message)
+                            short(&message)
                         );
                     }
                     if failing {
@@ -256,7 +273,12 @@ async fn run(shared: Arc<Shared>, mut transport: Transport, mut stop: watch::Rec
                         );
                         failing = true;
                     }
-                    let wait = after.unwrap_or_else(|| jitter(backoff)).min(MAX_BACKOFF);
+                    // What the collector asked, but never less than the backoff (a hostile or
+                    // confused `Retry-After: 0` does not make a busy loop).
+                    let wait = after
+                        .unwrap_or_default()
+                        .max(jitter(backoff))
+                        .min(MAX_BACKOFF);
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
@@ -265,6 +287,15 @@ async fn run(shared: Arc<Shared>, mut transport: Transport, mut stop: watch::Rec
                 }
             }
         }
+    }
+}
+
+/// What a collector said, for a log line: printable, and not too long.
+fn short(message: &str) -> String {
+    let text = mesh_node::process::printable(message);
+    match text.char_indices().nth(MAX_LOGGED_CHARS) {
+        Some((at, _)) => format!("{}...", &text[..at]),
+        None => text,
     }
 }
 
@@ -454,10 +485,37 @@ struct HttpLink {
 fn headers(config: &OtlpConfig) -> Result<hyper::HeaderMap, String> {
     use hyper::header::{HeaderName, HeaderValue};
     let mut map = hyper::HeaderMap::new();
-    for (name, value) in &config.headers {
-        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|e| format!("{name}: {e}"))?;
-        let value = HeaderValue::from_str(value).map_err(|e| format!("{name}: {e}"))?;
+    let mut add = |name: &str, value: &str, from: &str| -> Result<(), String> {
+        let name = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
+            .map_err(|e| format!("{from}: header {name:?}: {e}"))?;
+        let mut value = HeaderValue::from_str(value)
+            .map_err(|_| format!("{from}: header {name}: not a valid header value"))?;
+        // Values may be API keys: never shown in a debug print.
+        value.set_sensitive(true);
         map.append(name, value);
+        Ok(())
+    };
+    for (name, value) in &config.headers {
+        add(name, value, "headers")?;
+    }
+    if let Some(file) = &config.headers_file {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| format!("headers_file {}: {e}", file.display()))?;
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let from = format!("headers_file {}:{}", file.display(), i + 1);
+            let (name, value) = line
+                .split_once(':')
+                .ok_or_else(|| format!("{from}: expected `name: value`"))?;
+            let name = name.trim();
+            if let Err(e) = crate::config::check_otlp_header(name) {
+                return Err(format!("{from}: {e}"));
+            }
+            add(name, value.trim(), &from)?;
+        }
     }
     if let Some(file) = &config.authorization_file {
         let text = std::fs::read_to_string(file)
@@ -526,21 +584,25 @@ impl Transport {
                     Ok(Ok(answer)) => partial(answer.into_inner()),
                     Ok(Err(status)) => {
                         use tonic::Code;
-                        let reason = format!(
-                            "gRPC {:?}: {}",
-                            status.code(),
-                            mesh_node::process::printable(status.message())
-                        );
+                        let reason =
+                            format!("gRPC {:?}: {}", status.code(), short(status.message()));
                         match status.code() {
                             Code::Cancelled
                             | Code::DeadlineExceeded
-                            | Code::ResourceExhausted
                             | Code::Aborted
                             | Code::OutOfRange
                             | Code::Unavailable
                             | Code::DataLoss => Attempt::Retry {
                                 after: None,
                                 reason,
+                            },
+                            // OTLP: retryable only when the collector says when (RetryInfo).
+                            Code::ResourceExhausted => match retry_info(status.details()) {
+                                Some(after) => Attempt::Retry {
+                                    after: Some(after),
+                                    reason,
+                                },
+                                None => Attempt::Failed(reason),
                             },
                             _ => Attempt::Failed(reason),
                         }
@@ -565,13 +627,55 @@ fn partial(answer: ExportTraceServiceResponse) -> Attempt {
     }
 }
 
-/// The body of an OTLP/HTTP error: a `google.rpc.Status`.
+/// The body of an OTLP/HTTP error, and a gRPC status's details: a `google.rpc.Status`.
 #[derive(Clone, PartialEq, prost::Message)]
 struct RpcStatus {
     #[prost(int32, tag = "1")]
     code: i32,
     #[prost(string, tag = "2")]
     message: String,
+    #[prost(message, repeated, tag = "3")]
+    details: Vec<RpcAny>,
+}
+
+/// `google.protobuf.Any`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RpcAny {
+    #[prost(string, tag = "1")]
+    type_url: String,
+    #[prost(bytes = "vec", tag = "2")]
+    value: Vec<u8>,
+}
+
+/// `google.rpc.RetryInfo`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RetryInfo {
+    #[prost(message, optional, tag = "1")]
+    retry_delay: Option<RpcDuration>,
+}
+
+/// `google.protobuf.Duration`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RpcDuration {
+    #[prost(int64, tag = "1")]
+    seconds: i64,
+    #[prost(int32, tag = "2")]
+    nanos: i32,
+}
+
+/// The delay a gRPC status's `RetryInfo` asks for, if it carries one.
+fn retry_info(details: &[u8]) -> Option<Duration> {
+    let status = RpcStatus::decode(details).ok()?;
+    let info = status
+        .details
+        .iter()
+        .find(|d| d.type_url.ends_with("/google.rpc.RetryInfo"))?;
+    let delay = RetryInfo::decode(info.value.as_slice()).ok()?.retry_delay?;
+    let secs = u64::try_from(delay.seconds).ok()?;
+    let nanos = u32::try_from(delay.nanos)
+        .ok()
+        .filter(|n| *n < 1_000_000_000)?;
+    Some(Duration::new(secs.min(MAX_BACKOFF.as_secs()), nanos))
 }
 
 impl HttpLink {
@@ -587,11 +691,16 @@ impl HttpLink {
                 Err(e) => return retry(format!("cannot connect: {e}")),
             },
         };
-        let mut req = hyper::Request::post(config.path.as_str())
+        let mut req = match hyper::Request::post(config.path.as_str())
             .header(hyper::header::HOST, self.authority.as_str())
             .header(hyper::header::CONTENT_TYPE, "application/x-protobuf")
             .body(Full::new(body))
-            .expect("a request from checked parts");
+        {
+            Ok(req) => req,
+            // The config's checks make this unreachable; should it happen, the batch is refused
+            // (counted) rather than the task stopped.
+            Err(e) => return Attempt::Failed(format!("the request cannot be made: {e}")),
+        };
         req.headers_mut().extend(self.headers.clone());
         let answer = match tokio::time::timeout(config.timeout, sender.send_request(req)).await {
             Err(_) => return retry("timed out".into()),
@@ -639,10 +748,7 @@ impl HttpLink {
             .filter(|s| !s.message.is_empty())
             .map(|s| s.message)
             .unwrap_or_else(|| String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into());
-        let reason = format!(
-            "HTTP {status}: {}",
-            mesh_node::process::printable(detail.trim())
-        );
+        let reason = format!("HTTP {status}: {}", short(detail.trim()));
         match status.as_u16() {
             429 | 502 | 503 | 504 => Attempt::Retry { after, reason },
             _ => Attempt::Failed(reason),
@@ -773,6 +879,7 @@ mod tests {
             cert_key: None,
             headers: Vec::new(),
             authorization_file: None,
+            headers_file: None,
             batch_interval: Duration::from_secs(1),
             max_batch_spans: max_batch,
             max_queue_spans: max_queue,
@@ -795,5 +902,44 @@ mod tests {
         assert_eq!((s.queued, s.dropped, s.rejected), (3, 2, 1));
         let kept: Vec<u8> = lock(&e.shared.queue).iter().map(|s| s.span_id[0]).collect();
         assert_eq!(kept, [3, 4, 5]);
+    }
+
+    #[test]
+    fn names_past_their_bound_are_rejected_and_a_zero_parent_is_none() {
+        let e = Exporter::new(&config(10, 10), "gw", "td").expect("exporter");
+        e.push(Span {
+            method: "m".repeat(MAX_NAME_BYTES + 1),
+            ..span("a", 1, None, true, Status::Ok)
+        });
+        e.push(span("a", 2, Some(0), false, Status::Ok));
+        let s = e.status();
+        assert_eq!((s.queued, s.rejected), (1, 1));
+        assert_eq!(lock(&e.shared.queue)[0].parent_span_id, None);
+    }
+
+    #[test]
+    fn a_resource_exhausted_status_is_retried_only_when_it_says_when() {
+        let info = RetryInfo {
+            retry_delay: Some(RpcDuration {
+                seconds: 3,
+                nanos: 500_000_000,
+            }),
+        };
+        let status = RpcStatus {
+            code: 8,
+            message: "slow down".into(),
+            details: vec![RpcAny {
+                type_url: "type.googleapis.com/google.rpc.RetryInfo".into(),
+                value: info.encode_to_vec(),
+            }],
+        };
+        assert_eq!(
+            retry_info(&status.encode_to_vec()),
+            Some(Duration::from_millis(3500))
+        );
+        assert_eq!(retry_info(&[]), None);
+        assert_eq!(retry_info(b"\xff\xff garbage"), None);
+        let long = "x".repeat(1000);
+        assert_eq!(short(&long).len(), MAX_LOGGED_CHARS + 3);
     }
 }

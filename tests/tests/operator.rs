@@ -367,18 +367,22 @@ async fn policy_history_diff_and_rollback() {
             && rows[0].contains("alice"),
         "{out}"
     );
-    let audit = std::fs::read_to_string(pki.dir.path().join("gw/audit.jsonl")).expect("audit log");
+    // The audit log is written by its own thread: wait for both events.
+    let audit_file = pki.dir.path().join("gw/audit.jsonl");
+    let audit = starling_tests::eventually(UP, async || {
+        let audit = std::fs::read_to_string(&audit_file).ok()?;
+        let has = |kind: &str| {
+            audit
+                .lines()
+                .any(|l| l.contains(kind) && l.contains("\"alice\""))
+        };
+        (has("policy_accepted") && has("admin_token_created")).then_some(())
+    })
+    .await;
     assert!(
-        audit
-            .lines()
-            .any(|l| l.contains("policy_accepted") && l.contains("\"alice\"")),
-        "{audit}"
-    );
-    assert!(
-        audit
-            .lines()
-            .any(|l| l.contains("admin_token_created") && l.contains("\"alice\"")),
-        "{audit}"
+        audit.is_some(),
+        "{}",
+        std::fs::read_to_string(&audit_file).unwrap_or_default()
     );
     assert!(
         rows[1].trim_start().starts_with("1 ")

@@ -85,7 +85,7 @@ fn attr<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a str> {
 
 /// The headers a test looks for.
 fn wanted(headers: &hyper::HeaderMap) -> Vec<(String, String)> {
-    ["authorization", "x-scope-orgid"]
+    ["authorization", "x-scope-orgid", "x-api-key"]
         .iter()
         .filter_map(|k| {
             let v = headers.get(*k)?.to_str().ok()?;
@@ -182,10 +182,11 @@ async fn http_export(req: hyper::Request<Incoming>, collector: &Collector) -> Re
 }
 
 /// A collector on a port of its own, plain or behind TLS that asks the exporter for a client
-/// certificate of `pki`'s CA.
+/// certificate of `pki`'s CA; it refuses its first `refuse` exports.
 async fn collector_on(
     listener: tokio::net::TcpListener,
     pki: Option<&mesh_gateway::cloud::local::BrokerPki>,
+    refuse: u32,
 ) -> Arc<Collector> {
     let tls = pki.map(|pki| {
         use rustls_pki_types::pem::PemObject;
@@ -218,6 +219,7 @@ async fn collector_on(
         tokio_rustls::TlsAcceptor::from(Arc::new(config))
     });
     let collector = Arc::new(Collector::default());
+    collector.refuse.store(refuse, Ordering::SeqCst);
     tokio::spawn(serve(listener, tls, collector.clone()));
     collector
 }
@@ -262,19 +264,22 @@ async fn mesh_with_traced_calls(
     protocol: &str,
     extra: &str,
 ) -> (Vec<NodeProc>, SocketAddr, Vec<(String, String)>) {
+    use std::os::unix::fs::PermissionsExt;
     let token = pki.dir.path().join("otlp.token");
     std::fs::write(&token, "Bearer s3cret\n").expect("token");
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("mode");
-    }
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("mode");
+    let secret_headers = pki.dir.path().join("otlp.headers");
+    std::fs::write(&secret_headers, "# an API key\nX-Api-Key: k3y\n").expect("headers");
+    std::fs::set_permissions(&secret_headers, std::fs::Permissions::from_mode(0o600))
+        .expect("mode");
     let (gw, admin) = quick_gateway(
         pki,
         &format!(
             "[otlp]\nendpoint = \"{endpoint}\"\nprotocol = \"{protocol}\"\n\
-             batch_interval_ms = 1000\nauthorization_file = \"{}\"\n\
+             batch_interval_ms = 2000\nauthorization_file = \"{}\"\nheaders_file = \"{}\"\n\
              headers = {{ X-Scope-OrgID = \"site-7\" }}\n{extra}",
-            token.display()
+            token.display(),
+            secret_headers.display()
         ),
     );
     let node = |name: &str, extra: &str| {
@@ -362,9 +367,14 @@ async fn check_spans(collector: &Collector, traces: &[(String, String)]) {
         headers.contains(&("x-scope-orgid".into(), "site-7".into())),
         "{headers:?}"
     );
+    assert!(
+        headers.contains(&("x-api-key".into(), "k3y".into())),
+        "{headers:?}"
+    );
 }
 
-/// The six spans left in at most two exports: they are batched, not sent one by one.
+/// The six spans left in at most two exports (made within 2 s of the first): they are batched,
+/// not sent one by one.
 fn check_batched(collector: &Collector, traces: &[(String, String)]) {
     let ids: Vec<Vec<u8>> = traces.iter().map(|(t, _)| unhex(t)).collect();
     let requests = collector.requests.lock().expect("lock");
@@ -407,8 +417,7 @@ async fn spans_reach_an_otlp_http_collector_that_was_down_at_first() {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .expect("the collector's port");
-    let collector = collector_on(listener, None).await;
-    collector.refuse.store(1, Ordering::SeqCst);
+    let collector = collector_on(listener, None, 1).await;
     check_spans(&collector, &traces).await;
     check_batched(&collector, &traces);
     assert_eq!(collector.refused.load(Ordering::SeqCst), 1);
@@ -443,8 +452,7 @@ async fn spans_reach_an_otlp_grpc_collector_that_was_busy_at_first() {
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let collector = collector_on(listener, None).await;
-    collector.refuse.store(1, Ordering::SeqCst);
+    let collector = collector_on(listener, None, 1).await;
     let (_procs, admin, traces) =
         mesh_with_traced_calls(&pki, &format!("http://{addr}"), "grpc", "").await;
     check_spans(&collector, &traces).await;
@@ -471,7 +479,7 @@ async fn spans_reach_an_otlp_collector_over_tls_with_a_client_certificate() {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let collector = collector_on(listener, Some(&tls)).await;
+        let collector = collector_on(listener, Some(&tls), 0).await;
         let (_procs, admin, traces) = mesh_with_traced_calls(
             &pki,
             &format!("https://{addr}"),
@@ -521,6 +529,19 @@ fn a_bad_otlp_section_is_named_by_check_config_and_stops_the_gateway() {
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("mode");
     let (ok, out) = starling_tests::run_bin("mesh-gateway", &["check-config", &conf_s]);
     assert!(ok, "{out}");
+    // The same section for gRPC checks as well (check-config makes no client).
+    let src = std::fs::read_to_string(&conf).expect("conf");
+    let grpc = conf.with_file_name("grpc.toml");
+    std::fs::write(
+        &grpc,
+        src.replace("[otlp]\n", "[otlp]\nprotocol = \"grpc\"\n"),
+    )
+    .expect("conf");
+    let (ok, out) = starling_tests::run_bin(
+        "mesh-gateway",
+        &["check-config", &grpc.display().to_string()],
+    );
+    assert!(ok, "{out}");
 
     // A CA file with no certificate in it: check-config says so, and the gateway stops at start.
     let src = std::fs::read_to_string(&conf).expect("conf");
@@ -535,32 +556,26 @@ fn a_bad_otlp_section_is_named_by_check_config_and_stops_the_gateway() {
         out.contains("[otlp]") && out.contains("no certificate"),
         "{out}"
     );
-    let mut child = std::process::Command::new(starling_tests::bin("mesh-gateway"))
+    let child = std::process::Command::new(starling_tests::bin("mesh-gateway"))
         .args(["run", "--config", &conf_s])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("mesh-gateway");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the gateway started with a CA file holding no certificate");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let pid = child.id();
+    let (done, exited) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait_with_output());
+    });
+    let Ok(out) = exited.recv_timeout(Duration::from_secs(20)) else {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status();
+        panic!("the gateway started with a CA file holding no certificate");
     };
-    let mut err = String::new();
-    use std::io::Read;
-    child
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut err)
-        .expect("read");
-    assert!(!status.success());
+    let out = out.expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
     assert!(
         err.contains("[otlp]") && err.contains("no certificate"),
         "{err}"

@@ -166,12 +166,14 @@ impl Issuing {
             .map_err(|e| format!("{}: {e}", self.tokens_path.display()))
     }
 
-    /// Makes a one-time join token for node `name` with certified `labels`, valid for `ttl`.
+    /// Makes a one-time join token for node `name` with certified `labels`, valid for `ttl`, at
+    /// the request of admin token `by`.
     pub(crate) fn create_token(
         &self,
         name: &str,
         labels: Labels,
         ttl: Duration,
+        by: &str,
     ) -> Result<NewToken, String> {
         let node = NodeName::try_from(name).map_err(|e| format!("node name {name:?}: {e}"))?;
         let id = SpiffeId::node(self.trust_domain(), node).map_err(|e| e.to_string())?;
@@ -210,6 +212,7 @@ impl Issuing {
                 ("id".into(), id.to_string()),
                 ("labels".into(), shown),
                 ("expires_unix".into(), expires_unix.to_string()),
+                ("by".into(), by.to_owned()),
             ],
         );
         Ok(NewToken {

@@ -161,6 +161,7 @@ pub(super) async fn handle(
 }
 
 async fn put_policy(api: &Api, req: Request<Incoming>, query: &str) -> Response<Full<Bytes>> {
+    let token = bearer(&req);
     let Some(who) = caller(api, &req) else {
         return json_response(
             401,
@@ -171,6 +172,9 @@ async fn put_policy(api: &Api, req: Request<Incoming>, query: &str) -> Response<
         Ok(body) => body,
         Err(refused) => return refused,
     };
+    if let Some(refused) = still(api, token.as_deref(), &who) {
+        return refused;
+    }
     let Ok(text) = std::str::from_utf8(&body) else {
         return json_response(
             400,
@@ -238,6 +242,7 @@ async fn read_body(
 /// `POST /v1/revocations` `{"name": "node-7", "reason": "..."}`: revokes the node's identity
 /// (and the serial of the certificate the gateway saw it use).
 async fn post_revocation(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let token = bearer(&req);
     let Some(who) = caller(api, &req) else {
         return json_response(
             401,
@@ -248,6 +253,9 @@ async fn post_revocation(api: &Api, req: Request<Incoming>) -> Response<Full<Byt
         Ok(body) => body,
         Err(refused) => return refused,
     };
+    if let Some(refused) = still(api, token.as_deref(), &who) {
+        return refused;
+    }
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Asked {
@@ -299,12 +307,13 @@ async fn post_revocation(api: &Api, req: Request<Incoming>) -> Response<Full<Byt
 /// `POST /v1/tokens` `{"name": "node-7", "labels": "zone=hall-1", "ttl_s": 3600}`: a one-time
 /// join token for the node.
 async fn post_token(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    if !authorized(api, &req) {
+    let token = bearer(&req);
+    let Some(who) = caller(api, &req) else {
         return json_response(
             401,
             json!({ "error": "POST /v1/tokens needs Authorization: Bearer <admin token>" }),
         );
-    }
+    };
     let Some(issuing) = api.plane.issuing.clone() else {
         return json_response(
             409,
@@ -315,6 +324,9 @@ async fn post_token(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> 
         Ok(body) => body,
         Err(refused) => return refused,
     };
+    if let Some(refused) = still(api, token.as_deref(), &who) {
+        return refused;
+    }
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Asked {
@@ -341,7 +353,7 @@ async fn post_token(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> 
         Err(e) => return json_response(400, json!({ "error": format!("labels: {e}") })),
     };
     let ttl = std::time::Duration::from_secs(asked.ttl_s.clamp(1, 30 * 86_400));
-    match issuing.create_token(&asked.name, labels, ttl) {
+    match issuing.create_token(&asked.name, labels, ttl, &who) {
         Ok(t) => json_response(
             200,
             json!({ "token": t.token.to_string(), "id": t.id.to_string(), "expires_unix": t.expires_unix }),
@@ -562,13 +574,30 @@ fn json_response(code: u16, value: serde_json::Value) -> Response<Full<Bytes>> {
     respond(code, "application/json", value.to_string())
 }
 
-/// Who the request's admin token names (`local`, or a named token's name), if it carries one.
-fn caller(api: &Api, req: &Request<Incoming>) -> Option<String> {
+/// The bearer token the request carries, if any.
+fn bearer(req: &Request<Incoming>) -> Option<String> {
     req.headers()
         .get(hyper::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .and_then(|t| api.tokens.who(t.trim()))
+        .map(|t| t.trim().to_owned())
+}
+
+/// Who the request's admin token names (`local`, or a named token's name), if it carries one.
+fn caller(api: &Api, req: &Request<Incoming>) -> Option<String> {
+    bearer(req).and_then(|t| api.tokens.who(&t))
+}
+
+/// For a change whose body took a while to arrive: whether the token that sent it still names
+/// `who` (it may have been revoked meanwhile; a revoked token changes nothing).
+fn still(api: &Api, token: Option<&str>, who: &str) -> Option<Response<Full<Bytes>>> {
+    if token.and_then(|t| api.tokens.who(t)).as_deref() == Some(who) {
+        return None;
+    }
+    Some(json_response(
+        401,
+        json!({ "error": "the admin token was revoked while the request arrived; nothing changed" }),
+    ))
 }
 
 /// Whether the request carries an admin token.

@@ -24,8 +24,9 @@ use crate::traces::Traces;
 
 /// How often, at most, each node is sent the registry when it changed.
 const REGISTRY_PUSH_EVERY: Duration = Duration::from_secs(2);
-/// Encoded frames, shared by the sessions that send them.
-type Frame = Arc<Vec<u8>>;
+/// Encoded frames, shared by the sessions that send them: QUIC holds the same bytes for every
+/// node until each acknowledges them, not a copy per node.
+type Frame = bytes::Bytes;
 /// A registry frame's size, about, at most (a quarter of what a control frame may be).
 const REGISTRY_FRAME_BYTES: usize = MAX_CONTROL_FRAME / 4;
 
@@ -220,7 +221,7 @@ impl ControlPlane {
         // The whole registry first, then what changed, as the pushes come.
         let mut registry_rx = self.registry_push.subscribe();
         let (frame, mut registry_sent) = self.registry_frame();
-        if let Err(e) = send.write_all(&frame).await.map_err(|e| e.to_string()) {
+        if let Err(e) = send.write_chunk(frame).await.map_err(|e| e.to_string()) {
             info!("control stream of {name} ended: {e}");
             self.registry().handle_closed(&name, Instant::now());
             return;
@@ -279,7 +280,7 @@ impl ControlPlane {
                         let (frame, revision) = self.registry_delta(registry_sent);
                         registry_sent = revision;
                         if let Some(frame) = frame {
-                            send.write_all(&frame).await.map_err(|e| e.to_string())?;
+                            send.write_chunk(frame).await.map_err(|e| e.to_string())?;
                         }
                     }
                 }
@@ -296,7 +297,7 @@ impl ControlPlane {
     /// The whole registry as one `Down::Registry` frame, and its revision. The frame is made
     /// again at most every [`REGISTRY_PUSH_EVERY`] (a fleet joining changes it all the time): a
     /// session that gets an older one catches up with the next delta.
-    fn registry_frame(&self) -> (Arc<Vec<u8>>, u64) {
+    fn registry_frame(&self) -> (Frame, u64) {
         let mut cached = lock(&self.registry_full);
         if let Some((revision, made, frame)) = cached.as_ref()
             && (made.elapsed() < REGISTRY_PUSH_EVERY || *revision == self.registry().revision())
@@ -307,7 +308,7 @@ impl ControlPlane {
             let registry = self.registry();
             (registry.entries(), registry.revision())
         };
-        let frame = Arc::new(registry_frames(entries));
+        let frame = Frame::from(registry_frames(entries));
         *cached = Some((revision, Instant::now(), frame.clone()));
         (frame, revision)
     }
@@ -316,7 +317,7 @@ impl ControlPlane {
     /// (nodes add what they are sent), and the revision it brings a node to; `None` when
     /// nothing changed. The whole registry when the changes since `from` are not all
     /// remembered.
-    fn registry_delta(&self, from: u64) -> (Option<Arc<Vec<u8>>>, u64) {
+    fn registry_delta(&self, from: u64) -> (Option<Frame>, u64) {
         let mut deltas = lock(&self.registry_deltas);
         let (changed, revision) = {
             let registry = self.registry();
@@ -336,7 +337,7 @@ impl ControlPlane {
             let (frame, revision) = self.registry_frame();
             return (Some(frame), revision);
         };
-        let frame = Arc::new(registry_frames(entries));
+        let frame = Frame::from(registry_frames(entries));
         if deltas.0 != revision {
             *deltas = (revision, std::collections::HashMap::new());
         }

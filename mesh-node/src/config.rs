@@ -208,6 +208,11 @@ pub struct Limits {
     /// A tunnel to a TCP service this node hosts is closed after this long with no bytes either
     /// way.
     pub tcp_idle_timeout: Duration,
+    /// Send several datagrams in one system call (UDP GSO), where the kernel can. Faster for
+    /// bulk, but each connection keeps a send buffer of about ten datagrams (15 KB): a gateway,
+    /// which holds a connection to every node and sends them little, turns it off (not a key of
+    /// the config file).
+    pub segmentation_offload: bool,
 }
 
 impl Default for Limits {
@@ -222,6 +227,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(2),
             ingress: crate::http::HttpLimits::default(),
             tcp_idle_timeout: Duration::from_secs(3600),
+            segmentation_offload: true,
         }
     }
 }
@@ -821,6 +827,7 @@ impl RawLimits {
                 "limits.tcp_idle_timeout_ms",
                 d.tcp_idle_timeout,
             )?,
+            segmentation_offload: d.segmentation_offload,
         };
         if limits.idle_timeout <= limits.keep_alive {
             let span = self

@@ -53,4 +53,4 @@ pub use identity::Identity;
 pub use node::{Node, NodeOptions, StartError};
 pub use peers::PeerInfo;
 pub use server::ReservedService;
-pub use transport::{BindError, ConnectError, EnrollService, bind_endpoint};
+pub use transport::{BindError, ConnectError, EnrollService, bind_endpoint, udp_socket};

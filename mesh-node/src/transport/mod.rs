@@ -509,13 +509,43 @@ pub fn bind_endpoint(
     listen: SocketAddr,
 ) -> Result<quinn::Endpoint, BindError> {
     let (server, client) = quic_configs(identity, limits)?;
-    let mut endpoint =
-        quinn::Endpoint::server(server, listen).map_err(|source| BindError::Bind {
-            addr: listen,
-            source,
-        })?;
+    let bind_error = |source| BindError::Bind {
+        addr: listen,
+        source,
+    };
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| bind_error(std::io::Error::other("no async runtime")))?;
+    let mut endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        udp_socket(listen).map_err(bind_error)?,
+        runtime,
+    )
+    .map_err(bind_error)?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)
+}
+
+/// The kernel buffers a QUIC socket asks for, each way. The kernel caps them at
+/// `net.core.rmem_max` / `wmem_max` (4 MiB on a stock Debian; raise them on a gateway that serves
+/// thousands of nodes). With the default 208 KiB, a burst of handshakes or keep-alives from a few
+/// thousand nodes overflowed a gateway's buffer: datagrams were lost and handshakes timed out.
+/// Memory is only used while datagrams wait.
+pub const UDP_BUFFER_BYTES: usize = 4 << 20;
+
+/// A UDP socket bound to `addr` with [`UDP_BUFFER_BYTES`] of kernel buffer each way (as much as
+/// the kernel grants).
+pub fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    // Smaller buffers still work: a refusal is not an error.
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER_BYTES);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
 
 /// The QUIC server and client configurations for `identity` under `limits`.
@@ -545,7 +575,8 @@ pub(crate) fn quic_configs_with(
         .keep_alive_interval(Some(limits.keep_alive))
         .max_idle_timeout(limits.idle_timeout.try_into().ok())
         .max_concurrent_bidi_streams(limits.max_concurrent_calls.into())
-        .max_concurrent_uni_streams(8u32.into());
+        .max_concurrent_uni_streams(8u32.into())
+        .enable_segmentation_offload(limits.segmentation_offload);
     let transport = Arc::new(transport);
 
     let server_tls = QuicServerConfig::try_from(identity.server_config_with(enrolment)?)

@@ -55,6 +55,8 @@ pub(crate) struct ControlPlane {
     cloud: std::sync::OnceLock<Bridge>,
     /// The OTLP exporter, if the gateway has one: every span nodes send.
     otlp: std::sync::OnceLock<crate::otlp::Exporter>,
+    /// Renewals sign one at a time.
+    signing: tokio::sync::Semaphore,
 }
 
 impl ControlPlane {
@@ -82,6 +84,7 @@ impl ControlPlane {
             registry_deltas: Mutex::default(),
             cloud: std::sync::OnceLock::new(),
             otlp: std::sync::OnceLock::new(),
+            signing: tokio::sync::Semaphore::new(1),
         }
     }
 
@@ -234,7 +237,17 @@ impl ControlPlane {
             loop {
                 tokio::select! {
                     up = read_up(&mut reader) => {
-                        match self.handle_up(&name, &claims, up?, sent) {
+                        let up = up?;
+                        // Signing takes a fraction of a millisecond of CPU: done on a blocking
+                        // thread, one at a time, so that a burst of renewals never holds up the
+                        // runtime that keeps every node's connection alive.
+                        if let Up::Renew { csr_der } = up {
+                            self.registry().handle_seen(&name, Instant::now());
+                            let down = self.clone().renew_off_thread(claims.clone(), csr_der).await;
+                            write_down(&mut send, &down).await?;
+                            continue;
+                        }
+                        match self.handle_up(&name, &claims, up, sent) {
                             // The node's batch is acknowledged once the cloud's copy is on
                             // disk (or could not be written: that loss is counted and told to
                             // the cloud); meanwhile the session goes on. Acks are cumulative
@@ -489,6 +502,27 @@ impl ControlPlane {
 
 impl ControlPlane {
     /// A node's renewal request: a new certificate, or why not.
+    /// [`ControlPlane::renew`] on a blocking thread, one renewal at a time.
+    async fn renew_off_thread(
+        self: Arc<Self>,
+        claims: Arc<CertificateClaims>,
+        csr: Vec<u8>,
+    ) -> Down {
+        let Ok(_one_at_a_time) = self.signing.acquire().await else {
+            return Down::RenewRefused {
+                reason: "the gateway is stopping".into(),
+                revoked: false,
+            };
+        };
+        let plane = self.clone();
+        tokio::task::spawn_blocking(move || plane.renew(&claims, &csr))
+            .await
+            .unwrap_or_else(|e| Down::RenewRefused {
+                reason: format!("the gateway could not sign: {e}"),
+                revoked: false,
+            })
+    }
+
     fn renew(&self, claims: &CertificateClaims, csr_der: &[u8]) -> Down {
         let Some(issuing) = &self.issuing else {
             return Down::RenewRefused {

@@ -31,6 +31,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 /// The lifetime renewals are spread over in the figure: the issuer's default, 7 days.
 const LIFETIME: Duration = Duration::from_secs(7 * 86_400);
+/// Simulated nodes that start connecting each second (a site whose devices boot together).
+const JOINS_PER_SECOND: u64 = 200;
 /// How often each simulated node sends telemetry: `[telemetry] interval_ms` on a device.
 const TELEMETRY_EVERY: Duration = Duration::from_secs(5);
 
@@ -276,8 +278,9 @@ fn run(
                 result
             });
             if i % 50 == 49 {
-                // Pace the handshakes: fifty, then a breath.
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Pace the handshakes: fifty, then a breath ([`JOINS_PER_SECOND`] in all). Each
+                // newcomer is sent the whole registry, and the simulated nodes share one thread.
+                tokio::time::sleep(Duration::from_millis(50_000 / JOINS_PER_SECOND)).await;
             }
         }
         // The tasks run until the runtime shuts down (dropping the set would abort them).
@@ -587,13 +590,14 @@ fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
 impl ScaleFigures {
     pub fn print(&self) {
         println!(
-            "\ngateway with {} simulated nodes{} (telemetry every {} s each, real mTLS QUIC, simulated in one process):",
+            "\ngateway with {} simulated nodes{} ({} joining a second, telemetry every {} s each, real mTLS QUIC, simulated in one process):",
             self.nodes,
             if self.cloud {
                 ", bridged to a local mosquitto"
             } else {
                 ""
             },
+            JOINS_PER_SECOND,
             TELEMETRY_EVERY.as_secs(),
         );
         if self.joined < self.nodes {

@@ -224,6 +224,9 @@ impl ControlPlane {
         // The whole registry first, then what changed, as the pushes come.
         let mut registry_rx = self.registry_push.subscribe();
         let (frame, mut registry_sent) = self.registry_frame();
+        // The whole frame may be up to a push period old: catch up at once, not at the next
+        // change (there may be none for a long time).
+        registry_rx.mark_changed();
         if let Err(e) = send.write_chunk(frame).await.map_err(|e| e.to_string()) {
             info!("control stream of {name} ended: {e}");
             self.registry().handle_closed(&name, Instant::now());

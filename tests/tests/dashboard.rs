@@ -291,6 +291,10 @@ async fn the_dashboard_shows_the_fleet_live_in_a_real_browser() {
         browser.eval("performance.getEntriesByType('navigation').length"),
         reloads_before
     );
+    browser.wait_for(
+        "the summary counting node-b down",
+        "document.getElementById('summary').textContent.startsWith('2 of 3 nodes up')",
+    );
     browser.screenshot(&artifacts().join("dashboard.png"));
 
     // On a phone in the plant (360 CSS pixels wide, touch): one column, nothing wider than the

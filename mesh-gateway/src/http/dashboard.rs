@@ -77,6 +77,10 @@ fn red(now: &Agg, before: Option<&Agg>, window_s: f64) -> Value {
     })
 }
 
+/// Nodes and edges an overview lists at most: a page stays light and drawable with 10,000 nodes
+/// (the whole list was 3.5 MB a poll); the summary counts them all.
+const MAX_SHOWN: usize = 300;
+
 /// `GET /v1/overview`.
 pub(super) fn overview(state: &ControlPlane, snapshots: &Snapshots) -> Value {
     let now = Instant::now();
@@ -101,9 +105,13 @@ pub(super) fn overview(state: &ControlPlane, snapshots: &Snapshots) -> Value {
             v
         })
         .collect();
-    let edges: Vec<Value> = current
-        .edges
-        .iter()
+    let edges_total = current.edges.len();
+    let mut edges: Vec<_> = current.edges.iter().collect();
+    // The busiest first, as many as a page can draw.
+    edges.sort_by_key(|(_, agg)| std::cmp::Reverse(agg.count));
+    edges.truncate(MAX_SHOWN);
+    let edges: Vec<Value> = edges
+        .into_iter()
         .map(|((caller, callee), agg)| {
             let key = (caller.clone(), callee.clone());
             let mut v = red(agg, before.and_then(|b| b.edges.get(&key)), window_s);
@@ -117,16 +125,39 @@ pub(super) fn overview(state: &ControlPlane, snapshots: &Snapshots) -> Value {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     let registry = state.registry();
-    let nodes: Vec<Value> = registry
-        .nodes()
+    let now_wall = std::time::SystemTime::now();
+    let expiry = |n: &crate::registry::NodeRecord| {
+        n.certificate
+            .as_ref()
+            .map(|c| match c.not_after.duration_since(now_wall) {
+                Ok(d) => d.as_secs() as i64,
+                Err(e) => -(e.duration().as_secs() as i64),
+            })
+    };
+    let current_of =
+        |n: &crate::registry::NodeRecord| current_bundle.is_some() && n.policy == current_bundle;
+    let summary = json!({
+        "nodes": registry.nodes().count(),
+        "up": registry.nodes().filter(|n| n.up).count(),
+        "policy_current": registry.nodes().filter(|n| current_of(n)).count(),
+        "edges": edges_total,
+    });
+    // What is wrong first (down, a refused policy, behind, a certificate near its end), then by
+    // name; as many as a page can show. `mesh-gateway nodes` lists every one.
+    let mut listed: Vec<&crate::registry::NodeRecord> = registry.nodes().collect();
+    listed.sort_by_key(|n| {
+        let wrong = !n.up
+            || n.policy_error.is_some()
+            || (current_bundle.is_some() && !current_of(n))
+            || expiry(n).is_some_and(|s| s < 43_200);
+        !wrong
+    });
+    listed.truncate(MAX_SHOWN);
+    let nodes: Vec<Value> = listed
+        .into_iter()
         .map(|n| {
             let res = resources.get(&n.name);
-            let expires = n.certificate.as_ref().map(|c| {
-                match c.not_after.duration_since(std::time::SystemTime::now()) {
-                    Ok(d) => d.as_secs() as i64,
-                    Err(e) => -(e.duration().as_secs() as i64),
-                }
-            });
+            let expires = expiry(n);
             let seen = n
                 .last_seen_wall
                 .duration_since(std::time::UNIX_EPOCH)
@@ -136,7 +167,7 @@ pub(super) fn overview(state: &ControlPlane, snapshots: &Snapshots) -> Value {
                 "up": n.up,
                 "version": n.version,
                 "policy_version": n.policy_version,
-                "policy_current": current_bundle.is_some() && n.policy == current_bundle,
+                "policy_current": current_of(n),
                 "policy_error": n.policy_error,
                 "certificate_expires_in_s": expires,
                 "rss_bytes": res.map(|r| r.rss_bytes),
@@ -152,10 +183,73 @@ pub(super) fn overview(state: &ControlPlane, snapshots: &Snapshots) -> Value {
             "version": current_bundle.map_or(0, |b| b.version),
             "hash": current_bundle.map(|b| mesh_node::state::hex(&b.hash)),
         },
+        "summary": summary,
         "nodes": nodes,
         "services": services,
         "edges": edges,
         "audit": state.audit.recent(20),
         "traces": state.traces().json(10)["traces"].clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::audit::AuditLog;
+    use crate::policy::Policies;
+    use crate::registry::Registry;
+    use crate::traces::Traces;
+
+    #[test]
+    fn an_overview_of_many_nodes_lists_what_is_wrong_first_and_counts_them_all() {
+        let dir = tempfile::tempdir().expect("dir");
+        let audit = Arc::new(AuditLog::open(&dir.path().join("audit.jsonl")));
+        let policies = Arc::new(
+            Policies::load(&dir.path().join("state"), None, audit.clone()).expect("policies"),
+        );
+        let plane = ControlPlane::new(
+            Registry::new(Duration::from_secs(5), Duration::from_secs(600)),
+            Traces::new(10),
+            policies,
+            audit,
+            "td".into(),
+            None,
+            String::new(),
+        );
+        let t0 = Instant::now();
+        {
+            let mut registry = plane.registry();
+            for i in 0..1000 {
+                let hello = mesh_proto::control::NodeHello {
+                    protocol_version: mesh_proto::PROTOCOL_VERSION,
+                    software_version: "0.1.0".into(),
+                    labels: vec![],
+                    services: vec![],
+                    addrs: vec![],
+                    policy_version: 0,
+                    next_seq: 1,
+                    boot_id: i,
+                    lost_at_restart: 0,
+                    policy: None,
+                    policy_damaged: false,
+                };
+                registry.handle_hello(&format!("n{i:04}"), "id", &hello, t0);
+            }
+            // The last one by name goes down.
+            registry.handle_closed("n0999", t0);
+            registry.sweep(t0 + Duration::from_secs(6));
+        }
+        let o = overview(&plane, &Snapshots::default());
+        assert_eq!(o["summary"]["nodes"], 1000);
+        assert_eq!(o["summary"]["up"], 999);
+        let nodes = o["nodes"].as_array().expect("nodes");
+        assert_eq!(nodes.len(), MAX_SHOWN);
+        assert_eq!(
+            nodes[0]["name"], "n0999",
+            "the node that is down comes first"
+        );
+        assert_eq!(nodes[1]["name"], "n0000");
+    }
 }

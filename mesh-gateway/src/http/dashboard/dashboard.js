@@ -90,10 +90,9 @@ function drawServices(o) {
 }
 
 function drawPolicy(o) {
-  const holding = o.nodes.filter((n) => n.policy_current).length;
   document.getElementById("policy").textContent = o.policy.version === 0 ? "no policy: every call allowed" :
     "version " + o.policy.version + (o.policy.hash ? " (" + o.policy.hash.slice(0, 12) + ")" : "") +
-    ": held by " + holding + " of " + o.nodes.length + " nodes";
+    ": held by " + o.summary.policy_current + " of " + o.summary.nodes + " nodes";
   fill(document.getElementById("nacks"), o.nodes.filter((n) => n.policy_error).map((n) =>
     el("li", { class: "bad" }, n.name + " refused it: " + n.policy_error)));
 }
@@ -124,10 +123,10 @@ async function poll() {
       return;
     }
     const o = await r.json();
-    const up = o.nodes.filter((n) => n.up).length;
     const failing = o.services.filter((s) => s.error_share > 0).length;
     document.getElementById("summary").textContent =
-      up + " of " + o.nodes.length + " nodes up" + (failing ? ", " + failing + " service(s) failing" : "");
+      o.summary.up + " of " + o.summary.nodes + " nodes up" + (failing ? ", " + failing + " service(s) failing" : "") +
+      (o.nodes.length < o.summary.nodes ? "; " + o.nodes.length + " listed, what is wrong first (mesh-gateway nodes lists all)" : "");
     document.getElementById("updated").textContent =
       "updated " + new Date().toLocaleTimeString() + (o.window_s > 0 ? ", rates over " + Math.round(o.window_s) + " s" : "");
     drawNodes(o);

@@ -9,7 +9,9 @@
 //! overwritten.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
+
+use crate::lock;
 
 use serde::{Deserialize, Serialize};
 
@@ -50,10 +52,6 @@ struct Named {
 struct File {
     version: u32,
     tokens: Vec<Named>,
-}
-
-fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn sha256_hex(token: &str) -> String {
@@ -191,7 +189,7 @@ impl AdminTokens {
     /// Makes a token named `name`; returns it (shown once: only its hash is kept).
     pub fn create(&self, name: &str, by: &str) -> Result<String, String> {
         check_name(name)?;
-        let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        let _writing = lock(&self.writing);
         let mut named = {
             let state = lock(&self.state);
             if let Some(why) = &state.damaged {
@@ -228,7 +226,7 @@ impl AdminTokens {
 
     /// Revokes the token named `name`; false if there is none.
     pub fn revoke(&self, name: &str) -> Result<bool, String> {
-        let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        let _writing = lock(&self.writing);
         let named: Vec<Named> = {
             let state = lock(&self.state);
             if let Some(why) = &state.damaged {

@@ -203,6 +203,8 @@ pub struct Located<T> {
 // The gateway's keys as written; the node's keys in the same file are the node parser's.
 #[derive(Deserialize)]
 struct RawGateway {
+    /// The node's `[limits]`, read here only to know which keys the file sets.
+    limits: Option<toml::Table>,
     /// A node key, read here only to know whether it was given: a gateway runs no ingress unless
     /// its file asks for one.
     ingress: Option<Spanned<String>>,
@@ -449,11 +451,10 @@ impl GatewayConfig {
         // Nodes call a gateway little (its own services, the control stream): unless the file
         // says otherwise, 32 streams at once per node, not a node's 256. QUIC sets aside room for
         // every stream a peer may open, so this is 20 KB less per node connection.
-        let set_in_file = toml::from_str::<toml::Table>(src).ok().is_some_and(|t| {
-            t.get("limits")
-                .and_then(|l| l.get("max_concurrent_calls"))
-                .is_some()
-        });
+        let set_in_file = raw
+            .limits
+            .as_ref()
+            .is_some_and(|l| l.contains_key("max_concurrent_calls"));
         if !set_in_file {
             node.limits.max_concurrent_calls = GATEWAY_CONCURRENT_CALLS;
         }

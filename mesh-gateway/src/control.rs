@@ -5,6 +5,8 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::lock;
 use std::time::{Duration, Instant};
 
 use mesh_node::ReservedService;
@@ -250,7 +252,7 @@ impl ControlPlane {
                             write_down(&mut send, &down).await?;
                             continue;
                         }
-                        match self.handle_up(&name, &claims, up, sent) {
+                        match self.handle_up(&name, up, sent) {
                             // The node's batch is acknowledged once the cloud's copy is on
                             // disk (or could not be written: that loss is counted and told to
                             // the cloud); meanwhile the session goes on. Acks are cumulative
@@ -368,7 +370,6 @@ impl ControlPlane {
     fn handle_up(
         &self,
         name: &str,
-        claims: &CertificateClaims,
         up: Up,
         sent: Option<BundleRef>,
     ) -> (Option<Down>, Option<oneshot::Receiver<bool>>) {
@@ -418,7 +419,8 @@ impl ControlPlane {
                     .handle_policy_answer(name, bundle, Err(reason));
                 None
             }
-            Up::Renew { csr_der } => Some(self.renew(claims, &csr_der)),
+            // The session signs renewals off the runtime thread before frames reach here.
+            Up::Renew { .. } => None,
             Up::Telemetry(batch) => {
                 let seq = batch.seq;
                 let (stored, boot) = {
@@ -632,11 +634,6 @@ async fn write_down(send: &mut quinn::SendStream, down: &Down) -> Result<(), Str
     let mut out = Vec::new();
     mesh_proto::encode_frame_vec(down, &mut out);
     send.write_all(&out).await.map_err(|e| e.to_string())
-}
-
-/// Locks a mutex; a panic while it was held (a bug) does not stop the gateway from serving.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

@@ -29,4 +29,9 @@ mod tls;
 pub mod traces;
 
 pub use config::GatewayConfig;
+
+/// Locks a mutex; a panic while it was held (a bug) does not stop the gateway from serving.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 pub use gateway::{Gateway, GatewayError};

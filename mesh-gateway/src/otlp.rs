@@ -16,7 +16,9 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
+
+use crate::lock;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -193,10 +195,6 @@ impl Exporter {
             requests_failed: s.requests_failed.load(Ordering::Relaxed),
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Batches and sends until `stop` changes.

@@ -445,6 +445,22 @@ async fn policy_history_diff_and_rollback() {
     assert_eq!(dry_run().await, 200);
     let (code, out) = gateway_cli(&["admin-token", "list", "--config", &config]);
     assert!(code == 0 && out.contains("alice"), "{out}");
+    // A change under way with alice's token when she is revoked: its body arrives after the
+    // revocation, and nothing changes.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let bundle = "[authorization]\ndefault = \"deny\"\n# late\n";
+    let mut slow = tokio::net::TcpStream::connect(admin).await.expect("admin");
+    slow.write_all(
+        format!(
+            "PUT /v1/policy HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            bundle.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("head");
+    let (_, before) = http("GET", admin, "/v1/policy", None, "").await;
     let (code, out) = gateway_cli(&[
         "admin-token",
         "revoke",
@@ -454,6 +470,12 @@ async fn policy_history_diff_and_rollback() {
         &config,
     ]);
     assert_eq!(code, 0, "{out}");
+    slow.write_all(bundle.as_bytes()).await.expect("body");
+    let mut answer = String::new();
+    slow.read_to_string(&mut answer).await.expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    let (_, after) = http("GET", admin, "/v1/policy", None, "").await;
+    assert_eq!(after, before, "a revoked token changed the policy");
     assert_eq!(dry_run().await, 401);
     let (code, out) = gateway_cli(&["admin-token", "list", "--config", &config]);
     assert!(code == 0 && !out.contains("alice"), "{out}");

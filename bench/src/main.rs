@@ -70,6 +70,9 @@ struct Args {
     /// the cloud figures, which need mosquitto.
     #[arg(long, default_value_t = 72_000)]
     cloud_backlog: usize,
+    /// Payload sizes of the path figures, in bytes (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [64usize, 16 * 1024, 1024 * 1024, 4 * 1024 * 1024])]
+    payloads: Vec<usize>,
     /// Interleaved rounds of the TCP forward figures (64 MiB upload, round trips); 0 skips them.
     #[arg(long, default_value_t = 3)]
     tcp_rounds: usize,
@@ -93,7 +96,7 @@ fn main() -> anyhow::Result<()> {
         })
         .collect();
     let mut rows: Vec<Row> = Vec::new();
-    for payload in [64usize, 16 * 1024, 1024 * 1024, 4 * 1024 * 1024] {
+    for &payload in &args.payloads {
         // Big bodies: sequential only (throughput and linearity, not concurrency).
         let concurrency: &[usize] = if payload > 64 * 1024 { &[1] } else { &[1, 64] };
         // Raw UDP carries one datagram: it has no row for bigger payloads.

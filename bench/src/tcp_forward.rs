@@ -36,6 +36,11 @@ pub struct PathFigures {
 
 pub struct TcpFigures {
     pub paths: Vec<PathFigures>,
+    /// MB/s of a 64 MiB body echoed on one raw quinn stream, sent and read back at once.
+    pub quinn_echo_mbs: Vec<f64>,
+    /// MB/s of the same through a Starling streamed call (`Node::call_stream`) to node B's
+    /// `builtin:echo`.
+    pub streamed_echo_mbs: Vec<f64>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -139,11 +144,18 @@ impl Setup {
         let quinn_conn = quinn_client.connect(quinn_addr, "starling.mesh")?.await?;
 
         let (mut b_conf, b_id) = node_config(dir.path(), &ca, "node-b")?;
-        b_conf.services = vec![ServiceConfig {
-            name: "sink".parse().map_err(anyhow::Error::msg)?,
-            upstream: format!("tcp://{tcp}").parse().map_err(anyhow::Error::msg)?,
-            line: 0,
-        }];
+        b_conf.services = vec![
+            ServiceConfig {
+                name: "sink".parse().map_err(anyhow::Error::msg)?,
+                upstream: format!("tcp://{tcp}").parse().map_err(anyhow::Error::msg)?,
+                line: 0,
+            },
+            ServiceConfig {
+                name: "echo".parse().map_err(anyhow::Error::msg)?,
+                upstream: "builtin:echo".parse().map_err(anyhow::Error::msg)?,
+                line: 0,
+            },
+        ];
         b_conf.ingress = None;
         let node_b = server.spawn(Node::start(b_conf, b_id)).await??;
         let (mut a_conf, a_id) = node_config(dir.path(), &ca, "node-a")?;
@@ -260,6 +272,68 @@ async fn bulk(target: Target) -> anyhow::Result<f64> {
     Ok(BULK as f64 / started.elapsed().as_secs_f64() / 1e6)
 }
 
+/// MB/s of 64 MiB echoed on one raw quinn stream: written in 256 KiB chunks while the echo is
+/// read back, timed to the echo's end.
+async fn quinn_echo(conn: quinn::Connection) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let (mut r, mut w) = open(&Target::Quinn(conn), b'E').await?;
+    let reading = tokio::spawn(async move {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0usize;
+        loop {
+            match r.read(&mut buf).await? {
+                0 => return Ok::<_, std::io::Error>(total),
+                n => total += n,
+            }
+        }
+    });
+    let chunk = Bytes::from(vec![0x5au8; 256 * 1024]);
+    let mut sent = 0;
+    while sent < BULK {
+        w.write_all(&chunk).await?;
+        sent += chunk.len();
+    }
+    w.shutdown().await?;
+    let total = reading.await??;
+    anyhow::ensure!(total == BULK, "raw quinn echoed {total} of {BULK} bytes");
+    Ok(BULK as f64 / started.elapsed().as_secs_f64() / 1e6)
+}
+
+/// MB/s of 64 MiB echoed through a Starling streamed call to node B's `builtin:echo`: sent in
+/// 256 KiB chunks while the answer is read back, timed to the answer's end.
+async fn streamed_echo(node: Node) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let stream = node
+        .call_stream("echo", "say", &mesh_node::CallOptions::default())
+        .await?;
+    let (mut tx, mut rx) = stream.split();
+    let reading = tokio::spawn(async move {
+        let mut total = 0usize;
+        while let Some(chunk) = rx.recv().await? {
+            total += chunk.len();
+        }
+        let (status, message) = rx.status().await?;
+        anyhow::ensure!(
+            status == mesh_proto::Status::Ok,
+            "echo answered {status:?}: {message}"
+        );
+        Ok::<_, anyhow::Error>(total)
+    });
+    let chunk = Bytes::from(vec![0x5au8; 256 * 1024]);
+    let mut sent = 0;
+    while sent < BULK {
+        tx.send(chunk.clone()).await?;
+        sent += chunk.len();
+    }
+    tx.finish();
+    let total = reading.await??;
+    anyhow::ensure!(
+        total == BULK,
+        "the streamed call echoed {total} of {BULK} bytes"
+    );
+    Ok(BULK as f64 / started.elapsed().as_secs_f64() / 1e6)
+}
+
 /// `n` round trips of 64 B on one open connection.
 async fn round_trips(target: Target, n: usize) -> anyhow::Result<Vec<Duration>> {
     let (mut r, mut w) = open(&target, b'E').await?;
@@ -303,6 +377,7 @@ pub async fn measure(rounds: usize) -> anyhow::Result<TcpFigures> {
             first: Vec::new(),
         })
         .collect();
+    let (mut quinn_echo_mbs, mut streamed_echo_mbs) = (Vec::new(), Vec::new());
     // Warm each path once.
     for (path, _) in PATHS {
         setup.on(path, |t| round_trips(t, 100)).await?;
@@ -324,9 +399,23 @@ pub async fn measure(rounds: usize) -> anyhow::Result<TcpFigures> {
                 .first
                 .extend(setup.on(path, |t| first_round_trips(t, 50)).await?);
         }
+        // A 64 MiB body each way on one stream: raw quinn, then a Starling streamed call (in
+        // the other order every other round).
+        let (quinn, starling) = (setup.quinn_conn.clone(), setup.node_a.clone());
+        if round % 2 == 0 {
+            quinn_echo_mbs.push(quinn_echo(quinn).await?);
+            streamed_echo_mbs.push(streamed_echo(starling).await?);
+        } else {
+            streamed_echo_mbs.push(streamed_echo(starling).await?);
+            quinn_echo_mbs.push(quinn_echo(quinn).await?);
+        }
     }
     setup.shutdown().await;
-    Ok(TcpFigures { paths })
+    Ok(TcpFigures {
+        paths,
+        quinn_echo_mbs,
+        streamed_echo_mbs,
+    })
 }
 
 fn quantile(v: &[Duration], q: f64) -> Duration {
@@ -380,10 +469,22 @@ impl TcpFigures {
                 if latency < 1.5 { "met" } else { "MISSED" }
             );
         }
+        let (quinn, streamed) = (
+            median(&self.quinn_echo_mbs),
+            median(&self.streamed_echo_mbs),
+        );
+        println!("\n64 MiB each way on one stream (sent and echoed at once; MB/s counts it once):");
+        println!("  raw quinn mTLS stream        {quinn:>7.0} MB/s");
+        println!("  Starling streamed call       {streamed:>7.0} MB/s");
+        let ratio = streamed / quinn;
+        println!(
+            "  [{}] 64 MiB streamed call at least 0.9x raw quinn's: {ratio:.2}x",
+            if ratio >= 0.9 { "met" } else { "MISSED" }
+        );
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::Value::Array(
+        let paths = serde_json::Value::Array(
             self.paths
                 .iter()
                 .map(|p| {
@@ -396,6 +497,13 @@ impl TcpFigures {
                     })
                 })
                 .collect(),
-        )
+        );
+        serde_json::json!({
+            "paths": paths,
+            "echo_64mib_mb_per_s": {
+                "raw_quinn": median(&self.quinn_echo_mbs),
+                "starling_streamed_call": median(&self.streamed_echo_mbs),
+            },
+        })
     }
 }

@@ -117,8 +117,9 @@ impl Client {
         options: &CallOptions,
     ) -> Reply {
         let started = now();
-        let started_wall = unix_us();
         let trace = self.trace_for(options);
+        // The wall clock is read only for a span that will be recorded.
+        let started_wall = if trace.flags & 1 == 1 { unix_us() } else { 0 };
         let (reply, callee) = self.call_inner(service, method, body, options, trace).await;
         let latency = since(started);
         // Served by a microcontroller behind the callee: counted under its leaf name.
@@ -229,7 +230,8 @@ impl Client {
                 trace: Some(trace),
                 streaming: false,
             };
-            let reply = self.server.serve_local(ctx, body, &self.labels).await;
+            // Boxed: rare, and its future (any upstream's) would make every remote call's larger.
+            let reply = Box::pin(self.server.serve_local(ctx, body, &self.labels)).await;
             return (reply, self.name.as_str().to_owned());
         }
         self.call_remote(service, method, body, options, trace, deadline, policy)
@@ -288,10 +290,11 @@ impl Client {
             };
             let started = now();
             let left = deadline.saturating_duration_since(started);
-            let reply = match self.head(&plan, left) {
+            let reply = match self.encoded_head(&plan, left) {
                 Err(reply) => reply,
                 Ok(head) => {
-                    let call = self.remote_call(picked.conn, head, body.clone());
+                    let call =
+                        send_call(picked.conn, head, body.clone(), self.limits.max_body_bytes);
                     match tokio::time::timeout(left, call).await {
                         Ok(reply) => reply,
                         Err(_) => Reply::error(
@@ -667,6 +670,15 @@ impl Client {
         )
     }
 
+    /// The head of an attempt, encoded as a frame (the head itself, with room for every
+    /// metadata entry, never lives across an await).
+    fn encoded_head(&self, plan: &Plan<'_>, left: Duration) -> Result<Vec<u8>, Reply> {
+        let head = self.head(plan, left)?;
+        let mut encoded = Vec::with_capacity(64);
+        mesh_proto::encode_frame_vec(&head, &mut encoded);
+        Ok(encoded)
+    }
+
     fn head<'a>(&self, plan: &Plan<'a>, left: Duration) -> Result<RequestHead<'a>, Reply> {
         let mut head = RequestHead::new(
             plan.service,
@@ -693,13 +705,18 @@ impl Client {
         let zone = self.labels.get("zone").map(String::as_str);
         self.peers.pick(service, subset, tried, |candidates| {
             let mut state = self.state();
-            let balancer = state
+            // Looked up before it is made: `entry` would allocate the key on every call.
+            if !state.balancers.contains_key(service) {
+                let made = Balancer::new(plan.balance.clone());
+                state.balancers.insert(service.to_owned(), made);
+            }
+            state
                 .balancers
-                .entry(service.to_owned())
-                .or_insert_with(|| Balancer::new(plan.balance.clone()));
-            balancer.set_config(plan.balance);
-            balancer
-                .pick(candidates, zone, now(), random(), random())
+                .get_mut(service)
+                .and_then(|balancer| {
+                    balancer.set_config(plan.balance);
+                    balancer.pick(candidates, zone, now(), random(), random())
+                })
                 .ok_or_else(|| {
                     Reply::error(
                         Status::Unavailable,
@@ -745,11 +762,9 @@ impl Client {
             flags: 0,
         };
         let left = plan.deadline.saturating_duration_since(now());
-        let Ok(head) = self.head(&Plan { trace, ..*plan }, left) else {
+        let Ok(encoded) = self.encoded_head(&Plan { trace, ..*plan }, left) else {
             return;
         };
-        let mut encoded = Vec::with_capacity(64);
-        mesh_proto::encode_frame_vec(&head, &mut encoded);
         let (service, body) = (plan.service.to_owned(), body.clone());
         let max_body = self.limits.max_body_bytes;
         let state = self.state.clone();
@@ -764,18 +779,6 @@ impl Client {
                 b.finish(&picked.key, since(started), !failed, now());
             }
         });
-    }
-
-    /// Sends a call on `conn` and reads the whole answer.
-    async fn remote_call(
-        &self,
-        conn: quinn::Connection,
-        head: RequestHead<'_>,
-        body: Bytes,
-    ) -> Reply {
-        let mut encoded = Vec::with_capacity(64);
-        mesh_proto::encode_frame_vec(&head, &mut encoded);
-        send_call(conn, encoded, body, self.limits.max_body_bytes).await
     }
 }
 
@@ -849,8 +852,21 @@ async fn send_call(conn: quinn::Connection, head: Vec<u8>, body: Bytes, max_body
         Err(ReadError::Stream(e)) => return lost(&e),
         Err(e) => return bad("", &e),
     };
-    let head: ResponseHead = match decode_head(&head_bytes) {
-        Ok(h) => h,
+    // Taken out of the head before the body is awaited: the head (with room for every metadata
+    // entry) would otherwise live in every call's future.
+    let (status, message, leaf) = match decode_head::<ResponseHead>(&head_bytes) {
+        Ok(head) => (
+            head.status,
+            head.message.to_owned(),
+            // A leaf named by the callee is a label for counting, checked as a name and
+            // nothing more.
+            head.metadata
+                .iter()
+                .find(|(k, _)| *k == crate::call::LEAF_METADATA)
+                .map(|(_, v)| *v)
+                .filter(|v| mesh_proto::validate_name(v).is_ok())
+                .map(std::sync::Arc::from),
+        ),
         Err(e) => return bad("head ", &e),
     };
     let body = match reader.unary_body(max_body).await {
@@ -858,17 +874,9 @@ async fn send_call(conn: quinn::Connection, head: Vec<u8>, body: Bytes, max_body
         Err(ReadError::Stream(e)) => return lost(&e),
         Err(e) => return bad("body ", &e),
     };
-    // A leaf named by the callee is a label for counting, checked as a name and nothing more.
-    let leaf = head
-        .metadata
-        .iter()
-        .find(|(k, _)| *k == crate::call::LEAF_METADATA)
-        .map(|(_, v)| *v)
-        .filter(|v| mesh_proto::validate_name(v).is_ok())
-        .map(std::sync::Arc::from);
     Reply {
-        status: head.status,
-        message: head.message.to_owned(),
+        status,
+        message,
         body,
         leaf,
     }

@@ -288,11 +288,15 @@ impl PeerSet {
                 )
             });
         }
-        let fresh: Vec<Candidate<'_>> = all
-            .iter()
-            .copied()
-            .filter(|(k, _)| !tried.contains(k))
-            .collect();
+        // A first attempt (every call but retries) skips the filtering and its allocation.
+        let fresh: Vec<Candidate<'_>> = if tried.is_empty() {
+            Vec::new()
+        } else {
+            all.iter()
+                .copied()
+                .filter(|(k, _)| !tried.contains(k))
+                .collect()
+        };
         let chosen = choose(if fresh.is_empty() { &all } else { &fresh })?;
         let gone = || {
             Reply::error(

@@ -30,7 +30,7 @@ use crate::hosted::Hosted;
 use crate::identity::CertificateClaims;
 use crate::peers::PeerSet;
 use crate::policy::{Policy, PolicyCell};
-use crate::wire::{FrameReader, write_head, write_message};
+use crate::wire::{FrameReader, write_encoded, write_head};
 
 /// Serves the streams of a reserved service (`_control` on a gateway). The request head was read
 /// already; the handler owns the stream from here.
@@ -161,11 +161,11 @@ impl Server {
                         return;
                     }
                     Ok(()) if tunnel => {
-                        return self.serve_tunnel(*ctx, send, reader, tunnels).await;
+                        return Box::pin(self.serve_tunnel(*ctx, send, reader, tunnels)).await;
                     }
                     Ok(()) if ctx.streaming => {
                         let deadline = (!no_deadline).then_some(ctx.deadline);
-                        return self.serve_streamed(*ctx, deadline, send, reader).await;
+                        return Box::pin(self.serve_streamed(*ctx, deadline, send, reader)).await;
                     }
                     Ok(()) => {
                         let body = tokio::time::timeout_at(
@@ -454,7 +454,7 @@ impl Server {
     }
 
     /// Serves a call for a service this node hosts.
-    async fn dispatch(&self, ctx: CallContext, body: Bytes) -> Reply {
+    async fn dispatch(&self, mut ctx: CallContext, body: Bytes) -> Reply {
         let Some(upstream) = self.hosted.get(ctx.service.as_str()) else {
             if self.hosted.is_intermittent(ctx.service.as_str()) {
                 return Reply::error(
@@ -475,21 +475,22 @@ impl Server {
         };
         // Only an upstream that may send a call twice (a serial line) needs to know whether the
         // policy allows it: other calls do not pay for the lookup.
-        let mut ctx = ctx;
         if upstream.resends() {
             ctx.idempotent = self
                 .policy
                 .policy()
                 .is_some_and(|p| p.is_idempotent(ctx.service.as_str(), ctx.method.as_str()));
         }
-        if upstream.is_instant() {
-            // Builtins answer without waiting on anything: no deadline timer to arm.
-            return upstream.serve(&ctx, body, self.limits.max_body_bytes).await;
-        }
+        // Builtins answer without waiting on anything: no deadline timer to arm.
+        let body = match upstream.serve_now(body) {
+            Ok(reply) => return reply,
+            Err(body) => body,
+        };
         let left = ctx.deadline.saturating_duration_since(now());
-        match tokio::time::timeout(left, upstream.serve(&ctx, body, self.limits.max_body_bytes))
-            .await
-        {
+        // Boxed: the upstreams that wait (HTTP, a serial line) have large futures, and every
+        // call's task would otherwise carry one (and copy it when spawned).
+        let serve = Box::pin(upstream.serve(&ctx, body, self.limits.max_body_bytes));
+        match tokio::time::timeout(left, serve).await {
             Ok(reply) => reply,
             Err(_) => Reply::error(
                 Status::DeadlineExceeded,
@@ -665,9 +666,18 @@ fn on_behalf_of(caller: &SpiffeId, claimed: &str) -> Result<SpiffeId, Reply> {
 
 /// Writes a reply on a call stream.
 async fn write_reply(send: &mut quinn::SendStream, reply: Reply) -> Result<(), quinn::WriteError> {
+    let head = encoded_reply_head(&reply);
+    write_encoded(send, head, reply.body).await
+}
+
+/// A reply's head, encoded as a frame. Not in `write_reply`'s body: the head has room for every
+/// metadata entry, and held across the write it would make every call's future that much larger.
+fn encoded_reply_head(reply: &Reply) -> Vec<u8> {
     let mut head = ResponseHead::new(reply.status, &reply.message);
     if let Some(leaf) = &reply.leaf {
         let _ = head.metadata.push((crate::call::LEAF_METADATA, leaf));
     }
-    write_message(send, &head, reply.body).await
+    let mut out = Vec::with_capacity(64);
+    mesh_proto::encode_frame_vec(&head, &mut out);
+    out
 }

@@ -142,9 +142,13 @@ impl Upstream {
         &self.spec
     }
 
-    /// Whether it answers at once, without I/O (the builtins): no deadline timer is needed.
-    pub fn is_instant(&self) -> bool {
-        matches!(self.kind, Kind::Builtin(_))
+    /// The answer of an upstream that answers at once, without I/O (the builtins): no deadline
+    /// timer and no future are needed. The others give the body back.
+    pub(crate) fn serve_now(&self, body: Bytes) -> Result<Reply, Bytes> {
+        match &self.kind {
+            Kind::Builtin(b) => Ok(b.serve(body)),
+            _ => Err(body),
+        }
     }
 
     /// Whether it may send a call again when a frame or its answer is lost (a serial line): it

@@ -143,7 +143,21 @@ have_components=$(rustup component list --installed)
 missing_components=()
 for c in "${COMPONENTS[@]}"; do grep -q "^$c" <<<"$have_components" || missing_components+=("$c"); done
 
+# The fuzz targets (scripts/fuzz.sh, run by scripts/test.sh) need a nightly toolchain and
+# cargo-fuzz; the device builds do not.
+missing_fuzz=()
+if [ "$scope" = all ]; then
+  rustup toolchain list | grep -q '^nightly' || missing_fuzz+=("rustup toolchain nightly")
+  command -v cargo-fuzz >/dev/null || missing_fuzz+=("cargo-fuzz ${CARGO_FUZZ_VERSION:=0.13.2}")
+fi
+
 if [ "$mode" = install ]; then
+  for f in "${missing_fuzz[@]}"; do
+    case "$f" in
+      rustup*) rustup toolchain install nightly --profile minimal ;;
+      cargo-fuzz*) cargo install cargo-fuzz --locked --version "${f#cargo-fuzz }" ;;
+    esac
+  done
   for t in "${missing_targets[@]}"; do rustup target add "$t"; done
   for c in "${missing_components[@]}"; do rustup component add "$c"; done
   if [ ${#failing[@]} -gt 0 ]; then
@@ -184,6 +198,7 @@ report "probes failing (installed, yet not usable):" "${failing[@]}"
 report "Python packages missing (pip):" "${missing_pip[@]}"
 report "rustup targets missing:" "${missing_targets[@]}"
 report "rustup components missing:" "${missing_components[@]}"
+report "fuzzing tools missing:" "${missing_fuzz[@]}"
 report "installed here, but a fresh machine would lack it (a Recommends of what setup.sh installs with --no-install-recommends): list it in NEEDS, or in NOT_NEEDED with the reason" "${chance[@]}"
 if [ $problems -eq 0 ]; then
   echo "setup --check: every package, probe, target and component is in place ($(rows | wc -l) packages)"

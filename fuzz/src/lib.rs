@@ -1,0 +1,166 @@
+//! What each fuzz target checks, as plain functions: the targets (`fuzz_targets/`) call them
+//! under libFuzzer, and the stable test `tests/replay.rs` runs the kept corpus and every past
+//! crash through them.
+//!
+//! Every check: any bytes are decoded or refused, never a panic, never an unbounded allocation
+//! (libFuzzer's `-rss_limit_mb` and `-malloc_limit_mb` catch those); what decodes re-encodes to
+//! bytes that decode to the same value; text refused as config names the file in its error.
+
+use mesh_proto::control::{decode_down, decode_up};
+use mesh_proto::enroll::{EnrollDown, EnrollUp};
+use mesh_proto::serial::{self, Decoder};
+use mesh_proto::{Hello, RequestHead, ResponseHead, decode_head, encode_frame_vec};
+
+/// The file name config errors must carry.
+const FILE: &str = "fuzz.toml";
+
+/// A head type decodes, or is refused; what decodes re-encodes as a frame that decodes equal.
+/// (A macro: the heads borrow from the bytes they are decoded from.)
+macro_rules! head_round_trip {
+    ($t:ty, $data:expr) => {
+        if let Ok(head) = decode_head::<$t>($data) {
+            let mut out = Vec::new();
+            encode_frame_vec(&head, &mut out);
+            let (len, prefix) = mesh_proto::frame_len(&out, usize::MAX)
+                .expect("own frame")
+                .expect("complete");
+            let again: $t = decode_head(&out[prefix..prefix + len]).expect("own encoding decodes");
+            assert_eq!(head, again);
+        }
+    };
+}
+
+/// A call's request head (the first frame of every call stream).
+pub fn request_head(data: &[u8]) {
+    head_round_trip!(RequestHead, data);
+}
+
+/// A call's response head.
+pub fn response_head(data: &[u8]) {
+    head_round_trip!(ResponseHead, data);
+}
+
+/// The connection hello.
+pub fn hello(data: &[u8]) {
+    head_round_trip!(Hello, data);
+}
+
+/// A length prefix is read or refused, and never exceeds its bound.
+pub fn frame_len(data: &[u8]) {
+    if let Ok(Some((len, prefix))) = mesh_proto::frame_len(data, 8192) {
+        assert!(len <= 8192);
+        assert!((1..=5).contains(&prefix));
+    }
+}
+
+/// A frame a node sends its gateway on the control stream (every protocol's shape).
+pub fn control_up(data: &[u8]) {
+    if let Ok(up) = decode_up(data) {
+        let bytes = postcard::to_allocvec(&up).expect("encodes");
+        assert_eq!(decode_up(&bytes).expect("own encoding decodes"), up);
+    }
+}
+
+/// A frame a gateway sends a node on the control stream.
+pub fn control_down(data: &[u8]) {
+    if let Ok(down) = decode_down(data) {
+        let bytes = postcard::to_allocvec(&down).expect("encodes");
+        assert_eq!(decode_down(&bytes).expect("own encoding decodes"), down);
+    }
+}
+
+/// Bytes on a serial line, to a node's decoder with and without a key: every frame it hands on
+/// re-encodes to bytes that decode to the same frame; what it drops is counted, one per reason.
+pub fn serial_frames(data: &[u8]) {
+    const N: usize = 1024;
+    let key = [7u8; 32];
+    for keyed in [false, true] {
+        let mut decoder = if keyed {
+            Decoder::<N>::with_key(key)
+        } else {
+            Decoder::<N>::new()
+        };
+        let mut dropped = 0u32;
+        decoder.feed(
+            data,
+            |frame| {
+                let (mut scratch, mut out) = ([0u8; N], [0u8; 2 * N]);
+                let n = serial::encode_keyed(&frame, keyed.then_some(&key), &mut scratch, &mut out)
+                    .expect("a decoded frame encodes");
+                let mut again = if keyed {
+                    Decoder::<N>::with_key(key)
+                } else {
+                    Decoder::<N>::new()
+                };
+                let mut seen = 0;
+                again.feed(
+                    &out[..n],
+                    |f| {
+                        assert_eq!(f, frame);
+                        seen += 1;
+                    },
+                    |why| panic!("own encoding dropped: {why:?}"),
+                );
+                assert_eq!(seen, 1);
+            },
+            |_| dropped += 1,
+        );
+        assert_eq!(decoder.dropped.iter().sum::<u32>(), dropped);
+    }
+}
+
+/// What a device sends a gateway over an enrolment connection.
+pub fn enroll_up(data: &[u8]) {
+    if let Ok(up) = postcard::from_bytes::<EnrollUp>(data) {
+        let bytes = postcard::to_allocvec(&up).expect("encodes");
+        assert!(postcard::from_bytes::<EnrollUp>(&bytes).expect("decodes") == up);
+    }
+}
+
+/// What a gateway answers a device over an enrolment connection.
+pub fn enroll_down(data: &[u8]) {
+    if let Ok(down) = postcard::from_bytes::<EnrollDown>(data) {
+        let bytes = postcard::to_allocvec(&down).expect("encodes");
+        assert!(postcard::from_bytes::<EnrollDown>(&bytes).expect("decodes") == down);
+    }
+}
+
+/// A policy bundle's text (from `PUT /v1/policy`, the cloud, a saved file): parsed or refused
+/// with an error that names the file.
+pub fn policy(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Err(e) = mesh_core::policy::Policy::parse(text, FILE) {
+        assert!(e.to_string().starts_with(FILE), "{e}");
+    }
+}
+
+/// A node's config file: parsed or refused with an error that names the file.
+pub fn node_config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let base = std::path::Path::new("/nonexistent-starling-fuzz");
+    if let Err(e) = mesh_node::config::NodeConfig::parse(text, FILE, base) {
+        assert!(e.to_string().starts_with(FILE), "{e}");
+    }
+}
+
+/// A target's check.
+pub type Check = fn(&[u8]);
+
+/// Every target by name, for the replay test.
+pub const TARGETS: &[(&str, Check)] = &[
+    ("request_head", request_head),
+    ("response_head", response_head),
+    ("hello", hello),
+    ("frame_len", frame_len),
+    ("control_up", control_up),
+    ("control_down", control_down),
+    ("serial_frames", serial_frames),
+    ("enroll_up", enroll_up),
+    ("enroll_down", enroll_down),
+    ("policy", policy),
+    ("node_config", node_config),
+];

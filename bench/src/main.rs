@@ -16,6 +16,7 @@ mod cloud_bridge;
 mod discovery;
 mod footprint;
 mod gateway_scale;
+mod loss;
 mod paths;
 mod serial_line;
 mod stats;
@@ -73,6 +74,9 @@ struct Args {
     /// Payload sizes of the path figures, in bytes (comma-separated).
     #[arg(long, value_delimiter = ',', default_values_t = [64usize, 16 * 1024, 1024 * 1024, 4 * 1024 * 1024])]
     payloads: Vec<usize>,
+    /// Calls through 10% UDP loss in the lab (needs root; 0 skips them).
+    #[arg(long, default_value_t = 1000)]
+    loss_calls: u32,
     /// Interleaved rounds of the TCP forward figures (64 MiB upload, round trips); 0 skips them.
     #[arg(long, default_value_t = 3)]
     tcp_rounds: usize,
@@ -165,6 +169,15 @@ fn main() -> anyhow::Result<()> {
     } else {
         None
     };
+    let loss = if args.loss_calls > 0 && args.lab_nodes > 0 {
+        eprintln!(
+            "measuring {} calls through 10% loss in the lab",
+            args.loss_calls
+        );
+        Some(loss::measure(args.loss_calls, 10).context("loss")?)
+    } else {
+        None
+    };
     let mut scale = Vec::new();
     let gateway_bin = footprint::native_node().with_file_name("mesh-gateway");
     for n in args.gateway_nodes.iter().copied().filter(|n| *n > 0) {
@@ -200,6 +213,7 @@ fn main() -> anyhow::Result<()> {
         handshake,
         footprint,
         discovery,
+        loss,
         scale,
         cloud,
         tcp,

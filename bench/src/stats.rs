@@ -81,6 +81,7 @@ pub struct Report {
     pub handshake: Handshake,
     pub footprint: Option<Footprint>,
     pub discovery: Option<crate::discovery::DiscoveryFigures>,
+    pub loss: Option<crate::loss::LossFigures>,
     pub scale: Vec<crate::gateway_scale::ScaleFigures>,
     pub cloud: Option<crate::cloud_bridge::CloudFigures>,
     pub tcp: Option<crate::tcp_forward::TcpFigures>,
@@ -178,6 +179,9 @@ impl Report {
         }
         if let Some(d) = &self.discovery {
             d.print();
+        }
+        if let Some(l) = &self.loss {
+            l.print();
         }
         for s in &self.scale {
             s.print();
@@ -364,6 +368,7 @@ impl Report {
             "handshake": {"p50_us": us(self.handshake.p50), "cpu_us": us(self.handshake.cpu_per), "count": self.handshake.count},
             "footprint": self.footprint.as_ref().map(Footprint::json),
             "discovery": self.discovery.as_ref().map(crate::discovery::DiscoveryFigures::json),
+            "loss": self.loss.as_ref().map(crate::loss::LossFigures::json),
             "gateway_scale": self.scale.iter().map(crate::gateway_scale::ScaleFigures::json).collect::<Vec<_>>(),
             "cloud_bridge": self.cloud.as_ref().map(crate::cloud_bridge::CloudFigures::json),
             "tcp_forward": self.tcp.as_ref().map(crate::tcp_forward::TcpFigures::json),

@@ -48,6 +48,7 @@ all   | qemu-system-arm        | cmd:qemu-system-arm        | tests/tests/firmwa
 all   | mosquitto              | file:/usr/sbin/mosquitto   | tests/tests/cloud.rs bridges to a real MQTT broker (TLS, client certificates, an ACL)
 all   | mosquitto-clients      | cmd:mosquitto_pub          | tests/tests/tcp.rs: mosquitto_pub and mosquitto_sub talk to a broker through a TCP forward
 all   | chromium               | cmd:chromium               | tests/tests/dashboard.rs loads the gateway's dashboard in headless Chromium
+all   | wrk                    | cmd:wrk                    | scripts/bench.sh loads the HTTP ingress with a real HTTP load generator
 EOF
 )
 

@@ -21,6 +21,7 @@ mod paths;
 mod serial_line;
 mod stats;
 mod tcp_forward;
+mod wrk;
 
 use std::path::PathBuf;
 
@@ -145,6 +146,13 @@ fn main() -> anyhow::Result<()> {
             rows.extend(acc);
         }
     }
+    let wrk = if kinds.contains(&Kind::Ingress) {
+        eprintln!("measuring the ingress with wrk");
+        let (ingress, upstream) = fixture.http_addrs();
+        client_rt.block_on(wrk::measure(ingress, upstream, args.rounds.min(3)))?
+    } else {
+        None
+    };
     eprintln!("measuring handshakes");
     let handshake = client_rt.block_on(fixture.handshakes(args.handshakes))?;
     let tcp = if args.tcp_rounds == 0 {
@@ -214,6 +222,7 @@ fn main() -> anyhow::Result<()> {
         footprint,
         discovery,
         loss,
+        wrk,
         scale,
         cloud,
         tcp,

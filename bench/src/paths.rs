@@ -71,6 +71,8 @@ pub struct Fixture {
     node_b: Node,
     policy: mesh_node::policy::Policy,
     ingress: SocketAddr,
+    /// The HTTP echo server node B's `hecho` forwards to.
+    http_upstream: SocketAddr,
     #[cfg(feature = "zenoh")]
     zenoh: crate::paths::zenoh_path::Zenoh,
 }
@@ -196,9 +198,15 @@ impl Fixture {
             node_b,
             policy,
             ingress,
+            http_upstream: http_addr,
             #[cfg(feature = "zenoh")]
             zenoh,
         })
+    }
+
+    /// Node A's HTTP ingress, and the HTTP echo server behind node B's `hecho`.
+    pub fn http_addrs(&self) -> (SocketAddr, SocketAddr) {
+        (self.ingress, self.http_upstream)
     }
 
     /// `calls` calls of `payload` bytes over `kind`, `inflight` at a time.

@@ -82,6 +82,7 @@ pub struct Report {
     pub footprint: Option<Footprint>,
     pub discovery: Option<crate::discovery::DiscoveryFigures>,
     pub loss: Option<crate::loss::LossFigures>,
+    pub wrk: Option<crate::wrk::WrkFigures>,
     pub scale: Vec<crate::gateway_scale::ScaleFigures>,
     pub cloud: Option<crate::cloud_bridge::CloudFigures>,
     pub tcp: Option<crate::tcp_forward::TcpFigures>,
@@ -182,6 +183,9 @@ impl Report {
         }
         if let Some(l) = &self.loss {
             l.print();
+        }
+        if let Some(w) = &self.wrk {
+            w.print();
         }
         for s in &self.scale {
             s.print();
@@ -369,6 +373,7 @@ impl Report {
             "footprint": self.footprint.as_ref().map(Footprint::json),
             "discovery": self.discovery.as_ref().map(crate::discovery::DiscoveryFigures::json),
             "loss": self.loss.as_ref().map(crate::loss::LossFigures::json),
+            "wrk": self.wrk.as_ref().map(crate::wrk::WrkFigures::json),
             "gateway_scale": self.scale.iter().map(crate::gateway_scale::ScaleFigures::json).collect::<Vec<_>>(),
             "cloud_bridge": self.cloud.as_ref().map(crate::cloud_bridge::CloudFigures::json),
             "tcp_forward": self.tcp.as_ref().map(crate::tcp_forward::TcpFigures::json),

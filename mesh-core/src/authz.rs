@@ -115,7 +115,40 @@ pub fn glob(pattern: &str, text: &str) -> bool {
     if pattern == "*" {
         return true;
     }
-    glob_at(pattern.as_bytes(), text.as_bytes())
+    let (p, t) = (pattern.as_bytes(), text.as_bytes());
+    // One run of stars (the usual `gw-*`, `spiffe://td/**`): the direct match, at most
+    // quadratic. More: a table, linear in pattern times text. Backtracking over several stars
+    // is exponential, and the text (a method name, a caller's identity) is the caller's to choose.
+    if p.iter().filter(|&&c| c == b'*').count() <= 2 {
+        glob_at(p, t)
+    } else {
+        glob_table(p, t)
+    }
+}
+
+/// [`glob`] as a table: `row[j]` says whether the pattern from position `i` matches the text
+/// from `j`, filled from the pattern's end (`**` looks two positions on).
+fn glob_table(p: &[u8], t: &[u8]) -> bool {
+    let width = t.len() + 1;
+    let mut rows = vec![false; (p.len() + 2) * width];
+    rows[p.len() * width + t.len()] = true;
+    for i in (0..p.len()).rev() {
+        for j in (0..=t.len()).rev() {
+            let here = if p[i] == b'*' && p.get(i + 1) == Some(&b'*') {
+                (j..=t.len()).any(|k| rows[(i + 2) * width + k])
+            } else if p[i] == b'*' {
+                let end = t[j..]
+                    .iter()
+                    .position(|&c| c == b'/')
+                    .map_or(t.len(), |e| j + e);
+                (j..=end).any(|k| rows[(i + 1) * width + k])
+            } else {
+                t.get(j) == Some(&p[i]) && rows[(i + 1) * width + j + 1]
+            };
+            rows[i * width + j] = here;
+        }
+    }
+    rows[0]
 }
 
 fn glob_at(p: &[u8], t: &[u8]) -> bool {

@@ -147,6 +147,39 @@ pub fn node_config(data: &[u8]) {
     }
 }
 
+/// A policy bundle from the cloud (`<prefix>/policy/set`), checked against an operator key: any
+/// bytes are refused with a reason or verified; one that verifies is for this site and carries
+/// the text that was signed. The key's public half is `keys/operator.pub`; its private half was
+/// used once for the seed in the corpus and thrown away.
+pub fn signed_policy(data: &[u8]) {
+    use mesh_gateway::cloud::signing;
+    static SIGNER: std::sync::OnceLock<signing::Signer> = std::sync::OnceLock::new();
+    let signer = SIGNER.get_or_init(|| {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("keys/operator.pub");
+        signing::load_public(&path).expect("the fuzz operator key")
+    });
+    const SITE: &str = "starling/fuzz.local/gw";
+    let signers = std::slice::from_ref(signer);
+    match signing::verify(data, signers, SITE, u64::MAX / 2) {
+        Ok((signed, by)) => {
+            assert!(signed.site == SITE || signed.site == "*");
+            assert_eq!(by.id, signer.id);
+        }
+        Err(e) => assert!(!e.to_string().is_empty()),
+    }
+}
+
+/// A gateway's config file: parsed or refused with an error that names the file.
+pub fn gateway_config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let base = std::path::Path::new("/nonexistent-starling-fuzz");
+    if let Err(e) = mesh_gateway::config::GatewayConfig::parse(text, FILE, base) {
+        assert!(e.to_string().starts_with(FILE), "{e}");
+    }
+}
+
 /// A target's check.
 pub type Check = fn(&[u8]);
 
@@ -163,4 +196,6 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("enroll_down", enroll_down),
     ("policy", policy),
     ("node_config", node_config),
+    ("signed_policy", signed_policy),
+    ("gateway_config", gateway_config),
 ];

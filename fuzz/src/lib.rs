@@ -6,6 +6,8 @@
 //! (libFuzzer's `-rss_limit_mb` and `-malloc_limit_mb` catch those); what decodes re-encodes to
 //! bytes that decode to the same value; text refused as config names the file in its error.
 
+use std::path::Path;
+
 use mesh_proto::control::{decode_down, decode_up};
 use mesh_proto::enroll::{EnrollDown, EnrollUp};
 use mesh_proto::serial::{self, Decoder};
@@ -128,21 +130,26 @@ pub fn enroll_down(data: &[u8]) {
 /// A policy bundle's text (from `PUT /v1/policy`, the cloud, a saved file): parsed or refused
 /// with an error that names the file.
 pub fn policy(data: &[u8]) {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return;
-    };
-    if let Err(e) = mesh_core::policy::Policy::parse(text, FILE) {
-        assert!(e.to_string().starts_with(FILE), "{e}");
-    }
+    parsed_or_named(data, |text| mesh_core::policy::Policy::parse(text, FILE));
 }
 
 /// A node's config file: parsed or refused with an error that names the file.
 pub fn node_config(data: &[u8]) {
+    parsed_or_named(data, |text| {
+        mesh_node::config::NodeConfig::parse(text, FILE, Path::new(BASE))
+    });
+}
+
+/// Where relative paths in a fuzzed config point: nowhere.
+const BASE: &str = "/nonexistent-starling-fuzz";
+
+/// Text (UTF-8; other bytes are not text) parsed by `parse`, or refused with an error that
+/// starts with the file's name.
+fn parsed_or_named<T, E: std::fmt::Display>(data: &[u8], parse: impl Fn(&str) -> Result<T, E>) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let base = std::path::Path::new("/nonexistent-starling-fuzz");
-    if let Err(e) = mesh_node::config::NodeConfig::parse(text, FILE, base) {
+    if let Err(e) = parse(text) {
         assert!(e.to_string().starts_with(FILE), "{e}");
     }
 }
@@ -155,7 +162,7 @@ pub fn signed_policy(data: &[u8]) {
     use mesh_gateway::cloud::signing;
     static SIGNER: std::sync::OnceLock<signing::Signer> = std::sync::OnceLock::new();
     let signer = SIGNER.get_or_init(|| {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("keys/operator.pub");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("keys/operator.pub");
         signing::load_public(&path).expect("the fuzz operator key")
     });
     const SITE: &str = "starling/fuzz.local/gw";
@@ -171,13 +178,9 @@ pub fn signed_policy(data: &[u8]) {
 
 /// A gateway's config file: parsed or refused with an error that names the file.
 pub fn gateway_config(data: &[u8]) {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return;
-    };
-    let base = std::path::Path::new("/nonexistent-starling-fuzz");
-    if let Err(e) = mesh_gateway::config::GatewayConfig::parse(text, FILE, base) {
-        assert!(e.to_string().starts_with(FILE), "{e}");
-    }
+    parsed_or_named(data, |text| {
+        mesh_gateway::config::GatewayConfig::parse(text, FILE, Path::new(BASE))
+    });
 }
 
 /// A target's check.

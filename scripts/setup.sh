@@ -148,7 +148,7 @@ for c in "${COMPONENTS[@]}"; do grep -q "^$c" <<<"$have_components" || missing_c
 # cargo-fuzz; the device builds do not.
 missing_fuzz=()
 if [ "$scope" = all ]; then
-  rustup toolchain list | grep -q '^nightly' || missing_fuzz+=("rustup toolchain nightly")
+  grep -q '^nightly' <<<"$(rustup toolchain list)" || missing_fuzz+=("rustup toolchain nightly")
   command -v cargo-fuzz >/dev/null || missing_fuzz+=("cargo-fuzz ${CARGO_FUZZ_VERSION:=0.13.2}")
 fi
 

@@ -1,6 +1,6 @@
 //! What each fuzz target checks, as plain functions: the targets (`fuzz_targets/`) call them
-//! under libFuzzer, and the stable test `tests/replay.rs` runs the kept corpus and every past
-//! crash through them.
+//! under libFuzzer, and the stable test `tests/replay.rs` runs the seeds, the kept corpus and
+//! every past crash through them.
 //!
 //! Every check: any bytes are decoded or refused, never a panic, never an unbounded allocation
 //! (libFuzzer's `-rss_limit_mb` and `-malloc_limit_mb` catch those); what decodes re-encodes to
@@ -157,7 +157,7 @@ fn parsed_or_named<T, E: std::fmt::Display>(data: &[u8], parse: impl Fn(&str) ->
 /// A policy bundle from the cloud (`<prefix>/policy/set`), checked against an operator key: any
 /// bytes are refused with a reason or verified; one that verifies is for this site and carries
 /// the text that was signed. The key's public half is `keys/operator.pub`; its private half was
-/// used once for the seed in the corpus and thrown away.
+/// used once for the seed (`seeds/signed_policy/example`) and thrown away.
 pub fn signed_policy(data: &[u8]) {
     use mesh_gateway::cloud::signing;
     static SIGNER: std::sync::OnceLock<signing::Signer> = std::sync::OnceLock::new();

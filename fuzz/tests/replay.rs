@@ -1,6 +1,6 @@
-//! Runs every input kept for a fuzz target (the corpus, `corpus/<target>/`, and every crash
-//! found so far, `regressions/<target>/`) through its check, on the stable toolchain, in every
-//! test run: a fixed crash stays fixed.
+//! Runs every input kept for a fuzz target through its check, on the stable toolchain, in
+//! every test run: its seeds (`seeds/<target>/`), what runs found and kept (`corpus/<target>/`)
+//! and every crash found so far (`regressions/<target>/`). A fixed crash stays fixed.
 
 use std::path::Path;
 
@@ -9,7 +9,7 @@ fn every_kept_input_passes_its_check() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut ran = 0;
     for (name, check) in starling_fuzz::TARGETS {
-        for dir in ["corpus", "regressions"] {
+        for dir in ["seeds", "corpus", "regressions"] {
             let Ok(entries) = std::fs::read_dir(root.join(dir).join(name)) else {
                 continue;
             };
@@ -22,7 +22,7 @@ fn every_kept_input_passes_its_check() {
             }
         }
     }
-    // The corpus is in the repository: an empty run means it was lost, not that all is well.
+    // The seeds are in the repository: an empty run means they were lost, not that all is well.
     assert!(
         ran >= starling_fuzz::TARGETS.len(),
         "only {ran} kept inputs found"
@@ -36,14 +36,15 @@ fn the_seed_bundle_verifies() {
     use mesh_gateway::cloud::signing;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let signer = signing::load_public(&root.join("keys/operator.pub")).expect("key");
-    let bundle = std::fs::read(root.join("corpus/signed_policy/example")).expect("seed");
+    let bundle = std::fs::read(root.join("seeds/signed_policy/example")).expect("seed");
     let (signed, _) = signing::verify(&bundle, &[signer], "starling/fuzz.local/gw", u64::MAX / 2)
         .expect("the seed verifies");
     assert!(mesh_core::policy::Policy::parse(&signed.policy, "seed").is_ok());
 }
 
-/// Writes the seed corpus: a few valid inputs per target, so the fuzzer starts from the shapes
-/// that matter. `cargo test --test replay -- --ignored write_seeds` (the files are kept in git).
+/// Writes the seeds: a few valid inputs per target, so the fuzzer starts from the shapes that
+/// matter. `cargo test --test replay -- --ignored write_seeds` (the files are kept in git;
+/// `scripts/fuzz.sh` reads them and never changes them).
 #[test]
 #[ignore]
 fn write_seeds() {
@@ -52,7 +53,7 @@ fn write_seeds() {
     use mesh_proto::serial::{Frame, encode_keyed};
     use mesh_proto::{Hello, RequestHead, ResponseHead, Role, Status, TraceContext};
 
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds");
     let write = |target: &str, name: &str, bytes: &[u8]| {
         let dir = root.join(target);
         std::fs::create_dir_all(&dir).expect("corpus dir");

@@ -116,9 +116,9 @@ pub fn glob(pattern: &str, text: &str) -> bool {
         return true;
     }
     let (p, t) = (pattern.as_bytes(), text.as_bytes());
-    // One run of stars (the usual `gw-*`, `spiffe://td/**`): the direct match, at most
-    // quadratic. More: a table, linear in pattern times text. Backtracking over several stars
-    // is exponential, and the text (a method name, a caller's identity) is the caller's to choose.
+    // Two stars at most (the usual `gw-*`, `spiffe://td/**`, `a*b*`): backtracking, at most
+    // quadratic. More: a table, linear in pattern times text. Backtracking over several stars is
+    // exponential, and the text (a method name, a caller's identity) is the caller's to choose.
     if p.iter().filter(|&&c| c == b'*').count() <= 2 {
         glob_at(p, t)
     } else {
@@ -126,26 +126,24 @@ pub fn glob(pattern: &str, text: &str) -> bool {
     }
 }
 
-/// [`glob`] as a table: `row[j]` says whether the pattern from position `i` matches the text
-/// from `j`, filled from the pattern's end (`**` looks two positions on).
+/// [`glob`] as a table: `rows[i][j]` says whether the pattern from position `i` matches the text
+/// from `j`, filled from the ends. A star either stops matching here or takes one more character
+/// (`*` never a `/`), so each cell reads two others.
 fn glob_table(p: &[u8], t: &[u8]) -> bool {
     let width = t.len() + 1;
     let mut rows = vec![false; (p.len() + 2) * width];
-    rows[p.len() * width + t.len()] = true;
+    let at = |i: usize, j: usize| i * width + j;
+    rows[at(p.len(), t.len())] = true;
     for i in (0..p.len()).rev() {
         for j in (0..=t.len()).rev() {
             let here = if p[i] == b'*' && p.get(i + 1) == Some(&b'*') {
-                (j..=t.len()).any(|k| rows[(i + 2) * width + k])
+                rows[at(i + 2, j)] || (j < t.len() && rows[at(i, j + 1)])
             } else if p[i] == b'*' {
-                let end = t[j..]
-                    .iter()
-                    .position(|&c| c == b'/')
-                    .map_or(t.len(), |e| j + e);
-                (j..=end).any(|k| rows[(i + 1) * width + k])
+                rows[at(i + 1, j)] || (j < t.len() && t[j] != b'/' && rows[at(i, j + 1)])
             } else {
-                t.get(j) == Some(&p[i]) && rows[(i + 1) * width + j + 1]
+                t.get(j) == Some(&p[i]) && rows[at(i + 1, j + 1)]
             };
-            rows[i * width + j] = here;
+            rows[at(i, j)] = here;
         }
     }
     rows[0]

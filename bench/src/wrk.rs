@@ -47,7 +47,10 @@ async fn run(url: &str, script: &str, connections: u32, seconds: u32) -> anyhow:
     // wrk counts answers that are not 2xx/3xx; every one must be.
     anyhow::ensure!(!text.contains("Non-2xx"), "wrk saw failed answers: {text}");
     // And every request answered: no connection errors or timeouts.
-    anyhow::ensure!(!text.contains("Socket errors"), "wrk saw socket errors: {text}");
+    anyhow::ensure!(
+        !text.contains("Socket errors"),
+        "wrk saw socket errors: {text}"
+    );
     Ok(text)
 }
 

@@ -20,15 +20,11 @@ pub fn measure(n: usize) -> anyhow::Result<DiscoveryFigures> {
     let mut nodes = Vec::new();
     for i in 0..n {
         let name = format!("n{i}");
-        let path = pki.config(
+        let path = starling_tests::lab::config(
+            &pki,
             &name,
             "[[services]]\nname = \"echo\"\nupstream = \"builtin:echo\"\n",
         );
-        let src = std::fs::read_to_string(&path)?
-            .replace("listen = \"127.0.0.1:0\"", "listen = \"0.0.0.0:7400\"")
-            .replace("ingress = \"127.0.0.1:0\"", "ingress = \"127.0.0.1:7480\"")
-            .replace("mdns = false", "mdns = true");
-        std::fs::write(&path, src)?;
         let mut cmd = lab.exec_prefix(i);
         cmd.push(crate::footprint::native_node().display().to_string());
         nodes.push(NodeProc::start_cmd(&name, &cmd, &path));

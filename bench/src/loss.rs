@@ -64,16 +64,6 @@ fn quic_packets(ns: &str) -> anyhow::Result<u64> {
         .sum())
 }
 
-fn lab_config(pki: &Pki, name: &str, extra: &str) -> anyhow::Result<std::path::PathBuf> {
-    let path = pki.config(name, extra);
-    let src = std::fs::read_to_string(&path)?
-        .replace("listen = \"127.0.0.1:0\"", "listen = \"0.0.0.0:7400\"")
-        .replace("ingress = \"127.0.0.1:0\"", "ingress = \"127.0.0.1:7480\"")
-        .replace("mdns = false", "mdns = true");
-    std::fs::write(&path, src)?;
-    Ok(path)
-}
-
 /// The number after `key` in `text` ("p99 12.34 ms" -> 12.34).
 fn figure(text: &str, key: &str) -> Option<f64> {
     text.split(key)
@@ -98,7 +88,7 @@ pub fn measure(calls: u32, one_in: u32) -> anyhow::Result<LossFigures> {
         Ok(NodeProc::start_cmd(
             name,
             &cmd,
-            &lab_config(&pki, name, extra)?,
+            &starling_tests::lab::config(&pki, name, extra),
         ))
     };
     let h0 = start(0, "h0", "")?;

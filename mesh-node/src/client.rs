@@ -673,10 +673,7 @@ impl Client {
     /// The head of an attempt, encoded as a frame (the head itself, with room for every
     /// metadata entry, never lives across an await).
     fn encoded_head(&self, plan: &Plan<'_>, left: Duration) -> Result<Vec<u8>, Reply> {
-        let head = self.head(plan, left)?;
-        let mut encoded = Vec::with_capacity(64);
-        mesh_proto::encode_frame_vec(&head, &mut encoded);
-        Ok(encoded)
+        Ok(crate::wire::encode_head(&self.head(plan, left)?))
     }
 
     fn head<'a>(&self, plan: &Plan<'a>, left: Duration) -> Result<RequestHead<'a>, Reply> {

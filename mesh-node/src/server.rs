@@ -677,7 +677,5 @@ fn encoded_reply_head(reply: &Reply) -> Vec<u8> {
     if let Some(leaf) = &reply.leaf {
         let _ = head.metadata.push((crate::call::LEAF_METADATA, leaf));
     }
-    let mut out = Vec::with_capacity(64);
-    mesh_proto::encode_frame_vec(&head, &mut out);
-    out
+    crate::wire::encode_head(&head)
 }

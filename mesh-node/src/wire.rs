@@ -192,9 +192,14 @@ pub async fn write_message<T: Serialize>(
     head: &T,
     body: Bytes,
 ) -> Result<(), quinn::WriteError> {
+    write_encoded(send, encode_head(head), body).await
+}
+
+/// `head` encoded as one frame, in a buffer with room for a small body after it.
+pub fn encode_head<T: Serialize>(head: &T) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
     encode_frame_vec(head, &mut out);
-    write_encoded(send, out, body).await
+    out
 }
 
 /// Writes a head already encoded as a frame, then `body` as one frame, then ends the stream.
@@ -220,9 +225,7 @@ pub async fn write_head<T: Serialize>(
     send: &mut quinn::SendStream,
     head: &T,
 ) -> Result<(), quinn::WriteError> {
-    let mut out = Vec::with_capacity(64);
-    encode_frame_vec(head, &mut out);
-    send.write_all(&out).await
+    send.write_all(&encode_head(head)).await
 }
 
 /// Writes one body chunk as a frame (split into frames of at most [`MAX_CHUNK_BYTES`]).

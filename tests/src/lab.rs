@@ -9,6 +9,19 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+/// Node `name`'s config for a lab host (see [`crate::Pki::config`], `extra` appended): mDNS on,
+/// QUIC on every address of its host at port 7400, the ingress on the host's loopback at 7480.
+pub fn config(pki: &crate::Pki, name: &str, extra: &str) -> std::path::PathBuf {
+    let path = pki.config(name, extra);
+    let src = std::fs::read_to_string(&path).expect("config");
+    let src = src
+        .replace("listen = \"127.0.0.1:0\"", "listen = \"0.0.0.0:7400\"")
+        .replace("ingress = \"127.0.0.1:0\"", "ingress = \"127.0.0.1:7480\"")
+        .replace("mdns = false", "mdns = true");
+    std::fs::write(&path, src).expect("config");
+    path
+}
+
 /// One host of the lab.
 #[derive(Debug, Clone)]
 pub struct Host {

@@ -5,7 +5,7 @@
 //! when it fails. Calls are made with `mesh-node call` inside the caller's namespace, since an
 //! ingress listens on its host's loopback.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -14,17 +14,7 @@ use starling_tests::{NodeProc, Pki, bin};
 
 const UP: Duration = Duration::from_secs(10);
 
-/// A lab node's config: mDNS on, QUIC on the lab address, ingress on the host's loopback.
-fn lab_config(pki: &Pki, name: &str, extra: &str) -> PathBuf {
-    let path = pki.config(name, extra);
-    let src = std::fs::read_to_string(&path).expect("config");
-    let src = src
-        .replace("listen = \"127.0.0.1:0\"", "listen = \"0.0.0.0:7400\"")
-        .replace("ingress = \"127.0.0.1:0\"", "ingress = \"127.0.0.1:7480\"")
-        .replace("mdns = false", "mdns = true");
-    std::fs::write(&path, src).expect("config");
-    path
-}
+use starling_tests::lab::config as lab_config;
 
 fn start(lab: &Lab, i: usize, name: &str, config: &Path) -> NodeProc {
     let mut cmd = lab.exec_prefix(i);

@@ -81,7 +81,7 @@ fn telemetry(node: usize, seq: u64) -> serde_json::Map<String, serde_json::Value
         lost_items: 0,
         tcp: vec![],
     };
-    report::telemetry(&format!("sim-{node}"), 7, &batch)
+    report::telemetry(&format!("sim-{node}"), 7, 0, &batch)
 }
 
 pub fn measure(backlog: usize) -> anyhow::Result<CloudFigures> {

@@ -423,9 +423,15 @@ impl ControlPlane {
             Up::Renew { .. } => None,
             Up::Telemetry(batch) => {
                 let seq = batch.seq;
-                let (stored, boot) = {
+                let (stored, boot, lost_before, first) = {
                     let mut metrics = self.metrics();
-                    (metrics.handle_batch(name, &batch), metrics.boot_id(name))
+                    let first = metrics.last_seq(name) == 0;
+                    (
+                        metrics.handle_batch(name, &batch),
+                        metrics.boot_id(name),
+                        metrics.lost_at_restart(name),
+                        first,
+                    )
                 };
                 if stored {
                     // The audit events first: the writer takes items in order, so once the
@@ -433,11 +439,19 @@ impl ControlPlane {
                     for event in &batch.audit {
                         self.audit.write(name, event);
                     }
-                    let news =
-                        !batch.calls.is_empty() || batch.dropped > 0 || !batch.audit.is_empty();
+                    // The first batch of an incarnation carries what the one before it lost.
+                    let news = !batch.calls.is_empty()
+                        || batch.dropped > 0
+                        || !batch.audit.is_empty()
+                        || (first && lost_before > 0);
                     let cloud = self.cloud().filter(|c| c.telemetry_due(name, news));
                     let committed = cloud.map(|cloud| {
-                        cloud.send_telemetry(crate::cloud::report::telemetry(name, boot, &batch))
+                        cloud.send_telemetry(crate::cloud::report::telemetry(
+                            name,
+                            boot,
+                            lost_before,
+                            &batch,
+                        ))
                     });
                     let otlp = self.otlp();
                     let mut traces = self.traces();

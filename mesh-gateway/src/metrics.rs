@@ -39,6 +39,8 @@ struct PerNode {
     last_seq: u64,
     /// Batches lost by incarnations before this one.
     gap_before: u64,
+    /// What this incarnation said the one before it lost.
+    lost_at_restart: u64,
     /// Batches this incarnation dropped (its backlog overflowed).
     gap_now: u64,
     /// Calls the node folded into `_other`, as it last reported.
@@ -77,6 +79,7 @@ impl Metrics {
         // A new incarnation: its numbers start afresh; what the last one lost stays counted.
         per.gap_before += per.gap_now + lost_at_restart;
         per.gap_now = 0;
+        per.lost_at_restart = lost_at_restart;
         per.boot_id = boot_id;
         per.last_seq = 0;
     }
@@ -204,6 +207,16 @@ impl Metrics {
     /// The incarnation of `node` whose batches are counted now (0: none yet).
     pub fn boot_id(&self, node: &str) -> u64 {
         self.nodes.get(node).map_or(0, |n| n.boot_id)
+    }
+
+    /// What the incarnation of `node` counted now said its previous one lost, in batches.
+    pub fn lost_at_restart(&self, node: &str) -> u64 {
+        self.nodes.get(node).map_or(0, |n| n.lost_at_restart)
+    }
+
+    /// The newest batch stored from the incarnation of `node` counted now (0: none yet).
+    pub fn last_seq(&self, node: &str) -> u64 {
+        self.nodes.get(node).map_or(0, |n| n.last_seq)
     }
 
     /// Telemetry batches `node` lost, over all its incarnations.

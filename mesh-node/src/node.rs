@@ -724,7 +724,13 @@ impl Node {
                     "stopping with telemetry the gateway has not acknowledged: it will count a gap"
                 );
             }
+        } else {
+            // No gateway to hand it to now: the interval in progress becomes a batch, kept
+            // unacknowledged, so the next start counts it as lost.
+            self.parts.telemetry.cut_now(resources(&self.parts.peers));
         }
+        let telemetry = self.parts.telemetry.clone();
+        let _ = tokio::task::spawn_blocking(move || telemetry.mark_stopped()).await;
         let _ = self.parts.shutdown.send(true);
         // Connected peers learn at once from the close; the mDNS goodbye tells everyone else.
         let transport = self.parts.transport.clone();

@@ -1388,3 +1388,38 @@ async fn a_node_under_steady_load_without_its_gateway_keeps_a_flat_heap() {
         "no span was dropped: {telemetry}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_before_its_first_cut_is_a_counted_gap() {
+    let pki = Pki::new();
+    let (gw, admin) = NodeProc::start_gateway("gw", &pki.gateway_config("gw", "127.0.0.1:0", ""));
+    // A batch a minute: the calls below are still in the interval being recorded when it dies.
+    let conf = pki.config(
+        "node-c",
+        &format!("{ECHO}[telemetry]\ninterval_ms = 60000\n"),
+    );
+    prepend(&conf, &format!("gateway = \"{}\"\n", gw.quic));
+    let c = NodeProc::start("node-c", &conf);
+    c.wait_gateway(UP);
+    calls(c.ingress(), "echo", 10).await;
+    c.kill();
+    let c = NodeProc::start("node-c", &conf);
+    c.wait_gateway(UP);
+    let gap = eventually(Duration::from_secs(20), async || {
+        gap_of(&metrics(admin).await, "node-c").filter(|g| *g > 0)
+    })
+    .await;
+    assert_eq!(
+        gap,
+        Some(1),
+        "the interval the killed process was recording went missing without a gap"
+    );
+    // A stop on purpose hands its interval over: no gap.
+    calls(c.ingress(), "echo", 5).await;
+    assert!(c.stop().success());
+    let c = NodeProc::start("node-c", &conf);
+    c.wait_gateway(UP);
+    assert_eq!(counted(admin, 5).await, 5);
+    assert_eq!(gap_of(&metrics(admin).await, "node-c"), Some(1));
+    drop(gw);
+}

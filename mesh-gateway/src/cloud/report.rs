@@ -36,8 +36,16 @@ pub fn quantile_us(buckets: &[u64], q: f64) -> Option<u64> {
 
 /// `telemetry`: one node's batch, as deltas since its previous one. `(node, node_boot,
 /// node_seq)` names the batch: a node resends a batch the gateway took but died before
-/// acknowledging, and a consumer counts it once by that key.
-pub fn telemetry(node: &str, boot_id: u64, batch: &TelemetryBatch) -> Map<String, Value> {
+/// acknowledging, and a consumer counts it once by that key. What the node lost is a counted
+/// gap, in batches: `node_dropped_batches` (this incarnation's backlog overflowed, a running
+/// total) and `node_lost_at_restart` (what the incarnation before `node_boot` cut and never had
+/// acknowledged, plus the interval it was recording if it died).
+pub fn telemetry(
+    node: &str,
+    boot_id: u64,
+    lost_at_restart: u64,
+    batch: &TelemetryBatch,
+) -> Map<String, Value> {
     let calls: Vec<Value> = batch
         .calls
         .iter()
@@ -61,6 +69,7 @@ pub fn telemetry(node: &str, boot_id: u64, batch: &TelemetryBatch) -> Map<String
         "node_boot": boot_id,
         "node_seq": batch.seq,
         "node_dropped_batches": batch.dropped,
+        "node_lost_at_restart": lost_at_restart,
         "calls": calls,
         "resources": {
             "rss_bytes": batch.resources.rss_bytes,

@@ -26,9 +26,11 @@ pub(crate) struct TelemetrySink {
     boot_id: u64,
     /// Batches the previous incarnation cut and never had acknowledged.
     lost_at_restart: u64,
-    /// Where the progress of this incarnation is kept (`boot cut acked`), so the next one can
-    /// count what this one loses if it dies.
+    /// Where the progress of this incarnation is kept (`boot B cut C acked A running|stopped`),
+    /// so the next one can count what this one loses if it dies.
     progress: Option<PathBuf>,
+    /// The node stopped on purpose: nothing more is recorded after its last cut.
+    stopped: std::sync::atomic::AtomicBool,
     /// The newest progress line; held while it is written.
     progress_text: std::sync::Arc<Mutex<String>>,
 }
@@ -39,7 +41,7 @@ impl TelemetrySink {
     pub(crate) fn new(bounds: Bounds, interval: Duration, progress: Option<PathBuf>) -> Self {
         let lost_at_restart = progress.as_deref().map_or(0, lost_by_previous);
         let boot_id = crate::rng::random() ^ unix_us().rotate_left(17);
-        TelemetrySink {
+        let sink = TelemetrySink {
             inner: Mutex::new(Telemetry::with_bounds(bounds)),
             batches: Notify::new(),
             acked: Notify::new(),
@@ -47,8 +49,13 @@ impl TelemetrySink {
             boot_id,
             lost_at_restart,
             progress,
+            stopped: std::sync::atomic::AtomicBool::new(false),
             progress_text: std::sync::Arc::default(),
-        }
+        };
+        // Before any call is recorded: should this incarnation die before its first cut, the
+        // next one counts that interval as lost.
+        sink.write_progress_now();
+        sink
     }
 
     pub(crate) fn boot_id(&self) -> u64 {
@@ -74,22 +81,44 @@ impl TelemetrySink {
         let Some(path) = self.progress.clone() else {
             return;
         };
+        self.update_progress_text();
+        let latest = self.progress_text.clone();
+        tokio::task::spawn_blocking(move || {
+            let text = latest.lock().unwrap_or_else(|p| p.into_inner());
+            write_progress(&path, &text);
+        });
+    }
+
+    /// Sets the newest progress line from the counters.
+    fn update_progress_text(&self) {
         let telemetry = self.lock();
         let cut = telemetry.next_seq().saturating_sub(1);
         let acked = telemetry.acked();
         drop(telemetry);
+        let state = if self.stopped.load(std::sync::atomic::Ordering::SeqCst) {
+            "stopped"
+        } else {
+            "running"
+        };
         *self.progress_text.lock().unwrap_or_else(|p| p.into_inner()) =
-            format!("boot {} cut {cut} acked {acked}\n", self.boot_id);
-        let latest = self.progress_text.clone();
-        tokio::task::spawn_blocking(move || {
-            let text = latest.lock().unwrap_or_else(|p| p.into_inner());
-            let tmp = path.with_extension("tmp");
-            let written =
-                std::fs::write(&tmp, text.as_bytes()).and_then(|()| std::fs::rename(&tmp, &path));
-            if let Err(e) = written {
-                tracing::debug!("cannot write {}: {e}", path.display());
-            }
-        });
+            format!("boot {} cut {cut} acked {acked} {state}\n", self.boot_id);
+    }
+
+    /// Writes the progress line on this thread.
+    fn write_progress_now(&self) {
+        if let Some(path) = &self.progress {
+            self.update_progress_text();
+            let text = self.progress_text.lock().unwrap_or_else(|p| p.into_inner());
+            write_progress(path, &text);
+        }
+    }
+
+    /// The node stops on purpose, after its last cut ([`TelemetrySink::flush`]): the next start
+    /// counts only the batches left unacknowledged, not an interval in progress.
+    pub(crate) fn mark_stopped(&self) {
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.write_progress_now();
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Telemetry> {
@@ -188,24 +217,38 @@ impl TelemetrySink {
     }
 }
 
-/// What the previous incarnation's progress file says it lost: batches cut and not acknowledged.
+/// Replaces the progress file (no fsync: see [`TelemetrySink::save_progress`]).
+fn write_progress(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    let written = std::fs::write(&tmp, text.as_bytes()).and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        tracing::debug!("cannot write {}: {e}", path.display());
+    }
+}
+
+/// What the previous incarnation's progress file says it lost: batches cut and not
+/// acknowledged, and, if it did not stop on purpose, the interval it was recording when it died
+/// (counted as one batch: its calls were never cut). A file of the older form (no state) counts
+/// only the batches.
 fn lost_by_previous(path: &std::path::Path) -> u64 {
     let Ok(text) = std::fs::read_to_string(path) else {
         return 0;
     };
     let fields: Vec<&str> = text.split_whitespace().collect();
-    match fields.as_slice() {
-        ["boot", _, "cut", cut, "acked", acked] => match (cut.parse::<u64>(), acked.parse::<u64>())
-        {
-            (Ok(cut), Ok(acked)) => cut.saturating_sub(acked),
-            _ => {
-                warn!(
-                    "{}: unreadable, the previous run's losses are unknown",
-                    path.display()
-                );
-                0
-            }
-        },
+    let (cut, acked, died) = match fields.as_slice() {
+        ["boot", _, "cut", cut, "acked", acked] => (cut, acked, 0),
+        ["boot", _, "cut", cut, "acked", acked, "running"] => (cut, acked, 1),
+        ["boot", _, "cut", cut, "acked", acked, "stopped"] => (cut, acked, 0),
+        _ => {
+            warn!(
+                "{}: unreadable, the previous run's losses are unknown",
+                path.display()
+            );
+            return 0;
+        }
+    };
+    match (cut.parse::<u64>(), acked.parse::<u64>()) {
+        (Ok(cut), Ok(acked)) => cut.saturating_sub(acked) + died,
         _ => {
             warn!(
                 "{}: unreadable, the previous run's losses are unknown",

@@ -38,6 +38,7 @@ cross | libc6-dev              | cc:cc                      | host C headers
 all   | qemu-user-static       | cmd:qemu-aarch64-static    | ARM builds run under qemu in tests/tests/lab.rs
 all   | iproute2               | cmd:ip                     | network namespaces of the lab tests
 all   | nftables               | cmd:nft                    | packet loss in the lab tests
+all   | mount                  | cmd:mount                  | tests/tests/soak.rs fills a small tmpfs under a node's state folder
 all   | procps                 | cmd:kill                   | tests send SIGTERM/SIGKILL to processes in namespaces
 all   | systemd                | cmd:systemd-analyze        | tests/tests/bundle.rs verifies the device unit
 all   | prometheus             | cmd:promtool               | promtool checks /metrics; a real Prometheus scrapes the gateway

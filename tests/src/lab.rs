@@ -62,6 +62,18 @@ fn run(cmd: &str, args: &[&str]) {
     );
 }
 
+/// Moves this thread into network namespace `ns` (one `ip netns` made).
+fn enter(ns: &str) {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(format!("/var/run/netns/{ns}"))
+        .unwrap_or_else(|e| panic!("namespace {ns}: {e}"));
+    // SAFETY: setns on a valid descriptor of a network namespace changes only this thread's
+    // namespace; the file outlives the call.
+    #[allow(unsafe_code)]
+    let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(r, 0, "setns {ns}: {}", std::io::Error::last_os_error());
+}
+
 /// Panics with a clear message unless this process can make network namespaces.
 pub fn require_root() {
     // SAFETY-free check: root's effective uid shows in /proc/self/status.
@@ -177,6 +189,50 @@ impl Lab {
             ],
         );
         let _ = std::fs::remove_file(file);
+    }
+
+    /// Lets UDP through host `i` again (undoes [`Lab::drop_udp`]).
+    pub fn stop_dropping_udp(&self, i: usize) {
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.hosts[i].ns,
+                "nft",
+                "delete",
+                "table",
+                "inet",
+                "starling_loss",
+            ],
+        );
+    }
+
+    /// Runs `f` on a thread inside host `i`'s network namespace: the sockets it opens and the
+    /// processes it starts are on that host.
+    pub fn in_host<T: Send>(&self, i: usize, f: impl FnOnce() -> T + Send) -> T {
+        let ns = self.hosts[i].ns.clone();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                enter(&ns);
+                f()
+            })
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
+    }
+
+    /// Like [`Lab::in_host`], on a thread of its own that runs on.
+    pub fn spawn_in_host<T: Send + 'static>(
+        &self,
+        i: usize,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let ns = self.hosts[i].ns.clone();
+        std::thread::spawn(move || {
+            enter(&ns);
+            f()
+        })
     }
 
     /// Runs `cmd args` inside host `i`: the prefix to put before a command.

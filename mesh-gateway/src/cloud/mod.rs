@@ -117,6 +117,9 @@ pub struct CloudStatus {
     pub queue_bytes: u64,
     /// Age of the oldest, seconds.
     pub queue_oldest_seconds: f64,
+    /// The newest sequence number given to a message: a consumer that has it and every one
+    /// before it (or their announced gaps) has everything queued so far.
+    pub last_seq: u64,
     /// Messages dropped from the queue (bounds, age), by class.
     pub dropped: Vec<(String, u64)>,
     /// Messages lost before they reached the queue (it could not be written).
@@ -384,6 +387,7 @@ impl Bridge {
             queue_oldest_seconds: q
                 .oldest_at_ms
                 .map_or(0.0, |at| now.saturating_sub(at) as f64 / 1000.0),
+            last_seq: q.last_seq,
             dropped: Class::ALL
                 .iter()
                 .map(|c| (c.as_str().to_owned(), q.dropped[*c as usize]))

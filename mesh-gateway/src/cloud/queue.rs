@@ -104,6 +104,8 @@ pub struct QueueStats {
     pub oldest_at_ms: Option<u64>,
     /// Messages dropped, by class (bound or age).
     pub dropped: [u64; 4],
+    /// The newest sequence number given to a message (0: none yet).
+    pub last_seq: u64,
 }
 
 /// Makes a payload from its sequence number and the gap ranges it announces.
@@ -575,6 +577,7 @@ impl Queue {
                 .map(|(_, (_, at))| *at)
                 .min(),
             dropped: self.dropped,
+            last_seq: self.next_seq.saturating_sub(1),
         }
     }
 }

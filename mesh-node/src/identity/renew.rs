@@ -280,24 +280,35 @@ impl Renewer {
         }
     }
 
-    /// Writes the certificate, and the new key if there is one, so that a crash at any point
-    /// leaves a pair that matches (see the module's notes).
+    /// Writes the certificate, and the new key if there is one (see [`write_credentials`]).
     fn write_files(&self, chain_pem: &str, new_key: Option<&String>) -> Result<(), String> {
-        let io = |path: &Path, e: std::io::Error| format!("{}: {e}", path.display());
-        let next = next_key_path(&self.files.key);
-        if let Some(key) = new_key {
-            crate::state::write_atomic(&next, key.as_bytes(), 0o600).map_err(|e| io(&next, e))?;
-        }
-        crate::state::write_atomic(&self.files.cert, chain_pem.as_bytes(), 0o644)
-            .map_err(|e| io(&self.files.cert, e))?;
-        if new_key.is_some() {
-            std::fs::rename(&next, &self.files.key).map_err(|e| io(&self.files.key, e))?;
-            if let Some(dir) = self.files.key.parent() {
-                let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
-            }
-        }
-        Ok(())
+        write_credentials(&self.files, chain_pem, new_key.map(String::as_str))
     }
+}
+
+/// Writes a renewed certificate chain, and its new key if it has one, so that a crash at any
+/// point leaves a pair that matches (see the module's notes): the key goes to `<key>.next`, then
+/// the certificate replaces `<cert>`, then the key is renamed into place.
+/// [`finish_interrupted_rotation`] completes what a crash cut short. Blocking (fsyncs).
+pub fn write_credentials(
+    files: &CredentialFiles,
+    chain_pem: &str,
+    new_key: Option<&str>,
+) -> Result<(), String> {
+    let io = |path: &Path, e: std::io::Error| format!("{}: {e}", path.display());
+    let next = next_key_path(&files.key);
+    if let Some(key) = new_key {
+        crate::state::write_atomic(&next, key.as_bytes(), 0o600).map_err(|e| io(&next, e))?;
+    }
+    crate::state::write_atomic(&files.cert, chain_pem.as_bytes(), 0o644)
+        .map_err(|e| io(&files.cert, e))?;
+    if new_key.is_some() {
+        std::fs::rename(&next, &files.key).map_err(|e| io(&files.key, e))?;
+        if let Some(dir) = files.key.parent() {
+            let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+        }
+    }
+    Ok(())
 }
 
 fn next_key_path(key: &Path) -> PathBuf {

@@ -837,8 +837,12 @@ async fn send_call(conn: quinn::Connection, head: Vec<u8>, body: Bytes, max_body
         Ok(s) => s,
         Err(e) => return lost(&e),
     };
-    if let Err(e) = write_encoded(&mut send, head, body).await {
-        return lost(&e);
+    match write_encoded(&mut send, head, body).await {
+        Ok(()) => {}
+        // The callee wants no more of the body: it answered already (a refusal by policy, a
+        // busy node), and the answer says why.
+        Err(quinn::WriteError::Stopped(_)) => {}
+        Err(e) => return lost(&e),
     }
     let mut reader = FrameReader::new(recv);
     let bad = |what: &str, e: &dyn std::fmt::Display| {

@@ -193,6 +193,10 @@ pub struct Limits {
     pub max_stream_bytes: Option<u64>,
     /// Calls in flight on one connection from one peer.
     pub max_concurrent_calls: u32,
+    /// Bytes of request bodies from peers held at once, over every connection; one connection
+    /// holds at most a quarter. A body past them is refused at once (`Unavailable`, "busy"), its
+    /// stream stopped.
+    pub max_buffered_bytes: usize,
     /// Deadline of a call that names none.
     pub call_timeout: Duration,
     /// Time to establish a connection.
@@ -221,6 +225,7 @@ impl Default for Limits {
             max_body_bytes: mesh_proto::limits::DEFAULT_MAX_BODY_BYTES,
             max_stream_bytes: None,
             max_concurrent_calls: 256,
+            max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
             call_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(3),
             keep_alive: Duration::from_secs(1),
@@ -319,6 +324,7 @@ struct RawPeer {
 struct RawLimits {
     max_body_bytes: Option<Spanned<u64>>,
     max_concurrent_calls: Option<Spanned<u32>>,
+    max_buffered_bytes: Option<Spanned<u64>>,
     call_timeout_ms: Option<Spanned<u64>>,
     connect_timeout_ms: Option<Spanned<u64>>,
     keep_alive_ms: Option<Spanned<u64>>,
@@ -748,7 +754,7 @@ impl RawLimits {
                 Some(s) => Ok(Duration::from_millis(*s.get_ref())),
             }
         };
-        let limits = Limits {
+        let mut limits = Limits {
             max_stream_bytes: self.max_body_bytes.as_ref().map(|s| *s.get_ref()),
             max_body_bytes: match &self.max_body_bytes {
                 None => d.max_body_bytes,
@@ -772,6 +778,8 @@ impl RawLimits {
                 }
                 Some(s) => *s.get_ref(),
             },
+            // Filled in below, once max_body_bytes is known.
+            max_buffered_bytes: 0,
             call_timeout: ms(
                 &self.call_timeout_ms,
                 "limits.call_timeout_ms",
@@ -841,9 +849,35 @@ impl RawLimits {
                 message: "must be longer than limits.keep_alive_ms".into(),
             });
         }
+        // A connection holds at most a quarter of the budget, and a body must fit in it.
+        let least = 4 * limits.max_body_bytes;
+        limits.max_buffered_bytes = match &self.max_buffered_bytes {
+            None => d.max_buffered_bytes.max(least),
+            Some(s) if *s.get_ref() < 65_536 || *s.get_ref() > 4 * 1024 * 1024 * 1024 => {
+                return Err(at.invalid(
+                    s,
+                    "limits.max_buffered_bytes",
+                    "must be between 65536 and 4294967296",
+                ));
+            }
+            Some(s) if (*s.get_ref() as usize) < least => {
+                return Err(at.invalid(
+                    s,
+                    "limits.max_buffered_bytes",
+                    format!(
+                        "must be at least four times limits.max_body_bytes ({least}): one \
+                         connection holds at most a quarter of it, and a body must fit"
+                    ),
+                ));
+            }
+            Some(s) => *s.get_ref() as usize,
+        };
         Ok(limits)
     }
 }
+
+/// Default of `limits.max_buffered_bytes` (raised to four times `limits.max_body_bytes`).
+pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 32 * 1024 * 1024;
 
 /// Reads a config file: its text, its name for messages, and the folder relative paths start from.
 pub fn read_config(path: &Path) -> Result<(String, String, PathBuf), ConfigError> {
@@ -946,6 +980,22 @@ addr = "127.0.0.1:7401"
         assert_eq!(line, 9);
         assert_eq!(key, "identity.password");
         assert!(message.contains("unknown field"), "{message}");
+    }
+
+    #[test]
+    fn the_peer_body_budget_holds_four_bodies_and_names_its_key() {
+        let c = parse(GOOD).expect("valid");
+        assert_eq!(c.limits.max_buffered_bytes, DEFAULT_MAX_BUFFERED_BYTES);
+        // Raised with the body bound when not set.
+        let c = parse(&format!("{GOOD}[limits]\nmax_body_bytes = 16777216\n")).expect("valid");
+        assert_eq!(c.limits.max_buffered_bytes, 64 * 1024 * 1024);
+        let (line, key, m) = invalid(&format!(
+            "{GOOD}[limits]\nmax_body_bytes = 16777216\nmax_buffered_bytes = 33554432\n"
+        ));
+        assert_eq!((line, key.as_str()), (18, "limits.max_buffered_bytes"));
+        assert!(m.contains("four times limits.max_body_bytes"), "{m}");
+        let (line, key, _) = invalid(&format!("{GOOD}[limits]\nmax_buffered_bytes = 1000\n"));
+        assert_eq!((line, key.as_str()), (17, "limits.max_buffered_bytes"));
     }
 
     #[test]

@@ -55,6 +55,31 @@ pub(crate) struct Server {
     pub(crate) peers: Arc<PeerSet>,
     pub(crate) reserved: HashMap<&'static str, Arc<dyn ReservedService>>,
     admission: Mutex<AdmissionState>,
+    /// Bytes of request bodies from peers held now, over every connection
+    /// (`limits.max_buffered_bytes`); a connection holds at most a quarter of it.
+    bodies: tokio::sync::Semaphore,
+}
+
+/// Why a streamed body could not be gathered.
+#[derive(Debug)]
+enum GatherError {
+    /// The memory for bodies is spent.
+    Busy,
+    Read(crate::wire::ReadError),
+}
+
+impl From<crate::wire::ReadError> for GatherError {
+    fn from(e: crate::wire::ReadError) -> Self {
+        GatherError::Read(e)
+    }
+}
+
+/// Bytes of a request body taken from its connection's share and the node's budget; given back
+/// when dropped.
+#[derive(Default)]
+struct BodyHold<'a> {
+    conn: Option<tokio::sync::SemaphorePermit<'a>>,
+    node: Option<tokio::sync::SemaphorePermit<'a>>,
 }
 
 /// Rate-limit buckets and remembered authorization verdicts.
@@ -93,6 +118,7 @@ impl Server {
         peers: Arc<PeerSet>,
         reserved: HashMap<&'static str, Arc<dyn ReservedService>>,
     ) -> Self {
+        let bodies = tokio::sync::Semaphore::new(limits_bodies(&limits));
         Server {
             name,
             limits,
@@ -102,7 +128,126 @@ impl Server {
             peers,
             reserved,
             admission: Mutex::new(AdmissionState::default()),
+            bodies,
         }
+    }
+
+    /// Takes `bytes` more of body into `hold`: from the connection's share `conn`, then from the
+    /// node's budget; false, taking nothing, if either is spent. A body is never left waiting
+    /// unread: its bytes would fill QUIC's connection window and stall the bodies being read.
+    fn hold_body<'a>(
+        &'a self,
+        conn: &'a tokio::sync::Semaphore,
+        hold: &mut BodyHold<'a>,
+        bytes: usize,
+    ) -> bool {
+        let Ok(n) = u32::try_from(bytes) else {
+            return false;
+        };
+        if n == 0 {
+            return true;
+        }
+        let Ok(c) = conn.try_acquire_many(n) else {
+            return false;
+        };
+        let Ok(g) = self.bodies.try_acquire_many(n) else {
+            return false;
+        };
+        match &mut hold.conn {
+            Some(held) => held.merge(c),
+            None => hold.conn = Some(c),
+        }
+        match &mut hold.node {
+            Some(held) => held.merge(g),
+            None => hold.node = Some(g),
+        }
+        true
+    }
+
+    /// Why a body was refused: the memory for bodies is spent.
+    fn busy(&self) -> Reply {
+        let max = limits_bodies(&self.limits);
+        Reply::error(
+            Status::Unavailable,
+            format!(
+                "node {} is busy: {} of {max} bytes of call bodies are held \
+                 (limits.max_buffered_bytes); try again",
+                self.name,
+                max - self.bodies.available_permits(),
+            ),
+        )
+    }
+
+    /// Reads a unary body once its announced length is held (see [`Server::hold_body`]), all by
+    /// `deadline`; refuses it (and stops the stream) when that memory is spent. The hold goes
+    /// with the body.
+    async fn read_unary_body<'a>(
+        &'a self,
+        reader: &mut FrameReader,
+        conn: &'a tokio::sync::Semaphore,
+        deadline: tokio::time::Instant,
+    ) -> Result<(Bytes, BodyHold<'a>), Reply> {
+        let max = self.limits.max_body_bytes;
+        let late = || Reply::error(Status::InvalidArgument, "request not received in time");
+        let bad = |e: crate::wire::ReadError| {
+            Reply::error(Status::InvalidArgument, format!("request: {e}"))
+        };
+        let len = tokio::time::timeout_at(deadline, reader.next_len(max))
+            .await
+            .map_err(|_| late())?
+            .map_err(bad)?;
+        let mut hold = BodyHold::default();
+        if !self.hold_body(conn, &mut hold, len.unwrap_or(0)) {
+            reader.stop();
+            debug!("refused a body of {len:?} bytes: the memory for bodies is spent");
+            return Err(self.busy());
+        }
+        let body = tokio::time::timeout_at(deadline, reader.unary_body(max))
+            .await
+            .map_err(|_| late())?
+            .map_err(bad)?;
+        Ok((body, hold))
+    }
+
+    /// Gathers a streamed body for an upstream that takes it whole, holding each frame's
+    /// length before reading it (see [`Server::hold_body`]).
+    async fn gather_body<'a>(
+        &'a self,
+        reader: &mut FrameReader,
+        conn: &'a tokio::sync::Semaphore,
+    ) -> Result<(Bytes, BodyHold<'a>), GatherError> {
+        use crate::wire::{MAX_CHUNK_BYTES, ReadError};
+        let max = self.limits.max_body_bytes;
+        let mut hold = BodyHold::default();
+        let mut out: Option<bytes::BytesMut> = None;
+        let mut first: Option<Bytes> = None;
+        while let Some(len) = reader.next_len(MAX_CHUNK_BYTES).await? {
+            let total = first.as_ref().map_or(0, Bytes::len) + out.as_ref().map_or(0, |o| o.len());
+            if total + len > max {
+                return Err(ReadError::BodyTooLarge { max }.into());
+            }
+            if !self.hold_body(conn, &mut hold, len) {
+                reader.stop();
+                return Err(GatherError::Busy);
+            }
+            let frame = reader.frame(MAX_CHUNK_BYTES).await?;
+            match (&mut out, first.take()) {
+                // The first frame is kept as it came: a body of one frame is never copied.
+                (None, None) => first = Some(frame),
+                (None, Some(f)) => {
+                    let mut o = bytes::BytesMut::with_capacity(f.len() + frame.len());
+                    o.extend_from_slice(&f);
+                    o.extend_from_slice(&frame);
+                    out = Some(o);
+                }
+                (Some(o), _) => o.extend_from_slice(&frame),
+            }
+        }
+        let body = match out {
+            Some(o) => o.freeze(),
+            None => first.unwrap_or_default(),
+        };
+        Ok((body, hold))
     }
 
     fn admission_state(&self) -> MutexGuard<'_, AdmissionState> {
@@ -121,13 +266,17 @@ impl Server {
         let tunnels = Arc::new(tokio::sync::Semaphore::new(
             (self.limits.max_concurrent_calls as usize / 2).max(1),
         ));
+        // Request bodies: a connection holds at most a quarter of the node's budget, so one peer
+        // cannot take it all.
+        let bodies = Arc::new(tokio::sync::Semaphore::new(limits_bodies(&self.limits) / 4));
         while let Ok((send, recv)) = conn.accept_bi().await {
             let server = self.clone();
             let claims = claims.clone();
             let tunnels = tunnels.clone();
+            let bodies = bodies.clone();
             tokio::spawn(async move {
                 server
-                    .serve_stream(claims, remote, send, recv, tunnels)
+                    .serve_stream(claims, remote, send, recv, tunnels, bodies)
                     .await
             });
         }
@@ -141,10 +290,14 @@ impl Server {
         mut send: quinn::SendStream,
         recv: quinn::RecvStream,
         tunnels: Arc<tokio::sync::Semaphore>,
+        bodies: Arc<tokio::sync::Semaphore>,
     ) {
         let caller = claims.id.clone();
         let mut reader = FrameReader::new(recv);
         let deadline = tokio::time::Instant::now() + self.limits.call_timeout;
+        // The request body's memory, held until its reply is written: a caller that does not
+        // read its replies holds its share, and new bodies wait.
+        let mut held = BodyHold::default();
         let read =
             tokio::time::timeout_at(deadline, self.read_head(caller.clone(), &mut reader)).await;
         let reply = match read {
@@ -165,25 +318,16 @@ impl Server {
                     }
                     Ok(()) if ctx.streaming => {
                         let deadline = (!no_deadline).then_some(ctx.deadline);
-                        return Box::pin(self.serve_streamed(*ctx, deadline, send, reader)).await;
+                        return Box::pin(self.serve_streamed(*ctx, deadline, send, reader, bodies))
+                            .await;
                     }
-                    Ok(()) => {
-                        let body = tokio::time::timeout_at(
-                            deadline,
-                            reader.unary_body(self.limits.max_body_bytes),
-                        )
-                        .await;
-                        match body {
-                            Ok(Ok(body)) => self.dispatch_traced(*ctx, body).await,
-                            Ok(Err(e)) => {
-                                Reply::error(Status::InvalidArgument, format!("request: {e}"))
-                            }
-                            Err(_) => Reply::error(
-                                Status::InvalidArgument,
-                                "request not received in time",
-                            ),
+                    Ok(()) => match self.read_unary_body(&mut reader, &bodies, deadline).await {
+                        Ok((body, hold)) => {
+                            held = hold;
+                            self.dispatch_traced(*ctx, body).await
                         }
-                    }
+                        Err(reply) => reply,
+                    },
                 }
             }
             Ok(Ok(Incoming::Reserved(handler))) => {
@@ -204,6 +348,7 @@ impl Server {
         if let Err(e) = write_reply(&mut send, reply).await {
             debug!("could not write a reply: {e}");
         }
+        drop(held);
     }
 
     /// The head of a call, parsed and checked.
@@ -381,12 +526,15 @@ impl Server {
         deadline: Option<std::time::Instant>,
         mut send: quinn::SendStream,
         mut reader: FrameReader,
+        bodies: Arc<tokio::sync::Semaphore>,
     ) {
         let time = crate::call::StreamTime {
             deadline: deadline.map(Into::into),
             step: self.limits.call_timeout,
         };
         let upstream = self.hosted.get(ctx.service.as_str());
+        // The gathered body's memory, held until its reply is written.
+        let mut held = BodyHold::default();
         let reply = match upstream {
             Some(up) if up.streams() => {
                 let max = self.limits.max_stream_bytes;
@@ -399,17 +547,19 @@ impl Server {
                 }
             }
             _ => {
-                let gathered = time
-                    .step(reader.collect_chunks(self.limits.max_body_bytes))
-                    .await;
+                let gathered = time.step(self.gather_body(&mut reader, &bodies)).await;
                 match gathered {
-                    Ok(Ok(body)) => {
+                    Ok(Ok((body, hold))) => {
+                        held = hold;
                         if deadline.is_none() {
                             ctx.deadline = now() + self.limits.call_timeout;
                         }
                         self.dispatch_traced(ctx, body).await
                     }
-                    Ok(Err(e)) => Reply::error(Status::InvalidArgument, format!("request: {e}")),
+                    Ok(Err(GatherError::Busy)) => self.busy(),
+                    Ok(Err(GatherError::Read(e))) => {
+                        Reply::error(Status::InvalidArgument, format!("request: {e}"))
+                    }
                     Err(e) => Reply::error(Status::DeadlineExceeded, e.message),
                 }
             }
@@ -420,6 +570,7 @@ impl Server {
         if let Err(e) = write_reply(&mut send, reply).await {
             debug!("could not write a reply: {e}");
         }
+        drop(held);
     }
 
     /// Serves a call and records the callee's span when the caller sampled it.
@@ -678,4 +829,11 @@ fn encoded_reply_head(reply: &Reply) -> Vec<u8> {
         let _ = head.metadata.push((crate::call::LEAF_METADATA, leaf));
     }
     crate::wire::encode_head(&head)
+}
+
+/// The node's budget for request bodies from peers, in bytes (at most what a semaphore holds).
+fn limits_bodies(limits: &Limits) -> usize {
+    limits
+        .max_buffered_bytes
+        .min(tokio::sync::Semaphore::MAX_PERMITS)
 }

@@ -104,24 +104,47 @@ impl FrameReader {
                 self.partial = Some((out, len));
                 continue;
             }
-            // Too few bytes for the length prefix (at most five): join the next chunk to them.
-            match self.recv.read_chunk(usize::MAX, true).await? {
-                Some(chunk) if self.buf.is_empty() => self.buf = chunk.bytes,
-                Some(chunk) => {
-                    let mut joined = BytesMut::with_capacity(self.buf.len() + chunk.bytes.len());
-                    joined.extend_from_slice(&self.buf);
-                    joined.extend_from_slice(&chunk.bytes);
-                    self.buf = joined.freeze();
-                }
-                None if self.buf.is_empty() => return Ok(None),
-                None => {
-                    return Err(ReadError::Truncated {
-                        got: self.buf.len(),
-                        want: self.buf.len() + 1,
-                    });
-                }
+            if !self.read_more().await? {
+                return Ok(None);
             }
         }
+    }
+
+    /// The length the next frame announces (refused past `max`), without taking the frame:
+    /// what a caller reserves memory for before reading it. `None` if the stream ended cleanly
+    /// before a frame began. Between frames only.
+    pub async fn next_len(&mut self, max: usize) -> Result<Option<usize>, ReadError> {
+        debug_assert!(self.partial.is_none(), "next_len inside a frame");
+        loop {
+            if let Some((len, _)) = frame_len(&self.buf, max)? {
+                return Ok(Some(len));
+            }
+            if !self.read_more().await? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Too few bytes for a length prefix (at most five): joins the next chunk to them. False if
+    /// the stream ended cleanly with nothing left.
+    async fn read_more(&mut self) -> Result<bool, ReadError> {
+        match self.recv.read_chunk(usize::MAX, true).await? {
+            Some(chunk) if self.buf.is_empty() => self.buf = chunk.bytes,
+            Some(chunk) => {
+                let mut joined = BytesMut::with_capacity(self.buf.len() + chunk.bytes.len());
+                joined.extend_from_slice(&self.buf);
+                joined.extend_from_slice(&chunk.bytes);
+                self.buf = joined.freeze();
+            }
+            None if self.buf.is_empty() => return Ok(false),
+            None => {
+                return Err(ReadError::Truncated {
+                    got: self.buf.len(),
+                    want: self.buf.len() + 1,
+                });
+            }
+        }
+        Ok(true)
     }
 
     /// Reads a unary body: one frame of at most `max` bytes, then the end of the stream.
@@ -129,33 +152,6 @@ impl FrameReader {
         let body = self.frame(max).await?;
         self.end().await?;
         Ok(body)
-    }
-
-    /// Reads a streamed body to its end, at most `max` bytes in all (for an upstream that takes
-    /// a whole body).
-    pub async fn collect_chunks(&mut self, max: usize) -> Result<Bytes, ReadError> {
-        let too_large = ReadError::BodyTooLarge { max };
-        let Some(first) = self.next_frame(MAX_CHUNK_BYTES).await? else {
-            return Ok(Bytes::new());
-        };
-        if first.len() > max {
-            return Err(too_large);
-        }
-        let Some(second) = self.next_frame(MAX_CHUNK_BYTES).await? else {
-            // The whole body was one frame: no copy.
-            return Ok(first);
-        };
-        let mut out = BytesMut::with_capacity(first.len() + second.len());
-        out.extend_from_slice(&first);
-        let mut next = Some(second);
-        while let Some(frame) = next {
-            if out.len() + frame.len() > max {
-                return Err(too_large);
-            }
-            out.extend_from_slice(&frame);
-            next = self.next_frame(MAX_CHUNK_BYTES).await?;
-        }
-        Ok(out.freeze())
     }
 
     /// Reads the end of the stream: nothing may follow the last frame. Reading to the end (rather
@@ -170,6 +166,12 @@ impl FrameReader {
                 Some(chunk) => self.buf = chunk.bytes,
             }
         }
+    }
+
+    /// Asks the peer to send no more on this stream (what it sent is dropped, and its flow
+    /// control credit given back).
+    pub fn stop(&mut self) {
+        let _ = self.recv.stop(0u32.into());
     }
 
     /// Gives back the stream, e.g. to stop it.

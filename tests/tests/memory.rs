@@ -433,3 +433,47 @@ async fn a_peer_whose_certificate_expires_is_disconnected() {
         Err(Status::Unavailable)
     );
 }
+
+/// More large bodies at once than a connection's share of the node's body budget
+/// (`limits.max_buffered_bytes`, a quarter each): those past it are refused at once as busy, the
+/// others served, and none waits for its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_past_a_connections_share_are_refused_at_once_and_the_rest_served() {
+    let (net, pki) = (MemoryNetwork::new(), Pki::new());
+    let b = node(&net, &pki, "node-b", ECHO);
+    let a = node(&net, &pki, "node-a", &peer(&b));
+    assert!(a.wait_for_service("echo", UP).await);
+    let body = starling_tests::random_bytes(1024 * 1024, 3);
+    let started = std::time::Instant::now();
+    let calls: Vec<_> = (0..64)
+        .map(|_| {
+            let (a, body) = (a.clone(), body.clone());
+            tokio::spawn(async move {
+                a.call_with("echo", "say", body, &CallOptions::default())
+                    .await
+            })
+        })
+        .collect();
+    let (mut ok, mut busy) = (0, 0);
+    for c in calls {
+        let reply = c.await.expect("task");
+        match reply.status {
+            Status::Ok => {
+                assert_eq!(reply.body, body);
+                ok += 1;
+            }
+            Status::Unavailable if reply.message.contains("limits.max_buffered_bytes") => busy += 1,
+            other => panic!("{other:?}: {}", reply.message),
+        }
+    }
+    let took = started.elapsed();
+    eprintln!("64 bodies of 1 MiB at once on one connection: {ok} served, {busy} busy in {took:?}");
+    assert!(ok >= 7, "the share admitted too little: {ok}");
+    assert!(busy > 0, "nothing was refused: the share did not bind");
+    assert!(took < Duration::from_secs(8), "took {took:?}");
+    // And the node serves again at once.
+    assert_eq!(
+        a.call("echo", "say", body.clone()).await.expect("call"),
+        body
+    );
+}

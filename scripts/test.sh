@@ -47,7 +47,7 @@ cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 cargo clippy --manifest-path fuzz/Cargo.toml --all-targets -- -D warnings
 cargo test --manifest-path fuzz/Cargo.toml
 
-step "fuzzing: every decoder for ${STARLING_FUZZ_SECONDS:=30} s (nightly, cargo-fuzz)"
+step "fuzzing: every decoder for ${STARLING_FUZZ_SECONDS:=20} s (nightly, cargo-fuzz)"
 scripts/fuzz.sh --seconds "$STARLING_FUZZ_SECONDS"
 
 step "mesh-proto without std, for microcontrollers"

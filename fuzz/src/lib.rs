@@ -183,6 +183,85 @@ pub fn gateway_config(data: &[u8]) {
     });
 }
 
+/// A message from the cloud: its topic and MQTT 5 response topic (`topic`, a zero byte, the
+/// response topic; none without a zero byte), both chosen by whoever may publish on the broker.
+/// Routed or refused with a reason; a call routed names a service and a method without a `/`,
+/// and is answered under the site's `reply/` topics, never on a wildcard. An odd first byte puts
+/// the topic under the site's prefix, so the fuzzer need not find it.
+pub fn cloud_topic(data: &[u8]) {
+    use mesh_gateway::cloud::topics::{Reply, Route, route};
+    const PREFIX: &str = "starling/fuzz";
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    let Ok(text) = std::str::from_utf8(rest) else {
+        return;
+    };
+    let (topic, response) = match text.split_once('\0') {
+        Some((t, r)) => (t, Some(r)),
+        None => (text, None),
+    };
+    let topic = if first & 1 == 1 {
+        format!("{PREFIX}/{topic}")
+    } else {
+        topic.to_owned()
+    };
+    match route(PREFIX, &topic, response) {
+        Ok(Route::Policy) => assert_eq!(topic, format!("{PREFIX}/policy/set")),
+        Ok(Route::Call {
+            service,
+            method,
+            reply,
+        }) => {
+            assert!(topic.starts_with(&format!("{PREFIX}/call/")));
+            for name in [service, method] {
+                assert!(!name.is_empty() && !name.contains('/'), "{name:?}");
+            }
+            match reply {
+                Reply::Topic(t) => {
+                    assert!(t.starts_with(&format!("{PREFIX}/reply/")), "{t:?}");
+                    assert!(!t.contains(['+', '#']), "{t:?}");
+                }
+                Reply::Id(id) => assert!(!id.is_empty() && !id.contains(['/', '+', '#'])),
+            }
+        }
+        Err(e) => assert!(!e.is_empty()),
+    }
+}
+
+/// A state file read at start, chosen by the first byte: a gateway's admin tokens (JSON) or a
+/// node's saved policy (a checksum header and TOML). Loaded or refused with a reason, never a
+/// panic; a damaged tokens file turns the named tokens off and leaves the local one working.
+///
+/// The cloud queue (a redb database) was fuzzed here too, and a damaged file made redb panic
+/// (`unreachable!` in its B-tree; the file is tests/fixtures/damaged-cloud-queue.redb). A
+/// library's panic is not ours to catch in a device build (it aborts), so the gateway reads its
+/// queue in a child process before it opens it, and refuses to start naming the file
+/// (tests/tests/cloud.rs). The queue is not fuzzed here any more: every run would stop on
+/// redb's panic.
+pub fn state_files(data: &[u8]) {
+    let Some((&which, bytes)) = data.split_first() else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("starling-fuzz-state-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch folder");
+    if which % 2 == 0 {
+        let path = dir.join("admin-tokens.json");
+        std::fs::write(&path, bytes).expect("write");
+        let tokens = mesh_gateway::admin_tokens::AdminTokens::open("the-local".into(), &path);
+        assert_eq!(tokens.who("the-local").as_deref(), Some("local"));
+        if tokens.damaged().is_some() {
+            assert_eq!(tokens.list()["tokens"].as_array().map(Vec::len), Some(0));
+        }
+    } else {
+        let store = mesh_node::state::PolicyStore::new(&dir);
+        std::fs::write(store.path(), bytes).expect("write");
+        if let Ok(Some(saved)) = store.load() {
+            assert_eq!(saved.id.hash, mesh_node::state::bundle_hash(&saved.toml));
+        }
+    }
+}
+
 /// A target's check.
 pub type Check = fn(&[u8]);
 
@@ -201,4 +280,6 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("node_config", node_config),
     ("signed_policy", signed_policy),
     ("gateway_config", gateway_config),
+    ("cloud_topic", cloud_topic),
+    ("state_files", state_files),
 ];

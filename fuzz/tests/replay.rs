@@ -196,6 +196,53 @@ fn write_seeds() {
     write("gateway_config", "example", &text("gateway.example.toml"));
     // signed_policy/example was made once with `mesh-gateway policy sign` and a key whose
     // private half was then thrown away (keys/operator.pub is its public half): it stays.
+
+    write("cloud_topic", "call-id", b"\x01call/echo/say/42");
+    write(
+        "cloud_topic",
+        "call-response-topic",
+        b"\x01call/echo/say\x00starling/fuzz/reply/app",
+    );
+    write("cloud_topic", "policy", b"\x01policy/set");
+    write("cloud_topic", "elsewhere", b"\x00other/call/echo/say/1");
+
+    // The state files as the programs write them.
+    let scratch = std::env::temp_dir().join(format!("starling-seeds-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).expect("scratch");
+    let tokens = scratch.join("admin-tokens.json");
+    let t = mesh_gateway::admin_tokens::AdminTokens::open("local".into(), &tokens);
+    t.create("ops", "seed").expect("token");
+    write(
+        "state_files",
+        "admin-tokens",
+        &prefixed(0, &std::fs::read(&tokens).expect("read")),
+    );
+    let store = mesh_node::state::PolicyStore::new(&scratch);
+    let toml = text("policy.example.toml");
+    let toml = String::from_utf8(toml).expect("utf-8");
+    store
+        .save(&mesh_node::state::SavedBundle {
+            id: mesh_proto::control::BundleRef {
+                epoch: 1,
+                version: 3,
+                hash: mesh_node::state::bundle_hash(&toml),
+            },
+            toml,
+        })
+        .expect("save");
+    write(
+        "state_files",
+        "saved-policy",
+        &prefixed(1, &std::fs::read(store.path()).expect("read")),
+    );
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
+/// `which` then `bytes`.
+fn prefixed(which: u8, bytes: &[u8]) -> Vec<u8> {
+    let mut out = vec![which];
+    out.extend_from_slice(bytes);
+    out
 }
 
 /// postcard encoding behind a trait object, so one closure takes every message type.

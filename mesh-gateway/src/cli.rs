@@ -116,6 +116,13 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Read the cloud queue in a folder and exit 0 if it can be read (the gateway runs this in a
+    /// child process before it opens its queue).
+    #[command(hide = true)]
+    CheckQueue {
+        /// The queue's folder.
+        dir: PathBuf,
+    },
     /// Start a throw-away CA, gateway and three nodes on loopback, make calls, print what happened.
     Demo {
         /// Keep the mesh up after the calls, until Ctrl-C.
@@ -337,7 +344,20 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Ca { command } => ca(command),
-        Command::Run { config } => run(&config),
+        Command::Run { config } => {
+            // The cloud queue is read first in a child process of this binary.
+            if let Ok(exe) = std::env::current_exe() {
+                crate::cloud::set_queue_checker(exe);
+            }
+            run(&config)
+        }
+        Command::CheckQueue { dir } => match crate::cloud::queue::Queue::check(&dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Status { target, json } => {
             runtime().block_on(crate::status::run(target.admin(), json, false))
         }

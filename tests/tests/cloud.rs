@@ -923,3 +923,42 @@ async fn with_a_batch_interval_the_nodes_batches_go_up_together_and_still_exactl
         .collect();
     assert!(nodes.contains("node-b"), "{nodes:?}");
 }
+
+/// A queue file damaged so that redb, reading it, panics (found by the `state_files` fuzz
+/// target; the file is kept as tests/fixtures/damaged-cloud-queue.redb): the gateway reads its
+/// queue in a child process first, and refuses to start with a reason that names the file,
+/// instead of aborting at every start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_file_that_crashes_its_reader_stops_the_gateway_with_a_reason() {
+    let pki = Pki::new();
+    let broker = broker(&pki.dir.path().join("broker"));
+    let conf = cloud_gateway(&pki, &broker, "gw", "");
+    let queue_dir = pki.dir.path().join("gw/state/cloud");
+    std::fs::create_dir_all(&queue_dir).expect("queue dir");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/damaged-cloud-queue.redb");
+    std::fs::copy(&fixture, queue_dir.join("cloud-queue.redb")).expect("fixture");
+    let out = tokio::time::timeout(
+        UP,
+        tokio::process::Command::new(starling_tests::bin("mesh-gateway"))
+            .args(["run", "--config"])
+            .arg(&conf)
+            .output(),
+    )
+    .await
+    .expect("it stops at once")
+    .expect("runs");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "it started: {said}");
+    assert!(
+        said.contains("cloud-queue.redb") && said.contains("damaged") && !said.contains("panicked"),
+        "{said}"
+    );
+    eprintln!("{said}");
+    // The file is left for the operator.
+    assert_eq!(
+        std::fs::read(queue_dir.join("cloud-queue.redb"))
+            .expect("kept")
+            .len(),
+        std::fs::read(&fixture).expect("fixture").len()
+    );
+}

@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::mqtt::{self, Failure, LinkEvent, Protocol, Refusal};
+use super::topics::{Reply, Route};
 use super::{Bridge, Class, Downlink, Shared, signing, unix_ms};
 use crate::config::CloudConfig;
 
@@ -466,14 +467,6 @@ fn flush(shared: &Shared, acked: &mut BTreeSet<u64>) -> Result<(), String> {
     Ok(())
 }
 
-/// Where a call's answer goes.
-enum Reply {
-    /// The MQTT 5 response topic.
-    Topic(String),
-    /// `<prefix>/reply/<id>/<status>`.
-    Id(String),
-}
-
 /// What a message from the cloud is handled with.
 struct DownContext {
     bridge: Bridge,
@@ -501,81 +494,46 @@ impl DownContext {
             return;
         }
         let max = shared.config.max_message_bytes;
-        let rest = topic
-            .strip_prefix(&shared.prefix)
-            .and_then(|r| r.strip_prefix('/'))
-            .unwrap_or("");
         let oversized = (payload.len() > max).then(|| {
             format!(
                 "{} bytes: larger than the gateway's max_message_bytes ({max})",
                 payload.len()
             )
         });
-        if rest == "policy/set" {
-            let permit = shared.policy_backlog.clone().try_acquire_owned();
-            let result = match (oversized, permit) {
-                (Some(reason), _) => Err(reason),
-                (None, Err(_)) => Err(format!(
-                    "{POLICY_BACKLOG} bundles are waiting already: send it again later"
-                )),
-                (None, Ok(_permit)) => self.policy(&payload).await,
-            };
-            let mut status = Map::new();
-            status.insert("source".into(), "cloud".into());
-            match result {
-                Ok(fields) => {
-                    status.insert("kind".into(), "accepted".into());
-                    status.extend(fields);
-                    self.bridge.send(Class::Status, "policy/status", status);
+        let route =
+            super::topics::route(&shared.prefix, &topic, properties.response_topic.as_deref());
+        let (service, method, reply_to) = match route {
+            Ok(Route::Policy) => {
+                let permit = shared.policy_backlog.clone().try_acquire_owned();
+                let result = match (oversized, permit) {
+                    (Some(reason), _) => Err(reason),
+                    (None, Err(_)) => Err(format!(
+                        "{POLICY_BACKLOG} bundles are waiting already: send it again later"
+                    )),
+                    (None, Ok(_permit)) => self.policy(&payload).await,
+                };
+                let mut status = Map::new();
+                status.insert("source".into(), "cloud".into());
+                match result {
+                    Ok(fields) => {
+                        status.insert("kind".into(), "accepted".into());
+                        status.extend(fields);
+                        self.bridge.send(Class::Status, "policy/status", status);
+                    }
+                    Err(reason) => {
+                        status.insert("kind".into(), "refused".into());
+                        self.report_refusal("policy/status", status, &topic, reason);
+                    }
                 }
-                Err(reason) => {
-                    status.insert("kind".into(), "refused".into());
-                    self.report_refusal("policy/status", status, &topic, reason);
-                }
-            }
-            return;
-        }
-        // `call/<service>/<method>` answered on the MQTT 5 response topic, or
-        // `call/<service>/<method>/<id>` answered on `reply/<id>/<status>` (any MQTT version).
-        let parts: Vec<&str> = rest.split('/').collect();
-        let (service, method, id) = match parts.as_slice() {
-            ["call", s, m] => (*s, *m, None),
-            ["call", s, m, id] => (*s, *m, Some(*id)),
-            _ => ("", "", None),
-        };
-        if service.is_empty() || method.is_empty() || id.is_some_and(str::is_empty) {
-            self.refuse(&topic, "not a topic the gateway takes messages on".into());
-            return;
-        }
-        // The site publishes under its prefix only (the broker's ACL says so too, and a broker
-        // may end the session of a client that publishes elsewhere).
-        let response_topic = match &properties.response_topic {
-            Some(t)
-                if !t.starts_with(&format!("{}/reply/", shared.prefix))
-                    || t.contains(['+', '#']) =>
-            {
-                self.refuse(
-                    &topic,
-                    format!(
-                        "response topic {t:?}: answers go under {}/reply/ (where the site may \
-                         publish, and not on its own topics), without wildcards",
-                        shared.prefix
-                    ),
-                );
                 return;
             }
-            other => other.clone(),
-        };
-        let reply_to = match (response_topic, id) {
-            (Some(t), _) => Reply::Topic(t),
-            (None, Some(id)) => Reply::Id(id.to_owned()),
-            (None, None) => {
-                self.refuse(
-                    &topic,
-                    "a call needs an MQTT 5 response topic or an id to answer on \
-                     (call/<service>/<method>/<id>)"
-                        .into(),
-                );
+            Ok(Route::Call {
+                service,
+                method,
+                reply,
+            }) => (service, method, reply),
+            Err(reason) => {
+                self.refuse(&topic, reason);
                 return;
             }
         };

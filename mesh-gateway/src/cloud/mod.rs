@@ -25,6 +25,7 @@ pub mod local;
 pub mod queue;
 pub mod report;
 pub mod signing;
+pub mod topics;
 
 mod link;
 pub mod mqtt;
@@ -146,6 +147,15 @@ struct Item {
     telemetry: bool,
 }
 
+/// The program that checks the cloud queue in a child process before it is opened (the
+/// gateway's own binary; unset in tests that run a gateway in-process).
+static QUEUE_CHECKER: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Sets the program [`Bridge::open`] checks the queue with (`<program> check-queue <dir>`).
+pub fn set_queue_checker(program: std::path::PathBuf) {
+    let _ = QUEUE_CHECKER.set(program);
+}
+
 /// Telemetry batches that go up in one message, at most (and within `max_publish_bytes`).
 const MAX_BATCHES_PER_MESSAGE: usize = 1000;
 
@@ -251,6 +261,9 @@ impl Bridge {
         // not a link that never comes up.
         link::tls_config(config).map_err(|e| format!("{file}:{}: [cloud]: {e}", config.line))?;
         let secs = |d: Duration| d.as_millis() as u64;
+        if let Some(program) = QUEUE_CHECKER.get() {
+            queue::check_in_child(program, &config.queue_dir).map_err(|e| e.to_string())?;
+        }
         let queue = Queue::open(
             &config.queue_dir,
             Bounds {

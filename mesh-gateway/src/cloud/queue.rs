@@ -157,6 +157,39 @@ fn dropped_key(class: Class) -> &'static str {
 }
 
 impl Queue {
+    /// Reads every table of the queue file in `dir` (if there is one), changing nothing it need
+    /// not (redb may finish a write a crash cut short): what a child process does before the
+    /// gateway opens its queue, since redb can panic on a damaged file (found by fuzzing), and a
+    /// device build aborts on a panic. See [`check_in_child`].
+    pub fn check(dir: &Path) -> Result<(), QueueError> {
+        let path = dir.join("cloud-queue.redb");
+        if !path.exists() {
+            return Ok(());
+        }
+        let fail = |reason: String| QueueError {
+            path: path.clone(),
+            reason: format!("damaged or unreadable: {reason}"),
+        };
+        let db = Database::open(&path).map_err(|e| fail(e.to_string()))?;
+        let rx = db.begin_read().map_err(|e| fail(e.to_string()))?;
+        if let Ok(messages) = rx.open_table(MESSAGES) {
+            for item in messages.iter().map_err(|e| fail(e.to_string()))? {
+                item.map_err(|e| fail(e.to_string()))?;
+            }
+        }
+        if let Ok(gaps) = rx.open_table(GAPS) {
+            for item in gaps.iter().map_err(|e| fail(e.to_string()))? {
+                item.map_err(|e| fail(e.to_string()))?;
+            }
+        }
+        if let Ok(meta) = rx.open_table(META) {
+            for item in meta.iter().map_err(|e| fail(e.to_string()))? {
+                item.map_err(|e| fail(e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Opens (or makes) the queue in `dir`. A queue that cannot be read is an error, never an
     /// empty queue: what it held would be lost in silence.
     pub fn open(dir: &Path, bounds: Bounds) -> Result<Queue, QueueError> {
@@ -645,6 +678,45 @@ fn add_range(
     }
     gaps.insert(start, end)?;
     Ok(())
+}
+
+/// Runs [`Queue::check`] on `dir` in a child process, `program check-queue <dir>` (the
+/// gateway's own binary): a file that makes the reader crash is then an error that names it,
+/// not a gateway that aborts at every start.
+pub fn check_in_child(program: &Path, dir: &Path) -> Result<(), QueueError> {
+    let path = dir.join("cloud-queue.redb");
+    if !path.exists() {
+        return Ok(());
+    }
+    let out = std::process::Command::new(program)
+        .arg("check-queue")
+        .arg(dir)
+        .env("RUST_BACKTRACE", "0")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| QueueError {
+            path: path.clone(),
+            reason: format!("cannot check it ({}: {e})", program.display()),
+        })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let said = String::from_utf8_lossy(&out.stderr);
+    let said = said
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty() && !l.starts_with("note:"))
+        .unwrap_or("")
+        .trim();
+    Err(QueueError {
+        path,
+        reason: format!(
+            "damaged: reading it crashed the reader ({}{}{said}); move it away to start with an \
+             empty queue (what it held is lost) or restore it",
+            out.status,
+            if said.is_empty() { "" } else { ": " }
+        ),
+    })
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! Footprint: stripped device binary sizes (from `cross/build.sh`), and the idle RSS of real
-//! `mesh-node` processes (native, size-tuned build) with 0 and 10 peers.
+//! `mesh-node` processes (native, size-tuned build) with 0, 10 and 100 peers.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -21,6 +21,9 @@ pub struct Footprint {
     pub rss_10_peers_kib: Option<u64>,
     /// The anonymous (heap and stacks) part of the 10-peer RSS; the rest is the binary's code.
     pub anon_10_peers_kib: Option<u64>,
+    pub rss_100_peers_kib: Option<u64>,
+    /// The anonymous part of the 100-peer RSS (issue 17: at most 4 MB).
+    pub anon_100_peers_kib: Option<u64>,
     /// Which binary the RSS figures are of.
     pub binary: String,
 }
@@ -41,10 +44,14 @@ impl Footprint {
         for (t, b, s) in &self.sizes {
             println!("  {b:<13} {t:<32} {:>6.2} MB stripped", *s as f64 / 1e6);
         }
-        for (peers, rss) in [(0, self.rss_0_peers_kib), (10, self.rss_10_peers_kib)] {
+        for (peers, rss) in [
+            (0, self.rss_0_peers_kib),
+            (10, self.rss_10_peers_kib),
+            (100, self.rss_100_peers_kib),
+        ] {
             match rss {
                 Some(kib) => println!(
-                    "  idle RSS, native mesh-node, {peers:>2} peers: {:.1} MiB",
+                    "  idle RSS, native mesh-node, {peers:>3} peers: {:.1} MiB",
                     kib as f64 / 1024.0
                 ),
                 None => {
@@ -52,12 +59,16 @@ impl Footprint {
                 }
             }
         }
-        if let Some(anon) = self.anon_10_peers_kib {
-            println!(
-                "    of which heap and stacks (RssAnon) with 10 peers: {:.1} MiB; binary {}",
-                anon as f64 / 1024.0,
-                self.binary
-            );
+        for (peers, anon) in [(10, self.anon_10_peers_kib), (100, self.anon_100_peers_kib)] {
+            if let Some(anon) = anon {
+                println!(
+                    "    of which heap and stacks (RssAnon) with {peers:>3} peers: {:.1} MiB",
+                    anon as f64 / 1024.0,
+                );
+            }
+        }
+        if self.rss_0_peers_kib.is_some() {
+            println!("    binary {}", self.binary);
         }
     }
 
@@ -67,6 +78,8 @@ impl Footprint {
             "rss_0_peers_kib": self.rss_0_peers_kib,
             "rss_10_peers_kib": self.rss_10_peers_kib,
             "anon_10_peers_kib": self.anon_10_peers_kib,
+            "rss_100_peers_kib": self.rss_100_peers_kib,
+            "anon_100_peers_kib": self.anon_100_peers_kib,
             "binary": self.binary,
         })
     }
@@ -83,16 +96,22 @@ pub fn measure() -> anyhow::Result<Footprint> {
         }
     }
     let node = native_node();
-    let (rss0, rss10) = if node.exists() {
-        (Some(idle_rss(&node, 0)?), Some(idle_rss(&node, 10)?))
+    let (rss0, rss10, rss100) = if node.exists() {
+        (
+            Some(idle_rss(&node, 0)?),
+            Some(idle_rss(&node, 10)?),
+            Some(idle_rss(&node, 100)?),
+        )
     } else {
-        (None, None)
+        (None, None, None)
     };
     Ok(Footprint {
         sizes,
         rss_0_peers_kib: rss0.map(|(rss, _)| rss),
         rss_10_peers_kib: rss10.map(|(rss, _)| rss),
         anon_10_peers_kib: rss10.map(|(_, anon)| anon),
+        rss_100_peers_kib: rss100.map(|(rss, _)| rss),
+        anon_100_peers_kib: rss100.map(|(_, anon)| anon),
         binary: node.display().to_string(),
     })
 }
@@ -157,7 +176,7 @@ fn idle_rss(bin: &Path, peers: usize) -> anyhow::Result<(u64, u64)> {
         let pid = child.id().to_string();
         procs.push(Proc(child));
         let state = nd.join("state");
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(60);
         let (quic, ingress) = loop {
             if let Some(e) = mesh_node::state::read_lock_file(&state)
                 && e.get("pid") == Some(&pid)

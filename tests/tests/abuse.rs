@@ -1,17 +1,15 @@
 //! Memory under abuse (issue 18): a real `mesh-node` process, a peer or a local app doing what
-//! costs it memory, and its RSS (sampled every 25 ms) held to the bound its config documents
+//! costs it memory, and its RSS (sampled every 20 ms) held to the bound its config documents
 //! (configs/node.example.toml). The ingress's own cases (slow senders, a hundred near-limit
 //! bodies) are in hostile.rs; the figures of every case are in docs/RELIABILITY.md.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use mesh_node::wire::{FrameReader, encode_head, write_message};
 use mesh_proto::limits::MAX_HEAD_BYTES;
 use mesh_proto::{RequestHead, ResponseHead, Status, decode_head, encode_body_prefix};
-use starling_tests::{NodeProc, Pki, hello_frame, post, raw_client, rss_kib, send_hello};
+use starling_tests::{NodeProc, Pki, RssWatch, hello_frame, post, raw_client, rss_kib, send_hello};
 
 const MIB: u64 = 1024;
 /// `limits.max_buffered_bytes` by default, in KiB.
@@ -31,44 +29,6 @@ fn bound(before: u64, held: u64, peers: u64) -> u64 {
 }
 
 const ECHO: &str = "[[services]]\nname = \"echo\"\nupstream = \"builtin:echo\"\n";
-
-/// Samples the RSS of `pid` every 25 ms until dropped; the peak, in KiB.
-struct Peak {
-    peak: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Peak {
-    fn watch(pid: u32) -> Peak {
-        let peak = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (peak, stop) = (peak.clone(), stop.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    if let Some((rss, _)) = rss_kib(pid) {
-                        peak.fetch_max(rss, Ordering::Relaxed);
-                    }
-                    std::thread::sleep(Duration::from_millis(25));
-                }
-            })
-        };
-        Peak {
-            peak,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn finish(mut self) -> u64 {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        self.peak.load(Ordering::Relaxed)
-    }
-}
 
 /// A raw connection to `node` as mesh member `name`, hello sent.
 async fn member(pki: &Pki, node: &NodeProc, name: &str) -> (quinn::Connection, quinn::Endpoint) {
@@ -183,7 +143,7 @@ async fn a_peer_holding_256_half_sent_bodies_stays_within_the_memory_bound() {
     let pki = Pki::new();
     // Calls wait a minute for their bodies: the abuser's keep what they took all along.
     let (node, before) = echo_node_with(&pki, "[limits]\ncall_timeout_ms = 60000\n").await;
-    let peak = Peak::watch(node.pid());
+    let peak = RssWatch::start(node.pid());
     let (conn, _endpoint) =
         half_sent_bodies(&pki, &node, "abuser", 256, 4 * 1024 * 1024 - 4096).await;
     still_serves(&node).await;
@@ -209,7 +169,7 @@ async fn a_peer_holding_256_half_sent_bodies_stays_within_the_memory_bound() {
     row(
         "one peer, 256 half-sent bodies of 4 MiB",
         before,
-        peak.finish(),
+        peak.peak_kib(),
         bound(before, BUFFERED / 4, 1),
     );
 }
@@ -218,7 +178,7 @@ async fn a_peer_holding_256_half_sent_bodies_stays_within_the_memory_bound() {
 async fn six_peers_holding_half_sent_bodies_stay_within_the_memory_bound() {
     let pki = Pki::new();
     let (node, before) = echo_node(&pki).await;
-    let peak = Peak::watch(node.pid());
+    let peak = RssWatch::start(node.pid());
     let mut held = Vec::new();
     for i in 0..6 {
         held.push(half_sent_bodies(&pki, &node, &format!("abuser-{i}"), 64, 1024 * 1024).await);
@@ -227,7 +187,7 @@ async fn six_peers_holding_half_sent_bodies_stay_within_the_memory_bound() {
     row(
         "six peers, 64 half-sent bodies of 1 MiB each",
         before,
-        peak.finish(),
+        peak.peak_kib(),
         bound(before, BUFFERED, 6),
     );
     drop(held);
@@ -237,7 +197,7 @@ async fn six_peers_holding_half_sent_bodies_stay_within_the_memory_bound() {
 async fn a_peer_that_never_reads_its_replies_stays_within_the_memory_bound() {
     let pki = Pki::new();
     let (node, before) = echo_node(&pki).await;
-    let peak = Peak::watch(node.pid());
+    let peak = RssWatch::start(node.pid());
     let (conn, _endpoint) = member(&pki, &node, "slow-reader").await;
     let body = Bytes::from(vec![0x33; 1024 * 1024]);
     let mut streams = Vec::new();
@@ -257,7 +217,7 @@ async fn a_peer_that_never_reads_its_replies_stays_within_the_memory_bound() {
     row(
         &format!("one peer, 256 echo calls of 1 MiB, replies never read ({sent} bodies taken)"),
         before,
-        peak.finish(),
+        peak.peak_kib(),
         bound(before, BUFFERED / 4, 1),
     );
     drop(streams);
@@ -280,7 +240,7 @@ async fn ten_thousand_distinct_method_names_stay_within_the_memory_bound() {
         rss_kib(a.pid()).expect("rss").0,
         rss_kib(b.pid()).expect("rss").0,
     );
-    let (peak_a, peak_b) = (Peak::watch(a.pid()), Peak::watch(b.pid()));
+    let (peak_a, peak_b) = (RssWatch::start(a.pid()), RssWatch::start(b.pid()));
     let ingress = a.ingress();
     let mut calls = tokio::task::JoinSet::new();
     for worker in 0..8 {
@@ -302,13 +262,13 @@ async fn ten_thousand_distinct_method_names_stay_within_the_memory_bound() {
     row(
         "10,000 distinct method names, caller",
         before_a,
-        peak_a.finish(),
+        peak_a.peak_kib(),
         bound(before_a, 0, 1),
     );
     row(
         "10,000 distinct method names, callee",
         before_b,
-        peak_b.finish(),
+        peak_b.peak_kib(),
         bound(before_b, 0, 1),
     );
 }
@@ -317,7 +277,7 @@ async fn ten_thousand_distinct_method_names_stay_within_the_memory_bound() {
 async fn heads_past_their_bound_cost_nothing() {
     let pki = Pki::new();
     let (node, before) = echo_node(&pki).await;
-    let peak = Peak::watch(node.pid());
+    let peak = RssWatch::start(node.pid());
     let (conn, _endpoint) = member(&pki, &node, "big-heads").await;
     let junk = Bytes::from(vec![0x41; 256 * 1024]);
     let mut refused = 0;
@@ -342,7 +302,7 @@ async fn heads_past_their_bound_cost_nothing() {
     row(
         "512 heads of 256 KiB (a head is at most 16 KiB)",
         before,
-        peak.finish(),
+        peak.peak_kib(),
         bound(before, 0, 1),
     );
 }
@@ -351,14 +311,14 @@ async fn heads_past_their_bound_cost_nothing() {
 async fn two_hundred_connections_stay_within_the_memory_bound() {
     let pki = Pki::new();
     let (node, before) = echo_node(&pki).await;
-    let peak = Peak::watch(node.pid());
+    let peak = RssWatch::start(node.pid());
     let mut held = Vec::new();
     for i in 0..200 {
         held.push(member(&pki, &node, &format!("peer-{i}")).await);
     }
     node.wait_peers(200, Duration::from_secs(30));
     still_serves(&node).await;
-    let peak = peak.finish();
+    let peak = peak.peak_kib();
     eprintln!(
         "200 connections: {} KiB each",
         peak.saturating_sub(before) / 200

@@ -449,18 +449,7 @@ async fn a_hundred_near_limit_bodies_keep_the_node_within_its_memory_bound() {
     let ingress = a.ingress();
     let before = starling_tests::rss_kib(a.pid()).expect("rss").0;
     let body = Bytes::from(vec![0x5a; 4 * 1024 * 1024 - 1024]);
-    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(before));
-    let watcher = {
-        let (peak, pid) = (peak.clone(), a.pid());
-        std::thread::spawn(move || {
-            for _ in 0..400 {
-                if let Some((rss, _)) = starling_tests::rss_kib(pid) {
-                    peak.fetch_max(rss, std::sync::atomic::Ordering::Relaxed);
-                }
-                std::thread::sleep(Duration::from_millis(25));
-            }
-        })
-    };
+    let watch = starling_tests::RssWatch::start(a.pid());
     let calls: Vec<_> = (0..100)
         .map(|_| {
             let body = body.clone();
@@ -479,8 +468,7 @@ async fn a_hundred_near_limit_bodies_keep_the_node_within_its_memory_bound() {
             other => panic!("unexpected answer: {other:?}"),
         }
     }
-    watcher.join().expect("watcher");
-    let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+    let peak = watch.peak_kib().max(before);
     let after = starling_tests::rss_kib(a.pid()).expect("rss").0;
     eprintln!(
         "100 bodies of 4 MiB: {ok} served, {busy} told busy; RSS {before} KiB before, peak {peak}, after {after}"

@@ -741,15 +741,7 @@ async fn a_root_rotation_across_five_nodes_fails_no_call() {
 /// `env` with libfaketime preloaded: the node's wall clock starts on 2 January 1970 and runs on
 /// (its monotonic clock is left alone); the process keeps its pid.
 fn in_1970() -> Vec<String> {
-    let lib = [
-        "/usr/lib/x86_64-linux-gnu",
-        "/usr/lib/aarch64-linux-gnu",
-        "/usr/lib",
-    ]
-    .iter()
-    .map(|d| Path::new(d).join("faketime/libfaketime.so.1"))
-    .find(|p| p.exists())
-    .expect("libfaketime (Debian package faketime; scripts/setup.sh installs it)");
+    let lib = starling_tests::libfaketime();
     vec![
         "env".into(),
         format!("LD_PRELOAD={}", lib.display()),

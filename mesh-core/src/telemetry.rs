@@ -458,6 +458,11 @@ impl Telemetry {
         self.next_seq
     }
 
+    /// Whether calls were counted since the last cut.
+    pub fn has_uncut_calls(&self) -> bool {
+        !self.counters.is_empty()
+    }
+
     /// Batches dropped because the backlog was full.
     pub fn dropped(&self) -> u64 {
         self.dropped

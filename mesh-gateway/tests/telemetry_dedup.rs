@@ -2,8 +2,8 @@
 //! into numbered batches and, at each delivery, sends every batch its gateway has not
 //! acknowledged, in order. The gateway's answers may be lost, so batches come again; the node may
 //! die, losing what it held, and its next incarnation says how many batches that was. The
-//! gateway's count must then be exactly the calls of the batches it received (each once), and its
-//! gap exactly the batches the node said it lost.
+//! gateway's count must then be exactly the calls of the batches it received (each once); every
+//! call made is either counted or in what a restart lost; and its gap is what the node said.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -51,15 +51,20 @@ proptest! {
         let mut received = BTreeSet::new();
         let mut expected = 0;
         let mut said_lost = 0;
-        for op in ops {
+        let (mut made, mut uncut, mut lost_calls) = (0u64, 0u64, 0u64);
+        let mut restarts = 0;
+        for op in ops.into_iter().chain([Op::Cut, Op::Deliver { answered: true }]) {
             match op {
                 Op::Calls(n) => {
                     for _ in 0..n {
                         node.record_call("svc", "m", "n", "b", Status::Ok, Duration::from_micros(10));
                     }
+                    made += u64::from(n);
+                    uncut += u64::from(n);
                 }
                 Op::Cut => {
                     node.cut(Resources::default());
+                    uncut = 0;
                 }
                 Op::Deliver { answered } => {
                     let batches: Vec<_> = node.pending().cloned().collect();
@@ -74,6 +79,16 @@ proptest! {
                     }
                 }
                 Op::Restart => {
+                    // The calls that die with it: its interval, and its batches the gateway
+                    // never received.
+                    lost_calls += uncut;
+                    for b in node.pending() {
+                        if !received.contains(&(boot, b.seq)) {
+                            lost_calls += b.calls.iter().map(|c| c.count).sum::<u64>();
+                        }
+                    }
+                    uncut = 0;
+                    restarts += 1;
                     // What the next start reads from the progress file: batches cut and not
                     // acknowledged, and the interval it was recording.
                     let lost = node.pending().count() as u64 + 1;
@@ -85,6 +100,12 @@ proptest! {
             }
         }
         prop_assert_eq!(metrics.total_calls(), expected);
+        // Nothing is lost that no gap stands for, and nothing is counted twice.
+        prop_assert_eq!(metrics.total_calls() + lost_calls, made);
         prop_assert_eq!(metrics.gap("n"), said_lost);
+        prop_assert!(said_lost >= restarts);
+        if lost_calls > 0 {
+            prop_assert!(metrics.gap("n") > 0);
+        }
     }
 }

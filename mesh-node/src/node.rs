@@ -729,8 +729,6 @@ impl Node {
             // unacknowledged, so the next start counts it as lost.
             self.parts.telemetry.cut_now(resources(&self.parts.peers));
         }
-        let telemetry = self.parts.telemetry.clone();
-        let _ = tokio::task::spawn_blocking(move || telemetry.mark_stopped()).await;
         let _ = self.parts.shutdown.send(true);
         // Connected peers learn at once from the close; the mDNS goodbye tells everyone else.
         let transport = self.parts.transport.clone();
@@ -741,6 +739,13 @@ impl Node {
         } else {
             close.await;
         }
+        // Calls answered during the flush, after its cut: a last batch, never acknowledged, so
+        // the next start counts it as lost rather than nobody counting them.
+        if self.parts.telemetry.lock().has_uncut_calls() {
+            self.parts.telemetry.cut_now(resources(&self.parts.peers));
+        }
+        let telemetry = self.parts.telemetry.clone();
+        let _ = tokio::task::spawn_blocking(move || telemetry.mark_stopped()).await;
     }
 }
 

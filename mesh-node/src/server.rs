@@ -268,7 +268,11 @@ impl Server {
         ));
         // Request bodies: a connection holds at most a quarter of the node's budget, so one peer
         // cannot take it all.
-        let bodies = Arc::new(tokio::sync::Semaphore::new(limits_bodies(&self.limits) / 4));
+        // (At least one body, should limits be built in code without the config's check.)
+        let budget = limits_bodies(&self.limits);
+        let bodies = Arc::new(tokio::sync::Semaphore::new(
+            (budget / 4).max(self.limits.max_body_bytes).min(budget),
+        ));
         while let Ok((send, recv)) = conn.accept_bi().await {
             let server = self.clone();
             let claims = claims.clone();

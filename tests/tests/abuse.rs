@@ -199,7 +199,9 @@ async fn a_peer_that_never_reads_its_replies_stays_within_the_memory_bound() {
     let (node, before) = echo_node(&pki).await;
     let peak = RssWatch::start(node.pid());
     let (conn, _endpoint) = member(&pki, &node, "slow-reader").await;
-    let body = Bytes::from(vec![0x33; 1024 * 1024]);
+    // Larger than the client's stream window (1.25 MB): a reply the client does not read stays
+    // on the node's side until the node gives up on it.
+    let body = Bytes::from(vec![0x33; 2 * 1024 * 1024]);
     let mut streams = Vec::new();
     for _ in 0..256 {
         let (mut send, recv) = conn.open_bi().await.expect("stream");
@@ -215,7 +217,7 @@ async fn a_peer_that_never_reads_its_replies_stays_within_the_memory_bound() {
     let sent = streams.iter().filter(|s| s.2).count();
     still_serves(&node).await;
     row(
-        &format!("one peer, 256 echo calls of 1 MiB, replies never read ({sent} bodies taken)"),
+        &format!("one peer, 256 echo calls of 2 MiB, replies never read ({sent} bodies sent)"),
         before,
         peak.peak_kib(),
         bound(before, BUFFERED / 4, 1),

@@ -684,39 +684,69 @@ fn add_range(
 /// gateway's own binary): a file that makes the reader crash is then an error that names it,
 /// not a gateway that aborts at every start.
 pub fn check_in_child(program: &Path, dir: &Path) -> Result<(), QueueError> {
+    use std::io::Read as _;
     let path = dir.join("cloud-queue.redb");
     if !path.exists() {
         return Ok(());
     }
-    let out = std::process::Command::new(program)
+    let fail = |reason: String| QueueError {
+        path: path.clone(),
+        reason,
+    };
+    let mut child = std::process::Command::new(program)
         .arg("check-queue")
         .arg(dir)
         .env("RUST_BACKTRACE", "0")
         .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| QueueError {
-            path: path.clone(),
-            reason: format!("cannot check it ({}: {e})", program.display()),
-        })?;
-    if out.status.success() {
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(format!("cannot check it ({}: {e})", program.display())))?;
+    // A reader that loops on a damaged file must not hold the start forever.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(fail(
+                    "damaged: reading it did not end within 120 s; move it away to start with an \
+                     empty queue (what it held is lost) or restore it"
+                        .into(),
+                ));
+            }
+            Err(e) => return Err(fail(format!("cannot check it: {e}"))),
+        }
+    };
+    if status.success() {
         return Ok(());
     }
-    let said = String::from_utf8_lossy(&out.stderr);
+    let mut said = String::new();
+    if let Some(mut err) = child.stderr.take() {
+        let _ = err.read_to_string(&mut said);
+    }
     let said = said
         .lines()
         .rev()
         .find(|l| !l.trim().is_empty() && !l.starts_with("note:"))
         .unwrap_or("")
-        .trim();
-    Err(QueueError {
-        path,
-        reason: format!(
-            "damaged: reading it crashed the reader ({}{}{said}); move it away to start with an \
-             empty queue (what it held is lost) or restore it",
-            out.status,
-            if said.is_empty() { "" } else { ": " }
-        ),
-    })
+        .trim()
+        .trim_start_matches("error: ")
+        .to_owned();
+    // Exit 2 is the reader's own refusal (redb's error, a permission, a lock): said as it is.
+    // Anything else (a panic, a signal) is a file that crashes its reader.
+    if status.code() == Some(2) {
+        return Err(fail(format!("unreadable: {said}")));
+    }
+    Err(fail(format!(
+        "damaged: reading it crashed the reader ({status}{}{said}); move it away to start with \
+         an empty queue (what it held is lost) or restore it",
+        if said.is_empty() { "" } else { ": " }
+    )))
 }
 
 #[cfg(test)]

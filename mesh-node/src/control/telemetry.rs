@@ -91,6 +91,9 @@ impl TelemetrySink {
 
     /// Sets the newest progress line from the counters.
     fn update_progress_text(&self) {
+        // Built under the text's lock: a writer that read `stopped` before `mark_stopped` cannot
+        // replace its line with an older one.
+        let mut text = self.progress_text.lock().unwrap_or_else(|p| p.into_inner());
         let telemetry = self.lock();
         let cut = telemetry.next_seq().saturating_sub(1);
         let acked = telemetry.acked();
@@ -100,8 +103,14 @@ impl TelemetrySink {
         } else {
             "running"
         };
-        *self.progress_text.lock().unwrap_or_else(|p| p.into_inner()) =
-            format!("boot {} cut {cut} acked {acked} {state}\n", self.boot_id);
+        // What the previous incarnation lost is carried until a batch of this one is
+        // acknowledged: the gateway has then heard it (the hello and the batch's telemetry say
+        // it), and a death before that must not forget it.
+        let carried = if acked == 0 { self.lost_at_restart } else { 0 };
+        *text = format!(
+            "boot {} cut {cut} acked {acked} {state} carried {carried}\n",
+            self.boot_id
+        );
     }
 
     /// Writes the progress line on this thread.
@@ -235,10 +244,32 @@ fn lost_by_previous(path: &std::path::Path) -> u64 {
         return 0;
     };
     let fields: Vec<&str> = text.split_whitespace().collect();
-    let (cut, acked, died) = match fields.as_slice() {
-        ["boot", _, "cut", cut, "acked", acked] => (cut, acked, 0),
-        ["boot", _, "cut", cut, "acked", acked, "running"] => (cut, acked, 1),
-        ["boot", _, "cut", cut, "acked", acked, "stopped"] => (cut, acked, 0),
+    let (cut, acked, died, carried) = match fields.as_slice() {
+        ["boot", _, "cut", cut, "acked", acked] => (cut, acked, 0, &"0"),
+        ["boot", _, "cut", cut, "acked", acked, "running"] => (cut, acked, 1, &"0"),
+        ["boot", _, "cut", cut, "acked", acked, "stopped"] => (cut, acked, 0, &"0"),
+        [
+            "boot",
+            _,
+            "cut",
+            cut,
+            "acked",
+            acked,
+            "running",
+            "carried",
+            carried,
+        ] => (cut, acked, 1, carried),
+        [
+            "boot",
+            _,
+            "cut",
+            cut,
+            "acked",
+            acked,
+            "stopped",
+            "carried",
+            carried,
+        ] => (cut, acked, 0, carried),
         _ => {
             warn!(
                 "{}: unreadable, the previous run's losses are unknown",
@@ -247,8 +278,15 @@ fn lost_by_previous(path: &std::path::Path) -> u64 {
             return 0;
         }
     };
-    match (cut.parse::<u64>(), acked.parse::<u64>()) {
-        (Ok(cut), Ok(acked)) => cut.saturating_sub(acked) + died,
+    match (
+        cut.parse::<u64>(),
+        acked.parse::<u64>(),
+        carried.parse::<u64>(),
+    ) {
+        (Ok(cut), Ok(acked), Ok(carried)) => cut
+            .saturating_sub(acked)
+            .saturating_add(died)
+            .saturating_add(carried),
         _ => {
             warn!(
                 "{}: unreadable, the previous run's losses are unknown",
@@ -298,4 +336,33 @@ pub(crate) fn unix_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_progress_file_says_what_the_previous_run_lost() {
+        let dir = std::env::temp_dir().join(format!("starling-progress-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("telemetry.progress");
+        for (line, lost) in [
+            ("boot 7 cut 5 acked 3\n", 2),
+            ("boot 7 cut 5 acked 3 stopped\n", 2),
+            // Killed: the interval it was recording is lost too.
+            ("boot 7 cut 5 acked 3 running\n", 3),
+            ("boot 7 cut 0 acked 0 running carried 0\n", 1),
+            // Killed before a batch told the gateway what the run before it lost: that is
+            // carried on, not forgotten.
+            ("boot 7 cut 2 acked 0 running carried 4\n", 7),
+            ("boot 7 cut 2 acked 0 stopped carried 4\n", 6),
+            ("garbage\n", 0),
+            ("boot 7 cut x acked 0 running carried 4\n", 0),
+        ] {
+            std::fs::write(&path, line).expect("write");
+            assert_eq!(lost_by_previous(&path), lost, "{line}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -349,9 +349,7 @@ impl Server {
             // Nothing more of this request is wanted.
             let _ = reader.into_inner().stop(0u32.into());
         }
-        if let Err(e) = write_reply(&mut send, reply).await {
-            debug!("could not write a reply: {e}");
-        }
+        self.write_held_reply(&mut send, reply).await;
         drop(held);
     }
 
@@ -571,9 +569,7 @@ impl Server {
         if reply.status == Status::InvalidArgument {
             let _ = reader.into_inner().stop(0u32.into());
         }
-        if let Err(e) = write_reply(&mut send, reply).await {
-            debug!("could not write a reply: {e}");
-        }
+        self.write_held_reply(&mut send, reply).await;
         drop(held);
     }
 
@@ -823,6 +819,21 @@ fn on_behalf_of(caller: &SpiffeId, claimed: &str) -> Result<SpiffeId, Reply> {
 async fn write_reply(send: &mut quinn::SendStream, reply: Reply) -> Result<(), quinn::WriteError> {
     let head = encoded_reply_head(&reply);
     write_encoded(send, head, reply.body).await
+}
+
+impl Server {
+    /// Writes the reply to a call whose body holds memory: a caller that does not read it within
+    /// `limits.call_timeout` has its stream reset, and gives the memory back.
+    async fn write_held_reply(&self, send: &mut quinn::SendStream, reply: Reply) {
+        match tokio::time::timeout(self.limits.call_timeout, write_reply(send, reply)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!("could not write a reply: {e}"),
+            Err(_) => {
+                debug!("a caller did not read its reply in time: its stream is reset");
+                let _ = send.reset(0u32.into());
+            }
+        }
+    }
 }
 
 /// A reply's head, encoded as a frame. Not in `write_reply`'s body: the head has room for every

@@ -196,7 +196,8 @@ async fn six_peers_holding_half_sent_bodies_stay_within_the_memory_bound() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_never_reads_its_replies_stays_within_the_memory_bound() {
     let pki = Pki::new();
-    let (node, before) = echo_node(&pki).await;
+    // Replies not read within 2 s are given up on.
+    let (node, before) = echo_node_with(&pki, "[limits]\ncall_timeout_ms = 2000\n").await;
     let peak = RssWatch::start(node.pid());
     let (conn, _endpoint) = member(&pki, &node, "slow-reader").await;
     // Larger than the client's stream window (1.25 MB): a reply the client does not read stays
@@ -215,12 +216,42 @@ async fn a_peer_that_never_reads_its_replies_stays_within_the_memory_bound() {
         streams.push((send, recv, sent.is_ok()));
     }
     let sent = streams.iter().filter(|s| s.2).count();
+    // Its sending halves go (a body refused as busy is reset, as a caller does); what it keeps
+    // is the replies, unread.
+    let streams: Vec<quinn::RecvStream> = streams.into_iter().map(|(_, recv, _)| recv).collect();
     still_serves(&node).await;
     row(
         &format!("one peer, 256 echo calls of 2 MiB, replies never read ({sent} bodies sent)"),
         before,
         peak.peak_kib(),
         bound(before, BUFFERED / 4, 1),
+    );
+    // The unread replies are given up on (their streams reset), and what they held is free
+    // again: a call on the same connection, read this time, goes through.
+    let answered = starling_tests::eventually(Duration::from_secs(15), async || {
+        let attempt = async {
+            let (mut send, recv) = conn.open_bi().await.ok()?;
+            let mut reader = FrameReader::new(recv);
+            // An answer may come before the whole body went (busy): read it either way.
+            let head = RequestHead::new("echo", "say", 5_000);
+            let _ = write_message(&mut send, &head, body.clone()).await;
+            let head = reader.frame(MAX_HEAD_BYTES).await.ok()?;
+            let head: ResponseHead = decode_head(&head).ok()?;
+            eprintln!(
+                "after the unread replies: {:?} {}",
+                head.status, head.message
+            );
+            (head.status == Status::Ok).then_some(())
+        };
+        tokio::time::timeout(Duration::from_secs(3), attempt)
+            .await
+            .ok()
+            .flatten()
+    })
+    .await;
+    assert!(
+        answered.is_some(),
+        "the unread replies kept the connection's share"
     );
     drop(streams);
 }

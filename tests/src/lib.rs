@@ -80,11 +80,12 @@ impl Pki {
         dir
     }
 
-    /// Issues gateway `name` into `<dir>/<name>/certs`, returns its folder.
+    /// Issues gateway `name` into `<dir>/<name>/certs` for a year (as `mesh-gateway issue
+    /// --gateway` does by default; nodes get a day), returns its folder.
     pub fn gateway_dir(&self, name: &str) -> PathBuf {
         let dir = self.dir.path().join(name);
         self.ca
-            .issue_gateway(name, 1)
+            .issue_gateway(name, 365)
             .expect("issue")
             .save(&dir.join("certs"), self.ca.cert_pem())
             .expect("save");
@@ -783,6 +784,19 @@ pub fn libfaketime() -> PathBuf {
     .map(|d| Path::new(d).join("faketime/libfaketime.so.1"))
     .find(|p| p.exists())
     .expect("libfaketime (Debian package faketime; scripts/setup.sh installs it)")
+}
+
+/// `env` arguments that run a program under libfaketime with its wall clock offset by what
+/// `clock_file` says (`+0`, `-2h`, `+2d`; read at most once a second), its monotonic clock left
+/// alone, as an NTP step leaves it. The program's path follows.
+pub fn stepped_clock_env(clock_file: &Path) -> Vec<String> {
+    vec![
+        "env".to_owned(),
+        format!("LD_PRELOAD={}", libfaketime().display()),
+        format!("FAKETIME_TIMESTAMP_FILE={}", clock_file.display()),
+        "FAKETIME_CACHE_DURATION=1".to_owned(),
+        "DONT_FAKE_MONOTONIC=1".to_owned(),
+    ]
 }
 
 /// `VmRSS` and `RssAnon` of a process, in KiB.

@@ -819,6 +819,68 @@ async fn a_node_whose_clock_says_1970_joins_on_its_floor_or_its_gateways_time_an
     );
 }
 
+/// A node whose clock ran two days ahead saved its time floor there; then its clock is set
+/// right, while its control stream is up. On its floor it would date every node's certificate
+/// (a day) as expired until the true time caught up: it opens a new control stream for its
+/// gateway's time (its gateway's certificate, a year, is valid at the floor), lowers the floor
+/// to it, and dates its peers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_floor_saved_while_the_clock_ran_ahead_is_lowered_by_the_gateways_time() {
+    let pki = Pki::new();
+    let gw_conf = pki.gateway_config("gw", "127.0.0.1:0", "");
+    let (gw, _) = NodeProc::start_gateway("gw", &gw_conf);
+    let peer = NodeProc::start("node-p", &node_conf(&pki, "node-p", gw.quic, ECHO));
+    peer.wait_gateway(UP);
+    let unix_now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("now")
+            .as_secs()
+    };
+
+    let clock = pki.dir.path().join("node-f-clock");
+    std::fs::write(&clock, "+2d\n").expect("clock");
+    let mut cmd = starling_tests::stepped_clock_env(&clock);
+    cmd.push(bin("mesh-node").display().to_string());
+    let f = NodeProc::start_cmd("node-f", &cmd, &node_conf(&pki, "node-f", gw.quic, ""));
+    f.wait_gateway(UP);
+    // Two days ahead: its floor is saved there, and its peer's certificate has expired.
+    let floor_file = pki.dir.path().join("node-f/state/time.floor");
+    let read_floor = || -> u64 {
+        std::fs::read_to_string(&floor_file)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + UP;
+    while read_floor() < unix_now() + 86_400 {
+        assert!(Instant::now() < deadline, "no floor two days ahead saved");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let s = f.wait_status("refusing its peer's certificate as expired", UP, |s| {
+        s["last_refusal"]
+            .as_str()
+            .is_some_and(|r| r.contains("expired"))
+    });
+    assert_eq!(s["clock"], "system", "{s}");
+    assert!(!has_peer(&s, "node-p"), "{s}");
+
+    // The clock is set right: the system clock is now two days before the floor.
+    std::fs::write(&clock, "+0\n").expect("clock");
+    f.wait_status("on its gateway's time", UP, |s| s["clock"] == "gateway");
+    f.wait_peer("node-p", UP);
+    let floor = read_floor();
+    assert!(
+        floor <= unix_now() + 60,
+        "the floor {floor} was not lowered to the gateway's time (now {})",
+        unix_now()
+    );
+    let (code, _, body) = post(f.ingress(), "echo", "say", Bytes::from_static(b"x"), None)
+        .await
+        .expect("call");
+    assert_eq!(code, 200, "{body:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_reaches_its_gateway_only_through_a_peer_renews_through_it() {
     let pki = Pki::new();

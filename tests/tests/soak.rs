@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use starling_tests::lab::{Lab, config as lab_config};
 use starling_tests::mqtt::{Broker, PREFIX, Received, SITE, broker, missing_seqs};
-use starling_tests::{NodeProc, Pki, bin, http, libfaketime, post};
+use starling_tests::{NodeProc, Pki, bin, http, post};
 
 /// Hosts 0..NODES run nodes `h0`..; host GW runs the gateway and the broker.
 const NODES: usize = 5;
@@ -389,15 +389,8 @@ impl Site {
     fn node_cmd(&self, i: usize) -> Vec<String> {
         let mut cmd = self.lab.exec_prefix(i);
         if i == CLOCK_NODE {
-            // Its wall clock follows the offset in clock_file (read at most once a second); its
-            // monotonic clock is left alone, as an NTP step leaves it.
-            cmd.extend([
-                "env".to_owned(),
-                format!("LD_PRELOAD={}", libfaketime().display()),
-                format!("FAKETIME_TIMESTAMP_FILE={}", self.clock_file.display()),
-                "FAKETIME_CACHE_DURATION=1".to_owned(),
-                "DONT_FAKE_MONOTONIC=1".to_owned(),
-            ]);
+            // Its wall clock follows the offset in clock_file.
+            cmd.extend(starling_tests::stepped_clock_env(&self.clock_file));
         }
         cmd.push(bin("mesh-node").display().to_string());
         cmd

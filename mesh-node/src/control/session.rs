@@ -184,7 +184,20 @@ impl ControlClient {
                     }
                 }
                 _ = new_batch => {}
-                _ = heartbeat.tick() => write_up(&mut send, &Up::Heartbeat).await?,
+                _ = heartbeat.tick() => {
+                    // The gateway gives the time first when a stream opens (and it is taken
+                    // only within 2 s of the hello).
+                    if hello_sent.elapsed() > Duration::from_secs(3)
+                        && crate::wallclock::wants_gateway_time()
+                    {
+                        warn!(
+                            "this node's clock is before its time floor or its certificate's \
+                             issue: a new control stream brings its gateway's time"
+                        );
+                        return Err("a new stream for the gateway's time".into());
+                    }
+                    write_up(&mut send, &Up::Heartbeat).await?
+                }
                 r = hosted_changes.changed() => {
                     if r.is_ok() {
                         write_up(&mut send, &Up::Hello(self.hello())).await?;

@@ -167,7 +167,24 @@ fn idle_rss(bin: &Path, peers: usize) -> anyhow::Result<(u64, u64)> {
             }
         }
         std::fs::write(nd.join("node.toml"), toml)?;
-        let child = Command::new(bin)
+        // STARLING_BENCH_NODE_WRAP="heaptrack -o /tmp/node" runs the measured node (the one
+        // that dials the others) under a profiler; its figures are then the wrapper's.
+        let wrap = if last {
+            std::env::var("STARLING_BENCH_NODE_WRAP").unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let mut words = wrap.split_whitespace();
+        let wrapped = words.clone().next().is_some();
+        let mut command = match words.next() {
+            Some(program) => {
+                let mut c = Command::new(program);
+                c.args(words).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = command
             .args(["run", "--config"])
             .arg(nd.join("node.toml"))
             .stdout(Stdio::null())
@@ -179,7 +196,7 @@ fn idle_rss(bin: &Path, peers: usize) -> anyhow::Result<(u64, u64)> {
         let deadline = Instant::now() + Duration::from_secs(60);
         let (quic, ingress) = loop {
             if let Some(e) = mesh_node::state::read_lock_file(&state)
-                && e.get("pid") == Some(&pid)
+                && (wrapped || e.get("pid") == Some(&pid))
                 && let (Some(q), Some(i)) = (e.get("quic"), e.get("ingress"))
             {
                 break (q.clone(), i.parse::<std::net::SocketAddr>()?);
@@ -204,7 +221,20 @@ fn idle_rss(bin: &Path, peers: usize) -> anyhow::Result<(u64, u64)> {
     }
     std::thread::sleep(Duration::from_secs(2));
     let pid = procs.last().context("node")?.0.id();
-    rss_of(pid).context("reading RSS")
+    let rss = rss_of(pid).context("reading RSS");
+    if let Some(node_pid) =
+        mesh_node::state::read_lock_file(&dir.path().join(format!("n{peers}/state")))
+            .and_then(|e| e.get("pid").and_then(|p| p.parse::<i32>().ok()))
+        && node_pid as u32 != pid
+    {
+        // A wrapped node: stopped cleanly, so that its profiler writes everything.
+        let _ = Command::new("kill").arg(node_pid.to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{node_pid}")).exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    rss
 }
 
 /// `(VmRSS, RssAnon)` of a process, in KiB.

@@ -109,10 +109,14 @@ impl Fixture {
                 .await??
         };
         let quinn_addr = qs.local_addr()?;
+        let streams = limits.max_concurrent_calls;
         server.spawn(async move {
             while let Some(incoming) = qs.accept().await {
                 tokio::spawn(async move {
                     let Ok(conn) = incoming.await else { return };
+                    // The mesh's transport settings, with every stream allowed at once (a node
+                    // starts a connection with a few and grows as its peer uses them).
+                    conn.set_max_concurrent_bi_streams(streams.into());
                     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
                         tokio::spawn(async move {
                             let Ok(body) = recv.read_to_end(MAX_PAYLOAD).await else {

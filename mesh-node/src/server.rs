@@ -74,6 +74,59 @@ impl From<crate::wire::ReadError> for GatherError {
     }
 }
 
+/// Streams a peer may open on a new connection, before it uses them: 8, or
+/// `limits.max_concurrent_calls` if less.
+///
+/// quinn sets room aside for every stream a peer may open (an entry in each of two tables,
+/// about 21 KB a connection at 256), which an idle peer never uses: 100 peers cost 2 MB for
+/// nothing. A connection starts here and grows as its peer uses it ([`StreamAllowance`]).
+pub(crate) fn initial_streams(limits: &Limits) -> u32 {
+    INITIAL_STREAMS.min(limits.max_concurrent_calls).max(1)
+}
+
+const INITIAL_STREAMS: u32 = 8;
+
+/// How many streams one connection's peer may open: from [`initial_streams`], four times more
+/// whenever more than half are open, up to `limits.max_concurrent_calls`. It never shrinks.
+struct StreamAllowance {
+    allowed: u32,
+    max: u32,
+    open: Arc<std::sync::atomic::AtomicU32>,
+}
+
+/// One stream being served; counted until dropped.
+struct OpenStream(Arc<std::sync::atomic::AtomicU32>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl StreamAllowance {
+    fn new(limits: &Limits) -> StreamAllowance {
+        StreamAllowance {
+            allowed: initial_streams(limits),
+            max: limits.max_concurrent_calls.max(1),
+            open: Arc::default(),
+        }
+    }
+
+    /// A stream was accepted on `conn`: counts it, and raises the peer's allowance when more
+    /// than half of it is open, before the peer runs out (the new credit takes a round trip).
+    fn opened(&mut self, conn: &quinn::Connection) -> OpenStream {
+        let open = self
+            .open
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .saturating_add(1);
+        if self.allowed < self.max && open.saturating_mul(2) > self.allowed {
+            self.allowed = self.allowed.saturating_mul(4).min(self.max);
+            conn.set_max_concurrent_bi_streams(self.allowed.into());
+        }
+        OpenStream(self.open.clone())
+    }
+}
+
 /// Bytes of a request body taken from its connection's share and the node's budget; given back
 /// when dropped.
 #[derive(Default)]
@@ -273,12 +326,15 @@ impl Server {
         let bodies = Arc::new(tokio::sync::Semaphore::new(
             (budget / 4).max(self.limits.max_body_bytes).min(budget),
         ));
+        let mut streams = StreamAllowance::new(&self.limits);
         while let Ok((send, recv)) = conn.accept_bi().await {
             let server = self.clone();
             let claims = claims.clone();
             let tunnels = tunnels.clone();
             let bodies = bodies.clone();
+            let open = streams.opened(&conn);
             tokio::spawn(async move {
+                let _open = open;
                 server
                     .serve_stream(claims, remote, send, recv, tunnels, bodies)
                     .await

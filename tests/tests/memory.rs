@@ -482,3 +482,53 @@ async fn bodies_past_a_connections_share_are_refused_at_once_and_the_rest_served
         assert_eq!(c.await.expect("task").expect("served"), body);
     }
 }
+
+/// A connection starts with a few streams and grows to `limits.max_concurrent_calls` as its peer
+/// uses them (quinn sets room aside for every stream a peer may open, which an idle peer never
+/// uses): a peer holding calls open gets all 100 it may have, through MAX_STREAMS frames sent as
+/// it went, and no 101st.
+#[tokio::test]
+async fn a_peers_streams_grow_to_max_concurrent_calls_as_it_uses_them() {
+    let (net, pki) = (MemoryNetwork::new(), Pki::new());
+    let b = node(
+        &net,
+        &pki,
+        "node-b",
+        &format!("{ECHO}[limits]\nmax_concurrent_calls = 100\n"),
+    );
+    let endpoint = raw_endpoint(&net, &pki, "node-r");
+    let conn = endpoint
+        .connect(b.local_addr(), "starling.mesh")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    starling_tests::send_hello(
+        &conn,
+        &starling_tests::hello_frame("node-r", mesh_proto::PROTOCOL_VERSION, &[]),
+    )
+    .await;
+    let mut held = Vec::new();
+    for i in 0..100 {
+        let (mut send, recv) = tokio::time::timeout(UP, conn.open_bi())
+            .await
+            .unwrap_or_else(|_| panic!("stream {i} was never allowed"))
+            .expect("stream");
+        // A call whose body never comes: the stream stays open.
+        let mut head =
+            mesh_node::wire::encode_head(&mesh_proto::RequestHead::new("echo", "say", 60_000));
+        mesh_proto::encode_body_prefix(10, &mut head);
+        send.write_all(&head).await.expect("head");
+        held.push((send, recv));
+    }
+    let raised = conn.stats().frame_rx.max_streams_bidi;
+    assert!(
+        raised >= 1,
+        "all 100 streams were allowed at the handshake: the connection did not start small"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), conn.open_bi())
+            .await
+            .is_err(),
+        "a 101st stream was allowed"
+    );
+}

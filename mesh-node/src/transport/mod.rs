@@ -581,7 +581,10 @@ fn transport_config(limits: &Limits) -> quinn::TransportConfig {
         .receive_window(CONNECTION_RECEIVE_WINDOW.into())
         .keep_alive_interval(Some(limits.keep_alive))
         .max_idle_timeout(limits.idle_timeout.try_into().ok())
-        .max_concurrent_bidi_streams(limits.max_concurrent_calls.into())
+        // A connection starts with a few streams and grows to max_concurrent_calls as its peer
+        // uses them (`Server::serve_connection`): quinn sets room aside for every stream a peer
+        // may open.
+        .max_concurrent_bidi_streams(crate::server::initial_streams(limits).into())
         .max_concurrent_uni_streams(8u32.into())
         .enable_segmentation_offload(limits.segmentation_offload);
     transport

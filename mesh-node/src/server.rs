@@ -87,20 +87,17 @@ pub(crate) fn initial_streams(limits: &Limits) -> u32 {
 const INITIAL_STREAMS: u32 = 8;
 
 /// How many streams one connection's peer may open: from [`initial_streams`], four times more
-/// whenever more than half are open, up to `limits.max_concurrent_calls`. It never shrinks.
+/// whenever the peer has opened more than half as many over the connection's life, up to
+/// `limits.max_concurrent_calls`. It never shrinks.
+///
+/// Streams opened, not streams open: quinn gives a peer new credit only when it frees a stream,
+/// which a peer can delay (a call whose reply it never reads, a stream it never resets), while
+/// the node's own work on the stream is long done. Counted this way, a peer reaches the whole
+/// allowance before it can run out of credit, and a peer that calls rarely stays small.
 struct StreamAllowance {
     allowed: u32,
     max: u32,
-    open: Arc<std::sync::atomic::AtomicU32>,
-}
-
-/// One stream being served; counted until dropped.
-struct OpenStream(Arc<std::sync::atomic::AtomicU32>);
-
-impl Drop for OpenStream {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
+    opened: u32,
 }
 
 impl StreamAllowance {
@@ -108,22 +105,18 @@ impl StreamAllowance {
         StreamAllowance {
             allowed: initial_streams(limits),
             max: limits.max_concurrent_calls.max(1),
-            open: Arc::default(),
+            opened: 0,
         }
     }
 
-    /// A stream was accepted on `conn`: counts it, and raises the peer's allowance when more
-    /// than half of it is open, before the peer runs out (the new credit takes a round trip).
-    fn opened(&mut self, conn: &quinn::Connection) -> OpenStream {
-        let open = self
-            .open
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            .saturating_add(1);
-        if self.allowed < self.max && open.saturating_mul(2) > self.allowed {
+    /// A stream was accepted on `conn`: raises the peer's allowance once it has opened more
+    /// than half of it, before it runs out (the new credit takes a round trip).
+    fn opened(&mut self, conn: &quinn::Connection) {
+        self.opened = self.opened.saturating_add(1);
+        if self.allowed < self.max && self.opened.saturating_mul(2) > self.allowed {
             self.allowed = self.allowed.saturating_mul(4).min(self.max);
             conn.set_max_concurrent_bi_streams(self.allowed.into());
         }
-        OpenStream(self.open.clone())
     }
 }
 
@@ -332,9 +325,8 @@ impl Server {
             let claims = claims.clone();
             let tunnels = tunnels.clone();
             let bodies = bodies.clone();
-            let open = streams.opened(&conn);
+            streams.opened(&conn);
             tokio::spawn(async move {
-                let _open = open;
                 server
                     .serve_stream(claims, remote, send, recv, tunnels, bodies)
                     .await

@@ -30,6 +30,25 @@ fn raw_endpoint(net: &MemoryNetwork, pki: &Pki, name: &str) -> quinn::Endpoint {
         .expect("endpoint")
 }
 
+/// A raw connection from `name` to `to`, its hello (`protocol`, `extra` bytes after it) sent.
+async fn raw_member(
+    net: &MemoryNetwork,
+    pki: &Pki,
+    to: &Node,
+    name: &str,
+    protocol: u16,
+    extra: &[u8],
+) -> (quinn::Connection, quinn::Endpoint) {
+    let endpoint = raw_endpoint(net, pki, name);
+    let conn = endpoint
+        .connect(to.local_addr(), "starling.mesh")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    starling_tests::send_hello(&conn, &starling_tests::hello_frame(name, protocol, extra)).await;
+    (conn, endpoint)
+}
+
 #[tokio::test]
 async fn calls_cross_the_memory_network() {
     let (net, pki) = (MemoryNetwork::new(), Pki::new());
@@ -239,13 +258,7 @@ async fn nodes_find_each_other_through_memory_discovery() {
 async fn a_peer_speaking_a_protocol_too_old_is_refused_with_a_reason() {
     let (net, pki) = (MemoryNetwork::new(), Pki::new());
     let b = node(&net, &pki, "node-b", ECHO);
-    let endpoint = raw_endpoint(&net, &pki, "old");
-    let conn = endpoint
-        .connect(b.local_addr(), "starling.mesh")
-        .expect("connect")
-        .await
-        .expect("handshake");
-    starling_tests::send_hello(&conn, &starling_tests::hello_frame("old", 0, &[])).await;
+    let (conn, _endpoint) = raw_member(&net, &pki, &b, "old", 0, &[]).await;
     let reason = tokio::time::timeout(UP, conn.closed())
         .await
         .expect("closed");
@@ -263,17 +276,7 @@ async fn a_peer_speaking_a_protocol_too_old_is_refused_with_a_reason() {
 async fn a_newer_peer_is_accepted_and_spoken_to_in_this_nodes_version() {
     let (net, pki) = (MemoryNetwork::new(), Pki::new());
     let b = node(&net, &pki, "node-b", ECHO);
-    let endpoint = raw_endpoint(&net, &pki, "newer");
-    let conn = endpoint
-        .connect(b.local_addr(), "starling.mesh")
-        .expect("connect")
-        .await
-        .expect("handshake");
-    starling_tests::send_hello(
-        &conn,
-        &starling_tests::hello_frame("newer", 9, &[0x02, 0xaa, 0xbb]),
-    )
-    .await;
+    let (_conn, _endpoint) = raw_member(&net, &pki, &b, "newer", 9, &[0x02, 0xaa, 0xbb]).await;
     assert!(
         b.wait_until(UP, |n| n
             .peers()
@@ -496,17 +499,8 @@ async fn a_peers_streams_grow_to_max_concurrent_calls_as_it_uses_them() {
         "node-b",
         &format!("{ECHO}[limits]\nmax_concurrent_calls = 100\n"),
     );
-    let endpoint = raw_endpoint(&net, &pki, "node-r");
-    let conn = endpoint
-        .connect(b.local_addr(), "starling.mesh")
-        .expect("connect")
-        .await
-        .expect("handshake");
-    starling_tests::send_hello(
-        &conn,
-        &starling_tests::hello_frame("node-r", mesh_proto::PROTOCOL_VERSION, &[]),
-    )
-    .await;
+    let (conn, _endpoint) =
+        raw_member(&net, &pki, &b, "node-r", mesh_proto::PROTOCOL_VERSION, &[]).await;
     let mut held = Vec::new();
     for i in 0..100 {
         let (mut send, recv) = tokio::time::timeout(UP, conn.open_bi())

@@ -11,8 +11,11 @@
 //! the floor (floor, plus the monotonic time since it was set) if it has one, and takes the time
 //! from its gateway as soon as a control stream gives it (`Down::Time`, sent when a stream
 //! opens, on a connection whose certificate it verified; the round trip must be short). A clock
-//! stepped back while the stream is up opens a new stream for it. From then on the node runs on
-//! the gateway's time plus its monotonic clock, whatever the system clock does. The gateway's
+//! stepped back while the stream is up opens a new stream for it (asked again after 30 s,
+//! doubling up to 10 minutes, while the time is refused). From then on the node runs on the
+//! gateway's time plus its monotonic clock, or on its system clock when that is not behind it
+//! (the monotonic clock stops while a device sleeps; the later time never trusts an expired
+//! certificate). The gateway's
 //! time may be before the floor: a floor saved while the clock ran ahead is lowered to it (see
 //! [`adopt_gateway_time`]). With neither floor nor gateway, the node dates nothing: every peer
 //! but a certified gateway is refused with a clear error, and a gateway's certificate is checked
@@ -31,11 +34,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// Where the time came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Basis {
-    /// The system clock, which is not before the floor.
+    /// The system clock, which is not before the floor (nor, once the node has its gateway's
+    /// time, before that).
     System,
-    /// The system clock is wrong: the floor plus the time since start.
+    /// The system clock is wrong: the floor plus the monotonic time since it was set.
     Floor,
-    /// The system clock is wrong: corrected by the gateway's time.
+    /// The system clock is behind: the gateway's time plus the monotonic time since it came.
     Gateway,
     /// The system clock is wrong and there is no floor: nothing is dated (a gateway only).
     Unknown,
@@ -53,8 +57,10 @@ impl Basis {
     }
 }
 
-/// How long a node whose clock is wrong waits before it asks its gateway for the time again.
+/// How long a node whose clock is wrong waits before it asks its gateway for the time again;
+/// doubled at every ask that did not set its clock, up to [`ASK_AGAIN_MAX`].
 const ASK_AGAIN: Duration = Duration::from_secs(30);
+const ASK_AGAIN_MAX: Duration = Duration::from_secs(600);
 
 struct Clock {
     /// Unix seconds of the saved floor (0: none): raised when it is saved, lowered only by the
@@ -68,9 +74,12 @@ struct Clock {
     /// The gateway's time, as Unix milliseconds at [`epoch`] (0: none): the node runs on it,
     /// plus the monotonic time since, so that a later step of the system clock does not move it.
     gateway_base_ms: AtomicU64,
-    /// When the gateway last gave the time (milliseconds after [`epoch`], plus one; 0: never).
-    offered_ms: AtomicU64,
-    /// The floor file.
+    /// When the gateway last gave the time while the clock was wrong, or the node last asked
+    /// for it (milliseconds after [`epoch`], plus one; 0: never).
+    asked_ms: AtomicU64,
+    /// Asks since the node last took its gateway's time.
+    asks: AtomicU64,
+    /// The floor file; its lock orders the floor's updates and writes.
     path: Mutex<Option<PathBuf>>,
 }
 
@@ -79,7 +88,8 @@ static CLOCK: Clock = Clock {
     floor_base_ms: AtomicU64::new(0),
     not_before: AtomicU64::new(0),
     gateway_base_ms: AtomicU64::new(0),
-    offered_ms: AtomicU64::new(0),
+    asked_ms: AtomicU64::new(0),
+    asks: AtomicU64::new(0),
     path: Mutex::new(None),
 };
 
@@ -97,13 +107,18 @@ fn elapsed_ms() -> u64 {
     elapsed().as_millis() as u64
 }
 
-/// Sets the floor to `secs`, as of now.
-fn set_floor(secs: u64) {
-    CLOCK.floor.store(secs, Ordering::Relaxed);
-    CLOCK.floor_base_ms.store(
-        secs.saturating_mul(1000).saturating_sub(elapsed_ms()),
-        Ordering::Relaxed,
-    );
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Sets the floor to `ms` (Unix milliseconds), as of now. Under the floor file's lock (or at
+/// start).
+fn set_floor_ms(ms: u64) {
+    CLOCK.floor.store(ms / 1000, Ordering::Relaxed);
+    CLOCK
+        .floor_base_ms
+        .store(ms.saturating_sub(elapsed_ms()), Ordering::Relaxed);
 }
 
 fn secs(t: SystemTime) -> u64 {
@@ -127,7 +142,7 @@ pub(crate) fn init(state_dir: &Path, not_before: SystemTime) -> Result<Basis, St
         Err(e) => return Err(format!("{}: {e}", path.display())),
     };
     if floor > CLOCK.floor.load(Ordering::Relaxed) {
-        set_floor(floor);
+        set_floor_ms(floor.saturating_mul(1000));
     }
     CLOCK
         .not_before
@@ -139,14 +154,18 @@ pub(crate) fn init(state_dir: &Path, not_before: SystemTime) -> Result<Basis, St
 
 /// Now, and where it came from.
 pub fn now() -> (SystemTime, Basis) {
+    let system = SystemTime::now();
     let base = CLOCK.gateway_base_ms.load(Ordering::Relaxed);
     if base != 0 {
-        return (
-            UNIX_EPOCH + Duration::from_millis(base) + elapsed(),
-            Basis::Gateway,
-        );
+        // The later of the two: the monotonic clock stops while the device is suspended, and
+        // the later time never takes an expired certificate for a valid one.
+        let gateway = UNIX_EPOCH + Duration::from_millis(base) + elapsed();
+        return if system >= gateway {
+            (system, Basis::System)
+        } else {
+            (gateway, Basis::Gateway)
+        };
     }
-    let system = SystemTime::now();
     let floor = CLOCK.floor.load(Ordering::Relaxed);
     let lower = floor.max(CLOCK.not_before.load(Ordering::Relaxed));
     if secs(system) >= lower {
@@ -180,14 +199,25 @@ pub fn time() -> SystemTime {
 
 /// Whether the control stream should be opened again for the gateway's time: this node's
 /// system clock is wrong (before its floor or its certificate's issue; it may have been stepped
-/// back while the stream was up, and the gateway gives the time when a stream opens), and the
-/// gateway has not given it in the last [`ASK_AGAIN`].
+/// back while the stream was up, and the gateway gives the time when a stream opens), and it
+/// has not been given or asked for it lately: 30 s, doubled at every ask that did not set the
+/// clock (a refused time, or none at all), up to 10 minutes. Says yes once per wait: the caller
+/// asks.
 pub(crate) fn wants_gateway_time() -> bool {
     if !matches!(now().1, Basis::Floor | Basis::Unknown) {
         return false;
     }
-    let offered = CLOCK.offered_ms.load(Ordering::Relaxed);
-    offered == 0 || elapsed().saturating_sub(Duration::from_millis(offered - 1)) >= ASK_AGAIN
+    let asks = CLOCK.asks.load(Ordering::Relaxed).min(5) as u32;
+    let wait = ASK_AGAIN.saturating_mul(1 << asks).min(ASK_AGAIN_MAX);
+    let last = CLOCK.asked_ms.load(Ordering::Relaxed);
+    if last != 0 && elapsed().saturating_sub(Duration::from_millis(last - 1)) < wait {
+        return false;
+    }
+    CLOCK
+        .asked_ms
+        .store(elapsed_ms().saturating_add(1), Ordering::Relaxed);
+    CLOCK.asks.fetch_add(1, Ordering::Relaxed);
+    true
 }
 
 /// Takes the gateway's time (`unix_ms`, read `rtt` after asking) when the system clock is
@@ -206,7 +236,7 @@ pub(crate) fn adopt_gateway_time(unix_ms: u64, rtt: Duration) -> Option<String> 
         return None;
     }
     CLOCK
-        .offered_ms
+        .asked_ms
         .store(elapsed_ms().saturating_add(1), Ordering::Relaxed);
     if rtt > Duration::from_secs(2) {
         return Some(format!(
@@ -225,16 +255,19 @@ pub(crate) fn adopt_gateway_time(unix_ms: u64, rtt: Duration) -> Option<String> 
              was issued ({not_before_ms} ms)"
         ));
     }
+    let path = CLOCK.path.lock().unwrap_or_else(|p| p.into_inner());
     CLOCK.gateway_base_ms.store(
         gateway.saturating_sub(elapsed_ms()).max(1),
         Ordering::Relaxed,
     );
+    CLOCK.asks.store(0, Ordering::Relaxed);
     let floor_ms = CLOCK.floor.load(Ordering::Relaxed).saturating_mul(1000);
     let lowered = gateway < floor_ms;
     if lowered {
-        set_floor(gateway / 1000);
+        set_floor_ms(gateway);
     }
-    save_floor();
+    save_floor_locked(&path);
+    drop(path);
     match (basis, lowered) {
         (_, true) => Some(format!(
             "this node's time floor was {} s ahead of its gateway's time (its clock ran ahead \
@@ -251,20 +284,24 @@ pub(crate) fn adopt_gateway_time(unix_ms: u64, rtt: Duration) -> Option<String> 
     }
 }
 
-/// Saves the floor (now), unless the time is unknown. Blocking (fsync): at most every few
-/// minutes.
+/// Saves the floor (now), unless the time is unknown, and raises the floor in memory to it.
+/// Blocking (fsync): at most every few minutes.
 pub(crate) fn save_floor() {
+    let path = CLOCK.path.lock().unwrap_or_else(|p| p.into_inner());
+    save_floor_locked(&path);
+}
+
+fn save_floor_locked(path: &Option<PathBuf>) {
     let (t, basis) = now();
     if basis == Basis::Unknown {
         return;
     }
-    let path = CLOCK.path.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let Some(path) = path else { return };
-    let s = secs(t);
-    if s > CLOCK.floor.load(Ordering::Relaxed) {
-        set_floor(s);
+    let ms = unix_ms(t);
+    if ms / 1000 > CLOCK.floor.load(Ordering::Relaxed) {
+        set_floor_ms(ms);
     }
-    if let Err(e) = crate::state::write_atomic(&path, format!("{s}\n").as_bytes(), 0o600) {
+    if let Err(e) = crate::state::write_atomic(path, format!("{}\n", ms / 1000).as_bytes(), 0o600) {
         tracing::warn!("cannot save the time floor: {}: {e}", path.display());
     }
 }

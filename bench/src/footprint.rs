@@ -143,6 +143,25 @@ impl Drop for Proc {
     }
 }
 
+/// A command that runs `bin`, under the profiler the environment variable `var` names (its
+/// words, then `bin`) when it is set; and whether it is so wrapped.
+pub fn wrapped_command(var: &str, bin: &Path) -> (Command, bool) {
+    let wrap = if var.is_empty() {
+        String::new()
+    } else {
+        std::env::var(var).unwrap_or_default()
+    };
+    let mut words = wrap.split_whitespace();
+    match words.next() {
+        Some(program) => {
+            let mut c = Command::new(program);
+            c.args(words).arg(bin);
+            (c, true)
+        }
+        None => (Command::new(bin), false),
+    }
+}
+
 /// Starts `peers` nodes, then one that dials them all; returns its `(RSS, anonymous RSS)` in KiB
 /// once it is connected and has idled for two seconds.
 fn idle_rss(bin: &Path, peers: usize) -> anyhow::Result<(u64, u64)> {
@@ -167,23 +186,15 @@ fn idle_rss(bin: &Path, peers: usize) -> anyhow::Result<(u64, u64)> {
             }
         }
         std::fs::write(nd.join("node.toml"), toml)?;
-        // STARLING_BENCH_NODE_WRAP="heaptrack -o /tmp/node" runs the measured node (the one
-        // that dials the others) under a profiler; its figures are then the wrapper's.
-        let wrap = if last {
-            std::env::var("STARLING_BENCH_NODE_WRAP").unwrap_or_default()
+        // STARLING_BENCH_NODE_WRAP="heaptrack -o /tmp/node" runs the measured node of the
+        // 100-peer run (the one that dials the others) under a profiler; its figures are then
+        // the wrapper's. One run only: a profiler's output file would be overwritten.
+        let wrap = if last && peers == 100 {
+            "STARLING_BENCH_NODE_WRAP"
         } else {
-            String::new()
+            ""
         };
-        let mut words = wrap.split_whitespace();
-        let wrapped = words.clone().next().is_some();
-        let mut command = match words.next() {
-            Some(program) => {
-                let mut c = Command::new(program);
-                c.args(words).arg(bin);
-                c
-            }
-            None => Command::new(bin),
-        };
+        let (mut command, wrapped) = wrapped_command(wrap, bin);
         let child = command
             .args(["run", "--config"])
             .arg(nd.join("node.toml"))

@@ -11,7 +11,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -138,16 +138,8 @@ pub fn measure(
     std::fs::write(gw_dir.join("gateway.toml"), toml)?;
     // STARLING_BENCH_GATEWAY_WRAP="heaptrack -o /tmp/gw" runs the gateway under a profiler
     // (the figures then follow the process its lock file names).
-    let wrap = std::env::var("STARLING_BENCH_GATEWAY_WRAP").unwrap_or_default();
-    let mut words = wrap.split_whitespace();
-    let mut command = match words.next() {
-        Some(program) => {
-            let mut c = Command::new(program);
-            c.args(words).arg(gateway_bin);
-            c
-        }
-        None => Command::new(gateway_bin),
-    };
+    let (mut command, wrapped) =
+        crate::footprint::wrapped_command("STARLING_BENCH_GATEWAY_WRAP", gateway_bin);
     let mut child = command
         .args(["run", "--config"])
         .arg(gw_dir.join("gateway.toml"))
@@ -181,7 +173,7 @@ pub fn measure(
         }
     });
     let result = run(
-        if wrap.is_empty() { pid } else { 0 },
+        if wrapped { 0 } else { pid },
         &gw_dir,
         &ca,
         nodes,

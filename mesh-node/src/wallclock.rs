@@ -15,8 +15,8 @@
 //! doubling up to 10 minutes, while the time is refused). From then on the node runs on the
 //! gateway's time plus its monotonic clock, or on its system clock when that is not behind it
 //! (the monotonic clock stops while a device sleeps; the later time never trusts an expired
-//! certificate). The gateway's
-//! time may be before the floor: a floor saved while the clock ran ahead is lowered to it (see
+//! certificate). The gateway's time may be before the floor: a floor saved while the clock ran
+//! ahead is lowered to it (see
 //! [`adopt_gateway_time`]). With neither floor nor gateway, the node dates nothing: every peer
 //! but a certified gateway is refused with a clear error, and a gateway's certificate is checked
 //! as of its own notBefore, so that the node can learn the time from it. What this trusts: a

@@ -116,6 +116,42 @@ impl<K: Clone + Eq + Hash> Balancer<K> {
         r1: u64,
         r2: u64,
     ) -> Option<K> {
+        let chosen = match candidates {
+            // One endpoint (the common case on a small site): no choice to make, nothing to
+            // allocate.
+            [(k, _)] => {
+                let usable = self.available(k, now)
+                    || self
+                        .states
+                        .get(k)
+                        .is_none_or(|s| s.in_flight < self.config.max_in_flight);
+                if !usable {
+                    return None;
+                }
+                k.clone()
+            }
+            _ => self.choose(candidates, zone, now, r1, r2)?,
+        };
+        let state = self.states.entry(chosen.clone()).or_default();
+        if state.ejected_until.is_some_and(|until| now >= until) {
+            // The ejection ran out: this call is the probe.
+            state.probing = true;
+            state.ejected_until = None;
+        }
+        state.in_flight += 1;
+        Some(chosen)
+    }
+
+    /// Two random choices among the healthy candidates (in `zone` when preferred), the one with
+    /// the lower cost.
+    fn choose(
+        &self,
+        candidates: &[(K, Option<&str>)],
+        zone: Option<&str>,
+        now: Instant,
+        r1: u64,
+        r2: u64,
+    ) -> Option<K> {
         let mut healthy: Vec<&(K, Option<&str>)> = candidates
             .iter()
             .filter(|(k, _)| self.available(k, now))
@@ -139,7 +175,7 @@ impl<K: Clone + Eq + Hash> Balancer<K> {
             _ => Vec::new(),
         };
         let pool = if local.is_empty() { healthy } else { local };
-        let chosen = match pool.len() {
+        Some(match pool.len() {
             0 => return None,
             1 => pool[0].0.clone(),
             n => {
@@ -155,15 +191,7 @@ impl<K: Clone + Eq + Hash> Balancer<K> {
                     ka.clone()
                 }
             }
-        };
-        let state = self.states.entry(chosen.clone()).or_default();
-        if state.ejected_until.is_some_and(|until| now >= until) {
-            // The ejection ran out: this call is the probe.
-            state.probing = true;
-            state.ejected_until = None;
-        }
-        state.in_flight += 1;
-        Some(chosen)
+        })
     }
 
     fn available(&self, k: &K, now: Instant) -> bool {

@@ -119,11 +119,28 @@ pub fn encode_frame<'b, T: Serialize>(
 /// Encodes `value` as a frame appended to `out`.
 #[cfg(feature = "alloc")]
 pub fn encode_frame_vec<T: Serialize>(value: &T, out: &mut alloc::vec::Vec<u8>) {
-    // Heads are small; serialise, then prefix. postcard cannot fail writing into a Vec for the
-    // types of this crate, which have no maps of unknown length.
-    let bytes = postcard::to_allocvec(value).unwrap_or_default();
-    encode_body_prefix(bytes.len(), out);
-    out.extend_from_slice(&bytes);
+    /// Appends to a borrowed Vec (postcard's `to_extend` takes its writer by value).
+    struct Append<'a>(&'a mut alloc::vec::Vec<u8>);
+    impl Extend<u8> for Append<'_> {
+        fn extend<I: IntoIterator<Item = u8>>(&mut self, bytes: I) {
+            self.0.extend(bytes);
+        }
+    }
+    // Serialised in place after room for a one-byte prefix (heads are small), then prefixed;
+    // a longer prefix moves the frame. postcard cannot fail writing into a Vec for the types of
+    // this crate, which have no maps of unknown length; should it, the frame is empty.
+    let start = out.len();
+    out.push(0);
+    if postcard::to_extend(value, Append(out)).is_err() {
+        out.truncate(start + 1);
+    }
+    let len = u32::try_from(out.len() - start - 1).unwrap_or(u32::MAX);
+    let mut prefix = [0u8; varint::MAX_LEN];
+    let prefix = varint::encode(len, &mut prefix);
+    match prefix {
+        [one] => out[start] = *one,
+        _ => drop(out.splice(start..=start, prefix.iter().copied())),
+    }
 }
 
 /// Appends the length prefix of a body of `len` bytes to `out`.
@@ -197,6 +214,28 @@ mod tests {
             frame_len(&[0x80, 0x01], 100),
             Err(FrameError::TooLarge { len: 128, max: 100 })
         );
+    }
+
+    /// The Vec encoder writes the same frame as the slice encoder, after what `out` held: for a
+    /// one-byte length prefix and for a longer one (the frame moves).
+    #[cfg(feature = "alloc")]
+    #[test]
+    fn vec_frames_match_slice_frames() {
+        for message in [
+            "",
+            "short",
+            &"x".repeat(126),
+            &"y".repeat(127),
+            &"z".repeat(300),
+        ] {
+            let head = ResponseHead::new(Status::Ok, message);
+            let mut buf = [0u8; 512];
+            let want = roundtrip_frame(&head, &mut buf);
+            let mut out = std::vec![7u8, 8];
+            encode_frame_vec(&head, &mut out);
+            assert_eq!(&out[..2], &[7, 8], "{message:?}");
+            assert_eq!(&out[2..], want, "{message:?}");
+        }
     }
 
     // Golden bytes: these are the wire. A change here is a protocol change.

@@ -152,7 +152,7 @@ pub async fn run(keep_running: bool, cloud: bool) -> anyhow::Result<()> {
     }
     lat.sort();
     println!(
-        "  p50 {:.1?}  p99 {:.1?}  (mutual TLS 1.3 over QUIC, one stream per call)",
+        "  p50 {:.1?}  p99 {:.1?}  (mutual TLS 1.3 over QUIC, a stream kept for each call in flight)",
         lat[lat.len() / 2],
         lat[lat.len() * 99 / 100]
     );

@@ -21,8 +21,8 @@ use mesh_core::{MethodName, NodeName, ServiceName, SpiffeId};
 use mesh_proto::control::Span;
 use mesh_proto::limits::MAX_HEAD_BYTES;
 use mesh_proto::{
-    RequestHead, ResponseHead, STREAM_METADATA, Status, TUNNEL_METADATA, TUNNEL_METHOD,
-    TraceContext, decode_head,
+    KEEP_METADATA, RequestHead, ResponseHead, STREAM_METADATA, Status, TUNNEL_METADATA,
+    TUNNEL_METHOD, TraceContext, decode_head,
 };
 use tracing::{debug, warn};
 
@@ -31,11 +31,12 @@ use crate::clock::{now, since};
 use crate::config::Limits;
 use crate::control::telemetry::{TelemetrySink, unix_us};
 use crate::hosted::Hosted;
+use crate::kept::KeptStreams;
 use crate::peers::{PeerSet, Picked};
 use crate::policy::{Policy, PolicyCell};
 use crate::rng::random;
 use crate::server::Server;
-use crate::wire::{FrameReader, ReadError, write_encoded, write_head};
+use crate::wire::{FrameReader, ReadError, write_encoded, write_frames, write_head};
 
 /// The caller side of every call this node makes.
 pub(crate) struct Client {
@@ -120,7 +121,9 @@ impl Client {
         let trace = self.trace_for(options);
         // The wall clock is read only for a span that will be recorded.
         let started_wall = if trace.flags & 1 == 1 { unix_us() } else { 0 };
-        let (reply, callee) = self.call_inner(service, method, body, options, trace).await;
+        let (reply, callee) = self
+            .call_inner(service, method, body, options, trace, started)
+            .await;
         let latency = since(started);
         // Served by a microcontroller behind the callee: counted under its leaf name.
         let callee = match &reply.leaf {
@@ -184,13 +187,14 @@ impl Client {
         body: Bytes,
         options: &CallOptions,
         trace: TraceContext,
+        started: Instant,
     ) -> (Reply, String) {
         let policy = self.policy.policy();
         let timeout = options
             .timeout
             .or_else(|| policy.as_ref().and_then(|p| p.timeout_for(service)))
             .unwrap_or(self.limits.call_timeout);
-        let deadline = now() + timeout;
+        let deadline = started + timeout;
         if let Err(reply) = check_request(&self.id, service, method, options) {
             return (reply, String::new());
         }
@@ -234,11 +238,14 @@ impl Client {
             let reply = Box::pin(self.server.serve_local(ctx, body, &self.labels)).await;
             return (reply, self.name.as_str().to_owned());
         }
-        self.call_remote(service, method, body, options, trace, deadline, policy)
-            .await
+        self.call_remote(
+            service, method, body, options, trace, deadline, policy, started,
+        )
+        .await
     }
 
-    /// A call to a service hosted elsewhere, under `policy` (read once per call).
+    /// A call to a service hosted elsewhere, under `policy` (read once per call), made at
+    /// `call_started`.
     #[allow(clippy::too_many_arguments)]
     async fn call_remote(
         &self,
@@ -249,6 +256,7 @@ impl Client {
         trace: TraceContext,
         deadline: Instant,
         policy: Option<Arc<Policy>>,
+        call_started: Instant,
     ) -> (Reply, String) {
         let svc = policy.as_ref().and_then(|p| p.service(service));
         let decision = self.route(svc, method, options);
@@ -284,18 +292,26 @@ impl Client {
         let mut tried: Vec<u64> = Vec::new();
         let mut attempt = 1;
         loop {
-            let picked = match self.pick(&plan, &decision.subset, &tried) {
+            // The first attempt starts with the call (a clock read spared).
+            let started = if attempt == 1 { call_started } else { now() };
+            let picked = match self.pick(&plan, &decision.subset, &tried, started) {
                 Ok(found) => found,
                 Err(reply) => return (reply, String::new()),
             };
-            let started = now();
             let left = deadline.saturating_duration_since(started);
-            let reply = match self.encoded_head(&plan, left) {
+            let reply = match self.encoded_head(&plan, left, picked.protocol >= 4) {
                 Err(reply) => reply,
-                Ok(head) => {
-                    let call =
-                        send_call(picked.conn, head, body.clone(), self.limits.max_body_bytes);
-                    match tokio::time::timeout(left, call).await {
+                Ok((head, keep)) => {
+                    let kept = keep.then(|| self.keep_on(&picked.kept));
+                    let call = send_call(
+                        picked.conn,
+                        kept,
+                        head,
+                        body.clone(),
+                        self.limits.max_body_bytes,
+                    );
+                    // At the deadline, not after `left` (a clock read spared).
+                    match tokio::time::timeout_at(deadline.into(), call).await {
                         Ok(reply) => reply,
                         Err(_) => Reply::error(
                             Status::DeadlineExceeded,
@@ -305,7 +321,7 @@ impl Client {
                 }
             };
             let callee = picked.callee;
-            self.finish(&plan, picked.key, &callee, since(started), reply.status);
+            self.finish(&plan, picked.key, &callee, started, reply.status);
             let Some(r) = retry else {
                 return (reply, callee);
             };
@@ -378,7 +394,7 @@ impl Client {
             on_behalf_of: on_behalf_of.as_deref(),
         };
         let started = now();
-        let picked = match self.pick(&plan, &decision.subset, &[]) {
+        let picked = match self.pick(&plan, &decision.subset, &[], started) {
             Ok(p) => p,
             Err(reply) => {
                 self.record_stream(&plan, "", reply.status, started);
@@ -387,7 +403,7 @@ impl Client {
         };
         // Until the answer's head hands the call to the hook, a failure is counted here.
         let failed = |e: CallError| {
-            self.finish(&plan, picked.key, &picked.callee, since(started), e.status);
+            self.finish(&plan, picked.key, &picked.callee, started, e.status);
             self.record_stream(&plan, &picked.callee, e.status, started);
             e
         };
@@ -528,7 +544,7 @@ impl Client {
             String::new(),
         );
         for _ in 0..3 {
-            let picked = match self.pick(&plan, &decision.subset, &tried) {
+            let picked = match self.pick(&plan, &decision.subset, &tried, now()) {
                 Ok(p) => p,
                 // Every endpoint tried: the last one's answer says why.
                 Err(_) if !tried.is_empty() => break,
@@ -569,7 +585,7 @@ impl Client {
                 ))
             });
             let status = opened.as_ref().map_or_else(|r| r.status, |_| Status::Ok);
-            self.finish(&plan, picked.key, &picked.callee, since(started), status);
+            self.finish(&plan, picked.key, &picked.callee, started, status);
             match opened {
                 Ok((send, recv, leftover)) => {
                     let tunnel = OpenTunnel {
@@ -672,8 +688,22 @@ impl Client {
 
     /// The head of an attempt, encoded as a frame (the head itself, with room for every
     /// metadata entry, never lives across an await).
-    fn encoded_head(&self, plan: &Plan<'_>, left: Duration) -> Result<Vec<u8>, Reply> {
-        Ok(crate::wire::encode_head(&self.head(plan, left)?))
+    /// The head of a unary call, encoded; asks the callee to keep the stream when `keep` (and
+    /// returns whether it does: not when the app's metadata fills the head).
+    fn encoded_head(
+        &self,
+        plan: &Plan<'_>,
+        left: Duration,
+        keep: bool,
+    ) -> Result<(Vec<u8>, bool), Reply> {
+        let mut head = self.head(plan, left)?;
+        let keep = keep && head.metadata.push((KEEP_METADATA, "")).is_ok();
+        Ok((crate::wire::encode_head(&head), keep))
+    }
+
+    /// Where a call on `kept`'s connection keeps its stream, and how many may wait there.
+    fn keep_on(&self, kept: &Arc<KeptStreams>) -> (Arc<KeptStreams>, usize) {
+        (kept.clone(), self.limits.max_concurrent_calls as usize)
     }
 
     fn head<'a>(&self, plan: &Plan<'a>, left: Duration) -> Result<RequestHead<'a>, Reply> {
@@ -696,8 +726,15 @@ impl Client {
         Ok(head)
     }
 
-    /// Picks the endpoint for the next attempt, avoiding those `tried` while others remain.
-    fn pick(&self, plan: &Plan<'_>, subset: &Subset, tried: &[u64]) -> Result<Picked, Reply> {
+    /// Picks the endpoint for the next attempt, made `at`, avoiding those `tried` while others
+    /// remain.
+    fn pick(
+        &self,
+        plan: &Plan<'_>,
+        subset: &Subset,
+        tried: &[u64],
+        at: Instant,
+    ) -> Result<Picked, Reply> {
         let service = plan.service;
         let zone = self.labels.get("zone").map(String::as_str);
         self.peers.pick(service, subset, tried, |candidates| {
@@ -712,7 +749,7 @@ impl Client {
                 .get_mut(service)
                 .and_then(|balancer| {
                     balancer.set_config(plan.balance);
-                    balancer.pick(candidates, zone, now(), random(), random())
+                    balancer.pick(candidates, zone, at, random(), random())
                 })
                 .ok_or_else(|| {
                     Reply::error(
@@ -724,14 +761,16 @@ impl Client {
     }
 
     /// Feeds an attempt's outcome to the endpoint's breaker and latency estimate.
-    fn finish(&self, plan: &Plan<'_>, key: u64, callee: &str, latency: Duration, status: Status) {
+    fn finish(&self, plan: &Plan<'_>, key: u64, callee: &str, started: Instant, status: Status) {
         let service = plan.service;
+        let ended = now();
+        let latency = ended.saturating_duration_since(started);
         let outcome = self
             .state()
             .balancers
             .get_mut(service)
             .map_or(Outcome::None, |b| {
-                b.finish(&key, latency, !status.is_failure(), now())
+                b.finish(&key, latency, !status.is_failure(), ended)
             });
         match outcome {
             Outcome::Ejected(until) => {
@@ -749,7 +788,7 @@ impl Client {
     /// Copies a call to an endpoint of `subset`, in the background; its answer is discarded and
     /// its slowness or failure never reaches the caller.
     fn mirror(&self, plan: &Plan<'_>, body: &Bytes, subset: Subset) {
-        let Ok(picked) = self.pick(plan, &subset, &[]) else {
+        let Ok(picked) = self.pick(plan, &subset, &[], now()) else {
             return;
         };
         self.telemetry.record_rule(plan.rule, "mirrored");
@@ -759,15 +798,18 @@ impl Client {
             flags: 0,
         };
         let left = plan.deadline.saturating_duration_since(now());
-        let Ok(encoded) = self.encoded_head(&Plan { trace, ..*plan }, left) else {
+        let Ok((encoded, keep)) =
+            self.encoded_head(&Plan { trace, ..*plan }, left, picked.protocol >= 4)
+        else {
             return;
         };
+        let kept = keep.then(|| self.keep_on(&picked.kept));
         let (service, body) = (plan.service.to_owned(), body.clone());
         let max_body = self.limits.max_body_bytes;
         let state = self.state.clone();
         tokio::spawn(async move {
             let started = now();
-            let call = send_call(picked.conn, encoded, body, max_body);
+            let call = send_call(picked.conn, kept, encoded, body, max_body);
             let reply = tokio::time::timeout(left, call).await.ok();
             // The mirror's answer is dropped, but its endpoint's health and latency still count.
             let failed = reply.as_ref().is_none_or(|r| r.status.is_failure());
@@ -828,34 +870,104 @@ fn check_request(
     Ok(())
 }
 
-/// Writes an encoded head and a body on a new stream of `conn` and reads the whole answer.
-async fn send_call(conn: quinn::Connection, head: Vec<u8>, body: Bytes, max_body: usize) -> Reply {
-    let lost = |e: &dyn std::fmt::Display| {
-        Reply::error(Status::Unavailable, format!("connection to peer lost: {e}"))
+/// Writes an encoded head and a body on a stream of `conn` and reads the whole answer. With
+/// `kept` (the head asks the callee to keep the stream), the call goes on an idle kept stream when
+/// there is one, and its stream is kept for the next call when the callee agrees.
+async fn send_call(
+    conn: quinn::Connection,
+    kept: Option<(Arc<KeptStreams>, usize)>,
+    head: Vec<u8>,
+    body: Bytes,
+    max_body: usize,
+) -> Reply {
+    let Some((pool, max)) = kept else {
+        let (send, recv) = match conn.open_bi().await {
+            Ok(s) => s,
+            Err(e) => return lost(&e),
+        };
+        let reader = FrameReader::new(recv);
+        return match exchange(send, reader, &head, body, max_body, false, false).await {
+            Exchange::Answered(reply, _) => reply,
+            Exchange::Unread => bad_answer("", &ReadError::Truncated { got: 0, want: 1 }),
+        };
     };
-    let (mut send, recv) = match conn.open_bi().await {
-        Ok(s) => s,
-        Err(e) => return lost(&e),
+    loop {
+        let (send, reader, reused) = match pool.take() {
+            Some((send, reader)) => (send, reader, true),
+            None => match pool.open(&conn).await {
+                Some(Ok((send, recv))) => (send, FrameReader::new(recv), false),
+                Some(Err(e)) => return lost(&e),
+                // A stream was kept while this call waited to open one: it takes that.
+                None => continue,
+            },
+        };
+        match exchange(send, reader, &head, body.clone(), max_body, true, reused).await {
+            Exchange::Answered(reply, again) => {
+                if let Some((send, reader)) = again {
+                    pool.put(send, reader, max);
+                }
+                return reply;
+            }
+            // The callee ended the idle stream before it read the call (it was idle for
+            // `kept::IDLE_BOUND`): the call goes on another stream. Only a reused stream ends
+            // so, and the pool is finite: the loop ends.
+            Exchange::Unread => {}
+        }
+    }
+}
+
+/// How a call on one stream went.
+// Returned once per call and matched at once: boxing the stream would allocate for every call.
+#[allow(clippy::large_enum_variant)]
+enum Exchange {
+    /// The answer (or why there is none), and the stream when the callee keeps it.
+    Answered(Reply, Option<(quinn::SendStream, FrameReader)>),
+    /// A reused stream ended cleanly before any answer: the callee never read the call.
+    Unread,
+}
+
+fn lost(e: &dyn std::fmt::Display) -> Reply {
+    Reply::error(Status::Unavailable, format!("connection to peer lost: {e}"))
+}
+
+fn bad_answer(what: &str, e: &dyn std::fmt::Display) -> Reply {
+    Reply::error(Status::Internal, format!("bad answer {what}from peer: {e}"))
+}
+
+/// One call on `send` and `reader`: the head (asking to keep the stream when `keep`), the body,
+/// the answer. `reused`: the stream carried an earlier call.
+async fn exchange(
+    mut send: quinn::SendStream,
+    mut reader: FrameReader,
+    head: &[u8],
+    body: Bytes,
+    max_body: usize,
+    keep: bool,
+    reused: bool,
+) -> Exchange {
+    let answered = |reply| Exchange::Answered(reply, None);
+    let written = if keep {
+        write_frames(&mut send, head, body).await
+    } else {
+        write_encoded(&mut send, head, body).await
     };
-    match write_encoded(&mut send, head, body).await {
-        Ok(()) => {}
+    let keep = match written {
+        Ok(()) => keep,
         // The callee wants no more of the body: it answered already (a refusal by policy, a
         // busy node), and the answer says why.
-        Err(quinn::WriteError::Stopped(_)) => {}
-        Err(e) => return lost(&e),
-    }
-    let mut reader = FrameReader::new(recv);
-    let bad = |what: &str, e: &dyn std::fmt::Display| {
-        Reply::error(Status::Internal, format!("bad answer {what}from peer: {e}"))
+        Err(quinn::WriteError::Stopped(_)) => false,
+        Err(e) => return answered(lost(&e)),
     };
-    let head_bytes = match reader.frame(MAX_HEAD_BYTES).await {
-        Ok(b) => b,
-        Err(ReadError::Stream(e)) => return lost(&e),
-        Err(e) => return bad("", &e),
+    let head_bytes = match reader.next_frame(MAX_HEAD_BYTES).await {
+        Ok(Some(b)) => b,
+        Ok(None) if reused => return Exchange::Unread,
+        Ok(None) => return answered(bad_answer("", &ReadError::Truncated { got: 0, want: 1 })),
+        Err(ReadError::Stream(e)) => return answered(lost(&e)),
+        Err(e) => return answered(bad_answer("", &e)),
     };
     // Taken out of the head before the body is awaited: the head (with room for every metadata
     // entry) would otherwise live in every call's future.
-    let (status, message, leaf) = match decode_head::<ResponseHead>(&head_bytes) {
+    let (status, message, leaf, kept) = match decode_head::<ResponseHead>(&head_bytes) {
         Ok(head) => (
             head.status,
             head.message.to_owned(),
@@ -867,18 +979,26 @@ async fn send_call(conn: quinn::Connection, head: Vec<u8>, body: Bytes, max_body
                 .map(|(_, v)| *v)
                 .filter(|v| mesh_proto::validate_name(v).is_ok())
                 .map(std::sync::Arc::from),
+            keep && head.metadata.iter().any(|(k, _)| *k == KEEP_METADATA),
         ),
-        Err(e) => return bad("head ", &e),
+        Err(e) => return answered(bad_answer("head ", &e)),
     };
-    let body = match reader.unary_body(max_body).await {
+    // A kept stream's answer ends with its body; any other ends with the stream.
+    let body = if kept {
+        reader.frame(max_body).await
+    } else {
+        reader.unary_body(max_body).await
+    };
+    let body = match body {
         Ok(b) => b,
-        Err(ReadError::Stream(e)) => return lost(&e),
-        Err(e) => return bad("body ", &e),
+        Err(ReadError::Stream(e)) => return answered(lost(&e)),
+        Err(e) => return answered(bad_answer("body ", &e)),
     };
-    Reply {
+    let reply = Reply {
         status,
         message,
         body,
         leaf,
-    }
+    };
+    Exchange::Answered(reply, kept.then_some((send, reader)))
 }

@@ -33,6 +33,7 @@ mod hosted;
 pub mod http;
 pub mod identity;
 pub mod ingress;
+mod kept;
 pub mod node;
 mod peers;
 pub mod policy;

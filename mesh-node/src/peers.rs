@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use mesh_core::route::{Subset, in_subset};
 use mesh_core::{NodeName, ServiceName, ServiceTable, SpiffeId};
@@ -14,6 +14,7 @@ use mesh_proto::{Role, Status};
 use tokio::sync::watch;
 
 use crate::call::Reply;
+use crate::kept::KeptStreams;
 
 /// Service names remembered after their hosts left, at most.
 const MAX_KNOWN_SERVICES: usize = 4096;
@@ -64,13 +65,21 @@ struct PeerEntry {
     /// A cheap stable key for the balancer (a hash of the identity).
     key: u64,
     info: PeerInfo,
-    /// Live connections to this peer, oldest first; calls use the first.
-    conns: Vec<quinn::Connection>,
+    /// Live connections to this peer, oldest first; calls use the newest.
+    conns: Vec<PeerConn>,
+}
+
+/// A connection to a peer, and the call streams kept on it.
+struct PeerConn {
+    conn: quinn::Connection,
+    kept: Arc<KeptStreams>,
 }
 
 /// An endpoint chosen for a call.
 pub(crate) struct Picked {
     pub(crate) conn: quinn::Connection,
+    /// The connection's kept call streams.
+    pub(crate) kept: Arc<KeptStreams>,
     pub(crate) key: u64,
     pub(crate) callee: String,
     pub(crate) protocol: u16,
@@ -142,9 +151,12 @@ impl PeerSet {
         if !entry
             .conns
             .iter()
-            .any(|c| c.stable_id() == conn.stable_id())
+            .any(|c| c.conn.stable_id() == conn.stable_id())
         {
-            entry.conns.push(conn.clone());
+            entry.conns.push(PeerConn {
+                conn: conn.clone(),
+                kept: Arc::default(),
+            });
             self.admitted.fetch_add(1, Ordering::Relaxed);
         }
         drop(peers);
@@ -158,7 +170,9 @@ impl PeerSet {
         let Some(entry) = peers.by_id.get_mut(id) else {
             return false;
         };
-        entry.conns.retain(|c| c.stable_id() != conn.stable_id());
+        entry
+            .conns
+            .retain(|c| c.conn.stable_id() != conn.stable_id());
         let gone = entry.conns.is_empty();
         if gone {
             peers.by_id.remove(id);
@@ -226,7 +240,7 @@ impl PeerSet {
             .by_id
             .iter()
             .filter(|(id, _)| id.node_name() == name)
-            .flat_map(|(_, p)| p.conns.clone())
+            .flat_map(|(_, p)| p.conns.iter().map(|c| c.conn.clone()))
             .collect()
     }
 
@@ -235,7 +249,7 @@ impl PeerSet {
         self.lock()
             .by_id
             .values()
-            .flat_map(|p| p.conns.iter().map(|c| (p.info.clone(), c.clone())))
+            .flat_map(|p| p.conns.iter().map(|c| (p.info.clone(), c.conn.clone())))
             .collect()
     }
 
@@ -248,7 +262,7 @@ impl PeerSet {
             .by_id
             .values()
             .filter(|p| p.info.role == Role::Gateway)
-            .flat_map(|p| p.conns.iter().map(move |c| (&p.info, c)))
+            .flat_map(|p| p.conns.iter().map(move |c| (&p.info, &c.conn)))
             .find(|(info, c)| accept(info, c))
             .map(|(_, c)| c.clone())
     }
@@ -264,6 +278,16 @@ impl PeerSet {
     ) -> Result<Picked, Reply> {
         let peers = self.lock();
         let endpoints = peers.table.endpoints(service);
+        // One endpoint (the common case on a small site): looked up once, nothing allocated.
+        if let [id] = endpoints
+            && let Some(entry) = peers.by_id.get(id)
+            && in_subset(subset, &entry.info.certified)
+        {
+            let zone = entry.info.certified.get("zone").map(String::as_str);
+            let chosen = choose(&[(entry.key, zone)])?;
+            debug_assert_eq!(chosen, entry.key);
+            return picked(entry, service);
+        }
         let all: Vec<Candidate<'_>> = endpoints
             .iter()
             .filter_map(|id| {
@@ -309,16 +333,27 @@ impl PeerSet {
             .filter_map(|id| peers.by_id.get(id))
             .find(|e| e.key == chosen)
             .ok_or_else(gone)?;
-        // The newest: after a renewal the node dials its peers again with its new certificate,
-        // and the old connections (closed when the old certificate expires) carry no new call.
-        let conn = entry.conns.last().cloned().ok_or_else(gone)?;
-        Ok(Picked {
-            conn,
-            key: chosen,
-            callee: entry.info.id.node_name().as_str().to_owned(),
-            protocol: entry.info.protocol,
-        })
+        picked(entry, service)
     }
+}
+
+/// A call's way to `entry`: its newest connection. After a renewal the node dials its peers again
+/// with its new certificate, and the old connections (closed when the old certificate expires)
+/// carry no new call.
+fn picked(entry: &PeerEntry, service: &str) -> Result<Picked, Reply> {
+    let newest = entry.conns.last().ok_or_else(|| {
+        Reply::error(
+            Status::Unavailable,
+            format!("an endpoint of {service} just left"),
+        )
+    })?;
+    Ok(Picked {
+        conn: newest.conn.clone(),
+        kept: newest.kept.clone(),
+        key: entry.key,
+        callee: entry.info.id.node_name().as_str().to_owned(),
+        protocol: entry.info.protocol,
+    })
 }
 
 impl Peers {

@@ -18,7 +18,8 @@ use mesh_core::{MethodName, NodeName, ServiceName, SpiffeId};
 use mesh_proto::control::Span;
 use mesh_proto::limits::MAX_HEAD_BYTES;
 use mesh_proto::{
-    RequestHead, ResponseHead, STREAM_METADATA, Status, TUNNEL_METADATA, TUNNEL_METHOD, decode_head,
+    KEEP_METADATA, RequestHead, ResponseHead, STREAM_METADATA, Status, TUNNEL_METADATA,
+    TUNNEL_METHOD, decode_head,
 };
 use tracing::{debug, warn};
 
@@ -30,7 +31,7 @@ use crate::hosted::Hosted;
 use crate::identity::CertificateClaims;
 use crate::peers::PeerSet;
 use crate::policy::{Policy, PolicyCell};
-use crate::wire::{FrameReader, write_encoded, write_head};
+use crate::wire::{FrameReader, write_encoded, write_frames, write_head};
 
 /// Serves the streams of a reserved service (`_control` on a gateway). The request head was read
 /// already; the handler owns the stream from here.
@@ -149,9 +150,16 @@ struct Admission {
 
 /// What a stream carries.
 enum Incoming {
-    /// A call; a TCP tunnel when the first flag says so; with no deadline from the caller when
-    /// the second does (a streamed call: each step is bounded instead).
-    Call(Box<CallContext>, bool, bool),
+    /// A call.
+    Call {
+        ctx: Box<CallContext>,
+        /// A TCP tunnel.
+        tunnel: bool,
+        /// No deadline from the caller (a streamed call: each step is bounded instead).
+        no_deadline: bool,
+        /// A unary call whose caller asks to keep the stream for its next call.
+        keep: bool,
+    },
     Reserved(Arc<dyn ReservedService>),
 }
 
@@ -227,21 +235,22 @@ impl Server {
 
     /// Reads a unary body once its announced length is held (see [`Server::hold_body`]), all by
     /// `deadline`; refuses it (and stops the stream) when that memory is spent. The hold goes
-    /// with the body.
+    /// with the body. The stream ends after the body, unless it is `kept`.
     async fn read_unary_body<'a>(
         &'a self,
         reader: &mut FrameReader,
         conn: &'a tokio::sync::Semaphore,
         deadline: tokio::time::Instant,
+        kept: bool,
     ) -> Result<(Bytes, BodyHold<'a>), Reply> {
         let max = self.limits.max_body_bytes;
         let late = || Reply::error(Status::InvalidArgument, "request not received in time");
         let bad = |e: crate::wire::ReadError| {
             Reply::error(Status::InvalidArgument, format!("request: {e}"))
         };
-        let len = tokio::time::timeout_at(deadline, reader.next_len(max))
+        let len = crate::clock::by(deadline, reader.next_len(max))
             .await
-            .map_err(|_| late())?
+            .ok_or_else(late)?
             .map_err(bad)?;
         let mut hold = BodyHold::default();
         if !self.hold_body(conn, &mut hold, len.unwrap_or(0)) {
@@ -249,10 +258,12 @@ impl Server {
             debug!("refused a body of {len:?} bytes: the memory for bodies is spent");
             return Err(self.busy());
         }
-        let body = tokio::time::timeout_at(deadline, reader.unary_body(max))
-            .await
-            .map_err(|_| late())?
-            .map_err(bad)?;
+        let body = if kept {
+            crate::clock::by(deadline, reader.frame(max)).await
+        } else {
+            crate::clock::by(deadline, reader.unary_body(max)).await
+        };
+        let body = body.ok_or_else(late)?.map_err(bad)?;
         Ok((body, hold))
     }
 
@@ -335,7 +346,8 @@ impl Server {
         }
     }
 
-    /// Reads one call from a stream, serves it, writes the reply.
+    /// Reads a call from a stream, serves it, writes the reply; and the next call after it, while
+    /// the caller keeps the stream (protocol 4, see `kept`).
     async fn serve_stream(
         &self,
         claims: Arc<CertificateClaims>,
@@ -347,59 +359,100 @@ impl Server {
     ) {
         let caller = claims.id.clone();
         let mut reader = FrameReader::new(recv);
-        let deadline = tokio::time::Instant::now() + self.limits.call_timeout;
-        // The request body's memory, held until its reply is written: a caller that does not
-        // read its replies holds its share, and new bodies wait.
-        let mut held = BodyHold::default();
-        let read =
-            tokio::time::timeout_at(deadline, self.read_head(caller.clone(), &mut reader)).await;
-        let reply = match read {
-            Ok(Ok(Incoming::Call(ctx, tunnel, no_deadline))) => {
-                // Admitted before its body is read: a caller the policy refuses never gets a
-                // body buffered.
-                let labels = || self.peers.labels_of(&caller).unwrap_or_default();
-                match self.admit(&ctx, labels) {
-                    Err(refused) => {
-                        let _ = reader.into_inner().stop(0u32.into());
-                        if let Err(e) = write_reply(&mut send, refused).await {
-                            debug!("could not write a reply: {e}");
+        let mut idle = crate::kept::IdleBound::default();
+        loop {
+            let deadline = tokio::time::Instant::now() + self.limits.call_timeout;
+            // The request body's memory, held until its reply is written: a caller that does not
+            // read its replies holds its share, and new bodies wait.
+            let mut held = BodyHold::default();
+            // Kept for the next call: asked by the caller, and the whole request read.
+            let mut keep = false;
+            let read =
+                crate::clock::by(deadline, self.read_head(caller.clone(), &mut reader)).await;
+            let reply = match read {
+                Some(Ok(Incoming::Call {
+                    ctx,
+                    tunnel,
+                    no_deadline,
+                    keep: asked,
+                })) => {
+                    // Admitted before its body is read: a caller the policy refuses never gets a
+                    // body buffered.
+                    let labels = || self.peers.labels_of(&caller).unwrap_or_default();
+                    match self.admit(&ctx, labels) {
+                        Err(refused) => {
+                            let _ = reader.into_inner().stop(0u32.into());
+                            if let Err(e) = write_reply(&mut send, refused).await {
+                                debug!("could not write a reply: {e}");
+                            }
+                            return;
                         }
-                        return;
-                    }
-                    Ok(()) if tunnel => {
-                        return Box::pin(self.serve_tunnel(*ctx, send, reader, tunnels)).await;
-                    }
-                    Ok(()) if ctx.streaming => {
-                        let deadline = (!no_deadline).then_some(ctx.deadline);
-                        return Box::pin(self.serve_streamed(*ctx, deadline, send, reader, bodies))
+                        Ok(()) if tunnel => {
+                            return Box::pin(self.serve_tunnel(*ctx, send, reader, tunnels)).await;
+                        }
+                        Ok(()) if ctx.streaming => {
+                            let deadline = (!no_deadline).then_some(ctx.deadline);
+                            return Box::pin(
+                                self.serve_streamed(*ctx, deadline, send, reader, bodies),
+                            )
                             .await;
-                    }
-                    Ok(()) => match self.read_unary_body(&mut reader, &bodies, deadline).await {
-                        Ok((body, hold)) => {
-                            held = hold;
-                            self.dispatch_traced(*ctx, body).await
                         }
-                        Err(reply) => reply,
-                    },
+                        Ok(()) => {
+                            match self
+                                .read_unary_body(&mut reader, &bodies, deadline, asked)
+                                .await
+                            {
+                                Ok((body, hold)) => {
+                                    held = hold;
+                                    keep = asked;
+                                    self.dispatch_traced(*ctx, body).await
+                                }
+                                Err(reply) => reply,
+                            }
+                        }
+                    }
+                }
+                Some(Ok(Incoming::Reserved(handler))) => {
+                    return handler.serve(claims, remote, send, reader).await;
+                }
+                Some(Err(reply)) => reply,
+                None => Reply::error(Status::InvalidArgument, "request not received in time"),
+            };
+            if !keep && reply.status == Status::InvalidArgument {
+                warn!(
+                    "refused a call from {caller} (stream {}): {}",
+                    send.id(),
+                    reply.message
+                );
+                // Nothing more of this request is wanted.
+                let _ = reader.into_inner().stop(0u32.into());
+                self.write_held_reply(&mut send, reply, false).await;
+                return;
+            }
+            let kept = self.write_held_reply(&mut send, reply, keep).await;
+            drop(held);
+            if !kept {
+                return;
+            }
+            // The stream is kept: its next call, or its end.
+            let since = tokio::time::Instant::now();
+            match idle.wait(since, reader.more()).await {
+                Some(Ok(true)) => {}
+                // The caller ended it, or reset it.
+                Some(Ok(false)) => {
+                    let _ = send.finish();
+                    return;
+                }
+                Some(Err(_)) => return,
+                // Idle: ended, with the call that may race the end unread (the caller sends it
+                // again on a new stream).
+                None => {
+                    reader.stop();
+                    let _ = send.finish();
+                    return;
                 }
             }
-            Ok(Ok(Incoming::Reserved(handler))) => {
-                return handler.serve(claims, remote, send, reader).await;
-            }
-            Ok(Err(reply)) => reply,
-            Err(_) => Reply::error(Status::InvalidArgument, "request not received in time"),
-        };
-        if reply.status == Status::InvalidArgument {
-            warn!(
-                "refused a call from {caller} (stream {}): {}",
-                send.id(),
-                reply.message
-            );
-            // Nothing more of this request is wanted.
-            let _ = reader.into_inner().stop(0u32.into());
         }
-        self.write_held_reply(&mut send, reply).await;
-        drop(held);
     }
 
     /// The head of a call, parsed and checked.
@@ -439,6 +492,7 @@ impl Server {
         let streaming = head.metadata.iter().any(|(k, _)| *k == STREAM_METADATA);
         let no_deadline = streaming && head.deadline_ms == 0;
         let tunnel = head.metadata.iter().any(|(k, _)| *k == TUNNEL_METADATA);
+        let keep = head.metadata.iter().any(|(k, _)| *k == KEEP_METADATA);
         if tunnel && (streaming || head.method != TUNNEL_METHOD) {
             return Err(Reply::error(
                 Status::InvalidArgument,
@@ -474,7 +528,13 @@ impl Server {
             trace: head.trace,
             streaming,
         };
-        Ok(Incoming::Call(Box::new(ctx), tunnel, no_deadline))
+        Ok(Incoming::Call {
+            ctx: Box::new(ctx),
+            tunnel,
+            no_deadline,
+            // A streamed call or a tunnel ends with its stream.
+            keep: keep && !streaming && !tunnel,
+        })
     }
 
     /// Serves a TCP tunnel (admitted already): connects to the service's TCP upstream and carries
@@ -618,7 +678,7 @@ impl Server {
         if reply.status == Status::InvalidArgument {
             let _ = reader.into_inner().stop(0u32.into());
         }
-        self.write_held_reply(&mut send, reply).await;
+        self.write_held_reply(&mut send, reply, false).await;
         drop(held);
     }
 
@@ -866,33 +926,54 @@ fn on_behalf_of(caller: &SpiffeId, claimed: &str) -> Result<SpiffeId, Reply> {
 
 /// Writes a reply on a call stream.
 async fn write_reply(send: &mut quinn::SendStream, reply: Reply) -> Result<(), quinn::WriteError> {
-    let head = encoded_reply_head(&reply);
-    write_encoded(send, head, reply.body).await
+    let (head, _) = encoded_reply_head(&reply, false);
+    write_encoded(send, &head, reply.body).await
 }
 
 impl Server {
     /// Writes the reply to a call whose body holds memory: a caller that does not read it within
-    /// `limits.call_timeout` has its stream reset, and gives the memory back.
-    async fn write_held_reply(&self, send: &mut quinn::SendStream, reply: Reply) {
-        match tokio::time::timeout(self.limits.call_timeout, write_reply(send, reply)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => debug!("could not write a reply: {e}"),
-            Err(_) => {
+    /// `limits.call_timeout` has its stream reset, and gives the memory back. A `kept` stream
+    /// stays open for the next call. True if the stream is kept (the reply was written, and says
+    /// so).
+    async fn write_held_reply(
+        &self,
+        send: &mut quinn::SendStream,
+        reply: Reply,
+        kept: bool,
+    ) -> bool {
+        let (head, kept) = encoded_reply_head(&reply, kept);
+        let write = async {
+            if kept {
+                write_frames(send, &head, reply.body).await
+            } else {
+                write_encoded(send, &head, reply.body).await
+            }
+        };
+        match crate::clock::within(self.limits.call_timeout, write).await {
+            Some(Ok(())) => kept,
+            Some(Err(e)) => {
+                debug!("could not write a reply: {e}");
+                false
+            }
+            None => {
                 debug!("a caller did not read its reply in time: its stream is reset");
                 let _ = send.reset(0u32.into());
+                false
             }
         }
     }
 }
 
-/// A reply's head, encoded as a frame. Not in `write_reply`'s body: the head has room for every
+/// A reply's head, encoded as a frame; it says the stream is kept for the next call when `keep`
+/// (and returns whether it does). Not in `write_reply`'s body: the head has room for every
 /// metadata entry, and held across the write it would make every call's future that much larger.
-fn encoded_reply_head(reply: &Reply) -> Vec<u8> {
+fn encoded_reply_head(reply: &Reply, keep: bool) -> (Vec<u8>, bool) {
     let mut head = ResponseHead::new(reply.status, &reply.message);
     if let Some(leaf) = &reply.leaf {
         let _ = head.metadata.push((crate::call::LEAF_METADATA, leaf));
     }
-    crate::wire::encode_head(&head)
+    let kept = keep && head.metadata.push((KEEP_METADATA, "")).is_ok();
+    (crate::wire::encode_head(&head), kept)
 }
 
 /// The node's budget for request bodies from peers, in bytes (at most what a semaphore holds).

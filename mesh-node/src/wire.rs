@@ -147,6 +147,15 @@ impl FrameReader {
         Ok(true)
     }
 
+    /// Waits until the stream has more bytes: true then, false if it ended cleanly. Between
+    /// frames: what a kept call stream waits on for its next call.
+    pub async fn more(&mut self) -> Result<bool, ReadError> {
+        if !self.buf.is_empty() || self.partial.is_some() {
+            return Ok(true);
+        }
+        self.read_more().await
+    }
+
     /// Reads a unary body: one frame of at most `max` bytes, then the end of the stream.
     pub async fn unary_body(&mut self, max: usize) -> Result<Bytes, ReadError> {
         let body = self.frame(max).await?;
@@ -194,10 +203,10 @@ pub async fn write_message<T: Serialize>(
     head: &T,
     body: Bytes,
 ) -> Result<(), quinn::WriteError> {
-    write_encoded(send, encode_head(head), body).await
+    write_encoded(send, &encode_head(head), body).await
 }
 
-/// `head` encoded as one frame, in a buffer with room for a small body after it.
+/// `head` encoded as one frame.
 pub fn encode_head<T: Serialize>(head: &T) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
     encode_frame_vec(head, &mut out);
@@ -207,19 +216,33 @@ pub fn encode_head<T: Serialize>(head: &T) -> Vec<u8> {
 /// Writes a head already encoded as a frame, then `body` as one frame, then ends the stream.
 pub async fn write_encoded(
     send: &mut quinn::SendStream,
-    mut out: Vec<u8>,
+    head: &[u8],
     body: Bytes,
 ) -> Result<(), quinn::WriteError> {
-    encode_body_prefix(body.len(), &mut out);
-    if body.len() <= 1024 {
-        out.extend_from_slice(&body);
-        send.write_all(&out).await?;
-    } else {
-        send.write_all_chunks(&mut [Bytes::from(out), body]).await?;
-    }
+    write_frames(send, head, body).await?;
     // The stream may already be reset by the peer; nothing more to do then.
     let _ = send.finish();
     Ok(())
+}
+
+/// Writes a head already encoded as a frame, then `body` as one frame, and leaves the stream
+/// open (a kept call stream).
+pub async fn write_frames(
+    send: &mut quinn::SendStream,
+    head: &[u8],
+    body: Bytes,
+) -> Result<(), quinn::WriteError> {
+    // A small body goes in the head's buffer: one write, one allocation.
+    let small = body.len() <= 1024;
+    let mut out = Vec::with_capacity(head.len() + 5 + if small { body.len() } else { 0 });
+    out.extend_from_slice(head);
+    encode_body_prefix(body.len(), &mut out);
+    if small {
+        out.extend_from_slice(&body);
+        send.write_all(&out).await
+    } else {
+        send.write_all_chunks(&mut [Bytes::from(out), body]).await
+    }
 }
 
 /// Writes a head frame and leaves the stream open for body chunks.

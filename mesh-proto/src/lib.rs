@@ -65,7 +65,10 @@ pub use types::{
 /// - 3: TCP tunnels (a request flagged with [`TUNNEL_METADATA`], method [`TUNNEL_METHOD`]: after
 ///   the answer's head, the stream carries the connection's raw bytes both ways, and each side's
 ///   end of stream is that side's half-close); telemetry batches carry TCP forward counters.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// - 4: kept call streams (a unary request flagged with [`KEEP_METADATA`] does not end its stream
+///   after its body; a callee that will read another call on the stream flags its answer the same
+///   way and does not end its side either).
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// The oldest protocol version a node still speaks; a peer below it is refused with a reason.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
@@ -73,6 +76,12 @@ pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// The metadata entry that marks a streamed call (protocol 2). Metadata keys starting with `:` are
 /// the mesh's own: a node refuses them from apps and never passes them to an upstream.
 pub const STREAM_METADATA: &str = ":stream";
+
+/// The metadata entry that keeps a unary call's stream for the next call (protocol 4). On a
+/// request: the caller will not end the stream after the body, and asks the callee to keep it.
+/// On an answer: the callee will read the stream's next call. A stream kept by both carries one
+/// call after another, never two at once; either side ends it by ending its half.
+pub const KEEP_METADATA: &str = ":keep";
 
 /// The metadata entry that marks a TCP tunnel (protocol 3): one TCP connection carried on the
 /// stream, as raw bytes after the heads.

@@ -526,3 +526,213 @@ async fn a_peers_streams_grow_to_max_concurrent_calls_as_it_uses_them() {
         "a 101st stream was allowed"
     );
 }
+
+/// One unary call on `send`/`reader`, asking to keep the stream when `keep`: the answer's status,
+/// whether the callee keeps the stream, and the body.
+async fn raw_call(
+    send: &mut quinn::SendStream,
+    reader: &mut mesh_node::wire::FrameReader,
+    body: &[u8],
+    keep: bool,
+) -> (Status, bool, Bytes) {
+    let mut head = mesh_proto::RequestHead::new("echo", "say", 60_000);
+    if keep {
+        head.metadata
+            .push((mesh_proto::KEEP_METADATA, ""))
+            .expect("room");
+    }
+    let head = mesh_node::wire::encode_head(&head);
+    if keep {
+        mesh_node::wire::write_frames(send, &head, Bytes::copy_from_slice(body))
+            .await
+            .expect("request");
+    } else {
+        mesh_node::wire::write_encoded(send, &head, Bytes::copy_from_slice(body))
+            .await
+            .expect("request");
+    }
+    let answer = tokio::time::timeout(UP, reader.frame(8192))
+        .await
+        .expect("an answer in time")
+        .expect("answer head");
+    let answer: mesh_proto::ResponseHead = mesh_proto::decode_head(&answer).expect("head");
+    let kept = answer
+        .metadata
+        .iter()
+        .any(|(k, _)| *k == mesh_proto::KEEP_METADATA);
+    let body = tokio::time::timeout(UP, reader.frame(1 << 20))
+        .await
+        .expect("a body in time")
+        .expect("answer body");
+    (answer.status, kept, body)
+}
+
+/// A node keeps a call stream its caller asks it to keep, and reads one call after another on
+/// it; a call that does not ask ends its stream as before.
+#[tokio::test]
+async fn a_kept_stream_carries_one_call_after_another() {
+    let (net, pki) = (MemoryNetwork::new(), Pki::new());
+    let b = node(&net, &pki, "node-b", ECHO);
+    let (conn, _endpoint) =
+        raw_member(&net, &pki, &b, "node-r", mesh_proto::PROTOCOL_VERSION, &[]).await;
+    let (mut send, recv) = conn.open_bi().await.expect("stream");
+    let mut reader = mesh_node::wire::FrameReader::new(recv);
+    for i in 0..5u8 {
+        let (status, kept, body) = raw_call(&mut send, &mut reader, &[i; 3], true).await;
+        assert_eq!(status, Status::Ok, "call {i}");
+        assert!(kept, "call {i}: the callee did not keep the stream");
+        assert_eq!(&body[..], &[i; 3], "call {i}");
+    }
+    // The caller ends the stream: so does the callee.
+    send.finish().expect("finish");
+    let end = tokio::time::timeout(UP, reader.end())
+        .await
+        .expect("an end in time");
+    assert!(end.is_ok(), "the kept stream did not end cleanly: {end:?}");
+
+    // Not asked: the stream ends after the answer.
+    let (mut send, recv) = conn.open_bi().await.expect("stream");
+    let mut reader = mesh_node::wire::FrameReader::new(recv);
+    let (status, kept, _) = raw_call(&mut send, &mut reader, b"once", false).await;
+    assert_eq!(status, Status::Ok);
+    assert!(
+        !kept,
+        "a stream was kept that its caller did not ask to keep"
+    );
+    let end = tokio::time::timeout(UP, reader.end())
+        .await
+        .expect("an end in time");
+    assert!(
+        end.is_ok(),
+        "the stream did not end after its answer: {end:?}"
+    );
+}
+
+/// A kept stream on which no next call comes is ended by the callee after `kept::IDLE_BOUND`
+/// (a minute), in simulated time.
+#[tokio::test(start_paused = true)]
+async fn an_idle_kept_stream_is_ended_by_its_callee() {
+    let (net, pki) = (MemoryNetwork::new(), Pki::new());
+    let b = node(&net, &pki, "node-b", ECHO);
+    let (conn, _endpoint) =
+        raw_member(&net, &pki, &b, "node-r", mesh_proto::PROTOCOL_VERSION, &[]).await;
+    let (mut send, recv) = conn.open_bi().await.expect("stream");
+    let mut reader = mesh_node::wire::FrameReader::new(recv);
+    let (status, kept, _) = raw_call(&mut send, &mut reader, b"one", true).await;
+    assert_eq!((status, kept), (Status::Ok, true));
+    let idle = tokio::time::Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(600), reader.end())
+        .await
+        .expect("the idle kept stream was never ended");
+    assert!(end.is_ok(), "{end:?}");
+    let waited = idle.elapsed();
+    assert!(
+        (Duration::from_secs(59)..Duration::from_secs(120)).contains(&waited),
+        "ended after {waited:?}, not after about a minute idle"
+    );
+}
+
+/// A peer that serves `echo` from a raw endpoint, counting the streams its caller opens. After
+/// each answer it keeps the stream when asked; with `end_kept`, it then ends the kept stream
+/// at once (as a callee whose idle bound ran out just as the next call came).
+async fn raw_echo_host(
+    net: &MemoryNetwork,
+    pki: &Pki,
+    caller: &Node,
+    end_kept: bool,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    quinn::Endpoint,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let endpoint = raw_endpoint(net, pki, "node-h");
+    let conn = endpoint
+        .connect(caller.local_addr(), "starling.mesh")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    let mut services = mesh_proto::Services::new();
+    services.push("echo").expect("room");
+    let hello = mesh_proto::Hello {
+        protocol_version: mesh_proto::PROTOCOL_VERSION,
+        name: "node-h",
+        role: mesh_proto::Role::Node,
+        labels: Default::default(),
+        services,
+    };
+    let mut frame = Vec::new();
+    let body = postcard::to_allocvec(&hello).expect("hello");
+    mesh_proto::encode_body_prefix(body.len(), &mut frame);
+    frame.extend_from_slice(&body);
+    starling_tests::send_hello(&conn, &frame).await;
+    let opened = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = opened.clone();
+    tokio::spawn(async move {
+        while let Ok((mut send, recv)) = conn.accept_bi().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut reader = mesh_node::wire::FrameReader::new(recv);
+                while let Ok(Some(head)) = reader.next_frame(8192).await {
+                    let head: mesh_proto::RequestHead =
+                        mesh_proto::decode_head(&head).expect("request head");
+                    let keep = head
+                        .metadata
+                        .iter()
+                        .any(|(k, _)| *k == mesh_proto::KEEP_METADATA);
+                    let body = reader.frame(1 << 20).await.expect("body");
+                    let mut answer = mesh_proto::ResponseHead::new(Status::Ok, "");
+                    if keep {
+                        answer
+                            .metadata
+                            .push((mesh_proto::KEEP_METADATA, ""))
+                            .expect("room");
+                    }
+                    let answer = mesh_node::wire::encode_head(&answer);
+                    if !keep {
+                        let _ = mesh_node::wire::write_encoded(&mut send, &answer, body).await;
+                        return;
+                    }
+                    let _ = mesh_node::wire::write_frames(&mut send, &answer, body).await;
+                    if end_kept {
+                        let _ = send.finish();
+                        reader.stop();
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (opened, endpoint)
+}
+
+/// `calls` echo calls, one after another, from a node to [`raw_echo_host`] (ending each kept
+/// stream at once with `end_kept`); each must be answered. Returns the streams the node opened.
+async fn streams_for_calls(calls: u8, end_kept: bool) -> usize {
+    let (net, pki) = (MemoryNetwork::new(), Pki::new());
+    let a = node(&net, &pki, "node-a", "");
+    let (opened, _host) = raw_echo_host(&net, &pki, &a, end_kept).await;
+    assert!(a.wait_for_service("echo", UP).await);
+    for i in 0..calls {
+        let answer = a.call("echo", "say", Bytes::from(vec![i; 8])).await;
+        assert_eq!(answer.expect("call"), Bytes::from(vec![i; 8]), "call {i}");
+    }
+    opened.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// A node sends its calls to a peer one after another on one kept stream, not a stream each.
+#[tokio::test]
+async fn sequential_calls_to_a_peer_share_one_kept_stream() {
+    assert_eq!(
+        streams_for_calls(20, false).await,
+        1,
+        "20 calls one after another should share one kept stream"
+    );
+}
+
+/// A call sent on a kept stream that its callee ended before reading it (the callee's idle
+/// bound and the call crossed) is sent again on a new stream, and served.
+#[tokio::test]
+async fn a_call_on_a_kept_stream_its_callee_ended_goes_on_a_new_stream() {
+    // Call 0 opened a stream; each later call found it ended and opened the next.
+    assert_eq!(streams_for_calls(5, true).await, 5);
+}

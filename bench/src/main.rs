@@ -6,7 +6,8 @@
 //! CPU per call is the whole process's user+system time (both sides) divided by the calls.
 //!
 //! Paths: raw UDP echo (the floor), raw quinn with mutual TLS and one bidirectional stream per call
-//! (the transport's own cost), a Starling call through the Rust API, a Starling call through the
+//! (the transport's own cost), raw quinn with a stream kept per task for its calls one after
+//! another (what Starling's kept streams do, with nothing else), a Starling call through the Rust API, a Starling call through the
 //! local HTTP ingress to an HTTP upstream, and (feature `zenoh`) zenoh get/queryable. TCP through a
 //! forward next to direct TCP and raw quinn (`tcp_forward`).
 //!

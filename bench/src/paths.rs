@@ -20,6 +20,8 @@ use tokio::net::UdpSocket;
 pub enum Kind {
     Udp,
     Quinn,
+    /// Raw quinn with a stream per client task, kept for its calls one after another.
+    QuinnKept,
     Starling,
     StarlingPolicy,
     Ingress,
@@ -32,6 +34,7 @@ impl Kind {
         vec![
             Kind::Udp,
             Kind::Quinn,
+            Kind::QuinnKept,
             Kind::Starling,
             Kind::StarlingPolicy,
             Kind::Ingress,
@@ -44,6 +47,7 @@ impl Kind {
         match self {
             Kind::Udp => "raw UDP echo",
             Kind::Quinn => "raw quinn mTLS",
+            Kind::QuinnKept => "raw quinn, kept streams",
             Kind::Starling => "Starling Rust API",
             Kind::StarlingPolicy => "Starling API, 50 rules",
             Kind::Ingress => "Starling HTTP ingress",
@@ -67,6 +71,7 @@ pub struct Fixture {
     quinn_client: quinn::Endpoint,
     quinn_conn: quinn::Connection,
     quinn_addr: SocketAddr,
+    kept_conn: quinn::Connection,
     node_a: Node,
     node_b: Node,
     policy: mesh_node::policy::Policy,
@@ -100,37 +105,42 @@ impl Fixture {
         let (_, qs_id) = identity("quinn-server")?;
         let (_, qc_id) = identity("quinn-client")?;
         let limits = Limits::default();
-        let qs = {
-            let limits = limits.clone();
-            server
-                .spawn(async move {
-                    bind_endpoint(&qs_id, &limits, "127.0.0.1:0".parse().expect("addr"))
-                })
-                .await??
-        };
-        let quinn_addr = qs.local_addr()?;
-        let streams = limits.max_concurrent_calls;
-        server.spawn(async move {
-            while let Some(incoming) = qs.accept().await {
-                tokio::spawn(async move {
-                    let Ok(conn) = incoming.await else { return };
-                    // The mesh's transport settings, with every stream allowed at once (a node
-                    // starts a connection with a few and grows as its peer uses them).
-                    conn.set_max_concurrent_bi_streams(streams.into());
-                    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                        tokio::spawn(async move {
-                            let Ok(body) = recv.read_to_end(MAX_PAYLOAD).await else {
-                                return;
-                            };
-                            let _ = send.write_all(&body).await;
-                            let _ = send.finish();
-                        });
+        let quinn_addr =
+            raw_quinn_server(&server, qs_id, &limits, |mut send, mut recv| async move {
+                let Ok(body) = recv.read_to_end(MAX_PAYLOAD).await else {
+                    return;
+                };
+                let _ = send.write_all(&body).await;
+                let _ = send.finish();
+            })
+            .await?;
+        // Raw quinn with kept streams, on an endpoint of its own: each client task keeps one
+        // stream and sends its calls on it one after another, length-prefixed. It is what
+        // Starling's kept streams do with nothing else: how much of the transport Starling keeps
+        // once both spare a stream per call.
+        let (_, qk_id) = identity("quinn-kept")?;
+        let kept_addr =
+            raw_quinn_server(&server, qk_id, &limits, |mut send, mut recv| async move {
+                let mut len = [0u8; 4];
+                while recv.read_exact(&mut len).await.is_ok() {
+                    let n = u32::from_le_bytes(len) as usize;
+                    if n > MAX_PAYLOAD {
+                        return;
                     }
-                });
-            }
-        });
+                    let mut body = vec![0u8; n];
+                    if recv.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    let mut parts = [Bytes::copy_from_slice(&len), Bytes::from(body)];
+                    if send.write_all_chunks(&mut parts).await.is_err() {
+                        return;
+                    }
+                }
+            })
+            .await?;
         let quinn_client = bind_endpoint(&qc_id, &limits, "127.0.0.1:0".parse()?)?;
         let quinn_conn = quinn_client.connect(quinn_addr, "starling.mesh")?.await?;
+        let kept_conn = quinn_client.connect(kept_addr, "starling.mesh")?.await?;
 
         // HTTP upstream for the ingress path.
         let http_up = server
@@ -198,6 +208,7 @@ impl Fixture {
             quinn_client,
             quinn_conn,
             quinn_addr,
+            kept_conn,
             node_a,
             node_b,
             policy,
@@ -279,6 +290,7 @@ impl Fixture {
                 Client::Udp(sock, vec![0u8; 65536])
             }
             Kind::Quinn => Client::Quinn(self.quinn_conn.clone()),
+            Kind::QuinnKept => Client::QuinnKept(self.kept_conn.clone(), None),
             Kind::Starling => Client::Starling(self.node_a.clone()),
             Kind::StarlingPolicy => Client::Starling(self.node_a.clone()),
             Kind::Ingress => {
@@ -331,6 +343,39 @@ impl Fixture {
     }
 }
 
+/// A raw quinn endpoint on the `server` thread with identity `id` and the mesh's transport
+/// settings, with every stream allowed at once (a node starts a connection with a few and grows
+/// as its peer uses them); each stream goes to `serve`. Returns its address.
+async fn raw_quinn_server<F, Fut>(
+    server: &tokio::runtime::Handle,
+    id: Identity,
+    limits: &Limits,
+    serve: F,
+) -> anyhow::Result<SocketAddr>
+where
+    F: Fn(quinn::SendStream, quinn::RecvStream) -> Fut + Send + Copy + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let for_bind = limits.clone();
+    let endpoint = server
+        .spawn(async move { bind_endpoint(&id, &for_bind, "127.0.0.1:0".parse().expect("addr")) })
+        .await??;
+    let addr = endpoint.local_addr()?;
+    let streams = limits.max_concurrent_calls;
+    server.spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            tokio::spawn(async move {
+                let Ok(conn) = incoming.await else { return };
+                conn.set_max_concurrent_bi_streams(streams.into());
+                while let Ok((send, recv)) = conn.accept_bi().await {
+                    tokio::spawn(serve(send, recv));
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
 /// A thread with a single-threaded runtime of its own (the "server" side of every path, as on a
 /// device); returns its handle.
 pub fn server_thread() -> anyhow::Result<tokio::runtime::Handle> {
@@ -380,6 +425,11 @@ pub const MAX_UDP_PAYLOAD: usize = 65_507;
 enum Client {
     Udp(UdpSocket, Vec<u8>),
     Quinn(quinn::Connection),
+    /// The connection, and this task's stream once opened.
+    QuinnKept(
+        quinn::Connection,
+        Option<(quinn::SendStream, quinn::RecvStream)>,
+    ),
     Starling(Node),
     Ingress(SendRequest<Full<Bytes>>),
     #[cfg(feature = "zenoh")]
@@ -407,6 +457,22 @@ impl Client {
                 send.write_all(&body).await?;
                 send.finish()?;
                 Ok(recv.read_to_end(MAX_PAYLOAD).await?.len())
+            }
+            Client::QuinnKept(conn, stream) => {
+                if stream.is_none() {
+                    *stream = Some(conn.open_bi().await?);
+                }
+                let (send, recv) = stream.as_mut().context("stream")?;
+                let len = u32::try_from(body.len())?.to_le_bytes();
+                send.write_all_chunks(&mut [Bytes::copy_from_slice(&len), body])
+                    .await?;
+                let mut got = [0u8; 4];
+                recv.read_exact(&mut got).await?;
+                let n = u32::from_le_bytes(got) as usize;
+                anyhow::ensure!(n <= MAX_PAYLOAD, "raw quinn answered {n} bytes");
+                let mut answer = vec![0u8; n];
+                recv.read_exact(&mut answer).await?;
+                Ok(n)
             }
             Client::Starling(node) => Ok(node.call("echo", "say", body).await?.len()),
             Client::Ingress(sender) => {

@@ -21,8 +21,8 @@ use mesh_core::{MethodName, NodeName, ServiceName, SpiffeId};
 use mesh_proto::control::Span;
 use mesh_proto::limits::MAX_HEAD_BYTES;
 use mesh_proto::{
-    KEEP_METADATA, RequestHead, ResponseHead, STREAM_METADATA, Status, TUNNEL_METADATA,
-    TUNNEL_METHOD, TraceContext, decode_head,
+    KEEP_METADATA, KEPT_IDLE_CODE, RequestHead, ResponseHead, STREAM_METADATA, Status,
+    TUNNEL_METADATA, TUNNEL_METHOD, TraceContext, decode_head,
 };
 use tracing::{debug, warn};
 
@@ -428,7 +428,11 @@ impl Client {
         let lost = |e: &dyn std::fmt::Display| {
             CallError::new(Status::Unavailable, format!("connection to peer lost: {e}"))
         };
-        let (mut send, recv) = picked.conn.open_bi().await.map_err(|e| failed(lost(&e)))?;
+        let (mut send, recv) = picked
+            .kept
+            .open_unkept(&picked.conn)
+            .await
+            .map_err(|e| failed(lost(&e)))?;
         write_head(&mut send, &head)
             .await
             .map_err(|e| failed(lost(&e)))?;
@@ -577,7 +581,8 @@ impl Client {
             }
             let started = now();
             let left = plan.deadline.saturating_duration_since(started);
-            let opened = tokio::time::timeout(left, self.open_tunnel_on(&plan, picked.conn)).await;
+            let opened = self.open_tunnel_on(&plan, &picked.conn, &picked.kept);
+            let opened = tokio::time::timeout(left, opened).await;
             let opened = opened.unwrap_or_else(|_| {
                 Err(Reply::error(
                     Status::DeadlineExceeded,
@@ -620,7 +625,8 @@ impl Client {
     async fn open_tunnel_on(
         &self,
         plan: &Plan<'_>,
-        conn: quinn::Connection,
+        conn: &quinn::Connection,
+        kept: &KeptStreams,
     ) -> Result<(quinn::SendStream, quinn::RecvStream, Bytes), Reply> {
         let lost = |e: &dyn std::fmt::Display| {
             Reply::error(Status::Unavailable, format!("connection to peer lost: {e}"))
@@ -630,7 +636,7 @@ impl Client {
         head.metadata
             .push((TUNNEL_METADATA, "1"))
             .map_err(|_| too_much_metadata())?;
-        let (send, recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
+        let (send, recv) = kept.open_unkept(conn).await.map_err(|e| lost(&e))?;
         // Reset, not finished, if this ends (an error, the deadline) before the tunnel is handed
         // on: the callee must not take it for a client that half-closed.
         let mut send = crate::upstream::tcp::SendHalf(Some(send));
@@ -697,8 +703,15 @@ impl Client {
         keep: bool,
     ) -> Result<(Vec<u8>, bool), Reply> {
         let mut head = self.head(plan, left)?;
-        let keep = keep && head.metadata.push((KEEP_METADATA, "")).is_ok();
-        Ok((crate::wire::encode_head(&head), keep))
+        if keep && head.metadata.push((KEEP_METADATA, "")).is_ok() {
+            let encoded = crate::wire::encode_head(&head);
+            // Not at the cost of a head the callee would refuse as too long.
+            if encoded.len() <= MAX_HEAD_BYTES {
+                return Ok((encoded, true));
+            }
+            head.metadata.pop();
+        }
+        Ok((crate::wire::encode_head(&head), false))
     }
 
     /// Where a call on `kept`'s connection keeps its stream, and how many may wait there.
@@ -951,16 +964,28 @@ async fn exchange(
     } else {
         write_encoded(&mut send, head, body).await
     };
-    let keep = match written {
-        Ok(()) => keep,
+    let (keep, stopped) = match written {
+        Ok(()) => (keep, None),
         // The callee wants no more of the body: it answered already (a refusal by policy, a
         // busy node), and the answer says why.
-        Err(quinn::WriteError::Stopped(_)) => false,
+        Err(quinn::WriteError::Stopped(code)) => (false, Some(code)),
         Err(e) => return answered(lost(&e)),
     };
     let head_bytes = match reader.next_frame(MAX_HEAD_BYTES).await {
         Ok(Some(b)) => b,
-        Ok(None) if reused => return Exchange::Unread,
+        // The callee ended the reused stream without an answer. Sent again only when it says
+        // it ended the stream idle, before reading this call: a callee that ended it any other
+        // way (its task died) may have served it.
+        Ok(None) if reused => {
+            let code = match stopped {
+                Some(code) => Some(code),
+                None => send.stopped().await.ok().flatten(),
+            };
+            if code == Some(KEPT_IDLE_CODE.into()) {
+                return Exchange::Unread;
+            }
+            return answered(lost(&"the callee ended the stream without an answer"));
+        }
         Ok(None) => return answered(bad_answer("", &ReadError::Truncated { got: 0, want: 1 })),
         Err(ReadError::Stream(e)) => return answered(lost(&e)),
         Err(e) => return answered(bad_answer("", &e)),
@@ -1000,5 +1025,8 @@ async fn exchange(
         body,
         leaf,
     };
-    Exchange::Answered(reply, kept.then_some((send, reader)))
+    // Kept only between answers: bytes already past this one (an answer to a call not yet
+    // made) are not taken for the next call's.
+    let again = kept && !reader.has_buffered();
+    Exchange::Answered(reply, again.then_some((send, reader)))
 }

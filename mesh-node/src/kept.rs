@@ -12,7 +12,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::clock::{now, since};
+use crate::clock::now;
 use crate::wire::FrameReader;
 
 /// A caller reuses a stream only within this long of its last answer.
@@ -41,33 +41,63 @@ impl KeptStreams {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The newest idle stream, if it is recent enough to reuse. Older ones are ended (a dropped
-    /// send stream is finished, and its callee's task ends).
+    /// The newest idle stream, if it is recent enough to reuse. Stale ones are ended (a dropped
+    /// send stream is finished, and its callee's task ends): an idle stream holds one of the
+    /// streams its peer allows at once.
     pub(crate) fn take(&self) -> Option<(quinn::SendStream, FrameReader)> {
         let mut idle = self.lock();
-        let newest = idle.pop()?;
-        if since(newest.since) <= REUSE_WITHIN {
-            return Some((newest.send, newest.reader));
-        }
-        // The newest is stale, so all are.
-        let stale = std::mem::take(&mut *idle);
+        let stale = Self::stale(&mut idle, now());
+        let newest = idle.pop();
         drop(idle);
-        drop((newest, stale));
-        None
+        drop(stale);
+        newest.map(|n| (n.send, n.reader))
     }
 
     /// Keeps a stream whose call ended cleanly, unless `max` are idle already.
     pub(crate) fn put(&self, send: quinn::SendStream, reader: FrameReader, max: usize) {
+        let at = now();
         let mut idle = self.lock();
-        if idle.len() < max {
+        let stale = Self::stale(&mut idle, at);
+        let kept = idle.len() < max;
+        if kept {
             idle.push(Idle {
                 send,
                 reader,
-                since: now(),
+                since: at,
             });
-            drop(idle);
+        }
+        drop(idle);
+        drop(stale);
+        if kept {
             self.kept.notify_one();
         }
+    }
+
+    /// Takes out the streams idle at `at` for longer than [`REUSE_WITHIN`] (the oldest, at the
+    /// front), to be dropped once the lock is let go.
+    fn stale(idle: &mut Vec<Idle>, at: Instant) -> Vec<Idle> {
+        let fresh = idle
+            .iter()
+            .position(|i| at.saturating_duration_since(i.since) <= REUSE_WITHIN)
+            .unwrap_or(idle.len());
+        idle.drain(..fresh).collect()
+    }
+
+    /// Opens a stream that will not be kept (a streamed call, a tunnel, a control session).
+    /// Should the peer allow no more streams now, the idle kept ones are ended first: each holds
+    /// a stream the peer would allow.
+    pub(crate) async fn open_unkept(
+        &self,
+        conn: &quinn::Connection,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), quinn::ConnectionError> {
+        let mut open = std::pin::pin!(conn.open_bi());
+        let first = std::future::poll_fn(|cx| std::task::Poll::Ready(open.as_mut().poll(cx))).await;
+        if let std::task::Poll::Ready(opened) = first {
+            return opened;
+        }
+        let idle = std::mem::take(&mut *self.lock());
+        drop(idle);
+        open.await
     }
 
     /// Opens a new stream on `conn`; or `None` when a stream is kept first. Kept streams count

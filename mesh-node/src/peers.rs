@@ -244,6 +244,16 @@ impl PeerSet {
             .collect()
     }
 
+    /// The call streams kept on `conn`, if it is a peer's live connection.
+    pub(crate) fn kept_on(&self, conn: &quinn::Connection) -> Option<Arc<KeptStreams>> {
+        self.lock()
+            .by_id
+            .values()
+            .flat_map(|p| &p.conns)
+            .find(|c| c.conn.stable_id() == conn.stable_id())
+            .map(|c| c.kept.clone())
+    }
+
     /// Every live connection, to every peer.
     pub(crate) fn all_connections(&self) -> Vec<(PeerInfo, quinn::Connection)> {
         self.lock()

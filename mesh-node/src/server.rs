@@ -447,7 +447,7 @@ impl Server {
                 // Idle: ended, with the call that may race the end unread (the caller sends it
                 // again on a new stream).
                 None => {
-                    reader.stop();
+                    reader.stop_with(mesh_proto::KEPT_IDLE_CODE);
                     let _ = send.finish();
                     return;
                 }

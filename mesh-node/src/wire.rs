@@ -183,6 +183,16 @@ impl FrameReader {
         let _ = self.recv.stop(0u32.into());
     }
 
+    /// Asks the peer to send no more on this stream, with `code`.
+    pub fn stop_with(&mut self, code: u32) {
+        let _ = self.recv.stop(code.into());
+    }
+
+    /// Whether bytes past the last whole frame are buffered (or a frame is half read).
+    pub fn has_buffered(&self) -> bool {
+        !self.buf.is_empty() || self.partial.is_some()
+    }
+
     /// Gives back the stream, e.g. to stop it.
     pub fn into_inner(self) -> quinn::RecvStream {
         self.recv

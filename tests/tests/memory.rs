@@ -632,19 +632,48 @@ async fn an_idle_kept_stream_is_ended_by_its_callee() {
     );
 }
 
-/// A peer that serves `echo` from a raw endpoint, counting the streams its caller opens. After
-/// each answer it keeps the stream when asked; with `end_kept`, it then ends the kept stream
-/// at once (as a callee whose idle bound ran out just as the next call came).
+/// How [`raw_echo_host`] treats a kept stream after an answer.
+#[derive(Clone, Copy, PartialEq)]
+enum Kept {
+    /// Reads the next call on it.
+    Keep,
+    /// Ends it at once, as a callee whose idle bound ran out just as the next call came: stopped
+    /// with `KEPT_IDLE_CODE`, finished.
+    EndIdle,
+    /// Reads the next call on it, then ends the stream cleanly without answering, as a callee
+    /// whose task died after serving it.
+    Vanish,
+}
+
+/// What [`raw_echo_host`] saw.
+#[derive(Default)]
+struct Seen {
+    streams: std::sync::atomic::AtomicUsize,
+    calls: std::sync::atomic::AtomicUsize,
+    asked_to_keep: std::sync::atomic::AtomicUsize,
+}
+
+impl Seen {
+    fn get(&self) -> (usize, usize, usize) {
+        use std::sync::atomic::Ordering::SeqCst;
+        (
+            self.streams.load(SeqCst),
+            self.calls.load(SeqCst),
+            self.asked_to_keep.load(SeqCst),
+        )
+    }
+}
+
+/// A peer speaking `protocol` that serves `echo` from a raw endpoint, counting what its caller
+/// sends. It keeps a stream when asked, and treats it after the answer as `mode` says.
 async fn raw_echo_host(
     net: &MemoryNetwork,
     pki: &Pki,
     caller: &Node,
-    end_kept: bool,
-) -> (
-    std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    quinn::Endpoint,
-) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    protocol: u16,
+    mode: Kept,
+) -> (std::sync::Arc<Seen>, quinn::Endpoint) {
+    use std::sync::atomic::Ordering::SeqCst;
     let endpoint = raw_endpoint(net, pki, "node-h");
     let conn = endpoint
         .connect(caller.local_addr(), "starling.mesh")
@@ -654,7 +683,7 @@ async fn raw_echo_host(
     let mut services = mesh_proto::Services::new();
     services.push("echo").expect("room");
     let hello = mesh_proto::Hello {
-        protocol_version: mesh_proto::PROTOCOL_VERSION,
+        protocol_version: protocol,
         name: "node-h",
         role: mesh_proto::Role::Node,
         labels: Default::default(),
@@ -665,13 +694,15 @@ async fn raw_echo_host(
     mesh_proto::encode_body_prefix(body.len(), &mut frame);
     frame.extend_from_slice(&body);
     starling_tests::send_hello(&conn, &frame).await;
-    let opened = std::sync::Arc::new(AtomicUsize::new(0));
-    let count = opened.clone();
+    let seen = std::sync::Arc::new(Seen::default());
+    let counts = seen.clone();
     tokio::spawn(async move {
         while let Ok((mut send, recv)) = conn.accept_bi().await {
-            count.fetch_add(1, Ordering::SeqCst);
+            counts.streams.fetch_add(1, SeqCst);
+            let counts = counts.clone();
             tokio::spawn(async move {
                 let mut reader = mesh_node::wire::FrameReader::new(recv);
+                let mut answered = 0;
                 while let Ok(Some(head)) = reader.next_frame(8192).await {
                     let head: mesh_proto::RequestHead =
                         mesh_proto::decode_head(&head).expect("request head");
@@ -680,6 +711,13 @@ async fn raw_echo_host(
                         .iter()
                         .any(|(k, _)| *k == mesh_proto::KEEP_METADATA);
                     let body = reader.frame(1 << 20).await.expect("body");
+                    counts.calls.fetch_add(1, SeqCst);
+                    counts.asked_to_keep.fetch_add(usize::from(keep), SeqCst);
+                    if mode == Kept::Vanish && answered == 1 {
+                        let _ = send.finish();
+                        reader.stop();
+                        return;
+                    }
                     let mut answer = mesh_proto::ResponseHead::new(Status::Ok, "");
                     if keep {
                         answer
@@ -693,46 +731,130 @@ async fn raw_echo_host(
                         return;
                     }
                     let _ = mesh_node::wire::write_frames(&mut send, &answer, body).await;
-                    if end_kept {
+                    answered += 1;
+                    if mode == Kept::EndIdle {
+                        reader.stop_with(mesh_proto::KEPT_IDLE_CODE);
                         let _ = send.finish();
-                        reader.stop();
                         return;
                     }
                 }
             });
         }
     });
-    (opened, endpoint)
+    (seen, endpoint)
 }
 
-/// `calls` echo calls, one after another, from a node to [`raw_echo_host`] (ending each kept
-/// stream at once with `end_kept`); each must be answered. Returns the streams the node opened.
-async fn streams_for_calls(calls: u8, end_kept: bool) -> usize {
+/// `calls` echo calls, one after another, from a node to [`raw_echo_host`]; returns their
+/// answers and what the host saw.
+async fn calls_to_raw_host(
+    calls: u8,
+    protocol: u16,
+    mode: Kept,
+) -> (
+    Vec<Result<Bytes, mesh_node::CallError>>,
+    (usize, usize, usize),
+) {
     let (net, pki) = (MemoryNetwork::new(), Pki::new());
     let a = node(&net, &pki, "node-a", "");
-    let (opened, _host) = raw_echo_host(&net, &pki, &a, end_kept).await;
+    let (seen, _host) = raw_echo_host(&net, &pki, &a, protocol, mode).await;
     assert!(a.wait_for_service("echo", UP).await);
+    let mut answers = Vec::new();
     for i in 0..calls {
-        let answer = a.call("echo", "say", Bytes::from(vec![i; 8])).await;
-        assert_eq!(answer.expect("call"), Bytes::from(vec![i; 8]), "call {i}");
+        answers.push(a.call("echo", "say", Bytes::from(vec![i; 8])).await);
     }
-    opened.load(std::sync::atomic::Ordering::SeqCst)
+    (answers, seen.get())
+}
+
+fn all_echoed(answers: &[Result<Bytes, mesh_node::CallError>]) {
+    for (i, answer) in answers.iter().enumerate() {
+        assert_eq!(
+            answer.as_ref().expect("call"),
+            &Bytes::from(vec![i as u8; 8]),
+            "call {i}"
+        );
+    }
 }
 
 /// A node sends its calls to a peer one after another on one kept stream, not a stream each.
 #[tokio::test]
 async fn sequential_calls_to_a_peer_share_one_kept_stream() {
+    let (answers, (streams, calls, asked)) =
+        calls_to_raw_host(20, mesh_proto::PROTOCOL_VERSION, Kept::Keep).await;
+    all_echoed(&answers);
+    assert_eq!((calls, asked), (20, 20));
     assert_eq!(
-        streams_for_calls(20, false).await,
-        1,
+        streams, 1,
         "20 calls one after another should share one kept stream"
     );
 }
 
-/// A call sent on a kept stream that its callee ended before reading it (the callee's idle
+/// A peer speaking protocol 3 is never asked to keep a stream: a stream per call, as before.
+#[tokio::test]
+async fn a_protocol_3_peer_is_never_asked_to_keep_a_stream() {
+    let (answers, seen) = calls_to_raw_host(5, 3, Kept::Keep).await;
+    all_echoed(&answers);
+    assert_eq!(seen, (5, 5, 0), "(streams, calls, asked to keep)");
+}
+
+/// A call sent on a kept stream that its callee ended idle before reading it (the callee's idle
 /// bound and the call crossed) is sent again on a new stream, and served.
 #[tokio::test]
-async fn a_call_on_a_kept_stream_its_callee_ended_goes_on_a_new_stream() {
-    // Call 0 opened a stream; each later call found it ended and opened the next.
-    assert_eq!(streams_for_calls(5, true).await, 5);
+async fn a_call_on_a_kept_stream_its_callee_ended_idle_goes_on_a_new_stream() {
+    let (answers, seen) = calls_to_raw_host(5, mesh_proto::PROTOCOL_VERSION, Kept::EndIdle).await;
+    all_echoed(&answers);
+    // Each call asked to keep its stream; each after the first found the kept one ended and
+    // went on a new stream; the host read each call once.
+    assert_eq!(seen, (5, 5, 5), "(streams, calls, asked to keep)");
+}
+
+/// A kept stream that its callee ends without an answer, other than idle, may have carried its
+/// call to the callee: the call fails and is not sent again.
+#[tokio::test]
+async fn a_call_whose_kept_stream_ends_without_an_answer_is_not_sent_again() {
+    let (answers, seen) = calls_to_raw_host(2, mesh_proto::PROTOCOL_VERSION, Kept::Vanish).await;
+    assert!(answers[0].is_ok(), "{:?}", answers[0]);
+    let failed = answers[1]
+        .as_ref()
+        .expect_err("the second call has no answer");
+    assert_eq!(failed.status, Status::Unavailable, "{failed:?}");
+    assert_eq!(seen.1, 2, "the host read the second call again");
+}
+
+/// Idle kept streams hold streams the peer allows at once: a streamed call that needs one
+/// ends them rather than wait.
+#[tokio::test]
+async fn a_streamed_call_is_not_kept_waiting_by_idle_kept_streams() {
+    let (net, pki) = (MemoryNetwork::new(), Pki::new());
+    let b = node(
+        &net,
+        &pki,
+        "node-b",
+        &format!("{ECHO}[limits]\nmax_concurrent_calls = 4\n"),
+    );
+    let a = node(&net, &pki, "node-a", &peer(&b));
+    assert!(a.wait_for_service("echo", UP).await);
+    // Four calls at once: four streams, all of node-b's allowance, kept idle after.
+    let call = |i: u8| a.call("echo", "say", Bytes::from(vec![i; 8]));
+    let answers = tokio::join!(call(0), call(1), call(2), call(3));
+    for answer in [answers.0, answers.1, answers.2, answers.3] {
+        answer.expect("call");
+    }
+    let streamed = async {
+        let call = a
+            .call_stream("echo", "say", &CallOptions::default())
+            .await
+            .expect("open");
+        let (mut up, mut down) = call.split();
+        up.send(Bytes::from_static(b"streamed"))
+            .await
+            .expect("send");
+        up.finish();
+        let (status, why) = down.status().await.expect("head");
+        assert_eq!(status, Status::Ok, "{why}");
+        down.recv().await.expect("chunk").expect("a chunk")
+    };
+    let echoed = tokio::time::timeout(UP, streamed)
+        .await
+        .expect("the streamed call waited for a stream the kept ones held");
+    assert_eq!(echoed, Bytes::from_static(b"streamed"));
 }

@@ -108,7 +108,12 @@ impl ControlClient {
     }
 
     async fn session(&self, conn: quinn::Connection) -> Result<(), String> {
-        let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        // Through the connection's kept call streams, which give way to it.
+        let opened = match self.peers.kept_on(&conn) {
+            Some(kept) => kept.open_unkept(&conn).await,
+            None => conn.open_bi().await,
+        };
+        let (mut send, recv) = opened.map_err(|e| e.to_string())?;
         let mut out = Vec::new();
         mesh_proto::encode_frame_vec(&RequestHead::new(CONTROL_SERVICE, "session", 0), &mut out);
         mesh_proto::encode_frame_vec(&Up::Hello(self.hello()), &mut out);

@@ -248,22 +248,23 @@ impl Server {
         let bad = |e: crate::wire::ReadError| {
             Reply::error(Status::InvalidArgument, format!("request: {e}"))
         };
-        let len = crate::clock::by(deadline, reader.next_len(max))
-            .await
-            .ok_or_else(late)?
-            .map_err(bad)?;
-        let mut hold = BodyHold::default();
-        if !self.hold_body(conn, &mut hold, len.unwrap_or(0)) {
-            reader.stop();
-            debug!("refused a body of {len:?} bytes: the memory for bodies is spent");
-            return Err(self.busy());
-        }
-        let body = if kept {
-            crate::clock::by(deadline, reader.frame(max)).await
-        } else {
-            crate::clock::by(deadline, reader.unary_body(max)).await
+        // One bound for the whole read (one timer at most, and one instance of its code).
+        let read = async {
+            let len = reader.next_len(max).await.map_err(bad)?;
+            let mut hold = BodyHold::default();
+            if !self.hold_body(conn, &mut hold, len.unwrap_or(0)) {
+                reader.stop();
+                debug!("refused a body of {len:?} bytes: the memory for bodies is spent");
+                return Err(self.busy());
+            }
+            let body = if kept {
+                reader.frame(max).await
+            } else {
+                reader.unary_body(max).await
+            };
+            Ok((body.map_err(bad)?, hold))
         };
-        let body = body.ok_or_else(late)?.map_err(bad)?;
+        let (body, hold) = crate::clock::by(deadline, read).await.ok_or_else(late)??;
         Ok((body, hold))
     }
 
@@ -380,12 +381,10 @@ impl Server {
                     // body buffered.
                     let labels = || self.peers.labels_of(&caller).unwrap_or_default();
                     match self.admit(&ctx, labels) {
+                        // Refused: no body is read, and the stream ends with the answer.
                         Err(refused) => {
-                            let _ = reader.into_inner().stop(0u32.into());
-                            if let Err(e) = write_reply(&mut send, refused).await {
-                                debug!("could not write a reply: {e}");
-                            }
-                            return;
+                            reader.stop();
+                            refused
                         }
                         Ok(()) if tunnel => {
                             return Box::pin(self.serve_tunnel(*ctx, send, reader, tunnels)).await;
@@ -424,10 +423,8 @@ impl Server {
                     send.id(),
                     reply.message
                 );
-                // Nothing more of this request is wanted.
-                let _ = reader.into_inner().stop(0u32.into());
-                self.write_held_reply(&mut send, reply, false).await;
-                return;
+                // Nothing more of this request is wanted (and the stream is not kept).
+                reader.stop();
             }
             let kept = self.write_held_reply(&mut send, reply, keep).await;
             drop(held);

@@ -935,7 +935,7 @@ async fn send_call(
 enum Exchange {
     /// The answer (or why there is none), and the stream when the callee keeps it.
     Answered(Reply, Option<(quinn::SendStream, FrameReader)>),
-    /// A reused stream ended cleanly before any answer: the callee never read the call.
+    /// The callee reset a reused stream as idle before any answer: it never read the call.
     Unread,
 }
 
@@ -964,27 +964,22 @@ async fn exchange(
     } else {
         write_encoded(&mut send, head, body).await
     };
-    let (keep, stopped) = match written {
-        Ok(()) => (keep, None),
+    let keep = match written {
+        Ok(()) => keep,
         // The callee wants no more of the body: it answered already (a refusal by policy, a
         // busy node), and the answer says why.
-        Err(quinn::WriteError::Stopped(code)) => (false, Some(code)),
+        Err(quinn::WriteError::Stopped(_)) => false,
         Err(e) => return answered(lost(&e)),
     };
     let head_bytes = match reader.next_frame(MAX_HEAD_BYTES).await {
         Ok(Some(b)) => b,
-        // The callee ended the reused stream without an answer. Sent again only when it says
-        // it ended the stream idle, before reading this call: a callee that ended it any other
-        // way (its task died) may have served it.
-        Ok(None) if reused => {
-            let code = match stopped {
-                Some(code) => Some(code),
-                None => send.stopped().await.ok().flatten(),
-            };
-            if code == Some(KEPT_IDLE_CODE.into()) {
-                return Exchange::Unread;
-            }
-            return answered(lost(&"the callee ended the stream without an answer"));
+        // The callee reset the reused stream as idle, before it read this call: sent again. A
+        // stream ended any other way (its task died) may have carried the call to the callee,
+        // and the call is not sent twice.
+        Err(ReadError::Stream(quinn::ReadError::Reset(code)))
+            if reused && code == KEPT_IDLE_CODE.into() =>
+        {
+            return Exchange::Unread;
         }
         Ok(None) => return answered(bad_answer("", &ReadError::Truncated { got: 0, want: 1 })),
         Err(ReadError::Stream(e)) => return answered(lost(&e)),

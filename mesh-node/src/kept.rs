@@ -4,10 +4,11 @@
 //! A stream carries one call after another, never two at once, so calls still never wait behind
 //! each other. The caller asks with [`KEEP_METADATA`](mesh_proto::KEEP_METADATA) on the request,
 //! and keeps the stream only when the callee's answer says it will read the next call. The
-//! callee ends a kept stream that stays idle for [`IDLE_BOUND`]; the caller reuses one only
-//! within [`REUSE_WITHIN`] of its last answer, so a call is never sent on a stream the callee is
-//! ending (and should the two meet anyway, the callee has not read the call, and the caller sends
-//! it again on a new stream).
+//! callee ends a kept stream that stays idle for [`IDLE_BOUND`], resetting it with
+//! [`KEPT_IDLE_CODE`](mesh_proto::KEPT_IDLE_CODE); the caller reuses one only within
+//! [`REUSE_WITHIN`] of its last answer, so a call is never sent on a stream the callee is ending
+//! (and should the two meet anyway, the callee has not read the call, and the caller sends it
+//! again on a new stream).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -95,9 +96,16 @@ impl KeptStreams {
         if let std::task::Poll::Ready(opened) = first {
             return opened;
         }
-        let idle = std::mem::take(&mut *self.lock());
-        drop(idle);
-        open.await
+        loop {
+            let idle = std::mem::take(&mut *self.lock());
+            drop(idle);
+            // Streams kept while this waits are ended too.
+            tokio::select! {
+                biased;
+                opened = &mut open => return opened,
+                () = self.kept.notified() => {}
+            }
+        }
     }
 
     /// Opens a new stream on `conn`; or `None` when a stream is kept first. Kept streams count

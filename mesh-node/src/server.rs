@@ -441,11 +441,11 @@ impl Server {
                     return;
                 }
                 Some(Err(_)) => return,
-                // Idle: ended, with the call that may race the end unread (the caller sends it
-                // again on a new stream).
+                // Idle: ended, with the call that may race the end unread: reset with the code
+                // that tells the caller to send it again on a new stream.
                 None => {
                     reader.stop_with(mesh_proto::KEPT_IDLE_CODE);
-                    let _ = send.finish();
+                    let _ = send.reset(mesh_proto::KEPT_IDLE_CODE.into());
                     return;
                 }
             }
@@ -969,8 +969,15 @@ fn encoded_reply_head(reply: &Reply, keep: bool) -> (Vec<u8>, bool) {
     if let Some(leaf) = &reply.leaf {
         let _ = head.metadata.push((crate::call::LEAF_METADATA, leaf));
     }
-    let kept = keep && head.metadata.push((KEEP_METADATA, "")).is_ok();
-    (crate::wire::encode_head(&head), kept)
+    if keep && head.metadata.push((KEEP_METADATA, "")).is_ok() {
+        let encoded = crate::wire::encode_head(&head);
+        // Not at the cost of a head the caller would refuse as too long.
+        if encoded.len() <= MAX_HEAD_BYTES {
+            return (encoded, true);
+        }
+        head.metadata.pop();
+    }
+    (crate::wire::encode_head(&head), false)
 }
 
 /// The node's budget for request bodies from peers, in bytes (at most what a semaphore holds).

@@ -83,9 +83,10 @@ pub const STREAM_METADATA: &str = ":stream";
 /// call after another, never two at once; either side ends it by ending its half.
 pub const KEEP_METADATA: &str = ":keep";
 
-/// The code a callee stops a kept stream with when it ends it idle, before any next call was
-/// read: a caller whose next call met that end sends the call again on a new stream. A kept stream
-/// ended any other way may have carried its call to the callee, and the call is not sent again.
+/// The code a callee resets (and stops) a kept stream with when it ends it idle, before any next
+/// call was read: a caller whose next call met that reset sends the call again on a new stream. A
+/// kept stream ended any other way may have carried its call to the callee, and the call is not
+/// sent again.
 pub const KEPT_IDLE_CODE: u32 = 0x6b65_6570;
 
 /// The metadata entry that marks a TCP tunnel (protocol 3): one TCP connection carried on the

@@ -692,10 +692,9 @@ impl Client {
         )
     }
 
-    /// The head of an attempt, encoded as a frame (the head itself, with room for every
-    /// metadata entry, never lives across an await).
-    /// The head of a unary call, encoded; asks the callee to keep the stream when `keep` (and
-    /// returns whether it does: not when the app's metadata fills the head).
+    /// The head of a unary attempt, encoded as a frame (the head itself, with room for every
+    /// metadata entry, never lives across an await); it asks the callee to keep the stream when
+    /// `keep`, and the answer says whether it does.
     fn encoded_head(
         &self,
         plan: &Plan<'_>,
@@ -703,15 +702,11 @@ impl Client {
         keep: bool,
     ) -> Result<(Vec<u8>, bool), Reply> {
         let mut head = self.head(plan, left)?;
-        if keep && head.metadata.push((KEEP_METADATA, "")).is_ok() {
-            let encoded = crate::wire::encode_head(&head);
-            // Not at the cost of a head the callee would refuse as too long.
-            if encoded.len() <= MAX_HEAD_BYTES {
-                return Ok((encoded, true));
-            }
-            head.metadata.pop();
-        }
-        Ok((crate::wire::encode_head(&head), false))
+        Ok(crate::wire::encode_head_keeping(
+            &mut head,
+            |h| &mut h.metadata,
+            keep,
+        ))
     }
 
     /// Where a call on `kept`'s connection keeps its stream, and how many may wait there.
@@ -893,31 +888,28 @@ async fn send_call(
     body: Bytes,
     max_body: usize,
 ) -> Reply {
-    let Some((pool, max)) = kept else {
-        let (send, recv) = match conn.open_bi().await {
-            Ok(s) => s,
-            Err(e) => return lost(&e),
-        };
-        let reader = FrameReader::new(recv);
-        return match exchange(send, reader, &head, body, max_body, false, false).await {
-            Exchange::Answered(reply, _) => reply,
-            Exchange::Unread => bad_answer("", &ReadError::Truncated { got: 0, want: 1 }),
-        };
-    };
+    let pool = kept.as_ref().map(|(pool, _)| pool);
     loop {
-        let (send, reader, reused) = match pool.take() {
+        let (send, reader, reused) = match pool.and_then(|p| p.take()) {
             Some((send, reader)) => (send, reader, true),
-            None => match pool.open(&conn).await {
-                Some(Ok((send, recv))) => (send, FrameReader::new(recv), false),
-                Some(Err(e)) => return lost(&e),
-                // A stream was kept while this call waited to open one: it takes that.
-                None => continue,
-            },
+            None => {
+                let opened = match pool {
+                    Some(pool) => pool.open(&conn).await,
+                    None => Some(conn.open_bi().await),
+                };
+                match opened {
+                    Some(Ok((send, recv))) => (send, FrameReader::new(recv), false),
+                    Some(Err(e)) => return lost(&e),
+                    // A stream was kept while this call waited to open one: it takes that.
+                    None => continue,
+                }
+            }
         };
-        match exchange(send, reader, &head, body.clone(), max_body, true, reused).await {
+        let keep = pool.is_some();
+        match exchange(send, reader, &head, body.clone(), max_body, keep, reused).await {
             Exchange::Answered(reply, again) => {
-                if let Some((send, reader)) = again {
-                    pool.put(send, reader, max);
+                if let (Some((send, reader)), Some((pool, max))) = (again, &kept) {
+                    pool.put(send, reader, *max);
                 }
                 return reply;
             }

@@ -14,27 +14,24 @@ pub(crate) fn since(earlier: Instant) -> Duration {
     now().saturating_duration_since(earlier)
 }
 
-/// `fut`, bounded by `deadline`: `None` if the deadline passes first. The timer is made only if
-/// `fut` does not finish on its first poll: most reads and writes of a call find their bytes (or
-/// room for them) there already, and a timer made and dropped for each costs more than the read.
-pub(crate) async fn by<F: std::future::Future>(
-    deadline: tokio::time::Instant,
+/// The first poll of `fut`, made at once: its output if it is ready without waiting.
+pub(crate) async fn poll_once<F: std::future::Future>(
+    mut fut: std::pin::Pin<&mut F>,
+) -> std::task::Poll<F::Output> {
+    std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await
+}
+
+/// `fut`, bounded by the deadline `deadline` gives: `None` if it passes first. The timer (and
+/// the deadline) is made only if `fut` does not finish on its first poll: most reads and writes
+/// of a call find their bytes (or room for them) there already, and a timer made and dropped for
+/// each costs more than the read.
+pub(crate) async fn bounded<F: std::future::Future>(
+    deadline: impl FnOnce() -> tokio::time::Instant,
     fut: F,
 ) -> Option<F::Output> {
     let mut fut = std::pin::pin!(fut);
-    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await;
-    match first {
+    match poll_once(fut.as_mut()).await {
         std::task::Poll::Ready(out) => Some(out),
-        std::task::Poll::Pending => tokio::time::timeout_at(deadline, fut).await.ok(),
-    }
-}
-
-/// `fut`, bounded to `limit` from now: as [`by`], and the clock is read only if a timer is made.
-pub(crate) async fn within<F: std::future::Future>(limit: Duration, fut: F) -> Option<F::Output> {
-    let mut fut = std::pin::pin!(fut);
-    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await;
-    match first {
-        std::task::Poll::Ready(out) => Some(out),
-        std::task::Poll::Pending => tokio::time::timeout(limit, fut).await.ok(),
+        std::task::Poll::Pending => tokio::time::timeout_at(deadline(), fut).await.ok(),
     }
 }

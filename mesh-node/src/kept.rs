@@ -92,8 +92,7 @@ impl KeptStreams {
         conn: &quinn::Connection,
     ) -> Result<(quinn::SendStream, quinn::RecvStream), quinn::ConnectionError> {
         let mut open = std::pin::pin!(conn.open_bi());
-        let first = std::future::poll_fn(|cx| std::task::Poll::Ready(open.as_mut().poll(cx))).await;
-        if let std::task::Poll::Ready(opened) = first {
+        if let std::task::Poll::Ready(opened) = crate::clock::poll_once(open.as_mut()).await {
             return opened;
         }
         loop {

@@ -264,7 +264,9 @@ impl Server {
             };
             Ok((body.map_err(bad)?, hold))
         };
-        let (body, hold) = crate::clock::by(deadline, read).await.ok_or_else(late)??;
+        let (body, hold) = crate::clock::bounded(|| deadline, read)
+            .await
+            .ok_or_else(late)??;
         Ok((body, hold))
     }
 
@@ -369,7 +371,8 @@ impl Server {
             // Kept for the next call: asked by the caller, and the whole request read.
             let mut keep = false;
             let read =
-                crate::clock::by(deadline, self.read_head(caller.clone(), &mut reader)).await;
+                crate::clock::bounded(|| deadline, self.read_head(caller.clone(), &mut reader))
+                    .await;
             let reply = match read {
                 Some(Ok(Incoming::Call {
                     ctx,
@@ -946,7 +949,8 @@ impl Server {
                 write_encoded(send, &head, reply.body).await
             }
         };
-        match crate::clock::within(self.limits.call_timeout, write).await {
+        let limit = self.limits.call_timeout;
+        match crate::clock::bounded(|| tokio::time::Instant::now() + limit, write).await {
             Some(Ok(())) => kept,
             Some(Err(e)) => {
                 debug!("could not write a reply: {e}");
@@ -969,15 +973,7 @@ fn encoded_reply_head(reply: &Reply, keep: bool) -> (Vec<u8>, bool) {
     if let Some(leaf) = &reply.leaf {
         let _ = head.metadata.push((crate::call::LEAF_METADATA, leaf));
     }
-    if keep && head.metadata.push((KEEP_METADATA, "")).is_ok() {
-        let encoded = crate::wire::encode_head(&head);
-        // Not at the cost of a head the caller would refuse as too long.
-        if encoded.len() <= MAX_HEAD_BYTES {
-            return (encoded, true);
-        }
-        head.metadata.pop();
-    }
-    (crate::wire::encode_head(&head), false)
+    crate::wire::encode_head_keeping(&mut head, |h| &mut h.metadata, keep)
 }
 
 /// The node's budget for request bodies from peers, in bytes (at most what a semaphore holds).

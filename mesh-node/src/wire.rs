@@ -150,7 +150,7 @@ impl FrameReader {
     /// Waits until the stream has more bytes: true then, false if it ended cleanly. Between
     /// frames: what a kept call stream waits on for its next call.
     pub async fn more(&mut self) -> Result<bool, ReadError> {
-        if !self.buf.is_empty() || self.partial.is_some() {
+        if self.has_buffered() {
             return Ok(true);
         }
         self.read_more().await
@@ -221,6 +221,25 @@ pub fn encode_head<T: Serialize>(head: &T) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
     encode_frame_vec(head, &mut out);
     out
+}
+
+/// `head` encoded as one frame, asking to keep its stream for the next call when `keep`
+/// ([`mesh_proto::KEEP_METADATA`] in the `metadata` it has): not when its metadata is full, nor at
+/// the cost of a head longer than the bound, which the other side would refuse. Returns the frame
+/// and whether it asks.
+pub fn encode_head_keeping<'a, T: Serialize>(
+    head: &mut T,
+    metadata: fn(&mut T) -> &mut mesh_proto::Metadata<'a>,
+    keep: bool,
+) -> (Vec<u8>, bool) {
+    if keep && metadata(head).push((mesh_proto::KEEP_METADATA, "")).is_ok() {
+        let encoded = encode_head(head);
+        if encoded.len() <= mesh_proto::limits::MAX_HEAD_BYTES {
+            return (encoded, true);
+        }
+        metadata(head).pop();
+    }
+    (encode_head(head), false)
 }
 
 /// Writes a head already encoded as a frame, then `body` as one frame, then ends the stream.

@@ -24,6 +24,12 @@ fn peer(of: &Node) -> String {
 
 const ECHO: &str = "[[services]]\nname = \"echo\"\nupstream = \"builtin:echo\"\n";
 
+/// `node-b`, hosting echo, allowing each peer `calls` streams at once.
+fn echo_node_allowing(net: &MemoryNetwork, pki: &Pki, calls: u32) -> Node {
+    let limits = format!("{ECHO}[limits]\nmax_concurrent_calls = {calls}\n");
+    node(net, pki, "node-b", &limits)
+}
+
 /// A raw endpoint on `net` with the identity `name`, for sending what a node never would.
 fn raw_endpoint(net: &MemoryNetwork, pki: &Pki, name: &str) -> quinn::Endpoint {
     net.endpoint(&pki.identity(name), &Default::default())
@@ -493,12 +499,7 @@ async fn bodies_past_a_connections_share_are_refused_at_once_and_the_rest_served
 #[tokio::test]
 async fn a_peers_streams_grow_to_max_concurrent_calls_as_it_uses_them() {
     let (net, pki) = (MemoryNetwork::new(), Pki::new());
-    let b = node(
-        &net,
-        &pki,
-        "node-b",
-        &format!("{ECHO}[limits]\nmax_concurrent_calls = 100\n"),
-    );
+    let b = echo_node_allowing(&net, &pki, 100);
     let (conn, _endpoint) =
         raw_member(&net, &pki, &b, "node-r", mesh_proto::PROTOCOL_VERSION, &[]).await;
     let mut held = Vec::new();
@@ -567,16 +568,30 @@ async fn raw_call(
     (answer.status, kept, body)
 }
 
+/// `node-b` hosting echo, and a raw member's connection to it (protocol this node's).
+async fn raw_member_of_echo(
+    net: &MemoryNetwork,
+    pki: &Pki,
+) -> (Node, quinn::Connection, quinn::Endpoint) {
+    let b = node(net, pki, "node-b", ECHO);
+    let (conn, endpoint) =
+        raw_member(net, pki, &b, "node-r", mesh_proto::PROTOCOL_VERSION, &[]).await;
+    (b, conn, endpoint)
+}
+
+/// A new call stream on `conn`, its receiving side framed.
+async fn raw_stream(conn: &quinn::Connection) -> (quinn::SendStream, mesh_node::wire::FrameReader) {
+    let (send, recv) = conn.open_bi().await.expect("stream");
+    (send, mesh_node::wire::FrameReader::new(recv))
+}
+
 /// A node keeps a call stream its caller asks it to keep, and reads one call after another on
 /// it; a call that does not ask ends its stream as before.
 #[tokio::test]
 async fn a_kept_stream_carries_one_call_after_another() {
     let (net, pki) = (MemoryNetwork::new(), Pki::new());
-    let b = node(&net, &pki, "node-b", ECHO);
-    let (conn, _endpoint) =
-        raw_member(&net, &pki, &b, "node-r", mesh_proto::PROTOCOL_VERSION, &[]).await;
-    let (mut send, recv) = conn.open_bi().await.expect("stream");
-    let mut reader = mesh_node::wire::FrameReader::new(recv);
+    let (_b, conn, _endpoint) = raw_member_of_echo(&net, &pki).await;
+    let (mut send, mut reader) = raw_stream(&conn).await;
     for i in 0..5u8 {
         let (status, kept, body) = raw_call(&mut send, &mut reader, &[i; 3], true).await;
         assert_eq!(status, Status::Ok, "call {i}");
@@ -591,8 +606,7 @@ async fn a_kept_stream_carries_one_call_after_another() {
     assert!(end.is_ok(), "the kept stream did not end cleanly: {end:?}");
 
     // Not asked: the stream ends after the answer.
-    let (mut send, recv) = conn.open_bi().await.expect("stream");
-    let mut reader = mesh_node::wire::FrameReader::new(recv);
+    let (mut send, mut reader) = raw_stream(&conn).await;
     let (status, kept, _) = raw_call(&mut send, &mut reader, b"once", false).await;
     assert_eq!(status, Status::Ok);
     assert!(
@@ -613,11 +627,8 @@ async fn a_kept_stream_carries_one_call_after_another() {
 #[tokio::test(start_paused = true)]
 async fn an_idle_kept_stream_is_ended_by_its_callee() {
     let (net, pki) = (MemoryNetwork::new(), Pki::new());
-    let b = node(&net, &pki, "node-b", ECHO);
-    let (conn, _endpoint) =
-        raw_member(&net, &pki, &b, "node-r", mesh_proto::PROTOCOL_VERSION, &[]).await;
-    let (mut send, recv) = conn.open_bi().await.expect("stream");
-    let mut reader = mesh_node::wire::FrameReader::new(recv);
+    let (_b, conn, _endpoint) = raw_member_of_echo(&net, &pki).await;
+    let (mut send, mut reader) = raw_stream(&conn).await;
     let (status, kept, _) = raw_call(&mut send, &mut reader, b"one", true).await;
     assert_eq!((status, kept), (Status::Ok, true));
     let idle = tokio::time::Instant::now();
@@ -834,12 +845,7 @@ async fn a_call_whose_kept_stream_ends_without_an_answer_is_not_sent_again() {
 #[tokio::test]
 async fn a_streamed_call_is_not_kept_waiting_by_idle_kept_streams() {
     let (net, pki) = (MemoryNetwork::new(), Pki::new());
-    let b = node(
-        &net,
-        &pki,
-        "node-b",
-        &format!("{ECHO}[limits]\nmax_concurrent_calls = 4\n"),
-    );
+    let b = echo_node_allowing(&net, &pki, 4);
     let a = node(&net, &pki, "node-a", &peer(&b));
     assert!(a.wait_for_service("echo", UP).await);
     // Four calls at once: four streams, all of node-b's allowance, kept idle after.

@@ -153,13 +153,39 @@ impl ControlPlane {
         mut send: quinn::SendStream,
         mut reader: FrameReader,
     ) {
+        let name = claims.id.node_name().as_str().to_owned();
+        // Boxed, and a step of its own: the session lives as long as its node, and would
+        // otherwise keep room for the hello it no longer needs.
+        let joined = Box::pin(self.join(&claims, remote, &mut send, &mut reader, &name)).await;
+        let Some(sent) = joined else {
+            return;
+        };
+        let result = self
+            .follow(&name, &claims, &mut send, &mut reader, sent)
+            .await;
+        if let Err(e) = result {
+            info!("control stream of {name} ended: {e}");
+        }
+        self.registry().handle_closed(&name, Instant::now());
+        self.registry_changed.send_modify(|v| *v += 1);
+    }
+
+    /// A node's hello read and checked, the node recorded, and the first frames sent: the clock,
+    /// the trust bundle. Returns the policy bundle the node holds; `None` if the session is over.
+    async fn join(
+        &self,
+        claims: &CertificateClaims,
+        remote: SocketAddr,
+        send: &mut quinn::SendStream,
+        reader: &mut FrameReader,
+        name: &str,
+    ) -> Option<Option<BundleRef>> {
         let caller = &claims.id;
-        let name = caller.node_name().as_str().to_owned();
-        let hello = match tokio::time::timeout(Duration::from_secs(5), read_up(&mut reader)).await {
+        let hello = match tokio::time::timeout(Duration::from_secs(5), read_up(reader)).await {
             Ok(Ok(Up::Hello(h))) => h,
             _ => {
                 warn!("control stream from {caller} at {remote} sent no hello");
-                return;
+                return None;
             }
         };
         if let Err(over) = crate::registry::check_hello(&hello) {
@@ -167,13 +193,13 @@ impl ControlPlane {
                 "control stream from {caller} at {remote} refused: its hello says too much: {over}"
             );
             self.audit
-                .record(&name, "hello_refused", vec![("reason".into(), over)]);
-            return;
+                .record(name, "hello_refused", vec![("reason".into(), over)]);
+            return None;
         }
         self.registry()
-            .handle_hello(&name, &caller.to_string(), &hello, Instant::now());
+            .handle_hello(name, &caller.to_string(), &hello, Instant::now());
         self.registry().set_certificate(
-            &name,
+            name,
             CertificateInfo {
                 serial: claims.serial.clone(),
                 not_after: claims.not_after,
@@ -186,16 +212,16 @@ impl ControlPlane {
             },
         );
         self.metrics()
-            .handle_hello(&name, hello.boot_id, hello.lost_at_restart);
+            .handle_hello(name, hello.boot_id, hello.lost_at_restart);
         self.registry_changed.send_modify(|v| *v += 1);
         if hello.policy_damaged {
             warn!(
                 "node {name} found its saved policy damaged and refuses every call until it gets a good bundle"
             );
             self.audit.record(
-                &name,
+                name,
                 "policy_damaged",
-                vec![("reported_by".into(), name.clone())],
+                vec![("reported_by".into(), name.to_owned())],
             );
         }
         info!(
@@ -205,22 +231,40 @@ impl ControlPlane {
 
         // The trust bundle first: during a CA rotation it brings the new root before anything
         // issued under it arrives.
-        let time = Down::Time {
-            unix_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+        let first = {
+            let time = Down::Time {
+                unix_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+            };
+            let bundle = Down::TrustBundle {
+                roots_pem: self.roots_pem.clone(),
+            };
+            let mut first = Vec::new();
+            mesh_proto::encode_frame_vec(&time, &mut first);
+            mesh_proto::encode_frame_vec(&bundle, &mut first);
+            first
         };
-        let bundle = Down::TrustBundle {
-            roots_pem: self.roots_pem.clone(),
-        };
-        let mut first = Vec::new();
-        mesh_proto::encode_frame_vec(&time, &mut first);
-        mesh_proto::encode_frame_vec(&bundle, &mut first);
-        if let Err(e) = send.write_all(&first).await.map_err(|e| e.to_string()) {
+        if let Err(e) = send.write_all(&first).await {
             info!("control stream of {name} ended: {e}");
-            self.registry().handle_closed(&name, Instant::now());
-            return;
+            self.registry().handle_closed(name, Instant::now());
+            return None;
         }
+        // What the node holds: a bundle is sent when it is not that one.
+        Some(hello.policy)
+    }
+
+    /// A joined node's session: its reports read and answered, policies and registry changes
+    /// sent, until the stream ends. A session lives as long as its node (10,000 of them on one
+    /// gateway), so it waits in a small state and does its writes after the wait, not inside it.
+    async fn follow(
+        self: &Arc<Self>,
+        name: &str,
+        claims: &Arc<CertificateClaims>,
+        send: &mut quinn::SendStream,
+        reader: &mut FrameReader,
+        mut sent: Option<BundleRef>,
+    ) -> Result<(), String> {
         let mut policy_rx = self.policies.subscribe();
         policy_rx.mark_changed();
         // The whole registry first, then what changed, as the pushes come.
@@ -229,87 +273,72 @@ impl ControlPlane {
         // The whole frame may be up to a push period old: catch up at once, not at the next
         // change (there may be none for a long time).
         registry_rx.mark_changed();
-        if let Err(e) = send.write_chunk(frame).await.map_err(|e| e.to_string()) {
-            info!("control stream of {name} ended: {e}");
-            self.registry().handle_closed(&name, Instant::now());
-            return;
-        }
-        // What the node holds: a bundle is sent when it is not that one.
-        let mut sent = hello.policy;
+        send.write_chunk(frame).await.map_err(|e| e.to_string())?;
         // Telemetry acks waiting for the cloud queue, in order.
         let mut held_acks: HeldAcks = std::collections::VecDeque::new();
-        let result: Result<(), String> = async {
-            loop {
-                tokio::select! {
-                    up = read_up(&mut reader) => {
-                        let up = up?;
-                        // Signing takes a fraction of a millisecond of CPU: done on a blocking
-                        // thread, one at a time, so that a burst of renewals never holds up the
-                        // runtime that keeps every node's connection alive.
-                        if let Up::Renew { csr_der } = up {
-                            self.registry().handle_seen(&name, Instant::now());
-                            let down = self.clone().renew_off_thread(claims.clone(), csr_der).await;
-                            write_down(&mut send, &down).await?;
-                            continue;
-                        }
-                        match self.handle_up(&name, up, sent) {
-                            // The node's batch is acknowledged once the cloud's copy is on
-                            // disk (or could not be written: that loss is counted and told to
-                            // the cloud); meanwhile the session goes on. Acks are cumulative
-                            // for the node: a later one waits behind a held one.
-                            (Some(down), Some(committed)) => {
-                                held_acks.push_back((down, Some(committed)));
-                            }
-                            (Some(down @ Down::TelemetryAck { .. }), None)
-                                if !held_acks.is_empty() =>
-                            {
-                                held_acks.push_back((down, None));
-                            }
-                            (Some(down), None) => write_down(&mut send, &down).await?,
-                            (None, _) => {}
-                        }
+        loop {
+            let wake = tokio::select! {
+                up = read_up(reader) => Wake::Up(up?),
+                () = first_committed(&mut held_acks), if !held_acks.is_empty() => Wake::Committed,
+                r = policy_rx.changed() => Wake::Policy(r.map_err(|e| e.to_string())?),
+                r = registry_rx.changed() => Wake::Registry(r.map_err(|e| e.to_string())?),
+            };
+            match wake {
+                // Signing takes a fraction of a millisecond of CPU: done on a blocking thread,
+                // one at a time, so that a burst of renewals never holds up the runtime that
+                // keeps every node's connection alive. Boxed: rare.
+                Wake::Up(Up::Renew { csr_der }) => {
+                    self.registry().handle_seen(name, Instant::now());
+                    let down =
+                        Box::pin(self.clone().renew_off_thread(claims.clone(), csr_der)).await;
+                    write_down(send, &down).await?;
+                }
+                Wake::Up(up) => match self.handle_up(name, up, sent) {
+                    // The node's batch is acknowledged once the cloud's copy is on disk (or
+                    // could not be written: that loss is counted and told to the cloud);
+                    // meanwhile the session goes on. Acks are cumulative for the node: a later
+                    // one waits behind a held one.
+                    (Some(down), Some(committed)) => {
+                        held_acks.push_back((down, Some(committed)));
                     }
-                    () = first_committed(&mut held_acks), if !held_acks.is_empty() => {
-                        if let Some((down, _)) = held_acks.pop_front() {
-                            write_down(&mut send, &down).await?;
-                        }
+                    (Some(down @ Down::TelemetryAck { .. }), None) if !held_acks.is_empty() => {
+                        held_acks.push_back((down, None));
                     }
-                    r = policy_rx.changed() => {
-                        r.map_err(|e| e.to_string())?;
-                        let bundle = policy_rx.borrow_and_update().clone();
-                        if let Some(b) = bundle
-                            && sent != Some(b.id)
-                        {
-                            sent = Some(b.id);
-                            let down = Down::Policy {
-                                version: b.id.version,
-                                toml: b.toml.to_string(),
-                                epoch: b.id.epoch,
-                                hash: b.id.hash,
-                            };
-                            write_down(&mut send, &down).await?;
-                        }
+                    (Some(down), None) => write_down(send, &down).await?,
+                    (None, _) => {}
+                },
+                Wake::Committed => {
+                    if let Some((down, _)) = held_acks.pop_front() {
+                        write_down(send, &down).await?;
                     }
-                    r = registry_rx.changed() => {
-                        // At most one registry push per node per period, however busy the
-                        // fleet: the entries that changed since this node's last one, encoded
-                        // once for every node that had the same.
-                        r.map_err(|e| e.to_string())?;
-                        let (frame, revision) = self.registry_delta(registry_sent);
-                        registry_sent = revision;
-                        if let Some(frame) = frame {
-                            send.write_chunk(frame).await.map_err(|e| e.to_string())?;
-                        }
+                }
+                Wake::Policy(()) => {
+                    let bundle = policy_rx.borrow_and_update().clone();
+                    if let Some(b) = bundle
+                        && sent != Some(b.id)
+                    {
+                        sent = Some(b.id);
+                        let down = Down::Policy {
+                            version: b.id.version,
+                            toml: b.toml.to_string(),
+                            epoch: b.id.epoch,
+                            hash: b.id.hash,
+                        };
+                        write_down(send, &down).await?;
+                    }
+                }
+                // At most one registry push per node per period, however busy the fleet: the
+                // entries that changed since this node's last one, encoded once for every node
+                // that had the same.
+                Wake::Registry(()) => {
+                    let (frame, revision) = self.registry_delta(registry_sent);
+                    registry_sent = revision;
+                    if let Some(frame) = frame {
+                        send.write_chunk(frame).await.map_err(|e| e.to_string())?;
                     }
                 }
             }
         }
-        .await;
-        if let Err(e) = result {
-            info!("control stream of {name} ended: {e}");
-        }
-        self.registry().handle_closed(&name, Instant::now());
-        self.registry_changed.send_modify(|v| *v += 1);
     }
 
     /// The whole registry as one `Down::Registry` frame, and its revision. The frame is made
@@ -595,6 +624,15 @@ impl ReservedService for ControlService {
 }
 
 /// Telemetry acks waiting for the cloud queue (`Some`), or behind one that does (`None`).
+/// What a waiting session woke for.
+enum Wake {
+    Up(Up),
+    /// The first held ack may go.
+    Committed,
+    Policy(()),
+    Registry(()),
+}
+
 type HeldAcks = std::collections::VecDeque<(Down, Option<oneshot::Receiver<bool>>)>;
 
 /// Waits until the first held ack may go: its batch is on disk (or could not be written).

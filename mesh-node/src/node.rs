@@ -318,7 +318,8 @@ impl Node {
             let server = server.clone();
             Arc::new(
                 move |conn: quinn::Connection, caller: Arc<CertificateClaims>| {
-                    tokio::spawn(server.clone().serve_connection(conn, caller));
+                    Box::pin(server.clone().serve_connection(conn, caller))
+                        as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
                 },
             )
         };

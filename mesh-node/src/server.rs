@@ -75,17 +75,19 @@ impl From<crate::wire::ReadError> for GatherError {
     }
 }
 
-/// Streams a peer may open on a new connection, before it uses them: 8, or
+/// Streams a peer may open on a new connection, before it uses them: 4, or
 /// `limits.max_concurrent_calls` if less.
 ///
 /// quinn sets room aside for every stream a peer may open (an entry in each of two tables,
 /// about 21 KB a connection at 256), which an idle peer never uses: 100 peers cost 2 MB for
-/// nothing. A connection starts here and grows as its peer uses it ([`StreamAllowance`]).
+/// nothing. A connection starts here and grows as its peer uses it ([`StreamAllowance`]). With
+/// kept streams, a connection's calls open few streams; one that only carries a control session
+/// (a node's to its gateway, 10,000 on one gateway) opens one.
 pub(crate) fn initial_streams(limits: &Limits) -> u32 {
     INITIAL_STREAMS.min(limits.max_concurrent_calls).max(1)
 }
 
-const INITIAL_STREAMS: u32 = 8;
+const INITIAL_STREAMS: u32 = 4;
 
 /// How many streams one connection's peer may open: from [`initial_streams`], four times more
 /// whenever the peer has opened more than half as many over the connection's life, up to
@@ -94,8 +96,8 @@ const INITIAL_STREAMS: u32 = 8;
 /// Streams opened, not streams open: quinn gives a peer new credit only when it frees a stream,
 /// which a peer can delay (a call whose reply it never reads, a stream it never resets), while
 /// the node's own work on the stream is long done. Counted this way, a peer reaches the whole
-/// allowance before it can run out of credit; a connection that carried fewer than 5 calls
-/// stays at 8, one that carried 65 has them all.
+/// allowance before it can run out of credit; a connection that opened fewer than 3 streams
+/// stays at 4, one that opened 33 has them all (4, 16, 64, 256).
 struct StreamAllowance {
     allowed: u32,
     max: u32,
@@ -414,8 +416,12 @@ impl Server {
                         }
                     }
                 }
+                // A task of its own: a reserved stream (a node's control session on a gateway)
+                // lasts as long as its node, and this task's size is that of a call's largest
+                // step (2 KB a node, on a gateway with 10,000).
                 Some(Ok(Incoming::Reserved(handler))) => {
-                    return handler.serve(claims, remote, send, reader).await;
+                    tokio::spawn(handler.serve(claims, remote, send, reader));
+                    return;
                 }
                 Some(Err(reply)) => reply,
                 None => Reply::error(Status::InvalidArgument, "request not received in time"),

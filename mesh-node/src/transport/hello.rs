@@ -92,7 +92,8 @@ impl Transport {
             return std::future::pending().await;
         }
         while let Ok(recv) = conn.accept_uni().await {
-            match read_hello(recv, certified, conn.remote_address()).await {
+            // Boxed: the wait for a hello lasts as long as the connection, a read is rare.
+            match Box::pin(read_hello(recv, certified, conn.remote_address())).await {
                 Ok(info) => {
                     debug!("{} now hosts {:?}", id.node_name(), info.services);
                     self.inner.peers.register(info, conn);

@@ -92,9 +92,16 @@ impl ConnectError {
     }
 }
 
-/// Serves the calls a connection carries; the node plugs the server in.
-pub(crate) type ServeConnection =
-    Arc<dyn Fn(quinn::Connection, Arc<CertificateClaims>) + Send + Sync>;
+/// Serves the calls a connection carries, until it closes; the node plugs the server in. Run
+/// by the connection's own task, not one more (a gateway keeps 10,000 connections).
+pub(crate) type ServeConnection = Arc<
+    dyn Fn(
+            quinn::Connection,
+            Arc<CertificateClaims>,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// The transport: endpoint, connections, dialling. Cheap to clone.
 #[derive(Clone)]
@@ -279,7 +286,9 @@ impl Transport {
             let transport = self.clone();
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
-                match incoming.await {
+                // Boxed: the handshake's state would otherwise stay in the task for the
+                // connection's life (10,000 of them on a gateway).
+                match Box::pin(incoming.into_future()).await {
                     Ok(conn) => transport.run_connection(conn).await,
                     Err(e) => {
                         let why = ConnectError::of(&e);
@@ -375,8 +384,9 @@ impl Transport {
         }
         // Who the peer is, its labels, and until when: all from the certificate its handshake
         // verified.
+        // Shared with the connection's server; one copy for the connection's life.
         let certified = match CertificateClaims::of_peer(&conn) {
-            Ok(certified) => certified,
+            Ok(certified) => Arc::new(certified),
             Err(e) => {
                 warn!("closing connection from {remote}: {e}");
                 conn.close(CLOSE_BAD_HELLO.into(), b"no identity");
@@ -388,7 +398,9 @@ impl Transport {
         if self.refuse_if_revoked(&conn, &certified, &revoked.borrow_and_update()) {
             return;
         }
-        let info = match self.exchange_hellos(&conn, &certified).await {
+        // Boxed: a connection's task lives as long as the connection, and its size is that of its
+        // largest step, which the hellos were (1.3 KB, once).
+        let info = match Box::pin(self.exchange_hellos(&conn, &certified)).await {
             Ok(info) => info,
             Err(why) => {
                 warn!("closing connection to {id} at {remote}: {why}");
@@ -397,10 +409,11 @@ impl Transport {
             }
         };
         log_up(&info);
-        self.inner.peers.register(info.clone(), &conn);
+        let protocol = info.protocol;
+        self.inner.peers.register(info, &conn);
         // Calls are served only once the peer's hello is checked: a stream it opened earlier
         // waits (bounded by its stream credit) and is read now.
-        (self.inner.serve)(conn.clone(), Arc::new(certified.clone()));
+        let serving = (self.inner.serve)(conn.clone(), certified.clone());
         // Later hellos (the peer's services changed) update its entry while the connection lives.
         // A certificate is trusted until it expires, not for as long as a connection lasts.
         let until_expiry = certified
@@ -419,7 +432,9 @@ impl Transport {
         };
         let reason = tokio::select! {
             reason = conn.closed() => reason,
-            () = self.follow_hellos(&conn, &certified, info.protocol) => conn.closed().await,
+            // The peer can open no more streams: the connection is closing.
+            () = serving => conn.closed().await,
+            () = self.follow_hellos(&conn, &certified, protocol) => conn.closed().await,
             () = tokio::time::sleep(until_expiry) => {
                 warn!("closing connection to {id}: its certificate expired");
                 conn.close(CLOSE_EXPIRED.into(), b"certificate expired");
@@ -563,6 +578,9 @@ pub const ACK_DELAY: Duration = Duration::from_millis(5);
 /// streams.
 pub const CONNECTION_RECEIVE_WINDOW: u32 = 8 * 1024 * 1024;
 
+/// Hellos a peer may have in flight at once (each on a stream of its own).
+const UNI_STREAMS: u32 = 2;
+
 /// The QUIC transport settings of every connection under `limits`.
 fn transport_config(limits: &Limits) -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
@@ -585,7 +603,8 @@ fn transport_config(limits: &Limits) -> quinn::TransportConfig {
         // uses them (`Server::serve_connection`): quinn sets room aside for every stream a peer
         // may open.
         .max_concurrent_bidi_streams(crate::server::initial_streams(limits).into())
-        .max_concurrent_uni_streams(8u32.into())
+        // Unidirectional streams carry hellos only, read one after another.
+        .max_concurrent_uni_streams(UNI_STREAMS.into())
         .enable_segmentation_offload(limits.segmentation_offload);
     transport
 }

@@ -13,7 +13,6 @@
 //! - **Panic mode**: when every candidate is ejected, calls go to them all anyway (as Envoy does):
 //!   a service whose only replicas are flaky keeps most of its calls rather than losing all.
 
-use std::collections::HashMap;
 use std::hash::Hash;
 use std::time::{Duration, Instant};
 
@@ -87,7 +86,7 @@ pub enum Outcome {
 #[derive(Debug, Clone)]
 pub struct Balancer<K> {
     config: BalanceConfig,
-    states: HashMap<K, State>,
+    states: crate::FastMap<K, State>,
 }
 
 impl<K: Clone + Eq + Hash> Balancer<K> {
@@ -95,7 +94,7 @@ impl<K: Clone + Eq + Hash> Balancer<K> {
     pub fn new(config: BalanceConfig) -> Self {
         Balancer {
             config,
-            states: HashMap::new(),
+            states: crate::FastMap::default(),
         }
     }
 

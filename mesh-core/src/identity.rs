@@ -35,47 +35,62 @@ pub enum Certified {
     Cloud,
 }
 
-/// A verified workload identity.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SpiffeId {
+/// A verified workload identity. Shared, not copied: a callee hands its caller's identity to
+/// every call it serves.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SpiffeId(std::sync::Arc<Parts>);
+
+#[derive(Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Parts {
     trust_domain: String,
     role: Certified,
     node: NodeName,
     leaf: Option<NodeName>,
 }
 
+impl fmt::Debug for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpiffeId")
+            .field("trust_domain", &self.0.trust_domain)
+            .field("role", &self.0.role)
+            .field("node", &self.0.node)
+            .field("leaf", &self.0.leaf)
+            .finish()
+    }
+}
+
 impl SpiffeId {
     /// The identity of node `node` in `trust_domain`.
     pub fn node(trust_domain: &str, node: NodeName) -> Result<Self, IdentityError> {
         check_trust_domain(trust_domain)?;
-        Ok(SpiffeId {
+        Ok(SpiffeId(std::sync::Arc::new(Parts {
             trust_domain: trust_domain.to_owned(),
             role: Certified::Node,
             node,
             leaf: None,
-        })
+        })))
     }
 
     /// The identity of gateway `name` in `trust_domain`.
     pub fn gateway(trust_domain: &str, name: NodeName) -> Result<Self, IdentityError> {
         check_trust_domain(trust_domain)?;
-        Ok(SpiffeId {
+        Ok(SpiffeId(std::sync::Arc::new(Parts {
             trust_domain: trust_domain.to_owned(),
             role: Certified::Gateway,
             node: name,
             leaf: None,
-        })
+        })))
     }
 
     /// The cloud's identity `spiffe://<trust_domain>/cloud/<client_id>` (see [`Certified::Cloud`]).
     pub fn cloud(trust_domain: &str, client_id: NodeName) -> Result<Self, IdentityError> {
         check_trust_domain(trust_domain)?;
-        Ok(SpiffeId {
+        Ok(SpiffeId(std::sync::Arc::new(Parts {
             trust_domain: trust_domain.to_owned(),
             role: Certified::Cloud,
             node: client_id,
             leaf: None,
-        })
+        })))
     }
 
     /// Parses a cloud identity (`spiffe://td/cloud/<client-id>`), as a gateway names it when it
@@ -105,7 +120,7 @@ impl SpiffeId {
             ["node", n, "leaf", l] => (Certified::Node, *n, Some(*l)),
             _ => return Err(bad()),
         };
-        Ok(SpiffeId {
+        Ok(SpiffeId(std::sync::Arc::new(Parts {
             trust_domain: td.to_owned(),
             role,
             node: NodeName::try_from(node).map_err(|_| bad())?,
@@ -113,44 +128,44 @@ impl SpiffeId {
                 .map(NodeName::try_from)
                 .transpose()
                 .map_err(|_| bad())?,
-        })
+        })))
     }
 
     /// The trust domain, e.g. `starling.local`.
     pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
+        &self.0.trust_domain
     }
 
     /// The node this identity is, or sits behind (a gateway's name, for a gateway).
     pub fn node_name(&self) -> &NodeName {
-        &self.node
+        &self.0.node
     }
 
     /// What the CA certified this identity to be.
     pub fn role(&self) -> Certified {
-        self.role
+        self.0.role
     }
 
     /// Whether the CA certified a gateway.
     pub fn is_gateway(&self) -> bool {
-        self.role == Certified::Gateway
+        self.0.role == Certified::Gateway
     }
 
     /// The microcontroller behind the node, if this is a leaf identity.
     pub fn leaf(&self) -> Option<&NodeName> {
-        self.leaf.as_ref()
+        self.0.leaf.as_ref()
     }
 }
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match self.role {
+        let kind = match self.0.role {
             Certified::Node => "node",
             Certified::Gateway => "gateway",
             Certified::Cloud => "cloud",
         };
-        write!(f, "spiffe://{}/{kind}/{}", self.trust_domain, self.node)?;
-        if let Some(leaf) = &self.leaf {
+        write!(f, "spiffe://{}/{kind}/{}", self.0.trust_domain, self.0.node)?;
+        if let Some(leaf) = &self.0.leaf {
             write!(f, "/leaf/{leaf}")?;
         }
         Ok(())

@@ -37,4 +37,13 @@ pub use backoff::Backoff;
 pub use identity::{Certified, IdentityError, SpiffeId};
 pub use name::{MethodName, NodeName, ServiceName};
 pub use table::ServiceTable;
+
+/// A hash map for what a call looks up (services, endpoints, series): foldhash, seeded once per
+/// process, instead of std's SipHash, which was 6% of a small call's instructions. Keys come
+/// from config, policy, certificates and services that exist, never from an unauthenticated
+/// peer.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
+/// The set of [`FastMap`].
+pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 pub use telemetry::Telemetry;

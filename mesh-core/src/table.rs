@@ -4,7 +4,6 @@
 //! `endpoints(service)`. Which of them takes a call is the balancer's choice (`crate::balance`),
 //! after routing (`crate::route`) has narrowed them to a subset.
 
-use std::collections::HashMap;
 use std::hash::Hash;
 
 use crate::name::ServiceName;
@@ -12,13 +11,13 @@ use crate::name::ServiceName;
 /// A map from service to the endpoints (of key type `K`, e.g. a peer's identity) that host it.
 #[derive(Debug, Clone)]
 pub struct ServiceTable<K> {
-    services: HashMap<ServiceName, Vec<K>>,
+    services: crate::FastMap<ServiceName, Vec<K>>,
 }
 
 impl<K: Clone + Eq + Hash> Default for ServiceTable<K> {
     fn default() -> Self {
         ServiceTable {
-            services: HashMap::new(),
+            services: crate::FastMap::default(),
         }
     }
 }

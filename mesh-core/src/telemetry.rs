@@ -74,7 +74,7 @@ impl Default for Bounds {
 /// Counters since the last batch, and the batches not yet acknowledged.
 #[derive(Debug, Clone)]
 pub struct Telemetry {
-    counters: std::collections::HashMap<u64, Vec<(Key, Acc)>>,
+    counters: crate::FastMap<u64, Vec<(Key, Acc)>>,
     spans: Vec<Span>,
     audit: Vec<AuditEvent>,
     /// The batches waiting for an ack, each with its encoded size.
@@ -86,9 +86,9 @@ pub struct Telemetry {
     dropped: u64,
     lost_items: u64,
     keep_spans: bool,
-    series: std::collections::HashSet<u64>,
+    series: crate::FastSet<u64>,
     /// Services that have a series of their own.
-    services: std::collections::HashSet<u64>,
+    services: crate::FastSet<u64>,
     folded: u64,
     rules: BTreeMap<String, BTreeMap<&'static str, u64>>,
     /// TCP forward counters since the last batch, by (listen, service).
@@ -125,7 +125,7 @@ impl Telemetry {
     /// Telemetry within `bounds`.
     pub fn with_bounds(bounds: Bounds) -> Self {
         Telemetry {
-            counters: std::collections::HashMap::new(),
+            counters: crate::FastMap::default(),
             spans: Vec::new(),
             audit: Vec::new(),
             backlog: VecDeque::new(),
@@ -140,8 +140,8 @@ impl Telemetry {
             dropped: 0,
             lost_items: 0,
             keep_spans: true,
-            series: std::collections::HashSet::new(),
-            services: std::collections::HashSet::new(),
+            series: crate::FastSet::default(),
+            services: crate::FastSet::default(),
             folded: 0,
             rules: BTreeMap::new(),
             tcp: BTreeMap::new(),

@@ -623,7 +623,6 @@ impl ReservedService for ControlService {
     }
 }
 
-/// Telemetry acks waiting for the cloud queue (`Some`), or behind one that does (`None`).
 /// What a waiting session woke for.
 enum Wake {
     Up(Up),
@@ -633,6 +632,7 @@ enum Wake {
     Registry(()),
 }
 
+/// Telemetry acks waiting for the cloud queue (`Some`), or behind one that does (`None`).
 type HeldAcks = std::collections::VecDeque<(Down, Option<oneshot::Receiver<bool>>)>;
 
 /// Waits until the first held ack may go: its batch is on disk (or could not be written).

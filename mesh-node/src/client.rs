@@ -58,7 +58,7 @@ pub(crate) struct Client {
 /// Per-service balancer state and retry budgets.
 #[derive(Default)]
 struct ClientState {
-    balancers: HashMap<String, Balancer<u64>>,
+    balancers: mesh_core::FastMap<String, Balancer<u64>>,
     budgets: HashMap<String, RetryBudget>,
 }
 
@@ -130,10 +130,12 @@ impl Client {
             Some(leaf) if !callee.is_empty() => format!("{callee}/leaf/{leaf}"),
             _ => callee,
         };
-        // Names that are not names (refused as such) are counted under one series.
-        let valid = mesh_proto::validate_name(service)
-            .and(mesh_proto::validate_name(method))
-            .is_ok();
+        // Names that are not names (refused as such) are counted under one series. A call that
+        // succeeded had its names checked already.
+        let valid = reply.status == Status::Ok
+            || mesh_proto::validate_name(service)
+                .and(mesh_proto::validate_name(method))
+                .is_ok();
         let (service, method) = if valid {
             (service, method)
         } else {
@@ -311,9 +313,9 @@ impl Client {
                         self.limits.max_body_bytes,
                     );
                     // At the deadline, not after `left` (a clock read spared).
-                    match tokio::time::timeout_at(deadline.into(), call).await {
-                        Ok(reply) => reply,
-                        Err(_) => Reply::error(
+                    match crate::clock::bounded(|| deadline.into(), call).await {
+                        Some(reply) => reply,
+                        None => Reply::error(
                             Status::DeadlineExceeded,
                             format!("no answer from {service} within the deadline"),
                         ),

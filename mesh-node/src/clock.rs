@@ -25,13 +25,57 @@ pub(crate) async fn poll_once<F: std::future::Future>(
 /// the deadline) is made only if `fut` does not finish on its first poll: most reads and writes
 /// of a call find their bytes (or room for them) there already, and a timer made and dropped for
 /// each costs more than the read.
-pub(crate) async fn bounded<F: std::future::Future>(
-    deadline: impl FnOnce() -> tokio::time::Instant,
+///
+/// A future of its own, not an `async fn`: that held `fut` twice (as its argument and pinned),
+/// and every read and write of a call is bounded.
+pub(crate) fn bounded<F: std::future::Future, D: FnOnce() -> tokio::time::Instant>(
+    deadline: D,
     fut: F,
-) -> Option<F::Output> {
-    let mut fut = std::pin::pin!(fut);
-    match poll_once(fut.as_mut()).await {
-        std::task::Poll::Ready(out) => Some(out),
-        std::task::Poll::Pending => tokio::time::timeout_at(deadline(), fut).await.ok(),
+) -> Bounded<F, D> {
+    Bounded {
+        fut,
+        deadline: Some(deadline),
+        timer: None,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// See [`bounded`].
+    pub(crate) struct Bounded<F, D> {
+        #[pin]
+        fut: F,
+        // Taken when the timer is made.
+        deadline: Option<D>,
+        // Polled outside tokio's task budget, as `tokio::time::Timeout` polls its timer once the
+        // future has spent the budget: a future that spends it on every poll without finishing
+        // would otherwise keep its deadline from ever firing.
+        #[pin]
+        timer: Option<tokio::task::Unconstrained<tokio::time::Sleep>>,
+    }
+}
+
+impl<F: std::future::Future, D: FnOnce() -> tokio::time::Instant> std::future::Future
+    for Bounded<F, D>
+{
+    type Output = Option<F::Output>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let mut this = self.project();
+        if let std::task::Poll::Ready(out) = this.fut.poll(cx) {
+            return std::task::Poll::Ready(Some(out));
+        }
+        if let Some(deadline) = this.deadline.take() {
+            this.timer
+                .set(Some(tokio::task::unconstrained(tokio::time::sleep_until(
+                    deadline(),
+                ))));
+        }
+        match this.timer.as_pin_mut() {
+            Some(timer) => timer.poll(cx).map(|()| None),
+            None => std::task::Poll::Pending,
+        }
     }
 }

@@ -3,7 +3,7 @@
 //! can this call go), the server (the caller's labels) and the control session (which peer is the
 //! gateway). Every change bumps a counter that waiters watch.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -53,7 +53,7 @@ pub(crate) struct PeerSet {
 
 #[derive(Default)]
 struct Peers {
-    by_id: HashMap<SpiffeId, PeerEntry>,
+    by_id: mesh_core::FastMap<SpiffeId, PeerEntry>,
     table: ServiceTable<SpiffeId>,
     /// The last failure of each static peer that is not connected.
     dial_errors: BTreeMap<SocketAddr, String>,

@@ -136,9 +136,9 @@ struct BodyHold<'a> {
 #[derive(Default)]
 struct AdmissionState {
     /// Rate-limit buckets: per limit, per caller.
-    buckets: HashMap<String, HashMap<SpiffeId, TokenBucket>>,
+    buckets: HashMap<String, mesh_core::FastMap<SpiffeId, TokenBucket>>,
     /// Remembered admissions, by a hash of (policy version, caller, service, method).
-    verdicts: HashMap<u64, (u64, SpiffeId, ServiceName, MethodName, Arc<Admission>)>,
+    verdicts: mesh_core::FastMap<u64, (u64, SpiffeId, ServiceName, MethodName, Arc<Admission>)>,
     /// The peer-label generation the verdicts were made under.
     labels_generation: u64,
 }

@@ -229,6 +229,46 @@ async fn hosted_services_change_at_runtime_and_peers_follow() {
     assert_eq!(b.status().connections_admitted, 1, "it reconnected");
 }
 
+/// A burst of changes, faster than a peer frees its two hello streams: the hellos wait for
+/// streams, and the peer ends with the newest services, not an older snapshot sent last.
+#[tokio::test]
+async fn a_burst_of_service_changes_leaves_peers_with_the_newest() {
+    let (net, pki) = (MemoryNetwork::new(), Pki::new());
+    let b = node(&net, &pki, "node-b", ECHO);
+    let a = node(&net, &pki, "node-a", &peer(&b));
+    assert!(a.wait_for_service("echo", UP).await);
+    for i in 0..12 {
+        b.host(
+            format!("burst-{i}").parse().expect("name"),
+            UpstreamSpec::Echo,
+        );
+        if i % 3 == 0 {
+            b.unhost("echo");
+        } else {
+            b.host("echo".parse().expect("name"), UpstreamSpec::Echo);
+        }
+        // The announcer runs between changes: each change is a hello of its own.
+        tokio::task::yield_now().await;
+    }
+    let mut want: Vec<String> = b.hosted().iter().map(|s| s.to_string()).collect();
+    want.sort();
+    assert!(want.iter().any(|s| s == "burst-11") && want.iter().any(|s| s == "echo"));
+    assert!(
+        a.wait_until(UP, |n| {
+            let mut got: Vec<String> = n.peers()[0]
+                .services
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            got.sort();
+            got == want
+        })
+        .await,
+        "node-a holds {:?}, node-b hosts {want:?}",
+        a.peers()[0].services
+    );
+}
+
 /// Discovery's in-memory twin on the in-memory network: nodes find each other with no config,
 /// and one that says goodbye leaves the others' tables.
 #[tokio::test]

@@ -117,7 +117,6 @@ impl Transport {
                 r = changes.changed() => if r.is_err() { return },
                 _ = stop.changed() => return,
             }
-            let hello = self.encode_hello();
             let names: Vec<String> = self
                 .inner
                 .hosted
@@ -130,10 +129,14 @@ impl Transport {
                 if info.protocol < 2 {
                     continue;
                 }
-                let hello = hello.clone();
+                let transport = self.clone();
                 tokio::spawn(async move {
+                    // Encoded once its stream is open, in the same poll: a peer applies hellos in
+                    // the order of their streams, and sends waiting for a stream (a peer allows
+                    // two at once) may get them in any order. So the last stream carries the
+                    // newest services, never an older snapshot.
                     if let Ok(mut uni) = conn.open_uni().await
-                        && uni.write_all(&hello).await.is_ok()
+                        && uni.write_all(&transport.encode_hello()).await.is_ok()
                     {
                         let _ = uni.finish();
                     }

@@ -24,6 +24,15 @@ fn peer(of: &Node) -> String {
 
 const ECHO: &str = "[[services]]\nname = \"echo\"\nupstream = \"builtin:echo\"\n";
 
+/// `node-a` with `node-b` as its peer, which hosts echo; `a` has seen echo.
+async fn echo_pair() -> (MemoryNetwork, Pki, Node, Node) {
+    let (net, pki) = (MemoryNetwork::new(), Pki::new());
+    let b = node(&net, &pki, "node-b", ECHO);
+    let a = node(&net, &pki, "node-a", &peer(&b));
+    assert!(a.wait_for_service("echo", UP).await);
+    (net, pki, a, b)
+}
+
 /// `node-b`, hosting echo, allowing each peer `calls` streams at once.
 fn echo_node_allowing(net: &MemoryNetwork, pki: &Pki, calls: u32) -> Node {
     let limits = format!("{ECHO}[limits]\nmax_concurrent_calls = {calls}\n");
@@ -57,10 +66,7 @@ async fn raw_member(
 
 #[tokio::test]
 async fn calls_cross_the_memory_network() {
-    let (net, pki) = (MemoryNetwork::new(), Pki::new());
-    let b = node(&net, &pki, "node-b", ECHO);
-    let a = node(&net, &pki, "node-a", &peer(&b));
-    assert!(a.wait_for_service("echo", UP).await);
+    let (_net, _pki, a, _b) = echo_pair().await;
     let answer = a
         .call("echo", "say", Bytes::from_static(b"no sockets"))
         .await
@@ -73,10 +79,7 @@ async fn calls_cross_the_memory_network() {
 /// chunk by chunk both ways (and no deadline ends it while it makes progress).
 #[tokio::test]
 async fn a_streamed_call_carries_more_than_the_body_bound_chunk_by_chunk() {
-    let (net, pki) = (MemoryNetwork::new(), Pki::new());
-    let b = node(&net, &pki, "node-b", ECHO);
-    let a = node(&net, &pki, "node-a", &peer(&b));
-    assert!(a.wait_for_service("echo", UP).await);
+    let (_net, _pki, a, _b) = echo_pair().await;
 
     // The unary shape refuses it: the bound holds.
     let too_big = starling_tests::random_bytes(5 * 1024 * 1024, 1);
@@ -205,10 +208,7 @@ async fn a_set_body_bound_bounds_streamed_totals_on_both_sides() {
 /// one that left, without reconnecting.
 #[tokio::test]
 async fn hosted_services_change_at_runtime_and_peers_follow() {
-    let (net, pki) = (MemoryNetwork::new(), Pki::new());
-    let b = node(&net, &pki, "node-b", ECHO);
-    let a = node(&net, &pki, "node-a", &peer(&b));
-    assert!(a.wait_for_service("echo", UP).await);
+    let (_net, _pki, a, b) = echo_pair().await;
     b.host("late".parse().expect("name"), UpstreamSpec::Echo);
     assert!(
         a.wait_for_service("late", UP).await,
@@ -233,10 +233,7 @@ async fn hosted_services_change_at_runtime_and_peers_follow() {
 /// streams, and the peer ends with the newest services, not an older snapshot sent last.
 #[tokio::test]
 async fn a_burst_of_service_changes_leaves_peers_with_the_newest() {
-    let (net, pki) = (MemoryNetwork::new(), Pki::new());
-    let b = node(&net, &pki, "node-b", ECHO);
-    let a = node(&net, &pki, "node-a", &peer(&b));
-    assert!(a.wait_for_service("echo", UP).await);
+    let (_net, _pki, a, b) = echo_pair().await;
     for i in 0..12 {
         b.host(
             format!("burst-{i}").parse().expect("name"),
@@ -338,10 +335,7 @@ async fn a_newer_peer_is_accepted_and_spoken_to_in_this_nodes_version() {
 /// calls on it go on.
 #[tokio::test]
 async fn a_swapped_identity_serves_new_handshakes_and_keeps_calls_going() {
-    let (net, pki) = (MemoryNetwork::new(), Pki::new());
-    let b = node(&net, &pki, "node-b", ECHO);
-    let a = node(&net, &pki, "node-a", &peer(&b));
-    assert!(a.wait_for_service("echo", UP).await);
+    let (net, pki, a, b) = echo_pair().await;
     let caller = {
         let a = a.clone();
         tokio::spawn(async move {
@@ -396,10 +390,7 @@ async fn a_swapped_identity_serves_new_handshakes_and_keeps_calls_going() {
 /// (three intervals, here 3 s), and the test takes no such time.
 #[tokio::test(start_paused = true)]
 async fn a_silent_peer_leaves_after_the_keep_alive_gives_up_in_simulated_time() {
-    let (net, pki) = (MemoryNetwork::new(), Pki::new());
-    let b = node(&net, &pki, "node-b", ECHO);
-    let a = node(&net, &pki, "node-a", &peer(&b));
-    assert!(a.wait_for_service("echo", UP).await);
+    let (net, _pki, a, b) = echo_pair().await;
     let wall = std::time::Instant::now();
     let cut = tokio::time::Instant::now();
     net.cut(b.local_addr());
@@ -488,10 +479,7 @@ async fn a_peer_whose_certificate_expires_is_disconnected() {
 /// others served, and none waits for its deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_past_a_connections_share_are_refused_at_once_and_the_rest_served() {
-    let (net, pki) = (MemoryNetwork::new(), Pki::new());
-    let b = node(&net, &pki, "node-b", ECHO);
-    let a = node(&net, &pki, "node-a", &peer(&b));
-    assert!(a.wait_for_service("echo", UP).await);
+    let (_net, _pki, a, _b) = echo_pair().await;
     let body = starling_tests::random_bytes(1024 * 1024, 3);
     let started = std::time::Instant::now();
     let calls: Vec<_> = (0..64)

@@ -5,6 +5,7 @@
 //! never what a hello says.
 
 use std::fmt;
+use std::sync::Arc;
 
 use crate::name::NodeName;
 
@@ -38,7 +39,7 @@ pub enum Certified {
 /// A verified workload identity. Shared, not copied: a callee hands its caller's identity to
 /// every call it serves.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SpiffeId(std::sync::Arc<Parts>);
+pub struct SpiffeId(Arc<Parts>);
 
 #[derive(Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct Parts {
@@ -60,37 +61,35 @@ impl fmt::Debug for SpiffeId {
 }
 
 impl SpiffeId {
+    /// `role` `node` (behind which `leaf` sits) in `trust_domain`, checked.
+    fn made(
+        trust_domain: &str,
+        role: Certified,
+        node: NodeName,
+        leaf: Option<NodeName>,
+    ) -> Result<Self, IdentityError> {
+        check_trust_domain(trust_domain)?;
+        Ok(SpiffeId(Arc::new(Parts {
+            trust_domain: trust_domain.to_owned(),
+            role,
+            node,
+            leaf,
+        })))
+    }
+
     /// The identity of node `node` in `trust_domain`.
     pub fn node(trust_domain: &str, node: NodeName) -> Result<Self, IdentityError> {
-        check_trust_domain(trust_domain)?;
-        Ok(SpiffeId(std::sync::Arc::new(Parts {
-            trust_domain: trust_domain.to_owned(),
-            role: Certified::Node,
-            node,
-            leaf: None,
-        })))
+        Self::made(trust_domain, Certified::Node, node, None)
     }
 
     /// The identity of gateway `name` in `trust_domain`.
     pub fn gateway(trust_domain: &str, name: NodeName) -> Result<Self, IdentityError> {
-        check_trust_domain(trust_domain)?;
-        Ok(SpiffeId(std::sync::Arc::new(Parts {
-            trust_domain: trust_domain.to_owned(),
-            role: Certified::Gateway,
-            node: name,
-            leaf: None,
-        })))
+        Self::made(trust_domain, Certified::Gateway, name, None)
     }
 
     /// The cloud's identity `spiffe://<trust_domain>/cloud/<client_id>` (see [`Certified::Cloud`]).
     pub fn cloud(trust_domain: &str, client_id: NodeName) -> Result<Self, IdentityError> {
-        check_trust_domain(trust_domain)?;
-        Ok(SpiffeId(std::sync::Arc::new(Parts {
-            trust_domain: trust_domain.to_owned(),
-            role: Certified::Cloud,
-            node: client_id,
-            leaf: None,
-        })))
+        Self::made(trust_domain, Certified::Cloud, client_id, None)
     }
 
     /// Parses a cloud identity (`spiffe://td/cloud/<client-id>`), as a gateway names it when it
@@ -120,7 +119,7 @@ impl SpiffeId {
             ["node", n, "leaf", l] => (Certified::Node, *n, Some(*l)),
             _ => return Err(bad()),
         };
-        Ok(SpiffeId(std::sync::Arc::new(Parts {
+        Ok(SpiffeId(Arc::new(Parts {
             trust_domain: td.to_owned(),
             role,
             node: NodeName::try_from(node).map_err(|_| bad())?,

@@ -37,6 +37,7 @@ pub use backoff::Backoff;
 pub use identity::{Certified, IdentityError, SpiffeId};
 pub use name::{MethodName, NodeName, ServiceName};
 pub use table::ServiceTable;
+pub use telemetry::Telemetry;
 
 /// A hash map for what a call looks up (services, endpoints, series): foldhash, seeded once per
 /// process, instead of std's SipHash, which was 6% of a small call's instructions. Keys come
@@ -46,4 +47,3 @@ pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomS
 
 /// The set of [`FastMap`].
 pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
-pub use telemetry::Telemetry;

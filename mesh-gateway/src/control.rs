@@ -280,8 +280,8 @@ impl ControlPlane {
             let wake = tokio::select! {
                 up = read_up(reader) => Wake::Up(up?),
                 () = first_committed(&mut held_acks), if !held_acks.is_empty() => Wake::Committed,
-                r = policy_rx.changed() => Wake::Policy(r.map_err(|e| e.to_string())?),
-                r = registry_rx.changed() => Wake::Registry(r.map_err(|e| e.to_string())?),
+                r = policy_rx.changed() => r.map(|()| Wake::Policy).map_err(|e| e.to_string())?,
+                r = registry_rx.changed() => r.map(|()| Wake::Registry).map_err(|e| e.to_string())?,
             };
             match wake {
                 // Signing takes a fraction of a millisecond of CPU: done on a blocking thread,
@@ -312,7 +312,7 @@ impl ControlPlane {
                         write_down(send, &down).await?;
                     }
                 }
-                Wake::Policy(()) => {
+                Wake::Policy => {
                     let bundle = policy_rx.borrow_and_update().clone();
                     if let Some(b) = bundle
                         && sent != Some(b.id)
@@ -330,7 +330,7 @@ impl ControlPlane {
                 // At most one registry push per node per period, however busy the fleet: the
                 // entries that changed since this node's last one, encoded once for every node
                 // that had the same.
-                Wake::Registry(()) => {
+                Wake::Registry => {
                     let (frame, revision) = self.registry_delta(registry_sent);
                     registry_sent = revision;
                     if let Some(frame) = frame {
@@ -628,8 +628,10 @@ enum Wake {
     Up(Up),
     /// The first held ack may go.
     Committed,
-    Policy(()),
-    Registry(()),
+    /// A new policy bundle may be in force.
+    Policy,
+    /// The registry's entries changed.
+    Registry,
 }
 
 /// Telemetry acks waiting for the cloud queue (`Some`), or behind one that does (`None`).

@@ -112,11 +112,14 @@ impl Transport {
     pub(super) async fn announce_loop(self) {
         let mut changes = self.inner.hosted.subscribe();
         let mut stop = self.inner.shutdown.clone();
+        // The newest hello, encoded once a change: a send takes it once its stream is open.
+        let latest = tokio::sync::watch::Sender::new(std::sync::Arc::<[u8]>::from(&[][..]));
         loop {
             tokio::select! {
                 r = changes.changed() => if r.is_err() { return },
                 _ = stop.changed() => return,
             }
+            latest.send_replace(self.encode_hello().into());
             let names: Vec<String> = self
                 .inner
                 .hosted
@@ -129,15 +132,17 @@ impl Transport {
                 if info.protocol < 2 {
                     continue;
                 }
-                let transport = self.clone();
+                let latest = latest.subscribe();
                 tokio::spawn(async move {
-                    // Encoded once its stream is open, in the same poll: a peer applies hellos in
-                    // the order of their streams, and sends waiting for a stream (a peer allows
-                    // two at once) may get them in any order. So the last stream carries the
-                    // newest services, never an older snapshot.
-                    if let Ok(mut uni) = conn.open_uni().await
-                        && uni.write_all(&transport.encode_hello()).await.is_ok()
-                    {
+                    // The newest hello, taken once its stream is open, in the same poll: a peer
+                    // applies hellos in the order of their streams, and sends waiting for a
+                    // stream (a peer allows two at once) may get them in any order. So the last
+                    // stream carries the newest services, never an older snapshot.
+                    let Ok(mut uni) = conn.open_uni().await else {
+                        return;
+                    };
+                    let hello = latest.borrow().clone();
+                    if uni.write_all(&hello).await.is_ok() {
                         let _ = uni.finish();
                     }
                 });

@@ -36,7 +36,7 @@ use crate::peers::{PeerSet, Picked};
 use crate::policy::{Policy, PolicyCell};
 use crate::rng::random;
 use crate::server::Server;
-use crate::wire::{FrameReader, ReadError, write_encoded, write_frames, write_head};
+use crate::wire::{FrameReader, Framed, ReadError, write_encoded, write_head};
 
 /// The caller side of every call this node makes.
 pub(crate) struct Client {
@@ -301,17 +301,11 @@ impl Client {
                 Err(reply) => return (reply, String::new()),
             };
             let left = deadline.saturating_duration_since(started);
-            let reply = match self.encoded_head(&plan, left, picked.protocol >= 4) {
+            let reply = match self.encoded_head(&plan, left, picked.protocol >= 4, &body) {
                 Err(reply) => reply,
-                Ok((head, keep)) => {
+                Ok((framed, keep)) => {
                     let kept = keep.then(|| self.keep_on(&picked.kept));
-                    let call = send_call(
-                        picked.conn,
-                        kept,
-                        head,
-                        body.clone(),
-                        self.limits.max_body_bytes,
-                    );
+                    let call = send_call(picked.conn, kept, framed, self.limits.max_body_bytes);
                     // At the deadline, not after `left` (a clock read spared).
                     match crate::clock::bounded(|| deadline.into(), call).await {
                         Some(reply) => reply,
@@ -694,20 +688,22 @@ impl Client {
         )
     }
 
-    /// The head of a unary attempt, encoded as a frame (the head itself, with room for every
-    /// metadata entry, never lives across an await); it asks the callee to keep the stream when
-    /// `keep`, and the answer says whether it does.
+    /// The head of a unary attempt and its body, encoded as frames (the head itself, with room for
+    /// every metadata entry, never lives across an await); it asks the callee to keep the stream
+    /// when `keep`, and the answer says whether it does.
     fn encoded_head(
         &self,
         plan: &Plan<'_>,
         left: Duration,
         keep: bool,
-    ) -> Result<(Vec<u8>, bool), Reply> {
+        body: &Bytes,
+    ) -> Result<(Framed, bool), Reply> {
         let mut head = self.head(plan, left)?;
         Ok(crate::wire::encode_head_keeping(
             &mut head,
             |h| &mut h.metadata,
             keep,
+            body.clone(),
         ))
     }
 
@@ -808,18 +804,18 @@ impl Client {
             flags: 0,
         };
         let left = plan.deadline.saturating_duration_since(now());
-        let Ok((encoded, keep)) =
-            self.encoded_head(&Plan { trace, ..*plan }, left, picked.protocol >= 4)
+        let Ok((framed, keep)) =
+            self.encoded_head(&Plan { trace, ..*plan }, left, picked.protocol >= 4, body)
         else {
             return;
         };
         let kept = keep.then(|| self.keep_on(&picked.kept));
-        let (service, body) = (plan.service.to_owned(), body.clone());
+        let service = plan.service.to_owned();
         let max_body = self.limits.max_body_bytes;
         let state = self.state.clone();
         tokio::spawn(async move {
             let started = now();
-            let call = send_call(picked.conn, kept, encoded, body, max_body);
+            let call = send_call(picked.conn, kept, framed, max_body);
             let reply = tokio::time::timeout(left, call).await.ok();
             // The mirror's answer is dropped, but its endpoint's health and latency still count.
             let failed = reply.as_ref().is_none_or(|r| r.status.is_failure());
@@ -880,14 +876,13 @@ fn check_request(
     Ok(())
 }
 
-/// Writes an encoded head and a body on a stream of `conn` and reads the whole answer. With
-/// `kept` (the head asks the callee to keep the stream), the call goes on an idle kept stream when
-/// there is one, and its stream is kept for the next call when the callee agrees.
+/// Writes a framed head and body on a stream of `conn` and reads the whole answer. With `kept`
+/// (the head asks the callee to keep the stream), the call goes on an idle kept stream when there
+/// is one, and its stream is kept for the next call when the callee agrees.
 async fn send_call(
     conn: quinn::Connection,
     kept: Option<(Arc<KeptStreams>, usize)>,
-    head: Vec<u8>,
-    body: Bytes,
+    framed: Framed,
     max_body: usize,
 ) -> Reply {
     let pool = kept.as_ref().map(|(pool, _)| pool);
@@ -908,7 +903,7 @@ async fn send_call(
             }
         };
         let keep = pool.is_some();
-        match exchange(send, reader, &head, body.clone(), max_body, keep, reused).await {
+        match exchange(send, reader, &framed, max_body, keep, reused).await {
             Exchange::Answered(reply, again) => {
                 if let (Some((send, reader)), Some((pool, max))) = (again, &kept) {
                     pool.put(send, reader, *max);
@@ -941,22 +936,21 @@ fn bad_answer(what: &str, e: &dyn std::fmt::Display) -> Reply {
     Reply::error(Status::Internal, format!("bad answer {what}from peer: {e}"))
 }
 
-/// One call on `send` and `reader`: the head (asking to keep the stream when `keep`), the body,
-/// the answer. `reused`: the stream carried an earlier call.
+/// One call on `send` and `reader`: the head (asking to keep the stream when `keep`) and the body,
+/// then the answer. `reused`: the stream carried an earlier call.
 async fn exchange(
     mut send: quinn::SendStream,
     mut reader: FrameReader,
-    head: &[u8],
-    body: Bytes,
+    framed: &Framed,
     max_body: usize,
     keep: bool,
     reused: bool,
 ) -> Exchange {
     let answered = |reply| Exchange::Answered(reply, None);
     let written = if keep {
-        write_frames(&mut send, head, body).await
+        framed.write(&mut send).await
     } else {
-        write_encoded(&mut send, head, body).await
+        write_encoded(&mut send, framed).await
     };
     let keep = match written {
         Ok(()) => keep,

@@ -31,7 +31,7 @@ use crate::hosted::Hosted;
 use crate::identity::CertificateClaims;
 use crate::peers::PeerSet;
 use crate::policy::{Policy, PolicyCell};
-use crate::wire::{FrameReader, write_encoded, write_frames, write_head};
+use crate::wire::{FrameReader, write_encoded, write_head};
 
 /// Serves the streams of a reserved service (`_control` on a gateway). The request head was read
 /// already; the handler owns the stream from here.
@@ -932,8 +932,8 @@ fn on_behalf_of(caller: &SpiffeId, claimed: &str) -> Result<SpiffeId, Reply> {
 
 /// Writes a reply on a call stream.
 async fn write_reply(send: &mut quinn::SendStream, reply: Reply) -> Result<(), quinn::WriteError> {
-    let (head, _) = encoded_reply_head(&reply, false);
-    write_encoded(send, &head, reply.body).await
+    let (framed, _) = encoded_reply(&reply, false);
+    write_encoded(send, &framed).await
 }
 
 impl Server {
@@ -947,12 +947,13 @@ impl Server {
         reply: Reply,
         kept: bool,
     ) -> bool {
-        let (head, kept) = encoded_reply_head(&reply, kept);
+        let (framed, kept) = encoded_reply(&reply, kept);
+        drop(reply);
         let write = async {
             if kept {
-                write_frames(send, &head, reply.body).await
+                framed.write(send).await
             } else {
-                write_encoded(send, &head, reply.body).await
+                write_encoded(send, &framed).await
             }
         };
         let limit = self.limits.call_timeout;
@@ -971,15 +972,16 @@ impl Server {
     }
 }
 
-/// A reply's head, encoded as a frame; it says the stream is kept for the next call when `keep`
-/// (and returns whether it does). Not in `write_reply`'s body: the head has room for every
-/// metadata entry, and held across the write it would make every call's future that much larger.
-fn encoded_reply_head(reply: &Reply, keep: bool) -> (Vec<u8>, bool) {
+/// A reply's head and body, encoded as frames; the head says the stream is kept for the next call
+/// when `keep` (and the second value whether it does). Not in `write_reply`'s body: the head has
+/// room for every metadata entry, and held across the write it would make every call's future that
+/// much larger.
+fn encoded_reply(reply: &Reply, keep: bool) -> (crate::wire::Framed, bool) {
     let mut head = ResponseHead::new(reply.status, &reply.message);
     if let Some(leaf) = &reply.leaf {
         let _ = head.metadata.push((crate::call::LEAF_METADATA, leaf));
     }
-    crate::wire::encode_head_keeping(&mut head, |h| &mut h.metadata, keep)
+    crate::wire::encode_head_keeping(&mut head, |h| &mut h.metadata, keep, reply.body.clone())
 }
 
 /// The node's budget for request bodies from peers, in bytes (at most what a semaphore holds).

@@ -213,65 +213,106 @@ pub async fn write_message<T: Serialize>(
     head: &T,
     body: Bytes,
 ) -> Result<(), quinn::WriteError> {
-    write_encoded(send, &encode_head(head), body).await
+    let room = Framed::room(&body);
+    write_encoded(send, &Framed::new(encode_head_with_room(head, room), body)).await
 }
 
 /// `head` encoded as one frame.
 pub fn encode_head<T: Serialize>(head: &T) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64);
+    encode_head_with_room(head, 0)
+}
+
+/// `head` encoded as one frame, in a buffer with `room` bytes to spare after a head of a usual
+/// size (for the body that [`Framed`] appends).
+fn encode_head_with_room<T: Serialize>(head: &T, room: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128 + room);
     encode_frame_vec(head, &mut out);
     out
 }
 
+/// Bodies up to this size share their head's buffer: one write of one buffer.
+const SMALL_BODY: usize = 1024;
+
+/// A head frame and a body frame, encoded and ready to write, and to write again: clones share
+/// the bytes (a call sent again on another stream writes the same frames). A small body goes in
+/// the head's buffer; quinn takes the buffers as they are, without copying them.
+#[derive(Clone, Debug)]
+pub struct Framed {
+    /// The head frame, the body's prefix, and a small body.
+    first: Bytes,
+    /// A body that is not small; empty otherwise.
+    body: Bytes,
+}
+
+impl Framed {
+    /// Frames `body` after `head` (a head frame from [`encode_head`]).
+    pub fn new(mut head: Vec<u8>, body: Bytes) -> Framed {
+        head.reserve(Self::room(&body));
+        encode_body_prefix(body.len(), &mut head);
+        if body.len() <= SMALL_BODY {
+            head.extend_from_slice(&body);
+            Framed {
+                first: head.into(),
+                body: Bytes::new(),
+            }
+        } else {
+            Framed {
+                first: head.into(),
+                body,
+            }
+        }
+    }
+
+    /// The room to leave after a head for the frames of `body`.
+    fn room(body: &Bytes) -> usize {
+        5 + if body.len() <= SMALL_BODY {
+            body.len()
+        } else {
+            0
+        }
+    }
+
+    /// Writes both frames, and leaves the stream open.
+    pub async fn write(&self, send: &mut quinn::SendStream) -> Result<(), quinn::WriteError> {
+        if self.body.is_empty() {
+            send.write_chunk(self.first.clone()).await
+        } else {
+            send.write_all_chunks(&mut [self.first.clone(), self.body.clone()])
+                .await
+        }
+    }
+}
+
 /// `head` encoded as one frame, asking to keep its stream for the next call when `keep`
 /// ([`mesh_proto::KEEP_METADATA`] in the `metadata` it has): not when its metadata is full, nor at
-/// the cost of a head longer than the bound, which the other side would refuse. Returns the frame
-/// and whether it asks.
+/// the cost of a head longer than the bound, which the other side would refuse. Returns the head
+/// and `body` framed, and whether it asks.
 pub fn encode_head_keeping<'a, T: Serialize>(
     head: &mut T,
     metadata: fn(&mut T) -> &mut mesh_proto::Metadata<'a>,
     keep: bool,
-) -> (Vec<u8>, bool) {
+    body: Bytes,
+) -> (Framed, bool) {
+    let room = Framed::room(&body);
     if keep && metadata(head).push((mesh_proto::KEEP_METADATA, "")).is_ok() {
-        let encoded = encode_head(head);
+        let encoded = encode_head_with_room(head, room);
         if encoded.len() <= mesh_proto::limits::MAX_HEAD_BYTES {
-            return (encoded, true);
+            return (Framed::new(encoded, body), true);
         }
         metadata(head).pop();
     }
-    (encode_head(head), false)
+    (Framed::new(encode_head_with_room(head, room), body), false)
 }
 
-/// Writes a head already encoded as a frame, then `body` as one frame, then ends the stream.
+/// Writes framed head and body, then ends the stream.
 pub async fn write_encoded(
     send: &mut quinn::SendStream,
-    head: &[u8],
-    body: Bytes,
+    framed: &Framed,
 ) -> Result<(), quinn::WriteError> {
-    write_frames(send, head, body).await?;
+    framed.write(send).await?;
     // The stream may already be reset by the peer; nothing more to do then.
     let _ = send.finish();
     Ok(())
-}
-
-/// Writes a head already encoded as a frame, then `body` as one frame, and leaves the stream
-/// open (a kept call stream).
-pub async fn write_frames(
-    send: &mut quinn::SendStream,
-    head: &[u8],
-    body: Bytes,
-) -> Result<(), quinn::WriteError> {
-    // A small body goes in the head's buffer: one write, one allocation.
-    let small = body.len() <= 1024;
-    let mut out = Vec::with_capacity(head.len() + 5 + if small { body.len() } else { 0 });
-    out.extend_from_slice(head);
-    encode_body_prefix(body.len(), &mut out);
-    if small {
-        out.extend_from_slice(&body);
-        send.write_all(&out).await
-    } else {
-        send.write_all_chunks(&mut [Bytes::from(out), body]).await
-    }
 }
 
 /// Writes a head frame and leaves the stream open for body chunks.

@@ -570,13 +570,14 @@ async fn raw_call(
             .push((mesh_proto::KEEP_METADATA, ""))
             .expect("room");
     }
-    let head = mesh_node::wire::encode_head(&head);
+    let framed = mesh_node::wire::Framed::new(
+        mesh_node::wire::encode_head(&head),
+        Bytes::copy_from_slice(body),
+    );
     if keep {
-        mesh_node::wire::write_frames(send, &head, Bytes::copy_from_slice(body))
-            .await
-            .expect("request");
+        framed.write(send).await.expect("request");
     } else {
-        mesh_node::wire::write_encoded(send, &head, Bytes::copy_from_slice(body))
+        mesh_node::wire::write_encoded(send, &framed)
             .await
             .expect("request");
     }
@@ -770,12 +771,13 @@ async fn raw_echo_host(
                             .push((mesh_proto::KEEP_METADATA, ""))
                             .expect("room");
                     }
-                    let answer = mesh_node::wire::encode_head(&answer);
+                    let answer =
+                        mesh_node::wire::Framed::new(mesh_node::wire::encode_head(&answer), body);
                     if !keep {
-                        let _ = mesh_node::wire::write_encoded(&mut send, &answer, body).await;
+                        let _ = mesh_node::wire::write_encoded(&mut send, &answer).await;
                         return;
                     }
-                    let _ = mesh_node::wire::write_frames(&mut send, &answer, body).await;
+                    let _ = answer.write(&mut send).await;
                     answered += 1;
                     if mode == Kept::EndIdle {
                         // The next call has come, and is not read.

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use mesh_node::process::{init_logging, runtime, wait_for_signal};
+use mesh_node::process::{init_logging, runtime, stop_signal};
 
 use crate::config::GatewayConfig;
 
@@ -845,6 +845,7 @@ fn run(path: &Path) -> ExitCode {
     };
     init_logging(&config.node.log, config.node.log_format);
     runtime().block_on(async move {
+        let stop = stop_signal();
         let gateway = match crate::Gateway::start(config, identity).await {
             Ok(g) => g,
             Err(e) => {
@@ -853,7 +854,7 @@ fn run(path: &Path) -> ExitCode {
             }
         };
         mesh_node::process::notify_ready_and_watch();
-        wait_for_signal().await;
+        stop.await;
         tracing::info!("shutting down");
         mesh_node::process::notify("STOPPING=1");
         gateway.shutdown().await;

@@ -223,7 +223,7 @@ pub async fn run(keep_running: bool, cloud: bool) -> anyhow::Result<()> {
         println!("  curl -s http://{admin}/metrics");
         println!("  curl -s http://{admin}/v1/policy/status");
         println!("Ctrl-C ends it and deletes {}.", root.display());
-        mesh_node::process::wait_for_signal().await;
+        mesh_node::process::stop_signal().await;
     }
     rogue.shutdown().await;
     for node in nodes.iter().rev() {

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use crate::config::NodeConfig;
 use crate::http::post;
 use crate::node::Node;
-use crate::process::{init_logging, runtime, wait_for_signal};
+use crate::process::{init_logging, runtime, stop_signal};
 
 /// A Starling mesh node.
 #[derive(Parser, Debug)]
@@ -455,6 +455,7 @@ fn run_with(path: &Path, only_forward: Option<crate::config::ForwardConfig>) -> 
     }
     init_logging(&config.log, config.log_format);
     runtime().block_on(async move {
+        let stop = stop_signal();
         let ingress = config.ingress;
         let forwards = config.forwards.clone();
         let node = match Node::start(config, identity).await {
@@ -493,7 +494,7 @@ fn run_with(path: &Path, only_forward: Option<crate::config::ForwardConfig>) -> 
             }
         }
         crate::process::notify_ready_and_watch();
-        wait_for_signal().await;
+        stop.await;
         tracing::info!("shutting down");
         crate::process::notify("STOPPING=1");
         node.shutdown().await;

@@ -257,7 +257,7 @@ struct RawConfig {
     #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
-    log: Option<String>,
+    log: Option<Spanned<String>>,
     #[serde(default)]
     log_format: Option<Spanned<String>>,
     #[serde(default)]
@@ -480,7 +480,14 @@ impl NodeConfig {
             peers,
             mdns: raw.discovery.mdns.unwrap_or(true),
             limits,
-            log: raw.log.clone().unwrap_or_else(|| "info".into()),
+            log: match &raw.log {
+                Some(log) => {
+                    crate::process::log_filter(log.get_ref())
+                        .map_err(|e| at.invalid(log, "log", e))?;
+                    log.get_ref().clone()
+                }
+                None => "info".into(),
+            },
             log_format: raw
                 .log_format
                 .as_ref()
@@ -968,6 +975,27 @@ addr = "127.0.0.1:7401"
         assert_eq!(c.labels["zone"], "hall-1");
         assert_eq!(c.services[0].upstream, UpstreamSpec::Echo);
         assert_eq!(c.peers, vec!["127.0.0.1:7401".parse().expect("addr")]);
+    }
+
+    #[test]
+    fn the_log_filter_is_checked_with_its_line() {
+        let c = parse(&format!(
+            "log = \"info, quinn=warn,mesh_node::server=debug\"\n{GOOD}"
+        ))
+        .expect("valid");
+        assert_eq!(c.log, "info, quinn=warn,mesh_node::server=debug");
+        assert_eq!(parse(GOOD).expect("valid").log, "info");
+        for bad in [
+            "warning",
+            "info,",
+            "",
+            "info,quinn=loud",
+            "mesh_node[call]=debug",
+        ] {
+            let (line, key, message) = invalid(&format!("log = \"{bad}\"\n{GOOD}"));
+            assert_eq!((line, key.as_str()), (1, "log"), "{bad:?}: {message}");
+            assert!(message.contains(&format!("{bad:?}")), "{bad:?}: {message}");
+        }
     }
 
     #[test]

@@ -40,29 +40,73 @@ impl std::str::FromStr for LogFormat {
     }
 }
 
-/// Installs the log subscriber: `RUST_LOG` if set, else `filter`; logs go to stderr in `format`.
+/// The log filter `text` names: a default level and levels by module, comma-separated
+/// (`"info"`, `"info,quinn=warn,mesh_node::server=debug"`), as `RUST_LOG` takes them. A module
+/// is always given its level: a bare word that is not a level (`"warning"`) is refused, where
+/// `RUST_LOG` would read it as a module and log nothing else. Spans and fields are not filtered
+/// on (a filter that names them is refused): the regular expressions those need would cost the
+/// device binary a tenth of its size.
+pub fn log_filter(text: &str) -> Result<tracing_subscriber::filter::Targets, String> {
+    const FORM: &str =
+        "a level (trace, debug, info, warn, error, off) or module=level, comma-separated";
+    let parts: Vec<&str> = text.split(',').map(str::trim).collect();
+    let level = |l: &str| l.parse::<tracing_subscriber::filter::LevelFilter>().is_ok();
+    // A module path, not a span or field filter (`Targets` would read one as a module name).
+    let module = |m: &str| {
+        !m.is_empty()
+            && m.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '-' | '.'))
+    };
+    // `LevelFilter` reads "" as `error`: an empty part is refused here.
+    if let Some(bad) = parts.iter().find(|p| match p.split_once('=') {
+        _ if p.is_empty() => true,
+        None => !level(p),
+        Some((m, l)) => l.is_empty() || !module(m) || !level(l),
+    }) {
+        return Err(format!("{text:?}: {bad:?} is not {FORM}"));
+    }
+    parts
+        .join(",")
+        .parse()
+        .map_err(|e| format!("{text:?}: {e} ({FORM})"))
+}
+
+/// Installs the log subscriber: `RUST_LOG` if set and valid (an invalid one is logged and
+/// ignored), else `filter` (checked with the config); logs go to stderr in `format`.
 pub fn init_logging(filter: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let (from_env, ignored) = match std::env::var("RUST_LOG").map(|env| log_filter(&env)) {
+        Ok(Ok(targets)) => (Some(targets), None),
+        Ok(Err(e)) => (None, Some(e)),
+        Err(_) => (None, None),
+    };
+    let targets = from_env
+        .or_else(|| log_filter(filter).ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
+        });
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_max_level(tracing_subscriber::filter::LevelFilter::TRACE)
         .with_writer(std::io::stderr)
         .with_target(false);
     let _ = match format {
-        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Json => builder.json().finish().with(targets).try_init(),
         LogFormat::Text => {
             let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
             // systemd sets JOURNAL_STREAM for a service whose output goes to the journal.
             let journald = std::env::var_os("JOURNAL_STREAM").is_some();
             let builder = builder.with_ansi(terminal);
             if journald && !terminal {
-                builder.without_time().try_init()
+                builder.without_time().finish().with(targets).try_init()
             } else {
-                builder.try_init()
+                builder.finish().with(targets).try_init()
             }
         }
     };
+    if let Some(e) = ignored {
+        tracing::warn!("RUST_LOG ignored: {e}");
+    }
 }
 
 /// Tells the service manager `state` (`READY=1`, `WATCHDOG=1`, `STOPPING=1`) over systemd's
@@ -131,25 +175,38 @@ pub fn printable(s: &str) -> String {
         .collect()
 }
 
-/// Waits for SIGINT or SIGTERM.
-pub async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
+/// Listens for SIGTERM and SIGINT (Ctrl-C) from the call on; the future ends at the first.
+/// Called before a node starts: a stop asked as soon as the node says it listens (its lock
+/// file, its readiness) is not lost to the default action, which would end the process without
+/// its shutdown. Called within the runtime.
+#[cfg(unix)]
+pub fn stop_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (term, int) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    );
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
                     _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
+                    _ = int.recv() => {}
                 }
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+            (Ok(mut one), Err(_)) | (Err(_), Ok(mut one)) => {
+                one.recv().await;
             }
+            // Neither could be listened for: their default action ends the process.
+            (Err(_), Err(_)) => std::future::pending().await,
         }
     }
-    #[cfg(not(unix))]
-    {
+}
+
+/// Ctrl-C, where there are no Unix signals.
+#[cfg(not(unix))]
+pub fn stop_signal() -> impl std::future::Future<Output = ()> {
+    async {
         let _ = tokio::signal::ctrl_c().await;
     }
 }

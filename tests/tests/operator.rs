@@ -9,17 +9,35 @@ use starling_tests::{Pki, bin, prepend};
 /// Runs `program run --config <config>` until its state folder's lock file says it listens, then
 /// stops it with SIGTERM; returns what it wrote on stderr.
 fn run_until_listening(program: &str, config: &std::path::Path, state: &std::path::Path) -> String {
-    let child = Command::new(bin(program))
+    run_until_listening_with(program, config, state, None)
+}
+
+/// [`run_until_listening`], with `RUST_LOG` set to `rust_log` (else unset).
+fn run_until_listening_with(
+    program: &str,
+    config: &std::path::Path,
+    state: &std::path::Path,
+    rust_log: Option<&str>,
+) -> String {
+    let mut command = Command::new(bin(program));
+    match rust_log {
+        Some(filter) => command.env("RUST_LOG", filter),
+        None => command.env_remove("RUST_LOG"),
+    };
+    let child = command
         .args(["run", "--config"])
         .arg(config)
-        .env_remove("RUST_LOG")
         .env_remove("JOURNAL_STREAM")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("{program}: {e}"));
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !mesh_node::state::read_lock_file(state).is_some_and(|l| l.contains_key("quic")) {
+    // The lock file of this process: an earlier run's stays behind.
+    let pid = child.id().to_string();
+    while !mesh_node::state::read_lock_file(state)
+        .is_some_and(|l| l.get("pid") == Some(&pid) && l.contains_key("quic"))
+    {
         assert!(Instant::now() < deadline, "{program} never listened");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -29,6 +47,83 @@ fn run_until_listening(program: &str, config: &std::path::Path, state: &std::pat
     let out = child.wait_with_output().expect("wait");
     assert!(out.status.success(), "{program} exited with {}", out.status);
     String::from_utf8(out.stderr).expect("utf-8 logs")
+}
+
+/// The log filter sets levels by module, from the config or from `RUST_LOG`; an invalid
+/// `RUST_LOG` is said in the log and the config's filter holds. (Log lines are what this feature
+/// makes, so the test reads them.)
+#[test]
+fn the_log_filter_sets_levels_by_module() {
+    let pki = Pki::new();
+    let config = pki.config("node-a", "");
+    let state = pki.dir.path().join("node-a/state");
+    let src = std::fs::read_to_string(&config).expect("config");
+    assert!(src.contains("log = \"info\""), "{src}");
+    let with_filter = |filter: &str| {
+        std::fs::write(
+            &config,
+            src.replace(
+                "log = \"info\"",
+                &format!("log = \"{filter}\"\nlog_format = \"json\""),
+            ),
+        )
+        .expect("config");
+    };
+    let levels = |logs: &str| -> Vec<(String, String)> {
+        logs.lines()
+            .map(|l| {
+                let e: serde_json::Value =
+                    serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+                let field = |v: &serde_json::Value| v.as_str().unwrap_or("").to_owned();
+                (field(&e["level"]), field(&e["fields"]["message"]))
+            })
+            .collect()
+    };
+
+    // Warnings only: the node's start (logged at info) is not shown.
+    with_filter("warn");
+    let logs = levels(&run_until_listening("mesh-node", &config, &state));
+    assert!(
+        logs.iter().all(|(l, _)| l == "WARN" || l == "ERROR"),
+        "{logs:?}"
+    );
+
+    // Info for mesh-node's own modules.
+    with_filter("warn,mesh_node=info");
+    let logs = levels(&run_until_listening("mesh-node", &config, &state));
+    assert!(
+        logs.iter()
+            .any(|(l, m)| l == "INFO" && m.contains("quic listening on")),
+        "{logs:?}"
+    );
+
+    // RUST_LOG overrides the config's filter.
+    let logs = levels(&run_until_listening_with(
+        "mesh-node",
+        &config,
+        &state,
+        Some("error"),
+    ));
+    assert!(logs.iter().all(|(l, _)| l == "ERROR"), "{logs:?}");
+
+    // An invalid RUST_LOG (a word that is not a level) is said, and the config's filter holds.
+    let logs = levels(&run_until_listening_with(
+        "mesh-node",
+        &config,
+        &state,
+        Some("warning"),
+    ));
+    assert!(
+        logs.iter().any(|(l, m)| l == "WARN"
+            && m.contains("RUST_LOG ignored")
+            && m.contains("\"warning\"")),
+        "{logs:?}"
+    );
+    assert!(
+        logs.iter()
+            .any(|(l, m)| l == "INFO" && m.contains("quic listening on")),
+        "{logs:?}"
+    );
 }
 
 /// `log_format = "json"`: every line a node and a gateway write is one JSON object with the same

@@ -72,7 +72,8 @@ pub fn log_filter(text: &str) -> Result<tracing_subscriber::filter::Targets, Str
 }
 
 /// Installs the log subscriber: `RUST_LOG` if set and valid (an invalid one is logged and
-/// ignored), else `filter` (checked with the config); logs go to stderr in `format`.
+/// ignored; one that is not UTF-8 is taken as unset), else `filter` (checked with the config);
+/// logs go to stderr in `format`.
 pub fn init_logging(filter: &str, format: LogFormat) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -86,8 +87,12 @@ pub fn init_logging(filter: &str, format: LogFormat) {
         .unwrap_or_else(|| {
             tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
         });
+    // The most verbose level the filter lets through: below it, a disabled event (and a `log`
+    // record from rustls) is refused at its first check.
+    let most = tracing_subscriber::Layer::<tracing_subscriber::Registry>::max_level_hint(&targets)
+        .unwrap_or(tracing_subscriber::filter::LevelFilter::TRACE);
     let builder = tracing_subscriber::fmt()
-        .with_max_level(tracing_subscriber::filter::LevelFilter::TRACE)
+        .with_max_level(most)
         .with_writer(std::io::stderr)
         .with_target(false);
     let _ = match format {
@@ -104,8 +109,9 @@ pub fn init_logging(filter: &str, format: LogFormat) {
             }
         }
     };
+    // An error, so that a filter of errors only still shows it.
     if let Some(e) = ignored {
-        tracing::warn!("RUST_LOG ignored: {e}");
+        tracing::error!("RUST_LOG ignored: {e}");
     }
 }
 

@@ -68,7 +68,8 @@ EOF
 )
 
 TARGETS_cross=(aarch64-unknown-linux-musl armv7-unknown-linux-gnueabihf)
-TARGETS_all=("${TARGETS_cross[@]}" thumbv7em-none-eabihf thumbv6m-none-eabi riscv32imc-unknown-none-elf)
+# x86_64 musl: scripts/bench.sh measures the node's heap with the devices' C library.
+TARGETS_all=("${TARGETS_cross[@]}" thumbv7em-none-eabihf thumbv6m-none-eabi riscv32imc-unknown-none-elf x86_64-unknown-linux-musl)
 COMPONENTS=(rustfmt clippy llvm-tools)
 
 trim() { local v="$1"; v="${v#"${v%%[![:space:]]*}"}"; printf '%s' "${v%"${v##*[![:space:]]}"}"; }

@@ -13,6 +13,9 @@ const TARGETS: [&str; 2] = [
     "armv7-unknown-linux-gnueabihf",
 ];
 const BINARIES: [&str; 2] = ["mesh-node", "mesh-gateway"];
+/// A native build with the devices' C library (`scripts/bench.sh` makes it): the heap figures
+/// of glibc's allocator, which the native build has, are not the devices'.
+const MUSL: &str = "x86_64-unknown-linux-musl";
 
 pub struct Footprint {
     /// (target, binary, bytes) of each device build found.
@@ -24,6 +27,9 @@ pub struct Footprint {
     pub rss_100_peers_kib: Option<u64>,
     /// The anonymous part of the 100-peer RSS (issue 17: at most 4 MB).
     pub anon_100_peers_kib: Option<u64>,
+    /// The same with musl's allocator, as on the aarch64 devices (an x86_64 musl build of the
+    /// same code, when there is one).
+    pub anon_100_peers_musl_kib: Option<u64>,
     /// Which binary the RSS figures are of.
     pub binary: String,
 }
@@ -67,6 +73,12 @@ impl Footprint {
                 );
             }
         }
+        if let Some(anon) = self.anon_100_peers_musl_kib {
+            println!(
+                "    the same with musl's allocator, as on the aarch64 devices: {:.1} MiB",
+                anon as f64 / 1024.0,
+            );
+        }
         if self.rss_0_peers_kib.is_some() {
             println!("    binary {}", self.binary);
         }
@@ -80,6 +92,7 @@ impl Footprint {
             "anon_10_peers_kib": self.anon_10_peers_kib,
             "rss_100_peers_kib": self.rss_100_peers_kib,
             "anon_100_peers_kib": self.anon_100_peers_kib,
+            "anon_100_peers_musl_kib": self.anon_100_peers_musl_kib,
             "binary": self.binary,
         })
     }
@@ -98,13 +111,22 @@ pub fn measure() -> anyhow::Result<Footprint> {
     let node = native_node();
     let (rss0, rss10, rss100) = if node.exists() {
         (
-            Some(idle_rss(&node, 0)?),
-            Some(idle_rss(&node, 10)?),
-            Some(idle_rss(&node, 100)?),
+            Some(idle_rss(&node, 0, false)?),
+            Some(idle_rss(&node, 10, false)?),
+            Some(idle_rss(&node, 100, true)?),
         )
     } else {
         (None, None, None)
     };
+    let musl = target.join(MUSL).join("device").join("mesh-node");
+    // Optional, as the build is: a failure is said, and the other figures stand.
+    let musl100 = musl
+        .exists()
+        .then(|| idle_rss(&musl, 100, false))
+        .and_then(|r| {
+            r.map_err(|e| eprintln!("footprint: the musl node: {e:#}"))
+                .ok()
+        });
     Ok(Footprint {
         sizes,
         rss_0_peers_kib: rss0.map(|(rss, _)| rss),
@@ -112,6 +134,7 @@ pub fn measure() -> anyhow::Result<Footprint> {
         anon_10_peers_kib: rss10.map(|(_, anon)| anon),
         rss_100_peers_kib: rss100.map(|(rss, _)| rss),
         anon_100_peers_kib: rss100.map(|(_, anon)| anon),
+        anon_100_peers_musl_kib: musl100.map(|(_, anon)| anon),
         binary: node.display().to_string(),
     })
 }
@@ -163,8 +186,9 @@ pub fn wrapped_command(var: &str, bin: &Path) -> (Command, bool) {
 }
 
 /// Starts `peers` nodes, then one that dials them all; returns its `(RSS, anonymous RSS)` in KiB
-/// once it is connected and has idled for two seconds.
-fn idle_rss(bin: &Path, peers: usize) -> anyhow::Result<(u64, u64)> {
+/// once it is connected and has idled for two seconds. With `profiled`, the last node runs under
+/// the profiler `STARLING_BENCH_NODE_WRAP` names, if any.
+fn idle_rss(bin: &Path, peers: usize, profiled: bool) -> anyhow::Result<(u64, u64)> {
     let dir = tempfile::tempdir()?;
     let ca = Ca::generate("bench.local")?;
     let mut procs = Vec::new();
@@ -189,7 +213,7 @@ fn idle_rss(bin: &Path, peers: usize) -> anyhow::Result<(u64, u64)> {
         // STARLING_BENCH_NODE_WRAP="heaptrack -o /tmp/node" runs the measured node of the
         // 100-peer run (the one that dials the others) under a profiler; its figures are then
         // the wrapper's. One run only: a profiler's output file would be overwritten.
-        let wrap = if last && peers == 100 {
+        let wrap = if last && profiled {
             "STARLING_BENCH_NODE_WRAP"
         } else {
             ""

@@ -297,6 +297,19 @@ impl Report {
                     format!("{:.1} MiB", rss as f64 / 1024.0),
                 ));
             }
+            // Judged with the devices' allocator (musl) when that build was measured.
+            let judged = match (f.anon_100_peers_musl_kib, f.anon_100_peers_kib) {
+                (Some(musl), _) => Some((musl, "musl's allocator")),
+                (None, Some(glibc)) => Some((glibc, "glibc's allocator; no musl build")),
+                (None, None) => None,
+            };
+            if let Some((kib, which)) = judged {
+                out.push((
+                    "RssAnon with 100 peers <= 4 MB",
+                    kib * 1024 <= 4_000_000,
+                    format!("{:.2} MB ({which})", (kib * 1024) as f64 / 1e6),
+                ));
+            }
         }
         out
     }

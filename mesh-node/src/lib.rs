@@ -54,4 +54,6 @@ pub use identity::Identity;
 pub use node::{Node, NodeOptions, StartError};
 pub use peers::PeerInfo;
 pub use server::ReservedService;
-pub use transport::{BindError, ConnectError, EnrollService, bind_endpoint, udp_socket};
+pub use transport::{
+    BindError, ConnectError, EnrollService, MAX_CONCURRENT_DIALS, bind_endpoint, udp_socket,
+};

@@ -485,3 +485,62 @@ async fn a_dropped_peer_is_redialled() {
     .expect("ingress");
     assert_eq!((code, &body[..]), (200, &b"back"[..]));
 }
+
+/// A node runs at most `MAX_CONCURRENT_DIALS` handshakes at once as the one that dials. Twenty
+/// peers that never answer: the first handshakes start together, and the next peer hears its
+/// first packet only once one of them has reached the connect timeout and given its place up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_dials_a_bounded_number_of_peers_at_once() {
+    const PEERS: usize = 20;
+    const TIMEOUT: Duration = Duration::from_millis(1500);
+    let bound = mesh_node::MAX_CONCURRENT_DIALS;
+    assert!(bound < PEERS);
+    let (heard, mut first) = tokio::sync::mpsc::unbounded_channel();
+    let mut peers = String::new();
+    let mut listeners = Vec::new();
+    for _ in 0..PEERS {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        peers.push_str(&format!(
+            "[[peers]]\naddr = \"{}\"\n",
+            socket.local_addr().expect("addr")
+        ));
+        let heard = heard.clone();
+        // Hears the first packet of a handshake, and answers nothing.
+        listeners.push(tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            if socket.recv_from(&mut buf).await.is_ok() {
+                let _ = heard.send(Instant::now());
+            }
+            std::future::pending::<()>().await;
+        }));
+    }
+    let pki = Pki::new();
+    let config = pki.config(
+        "node-a",
+        &format!(
+            "{peers}[limits]\nconnect_timeout_ms = {}\n",
+            TIMEOUT.as_millis()
+        ),
+    );
+    let _a = NodeProc::start("node-a", &config);
+    let mut times = Vec::new();
+    while times.len() <= bound {
+        let at = tokio::time::timeout(Duration::from_secs(20), first.recv())
+            .await
+            .expect("a peer heard nothing within 20 s")
+            .expect("listeners live");
+        times.push(at);
+    }
+    times.sort();
+    let gap = times[bound] - times[0];
+    assert!(
+        gap >= TIMEOUT - Duration::from_millis(300),
+        "peer {} heard its first packet {gap:?} after the first: more than {bound} handshakes at once",
+        bound + 1
+    );
+    for l in listeners {
+        l.abort();
+    }
+}

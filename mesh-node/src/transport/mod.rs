@@ -128,6 +128,8 @@ struct Inner {
     directory: Mutex<Directory>,
     /// Discovered peers with a dial loop running.
     dialing: Mutex<HashSet<NodeName>>,
+    /// Dials in their handshake (at most [`MAX_CONCURRENT_DIALS`]).
+    dials: tokio::sync::Semaphore,
     /// Handshakes refused because of a certificate (either side's).
     refused: std::sync::atomic::AtomicU64,
     /// Why the last one was refused.
@@ -179,6 +181,7 @@ impl Transport {
                 enrolment: parts.enrolment,
                 revoked_here: Mutex::new(None),
                 dialing: Mutex::new(HashSet::new()),
+                dials: tokio::sync::Semaphore::new(MAX_CONCURRENT_DIALS),
                 refused: std::sync::atomic::AtomicU64::new(0),
                 last_refusal: Mutex::new(None),
             }),
@@ -343,11 +346,15 @@ impl Transport {
         }
     }
 
-    /// Dials `addr` and completes the mutual TLS handshake.
+    /// Dials `addr` and completes the mutual TLS handshake, once fewer than
+    /// [`MAX_CONCURRENT_DIALS`] other dials are in theirs (the wait is not part of the connect
+    /// timeout).
     pub(crate) async fn connect(
         &self,
         addr: SocketAddr,
     ) -> Result<quinn::Connection, ConnectError> {
+        // Never closed: the permit always comes.
+        let _dialling = self.inner.dials.acquire().await;
         let config = self
             .inner
             .client_config
@@ -577,6 +584,13 @@ pub const ACK_DELAY: Duration = Duration::from_millis(5);
 /// Bytes a peer may send on one connection that this node has not read yet, over all its
 /// streams.
 pub const CONNECTION_RECEIVE_WINDOW: u32 = 8 * 1024 * 1024;
+
+/// Handshakes a node has in flight at once as the one that dials. A node that starts with many
+/// peers, or gets back a network it lost, would otherwise start every handshake at once: a burst
+/// of CPU on a small device, and a peak of short-lived memory whose fragments the heap keeps
+/// afterwards (with 100 peers, RssAnon 4.0 MiB instead of 4.3-4.4 MiB). A peer that does not
+/// answer holds its place for at most the connect timeout.
+pub const MAX_CONCURRENT_DIALS: usize = 8;
 
 /// Hellos a peer may have in flight at once (each on a stream of its own).
 const UNI_STREAMS: u32 = 2;

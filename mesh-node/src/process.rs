@@ -44,8 +44,8 @@ impl std::str::FromStr for LogFormat {
 /// (`"info"`, `"info,quinn=warn,mesh_node::server=debug"`), as `RUST_LOG` takes them. A module
 /// is always given its level: a bare word that is not a level (`"warning"`) is refused, where
 /// `RUST_LOG` would read it as a module and log nothing else. Spans and fields are not filtered
-/// on (a filter that names them is refused): the regular expressions those need would cost the
-/// device binary a tenth of its size.
+/// on (a filter that names them is refused): the regular expressions those need cost the aarch64
+/// binary 259 KB of its 4 MB budget.
 pub fn log_filter(text: &str) -> Result<tracing_subscriber::filter::Targets, String> {
     const FORM: &str =
         "a level (trace, debug, info, warn, error, off) or module=level, comma-separated";

@@ -22,19 +22,21 @@ use mesh_proto::control::{
 
 type Key = (String, String, String, String, Status);
 
-/// FNV-1a over the parts of a key, so counting a call allocates nothing once its key exists.
-fn key_hash(service: &str, method: &str, caller: &str, callee: &str, status: Status) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in [service, method, caller, callee, status.as_str()] {
-        for b in part.bytes().chain([0xff]) {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
+/// A hash of a key's parts, so counting a call allocates nothing once its key exists. Keyed with
+/// a seed of this process's (foldhash): the names come from peers, and a peer that cannot know
+/// the seed cannot choose names whose hashes collide (and so count past the series bound). It was
+/// FNV-1a, whose collisions anyone can compute, and which read a byte at a time.
+fn parts_hash(keys: &foldhash::fast::RandomState, parts: &[&str], code: Option<u64>) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = keys.build_hasher();
+    for part in parts {
+        h.write(part.as_bytes());
+        h.write_u8(0xff);
     }
-    if let Status::Upstream(code) = status {
-        h ^= u64::from(code);
+    if let Some(code) = code {
+        h.write_u64(code);
     }
-    h
+    h.finish()
 }
 
 #[derive(Debug, Clone, Default)]
@@ -89,6 +91,8 @@ pub struct Telemetry {
     series: crate::FastSet<u64>,
     /// Services that have a series of their own.
     services: crate::FastSet<u64>,
+    /// The seed of the keys' hashes.
+    keys: foldhash::fast::RandomState,
     folded: u64,
     rules: BTreeMap<String, BTreeMap<&'static str, u64>>,
     /// TCP forward counters since the last batch, by (listen, service).
@@ -142,6 +146,7 @@ impl Telemetry {
             keep_spans: true,
             series: crate::FastSet::default(),
             services: crate::FastSet::default(),
+            keys: foldhash::fast::RandomState::default(),
             folded: 0,
             rules: BTreeMap::new(),
             tcp: BTreeMap::new(),
@@ -214,7 +219,14 @@ impl Telemetry {
         let (service, method) = self.bounded(service, method);
         let slot = self
             .counters
-            .entry(key_hash(service, method, caller, callee, status))
+            .entry(parts_hash(
+                &self.keys,
+                &[service, method, caller, callee, status.as_str()],
+                match status {
+                    Status::Upstream(code) => Some(u64::from(code)),
+                    _ => None,
+                },
+            ))
             .or_default();
         let index = match slot.iter().position(|((s, m, cr, ce, st), _)| {
             s == service && m == method && cr == caller && ce == callee && *st == status
@@ -253,16 +265,7 @@ impl Telemetry {
     /// service with method `_other` (a service already counted) or `_other` for both. Pairs are
     /// remembered by a hash, so counting allocates nothing.
     fn bounded<'a>(&mut self, service: &'a str, method: &'a str) -> (&'a str, &'a str) {
-        let hash = |parts: &[&str]| {
-            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-            for part in parts {
-                for b in part.bytes().chain([0xff]) {
-                    h ^= u64::from(b);
-                    h = h.wrapping_mul(0x0100_0000_01b3);
-                }
-            }
-            h
-        };
+        let hash = |parts: &[&str]| parts_hash(&self.keys, parts, None);
         let pair = hash(&[service, method]);
         if self.series.contains(&pair) {
             return (service, method);
@@ -613,6 +616,29 @@ mod tests {
         // Every call is accounted for: counted in a kept batch, or in a dropped one.
         let counted: u64 = kept.iter().flat_map(|b| &b.calls).map(|c| c.count).sum();
         assert_eq!(counted + t.dropped(), 720);
+    }
+
+    #[test]
+    fn key_hashes_are_seeded_so_a_peer_cannot_choose_colliding_names() {
+        // The same names hash differently in two telemetries (FNV-1a, before, gave every node
+        // the same hashes, and names colliding under it could be computed ahead).
+        let (a, b) = (Telemetry::new(1), Telemetry::new(1));
+        let parts = [
+            "echo",
+            "say",
+            "spiffe://starling.local/node/a",
+            "node-b",
+            "ok",
+        ];
+        assert_ne!(
+            parts_hash(&a.keys, &parts, None),
+            parts_hash(&b.keys, &parts, None)
+        );
+        // Within one, a key hashes the same every time (counting finds its slot).
+        assert_eq!(
+            parts_hash(&a.keys, &parts, None),
+            parts_hash(&a.keys, &parts, None)
+        );
     }
 
     #[test]

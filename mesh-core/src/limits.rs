@@ -25,15 +25,89 @@ impl TokenBucket {
 
     /// Takes one token if there is one.
     pub fn take(&mut self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.stamp).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        self.stamp = now;
+        self.refill(now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
         } else {
             false
         }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.stamp).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.stamp = now;
+    }
+
+    /// Whether the bucket is full at `now`: it is then the same as a new one.
+    pub fn is_full(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.stamp).as_secs_f64();
+        self.tokens + elapsed * self.rate >= self.burst
+    }
+
+    /// Takes a new rate and burst from `now` on (a policy changed the limit): what was saved up
+    /// until now stays, up to the new burst.
+    pub fn retune(&mut self, rate: f64, burst: f64, now: Instant) {
+        let burst = burst.max(1.0);
+        if rate != self.rate || burst != self.burst {
+            self.refill(now);
+            self.rate = rate;
+            self.burst = burst;
+            self.tokens = self.tokens.min(burst);
+        }
+    }
+}
+
+/// One rate limit's buckets, one per caller. A bucket that has refilled is the same as a new one,
+/// so those are dropped once the table doubles: it holds the callers that called within about
+/// `burst / rate` seconds, not every caller ever seen (a gateway's cloud principals are
+/// unbounded).
+#[derive(Debug, Clone)]
+pub struct RateLimiter<K> {
+    buckets: crate::FastMap<K, TokenBucket>,
+    /// The table's size that makes the next insertion drop the full buckets.
+    sweep_at: usize,
+}
+
+impl<K> Default for RateLimiter<K> {
+    fn default() -> Self {
+        RateLimiter {
+            buckets: crate::FastMap::default(),
+            sweep_at: MIN_SWEEP,
+        }
+    }
+}
+
+/// The smallest table of buckets that is swept.
+const MIN_SWEEP: usize = 64;
+
+impl<K: std::hash::Hash + Eq + Clone> RateLimiter<K> {
+    /// Takes a token from `caller`'s bucket (`rate` a second, `burst` saved up; a bucket made
+    /// under other figures takes these).
+    pub fn take(&mut self, caller: &K, rate: f64, burst: f64, now: Instant) -> bool {
+        if let Some(bucket) = self.buckets.get_mut(caller) {
+            bucket.retune(rate, burst, now);
+            return bucket.take(now);
+        }
+        if self.buckets.len() >= self.sweep_at {
+            self.buckets.retain(|_, b| !b.is_full(now));
+            self.sweep_at = (self.buckets.len() * 2).max(MIN_SWEEP);
+        }
+        let mut bucket = TokenBucket::new(rate, burst, now);
+        let taken = bucket.take(now);
+        self.buckets.insert(caller.clone(), bucket);
+        taken
+    }
+
+    /// Callers with a bucket.
+    pub fn len(&self) -> usize {
+        self.buckets.len()
+    }
+
+    /// Whether no caller has a bucket.
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
     }
 }
 
@@ -101,6 +175,46 @@ mod tests {
             b.take(later) && b.take(later) && !b.take(later),
             "burst caps the savings"
         );
+    }
+
+    #[test]
+    fn a_limiter_keeps_the_callers_that_called_lately_not_every_caller() {
+        let t0 = Instant::now();
+        let mut limiter = RateLimiter::default();
+        // 10,000 callers, one call each, a millisecond apart; 1 a second, burst 2: a bucket is
+        // full again a second after its call.
+        for i in 0..10_000u32 {
+            let now = t0 + Duration::from_millis(u64::from(i));
+            assert!(limiter.take(&i, 1.0, 2.0, now), "caller {i}");
+        }
+        // Only the callers of about the last second (and those since the last sweep) are kept.
+        assert!(limiter.len() < 2_500, "{} buckets kept", limiter.len());
+        // A caller that is still limited keeps its bucket through sweeps: its empty bucket is not
+        // forgotten (which would give it a full one).
+        let mut limiter = RateLimiter::default();
+        assert!(limiter.take(&u32::MAX, 0.001, 1.0, t0));
+        assert!(!limiter.take(&u32::MAX, 0.001, 1.0, t0));
+        for i in 0..1_000u32 {
+            limiter.take(&i, 1.0, 1.0, t0 + Duration::from_secs(10));
+        }
+        assert!(!limiter.take(&u32::MAX, 0.001, 1.0, t0 + Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn a_changed_limit_applies_to_buckets_made_before() {
+        let t0 = Instant::now();
+        let mut limiter = RateLimiter::default();
+        for _ in 0..10 {
+            assert!(limiter.take(&"a", 100.0, 10.0, t0));
+        }
+        // The policy lowers the burst to 1 and the rate to 1 a second: nothing more now, one a
+        // second later.
+        assert!(!limiter.take(&"a", 1.0, 1.0, t0));
+        assert!(!limiter.take(&"a", 1.0, 1.0, t0 + Duration::from_millis(500)));
+        assert!(limiter.take(&"a", 1.0, 1.0, t0 + Duration::from_millis(1_000)));
+        // Raised again: the bucket fills at the new rate from then on.
+        assert!(!limiter.take(&"a", 100.0, 10.0, t0 + Duration::from_millis(1_100)));
+        assert!(limiter.take(&"a", 100.0, 10.0, t0 + Duration::from_millis(1_120)));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use mesh_core::limits::TokenBucket;
+use mesh_core::limits::RateLimiter;
 use mesh_core::{MethodName, NodeName, ServiceName, SpiffeId};
 use mesh_proto::control::Span;
 use mesh_proto::limits::MAX_HEAD_BYTES;
@@ -136,7 +136,10 @@ struct BodyHold<'a> {
 #[derive(Default)]
 struct AdmissionState {
     /// Rate-limit buckets: per limit, per caller.
-    buckets: HashMap<String, mesh_core::FastMap<SpiffeId, TokenBucket>>,
+    buckets: HashMap<String, RateLimiter<SpiffeId>>,
+    /// The policy generation the limits in `buckets` are of (a limit the policy dropped is
+    /// forgotten).
+    buckets_generation: u64,
     /// Remembered admissions, by a hash of (policy version, caller, service, method).
     verdicts: mesh_core::FastMap<u64, (u64, SpiffeId, ServiceName, MethodName, Arc<Admission>)>,
     /// The peer-label generation the verdicts were made under.
@@ -820,13 +823,18 @@ impl Server {
         if let Some(limit) = admission.rate_limit.and_then(|i| policy.rate_limits.get(i)) {
             let now = now();
             let mut state = self.admission_state();
-            let allowed = state
-                .buckets
-                .entry(limit.name.clone())
-                .or_default()
-                .entry(ctx.caller.clone())
-                .or_insert_with(|| TokenBucket::new(limit.per_second, limit.burst, now))
-                .take(now);
+            if state.buckets_generation != generation {
+                state
+                    .buckets
+                    .retain(|name, _| policy.rate_limits.iter().any(|l| l.name == *name));
+                state.buckets_generation = generation;
+            }
+            let allowed = state.buckets.entry(limit.name.clone()).or_default().take(
+                &ctx.caller,
+                limit.per_second,
+                limit.burst,
+                now,
+            );
             drop(state);
             if !allowed {
                 self.telemetry.record_rule(&limit.name, "rate_limited");

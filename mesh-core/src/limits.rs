@@ -93,6 +93,10 @@ impl<K: std::hash::Hash + Eq + Clone> RateLimiter<K> {
         if self.buckets.len() >= self.sweep_at {
             self.buckets.retain(|_, b| !b.is_full(now));
             self.sweep_at = (self.buckets.len() * 2).max(MIN_SWEEP);
+            // The table's room shrinks with it after a crowd has gone.
+            if self.buckets.capacity() > 2 * self.sweep_at {
+                self.buckets.shrink_to(self.sweep_at);
+            }
         }
         let mut bucket = TokenBucket::new(rate, burst, now);
         let taken = bucket.take(now);

@@ -55,5 +55,6 @@ pub use node::{Node, NodeOptions, StartError};
 pub use peers::PeerInfo;
 pub use server::ReservedService;
 pub use transport::{
-    BindError, ConnectError, EnrollService, MAX_CONCURRENT_DIALS, bind_endpoint, udp_socket,
+    BindError, ConnectError, DIAL_HOLD, EnrollService, MAX_CONCURRENT_DIALS, bind_endpoint,
+    udp_socket,
 };

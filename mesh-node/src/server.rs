@@ -823,12 +823,6 @@ impl Server {
         if let Some(limit) = admission.rate_limit.and_then(|i| policy.rate_limits.get(i)) {
             let now = now();
             let mut state = self.admission_state();
-            if state.buckets_generation != generation {
-                state
-                    .buckets
-                    .retain(|name, _| policy.rate_limits.iter().any(|l| l.name == *name));
-                state.buckets_generation = generation;
-            }
             let allowed = state.buckets.entry(limit.name.clone()).or_default().take(
                 &ctx.caller,
                 limit.per_second,
@@ -874,6 +868,15 @@ impl Server {
         let key = h.finish();
         let generation = self.peers.labels_generation();
         let mut state = self.admission_state();
+        // A newer policy: the buckets of limits it dropped are forgotten (a call still holding
+        // an older policy does not go back). Done here, where every admitted call passes, so a
+        // policy without limits frees them too.
+        if generation_of_policy > state.buckets_generation {
+            state
+                .buckets
+                .retain(|name, _| policy.rate_limits.iter().any(|l| l.name == *name));
+            state.buckets_generation = generation_of_policy;
+        }
         if state.labels_generation != generation {
             state.verdicts.clear();
             state.labels_generation = generation;

@@ -77,7 +77,14 @@ impl Transport {
             }
             let mut last = String::from("no address");
             for addr in &record.addrs {
-                match self.connect(*addr).await {
+                let place = self.dial_place().await;
+                // The wait for a place may have been long: the peer may have dialled this node
+                // since (only one of the two is meant to dial).
+                if self.inner.peers.connected_to(&name) {
+                    last.clear();
+                    break;
+                }
+                match self.connect_in(*addr, place).await {
                     Ok(conn) => {
                         match peer_id(&conn) {
                             Ok(id) if id.node_name() == &name => {

@@ -353,8 +353,25 @@ impl Transport {
         &self,
         addr: SocketAddr,
     ) -> Result<quinn::Connection, ConnectError> {
-        // Never closed: the permit always comes.
-        let _dialling = self.inner.dials.acquire().await;
+        let place = self.dial_place().await;
+        self.connect_in(addr, place).await
+    }
+
+    /// A place among the [`MAX_CONCURRENT_DIALS`] handshakes, when one is free (the semaphore is
+    /// never closed; were it, the dial would go on without a place).
+    pub(crate) async fn dial_place(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.inner.dials.acquire().await.ok()
+    }
+
+    /// [`Transport::connect`] in a place already taken. The place is given up when the
+    /// handshake ends, or after [`DIAL_HOLD`] if it has not: a peer that does not answer costs
+    /// nothing while it is waited for, and does not keep the others (the gateway among them)
+    /// from being dialled.
+    pub(crate) async fn connect_in(
+        &self,
+        addr: SocketAddr,
+        place: Option<tokio::sync::SemaphorePermit<'_>>,
+    ) -> Result<quinn::Connection, ConnectError> {
         let config = self
             .inner
             .client_config
@@ -367,7 +384,17 @@ impl Transport {
             .connect_with(config, addr, "starling.mesh")
             .map_err(|e| ConnectError::Other(e.to_string()))?;
         let limit = self.inner.limits.connect_timeout;
-        match tokio::time::timeout(limit, connecting).await {
+        let handshake = tokio::time::timeout(limit, connecting);
+        tokio::pin!(handshake);
+        let done = tokio::select! {
+            biased;
+            done = &mut handshake => done,
+            () = tokio::time::sleep(DIAL_HOLD) => {
+                drop(place);
+                handshake.await
+            }
+        };
+        match done {
             Ok(Ok(conn)) => Ok(conn),
             Ok(Err(e)) => Err(ConnectError::of(&e)),
             Err(_) => Err(ConnectError::Timeout(limit)),
@@ -588,9 +615,14 @@ pub const CONNECTION_RECEIVE_WINDOW: u32 = 8 * 1024 * 1024;
 /// Handshakes a node has in flight at once as the one that dials. A node that starts with many
 /// peers, or gets back a network it lost, would otherwise start every handshake at once: a burst
 /// of CPU on a small device, and a peak of short-lived memory whose fragments the heap keeps
-/// afterwards (with 100 peers, RssAnon 4.0 MiB instead of 4.3-4.4 MiB). A peer that does not
-/// answer holds its place for at most the connect timeout.
+/// afterwards (with 100 peers, RssAnon 4.0 MiB instead of 4.3-4.4 MiB). A handshake holds its
+/// place for at most [`DIAL_HOLD`].
 pub const MAX_CONCURRENT_DIALS: usize = 8;
+
+/// How long a handshake keeps its place among the [`MAX_CONCURRENT_DIALS`]: one with a peer that
+/// answers takes a few milliseconds on a site's network; one with a peer that is away gives its
+/// place up after this, and goes on waiting (up to the connect timeout) without it.
+pub const DIAL_HOLD: Duration = Duration::from_secs(1);
 
 /// Hellos a peer may have in flight at once (each on a stream of its own).
 const UNI_STREAMS: u32 = 2;

@@ -213,8 +213,7 @@ pub async fn write_message<T: Serialize>(
     head: &T,
     body: Bytes,
 ) -> Result<(), quinn::WriteError> {
-    let room = Framed::room(&body);
-    write_encoded(send, &Framed::new(encode_head_with_room(head, room), body)).await
+    write_encoded(send, &Framed::encode(head, body)).await
 }
 
 /// `head` encoded as one frame.
@@ -249,18 +248,21 @@ impl Framed {
     pub fn new(mut head: Vec<u8>, body: Bytes) -> Framed {
         head.reserve(Self::room(&body));
         encode_body_prefix(body.len(), &mut head);
-        if body.len() <= SMALL_BODY {
+        let body = if body.len() <= SMALL_BODY {
             head.extend_from_slice(&body);
-            Framed {
-                first: head.into(),
-                body: Bytes::new(),
-            }
+            Bytes::new()
         } else {
-            Framed {
-                first: head.into(),
-                body,
-            }
+            body
+        };
+        Framed {
+            first: head.into(),
+            body,
         }
+    }
+
+    /// `head` encoded and framed with `body`, in one buffer sized for both.
+    fn encode<T: Serialize>(head: &T, body: Bytes) -> Framed {
+        Framed::new(encode_head_with_room(head, Self::room(&body)), body)
     }
 
     /// The room to leave after a head for the frames of `body`.
@@ -293,15 +295,14 @@ pub fn encode_head_keeping<'a, T: Serialize>(
     keep: bool,
     body: Bytes,
 ) -> (Framed, bool) {
-    let room = Framed::room(&body);
     if keep && metadata(head).push((mesh_proto::KEEP_METADATA, "")).is_ok() {
-        let encoded = encode_head_with_room(head, room);
+        let encoded = encode_head_with_room(head, Framed::room(&body));
         if encoded.len() <= mesh_proto::limits::MAX_HEAD_BYTES {
             return (Framed::new(encoded, body), true);
         }
         metadata(head).pop();
     }
-    (Framed::new(encode_head_with_room(head, room), body), false)
+    (Framed::encode(head, body), false)
 }
 
 /// Writes framed head and body, then ends the stream.

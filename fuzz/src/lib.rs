@@ -11,6 +11,7 @@ use std::path::Path;
 use mesh_proto::control::{decode_down, decode_up};
 use mesh_proto::enroll::{EnrollDown, EnrollUp};
 use mesh_proto::serial::{self, Decoder};
+use mesh_proto::heads::{CallHead, RequestView, ResponseView, encode_call_head};
 use mesh_proto::{Hello, RequestHead, ResponseHead, decode_head, encode_frame_vec};
 
 /// The file name config errors must carry.
@@ -32,14 +33,47 @@ macro_rules! head_round_trip {
     };
 }
 
-/// A call's request head (the first frame of every call stream).
+/// A call's request head (the first frame of every call stream). The view a node reads it
+/// with accepts exactly what serde does, with the same fields, and the node's own encoder writes
+/// serde's bytes.
 pub fn request_head(data: &[u8]) {
     head_round_trip!(RequestHead, data);
+    let view = RequestView::decode(data);
+    match decode_head::<RequestHead>(data) {
+        Ok(head) => {
+            let view = view.expect("the view takes what serde takes");
+            assert_eq!(
+                (view.service, view.method, view.deadline_ms, view.trace),
+                (head.service, head.method, head.deadline_ms, head.trace)
+            );
+            assert!(view.metadata.iter().eq(head.metadata.iter().copied()));
+            same_encoding(&head);
+        }
+        Err(_) => assert!(view.is_err(), "the view took what serde refuses"),
+    }
 }
 
-/// A call's response head.
+/// A call's response head; as [`request_head`].
 pub fn response_head(data: &[u8]) {
     head_round_trip!(ResponseHead, data);
+    let view = ResponseView::decode(data);
+    match decode_head::<ResponseHead>(data) {
+        Ok(head) => {
+            let view = view.expect("the view takes what serde takes");
+            assert_eq!((view.status, view.message), (head.status, head.message));
+            assert!(view.metadata.iter().eq(head.metadata.iter().copied()));
+            same_encoding(&head);
+        }
+        Err(_) => assert!(view.is_err(), "the view took what serde refuses"),
+    }
+}
+
+/// The node's encoder writes the frame serde writes.
+fn same_encoding<'a, H: CallHead<'a> + serde::Serialize>(head: &H) {
+    let (mut ours, mut serde) = (Vec::new(), Vec::new());
+    encode_call_head(head, head.encoded_len(), &mut ours, 0);
+    encode_frame_vec(head, &mut serde);
+    assert_eq!(ours, serde);
 }
 
 /// The connection hello.

@@ -5,8 +5,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use mesh_core::{MethodName, ServiceName, SpiffeId};
+use mesh_proto::heads::ResponseView;
 use mesh_proto::limits::MAX_HEAD_BYTES;
-use mesh_proto::{ResponseHead, Status, TraceContext, decode_head};
+use mesh_proto::{Status, TraceContext};
 
 use crate::wire::{FrameReader, MAX_CHUNK_BYTES, ReadError, write_chunk};
 
@@ -346,7 +347,7 @@ impl CallReceiver {
             return Ok(head.clone());
         }
         let head = match self.time.step(self.reader.frame(MAX_HEAD_BYTES)).await {
-            Ok(Ok(bytes)) => decode_head::<ResponseHead<'_>>(&bytes)
+            Ok(Ok(bytes)) => ResponseView::decode(&bytes)
                 .map(|h| (h.status, h.message.to_owned()))
                 .map_err(|e| {
                     CallError::new(Status::Internal, format!("bad answer head from peer: {e}"))

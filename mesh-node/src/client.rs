@@ -19,10 +19,11 @@ use mesh_core::limits::RetryBudget;
 use mesh_core::route::{self, Subset};
 use mesh_core::{MethodName, NodeName, ServiceName, SpiffeId};
 use mesh_proto::control::Span;
+use mesh_proto::heads::ResponseView;
 use mesh_proto::limits::MAX_HEAD_BYTES;
 use mesh_proto::{
-    KEEP_METADATA, KEPT_IDLE_CODE, RequestHead, ResponseHead, STREAM_METADATA, Status,
-    TUNNEL_METADATA, TUNNEL_METHOD, TraceContext, decode_head,
+    KEEP_METADATA, KEPT_IDLE_CODE, RequestHead, STREAM_METADATA, Status, TUNNEL_METADATA,
+    TUNNEL_METHOD, TraceContext,
 };
 use tracing::{debug, warn};
 
@@ -121,10 +122,14 @@ impl Client {
         let trace = self.trace_for(options);
         // The wall clock is read only for a span that will be recorded.
         let started_wall = if trace.flags & 1 == 1 { unix_us() } else { 0 };
-        let (reply, callee) = self
+        let (reply, callee, ended) = self
             .call_inner(service, method, body, options, trace, started)
             .await;
-        let latency = since(started);
+        // The end the last attempt read, when it went to a peer (a clock read spared).
+        let latency = ended.map_or_else(
+            || since(started),
+            |ended| ended.saturating_duration_since(started),
+        );
         // Served by a microcontroller behind the callee: counted under its leaf name.
         let callee = match &reply.leaf {
             Some(leaf) if !callee.is_empty() => format!("{callee}/leaf/{leaf}"),
@@ -181,7 +186,8 @@ impl Client {
         }
     }
 
-    /// The call itself; returns the reply and the name of the node that served it ("" if none).
+    /// The call itself; returns the reply, the name of the node that served it ("" if none), and
+    /// when its last attempt ended, if it went to a peer.
     async fn call_inner(
         &self,
         service: &str,
@@ -190,7 +196,7 @@ impl Client {
         options: &CallOptions,
         trace: TraceContext,
         started: Instant,
-    ) -> (Reply, String) {
+    ) -> (Reply, String, Option<Instant>) {
         let policy = self.policy.policy();
         let timeout = options
             .timeout
@@ -198,7 +204,7 @@ impl Client {
             .unwrap_or(self.limits.call_timeout);
         let deadline = started + timeout;
         if let Err(reply) = check_request(&self.id, service, method, options) {
-            return (reply, String::new());
+            return (reply, String::new(), None);
         }
         if body.len() > self.limits.max_body_bytes {
             let reply = Reply::error(
@@ -209,7 +215,7 @@ impl Client {
                     self.limits.max_body_bytes
                 ),
             );
-            return (reply, String::new());
+            return (reply, String::new(), None);
         }
         // Hosted here; or hosted here while a device offers it, and no peer hosts it now (then
         // the server says it is away).
@@ -220,7 +226,7 @@ impl Client {
                 (ServiceName::try_from(service), MethodName::try_from(method))
             else {
                 let reply = Reply::error(Status::InvalidArgument, "bad service or method name");
-                return (reply, String::new());
+                return (reply, String::new(), None);
             };
             let ctx = CallContext {
                 // The server asks the policy, for an upstream that needs to know.
@@ -238,7 +244,7 @@ impl Client {
             };
             // Boxed: rare, and its future (any upstream's) would make every remote call's larger.
             let reply = Box::pin(self.server.serve_local(ctx, body, &self.labels)).await;
-            return (reply, self.name.as_str().to_owned());
+            return (reply, self.name.as_str().to_owned(), None);
         }
         self.call_remote(
             service, method, body, options, trace, deadline, policy, started,
@@ -247,7 +253,7 @@ impl Client {
     }
 
     /// A call to a service hosted elsewhere, under `policy` (read once per call), made at
-    /// `call_started`.
+    /// `call_started`; returns what [`Client::call_inner`] does.
     #[allow(clippy::too_many_arguments)]
     async fn call_remote(
         &self,
@@ -259,7 +265,7 @@ impl Client {
         deadline: Instant,
         policy: Option<Arc<Policy>>,
         call_started: Instant,
-    ) -> (Reply, String) {
+    ) -> (Reply, String, Option<Instant>) {
         let svc = policy.as_ref().and_then(|p| p.service(service));
         let decision = self.route(svc, method, options);
         let deadline = match (options.timeout, decision.route.and_then(|r| r.timeout)) {
@@ -298,35 +304,39 @@ impl Client {
             let started = if attempt == 1 { call_started } else { now() };
             let picked = match self.pick(&plan, &decision.subset, &tried, started) {
                 Ok(found) => found,
-                Err(reply) => return (reply, String::new()),
+                Err(reply) => return (reply, String::new(), None),
             };
             let left = deadline.saturating_duration_since(started);
-            let reply = match self.encoded_head(&plan, left, picked.protocol >= 4, &body) {
-                Err(reply) => reply,
+            let (reply, ended) = match self.encoded_head(&plan, left, picked.protocol >= 4, &body) {
+                Err(reply) => (reply, now()),
                 Ok((framed, keep)) => {
                     let kept = keep.then(|| self.keep_on(&picked.kept));
-                    let call = send_call(picked.conn, kept, framed, self.limits.max_body_bytes);
+                    let max_body = self.limits.max_body_bytes;
+                    let call = send_call(picked.conn, kept, framed, max_body, started);
                     // At the deadline, not after `left` (a clock read spared).
                     match crate::clock::bounded(|| deadline.into(), call).await {
-                        Some(reply) => reply,
-                        None => Reply::error(
-                            Status::DeadlineExceeded,
-                            format!("no answer from {service} within the deadline"),
+                        Some(answered) => answered,
+                        None => (
+                            Reply::error(
+                                Status::DeadlineExceeded,
+                                format!("no answer from {service} within the deadline"),
+                            ),
+                            now(),
                         ),
                     }
                 }
             };
             let callee = picked.callee;
-            self.finish(&plan, picked.key, &callee, started, reply.status);
+            self.finish(&plan, picked.key, &callee, (started, ended), reply.status);
             let Some(r) = retry else {
-                return (reply, callee);
+                return (reply, callee, Some(ended));
             };
             if !reply.status.is_retryable() || attempt >= r.attempts {
-                return (reply, callee);
+                return (reply, callee, Some(ended));
             }
             let backoff = r.backoff.saturating_mul(1 << (attempt - 1).min(10));
-            if now() + backoff >= deadline {
-                return (reply, callee);
+            if ended + backoff >= deadline {
+                return (reply, callee, Some(ended));
             }
             let allowed = self
                 .state()
@@ -335,7 +345,7 @@ impl Client {
                 .is_some_and(RetryBudget::withdraw);
             if !allowed {
                 debug!("retry budget of {service} spent; not retrying");
-                return (reply, callee);
+                return (reply, callee, Some(ended));
             }
             self.telemetry.record_rule(plan.rule, "retried");
             tried.push(picked.key);
@@ -399,7 +409,13 @@ impl Client {
         };
         // Until the answer's head hands the call to the hook, a failure is counted here.
         let failed = |e: CallError| {
-            self.finish(&plan, picked.key, &picked.callee, started, e.status);
+            self.finish(
+                &plan,
+                picked.key,
+                &picked.callee,
+                (started, now()),
+                e.status,
+            );
             self.record_stream(&plan, &picked.callee, e.status, started);
             e
         };
@@ -586,7 +602,7 @@ impl Client {
                 ))
             });
             let status = opened.as_ref().map_or_else(|r| r.status, |_| Status::Ok);
-            self.finish(&plan, picked.key, &picked.callee, started, status);
+            self.finish(&plan, picked.key, &picked.callee, (started, now()), status);
             match opened {
                 Ok((send, recv, leftover)) => {
                     let tunnel = OpenTunnel {
@@ -651,7 +667,7 @@ impl Client {
                 ));
             }
         };
-        let answer: ResponseHead = decode_head(&head_bytes).map_err(|e| {
+        let answer = ResponseView::decode(&head_bytes).map_err(|e| {
             Reply::error(Status::Internal, format!("bad answer head from peer: {e}"))
         })?;
         if answer.status != Status::Ok {
@@ -698,10 +714,11 @@ impl Client {
         keep: bool,
         body: &Bytes,
     ) -> Result<(Framed, bool), Reply> {
-        let mut head = self.head(plan, left)?;
+        // Made in place and filled, not returned: a head is 600 bytes, and each move copies them.
+        let mut head = RequestHead::new(plan.service, plan.method, deadline_ms(left));
+        self.fill_head(plan, &mut head)?;
         Ok(crate::wire::encode_head_keeping(
             &mut head,
-            |h| &mut h.metadata,
             keep,
             body.clone(),
         ))
@@ -713,11 +730,13 @@ impl Client {
     }
 
     fn head<'a>(&self, plan: &Plan<'a>, left: Duration) -> Result<RequestHead<'a>, Reply> {
-        let mut head = RequestHead::new(
-            plan.service,
-            plan.method,
-            u32::try_from(left.as_millis()).unwrap_or(u32::MAX).max(1),
-        );
+        let mut head = RequestHead::new(plan.service, plan.method, deadline_ms(left));
+        self.fill_head(plan, &mut head)?;
+        Ok(head)
+    }
+
+    /// Sets the trace and metadata of `plan` on `head`.
+    fn fill_head<'a>(&self, plan: &Plan<'a>, head: &mut RequestHead<'a>) -> Result<(), Reply> {
         head.trace = Some(plan.trace);
         if let Some(id) = plan.on_behalf_of {
             head.metadata
@@ -729,7 +748,7 @@ impl Client {
                 return Err(too_much_metadata());
             }
         }
-        Ok(head)
+        Ok(())
     }
 
     /// Picks the endpoint for the next attempt, made `at`, avoiding those `tried` while others
@@ -766,10 +785,17 @@ impl Client {
         })
     }
 
-    /// Feeds an attempt's outcome to the endpoint's breaker and latency estimate.
-    fn finish(&self, plan: &Plan<'_>, key: u64, callee: &str, started: Instant, status: Status) {
+    /// Feeds the outcome of an attempt, made `(started, ended)`, to the endpoint's breaker and
+    /// latency estimate.
+    fn finish(
+        &self,
+        plan: &Plan<'_>,
+        key: u64,
+        callee: &str,
+        (started, ended): (Instant, Instant),
+        status: Status,
+    ) {
         let service = plan.service;
-        let ended = now();
         let latency = ended.saturating_duration_since(started);
         let outcome = self
             .state()
@@ -782,7 +808,7 @@ impl Client {
             Outcome::Ejected(until) => {
                 warn!(
                     "ejected {callee} from service {service} for {:?} after failures",
-                    until.saturating_duration_since(now())
+                    until.saturating_duration_since(ended)
                 );
                 self.telemetry.record_rule(plan.rule, "ejected");
             }
@@ -815,13 +841,15 @@ impl Client {
         let state = self.state.clone();
         tokio::spawn(async move {
             let started = now();
-            let call = send_call(picked.conn, kept, framed, max_body);
-            let reply = tokio::time::timeout(left, call).await.ok();
+            let call = send_call(picked.conn, kept, framed, max_body, started);
+            let answered = tokio::time::timeout(left, call).await.ok();
             // The mirror's answer is dropped, but its endpoint's health and latency still count.
-            let failed = reply.as_ref().is_none_or(|r| r.status.is_failure());
+            let failed = answered.as_ref().is_none_or(|(r, _)| r.status.is_failure());
+            let ended = answered.map_or_else(now, |(_, ended)| ended);
+            let latency = ended.saturating_duration_since(started);
             let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(b) = state.balancers.get_mut(&service) {
-                b.finish(&picked.key, since(started), !failed, now());
+                b.finish(&picked.key, latency, !failed, ended);
             }
         });
     }
@@ -832,6 +860,11 @@ pub(crate) struct OpenTunnel {
     pub(crate) send: quinn::SendStream,
     pub(crate) recv: quinn::RecvStream,
     pub(crate) leftover: Bytes,
+}
+
+/// A head's deadline for `left`: whole milliseconds, at least one (0 would mean none).
+fn deadline_ms(left: Duration) -> u32 {
+    u32::try_from(left.as_millis()).unwrap_or(u32::MAX).max(1)
 }
 
 fn too_much_metadata() -> Reply {
@@ -884,10 +917,11 @@ async fn send_call(
     kept: Option<(Arc<KeptStreams>, usize)>,
     framed: Framed,
     max_body: usize,
-) -> Reply {
+    started: Instant,
+) -> (Reply, Instant) {
     let pool = kept.as_ref().map(|(pool, _)| pool);
     loop {
-        let (send, reader, reused) = match pool.and_then(|p| p.take()) {
+        let (send, reader, reused) = match pool.and_then(|p| p.take(started)) {
             Some((send, reader)) => (send, reader, true),
             None => {
                 let opened = match pool {
@@ -896,7 +930,7 @@ async fn send_call(
                 };
                 match opened {
                     Some(Ok((send, recv))) => (send, FrameReader::new(recv), false),
-                    Some(Err(e)) => return lost(&e),
+                    Some(Err(e)) => return (lost(&e), now()),
                     // A stream was kept while this call waited to open one: it takes that.
                     None => continue,
                 }
@@ -905,10 +939,12 @@ async fn send_call(
         let keep = pool.is_some();
         match exchange(send, reader, &framed, max_body, keep, reused).await {
             Exchange::Answered(reply, again) => {
+                // One clock read for the stream kept and the attempt's end.
+                let ended = now();
                 if let (Some((send, reader)), Some((pool, max))) = (again, &kept) {
-                    pool.put(send, reader, *max);
+                    pool.put(send, reader, *max, ended);
                 }
-                return reply;
+                return (reply, ended);
             }
             // The callee ended the idle stream before it read the call (it was idle for
             // `kept::IDLE_BOUND`): the call goes on another stream. Only a reused stream ends
@@ -975,19 +1011,17 @@ async fn exchange(
     };
     // Taken out of the head before the body is awaited: the head (with room for every metadata
     // entry) would otherwise live in every call's future.
-    let (status, message, leaf, kept) = match decode_head::<ResponseHead>(&head_bytes) {
+    let (status, message, leaf, kept) = match ResponseView::decode(&head_bytes) {
         Ok(head) => (
             head.status,
             head.message.to_owned(),
             // A leaf named by the callee is a label for counting, checked as a name and
             // nothing more.
             head.metadata
-                .iter()
-                .find(|(k, _)| *k == crate::call::LEAF_METADATA)
-                .map(|(_, v)| *v)
+                .get(crate::call::LEAF_METADATA)
                 .filter(|v| mesh_proto::validate_name(v).is_ok())
                 .map(std::sync::Arc::from),
-            keep && head.metadata.iter().any(|(k, _)| *k == KEEP_METADATA),
+            keep && head.metadata.contains_key(KEEP_METADATA),
         ),
         Err(e) => return answered(bad_answer("head ", &e)),
     };

@@ -13,7 +13,6 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::clock::now;
 use crate::wire::FrameReader;
 
 /// A caller reuses a stream only within this long of its last answer.
@@ -42,21 +41,26 @@ impl KeptStreams {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The newest idle stream, if it is recent enough to reuse. Stale ones are ended (a dropped
-    /// send stream is finished, and its callee's task ends): an idle stream holds one of the
-    /// streams its peer allows at once.
-    pub(crate) fn take(&self) -> Option<(quinn::SendStream, FrameReader)> {
+    /// The newest idle stream, if it is recent enough at `at` (about now: a call's start) to
+    /// reuse. Stale ones are ended (a dropped send stream is finished, and its callee's task
+    /// ends): an idle stream holds one of the streams its peer allows at once.
+    pub(crate) fn take(&self, at: Instant) -> Option<(quinn::SendStream, FrameReader)> {
         let mut idle = self.lock();
-        let stale = Self::stale(&mut idle, now());
+        let stale = Self::stale(&mut idle, at);
         let newest = idle.pop();
         drop(idle);
         drop(stale);
         newest.map(|n| (n.send, n.reader))
     }
 
-    /// Keeps a stream whose call ended cleanly, unless `max` are idle already.
-    pub(crate) fn put(&self, send: quinn::SendStream, reader: FrameReader, max: usize) {
-        let at = now();
+    /// Keeps a stream whose call ended cleanly at `at` (now), unless `max` are idle already.
+    pub(crate) fn put(
+        &self,
+        send: quinn::SendStream,
+        reader: FrameReader,
+        max: usize,
+        at: Instant,
+    ) {
         let mut idle = self.lock();
         let stale = Self::stale(&mut idle, at);
         let kept = idle.len() < max;

@@ -16,10 +16,10 @@ use bytes::Bytes;
 use mesh_core::limits::RateLimiter;
 use mesh_core::{MethodName, NodeName, ServiceName, SpiffeId};
 use mesh_proto::control::Span;
+use mesh_proto::heads::RequestView;
 use mesh_proto::limits::MAX_HEAD_BYTES;
 use mesh_proto::{
-    KEEP_METADATA, RequestHead, ResponseHead, STREAM_METADATA, Status, TUNNEL_METADATA,
-    TUNNEL_METHOD, decode_head,
+    KEEP_METADATA, ResponseHead, STREAM_METADATA, Status, TUNNEL_METADATA, TUNNEL_METHOD,
 };
 use tracing::{debug, warn};
 
@@ -369,15 +369,18 @@ impl Server {
         let mut reader = FrameReader::new(recv);
         let mut idle = crate::kept::IdleBound::default();
         loop {
-            let deadline = tokio::time::Instant::now() + self.limits.call_timeout;
+            let started = now();
+            let deadline = tokio::time::Instant::from_std(started + self.limits.call_timeout);
             // The request body's memory, held until its reply is written: a caller that does not
             // read its replies holds its share, and new bodies wait.
             let mut held = BodyHold::default();
             // Kept for the next call: asked by the caller, and the whole request read.
             let mut keep = false;
-            let read =
-                crate::clock::bounded(|| deadline, self.read_head(caller.clone(), &mut reader))
-                    .await;
+            let read = crate::clock::bounded(
+                || deadline,
+                self.read_head(caller.clone(), &mut reader, started),
+            )
+            .await;
             let reply = match read {
                 Some(Ok(Incoming::Call {
                     ctx,
@@ -464,11 +467,12 @@ impl Server {
         }
     }
 
-    /// The head of a call, parsed and checked.
+    /// The head of a call whose stream had bytes at `started`, parsed and checked.
     async fn read_head(
         &self,
         caller: SpiffeId,
         reader: &mut FrameReader,
+        started: std::time::Instant,
     ) -> Result<Incoming, Reply> {
         let bad = |what: &str, e: &dyn std::fmt::Display| {
             Reply::error(Status::InvalidArgument, format!("{what}: {e}"))
@@ -477,7 +481,7 @@ impl Server {
             .frame(MAX_HEAD_BYTES)
             .await
             .map_err(|e| bad("request head", &e))?;
-        let head: RequestHead = decode_head(&head_bytes).map_err(|e| bad("request head", &e))?;
+        let head = RequestView::decode(&head_bytes).map_err(|e| bad("request head", &e))?;
         if head.service.starts_with('_') {
             return match self.reserved.get(head.service) {
                 Some(handler) => Ok(Incoming::Reserved(handler.clone())),
@@ -498,10 +502,10 @@ impl Server {
             Duration::from_millis(head.deadline_ms.into())
                 .min(self.limits.call_timeout.max(Duration::from_secs(3600)))
         };
-        let streaming = head.metadata.iter().any(|(k, _)| *k == STREAM_METADATA);
+        let streaming = head.metadata.contains_key(STREAM_METADATA);
         let no_deadline = streaming && head.deadline_ms == 0;
-        let tunnel = head.metadata.iter().any(|(k, _)| *k == TUNNEL_METADATA);
-        let keep = head.metadata.iter().any(|(k, _)| *k == KEEP_METADATA);
+        let tunnel = head.metadata.contains_key(TUNNEL_METADATA);
+        let keep = head.metadata.contains_key(KEEP_METADATA);
         if tunnel && (streaming || head.method != TUNNEL_METHOD) {
             return Err(Reply::error(
                 Status::InvalidArgument,
@@ -510,13 +514,9 @@ impl Server {
                 ),
             ));
         }
-        let caller = match head
-            .metadata
-            .iter()
-            .find(|(k, _)| *k == crate::call::ON_BEHALF_OF_METADATA)
-        {
+        let caller = match head.metadata.get(crate::call::ON_BEHALF_OF_METADATA) {
             None => caller,
-            Some((_, claimed)) => on_behalf_of(&caller, claimed)?,
+            Some(claimed) => on_behalf_of(&caller, claimed)?,
         };
         let ctx = CallContext {
             // Asked of the policy only for an upstream that resends (see `dispatch`).
@@ -531,9 +531,11 @@ impl Server {
                 .filter(|(k, _)| {
                     !k.starts_with(':') && !k.to_ascii_lowercase().starts_with("x-starling-")
                 })
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 .collect(),
-            deadline: now() + timeout,
+            // From when the call's first bytes were there (a clock read spared): its head
+            // follows them, and one that trickles in spends its call's time.
+            deadline: started + timeout,
             trace: head.trace,
             streaming,
         };
@@ -992,7 +994,7 @@ fn encoded_reply(reply: &Reply, keep: bool) -> (crate::wire::Framed, bool) {
     if let Some(leaf) = &reply.leaf {
         let _ = head.metadata.push((crate::call::LEAF_METADATA, leaf));
     }
-    crate::wire::encode_head_keeping(&mut head, |h| &mut h.metadata, keep, reply.body.clone())
+    crate::wire::encode_head_keeping(&mut head, keep, reply.body.clone())
 }
 
 /// The node's budget for request bodies from peers, in bytes (at most what a semaphore holds).

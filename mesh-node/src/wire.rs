@@ -7,6 +7,7 @@
 //! as it came, and one that spans chunks is gathered into a buffer of its announced length.
 
 use bytes::{Bytes, BytesMut};
+use mesh_proto::heads::{CallHead, encode_call_head};
 use mesh_proto::{FrameError, encode_body_prefix, encode_frame_vec, frame_len};
 use serde::Serialize;
 
@@ -289,20 +290,32 @@ impl Framed {
 /// ([`mesh_proto::KEEP_METADATA`] in the `metadata` it has): not when its metadata is full, nor at
 /// the cost of a head longer than the bound, which the other side would refuse. Returns the head
 /// and `body` framed, and whether it asks.
-pub fn encode_head_keeping<'a, T: Serialize>(
+pub fn encode_head_keeping<'a, T: CallHead<'a>>(
     head: &mut T,
-    metadata: fn(&mut T) -> &mut mesh_proto::Metadata<'a>,
     keep: bool,
     body: Bytes,
 ) -> (Framed, bool) {
-    if keep && metadata(head).push((mesh_proto::KEEP_METADATA, "")).is_ok() {
-        let encoded = encode_head_with_room(head, Framed::room(&body));
-        if encoded.len() <= mesh_proto::limits::MAX_HEAD_BYTES {
-            return (Framed::new(encoded, body), true);
-        }
-        metadata(head).pop();
+    let mut keep = keep
+        && head
+            .metadata_mut()
+            .push((mesh_proto::KEEP_METADATA, ""))
+            .is_ok();
+    let mut len = head.encoded_len();
+    // The frame, prefix included, within the bound the other side reads heads with.
+    if keep && len + varint_len(len) > mesh_proto::limits::MAX_HEAD_BYTES {
+        head.metadata_mut().pop();
+        keep = false;
+        len = head.encoded_len();
     }
-    (Framed::encode(head, body), false)
+    let mut first = Vec::new();
+    encode_call_head(head, len, &mut first, Framed::room(&body));
+    (Framed::new(first, body), keep)
+}
+
+/// The bytes of a frame prefix for `len`.
+fn varint_len(len: usize) -> usize {
+    let mut prefix = [0u8; mesh_proto::varint::MAX_LEN];
+    mesh_proto::varint::encode(u32::try_from(len).unwrap_or(u32::MAX), &mut prefix).len()
 }
 
 /// Writes framed head and body, then ends the stream.

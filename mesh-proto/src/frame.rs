@@ -45,6 +45,7 @@ pub mod varint {
     pub const MAX_LEN: usize = 5;
 
     /// Writes `value` into `out`, returning the bytes used.
+    #[inline]
     pub fn encode(mut value: u32, out: &mut [u8; MAX_LEN]) -> &[u8] {
         let mut i = 0;
         loop {
@@ -145,6 +146,7 @@ pub fn encode_frame_vec<T: Serialize>(value: &T, out: &mut alloc::vec::Vec<u8>) 
 
 /// Appends the length prefix of a body of `len` bytes to `out`.
 #[cfg(feature = "alloc")]
+#[inline]
 pub fn encode_body_prefix(len: usize, out: &mut alloc::vec::Vec<u8>) {
     let mut prefix = [0u8; varint::MAX_LEN];
     // Bodies are bounded far below 4 GiB by every configuration.

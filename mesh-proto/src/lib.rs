@@ -43,6 +43,7 @@ pub mod control;
 #[cfg(feature = "alloc")]
 pub mod enroll;
 mod frame;
+pub mod heads;
 mod name;
 pub mod serial;
 mod types;

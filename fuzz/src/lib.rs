@@ -10,8 +10,8 @@ use std::path::Path;
 
 use mesh_proto::control::{decode_down, decode_up};
 use mesh_proto::enroll::{EnrollDown, EnrollUp};
-use mesh_proto::serial::{self, Decoder};
 use mesh_proto::heads::{CallHead, RequestView, ResponseView, encode_call_head};
+use mesh_proto::serial::{self, Decoder};
 use mesh_proto::{Hello, RequestHead, ResponseHead, decode_head, encode_frame_vec};
 
 /// The file name config errors must carry.

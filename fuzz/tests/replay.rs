@@ -79,6 +79,16 @@ fn write_seeds() {
     write("request_head", "traced", &bytes);
     let bytes = frame_content(&|o| mesh_proto::encode_frame_vec(&RequestHead::new("a", "b", 0), o));
     write("request_head", "minimal", &bytes);
+    let mut head = RequestHead::new("echo", "say", 1000);
+    head.metadata.push((":keep", "")).expect("room");
+    head.metadata.push(("x-canary", "1")).expect("room");
+    let bytes = frame_content(&|o| mesh_proto::encode_frame_vec(&head, o));
+    write("request_head", "metadata", &bytes);
+    let mut head = ResponseHead::new(Status::Ok, "");
+    head.metadata.push((":keep", "")).expect("room");
+    head.metadata.push(("leaf", "n1")).expect("room");
+    let bytes = frame_content(&|o| mesh_proto::encode_frame_vec(&head, o));
+    write("response_head", "metadata", &bytes);
     for (name, head) in [
         ("ok", ResponseHead::new(Status::Ok, "")),
         ("upstream", ResponseHead::new(Status::Upstream(503), "no")),

@@ -335,7 +335,7 @@ impl Client {
                 return (reply, callee, Some(ended));
             }
             let backoff = r.backoff.saturating_mul(1 << (attempt - 1).min(10));
-            if ended + backoff >= deadline {
+            if now() + backoff >= deadline {
                 return (reply, callee, Some(ended));
             }
             let allowed = self
@@ -920,8 +920,10 @@ async fn send_call(
     started: Instant,
 ) -> (Reply, Instant) {
     let pool = kept.as_ref().map(|(pool, _)| pool);
+    // The attempt's start, then (after a wait to open a stream, or a call sent again) now.
+    let mut at = started;
     loop {
-        let (send, reader, reused) = match pool.and_then(|p| p.take(started)) {
+        let (send, reader, reused) = match pool.and_then(|p| p.take(at)) {
             Some((send, reader)) => (send, reader, true),
             None => {
                 let opened = match pool {
@@ -932,7 +934,10 @@ async fn send_call(
                     Some(Ok((send, recv))) => (send, FrameReader::new(recv), false),
                     Some(Err(e)) => return (lost(&e), now()),
                     // A stream was kept while this call waited to open one: it takes that.
-                    None => continue,
+                    None => {
+                        at = now();
+                        continue;
+                    }
                 }
             }
         };
@@ -951,6 +956,7 @@ async fn send_call(
             // so, and the pool is finite: the loop ends.
             Exchange::Unread => {}
         }
+        at = now();
     }
 }
 

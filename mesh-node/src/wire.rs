@@ -245,7 +245,8 @@ pub struct Framed {
 }
 
 impl Framed {
-    /// Frames `body` after `head` (a head frame from [`encode_head`]).
+    /// Frames `body` after `head` (a head frame from [`encode_head`] or
+    /// [`encode_call_head`]).
     pub fn new(mut head: Vec<u8>, body: Bytes) -> Framed {
         head.reserve(Self::room(&body));
         encode_body_prefix(body.len(), &mut head);
@@ -287,7 +288,7 @@ impl Framed {
 }
 
 /// `head` encoded as one frame, asking to keep its stream for the next call when `keep`
-/// ([`mesh_proto::KEEP_METADATA`] in the `metadata` it has): not when its metadata is full, nor at
+/// ([`mesh_proto::KEEP_METADATA`] added to its metadata): not when its metadata is full, nor at
 /// the cost of a head longer than the bound, which the other side would refuse. Returns the head
 /// and `body` framed, and whether it asks.
 pub fn encode_head_keeping<'a, T: CallHead<'a>>(

@@ -1,9 +1,9 @@
 //! Call heads on a call's path: decoded into views that borrow their metadata from the frame, and
 //! (with `alloc`) encoded straight into a frame sized once.
 //!
-//! [`RequestHead`] and [`ResponseHead`] keep room for every metadata entry inline (512 bytes),
-//! which each decode fills and each move copies, and serde's writer into a `Vec` appends byte by
-//! byte. The bytes here are postcard's, exactly: the serde forms in `types` stay the definition
+//! [`RequestHead`](crate::RequestHead) and [`ResponseHead`](crate::ResponseHead) keep room for
+//! every metadata entry inline (16 pairs of `&str`: 512 bytes on a 64-bit target), which each
+//! decode fills and each move copies, and serde's writer into a `Vec` appends byte by byte. The bytes here are postcard's, exactly: the serde forms in `types` stay the definition
 //! of the wire, and the tests (and the fuzz targets) hold the two to each other.
 
 use crate::limits::MAX_METADATA;
@@ -297,6 +297,12 @@ mod encode {
         (usize::BITS - (len | 1).leading_zeros()).div_ceil(7) as usize
     }
 
+    /// The bytes of postcard's varint for a `u32`.
+    #[inline]
+    fn u32_size(value: u32) -> usize {
+        (u32::BITS - (value | 1).leading_zeros()).div_ceil(7) as usize
+    }
+
     #[inline]
     fn put_len(out: &mut Vec<u8>, mut len: usize) {
         while len >= 0x80 {
@@ -359,7 +365,7 @@ mod encode {
         fn encoded_len(&self) -> usize {
             str_size(self.service)
                 + str_size(self.method)
-                + len_size(self.deadline_ms as usize)
+                + u32_size(self.deadline_ms)
                 + 1
                 + self.trace.map_or(0, |_| 16 + 8 + 1)
                 + metadata_size(&self.metadata)
@@ -671,6 +677,31 @@ mod tests {
             16
         );
         assert!(RequestView::decode(&with_count(&[17], 17)).is_err());
+    }
+
+    /// The varint reader on the host reads as postcard does on targets of either width: a
+    /// `usize` is a `u32` on the 32-bit devices (at most 5 bytes, the last under 0x10) and a `u64`
+    /// here (at most 10 bytes, the last under 0x02).
+    #[test]
+    fn varints_of_32_and_64_bits_are_read_as_postcard_reads_them() {
+        let mut inputs: Vec<Vec<u8>> = Vec::new();
+        for len in 1..=11 {
+            for last in [0x00, 0x01, 0x02, 0x0f, 0x10, 0x7f, 0x80] {
+                let mut bytes = vec![0xff; len - 1];
+                bytes.push(last);
+                inputs.push(bytes.clone());
+                bytes[0] = 0x80;
+                inputs.push(bytes);
+            }
+        }
+        for bytes in &inputs {
+            let ours = Input(bytes).varint::<32>().ok();
+            let theirs = postcard::take_from_bytes::<u32>(bytes).ok();
+            assert_eq!(ours, theirs.map(|(v, _)| u64::from(v)), "{bytes:x?}");
+            let ours = Input(bytes).varint::<64>().ok();
+            let theirs = postcard::take_from_bytes::<u64>(bytes).ok();
+            assert_eq!(ours, theirs.map(|(v, _)| v), "{bytes:x?}");
+        }
     }
 
     #[test]

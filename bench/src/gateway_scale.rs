@@ -302,15 +302,7 @@ fn run(
     let cpu_percent = (cpu_ticks(pid)? - cpu0) as f64 / 100.0 / t0.elapsed().as_secs_f64() * 100.0;
     let rss_kib = crate::footprint::rss_of(pid).map_or(0, |(rss, _)| rss);
     if joined < nodes {
-        if let Ok(f) = failures.lock() {
-            let mut kinds: std::collections::BTreeMap<&str, usize> = Default::default();
-            for e in f.iter() {
-                *kinds.entry(e.as_str()).or_default() += 1;
-            }
-            for (e, n) in kinds {
-                eprintln!("  {n} simulated node(s) stopped: {e}");
-            }
-        }
+        say_why_stopped(&failures);
         rt.shutdown_background();
         return Ok(ScaleFigures {
             cloud,
@@ -388,6 +380,10 @@ fn run(
         }
         std::thread::sleep(poll);
     };
+    if acked < nodes {
+        // A node that lost its session after joining: why, rather than only how many.
+        say_why_stopped(&failures);
+    }
     let mut lat: Vec<Duration> = arrivals
         .lock()
         .map_err(|_| anyhow::anyhow!("lock"))?
@@ -440,6 +436,19 @@ fn run(
     };
     rt.shutdown_background();
     Ok(figures)
+}
+
+/// Prints why simulated nodes stopped, each reason once with how many stopped for it.
+fn say_why_stopped(failures: &Mutex<Vec<String>>) {
+    if let Ok(f) = failures.lock() {
+        let mut kinds: std::collections::BTreeMap<&str, usize> = Default::default();
+        for e in f.iter() {
+            *kinds.entry(e.as_str()).or_default() += 1;
+        }
+        for (e, n) in kinds {
+            eprintln!("  {n} simulated node(s) stopped: {e}");
+        }
+    }
 }
 
 /// One simulated node: peer hello, control stream, a telemetry batch a second, policy acks.

@@ -15,14 +15,14 @@ use crate::{FrameError, Status, TraceContext};
 struct Input<'a>(&'a [u8]);
 
 impl<'a> Input<'a> {
-    #[inline]
+    #[inline(always)]
     fn byte(&mut self) -> Result<u8, FrameError> {
         let (&first, rest) = self.0.split_first().ok_or(FrameError::Malformed)?;
         self.0 = rest;
         Ok(first)
     }
 
-    #[inline]
+    #[inline(always)]
     fn bytes<const N: usize>(&mut self) -> Result<[u8; N], FrameError> {
         let (taken, rest) = self.0.split_first_chunk().ok_or(FrameError::Malformed)?;
         self.0 = rest;
@@ -31,7 +31,7 @@ impl<'a> Input<'a> {
 
     /// A varint of at most `BITS` bits, as postcard reads one: at most `ceil(BITS / 7)` bytes,
     /// the last of them with no bits past `BITS`.
-    #[inline]
+    #[inline(always)]
     fn varint<const BITS: u32>(&mut self) -> Result<u64, FrameError> {
         let max_bytes = BITS.div_ceil(7);
         let last_max = (1u8 << (BITS % 7)) - 1;
@@ -50,14 +50,14 @@ impl<'a> Input<'a> {
     }
 
     /// A length: a `usize` varint, as long as the platform's `usize` needs.
-    #[inline]
+    #[inline(always)]
     fn len(&mut self) -> Result<usize, FrameError> {
         // No wider than usize::BITS, so it fits.
         usize::try_from(self.varint::<{ usize::BITS }>()?).map_err(|_| FrameError::Malformed)
     }
 
     /// A length, then that many bytes.
-    #[inline]
+    #[inline(always)]
     fn sized(&mut self) -> Result<&'a [u8], FrameError> {
         let len = self.len()?;
         if len > self.0.len() {
@@ -68,18 +68,18 @@ impl<'a> Input<'a> {
         Ok(taken)
     }
 
-    #[inline]
+    #[inline(always)]
     fn str(&mut self) -> Result<&'a str, FrameError> {
         core::str::from_utf8(self.sized()?).map_err(|_| FrameError::Malformed)
     }
 
-    #[inline]
+    #[inline(always)]
     fn u32(&mut self) -> Result<u32, FrameError> {
         // At most 32 bits, so it fits.
         u32::try_from(self.varint::<32>()?).map_err(|_| FrameError::Malformed)
     }
 
-    #[inline]
+    #[inline(always)]
     fn trace(&mut self) -> Result<Option<TraceContext>, FrameError> {
         match self.byte()? {
             0 => Ok(None),

@@ -294,17 +294,7 @@ mod tests {
     #[test]
     fn golden_status_discriminants() {
         // Each status is its variant index: the order is the wire.
-        let all = [
-            Status::Ok,
-            Status::NotFound,
-            Status::PermissionDenied,
-            Status::Unavailable,
-            Status::DeadlineExceeded,
-            Status::ResourceExhausted,
-            Status::InvalidArgument,
-            Status::Internal,
-        ];
-        for (i, status) in all.iter().enumerate() {
+        for (i, status) in crate::types::UNIT_STATUSES.iter().enumerate() {
             let mut buf = [0u8; 4];
             let bytes = postcard::to_slice(status, &mut buf).expect("encode");
             assert_eq!(bytes, &[i as u8], "{status:?}");

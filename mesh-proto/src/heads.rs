@@ -463,20 +463,14 @@ mod tests {
     }
 
     fn statuses() -> Vec<Status> {
-        vec![
-            Status::Ok,
-            Status::NotFound,
-            Status::PermissionDenied,
-            Status::Unavailable,
-            Status::DeadlineExceeded,
-            Status::ResourceExhausted,
-            Status::InvalidArgument,
-            Status::Internal,
+        let mut all = crate::types::UNIT_STATUSES.to_vec();
+        all.extend([
             Status::Upstream(0),
             Status::Upstream(127),
             Status::Upstream(128),
             Status::Upstream(u16::MAX),
-        ]
+        ]);
+        all
     }
 
     /// Metadata of 0, 1 and 16 entries, with lengths across varint boundaries.

@@ -38,6 +38,19 @@ pub enum Status {
     Upstream(u16),
 }
 
+/// Every status that carries no value, in wire order (for tests).
+#[cfg(test)]
+pub(crate) const UNIT_STATUSES: [Status; 8] = [
+    Status::Ok,
+    Status::NotFound,
+    Status::PermissionDenied,
+    Status::Unavailable,
+    Status::DeadlineExceeded,
+    Status::ResourceExhausted,
+    Status::InvalidArgument,
+    Status::Internal,
+];
+
 impl Status {
     /// A stable lowercase name, used in logs, metrics labels and the `x-starling-status` header.
     pub fn as_str(&self) -> &'static str {

@@ -909,9 +909,10 @@ fn check_request(
     Ok(())
 }
 
-/// Writes a framed head and body on a stream of `conn` and reads the whole answer. With `kept`
-/// (the head asks the callee to keep the stream), the call goes on an idle kept stream when there
-/// is one, and its stream is kept for the next call when the callee agrees.
+/// Writes a framed head and body on a stream of `conn` and reads the whole answer, for an attempt
+/// that `started`; returns the answer and when it ended. With `kept` (the head asks the callee to
+/// keep the stream), the call goes on an idle kept stream when there is one, and its stream is
+/// kept for the next call when the callee agrees.
 async fn send_call(
     conn: quinn::Connection,
     kept: Option<(Arc<KeptStreams>, usize)>,

@@ -41,8 +41,9 @@ impl KeptStreams {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The newest idle stream, if it is recent enough at `at` (now, or a moment ago) to reuse. Stale ones are ended (a dropped send stream is finished, and its callee's task
-    /// ends): an idle stream holds one of the streams its peer allows at once.
+    /// The newest idle stream, if it is recent enough at `at` (now, or a moment ago) to reuse.
+    /// Stale ones are ended (a dropped send stream is finished, and its callee's task ends): an
+    /// idle stream holds one of the streams its peer allows at once.
     pub(crate) fn take(&self, at: Instant) -> Option<(quinn::SendStream, FrameReader)> {
         let mut idle = self.lock();
         let stale = Self::stale(&mut idle, at);

@@ -34,16 +34,20 @@ impl TokenBucket {
         }
     }
 
-    fn refill(&mut self, now: Instant) {
+    /// The tokens the bucket holds at `now`.
+    fn level(&self, now: Instant) -> f64 {
         let elapsed = now.saturating_duration_since(self.stamp).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        (self.tokens + elapsed * self.rate).min(self.burst)
+    }
+
+    fn refill(&mut self, now: Instant) {
+        self.tokens = self.level(now);
         self.stamp = now;
     }
 
     /// Whether the bucket is full at `now`: it is then the same as a new one.
     pub fn is_full(&self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.stamp).as_secs_f64();
-        self.tokens + elapsed * self.rate >= self.burst
+        self.level(now) >= self.burst
     }
 
     /// Takes a new rate and burst from `now` on (a policy changed the limit): what was saved up

@@ -303,7 +303,8 @@ pub fn encode_head_keeping<'a, T: CallHead<'a>>(
             .is_ok();
     let mut len = head.encoded_len();
     // The frame, prefix included, within the bound the other side reads heads with.
-    if keep && len + varint_len(len) > mesh_proto::limits::MAX_HEAD_BYTES {
+    let prefix = mesh_proto::varint::len(u32::try_from(len).unwrap_or(u32::MAX));
+    if keep && len + prefix > mesh_proto::limits::MAX_HEAD_BYTES {
         head.metadata_mut().pop();
         keep = false;
         len = head.encoded_len();
@@ -311,12 +312,6 @@ pub fn encode_head_keeping<'a, T: CallHead<'a>>(
     let mut first = Vec::new();
     encode_call_head(head, len, &mut first, Framed::room(&body));
     (Framed::new(first, body), keep)
-}
-
-/// The bytes of a frame prefix for `len`.
-fn varint_len(len: usize) -> usize {
-    let mut prefix = [0u8; mesh_proto::varint::MAX_LEN];
-    mesh_proto::varint::encode(u32::try_from(len).unwrap_or(u32::MAX), &mut prefix).len()
 }
 
 /// Writes framed head and body, then ends the stream.

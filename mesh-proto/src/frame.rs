@@ -44,6 +44,13 @@ pub mod varint {
     /// The longest encoding of a `u32`.
     pub const MAX_LEN: usize = 5;
 
+    /// The bytes `value` takes encoded.
+    #[inline]
+    pub fn len(value: u32) -> usize {
+        // 7 bits a byte; 0 takes one.
+        (u32::BITS - (value | 1).leading_zeros()).div_ceil(7) as usize
+    }
+
     /// Writes `value` into `out`, returning the bytes used.
     #[inline]
     pub fn encode(mut value: u32, out: &mut [u8; MAX_LEN]) -> &[u8] {
@@ -192,6 +199,23 @@ mod tests {
             varint::encode(u32::MAX, &mut out),
             &[0xff, 0xff, 0xff, 0xff, 0x0f]
         );
+        for value in [
+            0,
+            1,
+            127,
+            128,
+            16_383,
+            16_384,
+            (1 << 21) - 1,
+            1 << 21,
+            u32::MAX,
+        ] {
+            assert_eq!(
+                varint::len(value),
+                varint::encode(value, &mut out).len(),
+                "{value}"
+            );
+        }
         assert_eq!(varint::decode(&[0x80, 0x01]), Ok(Some((128, 2))));
         assert_eq!(varint::decode(&[0x80]), Ok(None));
         assert_eq!(varint::decode(&[]), Ok(None));

@@ -162,15 +162,6 @@ impl<'a> MetadataView<'a> {
     }
 }
 
-impl<'a> IntoIterator for &MetadataView<'a> {
-    type Item = (&'a str, &'a str);
-    type IntoIter = MetadataIter<'a>;
-
-    fn into_iter(self) -> MetadataIter<'a> {
-        self.iter()
-    }
-}
-
 /// A view's entries as bytes.
 #[derive(Clone)]
 struct RawEntries<'a> {
@@ -297,12 +288,6 @@ mod encode {
         (usize::BITS - (len | 1).leading_zeros()).div_ceil(7) as usize
     }
 
-    /// The bytes of postcard's varint for a `u32`.
-    #[inline]
-    fn u32_size(value: u32) -> usize {
-        (u32::BITS - (value | 1).leading_zeros()).div_ceil(7) as usize
-    }
-
     #[inline]
     fn put_len(out: &mut Vec<u8>, mut len: usize) {
         while len >= 0x80 {
@@ -365,7 +350,7 @@ mod encode {
         fn encoded_len(&self) -> usize {
             str_size(self.service)
                 + str_size(self.method)
-                + u32_size(self.deadline_ms)
+                + varint::len(self.deadline_ms)
                 + 1
                 + self.trace.map_or(0, |_| 16 + 8 + 1)
                 + metadata_size(&self.metadata)

@@ -318,6 +318,39 @@ async fn bad_bytes_end_only_their_own_stream() {
     let (status, why) = prober.raw(&truncated).await;
     assert_eq!(status, Status::InvalidArgument, "{why}");
     assert!(why.contains("truncated"), "{why}");
+    // Well framed heads that lie in their metadata: 17 entries (the bound is 16), and a key that
+    // is not UTF-8. Each is refused as a head, and the calls beside it are served.
+    let lying_head = |count: u8, key: &[u8]| {
+        let mut payload = vec![
+            4, b'e', b'c', b'h', b'o', 3, b's', b'a', b'y', 0xe8, 0x07, 0,
+        ];
+        payload.push(count);
+        for _ in 0..count {
+            payload.push(key.len() as u8);
+            payload.extend_from_slice(key);
+            payload.push(0);
+        }
+        let (mut frame, mut prefix) = (Vec::new(), [0u8; 5]);
+        frame.extend_from_slice(mesh_proto::varint::encode(
+            payload.len() as u32,
+            &mut prefix,
+        ));
+        frame.extend_from_slice(&payload);
+        mesh_proto::encode_body_prefix(2, &mut frame);
+        frame.extend_from_slice(b"hi");
+        frame
+    };
+    for (case, bytes) in [
+        ("17 metadata entries", lying_head(17, b"k")),
+        ("a key that is not UTF-8", lying_head(1, &[0xc3, 0x28])),
+    ] {
+        let (status, why) = prober.raw(&bytes).await;
+        assert_eq!(status, Status::InvalidArgument, "{case}: {why}");
+        assert!(why.contains("request head"), "{case}: {why}");
+    }
+    // The same head with 16 entries is one the node takes.
+    let (status, why) = prober.raw(&lying_head(16, b"k")).await;
+    assert_eq!(status, Status::Ok, "16 metadata entries: {why}");
     // A valid head for a body over the node's bound (4 MiB by default).
     let mut big = Vec::new();
     mesh_proto::encode_frame_vec(&RequestHead::new("echo", "say", 1000), &mut big);

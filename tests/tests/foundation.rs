@@ -163,6 +163,27 @@ async fn certificate_for_another_trust_domain_is_refused() {
     );
 }
 
+/// Both ends of a connection run its cipher over every byte; each machine offers first the one
+/// it runs fastest, and a connection runs AES only when both ends have AES instructions (a
+/// Raspberry Pi 4 has none: ChaCha20 is several times faster there).
+#[test]
+fn a_connection_runs_aes_only_when_both_ends_have_aes_instructions() {
+    use mesh_node::identity::Cipher::{Aes, ChaCha};
+    use rustls::CipherSuite::{TLS13_AES_128_GCM_SHA256, TLS13_CHACHA20_POLY1305_SHA256};
+    let pki = Pki::new();
+    let (a, b) = (pki.identity("node-a"), pki.identity("node-b"));
+    for (client, server, expected) in [
+        (Aes, Aes, TLS13_AES_128_GCM_SHA256),
+        (ChaCha, Aes, TLS13_CHACHA20_POLY1305_SHA256),
+        (Aes, ChaCha, TLS13_CHACHA20_POLY1305_SHA256),
+        (ChaCha, ChaCha, TLS13_CHACHA20_POLY1305_SHA256),
+    ] {
+        let suite =
+            mesh_node::testing::negotiated_cipher((&a, client), (&b, server)).expect("handshake");
+        assert_eq!(suite, expected, "client {client:?}, server {server:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_service_down_upstream_and_deadline_get_their_statuses() {
     let slow = HttpUpstream::start(Duration::from_secs(3)).await;

@@ -13,10 +13,12 @@ pub struct TokenBucket {
 }
 
 impl TokenBucket {
-    /// A full bucket.
+    /// A full bucket. A rate that is not a number, or below 0, refills nothing: a policy made in
+    /// code (the parser refuses such rates) fails closed, where a NaN rate would keep the bucket
+    /// full.
     pub fn new(rate: f64, burst: f64, now: Instant) -> Self {
         TokenBucket {
-            rate,
+            rate: refill_rate(rate),
             burst: burst.max(1.0),
             tokens: burst.max(1.0),
             stamp: now,
@@ -53,7 +55,7 @@ impl TokenBucket {
     /// Takes a new rate and burst from `now` on (a policy changed the limit): what was saved up
     /// until now stays, up to the new burst.
     pub fn retune(&mut self, rate: f64, burst: f64, now: Instant) {
-        let burst = burst.max(1.0);
+        let (rate, burst) = (refill_rate(rate), burst.max(1.0));
         if rate != self.rate || burst != self.burst {
             self.refill(now);
             self.rate = rate;
@@ -61,6 +63,11 @@ impl TokenBucket {
             self.tokens = self.tokens.min(burst);
         }
     }
+}
+
+/// `rate`, or 0 for a rate that is not a number or is below 0.
+fn refill_rate(rate: f64) -> f64 {
+    rate.max(0.0)
 }
 
 /// One rate limit's buckets, one per caller. A bucket that has refilled is the same as a new one,
@@ -183,6 +190,25 @@ mod tests {
             b.take(later) && b.take(later) && !b.take(later),
             "burst caps the savings"
         );
+    }
+
+    #[test]
+    fn a_rate_that_is_not_a_number_refills_nothing() {
+        let t0 = Instant::now();
+        for rate in [f64::NAN, -1.0, f64::NEG_INFINITY] {
+            let mut b = TokenBucket::new(rate, 2.0, t0);
+            assert!(b.take(t0) && b.take(t0), "the burst, at {rate}");
+            assert!(!b.take(t0 + Duration::from_secs(60)), "a refill at {rate}");
+            // Nor does a limit changed to such a rate.
+            let mut limiter = RateLimiter::default();
+            assert!(limiter.take(&1, 1.0, 1.0, t0));
+            let later = t0 + Duration::from_secs(1);
+            assert!(
+                limiter.take(&1, rate, 1.0, later),
+                "refilled before the change"
+            );
+            assert!(!limiter.take(&1, rate, 1.0, later + Duration::from_secs(60)));
+        }
     }
 
     #[test]

@@ -344,15 +344,16 @@ fn provider_preferring(cipher: Cipher) -> Arc<CryptoProvider> {
 }
 
 /// The cipher a machine runs fastest, and so offers first. Both ends of a connection run the
-/// cipher for every byte of every call (on loopback with 16 KiB calls, a tenth of the CPU).
+/// cipher over every byte of every call.
 ///
 /// - With AES and carry-less multiply instructions (x86-64 with AES-NI, ARMv8 with its crypto
-///   extension: a Raspberry Pi 5, most gateways), AES-128-GCM: ring's AES-256-GCM, rustls's first
-///   choice, runs 14 rounds to its 10, and QUIC's initial packets are AES-128 in any case. With
-///   16 KiB calls at 64 in flight, the AES-128 suite made 10% more calls/s (`mesh-bench`, PERFORMANCE.md).
-/// - Without them (a Raspberry Pi 3 or 4, whose SoCs lack the extension, and 32-bit ARM, where
-///   Rust cannot yet ask), ChaCha20-Poly1305, which ring runs on NEON in a fraction of
-///   table-driven AES's time.
+///   extension: a Raspberry Pi 5, most gateways), AES-128-GCM. rustls's first choice is
+///   AES-256-GCM, which runs 14 AES rounds to its 10; QUIC's initial packets are AES-128 in any
+///   case. On this project's x86-64 machine the cipher is about a tenth of a 16 KiB call's CPU,
+///   and AES-128 ran 4% fewer instructions a call (callgrind, PERFORMANCE.md).
+/// - Without them (a Raspberry Pi 3 or 4, whose SoCs lack the extension; 32-bit ARM, where Rust
+///   cannot yet ask), ChaCha20-Poly1305: AES without the instructions is several times slower
+///   than ChaCha20 on NEON.
 ///
 /// All three TLS 1.3 suites stay allowed; only the order changes. A server that prefers ChaCha20
 /// picks it whatever the client offers first, so a connection runs ChaCha20 unless both ends

@@ -237,14 +237,16 @@ impl Report {
             let all = s.joined == s.nodes && s.acked == s.nodes;
             out.push((
                 "10,000 nodes on one gateway: all join, under one core and 500 MB",
-                s.joined == s.nodes && s.cpu_percent < 100.0 && s.rss_kib < 500 * 1024,
+                // 500 MB as the footprint's 4 MB: decimal (476.8 MiB).
+                s.joined == s.nodes && s.cpu_percent < 100.0 && s.rss_kib * 1024 < 500_000_000,
                 format!(
-                    "{} of {} joined in {:.0} s; CPU {:.1}% of a core, RSS {:.0} MiB",
+                    "{} of {} joined in {:.0} s; CPU {:.1}% of a core, RSS {:.1} MiB ({:.1} MB)",
                     s.joined,
                     s.nodes,
                     s.join_time.as_secs_f64(),
                     s.cpu_percent,
-                    s.rss_kib as f64 / 1024.0
+                    s.rss_kib as f64 / 1024.0,
+                    s.rss_kib as f64 * 1024.0 / 1e6
                 ),
             ));
             out.push((

@@ -84,6 +84,11 @@ struct Args {
     tcp_rounds: usize,
 }
 
+/// Built for musl, the bench measures the calls with the allocator the devices' nodes have.
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let client_rt = tokio::runtime::Builder::new_current_thread()

@@ -11,12 +11,12 @@ features=()
 [ -n "${ZENOH:-}" ] && features=(--features zenoh)
 # The footprint and discovery figures run the size-tuned native build, stripped as on a device.
 cargo build --profile device -q -p mesh-node -p mesh-gateway --bins
-# The footprint's heap figure with musl's allocator, as on the aarch64 devices: an x86_64 musl
-# build of the node (its target comes with scripts/setup.sh; without it, the figure is left out).
+# The footprint's heap figure built as the aarch64 devices' node is (musl, with mimalloc): an
+# x86_64 musl build of the node (its target comes with scripts/setup.sh; without it, the figure is left out).
 if rustup target list --installed | grep -qx x86_64-unknown-linux-musl; then
   cargo build --profile device -q --target x86_64-unknown-linux-musl -p mesh-node --bins
 else
-  echo "bench: no x86_64-unknown-linux-musl target (scripts/setup.sh adds it); the footprint leaves out musl's heap figure" >&2
+  echo "bench: no x86_64-unknown-linux-musl target (scripts/setup.sh adds it); the footprint leaves out the musl build's heap figure" >&2
 fi
 cargo build --release -q -p mesh-bench "${features[@]}"
 target/release/mesh-bench "$@"

@@ -27,8 +27,8 @@ pub struct Footprint {
     pub rss_100_peers_kib: Option<u64>,
     /// The anonymous part of the 100-peer RSS (issue 17: at most 4 MB).
     pub anon_100_peers_kib: Option<u64>,
-    /// The same with musl's allocator, as on the aarch64 devices (an x86_64 musl build of the
-    /// same code, when there is one).
+    /// The same built as the aarch64 devices' node is, for musl, with its allocator (mimalloc):
+    /// an x86_64 musl build of the same code, when there is one.
     pub anon_100_peers_musl_kib: Option<u64>,
     /// Which binary the RSS figures are of.
     pub binary: String,
@@ -75,7 +75,7 @@ impl Footprint {
         }
         if let Some(anon) = self.anon_100_peers_musl_kib {
             println!(
-                "    the same with musl's allocator, as on the aarch64 devices: {:.1} MiB",
+                "    the same built for musl (mimalloc), as on the aarch64 devices: {:.1} MiB",
                 anon as f64 / 1024.0,
             );
         }

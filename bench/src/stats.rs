@@ -299,9 +299,9 @@ impl Report {
                     format!("{:.1} MiB", rss as f64 / 1024.0),
                 ));
             }
-            // Judged with the devices' allocator (musl) when that build was measured.
+            // Judged on the build the devices run (musl, with mimalloc) when it was measured.
             let judged = match (f.anon_100_peers_musl_kib, f.anon_100_peers_kib) {
-                (Some(musl), _) => Some((musl, "musl's allocator")),
+                (Some(musl), _) => Some((musl, "the musl build, as on the devices")),
                 (None, Some(glibc)) => Some((glibc, "glibc's allocator; no musl build")),
                 (None, None) => None,
             };

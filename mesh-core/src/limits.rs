@@ -65,7 +65,9 @@ impl TokenBucket {
     }
 }
 
-/// `rate`, or 0 for a rate that is not a number or is below 0.
+/// `rate`, or 0 for a rate that is not a number or is below 0. A bucket that refills nothing is
+/// never full again, so a limiter under such a rate keeps a bucket for every caller it saw (the
+/// callers are mesh identities): dropping one would give its caller a new burst.
 fn refill_rate(rate: f64) -> f64 {
     rate.max(0.0)
 }
@@ -209,6 +211,13 @@ mod tests {
             );
             assert!(!limiter.take(&1, rate, 1.0, later + Duration::from_secs(60)));
         }
+        // A bucket that spent a minute under a negative rate owes nothing when the rate is
+        // mended: it refills from where it was.
+        let mut b = TokenBucket::new(-1.0, 1.0, t0);
+        assert!(b.take(t0));
+        let later = t0 + Duration::from_secs(60);
+        b.retune(1.0, 1.0, later);
+        assert!(b.take(later + Duration::from_secs(1)));
     }
 
     #[test]

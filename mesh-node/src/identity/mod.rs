@@ -349,11 +349,13 @@ fn provider_preferring(cipher: Cipher) -> Arc<CryptoProvider> {
 /// - With AES and carry-less multiply instructions (x86-64 with AES-NI, ARMv8 with its crypto
 ///   extension: a Raspberry Pi 5, most gateways), AES-128-GCM. rustls's first choice is
 ///   AES-256-GCM, which runs 14 AES rounds to its 10; QUIC's initial packets are AES-128 in any
-///   case. On this project's x86-64 machine the cipher is about a tenth of a 16 KiB call's CPU,
-///   and AES-128 ran 4% fewer instructions a call (callgrind, PERFORMANCE.md).
+///   case. On this project's x86-64 machine AES-GCM was about a tenth of a 16 KiB call's cycles
+///   (`perf`), and AES-128 ran 4.4% fewer instructions a 16 KiB call, 0.7% a 64 B call
+///   (callgrind; docs/PERFORMANCE.md, ninth slice).
 /// - Without them (a Raspberry Pi 3 or 4, whose SoCs lack the extension; 32-bit ARM, where Rust
-///   cannot yet ask), ChaCha20-Poly1305: AES without the instructions is several times slower
-///   than ChaCha20 on NEON.
+///   cannot yet ask), ChaCha20-Poly1305, which needs no special instructions to be fast, where
+///   AES must run in constant-time software (not measured here: this machine has the
+///   instructions).
 ///
 /// All three TLS 1.3 suites stay allowed; only the order changes. A server that prefers ChaCha20
 /// picks it whatever the client offers first, so a connection runs ChaCha20 unless both ends

@@ -347,7 +347,7 @@ fn provider_preferring(cipher: Cipher) -> Arc<CryptoProvider> {
 /// cipher over every byte of every call.
 ///
 /// - With AES and carry-less multiply instructions (x86-64 with AES-NI, ARMv8 with its crypto
-///   extension: a Raspberry Pi 5, most gateways), AES-128-GCM. rustls's first choice is
+///   extension: a Raspberry Pi 5), AES-128-GCM. rustls's first choice is
 ///   AES-256-GCM, which runs 14 AES rounds to its 10; QUIC's initial packets are AES-128 in any
 ///   case. On this project's x86-64 machine AES-GCM was about a tenth of a 16 KiB call's cycles
 ///   (`perf`), and AES-128 ran 4.4% fewer instructions a 16 KiB call, 0.7% a 64 B call

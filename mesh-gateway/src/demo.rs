@@ -234,7 +234,7 @@ pub async fn run(keep_running: bool, cloud: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn start_gateway(
+pub(crate) async fn start_gateway(
     root: &Path,
     ca: &Ca,
     cloud: Option<&CloudSide>,
@@ -334,7 +334,7 @@ fn node_of(health: &[u8]) -> String {
 
 /// The cloud's side of `demo --cloud`: a local mosquitto and an application subscribed to
 /// everything the site sends, holding the operator key that signs policy.
-struct CloudSide {
+pub(crate) struct CloudSide {
     broker: Broker,
     app: Subscriber,
     root: std::path::PathBuf,

@@ -18,7 +18,8 @@ use mesh_proto::control::{
     BundleRef, LATENCY_BUCKETS_US, Resources, TCP_DURATION_BUCKETS_S, TcpStats, TelemetryBatch,
 };
 
-use crate::registry::Registry;
+use crate::registry::NodeRecord;
+use std::sync::Arc;
 
 type Key = (String, String, String, String, String);
 
@@ -224,8 +225,8 @@ impl Metrics {
         self.nodes.get(node).map_or(0, |n| n.gap_before + n.gap_now)
     }
 
-    /// Prometheus text exposition (version 0.0.4).
-    pub fn render(&self, registry: &Registry, latest: Option<&BundleRef>) -> String {
+    /// Prometheus text exposition (version 0.0.4), with `nodes` from [`crate::registry::Registry::snapshot`].
+    pub fn render(&self, nodes: &[Arc<NodeRecord>], latest: Option<&BundleRef>) -> String {
         let latest_policy = latest.map_or(0, |b| b.version);
         let mut out = String::with_capacity(4096);
         let _ = writeln!(
@@ -272,7 +273,7 @@ impl Metrics {
             "gauge",
             "1 while the node's control stream is up.",
         );
-        for n in registry.nodes() {
+        for n in nodes {
             let _ = writeln!(
                 out,
                 "starling_node_up{{node=\"{}\"}} {}",
@@ -286,7 +287,7 @@ impl Metrics {
             "gauge",
             "Constant 1, labelled with what a node is.",
         );
-        for n in registry.nodes() {
+        for n in nodes {
             let _ = writeln!(
                 out,
                 "starling_node_info{{node=\"{}\",id=\"{}\",version=\"{}\",role=\"{}\"}} 1",
@@ -303,7 +304,7 @@ impl Metrics {
             "Seconds until a node's certificate expires, as verified on its control stream (negative: expired).",
         );
         let now = std::time::SystemTime::now();
-        for n in registry.nodes() {
+        for n in nodes {
             if let Some(cert) = &n.certificate {
                 let left = match cert.not_after.duration_since(now) {
                     Ok(d) => d.as_secs() as i64,
@@ -322,7 +323,7 @@ impl Metrics {
             "gauge",
             "Policy bundle version a node applied.",
         );
-        for n in registry.nodes() {
+        for n in nodes {
             let _ = writeln!(
                 out,
                 "starling_policy_version{{node=\"{}\"}} {}",
@@ -343,7 +344,7 @@ impl Metrics {
             "gauge",
             "1 when a node holds exactly the gateway's bundle (same epoch and hash).",
         );
-        for n in registry.nodes() {
+        for n in nodes {
             let current = latest.is_some_and(|l| n.policy.as_ref() == Some(l));
             let _ = writeln!(
                 out,
@@ -358,7 +359,7 @@ impl Metrics {
             "gauge",
             "1 when a node refused the latest bundle, or applied it without saving it (see /v1/policy/status).",
         );
-        for n in registry.nodes() {
+        for n in nodes {
             let _ = writeln!(
                 out,
                 "starling_policy_error{{node=\"{}\"}} {}",
@@ -372,7 +373,7 @@ impl Metrics {
             "gauge",
             "1 when a node found its saved bundle damaged and refuses every call until it gets a good one.",
         );
-        for n in registry.nodes() {
+        for n in nodes {
             let _ = writeln!(
                 out,
                 "starling_policy_damaged{{node=\"{}\"}} {}",
@@ -659,6 +660,7 @@ fn esc(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::Registry;
     use mesh_proto::Status;
     use mesh_proto::control::CallStats;
 
@@ -720,7 +722,7 @@ mod tests {
             std::time::Duration::from_secs(1),
             std::time::Duration::from_secs(2),
         );
-        let text = m.render(&reg, None);
+        let text = m.render(&reg.snapshot(), None);
         assert_eq!(
             text.lines()
                 .filter(|l| l.starts_with("starling_requests_total{"))
@@ -755,7 +757,7 @@ mod tests {
             std::time::Duration::from_secs(1),
             std::time::Duration::from_secs(2),
         );
-        let text = m.render(&reg, None);
+        let text = m.render(&reg.snapshot(), None);
         let l = "node=\"a\",listen=\"127.0.0.1:1502\",service=\"plc\"";
         for line in [
             format!("starling_tcp_connections_total{{{l},event=\"opened\"}} 4\n"),
@@ -794,7 +796,7 @@ mod tests {
             version: 7,
             hash: [0; 32],
         };
-        let text = m.render(&reg, Some(&latest));
+        let text = m.render(&reg.snapshot(), Some(&latest));
         let labels = "service=\"echo\",method=\"say\",caller=\"a\",callee=\"b\",status=\"ok\"";
         assert!(
             text.contains(&format!("starling_requests_total{{{labels}}} 4\n")),

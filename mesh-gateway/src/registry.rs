@@ -5,6 +5,7 @@
 //! after `down_after` without a new stream, and removed after `remove_after`.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use mesh_proto::control::{BundleRef, NodeHello, RegistryEntry};
@@ -99,7 +100,10 @@ const MAX_CHANGES: usize = 65_536;
 /// Every node the gateway knows.
 #[derive(Debug)]
 pub struct Registry {
-    nodes: BTreeMap<String, NodeRecord>,
+    /// Shared, so that a reader (the admin API, on its own thread) copies the list under the
+    /// lock in microseconds and builds its document after; a record a reader still holds is
+    /// copied when it changes.
+    nodes: BTreeMap<String, Arc<NodeRecord>>,
     down_after: Duration,
     remove_after: Duration,
     /// One more at each change of what nodes are sent (an entry added, changed or removed).
@@ -173,7 +177,7 @@ impl Registry {
         let sessions = self.nodes.get(name).map_or(0, |n| n.sessions);
         self.nodes.insert(
             name.to_owned(),
-            NodeRecord {
+            Arc::new(NodeRecord {
                 name: name.to_owned(),
                 id: id.to_owned(),
                 version: hello.software_version.clone(),
@@ -190,7 +194,7 @@ impl Registry {
                 last_seen: now,
                 last_seen_wall: SystemTime::now(),
                 certificate: None,
-            },
+            }),
         );
         self.touch(name);
     }
@@ -198,7 +202,7 @@ impl Registry {
     /// `name` said hello again on its open control stream: what it hosts, where and with which
     /// labels changed (a microcontroller came or went).
     pub fn handle_rehello(&mut self, name: &str, hello: &NodeHello, now: Instant) {
-        if let Some(n) = self.nodes.get_mut(name) {
+        if let Some(n) = self.nodes.get_mut(name).map(Arc::make_mut) {
             n.services = hello.services.clone();
             n.labels = hello.labels.clone();
             n.addrs = hello.addrs.clone();
@@ -210,14 +214,14 @@ impl Registry {
 
     /// What the certificate of `name`'s control stream says.
     pub fn set_certificate(&mut self, name: &str, certificate: CertificateInfo) {
-        if let Some(n) = self.nodes.get_mut(name) {
+        if let Some(n) = self.nodes.get_mut(name).map(Arc::make_mut) {
             n.certificate = Some(certificate);
         }
     }
 
     /// Anything heard from `name`.
     pub fn handle_seen(&mut self, name: &str, now: Instant) {
-        if let Some(n) = self.nodes.get_mut(name) {
+        if let Some(n) = self.nodes.get_mut(name).map(Arc::make_mut) {
             n.last_seen = now;
             n.last_seen_wall = SystemTime::now();
         }
@@ -230,7 +234,7 @@ impl Registry {
         bundle: BundleRef,
         answer: Result<(), String>,
     ) {
-        if let Some(n) = self.nodes.get_mut(name) {
+        if let Some(n) = self.nodes.get_mut(name).map(Arc::make_mut) {
             match answer {
                 Ok(()) => {
                     n.policy_version = bundle.version;
@@ -247,7 +251,7 @@ impl Registry {
 
     /// A control stream of `name` closed.
     pub fn handle_closed(&mut self, name: &str, now: Instant) {
-        if let Some(n) = self.nodes.get_mut(name) {
+        if let Some(n) = self.nodes.get_mut(name).map(Arc::make_mut) {
             n.sessions = n.sessions.saturating_sub(1);
             n.last_seen = now;
         }
@@ -267,7 +271,7 @@ impl Registry {
                 return false;
             }
             if n.up && idle >= down_after {
-                n.up = false;
+                Arc::make_mut(n).up = false;
                 changed.push(name.clone());
             }
             true
@@ -280,17 +284,22 @@ impl Registry {
 
     /// Every node, by name.
     pub fn nodes(&self) -> impl Iterator<Item = &NodeRecord> {
-        self.nodes.values()
+        self.nodes.values().map(|n| &**n)
+    }
+
+    /// Every node, by name, as it is now: for a reader that must not hold the lock while it works.
+    pub fn snapshot(&self) -> Vec<Arc<NodeRecord>> {
+        self.nodes.values().cloned().collect()
     }
 
     /// One node.
     pub fn get(&self, name: &str) -> Option<&NodeRecord> {
-        self.nodes.get(name)
+        self.nodes.get(name).map(|n| &**n)
     }
 
     /// The registry as nodes receive it.
     pub fn entries(&self) -> Vec<RegistryEntry> {
-        self.nodes.values().map(entry).collect()
+        self.nodes.values().map(|n| entry(n)).collect()
     }
 }
 
@@ -322,6 +331,31 @@ mod tests {
             policy: None,
             policy_damaged: false,
         }
+    }
+
+    #[test]
+    fn a_snapshot_keeps_what_it_copied_while_the_registry_changes() {
+        let mut r = Registry::new(Duration::from_secs(5), Duration::from_secs(60));
+        let t0 = Instant::now();
+        r.handle_hello("a", "spiffe://t/node/a", &hello(), t0);
+        let before = r.snapshot();
+        let bundle = BundleRef {
+            epoch: 1,
+            version: 2,
+            hash: [7; 32],
+        };
+        r.handle_policy_answer("a", bundle, Ok(()));
+        r.handle_closed("a", t0);
+        r.sweep(t0 + Duration::from_secs(6));
+        assert_eq!(before.len(), 1);
+        assert_eq!(
+            (before[0].policy_version, before[0].up, before[0].sessions),
+            (0, true, 1),
+            "the copy is what the registry held when it was taken"
+        );
+        let now = r.get("a").expect("still listed");
+        assert_eq!((now.policy, now.up, now.sessions), (Some(bundle), false, 0));
+        assert_eq!(r.snapshot()[0].policy, Some(bundle));
     }
 
     #[test]

@@ -56,7 +56,8 @@ pub(super) async fn handle(
     Ok(match (req.method().clone(), path.as_str()) {
         (Method::GET, "/metrics") => {
             let latest = state.policies.current().map(|b| b.id);
-            let mut text = state.metrics().render(&state.registry(), latest.as_ref());
+            let nodes = state.registry().snapshot();
+            let mut text = state.metrics().render(&nodes, latest.as_ref());
             text.push_str(&format!(
                 "# HELP starling_audit_lost_total Audit events the gateway could not write.\n\
                  # TYPE starling_audit_lost_total counter\nstarling_audit_lost_total {}\n",
@@ -97,7 +98,7 @@ pub(super) async fn handle(
             )
         }
         (Method::PUT, "/v1/policy") => put_policy(&api, req, &query).await,
-        (Method::GET, "/v1/policy/status") => json_response(200, policy_status(state)),
+        (Method::GET, "/v1/policy/status") => policy_status(state),
         (Method::GET, "/v1/policy/history") => {
             // Newest first, without the texts (GET /v1/policy/history/<version> has one).
             let entries: Vec<serde_json::Value> = state
@@ -487,10 +488,10 @@ fn revocations(state: &ControlPlane) -> serde_json::Value {
 
 fn nodes(state: &ControlPlane) -> serde_json::Value {
     let revoked = state.policies.enforced();
-    let registry = state.registry();
+    let registry = state.registry().snapshot();
     let now = std::time::SystemTime::now();
     let nodes: Vec<serde_json::Value> = registry
-        .nodes()
+        .iter()
         .map(|n| {
             let certificate = n.certificate.as_ref().map(|c| {
                 let expires_in_s = match c.not_after.duration_since(now) {
@@ -526,9 +527,9 @@ fn nodes(state: &ControlPlane) -> serde_json::Value {
 }
 
 fn services(state: &ControlPlane) -> serde_json::Value {
-    let registry = state.registry();
+    let registry = state.registry().snapshot();
     let mut map: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
-    for n in registry.nodes() {
+    for n in &registry {
         for s in &n.services {
             map.entry(s.clone())
                 .or_default()
@@ -538,32 +539,52 @@ fn services(state: &ControlPlane) -> serde_json::Value {
     json!({ "services": map })
 }
 
-fn policy_status(state: &ControlPlane) -> serde_json::Value {
+/// `GET /v1/policy/status`, written straight from typed rows (keys in the order `json!` gives
+/// them): about a megabyte at 10,000 nodes, which a script may ask for every 100 ms.
+fn policy_status(state: &ControlPlane) -> Response<Full<Bytes>> {
+    #[derive(serde::Serialize)]
+    struct Row<'a> {
+        // Current means the same bundle: same epoch and hash, not only the same number.
+        current: bool,
+        damaged: bool,
+        epoch: Option<u64>,
+        error: Option<&'a str>,
+        hash: Option<String>,
+        name: &'a str,
+        up: bool,
+        version: u64,
+    }
+    #[derive(serde::Serialize)]
+    struct Status<'a> {
+        epoch: Option<u64>,
+        hash: Option<String>,
+        latest: u64,
+        nodes: Vec<Row<'a>>,
+    }
     let current = state.policies.current().map(|b| b.id);
-    let latest = current.map_or(0, |b| b.version);
-    let registry = state.registry();
-    let nodes: Vec<serde_json::Value> = registry
-        .nodes()
-        .map(|n| {
-            json!({
-                "name": n.name,
-                "version": n.policy_version,
-                "epoch": n.policy.map(|b| b.epoch),
-                "hash": n.policy.map(|b| hex(&b.hash)),
-                // Current means the same bundle: same epoch and hash, not only the same number.
-                "current": current.is_some() && n.policy == current,
-                "up": n.up,
-                "error": n.policy_error,
-                "damaged": n.policy_damaged,
+    let registry = state.registry().snapshot();
+    let status = Status {
+        epoch: current.map(|b| b.epoch),
+        hash: current.map(|b| hex(&b.hash)),
+        latest: current.map_or(0, |b| b.version),
+        nodes: registry
+            .iter()
+            .map(|n| Row {
+                current: current.is_some() && n.policy == current,
+                damaged: n.policy_damaged,
+                epoch: n.policy.map(|b| b.epoch),
+                error: n.policy_error.as_deref(),
+                hash: n.policy.map(|b| hex(&b.hash)),
+                name: &n.name,
+                up: n.up,
+                version: n.policy_version,
             })
-        })
-        .collect();
-    json!({
-        "latest": latest,
-        "epoch": current.map(|b| b.epoch),
-        "hash": current.map(|b| hex(&b.hash)),
-        "nodes": nodes,
-    })
+            .collect(),
+    };
+    match serde_json::to_string(&status) {
+        Ok(text) => respond(200, "application/json", text),
+        Err(e) => json_response(500, json!({ "error": e.to_string() })),
+    }
 }
 
 fn respond(code: u16, content_type: &'static str, body: String) -> Response<Full<Bytes>> {

@@ -124,7 +124,8 @@ pub(super) fn overview(state: &ControlPlane, snapshots: &Snapshots) -> Value {
     let wall_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    let registry = state.registry();
+    // A copy of the list: the lock is held for microseconds, not for the whole document.
+    let registry = state.registry().snapshot();
     let now_wall = std::time::SystemTime::now();
     let expiry = |n: &crate::registry::NodeRecord| {
         n.certificate
@@ -137,14 +138,14 @@ pub(super) fn overview(state: &ControlPlane, snapshots: &Snapshots) -> Value {
     let current_of =
         |n: &crate::registry::NodeRecord| current_bundle.is_some() && n.policy == current_bundle;
     let summary = json!({
-        "nodes": registry.nodes().count(),
-        "up": registry.nodes().filter(|n| n.up).count(),
-        "policy_current": registry.nodes().filter(|n| current_of(n)).count(),
+        "nodes": registry.len(),
+        "up": registry.iter().filter(|n| n.up).count(),
+        "policy_current": registry.iter().filter(|n| current_of(n)).count(),
         "edges": edges_total,
     });
     // What is wrong first (down, a refused policy, behind, a certificate near its end), then by
     // name; as many as a page can show. `mesh-gateway nodes` lists every one.
-    let mut listed: Vec<&crate::registry::NodeRecord> = registry.nodes().collect();
+    let mut listed: Vec<&crate::registry::NodeRecord> = registry.iter().map(|n| &**n).collect();
     listed.sort_by_key(|n| {
         let wrong = !n.up
             || n.policy_error.is_some()

@@ -43,7 +43,56 @@ struct Api {
 }
 
 /// Binds the admin API on `addr` and serves it until `stop` changes; returns the bound address.
+///
+/// It runs on a thread of its own, with a runtime of its own: the gateway's runtime thread reads
+/// the QUIC socket of every node's session, and a document about 10,000 nodes takes milliseconds
+/// to build. Built there, an admin client polling often (a script, a dashboard) delayed every
+/// session's packets until sessions timed out. The handlers share the control plane's state
+/// through its locks, which they hold only to copy what they need.
 pub(crate) async fn serve(
+    plane: Arc<ControlPlane>,
+    tokens: Arc<crate::admin_tokens::AdminTokens>,
+    addr: SocketAddr,
+    limits: &mesh_node::http::HttpLimits,
+    stop: watch::Receiver<bool>,
+) -> std::io::Result<SocketAddr> {
+    let limits = limits.clone();
+    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("admin-api".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = bound_tx.send(Err(e));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let mut until = stop.clone();
+                let bound = serve_here(plane, tokens, addr, &limits, stop).await;
+                let serving = bound.is_ok();
+                if bound_tx.send(bound).is_err() || !serving {
+                    return;
+                }
+                // Serve until the gateway stops (or is gone).
+                while !*until.borrow_and_update() {
+                    if until.changed().await.is_err() {
+                        return;
+                    }
+                }
+            });
+        })?;
+    bound_rx
+        .await
+        .map_err(|_| std::io::Error::other("the admin API's thread ended before it bound"))?
+}
+
+/// [`serve`], on the runtime of the caller.
+async fn serve_here(
     plane: Arc<ControlPlane>,
     tokens: Arc<crate::admin_tokens::AdminTokens>,
     addr: SocketAddr,
@@ -58,4 +107,49 @@ pub(crate) async fn serve(
         snapshots: Arc::default(),
     };
     mesh_node::http::serve_http(addr, limits, stop, move |req| api::handle(api.clone(), req)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::time::Duration;
+
+    /// The admin API answers while the gateway's runtime thread is busy: that thread reads every
+    /// node's packets, and an admin client must not be able to hold it up (nor be held up by it).
+    #[test]
+    fn the_admin_api_answers_while_the_gateways_runtime_is_busy() {
+        let dir = tempfile::tempdir().expect("dir");
+        let ca = crate::ca::Ca::generate("starling.local").expect("ca");
+        let rt = mesh_node::process::runtime();
+        let gateway = rt
+            .block_on(crate::demo::start_gateway(dir.path(), &ca, None))
+            .expect("gateway");
+        let admin = gateway.admin_addr();
+        let (answered, answer) = std::sync::mpsc::channel();
+        let asker = std::thread::spawn(move || {
+            let got = (|| -> std::io::Result<String> {
+                let mut s = std::net::TcpStream::connect(admin)?;
+                s.set_read_timeout(Some(Duration::from_secs(20)))?;
+                s.write_all(
+                    b"GET /v1/policy/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                )?;
+                let mut text = String::new();
+                s.read_to_string(&mut text)?;
+                Ok(text)
+            })();
+            let _ = answered.send(got);
+        });
+        // This thread runs the gateway's runtime, and polls nothing until the answer is in.
+        let got = answer.recv_timeout(Duration::from_secs(10));
+        asker.join().expect("asker");
+        rt.block_on(gateway.shutdown());
+        let text = got
+            .expect("the admin API answered within 10 s while the gateway's runtime was busy")
+            .expect("read the answer");
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        let body = &text[text.find("\r\n\r\n").expect("a body") + 4..];
+        let status: serde_json::Value = serde_json::from_str(body).expect("JSON");
+        assert_eq!(status["latest"], 1, "{status}");
+        assert!(status["nodes"].is_array(), "{status}");
+    }
 }

@@ -9,7 +9,11 @@
 //!
 //! Series are bounded per node ([`MAX_SERIES_PER_NODE`] (service, method) pairs): a node that
 //! reports more (a caller inventing method names) has the rest folded into `method="_other"`, and
-//! the folding is counted.
+//! the folding is counted. What a node says of callers and callees is bounded too
+//! ([`MAX_CALL_SERIES_PER_NODE`] series of its making): past it, both are `_other`.
+//!
+//! Label values are kept once, shared by every series that has them: with 10,000 nodes calling
+//! the same services, a series costs its map entry and counts, not five strings of its own.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -21,7 +25,11 @@ use mesh_proto::control::{
 use crate::registry::NodeRecord;
 use std::sync::Arc;
 
-type Key = (String, String, String, String, String);
+/// A label value, shared by every series that has it.
+type Name = Arc<str>;
+
+/// (service, method, caller, callee, status).
+type Key = (Name, Name, Name, Name, Name);
 
 #[derive(Debug, Clone, Default)]
 struct Acc {
@@ -32,6 +40,11 @@ struct Acc {
 
 /// (service, method) pairs kept per node; more are folded into `_other`.
 pub const MAX_SERIES_PER_NODE: usize = 1024;
+
+/// Call series (a pair with a caller, a callee and a status) a node may add; past them its new
+/// callers and callees are `_other`. A node reports what it likes there: without a bound, one
+/// inventing a caller name a call would grow the gateway's memory without end.
+pub const MAX_CALL_SERIES_PER_NODE: usize = 4 * MAX_SERIES_PER_NODE;
 
 #[derive(Debug, Clone, Default)]
 struct PerNode {
@@ -50,7 +63,11 @@ struct PerNode {
     folded_here: u64,
     /// Spans and audit events the node lost, as it last reported.
     lost_items: u64,
-    series: std::collections::BTreeSet<(String, String)>,
+    /// Its (service, method) pairs, sorted (a node has a few: a vector is a tenth of a tree's
+    /// first node).
+    series: Vec<(Name, Name)>,
+    /// Call series it added.
+    call_series: usize,
     resources: Resources,
 }
 
@@ -62,6 +79,19 @@ pub struct Metrics {
     rules: BTreeMap<(String, String, String), u64>,
     /// TCP forwards, by (node, listen, service): the sums of their deltas.
     tcp: BTreeMap<(String, String, String), TcpStats>,
+    /// Every label value of `calls` and `nodes[_].series`, once. Only values a kept series has
+    /// are added.
+    names: std::collections::HashSet<Name>,
+}
+
+/// The shared copy of `value`, added if there is none.
+fn intern(names: &mut std::collections::HashSet<Name>, value: &str) -> Name {
+    if let Some(name) = names.get(value) {
+        return name.clone();
+    }
+    let name: Name = Arc::from(value);
+    names.insert(name.clone());
+    name
 }
 
 impl Metrics {
@@ -142,29 +172,55 @@ impl Metrics {
                 *a = a.saturating_add(*b);
             }
         }
+        let names = &mut self.names;
         for c in &batch.calls {
-            let pair = (c.service.clone(), c.method.clone());
             let other = mesh_core::telemetry::OTHER_METHOD;
-            let (service, method) = if per.series.contains(&pair) {
-                pair
-            } else if per.series.len() < MAX_SERIES_PER_NODE {
-                per.series.insert(pair.clone());
-                pair
-            } else {
-                per.folded_here += c.count;
-                if per.series.iter().any(|(s, _)| *s == c.service) {
-                    (c.service.clone(), other.to_owned())
-                } else {
-                    (other.to_owned(), other.to_owned())
+            let wanted = (c.service.as_str(), c.method.as_str());
+            let (service, method) = match per
+                .series
+                .binary_search_by(|(s, m)| (&**s, &**m).cmp(&wanted))
+            {
+                Ok(at) => per.series[at].clone(),
+                Err(at) if per.series.len() < MAX_SERIES_PER_NODE => {
+                    let pair = (intern(names, &c.service), intern(names, &c.method));
+                    per.series.insert(at, pair.clone());
+                    pair
+                }
+                Err(_) => {
+                    per.folded_here += c.count;
+                    match per.series.iter().find(|(s, _)| **s == *c.service) {
+                        Some((service, _)) => (service.clone(), intern(names, other)),
+                        None => (intern(names, other), intern(names, other)),
+                    }
                 }
             };
-            let key = (
-                service,
-                method,
-                c.caller.clone(),
-                c.callee.clone(),
-                c.status.as_str().to_owned(),
-            );
+            let status = intern(names, c.status.as_str());
+            // A series that exists has every name shared already; one that does not is added
+            // while the node is within its bound, and named `_other` past it.
+            let existing = match (names.get(c.caller.as_str()), names.get(c.callee.as_str())) {
+                (Some(caller), Some(callee)) => Some((
+                    service.clone(),
+                    method.clone(),
+                    caller.clone(),
+                    callee.clone(),
+                    status.clone(),
+                ))
+                .filter(|key| self.calls.contains_key(key)),
+                _ => None,
+            };
+            let key = match existing {
+                Some(key) => key,
+                None if per.call_series < MAX_CALL_SERIES_PER_NODE => {
+                    per.call_series += 1;
+                    let (caller, callee) = (intern(names, &c.caller), intern(names, &c.callee));
+                    (service, method, caller, callee, status)
+                }
+                None => {
+                    per.folded_here += c.count;
+                    let other = intern(names, other);
+                    (service, method, other.clone(), other, status)
+                }
+            };
             let acc = self.calls.entry(key).or_insert_with(|| Acc {
                 buckets: vec![0; LATENCY_BUCKETS_US.len() + 1],
                 ..Acc::default()
@@ -457,7 +513,7 @@ impl Metrics {
             &mut out,
             "starling_telemetry_folded_total",
             "counter",
-            "Calls counted as method \"_other\" because a node's series bound was reached.",
+            "Calls counted under \"_other\" (as method, or as caller and callee) because a node's series bound was reached.",
         );
         for (node, p) in &self.nodes {
             let _ = writeln!(
@@ -562,9 +618,9 @@ impl Agg {
 #[derive(Debug, Clone, Default)]
 pub struct Aggregates {
     /// By service.
-    pub services: BTreeMap<String, Agg>,
+    pub services: BTreeMap<Arc<str>, Agg>,
     /// By (caller, callee); the callee is empty when no endpoint took the call.
-    pub edges: BTreeMap<(String, String), Agg>,
+    pub edges: BTreeMap<(Arc<str>, Arc<str>), Agg>,
 }
 
 impl Metrics {
@@ -731,6 +787,65 @@ mod tests {
         );
         assert!(text.contains("method=\"_other\""), "{text}");
         assert!(text.contains("starling_telemetry_folded_total{node=\"a\"} 10\n"));
+    }
+
+    #[test]
+    fn callers_a_node_invents_past_the_bound_are_other() {
+        let mut m = Metrics::new();
+        let mut b = batch(1, 1);
+        b.calls = (0..MAX_CALL_SERIES_PER_NODE + 10)
+            .map(|i| CallStats {
+                caller: format!("invented-{i}"),
+                ..b.calls[0].clone()
+            })
+            .collect();
+        m.handle_batch("a", &b);
+        // Again, with others: nothing more is kept, and no name is.
+        b.seq = 2;
+        for c in &mut b.calls {
+            c.callee = format!("{}-callee", c.caller);
+        }
+        m.handle_batch("a", &b);
+        assert_eq!(m.calls.len(), MAX_CALL_SERIES_PER_NODE + 1);
+        assert!(
+            m.names.len() <= MAX_CALL_SERIES_PER_NODE + 6,
+            "{} names kept",
+            m.names.len()
+        );
+        // 10 past the bound the first time, every one the second (their callees are new).
+        let folded = 10 + MAX_CALL_SERIES_PER_NODE + 10;
+        let other = format!("caller=\"_other\",callee=\"_other\",status=\"ok\"}} {folded}\n");
+        let text = m.render(&[], None);
+        assert!(text.contains(&other), "no {other}");
+        assert!(text.contains(&format!(
+            "starling_telemetry_folded_total{{node=\"a\"}} {folded}\n"
+        )));
+        // A series the node has is still counted as itself.
+        b.seq = 3;
+        b.calls.truncate(1);
+        b.calls[0].callee = "b".into();
+        m.handle_batch("a", &b);
+        assert!(
+            m.render(&[], None)
+                .contains("caller=\"invented-0\",callee=\"b\",status=\"ok\"} 2\n")
+        );
+    }
+
+    #[test]
+    fn label_values_are_kept_once_for_every_series() {
+        let mut m = Metrics::new();
+        for (seq, node) in [(1, "a"), (1, "b")] {
+            let mut b = batch(seq, 1);
+            b.calls[0].caller = node.into();
+            m.handle_batch(node, &b);
+        }
+        let keys: Vec<&Key> = m.calls.keys().collect();
+        assert_eq!(keys.len(), 2);
+        assert!(Arc::ptr_eq(&keys[0].0, &keys[1].0), "one \"echo\"");
+        assert!(Arc::ptr_eq(&keys[0].3, &keys[1].3), "one \"b\"");
+        assert!(Arc::ptr_eq(&keys[0].0, &m.nodes["b"].series[0].0));
+        // echo, say, ok; the callers a and b; b is the callee too.
+        assert_eq!(m.names.len(), 5, "{:?}", m.names);
     }
 
     #[test]

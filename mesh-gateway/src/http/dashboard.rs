@@ -101,7 +101,7 @@ pub(super) fn overview(state: &ControlPlane, snapshots: &Snapshots) -> Value {
         .iter()
         .map(|(name, agg)| {
             let mut v = red(agg, before.and_then(|b| b.services.get(name)), window_s);
-            v["name"] = name.clone().into();
+            v["name"] = (**name).into();
             v
         })
         .collect();
@@ -115,8 +115,8 @@ pub(super) fn overview(state: &ControlPlane, snapshots: &Snapshots) -> Value {
         .map(|((caller, callee), agg)| {
             let key = (caller.clone(), callee.clone());
             let mut v = red(agg, before.and_then(|b| b.edges.get(&key)), window_s);
-            v["caller"] = caller.clone().into();
-            v["callee"] = callee.clone().into();
+            v["caller"] = (**caller).into();
+            v["callee"] = (**callee).into();
             v
         })
         .collect();

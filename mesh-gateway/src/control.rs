@@ -146,28 +146,40 @@ impl ControlPlane {
         }
     }
 
-    async fn session(
+    ///
+    /// An `async` block rather than an `async fn`: an `async fn` keeps its arguments twice in
+    /// its state (as taken, and as moved into its body), and a session lives as long as its node.
+    /// With [`ControlPlane::follow`]'s own care, a session's state is 880 bytes instead of 1,368
+    /// (`cargo +nightly rustc --release -p mesh-gateway --lib -- -Zprint-type-sizes`): about
+    /// 7 MiB less at 10,000 nodes.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn's state holds its arguments twice"
+    )]
+    fn session(
         self: Arc<Self>,
         claims: Arc<CertificateClaims>,
         remote: SocketAddr,
         mut send: quinn::SendStream,
         mut reader: FrameReader,
-    ) {
-        let name = claims.id.node_name().as_str().to_owned();
-        // Boxed, and a step of its own: the session lives as long as its node, and would
-        // otherwise keep room for the hello it no longer needs.
-        let joined = Box::pin(self.join(&claims, remote, &mut send, &mut reader, &name)).await;
-        let Some(sent) = joined else {
-            return;
-        };
-        let result = self
-            .follow(&name, &claims, &mut send, &mut reader, sent)
-            .await;
-        if let Err(e) = result {
-            info!("control stream of {name} ended: {e}");
+    ) -> impl std::future::Future<Output = ()> + Send {
+        async move {
+            let name = claims.id.node_name().as_str().to_owned();
+            // Boxed, and a step of its own: the session lives as long as its node, and would
+            // otherwise keep room for the hello it no longer needs.
+            let joined = Box::pin(self.join(&claims, remote, &mut send, &mut reader, &name)).await;
+            let Some(sent) = joined else {
+                return;
+            };
+            let result = self
+                .follow(&name, &claims, &mut send, &mut reader, sent)
+                .await;
+            if let Err(e) = result {
+                info!("control stream of {name} ended: {e}");
+            }
+            self.registry().handle_closed(&name, Instant::now());
+            self.registry_changed.send_modify(|v| *v += 1);
         }
-        self.registry().handle_closed(&name, Instant::now());
-        self.registry_changed.send_modify(|v| *v += 1);
     }
 
     /// A node's hello read and checked, the node recorded, and the first frames sent: the clock,
@@ -256,87 +268,105 @@ impl ControlPlane {
 
     /// A joined node's session: its reports read and answered, policies and registry changes
     /// sent, until the stream ends. A session lives as long as its node (10,000 of them on one
-    /// gateway), so it waits in a small state and does its writes after the wait, not inside it.
-    async fn follow(
-        self: &Arc<Self>,
-        name: &str,
-        claims: &Arc<CertificateClaims>,
-        send: &mut quinn::SendStream,
-        reader: &mut FrameReader,
+    /// gateway), so its state stays small: what a wake asks for is decided without awaiting, and
+    /// the one write it makes, if any, comes after (a wait holds no frame, a write no wake).
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn's state holds its arguments twice"
+    )]
+    fn follow<'a>(
+        self: &'a Arc<Self>,
+        name: &'a str,
+        claims: &'a Arc<CertificateClaims>,
+        send: &'a mut quinn::SendStream,
+        reader: &'a mut FrameReader,
         mut sent: Option<BundleRef>,
-    ) -> Result<(), String> {
-        let mut policy_rx = self.policies.subscribe();
-        policy_rx.mark_changed();
-        // The whole registry first, then what changed, as the pushes come.
-        let mut registry_rx = self.registry_push.subscribe();
-        let (frame, mut registry_sent) = self.registry_frame();
-        // The whole frame may be up to a push period old: catch up at once, not at the next
-        // change (there may be none for a long time).
-        registry_rx.mark_changed();
-        send.write_chunk(frame).await.map_err(|e| e.to_string())?;
-        // Telemetry acks waiting for the cloud queue, in order.
-        let mut held_acks: HeldAcks = std::collections::VecDeque::new();
-        loop {
-            let wake = tokio::select! {
-                up = read_up(reader) => Wake::Up(up?),
-                () = first_committed(&mut held_acks), if !held_acks.is_empty() => Wake::Committed,
-                r = policy_rx.changed() => r.map(|()| Wake::Policy).map_err(|e| e.to_string())?,
-                r = registry_rx.changed() => r.map(|()| Wake::Registry).map_err(|e| e.to_string())?,
-            };
-            match wake {
-                // Signing takes a fraction of a millisecond of CPU: done on a blocking thread,
-                // one at a time, so that a burst of renewals never holds up the runtime that
-                // keeps every node's connection alive. Boxed: rare.
-                Wake::Up(Up::Renew { csr_der }) => {
-                    self.registry().handle_seen(name, Instant::now());
-                    let down =
-                        Box::pin(self.clone().renew_off_thread(claims.clone(), csr_der)).await;
-                    write_down(send, &down).await?;
-                }
-                Wake::Up(up) => match self.handle_up(name, up, sent) {
-                    // The node's batch is acknowledged once the cloud's copy is on disk (or
-                    // could not be written: that loss is counted and told to the cloud);
-                    // meanwhile the session goes on. Acks are cumulative for the node: a later
-                    // one waits behind a held one.
-                    (Some(down), Some(committed)) => {
-                        held_acks.push_back((down, Some(committed)));
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send + 'a {
+        async move {
+            let mut policy_rx = self.policies.subscribe();
+            policy_rx.mark_changed();
+            // The whole registry first, then what changed, as the pushes come.
+            let mut registry_rx = self.registry_push.subscribe();
+            let (frame, mut registry_sent) = self.registry_frame();
+            // The whole frame may be up to a push period old: catch up at once, not at the next
+            // change (there may be none for a long time).
+            registry_rx.mark_changed();
+            send.write_chunk(frame).await.map_err(|e| e.to_string())?;
+            // Telemetry acks waiting for the cloud queue, in order.
+            let mut held_acks: HeldAcks = std::collections::VecDeque::new();
+            loop {
+                // In a block of its own: the wake (a report can be large) is gone before any
+                // write is awaited.
+                let next = {
+                    let wake = tokio::select! {
+                        up = read_up(reader) => Wake::Up(up?),
+                        () = first_committed(&mut held_acks), if !held_acks.is_empty() => Wake::Committed,
+                        r = policy_rx.changed() => r.map(|()| Wake::Policy).map_err(|e| e.to_string())?,
+                        r = registry_rx.changed() => r.map(|()| Wake::Registry).map_err(|e| e.to_string())?,
+                    };
+                    match wake {
+                        Wake::Up(Up::Renew { csr_der }) => {
+                            self.registry().handle_seen(name, Instant::now());
+                            Next::Renew(csr_der)
+                        }
+                        Wake::Up(up) => match self.handle_up(name, up, sent) {
+                            // The node's batch is acknowledged once the cloud's copy is on disk
+                            // (or could not be written: that loss is counted and told to the
+                            // cloud); meanwhile the session goes on. Acks are cumulative for the
+                            // node: a later one waits behind a held one.
+                            (Some(down), Some(committed)) => {
+                                held_acks.push_back((down, Some(committed)));
+                                Next::Nothing
+                            }
+                            (Some(down @ Down::TelemetryAck { .. }), None)
+                                if !held_acks.is_empty() =>
+                            {
+                                held_acks.push_back((down, None));
+                                Next::Nothing
+                            }
+                            (Some(down), None) => Next::Write(encode_down(&down)),
+                            (None, _) => Next::Nothing,
+                        },
+                        Wake::Committed => match held_acks.pop_front() {
+                            Some((down, _)) => Next::Write(encode_down(&down)),
+                            None => Next::Nothing,
+                        },
+                        Wake::Policy => {
+                            let bundle = policy_rx.borrow_and_update().clone();
+                            match bundle {
+                                Some(b) if sent != Some(b.id) => {
+                                    sent = Some(b.id);
+                                    Next::Write(encode_down(&Down::Policy {
+                                        version: b.id.version,
+                                        toml: b.toml.to_string(),
+                                        epoch: b.id.epoch,
+                                        hash: b.id.hash,
+                                    }))
+                                }
+                                _ => Next::Nothing,
+                            }
+                        }
+                        // At most one registry push per node per period, however busy the fleet:
+                        // the entries that changed since this node's last one, encoded once for
+                        // every node that had the same.
+                        Wake::Registry => {
+                            let (frame, revision) = self.registry_delta(registry_sent);
+                            registry_sent = revision;
+                            frame.map_or(Next::Nothing, Next::Write)
+                        }
                     }
-                    (Some(down @ Down::TelemetryAck { .. }), None) if !held_acks.is_empty() => {
-                        held_acks.push_back((down, None));
-                    }
-                    (Some(down), None) => write_down(send, &down).await?,
-                    (None, _) => {}
-                },
-                Wake::Committed => {
-                    if let Some((down, _)) = held_acks.pop_front() {
-                        write_down(send, &down).await?;
-                    }
-                }
-                Wake::Policy => {
-                    let bundle = policy_rx.borrow_and_update().clone();
-                    if let Some(b) = bundle
-                        && sent != Some(b.id)
-                    {
-                        sent = Some(b.id);
-                        let down = Down::Policy {
-                            version: b.id.version,
-                            toml: b.toml.to_string(),
-                            epoch: b.id.epoch,
-                            hash: b.id.hash,
-                        };
-                        write_down(send, &down).await?;
-                    }
-                }
-                // At most one registry push per node per period, however busy the fleet: the
-                // entries that changed since this node's last one, encoded once for every node
-                // that had the same.
-                Wake::Registry => {
-                    let (frame, revision) = self.registry_delta(registry_sent);
-                    registry_sent = revision;
-                    if let Some(frame) = frame {
-                        send.write_chunk(frame).await.map_err(|e| e.to_string())?;
-                    }
-                }
+                };
+                let out = match next {
+                    Next::Nothing => continue,
+                    Next::Write(out) => out,
+                    // Signing takes a fraction of a millisecond of CPU: done on a blocking
+                    // thread, one at a time, so that a burst of renewals never holds up the
+                    // runtime that keeps every node's connection alive. Boxed: rare.
+                    Next::Renew(csr) => encode_down(
+                        &Box::pin(self.clone().renew_off_thread(claims.clone(), csr)).await,
+                    ),
+                };
+                send.write_chunk(out).await.map_err(|e| e.to_string())?;
             }
         }
     }
@@ -634,6 +664,15 @@ enum Wake {
     Registry,
 }
 
+/// What a session does after a wake, decided without awaiting.
+enum Next {
+    Nothing,
+    /// Send these frames.
+    Write(Frame),
+    /// Sign this certificate request, and send what comes of it.
+    Renew(Vec<u8>),
+}
+
 /// Telemetry acks waiting for the cloud queue (`Some`), or behind one that does (`None`).
 type HeldAcks = std::collections::VecDeque<(Down, Option<oneshot::Receiver<bool>>)>;
 
@@ -684,10 +723,10 @@ async fn read_up(reader: &mut FrameReader) -> Result<Up, String> {
     mesh_proto::control::decode_up(&frame).map_err(|e| format!("bad control frame: {e}"))
 }
 
-async fn write_down(send: &mut quinn::SendStream, down: &Down) -> Result<(), String> {
+fn encode_down(down: &Down) -> Frame {
     let mut out = Vec::new();
     mesh_proto::encode_frame_vec(down, &mut out);
-    send.write_all(&out).await.map_err(|e| e.to_string())
+    Frame::from(out)
 }
 
 #[cfg(test)]

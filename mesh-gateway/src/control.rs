@@ -146,6 +146,7 @@ impl ControlPlane {
         }
     }
 
+    /// A node's control stream, from its hello to its end.
     ///
     /// An `async` block rather than an `async fn`: an `async fn` keeps its arguments twice in
     /// its state (as taken, and as moved into its body), and a session lives as long as its node.
@@ -566,7 +567,8 @@ impl ControlPlane {
                 }
                 _ = tick.tick(), if dirty => {
                     dirty = false;
-                    let view = crate::cloud::report::RegistryView::of(&self.registry());
+                    let nodes = self.registry().snapshot();
+                    let view = crate::cloud::report::RegistryView::of(&nodes);
                     for (suffix, body) in last.changes_to(&view, cloud.max_publish_bytes()) {
                         cloud.send(Class::Registry, suffix, body);
                     }

@@ -47,6 +47,8 @@ pub struct Gateway {
     node: Node,
     plane: Arc<ControlPlane>,
     admin: SocketAddr,
+    /// The admin API's own thread.
+    admin_thread: crate::http::Running,
 }
 
 impl Gateway {
@@ -197,7 +199,7 @@ impl Gateway {
                 vec![("reason".into(), why)],
             );
         }
-        let admin = crate::http::serve(
+        let (admin, admin_thread) = crate::http::serve(
             plane.clone(),
             tokens,
             config.admin,
@@ -258,7 +260,12 @@ impl Gateway {
             let stop = node.shutdown_signal();
             tokio::spawn(async move { policies.watch_file(file.value, stop).await });
         }
-        Ok(Gateway { node, plane, admin })
+        Ok(Gateway {
+            node,
+            plane,
+            admin,
+            admin_thread,
+        })
     }
 
     /// The node underneath.
@@ -295,8 +302,14 @@ impl Gateway {
     }
 
     /// Stops serving.
+    ///
+    /// Returns once the admin API has stopped too (it runs on a thread of its own), or after
+    /// 5 s.
     pub async fn shutdown(&self) {
         self.node.shutdown().await;
+        self.admin_thread
+            .stopped(std::time::Duration::from_secs(5))
+            .await;
     }
 }
 

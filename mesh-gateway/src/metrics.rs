@@ -10,7 +10,8 @@
 //! Series are bounded per node ([`MAX_SERIES_PER_NODE`] (service, method) pairs): a node that
 //! reports more (a caller inventing method names) has the rest folded into `method="_other"`, and
 //! the folding is counted. What a node says of callers and callees is bounded too
-//! ([`MAX_CALL_SERIES_PER_NODE`] series of its making): past it, both are `_other`.
+//! ([`MAX_CALL_SERIES_PER_NODE`] series of its making): past it, a new series is `_other` in all
+//! but its status.
 //!
 //! Label values are kept once, shared by every series that has them: with 10,000 nodes calling
 //! the same services, a series costs its map entry and counts, not five strings of its own.
@@ -41,9 +42,10 @@ struct Acc {
 /// (service, method) pairs kept per node; more are folded into `_other`.
 pub const MAX_SERIES_PER_NODE: usize = 1024;
 
-/// Call series (a pair with a caller, a callee and a status) a node may add; past them its new
-/// callers and callees are `_other`. A node reports what it likes there: without a bound, one
-/// inventing a caller name a call would grow the gateway's memory without end.
+/// Call series (a pair with a caller, a callee and a status) a node may add; past them a call
+/// in a new series is counted under `_other` for all four, with its status only. A node reports
+/// what it likes there: without a bound, one inventing a caller name a call would grow the
+/// gateway's memory without end.
 pub const MAX_CALL_SERIES_PER_NODE: usize = 4 * MAX_SERIES_PER_NODE;
 
 #[derive(Debug, Clone, Default)]
@@ -141,7 +143,8 @@ impl Metrics {
                 let other = mesh_core::telemetry::OTHER_METHOD.to_owned();
                 (node.to_owned(), other.clone(), other)
             };
-            *self.rules.entry(key).or_default() += r.count;
+            let count = self.rules.entry(key).or_default();
+            *count = count.saturating_add(r.count);
         }
         for t in &batch.tcp {
             let key = (node.to_owned(), t.listen.clone(), t.service.clone());
@@ -175,6 +178,9 @@ impl Metrics {
         let names = &mut self.names;
         for c in &batch.calls {
             let other = mesh_core::telemetry::OTHER_METHOD;
+            // Counts are a node's word: sums saturate rather than overflow, and a call folded
+            // by both bounds is counted as folded once.
+            let mut folded = false;
             let wanted = (c.service.as_str(), c.method.as_str());
             let (service, method) = match per
                 .series
@@ -187,7 +193,7 @@ impl Metrics {
                     pair
                 }
                 Err(_) => {
-                    per.folded_here += c.count;
+                    folded = true;
                     match per.series.iter().find(|(s, _)| **s == *c.service) {
                         Some((service, _)) => (service.clone(), intern(names, other)),
                         None => (intern(names, other), intern(names, other)),
@@ -215,20 +221,25 @@ impl Metrics {
                     let (caller, callee) = (intern(names, &c.caller), intern(names, &c.callee));
                     (service, method, caller, callee, status)
                 }
+                // Past the bound, the call keeps only its status: a node adds at most a series
+                // per status more, whatever it names.
                 None => {
-                    per.folded_here += c.count;
+                    folded = true;
                     let other = intern(names, other);
-                    (service, method, other.clone(), other, status)
+                    (other.clone(), other.clone(), other.clone(), other, status)
                 }
             };
+            if folded {
+                per.folded_here = per.folded_here.saturating_add(c.count);
+            }
             let acc = self.calls.entry(key).or_insert_with(|| Acc {
                 buckets: vec![0; LATENCY_BUCKETS_US.len() + 1],
                 ..Acc::default()
             });
-            acc.count += c.count;
+            acc.count = acc.count.saturating_add(c.count);
             acc.sum_us = acc.sum_us.saturating_add(c.sum_us);
             for (a, b) in acc.buckets.iter_mut().zip(&c.buckets) {
-                *a += b;
+                *a = a.saturating_add(*b);
             }
         }
         true
@@ -829,6 +840,61 @@ mod tests {
             m.render(&[], None)
                 .contains("caller=\"invented-0\",callee=\"b\",status=\"ok\"} 2\n")
         );
+    }
+
+    #[test]
+    fn a_call_past_both_bounds_is_folded_once_and_counts_saturate() {
+        let mut m = Metrics::new();
+        let mut b = batch(1, 1);
+        // Every pair the node may have, each with a caller of its own: both bounds are reached.
+        b.calls = (0..MAX_CALL_SERIES_PER_NODE)
+            .map(|i| CallStats {
+                method: format!("m{}", i % MAX_SERIES_PER_NODE),
+                caller: format!("c{i}"),
+                ..b.calls[0].clone()
+            })
+            .collect();
+        m.handle_batch("a", &b);
+        assert_eq!(m.calls.len(), MAX_CALL_SERIES_PER_NODE);
+        b.seq = 2;
+        b.calls = vec![CallStats {
+            method: "new".into(),
+            caller: "new".into(),
+            count: 5,
+            ..b.calls[0].clone()
+        }];
+        m.handle_batch("a", &b);
+        assert!(
+            m.render(&[], None)
+                .contains("starling_telemetry_folded_total{node=\"a\"} 5\n"),
+            "folded once"
+        );
+        // A node's counts near the top: sums saturate, without a panic.
+        for seq in [3, 4] {
+            b.seq = seq;
+            b.calls[0].count = u64::MAX - 1;
+            m.handle_batch("a", &b);
+        }
+        let text = m.render(&[], None);
+        let max = u64::MAX;
+        assert!(
+            text.contains(&format!(
+                "starling_telemetry_folded_total{{node=\"a\"}} {max}\n"
+            )),
+            "saturating"
+        );
+        let other = "service=\"_other\",method=\"_other\",caller=\"_other\",callee=\"_other\"";
+        assert!(
+            text.contains(&format!(
+                "starling_requests_total{{{other},status=\"ok\"}} {max}\n"
+            )),
+            "{}",
+            text.lines()
+                .filter(|l| l.contains("_other"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        assert_eq!(m.calls.len(), MAX_CALL_SERIES_PER_NODE + 1);
     }
 
     #[test]

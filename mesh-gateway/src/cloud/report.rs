@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use mesh_proto::control::{BundleRef, LATENCY_BUCKETS_US, TelemetryBatch};
 use serde_json::{Map, Value, json};
 
-use crate::registry::Registry;
+use crate::registry::NodeRecord;
 
 fn object(value: Value) -> Map<String, Value> {
     match value {
@@ -110,10 +110,10 @@ pub struct RegistryView {
 }
 
 impl RegistryView {
-    /// The registry now.
-    pub fn of(registry: &Registry) -> RegistryView {
+    /// The registry now, from a [`crate::registry::Registry::snapshot`].
+    pub fn of(nodes: &[std::sync::Arc<NodeRecord>]) -> RegistryView {
         let mut view = RegistryView::default();
-        for n in registry.nodes() {
+        for n in nodes {
             view.up.insert(n.name.clone(), n.up);
             view.nodes.insert(
                 n.name.clone(),

@@ -84,12 +84,14 @@ const MAX_SHOWN: usize = 300;
 /// `GET /v1/overview`.
 pub(super) fn overview(state: &ControlPlane, snapshots: &Snapshots) -> Value {
     let now = Instant::now();
+    // A copy of the list: the registry's lock is held for microseconds, not for the document
+    // (the runtime thread takes it for every report a node sends).
+    let registry = state.registry().snapshot();
     let (current, resources) = {
         let metrics = state.metrics();
-        let registry = state.registry();
-        let resources: std::collections::HashMap<String, mesh_proto::control::Resources> = registry
-            .nodes()
-            .filter_map(|n| Some((n.name.clone(), metrics.resources(&n.name)?)))
+        let resources: std::collections::HashMap<&str, mesh_proto::control::Resources> = registry
+            .iter()
+            .filter_map(|n| Some((n.name.as_str(), metrics.resources(&n.name)?)))
             .collect();
         (metrics.aggregates(), resources)
     };
@@ -124,8 +126,6 @@ pub(super) fn overview(state: &ControlPlane, snapshots: &Snapshots) -> Value {
     let wall_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    // A copy of the list: the lock is held for microseconds, not for the whole document.
-    let registry = state.registry().snapshot();
     let now_wall = std::time::SystemTime::now();
     let expiry = |n: &crate::registry::NodeRecord| {
         n.certificate
@@ -157,7 +157,7 @@ pub(super) fn overview(state: &ControlPlane, snapshots: &Snapshots) -> Value {
     let nodes: Vec<Value> = listed
         .into_iter()
         .map(|n| {
-            let res = resources.get(&n.name);
+            let res = resources.get(n.name.as_str());
             let expires = expiry(n);
             let seen = n
                 .last_seen_wall

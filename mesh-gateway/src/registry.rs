@@ -202,7 +202,7 @@ impl Registry {
     /// `name` said hello again on its open control stream: what it hosts, where and with which
     /// labels changed (a microcontroller came or went).
     pub fn handle_rehello(&mut self, name: &str, hello: &NodeHello, now: Instant) {
-        if let Some(n) = self.nodes.get_mut(name).map(Arc::make_mut) {
+        if let Some(n) = self.record_mut(name) {
             n.services = hello.services.clone();
             n.labels = hello.labels.clone();
             n.addrs = hello.addrs.clone();
@@ -214,14 +214,14 @@ impl Registry {
 
     /// What the certificate of `name`'s control stream says.
     pub fn set_certificate(&mut self, name: &str, certificate: CertificateInfo) {
-        if let Some(n) = self.nodes.get_mut(name).map(Arc::make_mut) {
+        if let Some(n) = self.record_mut(name) {
             n.certificate = Some(certificate);
         }
     }
 
     /// Anything heard from `name`.
     pub fn handle_seen(&mut self, name: &str, now: Instant) {
-        if let Some(n) = self.nodes.get_mut(name).map(Arc::make_mut) {
+        if let Some(n) = self.record_mut(name) {
             n.last_seen = now;
             n.last_seen_wall = SystemTime::now();
         }
@@ -234,7 +234,7 @@ impl Registry {
         bundle: BundleRef,
         answer: Result<(), String>,
     ) {
-        if let Some(n) = self.nodes.get_mut(name).map(Arc::make_mut) {
+        if let Some(n) = self.record_mut(name) {
             match answer {
                 Ok(()) => {
                     n.policy_version = bundle.version;
@@ -251,7 +251,7 @@ impl Registry {
 
     /// A control stream of `name` closed.
     pub fn handle_closed(&mut self, name: &str, now: Instant) {
-        if let Some(n) = self.nodes.get_mut(name).map(Arc::make_mut) {
+        if let Some(n) = self.record_mut(name) {
             n.sessions = n.sessions.saturating_sub(1);
             n.last_seen = now;
         }
@@ -280,6 +280,11 @@ impl Registry {
             self.touch(name);
         }
         !changed.is_empty()
+    }
+
+    /// `name`'s record, to change: copied first if a reader holds it.
+    fn record_mut(&mut self, name: &str) -> Option<&mut NodeRecord> {
+        self.nodes.get_mut(name).map(Arc::make_mut)
     }
 
     /// Every node, by name.

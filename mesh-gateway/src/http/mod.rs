@@ -100,11 +100,7 @@ pub(crate) async fn serve(
                     return;
                 }
                 // Serve until the gateway stops (or is gone).
-                while !*until.borrow_and_update() {
-                    if until.changed().await.is_err() {
-                        return;
-                    }
-                }
+                let _ = until.wait_for(|stopping| *stopping).await;
             });
         })?;
     let bound = bound_rx

@@ -553,7 +553,12 @@ pub mod zenoh_path {
                     Ok::<_, anyhow::Error>(session)
                 })
                 .await??;
-            let connect = config("connect/endpoints", &endpoint)?;
+            let mut connect = config("connect/endpoints", &endpoint)?;
+            // A peer listens too, on every interface unless told: loopback only, as the rest of
+            // the bench.
+            connect
+                .insert_json5("listen/endpoints", "[\"tcp/127.0.0.1:0\"]")
+                .map_err(anyhow::Error::msg)?;
             let session = client_rt
                 .spawn(async move {
                     let session = zenoh::open(connect).await.map_err(anyhow::Error::msg)?;

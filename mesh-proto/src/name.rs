@@ -48,10 +48,16 @@ pub fn validate_name(name: &str) -> Result<(), NameError> {
     if name.len() > MAX_NAME_LEN {
         return Err(NameError::TooLong(name.len()));
     }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    // Bytes, not chars: every allowed character is one ASCII byte, so the first byte outside
+    // them starts the character to name (a name is checked on every call, both sides).
+    if let Some(at) = name
+        .bytes()
+        .position(|b| !(b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')))
     {
+        let c = name
+            .get(at..)
+            .and_then(|rest| rest.chars().next())
+            .unwrap_or(char::REPLACEMENT_CHARACTER);
         return Err(NameError::BadChar(c));
     }
     if !name.as_bytes()[0].is_ascii_alphanumeric() {
@@ -80,5 +86,16 @@ mod tests {
         let long = "a".repeat(64);
         assert_eq!(validate_name(&long), Err(NameError::TooLong(64)));
         assert_eq!(validate_name(&long[..63]), Ok(()));
+    }
+
+    #[test]
+    fn a_refused_character_is_named_whole() {
+        assert_eq!(validate_name("café"), Err(NameError::BadChar('é')));
+        assert_eq!(
+            validate_name("a\u{1F600}b"),
+            Err(NameError::BadChar('\u{1F600}'))
+        );
+        assert_eq!(validate_name("a\tb"), Err(NameError::BadChar('\t')));
+        assert_eq!(validate_name("é"), Err(NameError::BadChar('é')));
     }
 }

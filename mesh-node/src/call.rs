@@ -28,6 +28,20 @@ pub struct CallOptions {
 /// The request metadata that names the cloud identity a gateway calls for.
 pub(crate) const ON_BEHALF_OF_METADATA: &str = ":on-behalf-of";
 
+/// Whether a metadata key is the mesh's own, never taken from a peer or an app: `:`-names, and
+/// `x-starling-*` in any case and with `_` for `-`. An HTTP upstream behind CGI, WSGI or PHP reads
+/// `x_starling_caller` and `X-Starling-Caller` as one variable (`HTTP_X_STARLING_CALLER`), so a
+/// peer's `x_starling_caller` would otherwise pass as the caller the node vouches for.
+pub(crate) fn is_mesh_key(key: &str) -> bool {
+    const PREFIX: &[u8] = b"x-starling-";
+    key.starts_with(':')
+        || key.len() >= PREFIX.len()
+            && key.as_bytes()[..PREFIX.len()]
+                .iter()
+                .zip(PREFIX)
+                .all(|(k, p)| k.to_ascii_lowercase() == *p || (*k == b'_' && *p == b'-'))
+}
+
 /// A call as the callee sees it, after its head was parsed and checked.
 #[derive(Debug, Clone)]
 pub struct CallContext {
@@ -402,5 +416,35 @@ fn read_failed(e: &ReadError) -> CallError {
             CallError::new(Status::Unavailable, format!("connection to peer lost: {e}"))
         }
         e => CallError::new(Status::Internal, format!("bad answer from peer: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_mesh_key;
+
+    #[test]
+    fn the_meshs_keys_are_known_in_every_spelling() {
+        for key in [
+            ":keep",
+            ":on-behalf-of",
+            "x-starling-caller",
+            "X-Starling-Caller",
+            "x_starling_caller",
+            "X_STARLING_SERVICE",
+            "x-starling_caller",
+            "x_starling-",
+        ] {
+            assert!(is_mesh_key(key), "{key} passed as an app's key");
+        }
+        for key in [
+            "x-canary",
+            "x_request_id",
+            "x-starlingcaller",
+            "x-starlin",
+            "",
+        ] {
+            assert!(!is_mesh_key(key), "{key} was taken for the mesh's");
+        }
     }
 }

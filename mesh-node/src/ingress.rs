@@ -394,7 +394,7 @@ fn call_options(req: &Request<Incoming>) -> Result<CallOptions, Reply> {
             }
         } else if name == "traceparent" {
             options.trace = parse_traceparent(value);
-        } else if name.starts_with("x-") && !name.starts_with("x-starling-") {
+        } else if name.starts_with("x-") && !crate::call::is_mesh_key(name) {
             options.metadata.push((name.to_owned(), value.to_owned()));
         }
     }

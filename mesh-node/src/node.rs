@@ -288,10 +288,8 @@ impl Node {
             // Renewals of peers that reach the gateway only through this node.
             reserved.insert(
                 crate::identity::enroll::RELAY_SERVICE,
-                Arc::new(crate::relay::EnrollRelay {
-                    gateway_up: gateway_up.subscribe(),
-                    slots: Arc::new(tokio::sync::Semaphore::new(4)),
-                }) as Arc<dyn ReservedService>,
+                Arc::new(crate::relay::EnrollRelay::new(gateway_up.subscribe()))
+                    as Arc<dyn ReservedService>,
             );
         }
         let server = Arc::new(Server::new(

@@ -5,10 +5,13 @@
 //! certificate's key) and vouches for nothing: the gateway checks the proof, the node checks the
 //! answer.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use mesh_core::SpiffeId;
 
 use mesh_proto::enroll::{EnrollDown, EnrollUp, MAX_ENROLL_FRAME};
 use tokio::sync::watch;
@@ -21,12 +24,53 @@ use crate::wire::FrameReader;
 /// Time a relayed exchange may take in all.
 const RELAY_DEADLINE: Duration = Duration::from_secs(30);
 
+/// Time a refusal may take to write: a peer that grants the stream no credit does not keep the
+/// task (and its stream) past it.
+const REFUSAL_WRITE: Duration = Duration::from_secs(5);
+
 /// The `_relay_enroll` reserved service of a node.
 pub(crate) struct EnrollRelay {
     /// Where this node's control stream is up to, if it is.
     pub(crate) gateway_up: watch::Receiver<(Option<SocketAddr>, u64)>,
     /// Relays at once, at most.
     pub(crate) slots: Arc<tokio::sync::Semaphore>,
+    /// The peers with a relay in flight: one each, so that one peer cannot hold every slot.
+    pub(crate) relaying: Arc<Mutex<HashSet<SpiffeId>>>,
+}
+
+impl EnrollRelay {
+    pub(crate) fn new(gateway_up: watch::Receiver<(Option<SocketAddr>, u64)>) -> EnrollRelay {
+        EnrollRelay {
+            gateway_up,
+            slots: Arc::new(tokio::sync::Semaphore::new(4)),
+            relaying: Arc::default(),
+        }
+    }
+}
+
+/// A peer's relay in flight, forgotten when dropped.
+struct Relaying {
+    set: Arc<Mutex<HashSet<SpiffeId>>>,
+    id: SpiffeId,
+}
+
+impl Relaying {
+    fn start(set: &Arc<Mutex<HashSet<SpiffeId>>>, id: &SpiffeId) -> Option<Relaying> {
+        let mut peers = set.lock().unwrap_or_else(|p| p.into_inner());
+        peers.insert(id.clone()).then(|| Relaying {
+            set: set.clone(),
+            id: id.clone(),
+        })
+    }
+}
+
+impl Drop for Relaying {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
 }
 
 impl ReservedService for EnrollRelay {
@@ -38,15 +82,22 @@ impl ReservedService for EnrollRelay {
         reader: FrameReader,
     ) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
         let gateway = self.gateway_up.borrow().0;
-        let slot = self.slots.clone().try_acquire_owned();
+        // One relay per peer at a time, then a place among the node's.
+        let mine = Relaying::start(&self.relaying, &caller.id);
+        let slot = mine
+            .is_some()
+            .then(|| self.slots.clone().try_acquire_owned().ok())
+            .flatten();
         Box::pin(async move {
             let mut send = send;
             let refuse = |reason: String| EnrollDown::Refused {
                 reason,
                 revoked: false,
             };
-            let (Some(gateway), Ok(_slot)) = (gateway, slot) else {
-                let _ = write(
+            let (Some(gateway), Some(slot), Some(mine)) = (gateway, slot, mine) else {
+                // Given back before the refusal is written (dropped here): a peer that does not
+                // read it keeps nothing of the relay's.
+                let _ = refusal(
                     &mut send,
                     &refuse("this peer has no gateway to relay to, or is busy".into()),
                 )
@@ -61,9 +112,10 @@ impl ReservedService for EnrollRelay {
             let relayed = tokio::time::timeout(RELAY_DEADLINE, relay(&mut send, reader, gateway))
                 .await
                 .unwrap_or_else(|_| Err("the relay took too long".into()));
+            drop((slot, mine));
             if let Err(e) = relayed {
                 warn!("relaying a renewal of {}: {e}", caller.id);
-                let _ = write(&mut send, &refuse(format!("relay: {e}"))).await;
+                let _ = refusal(&mut send, &refuse(format!("relay: {e}"))).await;
             }
             let _ = send.finish();
         })
@@ -112,6 +164,13 @@ async fn read<T: serde::de::DeserializeOwned>(reader: &mut FrameReader) -> Resul
         .map_err(|_| "nothing came within 10 s".to_owned())?
         .map_err(|e| e.to_string())?;
     postcard::from_bytes(&frame).map_err(|e| format!("bad enrolment frame: {e}"))
+}
+
+/// Writes a refusal, within [`REFUSAL_WRITE`].
+async fn refusal(send: &mut quinn::SendStream, refused: &EnrollDown) -> Result<(), String> {
+    tokio::time::timeout(REFUSAL_WRITE, write(send, refused))
+        .await
+        .unwrap_or_else(|_| Err("the peer took no refusal".into()))
 }
 
 async fn write<T: serde::Serialize>(send: &mut quinn::SendStream, value: &T) -> Result<(), String> {

@@ -390,7 +390,15 @@ impl Server {
                 })) => {
                     // Admitted before its body is read: a caller the policy refuses never gets a
                     // body buffered.
-                    let labels = || self.peers.labels_of(&caller).unwrap_or_default();
+                    // The connection's certified labels, for a call it makes as itself: a call a
+                    // gateway makes for its cloud is judged as the cloud, which has none.
+                    let labels = || {
+                        if ctx.caller == caller {
+                            self.peers.labels_of(&caller).unwrap_or_default()
+                        } else {
+                            BTreeMap::new()
+                        }
+                    };
                     match self.admit(&ctx, labels) {
                         // Refused: no body is read, and the stream ends with the answer.
                         Err(refused) => {
@@ -528,9 +536,7 @@ impl Server {
             metadata: head
                 .metadata
                 .iter()
-                .filter(|(k, _)| {
-                    !k.starts_with(':') && !k.to_ascii_lowercase().starts_with("x-starling-")
-                })
+                .filter(|(k, _)| !crate::call::is_mesh_key(k))
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 .collect(),
             // From when the call's first bytes were there (a clock read spared): its head

@@ -222,6 +222,17 @@ impl Pki {
         issued: &Issued,
         extra: &str,
     ) -> mesh_node::Node {
+        self.memory_node_as_with(net, issued, extra, Default::default())
+    }
+
+    /// [`Pki::memory_node_as`] with `options` (`gateway: true` for a gateway's certificate).
+    pub fn memory_node_as_with(
+        &self,
+        net: &mesh_node::testing::MemoryNetwork,
+        issued: &Issued,
+        extra: &str,
+        options: mesh_node::NodeOptions,
+    ) -> mesh_node::Node {
         let name = issued.id.node_name().as_str();
         let path = self.config(name, extra);
         let certs = path.parent().expect("dir").join("certs");
@@ -229,8 +240,7 @@ impl Pki {
         std::fs::write(certs.join("node.key"), &issued.key_pem).expect("key");
         let config = Self::memory_config(&path);
         let identity = config.load_identity().expect("identity");
-        net.start_node(config, identity, Default::default())
-            .expect("start")
+        net.start_node(config, identity, options).expect("start")
     }
 
     fn memory_config(path: &Path) -> mesh_node::NodeConfig {

@@ -275,6 +275,11 @@ async fn a_forged_caller_header_never_reaches_an_upstream() {
         ("transfer-encoding", "chunked"),
         ("content-length", "0"),
         ("connection", "close"),
+        // Spelled as CGI-style servers read them: `_` for `-`.
+        ("x_starling_caller", gw.as_str()),
+        ("X_Starling-Service", "vault"),
+        ("transfer_encoding", "chunked"),
+        ("content_length", "0"),
         ("x-request-id", "42"),
     ] {
         head.metadata.push(entry).expect("room");
@@ -290,10 +295,11 @@ async fn a_forged_caller_header_never_reaches_an_upstream() {
 
     let seen = upstream.seen();
     let headers = &seen[0].headers;
+    // Names as a CGI-style upstream reads them: any case, `_` for `-`.
     let values = |name: &str| -> Vec<&str> {
         headers
             .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .filter(|(k, _)| k.replace('_', "-").eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
             .collect()
     };

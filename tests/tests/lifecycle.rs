@@ -889,6 +889,78 @@ async fn a_floor_saved_while_the_clock_ran_ahead_is_lowered_by_the_gateways_time
     assert_eq!(code, 200, "{body:?}");
 }
 
+/// A peer that asks for relays and never reads the answers (its streams grant almost no credit)
+/// takes one of the relay's places at most: node-n still renews through node-p. Before, one peer
+/// could take all four, and each kept its place while its refusal waited to be written: for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_reads_takes_no_relay_places() {
+    let pki = Pki::new();
+    let (gw_conf, issuer) = issuing_gateway_and_issuer(&pki, 3600);
+    let (gw, _) = NodeProc::start_gateway("gw", &gw_conf);
+    let p = short_lived_node(
+        &pki,
+        &issuer,
+        "node-p",
+        Duration::from_secs(3600),
+        gw.quic,
+        ECHO,
+    );
+    p.wait_gateway(UP);
+
+    // The staller: 300 bytes of credit a stream, room for node-p's hello but not for the
+    // gateway's roots, so a relayed answer (and anything after it) waits.
+    let (cert, key) = pki.cert_and_key("staller");
+    let (endpoint, mut config) = starling_tests::raw_client(&[&cert], &key);
+    let mut transport = quinn::TransportConfig::default();
+    transport.stream_receive_window(300u32.into());
+    config.transport_config(std::sync::Arc::new(transport));
+    let conn = endpoint
+        .connect_with(config, p.quic, "starling.mesh")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    starling_tests::send_hello(
+        &conn,
+        &starling_tests::hello_frame("staller", mesh_proto::PROTOCOL_VERSION, &[]),
+    )
+    .await;
+    p.wait_peer("staller", UP);
+    // Eight asks, each an enrolment hello that node-p relays to the gateway.
+    let mut asks = Vec::new();
+    for _ in 0..8 {
+        let (mut send, recv) = conn.open_bi().await.expect("stream");
+        let mut frames = Vec::new();
+        mesh_proto::encode_frame_vec(
+            &mesh_proto::RequestHead::new("_relay_enroll", "recover", 0),
+            &mut frames,
+        );
+        mesh_proto::encode_frame_vec(
+            &mesh_proto::enroll::EnrollUp::Hello {
+                version: mesh_proto::enroll::ENROLL_VERSION,
+            },
+            &mut frames,
+        );
+        send.write_all(&frames).await.expect("ask");
+        asks.push((send, recv));
+    }
+
+    // node-n knows node-p only, and renews through it all the same.
+    let dir = pki.node_dir_from(&issuer, "node-n", Duration::from_secs(15));
+    let n = NodeProc::start(
+        "node-n",
+        &pki.write_config(
+            dir,
+            "node-n",
+            &format!("{FAST}[[peers]]\naddr = \"{}\"\n", p.quic),
+        ),
+    );
+    n.wait_peer("node-p", UP);
+    n.wait_status("renewed through node-p", Duration::from_secs(30), |s| {
+        s["renewal"]["renewals"].as_u64() >= Some(1)
+    });
+    drop(asks);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_reaches_its_gateway_only_through_a_peer_renews_through_it() {
     let pki = Pki::new();

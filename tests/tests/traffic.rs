@@ -626,3 +626,64 @@ split = [ { subset = { version = "v2" }, weight = 1 } ]
         assert_eq!(answered_by(&answer), "real-v2");
     }
 }
+
+/// A gateway's call for its cloud is judged as the cloud: the gateway's own certified labels do
+/// not come with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_for_the_cloud_carries_none_of_the_gateways_labels() {
+    let pki = Pki::new();
+    let strongbox = node(&pki, "strongbox", &[], &health("strongbox"), &[]).await;
+    strongbox.set_policy(
+        1,
+        policy(
+            r#"
+[authorization]
+default = "deny"
+[[authorization.rules]]
+name = "secure-zone"
+effect = "allow"
+caller_labels = { zone = "secure" }
+services = ["strongbox"]
+"#,
+        ),
+    );
+    let name = mesh_core::NodeName::try_from("gw-labeled").expect("name");
+    let labels = [("zone".to_owned(), "secure".to_owned())].into();
+    let issued = pki
+        .ca
+        .issue_labeled(
+            mesh_core::SpiffeId::gateway(starling_tests::TD, name).expect("id"),
+            1,
+            &labels,
+        )
+        .expect("issue");
+    let peers = format!("[[peers]]\naddr = \"{}\"\n", strongbox.local_addr());
+    let options = mesh_node::NodeOptions {
+        gateway: true,
+        ..Default::default()
+    };
+    let gateway = pki.memory_node_as_with(network(), &issued, &peers, options);
+    wait_peers(&gateway, 1).await;
+    gateway
+        .call("strongbox", "check", Bytes::new())
+        .await
+        .expect("the gateway's own certified zone lets it in");
+    let cloud = mesh_core::SpiffeId::cloud(
+        starling_tests::TD,
+        mesh_core::NodeName::try_from("site-7").expect("name"),
+    )
+    .expect("id");
+    let options = CallOptions {
+        on_behalf_of: Some(cloud),
+        ..CallOptions::default()
+    };
+    let refused = gateway
+        .call_with("strongbox", "check", Bytes::new(), &options)
+        .await;
+    assert_eq!(
+        refused.status,
+        Status::PermissionDenied,
+        "the cloud came in with the gateway's zone: {}",
+        refused.message
+    );
+}

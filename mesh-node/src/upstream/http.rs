@@ -297,9 +297,10 @@ impl HttpUpstream {
     }
 }
 
-/// Whether a metadata entry named `name` may reach the upstream as a header.
+/// Whether a metadata entry named `name` may reach the upstream as a header. Names are compared
+/// with `_` read as `-`, as CGI-style servers read them (`content_length` is `CONTENT_LENGTH`).
 fn forwardable(name: &str) -> bool {
-    let name = name.to_ascii_lowercase();
+    let name = name.to_ascii_lowercase().replace('_', "-");
     !(name.starts_with("x-starling-")
         || name.starts_with("content-")
         || name.starts_with("proxy-")
@@ -335,6 +336,10 @@ mod tests {
             "proxy-authorization",
             "upgrade",
             "te",
+            "x_starling_caller",
+            "X_Starling-Caller",
+            "transfer_encoding",
+            "content_length",
         ] {
             assert!(!forwardable(name), "{name} passed");
         }

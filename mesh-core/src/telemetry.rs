@@ -49,6 +49,12 @@ struct Acc {
 /// The method name calls are counted under once a node's series bound is reached.
 pub const OTHER_METHOD: &str = "_other";
 
+/// Call series (service, method, caller, callee, status) a batch holds, per (service, method)
+/// pair of [`Bounds::max_series`]: past them, a call in a new series is counted with caller and
+/// callee `_other`. A callee names itself (`<node>/leaf/<leaf>`, the leaf its own word), so a
+/// callee inventing a leaf name per answer would otherwise grow its caller's memory per call.
+pub const CALL_SERIES_PER_PAIR: usize = 8;
+
 /// How much telemetry a node keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bounds {
@@ -94,6 +100,8 @@ pub struct Telemetry {
     /// The seed of the keys' hashes.
     keys: foldhash::fast::RandomState,
     folded: u64,
+    /// Call series in `counters`.
+    call_series: usize,
     rules: BTreeMap<String, BTreeMap<&'static str, u64>>,
     /// TCP forward counters since the last batch, by (listen, service).
     tcp: BTreeMap<(String, String), TcpStats>,
@@ -148,6 +156,7 @@ impl Telemetry {
             services: crate::FastSet::default(),
             keys: foldhash::fast::RandomState::default(),
             folded: 0,
+            call_series: 0,
             rules: BTreeMap::new(),
             tcp: BTreeMap::new(),
         }
@@ -216,23 +225,39 @@ impl Telemetry {
         status: Status,
         latency: Duration,
     ) {
+        let folded = self.folded;
         let (service, method) = self.bounded(service, method);
-        let slot = self
-            .counters
-            .entry(parts_hash(
+        let code = match status {
+            Status::Upstream(code) => Some(u64::from(code)),
+            _ => None,
+        };
+        let series = |caller: &str, callee: &str| {
+            parts_hash(
                 &self.keys,
                 &[service, method, caller, callee, status.as_str()],
-                match status {
-                    Status::Upstream(code) => Some(u64::from(code)),
-                    _ => None,
-                },
-            ))
-            .or_default();
-        let index = match slot.iter().position(|((s, m, cr, ce, st), _)| {
+                code,
+            )
+        };
+        let same = |((s, m, cr, ce, st), _): &(Key, Acc), caller: &str, callee: &str| {
             s == service && m == method && cr == caller && ce == callee && *st == status
-        }) {
+        };
+        let mut hash = series(caller, callee);
+        let (mut caller, mut callee) = (caller, callee);
+        let known = self
+            .counters
+            .get(&hash)
+            .is_some_and(|slot| slot.iter().any(|e| same(e, caller, callee)));
+        if !known && self.call_series >= self.bounds.max_series * CALL_SERIES_PER_PAIR {
+            (caller, callee) = (OTHER_METHOD, OTHER_METHOD);
+            hash = series(caller, callee);
+            // Counted as folded once, whether or not its method was.
+            self.folded = folded + 1;
+        }
+        let slot = self.counters.entry(hash).or_default();
+        let index = match slot.iter().position(|e| same(e, caller, callee)) {
             Some(i) => i,
             None => {
+                self.call_series += 1;
                 let key = (
                     service.to_owned(),
                     method.to_owned(),
@@ -320,6 +345,7 @@ impl Telemetry {
 
     /// Cuts a batch of everything recorded since the last one and queues it; returns its number.
     pub fn cut(&mut self, resources: Resources) -> u64 {
+        self.call_series = 0;
         let mut counted: Vec<(Key, Acc)> = std::mem::take(&mut self.counters)
             .into_values()
             .flatten()
@@ -669,6 +695,42 @@ mod tests {
                 .map(|c| c.count),
             Some(2)
         );
+    }
+
+    #[test]
+    fn callees_naming_new_leaves_past_the_bound_are_other() {
+        let mut t = Telemetry::with_bounds(Bounds {
+            max_series: 2,
+            ..Bounds::default()
+        });
+        let bound = 2 * CALL_SERIES_PER_PAIR;
+        // A callee that names a new leaf in every answer.
+        for i in 0..10_000 {
+            t.record_call("s", "m", "a", &format!("b/leaf/x{i}"), Status::Ok, ms(1));
+        }
+        // A series counted before the bound is still its own.
+        t.record_call("s", "m", "a", "b/leaf/x0", Status::Ok, ms(1));
+        t.cut(Resources::default());
+        let batch = t.pending().next().expect("batch");
+        assert_eq!(batch.calls.len(), bound + 1, "the bound, and _other");
+        let other = batch
+            .calls
+            .iter()
+            .find(|c| c.callee == OTHER_METHOD)
+            .expect("_other");
+        assert_eq!(
+            (other.caller.as_str(), other.method.as_str()),
+            ("_other", "m")
+        );
+        assert_eq!(other.count, 10_000 - bound as u64);
+        assert_eq!(batch.folded, 10_000 - bound as u64);
+        let first = batch.calls.iter().find(|c| c.callee == "b/leaf/x0");
+        assert_eq!(first.map(|c| c.count), Some(2));
+        // The bound is per batch: the next one counts new series again.
+        t.record_call("s", "m", "a", "b/leaf/y", Status::Ok, ms(1));
+        t.cut(Resources::default());
+        let next = t.pending().last().expect("batch");
+        assert_eq!(next.calls[0].callee, "b/leaf/y");
     }
 
     #[test]

@@ -193,8 +193,8 @@ pub struct Limits {
     pub max_stream_bytes: Option<u64>,
     /// Calls in flight on one connection from one peer.
     pub max_concurrent_calls: u32,
-    /// Bytes of request bodies from peers held at once, over every connection; one connection
-    /// holds at most a quarter. A body past them is refused at once (`Unavailable`, "busy"), its
+    /// Bytes of request bodies from peers held at once, over every connection; one peer holds at
+    /// most a quarter, over all its connections. A body past them is refused at once (`Unavailable`, "busy"), its
     /// stream stopped.
     pub max_buffered_bytes: usize,
     /// Deadline of a call that names none.
@@ -856,7 +856,7 @@ impl RawLimits {
                 message: "must be longer than limits.keep_alive_ms".into(),
             });
         }
-        // A connection holds at most a quarter of the budget, and a body must fit in it.
+        // A peer holds at most a quarter of the budget, and a body must fit in it.
         let least = 4 * limits.max_body_bytes;
         limits.max_buffered_bytes = match &self.max_buffered_bytes {
             None => d.max_buffered_bytes.max(least),
@@ -873,7 +873,7 @@ impl RawLimits {
                     "limits.max_buffered_bytes",
                     format!(
                         "must be at least four times limits.max_body_bytes ({least}): one \
-                         connection holds at most a quarter of it, and a body must fit"
+                         peer holds at most a quarter of it, and a body must fit"
                     ),
                 ));
             }

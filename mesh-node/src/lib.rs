@@ -52,7 +52,7 @@ pub use call::{CallError, CallOptions, CallReceiver, CallSender, CallStream, Rep
 pub use config::{ConfigError, NodeConfig};
 pub use identity::Identity;
 pub use node::{Node, NodeOptions, StartError};
-pub use peers::PeerInfo;
+pub use peers::{MAX_CONNECTIONS_PER_PEER, PeerInfo};
 pub use server::ReservedService;
 pub use transport::{
     BindError, ConnectError, DIAL_HOLD, EnrollService, MAX_CONCURRENT_DIALS, bind_endpoint,

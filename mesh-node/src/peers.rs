@@ -85,6 +85,11 @@ pub(crate) struct Picked {
     pub(crate) protocol: u16,
 }
 
+/// Connections one identity may hold with a node at once: one each way while both dial, and as
+/// many again while a renewed certificate's connections replace the old ones. Each costs the node
+/// about 40 KB (quinn's and rustls's state), so a peer may not open them without end.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 8;
+
 /// A candidate endpoint for the balancer: its key and its zone.
 pub(crate) type Candidate<'a> = (u64, Option<&'a str>);
 
@@ -126,8 +131,21 @@ impl PeerSet {
     }
 
     /// A peer's hello was checked on `conn`: it is up, hosting what it says.
-    pub(crate) fn register(&self, info: PeerInfo, conn: &quinn::Connection) {
+    /// Records `conn` as a connection of the peer `info` describes (or updates the peer's entry
+    /// from a later hello); false, changing nothing, when the peer already holds
+    /// [`MAX_CONNECTIONS_PER_PEER`] others.
+    #[must_use]
+    pub(crate) fn register(&self, info: PeerInfo, conn: &quinn::Connection) -> bool {
         let mut peers = self.lock();
+        if let Some(entry) = peers.by_id.get(&info.id)
+            && entry.conns.len() >= MAX_CONNECTIONS_PER_PEER
+            && !entry
+                .conns
+                .iter()
+                .any(|c| c.conn.stable_id() == conn.stable_id())
+        {
+            return false;
+        }
         peers
             .table
             .set_endpoint(&info.id, info.services.iter().cloned());
@@ -162,6 +180,7 @@ impl PeerSet {
         drop(peers);
         self.labels_generation.fetch_add(1, Ordering::Relaxed);
         self.bump();
+        true
     }
 
     /// A connection closed; returns true if it was the peer's last one (the peer is down).

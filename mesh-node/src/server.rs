@@ -57,8 +57,11 @@ pub(crate) struct Server {
     pub(crate) reserved: HashMap<&'static str, Arc<dyn ReservedService>>,
     admission: Mutex<AdmissionState>,
     /// Bytes of request bodies from peers held now, over every connection
-    /// (`limits.max_buffered_bytes`); a connection holds at most a quarter of it.
+    /// (`limits.max_buffered_bytes`); a peer holds at most a quarter of it.
     bodies: tokio::sync::Semaphore,
+    /// Each peer's share of `bodies`, over all its connections (a peer may hold several: one
+    /// each way, and more while a renewal replaces them); dropped with its last connection.
+    shares: Mutex<HashMap<SpiffeId, std::sync::Weak<tokio::sync::Semaphore>>>,
 }
 
 /// Why a streamed body could not be gathered.
@@ -189,7 +192,28 @@ impl Server {
             reserved,
             admission: Mutex::new(AdmissionState::default()),
             bodies,
+            shares: Mutex::default(),
         }
+    }
+
+    /// The share of the body budget of peer `id`, which all its connections draw on: a quarter
+    /// of the budget (at least one body).
+    fn body_share(&self, id: &SpiffeId) -> Arc<tokio::sync::Semaphore> {
+        let mut shares = self.shares.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(share) = shares.get(id).and_then(std::sync::Weak::upgrade) {
+            return share;
+        }
+        // Peers that left are forgotten now and then: at most twice the peers with a share.
+        if shares.len() >= 64 && shares.len().is_power_of_two() {
+            shares.retain(|_, share| share.strong_count() > 0);
+        }
+        // (At least one body, should limits be built in code without the config's check.)
+        let budget = limits_bodies(&self.limits);
+        let share = Arc::new(tokio::sync::Semaphore::new(
+            (budget / 4).max(self.limits.max_body_bytes).min(budget),
+        ));
+        shares.insert(id.clone(), Arc::downgrade(&share));
+        share
     }
 
     /// Takes `bytes` more of body into `hold`: from the connection's share `conn`, then from the
@@ -332,13 +356,9 @@ impl Server {
         let tunnels = Arc::new(tokio::sync::Semaphore::new(
             (self.limits.max_concurrent_calls as usize / 2).max(1),
         ));
-        // Request bodies: a connection holds at most a quarter of the node's budget, so one peer
-        // cannot take it all.
-        // (At least one body, should limits be built in code without the config's check.)
-        let budget = limits_bodies(&self.limits);
-        let bodies = Arc::new(tokio::sync::Semaphore::new(
-            (budget / 4).max(self.limits.max_body_bytes).min(budget),
-        ));
+        // Request bodies: a peer holds at most a quarter of the node's budget over all its
+        // connections, so one peer cannot take it all.
+        let bodies = self.body_share(&claims.id);
         let mut streams = StreamAllowance::new(&self.limits);
         while let Ok((send, recv)) = conn.accept_bi().await {
             let server = self.clone();
@@ -596,11 +616,24 @@ impl Server {
                     .min(self.limits.connect_timeout);
                 match tcp::connect(authority, left).await {
                     Ok(stream) => {
-                        if let Err(e) =
-                            write_head(&mut send, &ResponseHead::new(Status::Ok, "")).await
+                        // Within the call timeout: a caller that grants the stream no credit
+                        // does not keep the upstream's connection and a tunnel's place.
+                        let limit = self.limits.call_timeout;
+                        let ok = ResponseHead::new(Status::Ok, "");
+                        let head = write_head(&mut send, &ok);
+                        match crate::clock::bounded(|| tokio::time::Instant::now() + limit, head)
+                            .await
                         {
-                            debug!("tunnel to {service}: the caller left: {e}");
-                            return;
+                            Some(Ok(())) => {}
+                            Some(Err(e)) => {
+                                debug!("tunnel to {service}: the caller left: {e}");
+                                return;
+                            }
+                            None => {
+                                debug!("tunnel to {service}: the caller took no answer in time");
+                                let _ = send.reset(0u32.into());
+                                return;
+                            }
                         }
                         let (recv, leftover) = reader.into_raw();
                         let ended = tcp::pump(
@@ -627,9 +660,8 @@ impl Server {
             }
         };
         let _ = reader.into_inner().stop(0u32.into());
-        if let Err(e) = write_reply(&mut send, reply).await {
-            debug!("could not write a reply: {e}");
-        }
+        // Bounded, as every reply is.
+        self.write_held_reply(&mut send, reply, false).await;
     }
 
     /// A call made on this node for a service it hosts: admitted and served without the network.
@@ -950,11 +982,6 @@ fn on_behalf_of(caller: &SpiffeId, claimed: &str) -> Result<SpiffeId, Reply> {
 }
 
 /// Writes a reply on a call stream.
-async fn write_reply(send: &mut quinn::SendStream, reply: Reply) -> Result<(), quinn::WriteError> {
-    let (framed, _) = encoded_reply(&reply, false);
-    write_encoded(send, &framed).await
-}
-
 impl Server {
     /// Writes the reply to a call whose body holds memory: a caller that does not read it within
     /// `limits.call_timeout` has its stream reset, and gives the memory back. A `kept` stream

@@ -183,6 +183,21 @@ impl Pki {
     /// Issues `name`: `(certificate PEM, key PEM)`.
     pub fn cert_and_key(&self, name: &str) -> (String, String) {
         let certs = self.node_dir(name).join("certs");
+        Self::read_cert_and_key(&certs)
+    }
+
+    /// `name`'s `(certificate PEM, key PEM)`: issued the first time, the same ones after (a peer
+    /// opening several connections as one identity).
+    pub fn same_cert_and_key(&self, name: &str) -> (String, String) {
+        let certs = self.dir.path().join(name).join("certs");
+        if certs.join("node.key").exists() {
+            Self::read_cert_and_key(&certs)
+        } else {
+            self.cert_and_key(name)
+        }
+    }
+
+    fn read_cert_and_key(certs: &Path) -> (String, String) {
         (
             std::fs::read_to_string(certs.join("node.crt")).expect("cert"),
             std::fs::read_to_string(certs.join("node.key")).expect("key"),

@@ -32,7 +32,7 @@ const ECHO: &str = "[[services]]\nname = \"echo\"\nupstream = \"builtin:echo\"\n
 
 /// A raw connection to `node` as mesh member `name`, hello sent.
 async fn member(pki: &Pki, node: &NodeProc, name: &str) -> (quinn::Connection, quinn::Endpoint) {
-    let (cert, key) = pki.cert_and_key(name);
+    let (cert, key) = pki.same_cert_and_key(name);
     let (endpoint, config) = raw_client(&[&cert], &key);
     let conn = endpoint
         .connect_with(config, node.quic, "starling.mesh")
@@ -172,6 +172,37 @@ async fn a_peer_holding_256_half_sent_bodies_stays_within_the_memory_bound() {
         peak.peak_kib(),
         bound(before, BUFFERED / 4, 1),
     );
+}
+
+/// One peer's share of the body budget (a quarter) is over all its connections: four
+/// connections of the same identity holding half-sent bodies leave room for another peer's call.
+/// Before, each connection had a quarter of its own, and four took the whole budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_over_several_connections_holds_one_share_of_the_body_budget() {
+    let pki = Pki::new();
+    let (node, _) = echo_node_with(&pki, "[limits]\ncall_timeout_ms = 60000\n").await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(half_sent_bodies(&pki, &node, "abuser", 16, 1024 * 1024).await);
+    }
+    // Another peer's call with a body is served.
+    let (conn, _endpoint) = member(&pki, &node, "honest").await;
+    let (mut send, recv) = conn.open_bi().await.expect("stream");
+    write_message(
+        &mut send,
+        &RequestHead::new("echo", "say", 5_000),
+        Bytes::from(vec![7u8; 64 * 1024]),
+    )
+    .await
+    .expect("call");
+    let mut reader = FrameReader::new(recv);
+    let answer = tokio::time::timeout(Duration::from_secs(5), reader.frame(MAX_HEAD_BYTES))
+        .await
+        .expect("answered")
+        .expect("a head");
+    let answer: ResponseHead = decode_head(&answer).expect("response head");
+    assert_eq!(answer.status, Status::Ok, "{}", answer.message);
+    drop(held);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -56,7 +56,7 @@ fn leaf_with(
 
 /// A raw connection to `to` as a node of `pki` named `name` (no hello sent yet).
 async fn connect_as(pki: &Pki, name: &str, to: SocketAddr) -> (quinn::Connection, quinn::Endpoint) {
-    let (cert, key) = pki.cert_and_key(name);
+    let (cert, key) = pki.same_cert_and_key(name);
     let (endpoint, config) = raw_client(&[&cert], &key);
     let conn = endpoint
         .connect_with(config, to, "starling.mesh")
@@ -319,6 +319,57 @@ async fn a_forged_caller_header_never_reaches_an_upstream() {
         "ordinary metadata still passes"
     );
     assert_eq!(seen[0].body_len, 4);
+}
+
+/// One identity holds at most `MAX_CONNECTIONS_PER_PEER` connections with a node: the next is
+/// closed, saying why, and those it holds still serve. Before, a peer could open them without end
+/// (about 40 KB of the node's memory each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_holds_a_bounded_number_of_connections() {
+    let pki = Pki::new();
+    let echo = "[[services]]\nname = \"echo\"\nupstream = \"builtin:echo\"\n";
+    let b = NodeProc::start("node-b", &pki.config("node-b", echo));
+    let max = mesh_node::MAX_CONNECTIONS_PER_PEER;
+    let mut held = Vec::new();
+    for _ in 0..max {
+        let (conn, endpoint) = connect_as(&pki, "hoarder", b.quic).await;
+        send_hello(
+            &conn,
+            &hello_frame("hoarder", mesh_proto::PROTOCOL_VERSION, &[]),
+        )
+        .await;
+        held.push((conn, endpoint));
+    }
+    b.wait_status("holding the hoarder's connections", UP, |s| {
+        s["connections_admitted"].as_u64() >= Some(max as u64)
+    });
+    let (conn, _endpoint) = connect_as(&pki, "hoarder", b.quic).await;
+    send_hello(
+        &conn,
+        &hello_frame("hoarder", mesh_proto::PROTOCOL_VERSION, &[]),
+    )
+    .await;
+    let closed = tokio::time::timeout(UP, conn.closed())
+        .await
+        .expect("closed");
+    assert!(
+        closed.to_string().contains("too many connections"),
+        "{closed}"
+    );
+    for (conn, _) in &held {
+        let (mut send, recv) = conn.open_bi().await.expect("stream");
+        write_message(
+            &mut send,
+            &RequestHead::new("echo", "say", 5000),
+            Bytes::from_static(b"hi"),
+        )
+        .await
+        .expect("write");
+        let mut reader = FrameReader::new(recv);
+        let head = reader.frame(MAX_HEAD_BYTES).await.expect("answer");
+        let answer: ResponseHead = decode_head(&head).expect("head");
+        assert_eq!(answer.status, Status::Ok, "{}", answer.message);
+    }
 }
 
 /// Calls `api.read` on `conn` with `:on-behalf-of = claimed`; the answer's status and message.

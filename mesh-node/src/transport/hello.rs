@@ -96,7 +96,8 @@ impl Transport {
             match Box::pin(read_hello(recv, certified, conn.remote_address())).await {
                 Ok(info) => {
                     debug!("{} now hosts {:?}", id.node_name(), info.services);
-                    self.inner.peers.register(info, conn);
+                    // The connection is registered already: an update is never refused.
+                    let _ = self.inner.peers.register(info, conn);
                 }
                 Err(why) => {
                     warn!("closing connection to {id}: {why}");

@@ -40,6 +40,9 @@ const CLOSE_GONE: u32 = 2;
 const CLOSE_EXPIRED: u32 = 3;
 /// Closing: the peer's identity or certificate is on the deny list of the policy in force.
 pub(crate) const CLOSE_REVOKED: u32 = 4;
+/// Closing: the peer's identity holds [`crate::peers::MAX_CONNECTIONS_PER_PEER`] connections with
+/// this node already.
+const CLOSE_TOO_MANY: u32 = 5;
 
 /// Why the QUIC endpoint could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -442,9 +445,20 @@ impl Transport {
                 return;
             }
         };
-        log_up(&info);
         let protocol = info.protocol;
-        self.inner.peers.register(info, &conn);
+        let shown = info.clone();
+        if !self.inner.peers.register(info, &conn) {
+            warn!(
+                "closing connection to {id} at {remote}: it holds {} connections with this node already",
+                crate::peers::MAX_CONNECTIONS_PER_PEER
+            );
+            conn.close(
+                CLOSE_TOO_MANY.into(),
+                b"too many connections from this identity",
+            );
+            return;
+        }
+        log_up(&shown);
         // Calls are served only once the peer's hello is checked: a stream it opened earlier
         // waits (bounded by its stream credit) and is read now.
         let serving = (self.inner.serve)(conn.clone(), certified.clone());

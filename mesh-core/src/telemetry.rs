@@ -39,6 +39,21 @@ fn parts_hash(keys: &foldhash::fast::RandomState, parts: &[&str], code: Option<u
     h.finish()
 }
 
+/// Who an audit event is about, for its bound per source: its caller, its peer, or the host of
+/// its remote address (any port); `None` for the node's own events (a policy applied).
+fn audit_source(event: &AuditEvent) -> Option<&str> {
+    let (key, value) = event
+        .fields
+        .iter()
+        .find(|(k, _)| matches!(k.as_str(), "caller" | "peer" | "remote"))?;
+    Some(match key.as_str() {
+        "remote" => value
+            .rsplit_once(':')
+            .map_or(value.as_str(), |(host, _)| host),
+        _ => value.as_str(),
+    })
+}
+
 #[derive(Debug, Clone, Default)]
 struct Acc {
     count: u64,
@@ -102,6 +117,8 @@ pub struct Telemetry {
     folded: u64,
     /// Call series in `counters`.
     call_series: usize,
+    /// Audit events in this batch by source (see [`audit_source`]), by the hash of its name.
+    audit_sources: crate::FastMap<u64, usize>,
     rules: BTreeMap<String, BTreeMap<&'static str, u64>>,
     /// TCP forward counters since the last batch, by (listen, service).
     tcp: BTreeMap<(String, String), TcpStats>,
@@ -157,6 +174,7 @@ impl Telemetry {
             keys: foldhash::fast::RandomState::default(),
             folded: 0,
             call_series: 0,
+            audit_sources: crate::FastMap::default(),
             rules: BTreeMap::new(),
             tcp: BTreeMap::new(),
         }
@@ -333,19 +351,33 @@ impl Telemetry {
         }
     }
 
-    /// Keeps an audit event for the next batch (at most `max_items` a batch; more are counted as
-    /// lost).
+    /// Keeps an audit event for the next batch (at most `max_items` a batch, and a tenth of that
+    /// from one source: a caller, a peer, a remote host; more are counted as lost). A peer making
+    /// denied calls, or a host failing handshakes, as fast as it can would otherwise fill every
+    /// batch and leave no room for the events of others.
     pub fn record_audit(&mut self, event: AuditEvent) {
-        if self.audit.len() < self.bounds.max_items {
-            self.audit.push(event);
-        } else {
+        if self.audit.len() >= self.bounds.max_items {
             self.lost_items += 1;
+            return;
         }
+        if let Some(source) = audit_source(&event) {
+            let held = self
+                .audit_sources
+                .entry(parts_hash(&self.keys, &[source], None))
+                .or_default();
+            if *held >= (self.bounds.max_items / 10).max(1) {
+                self.lost_items += 1;
+                return;
+            }
+            *held += 1;
+        }
+        self.audit.push(event);
     }
 
     /// Cuts a batch of everything recorded since the last one and queues it; returns its number.
     pub fn cut(&mut self, resources: Resources) -> u64 {
         self.call_series = 0;
+        self.audit_sources.clear();
         let mut counted: Vec<(Key, Acc)> = std::mem::take(&mut self.counters)
             .into_values()
             .flatten()
@@ -731,6 +763,46 @@ mod tests {
         t.cut(Resources::default());
         let next = t.pending().last().expect("batch");
         assert_eq!(next.calls[0].callee, "b/leaf/y");
+    }
+
+    #[test]
+    fn one_source_takes_a_tenth_of_a_batchs_audit_events() {
+        let mut t = Telemetry::with_bounds(Bounds {
+            max_items: 100,
+            ..Bounds::default()
+        });
+        let event = |kind: &str, fields: &[(&str, &str)]| AuditEvent {
+            unix_ms: 0,
+            kind: kind.into(),
+            fields: fields
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect(),
+        };
+        // A peer making denied calls as fast as it can, and a host failing handshakes from ever
+        // new ports.
+        for i in 0..1000 {
+            t.record_audit(event("denied", &[("caller", "spiffe://td/node/noisy")]));
+            let remote = format!("198.18.0.9:{}", 1000 + i);
+            t.record_audit(event("identity_refused", &[("remote", &remote)]));
+        }
+        t.record_audit(event("denied", &[("caller", "spiffe://td/node/other")]));
+        t.record_audit(event("policy_applied", &[("version", "7")]));
+        t.cut(Resources::default());
+        let batch = t.pending().next().expect("batch");
+        let kinds = |kind: &str| batch.audit.iter().filter(|e| e.kind == kind).count();
+        assert_eq!(
+            kinds("denied"),
+            11,
+            "ten of the noisy peer's, and the other's"
+        );
+        assert_eq!(kinds("identity_refused"), 10);
+        assert_eq!(kinds("policy_applied"), 1);
+        assert_eq!(batch.lost_items, 1980);
+        // Per batch: the next one takes the noisy peer's events again.
+        t.record_audit(event("denied", &[("caller", "spiffe://td/node/noisy")]));
+        t.cut(Resources::default());
+        assert_eq!(t.pending().last().map(|b| b.audit.len()), Some(1));
     }
 
     #[test]

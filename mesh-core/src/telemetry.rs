@@ -61,6 +61,21 @@ struct Acc {
     buckets: Vec<u64>,
 }
 
+impl Acc {
+    /// Counts a call of `us` microseconds.
+    fn add(&mut self, us: u64) {
+        self.count += 1;
+        self.sum_us = self.sum_us.saturating_add(us);
+        let bucket = LATENCY_BUCKETS_US
+            .iter()
+            .position(|&bound| us <= bound)
+            .unwrap_or(LATENCY_BUCKETS_US.len());
+        if let Some(b) = self.buckets.get_mut(bucket) {
+            *b += 1;
+        }
+    }
+}
+
 /// The method name calls are counted under once a node's series bound is reached.
 pub const OTHER_METHOD: &str = "_other";
 
@@ -249,9 +264,10 @@ impl Telemetry {
             Status::Upstream(code) => Some(u64::from(code)),
             _ => None,
         };
+        let keys = &self.keys;
         let series = |caller: &str, callee: &str| {
             parts_hash(
-                &self.keys,
+                keys,
                 &[service, method, caller, callee, status.as_str()],
                 code,
             )
@@ -259,21 +275,32 @@ impl Telemetry {
         let same = |((s, m, cr, ce, st), _): &(Key, Acc), caller: &str, callee: &str| {
             s == service && m == method && cr == caller && ce == callee && *st == status
         };
-        let mut hash = series(caller, callee);
-        let (mut caller, mut callee) = (caller, callee);
-        let known = self
-            .counters
-            .get(&hash)
-            .is_some_and(|slot| slot.iter().any(|e| same(e, caller, callee)));
-        if !known && self.call_series >= self.bounds.max_series * CALL_SERIES_PER_PAIR {
-            (caller, callee) = (OTHER_METHOD, OTHER_METHOD);
-            hash = series(caller, callee);
-            // Counted as folded once, whether or not its method was.
-            self.folded = folded + 1;
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        let hash = series(caller, callee);
+        // A series counted already (every call but a series' first): one lookup.
+        if let Some(acc) = self.counters.get_mut(&hash).and_then(|slot| {
+            slot.iter_mut()
+                .find(|e| same(e, caller, callee))
+                .map(|(_, acc)| acc)
+        }) {
+            acc.add(us);
+            return;
         }
+        let (caller, callee, hash) =
+            if self.call_series < self.bounds.max_series * CALL_SERIES_PER_PAIR {
+                (caller, callee, hash)
+            } else {
+                // Counted as folded once, whether or not its method was.
+                self.folded = folded + 1;
+                (
+                    OTHER_METHOD,
+                    OTHER_METHOD,
+                    series(OTHER_METHOD, OTHER_METHOD),
+                )
+            };
         let slot = self.counters.entry(hash).or_default();
-        let index = match slot.iter().position(|e| same(e, caller, callee)) {
-            Some(i) => i,
+        match slot.iter_mut().find(|e| same(e, caller, callee)) {
+            Some((_, acc)) => acc.add(us),
             None => {
                 self.call_series += 1;
                 let key = (
@@ -283,25 +310,14 @@ impl Telemetry {
                     callee.to_owned(),
                     status,
                 );
-                slot.push((
-                    key,
-                    Acc {
-                        buckets: vec![0; LATENCY_BUCKETS_US.len() + 1],
-                        ..Acc::default()
-                    },
-                ));
-                slot.len() - 1
+                let mut acc = Acc {
+                    buckets: vec![0; LATENCY_BUCKETS_US.len() + 1],
+                    ..Acc::default()
+                };
+                acc.add(us);
+                slot.push((key, acc));
             }
-        };
-        let acc = &mut slot[index].1;
-        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        acc.count += 1;
-        acc.sum_us = acc.sum_us.saturating_add(us);
-        let bucket = LATENCY_BUCKETS_US
-            .iter()
-            .position(|&bound| us <= bound)
-            .unwrap_or(LATENCY_BUCKETS_US.len());
-        acc.buckets[bucket] += 1;
+        }
     }
 
     /// `(service, method)`, or, once the series bound is reached for a pair not seen before, the

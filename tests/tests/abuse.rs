@@ -387,7 +387,7 @@ async fn two_hundred_connections_stay_within_the_memory_bound() {
         "200 connections: {} KiB each",
         peak.saturating_sub(before) / 200
     );
-    // limits.max_connections (256 by default) of them at most.
+    // Two hundred identities: one alone holds at most mesh_node::MAX_CONNECTIONS_PER_PEER.
     row("200 idle connections", before, peak, before + 200 * 128);
     drop(held);
 }

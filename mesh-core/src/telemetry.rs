@@ -260,46 +260,48 @@ impl Telemetry {
     ) {
         let folded = self.folded;
         let (service, method) = self.bounded(service, method);
-        let code = match status {
-            Status::Upstream(code) => Some(u64::from(code)),
-            _ => None,
-        };
         let keys = &self.keys;
-        let series = |caller: &str, callee: &str| {
+        let series = |caller: &str, callee: &str, status: Status| {
+            let code = match status {
+                Status::Upstream(code) => Some(u64::from(code)),
+                _ => None,
+            };
             parts_hash(
                 keys,
                 &[service, method, caller, callee, status.as_str()],
                 code,
             )
         };
-        let same = |((s, m, cr, ce, st), _): &(Key, Acc), caller: &str, callee: &str| {
+        let same = |((s, m, cr, ce, st), _): &(Key, Acc), caller: &str, callee: &str, status| {
             s == service && m == method && cr == caller && ce == callee && *st == status
         };
         let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        let hash = series(caller, callee);
+        let hash = series(caller, callee, status);
         // A series counted already (every call but a series' first): one lookup.
         if let Some(acc) = self.counters.get_mut(&hash).and_then(|slot| {
             slot.iter_mut()
-                .find(|e| same(e, caller, callee))
+                .find(|e| same(e, caller, callee, status))
                 .map(|(_, acc)| acc)
         }) {
             acc.add(us);
             return;
         }
-        let (caller, callee, hash) =
+        let (caller, callee, status, hash) =
             if self.call_series < self.bounds.max_series * CALL_SERIES_PER_PAIR {
-                (caller, callee, hash)
+                (caller, callee, status, hash)
             } else {
-                // Counted as folded once, whether or not its method was.
+                // Counted as folded once, whether or not its method was. An upstream's code is a
+                // callee's word too: any code folds to one.
                 self.folded = folded + 1;
-                (
-                    OTHER_METHOD,
-                    OTHER_METHOD,
-                    series(OTHER_METHOD, OTHER_METHOD),
-                )
+                let status = match status {
+                    Status::Upstream(_) => Status::Upstream(0),
+                    other => other,
+                };
+                let hash = series(OTHER_METHOD, OTHER_METHOD, status);
+                (OTHER_METHOD, OTHER_METHOD, status, hash)
             };
         let slot = self.counters.entry(hash).or_default();
-        match slot.iter_mut().find(|e| same(e, caller, callee)) {
+        match slot.iter_mut().find(|e| same(e, caller, callee, status)) {
             Some((_, acc)) => acc.add(us),
             None => {
                 self.call_series += 1;
@@ -774,6 +776,17 @@ mod tests {
         assert_eq!(batch.folded, 10_000 - bound as u64);
         let first = batch.calls.iter().find(|c| c.callee == "b/leaf/x0");
         assert_eq!(first.map(|c| c.count), Some(2));
+        // Nor can it with upstream codes: past the bound, any code is one series.
+        for code in 0..5_000u16 {
+            t.record_call("s", "m", "a", "b/leaf/z", Status::Upstream(code), ms(1));
+        }
+        t.cut(Resources::default());
+        let batch = t.pending().last().expect("batch");
+        assert_eq!(
+            batch.calls.len(),
+            bound + 1,
+            "the bound, and one folded code"
+        );
         // The bound is per batch: the next one counts new series again.
         t.record_call("s", "m", "a", "b/leaf/y", Status::Ok, ms(1));
         t.cut(Resources::default());

@@ -29,9 +29,10 @@ pub struct CallOptions {
 pub(crate) const ON_BEHALF_OF_METADATA: &str = ":on-behalf-of";
 
 /// Whether a metadata key is the mesh's own, never taken from a peer or an app: `:`-names, and
-/// `x-starling-*` in any case and with `_` for `-`. An HTTP upstream behind CGI, WSGI or PHP reads
-/// `x_starling_caller` and `X-Starling-Caller` as one variable (`HTTP_X_STARLING_CALLER`), so a
-/// peer's `x_starling_caller` would otherwise pass as the caller the node vouches for.
+/// `x-starling-*` in any case and with any other punctuation for `-`. An HTTP upstream behind CGI,
+/// WSGI or PHP reads `x_starling_caller` and `X-Starling-Caller` as one variable
+/// (`HTTP_X_STARLING_CALLER`; some servers map every character that is not a letter or a digit
+/// so), and a peer's `x_starling_caller` would otherwise pass as the caller the node vouches for.
 pub(crate) fn is_mesh_key(key: &str) -> bool {
     const PREFIX: &[u8] = b"x-starling-";
     key.starts_with(':')
@@ -39,7 +40,9 @@ pub(crate) fn is_mesh_key(key: &str) -> bool {
             && key.as_bytes()[..PREFIX.len()]
                 .iter()
                 .zip(PREFIX)
-                .all(|(k, p)| k.to_ascii_lowercase() == *p || (*k == b'_' && *p == b'-'))
+                .all(|(k, p)| {
+                    k.to_ascii_lowercase() == *p || (*p == b'-' && !k.is_ascii_alphanumeric())
+                })
 }
 
 /// A call as the callee sees it, after its head was parsed and checked.
@@ -434,6 +437,8 @@ mod tests {
             "X_STARLING_SERVICE",
             "x-starling_caller",
             "x_starling-",
+            "x.starling.caller",
+            "X~Starling~Caller",
         ] {
             assert!(is_mesh_key(key), "{key} passed as an app's key");
         }

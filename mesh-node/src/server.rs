@@ -127,8 +127,8 @@ impl StreamAllowance {
     }
 }
 
-/// Bytes of a request body taken from its connection's share and the node's budget; given back
-/// when dropped.
+/// Bytes of a request body taken from its peer's share and the node's budget; given back when
+/// dropped.
 #[derive(Default)]
 struct BodyHold<'a> {
     conn: Option<tokio::sync::SemaphorePermit<'a>>,
@@ -216,7 +216,7 @@ impl Server {
         share
     }
 
-    /// Takes `bytes` more of body into `hold`: from the connection's share `conn`, then from the
+    /// Takes `bytes` more of body into `hold`: from the peer's share `conn`, then from the
     /// node's budget; false, taking nothing, if either is spent. A body is never left waiting
     /// unread: its bytes would fill QUIC's connection window and stall the bodies being read.
     fn hold_body<'a>(
@@ -981,7 +981,6 @@ fn on_behalf_of(caller: &SpiffeId, claimed: &str) -> Result<SpiffeId, Reply> {
     }
 }
 
-/// Writes a reply on a call stream.
 impl Server {
     /// Writes the reply to a call whose body holds memory: a caller that does not read it within
     /// `limits.call_timeout` has its stream reset, and gives the memory back. A `kept` stream
@@ -1019,7 +1018,7 @@ impl Server {
 }
 
 /// A reply's head and body, encoded as frames; the head says the stream is kept for the next call
-/// when `keep` (and the second value whether it does). Not in `write_reply`'s body: the head has
+/// when `keep` (and the second value whether it does). Not in `write_held_reply`'s body: the head has
 /// room for every metadata entry, and held across the write it would make every call's future that
 /// much larger.
 fn encoded_reply(reply: &Reply, keep: bool) -> (crate::wire::Framed, bool) {

@@ -187,14 +187,20 @@ async fn a_peer_over_several_connections_holds_one_share_of_the_body_budget() {
     }
     // Another peer's call with a body is served.
     let (conn, _endpoint) = member(&pki, &node, "honest").await;
-    let (mut send, recv) = conn.open_bi().await.expect("stream");
-    write_message(
-        &mut send,
-        &RequestHead::new("echo", "say", 5_000),
-        Bytes::from(vec![7u8; 64 * 1024]),
-    )
+    let (mut send, recv) = tokio::time::timeout(Duration::from_secs(5), async {
+        let (mut send, recv) = conn.open_bi().await.expect("stream");
+        write_message(
+            &mut send,
+            &RequestHead::new("echo", "say", 5_000),
+            Bytes::from(vec![7u8; 64 * 1024]),
+        )
+        .await
+        .expect("call");
+        (send, recv)
+    })
     .await
-    .expect("call");
+    .expect("sent in time");
+    let _ = send.finish();
     let mut reader = FrameReader::new(recv);
     let answer = tokio::time::timeout(Duration::from_secs(5), reader.frame(MAX_HEAD_BYTES))
         .await

@@ -357,17 +357,21 @@ async fn a_peer_holds_a_bounded_number_of_connections() {
         "{closed}"
     );
     for (conn, _) in &held {
-        let (mut send, recv) = conn.open_bi().await.expect("stream");
-        write_message(
-            &mut send,
-            &RequestHead::new("echo", "say", 5000),
-            Bytes::from_static(b"hi"),
-        )
+        let answered = tokio::time::timeout(UP, async {
+            let (mut send, recv) = conn.open_bi().await.expect("stream");
+            write_message(
+                &mut send,
+                &RequestHead::new("echo", "say", 5000),
+                Bytes::from_static(b"hi"),
+            )
+            .await
+            .expect("write");
+            let mut reader = FrameReader::new(recv);
+            reader.frame(MAX_HEAD_BYTES).await.expect("answer")
+        })
         .await
-        .expect("write");
-        let mut reader = FrameReader::new(recv);
-        let head = reader.frame(MAX_HEAD_BYTES).await.expect("answer");
-        let answer: ResponseHead = decode_head(&head).expect("head");
+        .expect("answered in time");
+        let answer: ResponseHead = decode_head(&answered).expect("head");
         assert_eq!(answer.status, Status::Ok, "{}", answer.message);
     }
 }

@@ -657,12 +657,31 @@ services = ["strongbox"]
             &labels,
         )
         .expect("issue");
-    let peers = format!("[[peers]]\naddr = \"{}\"\n", strongbox.local_addr());
+    // The gateway's node also hosts a service of its own, under the same rule.
+    let extra = format!(
+        "{}[[peers]]\naddr = \"{}\"\n",
+        health("coffer"),
+        strongbox.local_addr()
+    );
     let options = mesh_node::NodeOptions {
         gateway: true,
         ..Default::default()
     };
-    let gateway = pki.memory_node_as_with(network(), &issued, &peers, options);
+    let gateway = pki.memory_node_as_with(network(), &issued, &extra, options);
+    gateway.set_policy(
+        1,
+        policy(
+            r#"
+[authorization]
+default = "deny"
+[[authorization.rules]]
+name = "secure-zone"
+effect = "allow"
+caller_labels = { zone = "secure" }
+services = ["coffer"]
+"#,
+        ),
+    );
     wait_peers(&gateway, 1).await;
     gateway
         .call("strongbox", "check", Bytes::new())
@@ -684,6 +703,20 @@ services = ["strongbox"]
         refused.status,
         Status::PermissionDenied,
         "the cloud came in with the gateway's zone: {}",
+        refused.message
+    );
+    // The same on the gateway's own node, where the call never crosses the network.
+    gateway
+        .call("coffer", "check", Bytes::new())
+        .await
+        .expect("the gateway's own zone lets it in");
+    let refused = gateway
+        .call_with("coffer", "check", Bytes::new(), &options)
+        .await;
+    assert_eq!(
+        refused.status,
+        Status::PermissionDenied,
+        "the cloud came in with the gateway's zone, locally: {}",
         refused.message
     );
 }

@@ -88,8 +88,9 @@ impl Transport {
                     Ok(conn) => {
                         match peer_id(&conn) {
                             Ok(id) if id.node_name() == &name => {
-                                backoff.reset();
-                                self.run_connection(conn).await;
+                                if self.run_connection(conn).await == super::Served::Yes {
+                                    backoff.reset();
+                                }
                                 last.clear();
                             }
                             Ok(id) => {

@@ -44,6 +44,15 @@ pub(crate) const CLOSE_REVOKED: u32 = 4;
 /// this node already.
 const CLOSE_TOO_MANY: u32 = 5;
 
+/// How a connection ended, for the dialler's back-off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Served {
+    /// Served (or refused for a reason a new dial may not meet again).
+    Yes,
+    /// Refused by either side: the peer holds too many connections with the other.
+    TooMany,
+}
+
 /// Why the QUIC endpoint could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
@@ -249,7 +258,9 @@ impl Transport {
             let transport = self.clone();
             tokio::spawn(async move {
                 match transport.connect(addr).await {
-                    Ok(conn) => transport.run_connection(conn).await,
+                    Ok(conn) => {
+                        transport.run_connection(conn).await;
+                    }
                     Err(e) => warn!("cannot reconnect to {addr} with the renewed certificate: {e}"),
                 }
             });
@@ -295,7 +306,9 @@ impl Transport {
                 // Boxed: the handshake's state would otherwise stay in the task for the
                 // connection's life (10,000 of them on a gateway).
                 match Box::pin(incoming.into_future()).await {
-                    Ok(conn) => transport.run_connection(conn).await,
+                    Ok(conn) => {
+                        transport.run_connection(conn).await;
+                    }
                     Err(e) => {
                         let why = ConnectError::of(&e);
                         warn!("refused connection from {remote}: {why}");
@@ -331,8 +344,12 @@ impl Transport {
             match self.connect(addr).await {
                 Ok(conn) => {
                     self.inner.peers.set_dial_error(addr, None);
-                    backoff.reset();
-                    self.run_connection(conn).await;
+                    // A connection refused for the peer's number of them is no progress: the
+                    // back-off goes on, or a peer holding its eight would keep this node
+                    // dialling it without pause.
+                    if self.run_connection(conn).await == Served::Yes {
+                        backoff.reset();
+                    }
                 }
                 Err(why) => {
                     warn!("cannot connect to peer {addr}: {why}");
@@ -404,8 +421,9 @@ impl Transport {
         }
     }
 
-    /// Serves a connection until it closes: hellos both ways, then calls.
-    async fn run_connection(&self, conn: quinn::Connection) {
+    /// Serves a connection until it closes: hellos both ways, then calls. Says whether it was
+    /// refused, by either side, because the peer holds too many connections with the other.
+    async fn run_connection(&self, conn: quinn::Connection) -> Served {
         let remote = conn.remote_address();
         let alpn = conn
             .handshake_data()
@@ -417,7 +435,7 @@ impl Transport {
                 Some(service) => service.serve(conn).await,
                 None => conn.close(CLOSE_BAD_HELLO.into(), b"no enrolment here"),
             }
-            return;
+            return Served::Yes;
         }
         // Who the peer is, its labels, and until when: all from the certificate its handshake
         // verified.
@@ -427,13 +445,13 @@ impl Transport {
             Err(e) => {
                 warn!("closing connection from {remote}: {e}");
                 conn.close(CLOSE_BAD_HELLO.into(), b"no identity");
-                return;
+                return Served::Yes;
             }
         };
         let id = &certified.id;
         let mut revoked = self.inner.revoked.clone();
         if self.refuse_if_revoked(&conn, &certified, &revoked.borrow_and_update()) {
-            return;
+            return Served::Yes;
         }
         // Boxed: a connection's task lives as long as the connection, and its size is that of its
         // largest step, which the hellos were (1.3 KB, once).
@@ -442,7 +460,7 @@ impl Transport {
             Err(why) => {
                 warn!("closing connection to {id} at {remote}: {why}");
                 conn.close(CLOSE_BAD_HELLO.into(), why.to_string().as_bytes());
-                return;
+                return Served::Yes;
             }
         };
         let protocol = info.protocol;
@@ -456,7 +474,7 @@ impl Transport {
                 CLOSE_TOO_MANY.into(),
                 b"too many connections from this identity",
             );
-            return;
+            return Served::TooMany;
         }
         log_up(&shown);
         // Calls are served only once the peer's hello is checked: a stream it opened earlier
@@ -493,6 +511,14 @@ impl Transport {
         self.note_revoked_by_peer(id, &reason);
         if self.inner.peers.unregister(id, &conn) {
             info!("peer down: {} ({id}): {reason}", id.node_name());
+        }
+        match reason {
+            quinn::ConnectionError::ApplicationClosed(close)
+                if close.error_code == CLOSE_TOO_MANY.into() =>
+            {
+                Served::TooMany
+            }
+            _ => Served::Yes,
         }
     }
 

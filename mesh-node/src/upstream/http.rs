@@ -298,9 +298,19 @@ impl HttpUpstream {
 }
 
 /// Whether a metadata entry named `name` may reach the upstream as a header. Names are compared
-/// with `_` read as `-`, as CGI-style servers read them (`content_length` is `CONTENT_LENGTH`).
+/// with any character that is not a letter or a digit read as `-`, as CGI-style servers read
+/// them (`content_length` is `CONTENT_LENGTH`).
 fn forwardable(name: &str) -> bool {
-    let name = name.to_ascii_lowercase().replace('_', "-");
+    let name: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
     !(name.starts_with("x-starling-")
         || name.starts_with("content-")
         || name.starts_with("proxy-")
@@ -340,6 +350,7 @@ mod tests {
             "X_Starling-Caller",
             "transfer_encoding",
             "content_length",
+            "x.starling.caller",
         ] {
             assert!(!forwardable(name), "{name} passed");
         }

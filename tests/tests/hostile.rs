@@ -376,6 +376,52 @@ async fn a_peer_holds_a_bounded_number_of_connections() {
     }
 }
 
+/// A node whose connections a peer refuses as one too many dials it again with a growing
+/// back-off, not every 100 ms: someone holding eight connections with node-a under node-b's
+/// identity makes node-b, which dials node-a, retry a few times in three seconds, not thirty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dial_refused_as_one_too_many_backs_off() {
+    let pki = Pki::new();
+    let a = NodeProc::start("node-a", &pki.config("node-a", ""));
+    let b_conf = pki.config("node-b", &format!("[[peers]]\naddr = \"{}\"\n", a.quic));
+    let max = mesh_node::MAX_CONNECTIONS_PER_PEER;
+    let mut held = Vec::new();
+    for _ in 0..max {
+        let (conn, endpoint) = connect_as(&pki, "node-b", a.quic).await;
+        send_hello(
+            &conn,
+            &hello_frame("node-b", mesh_proto::PROTOCOL_VERSION, &[]),
+        )
+        .await;
+        held.push((conn, endpoint));
+    }
+    a.wait_status("holding node-b's connections", UP, |s| {
+        s["connections_admitted"].as_u64() >= Some(max as u64)
+    });
+    let _b = NodeProc::start("node-b", &b_conf);
+    let first = a.wait_status("refusing node-b's dial", UP, |s| {
+        s["refused_handshakes"].as_u64() >= Some(1)
+    });
+    let first = first["refused_handshakes"].as_u64().unwrap_or_default();
+    // The window the back-off is measured over (50-100 ms between dials without it).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status = a.wait_status("status", UP, |_| true);
+    let refused = status["refused_handshakes"].as_u64().unwrap_or_default() - first;
+    assert!(
+        refused <= 8,
+        "node-b dialled {refused} more times in 3 s: {}",
+        status["last_refusal"]
+    );
+    assert!(
+        status["last_refusal"]
+            .as_str()
+            .is_some_and(|r| r.contains("holds 8 connections")),
+        "{}",
+        status["last_refusal"]
+    );
+    drop(held);
+}
+
 /// Calls `api.read` on `conn` with `:on-behalf-of = claimed`; the answer's status and message.
 async fn call_on_behalf_of(conn: &quinn::Connection, claimed: &str) -> (Status, String) {
     let mut head = RequestHead::new("api", "read", 5000);

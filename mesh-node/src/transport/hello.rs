@@ -35,6 +35,9 @@ pub(crate) struct Me {
 pub(crate) enum HelloError {
     #[error("hello stream failed: {0}")]
     Stream(String),
+    /// The connection ended (the peer may have said why: see `Served`).
+    #[error("hello stream failed: {0}")]
+    Lost(quinn::ConnectionError),
     #[error("bad hello: {0}")]
     Malformed(String),
     #[error("hello names {claimed:?} but the certificate proves {proven}")]
@@ -56,21 +59,16 @@ impl Transport {
     ) -> Result<PeerInfo, HelloError> {
         let ours = self.encode_hello();
         let send_ours = async {
-            let mut uni = conn
-                .open_uni()
-                .await
-                .map_err(|e| HelloError::Stream(e.to_string()))?;
-            uni.write_all(&ours)
-                .await
-                .map_err(|e| HelloError::Stream(e.to_string()))?;
+            let mut uni = conn.open_uni().await.map_err(HelloError::Lost)?;
+            uni.write_all(&ours).await.map_err(|e| match e {
+                quinn::WriteError::ConnectionLost(e) => HelloError::Lost(e),
+                e => HelloError::Stream(e.to_string()),
+            })?;
             let _ = uni.finish();
             Ok::<_, HelloError>(())
         };
         let read_theirs = async {
-            let recv = conn
-                .accept_uni()
-                .await
-                .map_err(|e| HelloError::Stream(e.to_string()))?;
+            let recv = conn.accept_uni().await.map_err(HelloError::Lost)?;
             read_hello(recv, certified, conn.remote_address()).await
         };
         let both = async { tokio::try_join!(send_ours, read_theirs).map(|(_, info)| info) };

@@ -53,6 +53,27 @@ enum Served {
     TooMany,
 }
 
+impl Served {
+    /// How `conn` ended, once it has.
+    fn of(conn: &quinn::Connection) -> Served {
+        conn.close_reason()
+            .as_ref()
+            .map_or(Served::Yes, Served::of_error)
+    }
+
+    /// How a connection that ended with `error` ended.
+    fn of_error(error: &quinn::ConnectionError) -> Served {
+        match error {
+            quinn::ConnectionError::ApplicationClosed(close)
+                if close.error_code == CLOSE_TOO_MANY.into() =>
+            {
+                Served::TooMany
+            }
+            _ => Served::Yes,
+        }
+    }
+}
+
 /// Why the QUIC endpoint could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
@@ -459,17 +480,32 @@ impl Transport {
             Ok(info) => info,
             Err(why) => {
                 warn!("closing connection to {id} at {remote}: {why}");
+                // The peer may have closed first, refusing this connection as one too many.
+                let served = match &why {
+                    hello::HelloError::Lost(e) => Served::of_error(e),
+                    _ => Served::Yes,
+                };
                 conn.close(CLOSE_BAD_HELLO.into(), why.to_string().as_bytes());
-                return Served::Yes;
+                return served;
             }
         };
         let protocol = info.protocol;
         let shown = info.clone();
         if !self.inner.peers.register(info, &conn) {
-            warn!(
-                "closing connection to {id} at {remote}: it holds {} connections with this node already",
+            let why = format!(
+                "{id} holds {} connections with this node already",
                 crate::peers::MAX_CONNECTIONS_PER_PEER
             );
+            warn!("closing connection at {remote}: {why}");
+            // Counted and shown with the node's other refusals (its status).
+            self.inner
+                .refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            *self
+                .inner
+                .last_refusal
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(format!("{remote}: {why}"));
             conn.close(
                 CLOSE_TOO_MANY.into(),
                 b"too many connections from this identity",
@@ -512,14 +548,7 @@ impl Transport {
         if self.inner.peers.unregister(id, &conn) {
             info!("peer down: {} ({id}): {reason}", id.node_name());
         }
-        match reason {
-            quinn::ConnectionError::ApplicationClosed(close)
-                if close.error_code == CLOSE_TOO_MANY.into() =>
-            {
-                Served::TooMany
-            }
-            _ => Served::Yes,
-        }
+        Served::of(&conn)
     }
 
     /// Closes `conn` if the deny list names its peer's identity or certificate; says whether it

@@ -321,28 +321,35 @@ async fn a_forged_caller_header_never_reaches_an_upstream() {
     assert_eq!(seen[0].body_len, 4);
 }
 
+/// `MAX_CONNECTIONS_PER_PEER` connections with `node` as `name`, hellos sent, once the node
+/// holds them all.
+async fn hoard(
+    pki: &Pki,
+    name: &str,
+    node: &NodeProc,
+) -> Vec<(quinn::Connection, quinn::Endpoint)> {
+    let max = mesh_node::MAX_CONNECTIONS_PER_PEER;
+    let mut held = Vec::new();
+    for _ in 0..max {
+        let (conn, endpoint) = connect_as(pki, name, node.quic).await;
+        send_hello(&conn, &hello_frame(name, mesh_proto::PROTOCOL_VERSION, &[])).await;
+        held.push((conn, endpoint));
+    }
+    node.wait_status("holding the hoarded connections", UP, |s| {
+        s["connections_admitted"].as_u64() >= Some(max as u64)
+    });
+    held
+}
+
 /// One identity holds at most `MAX_CONNECTIONS_PER_PEER` connections with a node: the next is
 /// closed, saying why, and those it holds still serve. Before, a peer could open them without end
-/// (about 40 KB of the node's memory each).
+/// (tens of KB of the node's memory each).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_holds_a_bounded_number_of_connections() {
     let pki = Pki::new();
     let echo = "[[services]]\nname = \"echo\"\nupstream = \"builtin:echo\"\n";
     let b = NodeProc::start("node-b", &pki.config("node-b", echo));
-    let max = mesh_node::MAX_CONNECTIONS_PER_PEER;
-    let mut held = Vec::new();
-    for _ in 0..max {
-        let (conn, endpoint) = connect_as(&pki, "hoarder", b.quic).await;
-        send_hello(
-            &conn,
-            &hello_frame("hoarder", mesh_proto::PROTOCOL_VERSION, &[]),
-        )
-        .await;
-        held.push((conn, endpoint));
-    }
-    b.wait_status("holding the hoarder's connections", UP, |s| {
-        s["connections_admitted"].as_u64() >= Some(max as u64)
-    });
+    let held = hoard(&pki, "hoarder", &b).await;
     let (conn, _endpoint) = connect_as(&pki, "hoarder", b.quic).await;
     send_hello(
         &conn,
@@ -384,20 +391,7 @@ async fn a_dial_refused_as_one_too_many_backs_off() {
     let pki = Pki::new();
     let a = NodeProc::start("node-a", &pki.config("node-a", ""));
     let b_conf = pki.config("node-b", &format!("[[peers]]\naddr = \"{}\"\n", a.quic));
-    let max = mesh_node::MAX_CONNECTIONS_PER_PEER;
-    let mut held = Vec::new();
-    for _ in 0..max {
-        let (conn, endpoint) = connect_as(&pki, "node-b", a.quic).await;
-        send_hello(
-            &conn,
-            &hello_frame("node-b", mesh_proto::PROTOCOL_VERSION, &[]),
-        )
-        .await;
-        held.push((conn, endpoint));
-    }
-    a.wait_status("holding node-b's connections", UP, |s| {
-        s["connections_admitted"].as_u64() >= Some(max as u64)
-    });
+    let held = hoard(&pki, "node-b", &a).await;
     let _b = NodeProc::start("node-b", &b_conf);
     let first = a.wait_status("refusing node-b's dial", UP, |s| {
         s["refused_handshakes"].as_u64() >= Some(1)

@@ -889,16 +889,12 @@ async fn a_floor_saved_while_the_clock_ran_ahead_is_lowered_by_the_gateways_time
     assert_eq!(code, 200, "{body:?}");
 }
 
-/// A peer that asks for relays and never reads the answers (its streams grant almost no credit)
-/// takes one of the relay's places at most: node-n still renews through node-p. Before, one peer
-/// could take all four, and each kept its place while its refusal waited to be written: for good.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_that_never_reads_takes_one_relay_place_at_most() {
-    let pki = Pki::new();
-    let (gw_conf, issuer) = issuing_gateway_and_issuer(&pki, 3600);
+/// A gateway with an issuer, and node-p linked to it: the peer other nodes renew through.
+fn relaying_node(pki: &Pki) -> (NodeProc, mesh_gateway::ca::Ca, NodeProc) {
+    let (gw_conf, issuer) = issuing_gateway_and_issuer(pki, 3600);
     let (gw, _) = NodeProc::start_gateway("gw", &gw_conf);
     let p = short_lived_node(
-        &pki,
+        pki,
         &issuer,
         "node-p",
         Duration::from_secs(3600),
@@ -906,6 +902,39 @@ async fn a_peer_that_never_reads_takes_one_relay_place_at_most() {
         ECHO,
     );
     p.wait_gateway(UP);
+    (gw, issuer, p)
+}
+
+/// node-n, with a certificate of 15 s, that knows node-p only (no gateway address, no
+/// discovery), once it has renewed through it; and its status then.
+fn renewed_through(
+    pki: &Pki,
+    issuer: &mesh_gateway::ca::Ca,
+    p: &NodeProc,
+) -> (NodeProc, serde_json::Value) {
+    let dir = pki.node_dir_from(issuer, "node-n", Duration::from_secs(15));
+    let n = NodeProc::start(
+        "node-n",
+        &pki.write_config(
+            dir,
+            "node-n",
+            &format!("{FAST}[[peers]]\naddr = \"{}\"\n", p.quic),
+        ),
+    );
+    n.wait_peer("node-p", UP);
+    let s = n.wait_status("renewed through node-p", Duration::from_secs(30), |s| {
+        s["renewal"]["renewals"].as_u64() >= Some(1)
+    });
+    (n, s)
+}
+
+/// A peer that asks for relays and never reads the answers (its streams grant almost no credit)
+/// takes one of the relay's places at most: node-n still renews through node-p. Before, one peer
+/// could take all four, and each kept its place while its refusal waited to be written: for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_reads_takes_one_relay_place_at_most() {
+    let pki = Pki::new();
+    let (_gw, issuer, p) = relaying_node(&pki);
 
     // The staller: 300 bytes of credit a stream, room for node-p's hello but not for the
     // gateway's roots, so a relayed answer (and anything after it) waits.
@@ -950,51 +979,16 @@ async fn a_peer_that_never_reads_takes_one_relay_place_at_most() {
         asks.push((send, recv));
     }
 
-    // node-n knows node-p only, and renews through it all the same.
-    let dir = pki.node_dir_from(&issuer, "node-n", Duration::from_secs(15));
-    let n = NodeProc::start(
-        "node-n",
-        &pki.write_config(
-            dir,
-            "node-n",
-            &format!("{FAST}[[peers]]\naddr = \"{}\"\n", p.quic),
-        ),
-    );
-    n.wait_peer("node-p", UP);
-    n.wait_status("renewed through node-p", Duration::from_secs(30), |s| {
-        s["renewal"]["renewals"].as_u64() >= Some(1)
-    });
+    // node-n renews through node-p all the same.
+    renewed_through(&pki, &issuer, &p);
     drop(asks);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_reaches_its_gateway_only_through_a_peer_renews_through_it() {
     let pki = Pki::new();
-    let (gw_conf, issuer) = issuing_gateway_and_issuer(&pki, 3600);
-    let (gw, _) = NodeProc::start_gateway("gw", &gw_conf);
-    let p = short_lived_node(
-        &pki,
-        &issuer,
-        "node-p",
-        Duration::from_secs(3600),
-        gw.quic,
-        ECHO,
-    );
-    p.wait_gateway(UP);
-    // node-n knows node-p only: no gateway address, no discovery.
-    let dir = pki.node_dir_from(&issuer, "node-n", Duration::from_secs(15));
-    let n = NodeProc::start(
-        "node-n",
-        &pki.write_config(
-            dir,
-            "node-n",
-            &format!("{FAST}[[peers]]\naddr = \"{}\"\n", p.quic),
-        ),
-    );
-    n.wait_peer("node-p", UP);
-    let s = n.wait_status("renewed through node-p", Duration::from_secs(30), |s| {
-        s["renewal"]["renewals"].as_u64() >= Some(1)
-    });
+    let (_gw, issuer, p) = relaying_node(&pki);
+    let (n, s) = renewed_through(&pki, &issuer, &p);
     assert!(s["gateway"].is_null(), "it had a control stream: {s}");
     assert!(
         s["certificate_expires_in_s"].as_i64() > Some(15),

@@ -545,6 +545,21 @@ async fn a_policy_pushed_by_the_gateway_takes_effect_without_restarts() {
     assert_eq!(code, 200);
 }
 
+/// A policy that lets in only callers whose certificate says `zone = "secure"`, to `service`.
+fn secure_zone_only(service: &str) -> Policy {
+    policy(&format!(
+        r#"
+[authorization]
+default = "deny"
+[[authorization.rules]]
+name = "secure-zone"
+effect = "allow"
+caller_labels = {{ zone = "secure" }}
+services = ["{service}"]
+"#
+    ))
+}
+
 /// Labels decide access and routing only when the CA certified them: a node that merely announces
 /// `zone = "secure"` (its config, its hello) gets nothing a `zone = "secure"` rule gives, and an
 /// endpoint that announces `version = "v2"` draws no canary traffic.
@@ -552,20 +567,7 @@ async fn a_policy_pushed_by_the_gateway_takes_effect_without_restarts() {
 async fn announced_labels_decide_nothing_certified_ones_do() {
     let pki = Pki::new();
     let vault = node(&pki, "vault", &[], &health("vault"), &[]).await;
-    vault.set_policy(
-        1,
-        policy(
-            r#"
-[authorization]
-default = "deny"
-[[authorization.rules]]
-name = "secure-zone"
-effect = "allow"
-caller_labels = { zone = "secure" }
-services = ["vault"]
-"#,
-        ),
-    );
+    vault.set_policy(1, secure_zone_only("vault"));
     // `boaster` announces zone = secure; its certificate certifies nothing.
     let mut extra = String::from("[labels]\nzone = \"secure\"\n");
     extra.push_str(&format!("[[peers]]\naddr = \"{}\"\n", vault.local_addr()));
@@ -633,20 +635,7 @@ split = [ { subset = { version = "v2" }, weight = 1 } ]
 async fn a_call_for_the_cloud_carries_none_of_the_gateways_labels() {
     let pki = Pki::new();
     let strongbox = node(&pki, "strongbox", &[], &health("strongbox"), &[]).await;
-    strongbox.set_policy(
-        1,
-        policy(
-            r#"
-[authorization]
-default = "deny"
-[[authorization.rules]]
-name = "secure-zone"
-effect = "allow"
-caller_labels = { zone = "secure" }
-services = ["strongbox"]
-"#,
-        ),
-    );
+    strongbox.set_policy(1, secure_zone_only("strongbox"));
     let name = mesh_core::NodeName::try_from("gw-labeled").expect("name");
     let labels = [("zone".to_owned(), "secure".to_owned())].into();
     let issued = pki
@@ -668,20 +657,7 @@ services = ["strongbox"]
         ..Default::default()
     };
     let gateway = pki.memory_node_as_with(network(), &issued, &extra, options);
-    gateway.set_policy(
-        1,
-        policy(
-            r#"
-[authorization]
-default = "deny"
-[[authorization.rules]]
-name = "secure-zone"
-effect = "allow"
-caller_labels = { zone = "secure" }
-services = ["coffer"]
-"#,
-        ),
-    );
+    gateway.set_policy(1, secure_zone_only("coffer"));
     wait_peers(&gateway, 1).await;
     gateway
         .call("strongbox", "check", Bytes::new())

@@ -75,7 +75,8 @@ pub struct NodeStatus {
     pub peers: Vec<PeerInfo>,
     /// Why configured peers cannot be reached.
     pub dial_errors: Vec<String>,
-    /// Incoming handshakes refused because of a certificate, since start.
+    /// Connections refused because of a certificate, or because their identity held
+    /// [`crate::MAX_CONNECTIONS_PER_PEER`] others already, since start.
     pub refused_handshakes: u64,
     /// Why the last one was refused.
     pub last_refusal: Option<String>,

@@ -242,15 +242,8 @@ impl Client {
                 trace: Some(trace),
                 streaming: false,
             };
-            // A call for the cloud is judged as the cloud: none of this node's labels.
-            let none = BTreeMap::new();
-            let labels = if options.on_behalf_of.is_some() {
-                &none
-            } else {
-                &self.labels
-            };
             // Boxed: rare, and its future (any upstream's) would make every remote call's larger.
-            let reply = Box::pin(self.server.serve_local(ctx, body, labels)).await;
+            let reply = Box::pin(self.server.serve_local(ctx, body, &self.labels)).await;
             return (reply, self.name.as_str().to_owned(), None);
         }
         self.call_remote(

@@ -410,15 +410,7 @@ impl Server {
                 })) => {
                     // Admitted before its body is read: a caller the policy refuses never gets a
                     // body buffered.
-                    // The connection's certified labels, for a call it makes as itself: a call a
-                    // gateway makes for its cloud is judged as the cloud, which has none.
-                    let labels = || {
-                        if ctx.caller == caller {
-                            self.peers.labels_of(&caller).unwrap_or_default()
-                        } else {
-                            BTreeMap::new()
-                        }
-                    };
+                    let labels = || self.peers.labels_of(&caller).unwrap_or_default();
                     match self.admit(&ctx, labels) {
                         // Refused: no body is read, and the stream ends with the answer.
                         Err(refused) => {
@@ -833,7 +825,16 @@ impl Server {
             }
         };
         let (service, method) = (ctx.service.as_str(), ctx.method.as_str());
-        let admission = self.admission(generation, &policy, ctx, caller_labels);
+        // A call a gateway makes for its cloud is judged as the cloud, which has no labels: those
+        // of the connection (or the node) it came through are the gateway's.
+        let labels = || {
+            if ctx.caller.role() == mesh_core::identity::Certified::Cloud {
+                BTreeMap::new()
+            } else {
+                caller_labels()
+            }
+        };
+        let admission = self.admission(generation, &policy, ctx, labels);
         let verdict = &admission.verdict;
         if verdict.denied {
             let action = if verdict.allow { "audited" } else { "denied" };

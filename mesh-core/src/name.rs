@@ -6,10 +6,10 @@ pub use mesh_proto::NameError;
 use mesh_proto::validate_name;
 
 macro_rules! name_type {
-    ($(#[$doc:meta])* $name:ident) => {
+    ($(#[$doc:meta])* $name:ident($text:ty)) => {
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub struct $name(String);
+        pub struct $name($text);
 
         impl $name {
             /// The name as text.
@@ -22,7 +22,7 @@ macro_rules! name_type {
             type Error = NameError;
             fn try_from(s: &str) -> Result<Self, NameError> {
                 validate_name(s)?;
-                Ok($name(s.to_owned()))
+                Ok($name(s.into()))
             }
         }
 
@@ -55,15 +55,22 @@ macro_rules! name_type {
 
 name_type!(
     /// A node's name: the last segment of its SPIFFE ID and its mDNS instance name.
-    NodeName
+    ///
+    /// Shared, not copied: a clone is a reference count. A caller's node names the callee of
+    /// every call it makes (its telemetry, its logs).
+    NodeName(std::sync::Arc<str>)
 );
 name_type!(
     /// A service's name, as hosts announce it and callers address it.
-    ServiceName
+    ///
+    /// Shared, not copied: a clone is a reference count. A callee names every call's service
+    /// with the name of the hosted service it found, not a copy of the caller's text.
+    ServiceName(std::sync::Arc<str>)
 );
 name_type!(
-    /// A method of a service.
-    MethodName
+    /// A method of a service. Owned text: a call's method is whatever its caller sent, and a
+    /// `String` is made with fewer instructions than a shared string.
+    MethodName(String)
 );
 
 #[cfg(test)]

@@ -131,9 +131,10 @@ impl Client {
             |ended| ended.saturating_duration_since(started),
         );
         // Served by a microcontroller behind the callee: counted under its leaf name.
-        let callee = match &reply.leaf {
-            Some(leaf) if !callee.is_empty() => format!("{callee}/leaf/{leaf}"),
-            _ => callee,
+        let callee: std::borrow::Cow<'_, str> = match (&callee, &reply.leaf) {
+            (Some(callee), Some(leaf)) => format!("{callee}/leaf/{leaf}").into(),
+            (Some(callee), None) => callee.as_str().into(),
+            (None, _) => "".into(),
         };
         // Names that are not names (refused as such) are counted under one series. A call that
         // succeeded had its names checked already.
@@ -196,7 +197,7 @@ impl Client {
         options: &CallOptions,
         trace: TraceContext,
         started: Instant,
-    ) -> (Reply, String, Option<Instant>) {
+    ) -> (Reply, Option<NodeName>, Option<Instant>) {
         let policy = self.policy.policy();
         let timeout = options
             .timeout
@@ -204,7 +205,7 @@ impl Client {
             .unwrap_or(self.limits.call_timeout);
         let deadline = started + timeout;
         if let Err(reply) = check_request(&self.id, service, method, options) {
-            return (reply, String::new(), None);
+            return (reply, None, None);
         }
         if body.len() > self.limits.max_body_bytes {
             let reply = Reply::error(
@@ -215,7 +216,7 @@ impl Client {
                     self.limits.max_body_bytes
                 ),
             );
-            return (reply, String::new(), None);
+            return (reply, None, None);
         }
         // Hosted here; or hosted here while a device offers it, and no peer hosts it now (then
         // the server says it is away).
@@ -226,7 +227,7 @@ impl Client {
                 (ServiceName::try_from(service), MethodName::try_from(method))
             else {
                 let reply = Reply::error(Status::InvalidArgument, "bad service or method name");
-                return (reply, String::new(), None);
+                return (reply, None, None);
             };
             let ctx = CallContext {
                 // The server asks the policy, for an upstream that needs to know.
@@ -244,7 +245,7 @@ impl Client {
             };
             // Boxed: rare, and its future (any upstream's) would make every remote call's larger.
             let reply = Box::pin(self.server.serve_local(ctx, body, &self.labels)).await;
-            return (reply, self.name.as_str().to_owned(), None);
+            return (reply, Some(self.name.clone()), None);
         }
         self.call_remote(
             service, method, body, options, trace, deadline, policy, started,
@@ -265,7 +266,7 @@ impl Client {
         deadline: Instant,
         policy: Option<Arc<Policy>>,
         call_started: Instant,
-    ) -> (Reply, String, Option<Instant>) {
+    ) -> (Reply, Option<NodeName>, Option<Instant>) {
         let svc = policy.as_ref().and_then(|p| p.service(service));
         let decision = self.route(svc, method, options);
         let deadline = match (options.timeout, decision.route.and_then(|r| r.timeout)) {
@@ -304,7 +305,7 @@ impl Client {
             let started = if attempt == 1 { call_started } else { now() };
             let picked = match self.pick(&plan, &decision.subset, &tried, started) {
                 Ok(found) => found,
-                Err(reply) => return (reply, String::new(), None),
+                Err(reply) => return (reply, None, None),
             };
             let left = deadline.saturating_duration_since(started);
             let (reply, ended) = match self.encoded_head(&plan, left, picked.protocol >= 4, &body) {
@@ -326,8 +327,14 @@ impl Client {
                     }
                 }
             };
-            let callee = picked.callee;
-            self.finish(&plan, picked.key, &callee, (started, ended), reply.status);
+            self.finish(
+                &plan,
+                picked.key,
+                picked.callee.as_str(),
+                (started, ended),
+                reply.status,
+            );
+            let callee = Some(picked.callee);
             let Some(r) = retry else {
                 return (reply, callee, Some(ended));
             };
@@ -412,11 +419,11 @@ impl Client {
             self.finish(
                 &plan,
                 picked.key,
-                &picked.callee,
+                picked.callee.as_str(),
                 (started, now()),
                 e.status,
             );
-            self.record_stream(&plan, &picked.callee, e.status, started);
+            self.record_stream(&plan, picked.callee.as_str(), e.status, started);
             e
         };
         if picked.protocol < 2 {
@@ -472,7 +479,7 @@ impl Client {
                     b.finish(&key, latency, !status.is_failure(), now());
                 }
                 drop(state);
-                telemetry.record_call(&service, &method, &caller, &callee, status, latency);
+                telemetry.record_call(&service, &method, &caller, callee.as_str(), status, latency);
             }) as crate::call::HeadHook
         };
         Ok(CallStream::new(
@@ -514,17 +521,20 @@ impl Client {
             service,
             TUNNEL_METHOD,
             self.name.as_str(),
-            &callee,
+            callee.as_ref().map_or("", NodeName::as_str),
             status,
             since(started),
         );
         result
     }
 
-    async fn open_tunnel_inner(&self, service: &str) -> (Result<OpenTunnel, Reply>, String) {
+    async fn open_tunnel_inner(
+        &self,
+        service: &str,
+    ) -> (Result<OpenTunnel, Reply>, Option<NodeName>) {
         let options = CallOptions::default();
         if let Err(reply) = check_request(&self.id, service, TUNNEL_METHOD, &options) {
-            return (Err(reply), String::new());
+            return (Err(reply), None);
         }
         if self.hosted.contains(service) {
             let reply = Reply::error(
@@ -534,7 +544,7 @@ impl Client {
                     self.name
                 ),
             );
-            return (Err(reply), String::new());
+            return (Err(reply), None);
         }
         let policy = self.policy.policy();
         let svc = policy.as_ref().and_then(|p| p.service(service));
@@ -555,16 +565,13 @@ impl Client {
             on_behalf_of: None,
         };
         let mut tried: Vec<u64> = Vec::new();
-        let mut last = (
-            Reply::error(Status::Unavailable, "no endpoint"),
-            String::new(),
-        );
+        let mut last = (Reply::error(Status::Unavailable, "no endpoint"), None);
         for _ in 0..3 {
             let picked = match self.pick(&plan, &decision.subset, &tried, now()) {
                 Ok(p) => p,
                 // Every endpoint tried: the last one's answer says why.
                 Err(_) if !tried.is_empty() => break,
-                Err(reply) => return (Err(reply), String::new()),
+                Err(reply) => return (Err(reply), None),
             };
             if tried.contains(&picked.key) {
                 // Every endpoint was tried: this pick is not made.
@@ -587,7 +594,7 @@ impl Client {
                             picked.callee, picked.protocol
                         ),
                     ),
-                    picked.callee,
+                    Some(picked.callee),
                 );
                 continue;
             }
@@ -602,7 +609,13 @@ impl Client {
                 ))
             });
             let status = opened.as_ref().map_or_else(|r| r.status, |_| Status::Ok);
-            self.finish(&plan, picked.key, &picked.callee, (started, now()), status);
+            self.finish(
+                &plan,
+                picked.key,
+                picked.callee.as_str(),
+                (started, now()),
+                status,
+            );
             match opened {
                 Ok((send, recv, leftover)) => {
                     let tunnel = OpenTunnel {
@@ -610,7 +623,7 @@ impl Client {
                         recv,
                         leftover,
                     };
-                    return (Ok(tunnel), picked.callee);
+                    return (Ok(tunnel), Some(picked.callee));
                 }
                 // The endpoint could not: another may.
                 Err(reply) if reply.status.is_failure() => {
@@ -618,9 +631,9 @@ impl Client {
                         "{} could not open a tunnel to {service}: {}",
                         picked.callee, reply.message
                     );
-                    last = (reply, picked.callee);
+                    last = (reply, Some(picked.callee));
                 }
-                Err(reply) => return (Err(reply), picked.callee),
+                Err(reply) => return (Err(reply), Some(picked.callee)),
             }
         }
         (Err(last.0), last.1)
@@ -990,10 +1003,11 @@ async fn exchange(
     reused: bool,
 ) -> Exchange {
     let answered = |reply| Exchange::Answered(reply, None);
+    // A clone: the call is sent again if a reused stream turns out to have ended unread.
     let written = if keep {
-        framed.write(&mut send).await
+        framed.clone().write(&mut send).await
     } else {
-        write_encoded(&mut send, framed).await
+        write_encoded(&mut send, framed.clone()).await
     };
     let keep = match written {
         Ok(()) => keep,

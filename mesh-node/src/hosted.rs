@@ -51,6 +51,14 @@ impl Hosted {
         self.services.borrow().get(service).cloned()
     }
 
+    /// The hosted service named `service`: its name (shared, not copied) and its upstream.
+    pub(crate) fn lookup(&self, service: &str) -> Option<(ServiceName, Arc<Upstream>)> {
+        self.services
+            .borrow()
+            .get_key_value(service)
+            .map(|(name, upstream)| (name.clone(), upstream.clone()))
+    }
+
     pub(crate) fn contains(&self, service: &str) -> bool {
         self.services.borrow().contains_key(service)
     }

@@ -81,7 +81,7 @@ pub(crate) struct Picked {
     /// The connection's kept call streams.
     pub(crate) kept: Arc<KeptStreams>,
     pub(crate) key: u64,
-    pub(crate) callee: String,
+    pub(crate) callee: NodeName,
     pub(crate) protocol: u16,
 }
 
@@ -381,7 +381,7 @@ fn picked(entry: &PeerEntry, service: &str) -> Result<Picked, Reply> {
         conn: newest.conn.clone(),
         kept: newest.kept.clone(),
         key: entry.key,
-        callee: entry.info.id.node_name().as_str().to_owned(),
+        callee: entry.info.id.node_name().clone(),
         protocol: entry.info.protocol,
     })
 }

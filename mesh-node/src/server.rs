@@ -31,6 +31,7 @@ use crate::hosted::Hosted;
 use crate::identity::CertificateClaims;
 use crate::peers::PeerSet;
 use crate::policy::{Policy, PolicyCell};
+use crate::upstream::Upstream;
 use crate::wire::{FrameReader, write_encoded, write_head};
 
 /// Serves the streams of a reserved service (`_control` on a gateway). The request head was read
@@ -161,6 +162,8 @@ enum Incoming {
     /// A call.
     Call {
         ctx: Box<CallContext>,
+        /// The hosted service's upstream, found with its name: none when it is not hosted here.
+        upstream: Option<Arc<Upstream>>,
         /// A TCP tunnel.
         tunnel: bool,
         /// No deadline from the caller (a streamed call: each step is bounded instead).
@@ -404,6 +407,7 @@ impl Server {
             let reply = match read {
                 Some(Ok(Incoming::Call {
                     ctx,
+                    upstream,
                     tunnel,
                     no_deadline,
                     keep: asked,
@@ -423,7 +427,7 @@ impl Server {
                         Ok(()) if ctx.streaming => {
                             let deadline = (!no_deadline).then_some(ctx.deadline);
                             return Box::pin(
-                                self.serve_streamed(*ctx, deadline, send, reader, bodies),
+                                self.serve_streamed(*ctx, upstream, deadline, send, reader, bodies),
                             )
                             .await;
                         }
@@ -435,7 +439,7 @@ impl Server {
                                 Ok((body, hold)) => {
                                     held = hold;
                                     keep = asked;
-                                    self.dispatch_traced(*ctx, body).await
+                                    self.dispatch_traced(*ctx, body, upstream).await
                                 }
                                 Err(reply) => reply,
                             }
@@ -514,7 +518,14 @@ impl Server {
                 )),
             };
         }
-        let service = ServiceName::try_from(head.service).map_err(|e| bad("service name", &e))?;
+        // A hosted service's name is shared with it, not copied from the head.
+        let (service, upstream) = match self.hosted.lookup(head.service) {
+            Some((service, upstream)) => (service, Some(upstream)),
+            None => (
+                ServiceName::try_from(head.service).map_err(|e| bad("service name", &e))?,
+                None,
+            ),
+        };
         let method = MethodName::try_from(head.method).map_err(|e| bad("method name", &e))?;
         let timeout = if head.deadline_ms == 0 {
             self.limits.call_timeout
@@ -522,10 +533,24 @@ impl Server {
             Duration::from_millis(head.deadline_ms.into())
                 .min(self.limits.call_timeout.max(Duration::from_secs(3600)))
         };
-        let streaming = head.metadata.contains_key(STREAM_METADATA);
+        // One walk of the metadata: the mesh's own entries (`:stream`, `x-starling-*`) are never
+        // passed on from a peer; the caller's are.
+        let (mut streaming, mut tunnel, mut keep) = (false, false, false);
+        let mut claimed = None;
+        let mut metadata = Vec::new();
+        for (key, value) in head.metadata.iter() {
+            match key {
+                STREAM_METADATA => streaming = true,
+                TUNNEL_METADATA => tunnel = true,
+                KEEP_METADATA => keep = true,
+                crate::call::ON_BEHALF_OF_METADATA => {
+                    claimed.get_or_insert(value);
+                }
+                _ if crate::call::is_mesh_key(key) => {}
+                _ => metadata.push((key.to_owned(), value.to_owned())),
+            }
+        }
         let no_deadline = streaming && head.deadline_ms == 0;
-        let tunnel = head.metadata.contains_key(TUNNEL_METADATA);
-        let keep = head.metadata.contains_key(KEEP_METADATA);
         if tunnel && (streaming || head.method != TUNNEL_METHOD) {
             return Err(Reply::error(
                 Status::InvalidArgument,
@@ -534,7 +559,7 @@ impl Server {
                 ),
             ));
         }
-        let caller = match head.metadata.get(crate::call::ON_BEHALF_OF_METADATA) {
+        let caller = match claimed {
             None => caller,
             Some(claimed) => on_behalf_of(&caller, claimed)?,
         };
@@ -544,13 +569,7 @@ impl Server {
             caller,
             service,
             method,
-            // The mesh's own names (`:stream`, `x-starling-*`) are never taken from a peer.
-            metadata: head
-                .metadata
-                .iter()
-                .filter(|(k, _)| !crate::call::is_mesh_key(k))
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect(),
+            metadata,
             // From when the call's first bytes were there (a clock read spared): its head
             // follows them, and one that trickles in spends its call's time.
             deadline: started + timeout,
@@ -559,6 +578,7 @@ impl Server {
         };
         Ok(Incoming::Call {
             ctx: Box::new(ctx),
+            upstream,
             tunnel,
             no_deadline,
             // A streamed call or a tunnel ends with its stream.
@@ -666,7 +686,7 @@ impl Server {
         if let Err(refused) = self.admit(&ctx, || labels.clone()) {
             return refused;
         }
-        self.dispatch(ctx, body).await
+        self.dispatch(ctx, body, None).await
     }
 
     /// Serves a streamed call: an upstream that streams gets the body chunk by chunk and answers
@@ -675,6 +695,7 @@ impl Server {
     async fn serve_streamed(
         &self,
         mut ctx: CallContext,
+        upstream: Option<Arc<Upstream>>,
         deadline: Option<std::time::Instant>,
         mut send: quinn::SendStream,
         mut reader: FrameReader,
@@ -684,10 +705,9 @@ impl Server {
             deadline: deadline.map(Into::into),
             step: self.limits.call_timeout,
         };
-        let upstream = self.hosted.get(ctx.service.as_str());
         // The gathered body's memory, held until its reply is written.
         let mut held = BodyHold::default();
-        let reply = match upstream {
+        let reply = match &upstream {
             Some(up) if up.streams() => {
                 let max = self.limits.max_stream_bytes;
                 match up
@@ -706,7 +726,7 @@ impl Server {
                         if deadline.is_none() {
                             ctx.deadline = now() + self.limits.call_timeout;
                         }
-                        self.dispatch_traced(ctx, body).await
+                        self.dispatch_traced(ctx, body, upstream).await
                     }
                     Ok(Err(GatherError::Busy)) => self.busy(),
                     Ok(Err(GatherError::Read(e))) => {
@@ -724,9 +744,14 @@ impl Server {
     }
 
     /// Serves a call and records the callee's span when the caller sampled it.
-    async fn dispatch_traced(&self, ctx: CallContext, body: Bytes) -> Reply {
+    async fn dispatch_traced(
+        &self,
+        ctx: CallContext,
+        body: Bytes,
+        upstream: Option<Arc<Upstream>>,
+    ) -> Reply {
         let Some(trace) = ctx.trace.filter(|t| t.flags & 1 == 1) else {
-            return self.dispatch(ctx, body).await;
+            return self.dispatch(ctx, body, upstream).await;
         };
         let (service, method) = (
             ctx.service.as_str().to_owned(),
@@ -734,7 +759,7 @@ impl Server {
         );
         let started = now();
         let started_wall = unix_us();
-        let reply = self.dispatch(ctx, body).await;
+        let reply = self.dispatch(ctx, body, upstream).await;
         self.telemetry.record_span(Span {
             trace_id: trace.trace_id,
             span_id: crate::rng::random().to_le_bytes(),
@@ -754,9 +779,16 @@ impl Server {
         reply
     }
 
-    /// Serves a call for a service this node hosts.
-    async fn dispatch(&self, mut ctx: CallContext, body: Bytes) -> Reply {
-        let Some(upstream) = self.hosted.get(ctx.service.as_str()) else {
+    /// Serves a call for a service this node hosts, with its `upstream` when the caller found it
+    /// already.
+    async fn dispatch(
+        &self,
+        mut ctx: CallContext,
+        body: Bytes,
+        upstream: Option<Arc<Upstream>>,
+    ) -> Reply {
+        let upstream = upstream.or_else(|| self.hosted.get(ctx.service.as_str()));
+        let Some(upstream) = upstream else {
             if self.hosted.is_intermittent(ctx.service.as_str()) {
                 return Reply::error(
                     Status::Unavailable,
@@ -999,7 +1031,7 @@ impl Server {
             if kept {
                 framed.write(send).await
             } else {
-                write_encoded(send, &framed).await
+                write_encoded(send, framed).await
             }
         };
         let limit = self.limits.call_timeout;

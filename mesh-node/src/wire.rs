@@ -214,7 +214,7 @@ pub async fn write_message<T: Serialize>(
     head: &T,
     body: Bytes,
 ) -> Result<(), quinn::WriteError> {
-    write_encoded(send, &Framed::encode(head, body)).await
+    write_encoded(send, Framed::encode(head, body)).await
 }
 
 /// `head` encoded as one frame.
@@ -267,22 +267,27 @@ impl Framed {
         Framed::new(encode_head_with_room(head, Self::room(&body)), body)
     }
 
-    /// The room to leave after a head for the frames of `body`.
+    /// The room to leave after a head for the frames of `body`: exactly what they take, so that
+    /// the buffer becomes `Bytes` as it is (one with room to spare costs `Bytes` an allocation
+    /// of its own, on each side of every call).
     fn room(body: &Bytes) -> usize {
-        5 + if body.len() <= SMALL_BODY {
-            body.len()
-        } else {
-            0
-        }
+        let prefix = mesh_proto::varint::len(u32::try_from(body.len()).unwrap_or(u32::MAX));
+        prefix
+            + if body.len() <= SMALL_BODY {
+                body.len()
+            } else {
+                0
+            }
     }
 
-    /// Writes both frames, and leaves the stream open.
-    pub async fn write(&self, send: &mut quinn::SendStream) -> Result<(), quinn::WriteError> {
+    /// Writes both frames, and leaves the stream open. The frames are given to quinn as they
+    /// are: a caller that may send them again writes a clone (whose first copy of a buffer
+    /// costs `Bytes` an allocation; a reply, written once, spares it).
+    pub async fn write(self, send: &mut quinn::SendStream) -> Result<(), quinn::WriteError> {
         if self.body.is_empty() {
-            send.write_chunk(self.first.clone()).await
+            send.write_chunk(self.first).await
         } else {
-            send.write_all_chunks(&mut [self.first.clone(), self.body.clone()])
-                .await
+            send.write_all_chunks(&mut [self.first, self.body]).await
         }
     }
 }
@@ -317,7 +322,7 @@ pub fn encode_head_keeping<'a, T: CallHead<'a>>(
 /// Writes framed head and body, then ends the stream.
 pub async fn write_encoded(
     send: &mut quinn::SendStream,
-    framed: &Framed,
+    framed: Framed,
 ) -> Result<(), quinn::WriteError> {
     framed.write(send).await?;
     // The stream may already be reset by the peer; nothing more to do then.
@@ -346,4 +351,31 @@ pub async fn write_chunk(
             .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The room left after a head is exactly what the body's frames take: a buffer with room to
+    /// spare would cost `Bytes` an allocation of its own when it takes the buffer.
+    #[test]
+    fn the_room_after_a_head_is_what_the_body_takes() {
+        for n in [0, 1, 127, 128, SMALL_BODY, SMALL_BODY + 1, 20_000] {
+            let body = Bytes::from(vec![7u8; n]);
+            let mut frames = Vec::new();
+            mesh_proto::encode_body_prefix(n, &mut frames);
+            if n <= SMALL_BODY {
+                frames.extend_from_slice(&body);
+            }
+            assert_eq!(Framed::room(&body), frames.len(), "a body of {n} bytes");
+            let framed = Framed::new(b"head".to_vec(), body.clone());
+            let mut written = framed.first.to_vec();
+            written.extend_from_slice(&framed.body);
+            let mut expected = b"head".to_vec();
+            mesh_proto::encode_body_prefix(n, &mut expected);
+            expected.extend_from_slice(&body);
+            assert_eq!(written, expected, "a body of {n} bytes");
+        }
+    }
 }

@@ -577,7 +577,7 @@ async fn raw_call(
     if keep {
         framed.write(send).await.expect("request");
     } else {
-        mesh_node::wire::write_encoded(send, &framed)
+        mesh_node::wire::write_encoded(send, framed)
             .await
             .expect("request");
     }
@@ -774,7 +774,7 @@ async fn raw_echo_host(
                     let answer =
                         mesh_node::wire::Framed::new(mesh_node::wire::encode_head(&answer), body);
                     if !keep {
-                        let _ = mesh_node::wire::write_encoded(&mut send, &answer).await;
+                        let _ = mesh_node::wire::write_encoded(&mut send, answer).await;
                         return;
                     }
                     let _ = answer.write(&mut send).await;

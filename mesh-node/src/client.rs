@@ -187,8 +187,8 @@ impl Client {
         }
     }
 
-    /// The call itself; returns the reply, the name of the node that served it ("" if none), and
-    /// when its last attempt ended, if it went to a peer.
+    /// The call itself; returns the reply, the name of the node that served it (none when no node
+    /// did), and when its last attempt ended, if it went to a peer.
     async fn call_inner(
         &self,
         service: &str,

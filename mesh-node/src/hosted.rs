@@ -51,12 +51,12 @@ impl Hosted {
         self.services.borrow().get(service).cloned()
     }
 
-    /// The hosted service named `service`: its name (shared, not copied) and its upstream.
-    pub(crate) fn lookup(&self, service: &str) -> Option<(ServiceName, Arc<Upstream>)> {
+    /// The name of the hosted service `service`, shared with it (not copied).
+    pub(crate) fn name_of(&self, service: &str) -> Option<ServiceName> {
         self.services
             .borrow()
             .get_key_value(service)
-            .map(|(name, upstream)| (name.clone(), upstream.clone()))
+            .map(|(name, _)| name.clone())
     }
 
     pub(crate) fn contains(&self, service: &str) -> bool {

@@ -31,7 +31,6 @@ use crate::hosted::Hosted;
 use crate::identity::CertificateClaims;
 use crate::peers::PeerSet;
 use crate::policy::{Policy, PolicyCell};
-use crate::upstream::Upstream;
 use crate::wire::{FrameReader, write_encoded, write_head};
 
 /// Serves the streams of a reserved service (`_control` on a gateway). The request head was read
@@ -162,8 +161,6 @@ enum Incoming {
     /// A call.
     Call {
         ctx: Box<CallContext>,
-        /// The hosted service's upstream, found with its name: none when it is not hosted here.
-        upstream: Option<Arc<Upstream>>,
         /// A TCP tunnel.
         tunnel: bool,
         /// No deadline from the caller (a streamed call: each step is bounded instead).
@@ -407,7 +404,6 @@ impl Server {
             let reply = match read {
                 Some(Ok(Incoming::Call {
                     ctx,
-                    upstream,
                     tunnel,
                     no_deadline,
                     keep: asked,
@@ -427,7 +423,7 @@ impl Server {
                         Ok(()) if ctx.streaming => {
                             let deadline = (!no_deadline).then_some(ctx.deadline);
                             return Box::pin(
-                                self.serve_streamed(*ctx, upstream, deadline, send, reader, bodies),
+                                self.serve_streamed(*ctx, deadline, send, reader, bodies),
                             )
                             .await;
                         }
@@ -439,7 +435,7 @@ impl Server {
                                 Ok((body, hold)) => {
                                     held = hold;
                                     keep = asked;
-                                    self.dispatch_traced(*ctx, body, upstream).await
+                                    self.dispatch_traced(*ctx, body).await
                                 }
                                 Err(reply) => reply,
                             }
@@ -518,13 +514,11 @@ impl Server {
                 )),
             };
         }
-        // A hosted service's name is shared with it, not copied from the head.
-        let (service, upstream) = match self.hosted.lookup(head.service) {
-            Some((service, upstream)) => (service, Some(upstream)),
-            None => (
-                ServiceName::try_from(head.service).map_err(|e| bad("service name", &e))?,
-                None,
-            ),
+        // A hosted service's name is shared with it, not copied from the head. Its upstream is
+        // looked up when the call is served: a service removed or replaced meanwhile is so.
+        let service = match self.hosted.name_of(head.service) {
+            Some(service) => service,
+            None => ServiceName::try_from(head.service).map_err(|e| bad("service name", &e))?,
         };
         let method = MethodName::try_from(head.method).map_err(|e| bad("method name", &e))?;
         let timeout = if head.deadline_ms == 0 {
@@ -578,7 +572,6 @@ impl Server {
         };
         Ok(Incoming::Call {
             ctx: Box::new(ctx),
-            upstream,
             tunnel,
             no_deadline,
             // A streamed call or a tunnel ends with its stream.
@@ -686,7 +679,7 @@ impl Server {
         if let Err(refused) = self.admit(&ctx, || labels.clone()) {
             return refused;
         }
-        self.dispatch(ctx, body, None).await
+        self.dispatch(ctx, body).await
     }
 
     /// Serves a streamed call: an upstream that streams gets the body chunk by chunk and answers
@@ -695,7 +688,6 @@ impl Server {
     async fn serve_streamed(
         &self,
         mut ctx: CallContext,
-        upstream: Option<Arc<Upstream>>,
         deadline: Option<std::time::Instant>,
         mut send: quinn::SendStream,
         mut reader: FrameReader,
@@ -705,9 +697,10 @@ impl Server {
             deadline: deadline.map(Into::into),
             step: self.limits.call_timeout,
         };
+        let upstream = self.hosted.get(ctx.service.as_str());
         // The gathered body's memory, held until its reply is written.
         let mut held = BodyHold::default();
-        let reply = match &upstream {
+        let reply = match upstream {
             Some(up) if up.streams() => {
                 let max = self.limits.max_stream_bytes;
                 match up
@@ -726,7 +719,7 @@ impl Server {
                         if deadline.is_none() {
                             ctx.deadline = now() + self.limits.call_timeout;
                         }
-                        self.dispatch_traced(ctx, body, upstream).await
+                        self.dispatch_traced(ctx, body).await
                     }
                     Ok(Err(GatherError::Busy)) => self.busy(),
                     Ok(Err(GatherError::Read(e))) => {
@@ -744,14 +737,9 @@ impl Server {
     }
 
     /// Serves a call and records the callee's span when the caller sampled it.
-    async fn dispatch_traced(
-        &self,
-        ctx: CallContext,
-        body: Bytes,
-        upstream: Option<Arc<Upstream>>,
-    ) -> Reply {
+    async fn dispatch_traced(&self, ctx: CallContext, body: Bytes) -> Reply {
         let Some(trace) = ctx.trace.filter(|t| t.flags & 1 == 1) else {
-            return self.dispatch(ctx, body, upstream).await;
+            return self.dispatch(ctx, body).await;
         };
         let (service, method) = (
             ctx.service.as_str().to_owned(),
@@ -759,7 +747,7 @@ impl Server {
         );
         let started = now();
         let started_wall = unix_us();
-        let reply = self.dispatch(ctx, body, upstream).await;
+        let reply = self.dispatch(ctx, body).await;
         self.telemetry.record_span(Span {
             trace_id: trace.trace_id,
             span_id: crate::rng::random().to_le_bytes(),
@@ -779,16 +767,9 @@ impl Server {
         reply
     }
 
-    /// Serves a call for a service this node hosts, with its `upstream` when the caller found it
-    /// already.
-    async fn dispatch(
-        &self,
-        mut ctx: CallContext,
-        body: Bytes,
-        upstream: Option<Arc<Upstream>>,
-    ) -> Reply {
-        let upstream = upstream.or_else(|| self.hosted.get(ctx.service.as_str()));
-        let Some(upstream) = upstream else {
+    /// Serves a call for a service this node hosts.
+    async fn dispatch(&self, mut ctx: CallContext, body: Bytes) -> Reply {
+        let Some(upstream) = self.hosted.get(ctx.service.as_str()) else {
             if self.hosted.is_intermittent(ctx.service.as_str()) {
                 return Reply::error(
                     Status::Unavailable,

@@ -267,9 +267,10 @@ impl Framed {
         Framed::new(encode_head_with_room(head, Self::room(&body)), body)
     }
 
-    /// The room to leave after a head for the frames of `body`: exactly what they take, so that
-    /// the buffer becomes `Bytes` as it is (one with room to spare costs `Bytes` an allocation
-    /// of its own, on each side of every call).
+    /// The room to leave after a head for the frames of `body`: exactly what they take. A call
+    /// head's buffer ([`encode_head_keeping`]) is then full, and becomes `Bytes` as it is: one
+    /// with room to spare costs `Bytes` an allocation of its own. A reply, written once, needs
+    /// none; a call, whose frames are kept to be sent again, pays it once, when they are cloned.
     fn room(body: &Bytes) -> usize {
         let prefix = mesh_proto::varint::len(u32::try_from(body.len()).unwrap_or(u32::MAX));
         prefix

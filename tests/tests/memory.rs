@@ -913,7 +913,7 @@ async fn a_streamed_call_is_not_kept_waiting_by_idle_kept_streams() {
 /// slice).
 #[tokio::test]
 async fn small_calls_pass_a_big_transfer_on_the_same_connection() {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, Ordering};
     let (_net, _pki, a, _b) = echo_pair().await;
     let call = a
         .call_stream("echo", "say", &CallOptions::default())
@@ -921,7 +921,9 @@ async fn small_calls_pass_a_big_transfer_on_the_same_connection() {
         .expect("open");
     let (mut up, mut down) = call.split();
     let chunk = starling_tests::random_bytes(256 * 1024, 3);
-    let (done, received) = (AtomicBool::new(false), AtomicUsize::new(0));
+    let done = AtomicBool::new(false);
+    // The bytes echoed back so far.
+    let (echoed, mut seen) = tokio::sync::watch::channel(0usize);
     let sender = async {
         while !done.load(Ordering::Relaxed) {
             up.send(chunk.clone()).await.expect("send");
@@ -932,25 +934,29 @@ async fn small_calls_pass_a_big_transfer_on_the_same_connection() {
         let (status, why) = down.status().await.expect("head");
         assert_eq!(status, Status::Ok, "{why}");
         while let Some(part) = down.recv().await.expect("chunk") {
-            received.fetch_add(part.len(), Ordering::Relaxed);
+            echoed.send_modify(|n| *n += part.len());
         }
     };
     let small = async {
         // The transfer is under way first.
-        while received.load(Ordering::Relaxed) < 4 * chunk.len() {
-            tokio::task::yield_now().await;
-        }
-        let before = received.load(Ordering::Relaxed);
+        let before = *seen
+            .wait_for(|n| *n >= 4 * chunk.len())
+            .await
+            .expect("echoed");
         for i in 0..20u8 {
             let body = Bytes::from(vec![i; 64]);
             let answer = a.call("echo", "say", body.clone()).await;
             assert_eq!(answer, Ok(body), "small call {i}");
         }
-        let after = received.load(Ordering::Relaxed);
+        let after = *seen.borrow();
         done.store(true, Ordering::Relaxed);
         (before, after)
     };
-    let ((), (), (before, after)) = tokio::join!(sender, receiver, small);
+    let all = async { tokio::join!(sender, receiver, small) };
+    // Bounded: a small call held back fails at its own deadline (UP) first.
+    let ((), (), (before, after)) = tokio::time::timeout(3 * UP, all)
+        .await
+        .expect("the transfer and the small calls ended");
     assert!(
         after > before,
         "the transfer stood still while the small calls went ({before} bytes echoed)"

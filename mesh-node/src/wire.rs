@@ -285,7 +285,6 @@ impl Framed {
     /// are: a caller that may send them again writes a clone (whose first copy of a buffer
     /// costs `Bytes` an allocation; a reply, written once, spares it).
     pub async fn write(self, send: &mut quinn::SendStream) -> Result<(), quinn::WriteError> {
-        in_turn(send);
         if self.body.is_empty() {
             send.write_chunk(self.first).await
         } else {
@@ -332,39 +331,11 @@ pub async fn write_encoded(
     Ok(())
 }
 
-/// Puts what is written next on `send` after everything written before it on the connection.
-///
-/// quinn sends a stream's data at its stream's priority, and streams of one priority a packet
-/// each in turn. A call's frames, a reply, a streamed chunk and a tunnel's bytes are each given a
-/// priority below every earlier write's, so a connection sends what it was given in about the
-/// order it was given, as a byte stream would:
-/// - 16 KiB calls at 64 in flight each finish as soon as their own packets are out, instead of
-///   all finishing together after a turn of every one of them: 1.4x the calls a second
-///   (docs/PERFORMANCE.md, twelfth slice);
-/// - no stream waits for more than what was written before its last write: one that keeps
-///   writing goes behind each newer write, so a transfer that never runs dry cannot hold back
-///   the calls made meanwhile (quinn's other way to this order, `send_fairness` off, sends a
-///   stream once started until it runs dry, whatever the priorities).
-///
-/// The order is this process's writes, counted over all connections: each connection's own
-/// writes are in it in order. It starts again after 2^31 writes, when the newest writes go ahead
-/// of those still waiting, once. Streams a node never writes this way (hellos, a gateway's
-/// control streams) keep priority 0, ahead of calls: they are small and few.
-pub(crate) fn in_turn(send: &quinn::SendStream) {
-    static WRITES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) & 0x7fff_ffff;
-    // -1, -2, ... down to i32::MIN.
-    let priority = -1 - i32::try_from(n).unwrap_or(i32::MAX - 1);
-    // A stream the peer stopped refuses it, and refuses the write that follows.
-    let _ = send.set_priority(priority);
-}
-
 /// Writes a head frame and leaves the stream open for body chunks.
 pub async fn write_head<T: Serialize>(
     send: &mut quinn::SendStream,
     head: &T,
 ) -> Result<(), quinn::WriteError> {
-    in_turn(send);
     send.write_all(&encode_head(head)).await
 }
 
@@ -373,7 +344,6 @@ pub async fn write_chunk(
     send: &mut quinn::SendStream,
     mut chunk: Bytes,
 ) -> Result<(), quinn::WriteError> {
-    in_turn(send);
     while !chunk.is_empty() {
         let part = chunk.split_to(chunk.len().min(MAX_CHUNK_BYTES));
         let mut prefix = Vec::with_capacity(5);

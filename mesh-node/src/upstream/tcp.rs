@@ -185,7 +185,6 @@ pub(crate) async fn pump(
                 return Ok::<_, String>(());
             }
             let chunk = buf.split().freeze();
-            crate::wire::in_turn(stream);
             stream
                 .write_chunk(chunk)
                 .await

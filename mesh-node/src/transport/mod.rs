@@ -249,6 +249,19 @@ impl Transport {
         )
     }
 
+    /// Counts a connection from `remote` refused for `why`, for the status's `refused_handshakes`
+    /// and `last_refusal`.
+    fn count_refusal(&self, remote: SocketAddr, why: &dyn std::fmt::Display) {
+        self.inner
+            .refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        *self
+            .inner
+            .last_refusal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(format!("{remote}: {why}"));
+    }
+
     /// Uses `identity` for every new handshake, both ways; connections already up keep theirs.
     pub(crate) fn set_identity(&self, identity: &Identity) -> Result<(), BindError> {
         let (server, client) =
@@ -334,16 +347,7 @@ impl Transport {
                         let why = ConnectError::of(&e);
                         warn!("refused connection from {remote}: {why}");
                         if matches!(why, ConnectError::Untrusted(_) | ConnectError::RefusedUs(_)) {
-                            transport
-                                .inner
-                                .refused
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            *transport
-                                .inner
-                                .last_refusal
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner()) =
-                                Some(format!("{remote}: {why}"));
+                            transport.count_refusal(remote, &why);
                             transport.inner.telemetry.audit(
                                 "identity_refused",
                                 vec![
@@ -498,14 +502,7 @@ impl Transport {
             );
             warn!("closing connection at {remote}: {why}");
             // Counted and shown with the node's other refusals (its status).
-            self.inner
-                .refused
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            *self
-                .inner
-                .last_refusal
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) = Some(format!("{remote}: {why}"));
+            self.count_refusal(remote, &why);
             conn.close(
                 CLOSE_TOO_MANY.into(),
                 b"too many connections from this identity",

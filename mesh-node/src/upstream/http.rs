@@ -297,10 +297,14 @@ impl HttpUpstream {
     }
 }
 
-/// Whether a metadata entry named `name` may reach the upstream as a header. Names are compared
-/// with any character that is not a letter or a digit read as `-`, as CGI-style servers read
-/// them (`content_length` is `CONTENT_LENGTH`).
+/// Whether a metadata entry named `name` may reach the upstream as a header: not the mesh's own
+/// (`call::is_mesh_key`), nor one of HTTP's own. Names are compared with any character that is
+/// not a letter or a digit read as `-`, as CGI-style servers read them (`content_length` is
+/// `CONTENT_LENGTH`).
 fn forwardable(name: &str) -> bool {
+    if crate::call::is_mesh_key(name) {
+        return false;
+    }
     let name: String = name
         .chars()
         .map(|c| {
@@ -311,8 +315,7 @@ fn forwardable(name: &str) -> bool {
             }
         })
         .collect();
-    !(name.starts_with("x-starling-")
-        || name.starts_with("content-")
+    !(name.starts_with("content-")
         || name.starts_with("proxy-")
         || matches!(
             name.as_str(),
